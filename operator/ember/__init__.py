@@ -1,0 +1,3 @@
+"""Ember: Lambda-style functions on Kubernetes."""
+
+__version__ = "0.1.0"
