@@ -1,8 +1,90 @@
-"""`ember` command line."""
+"""`ember` command line: one thin entry point that dispatches to the part that does the work."""
 
+from __future__ import annotations
+
+import argparse
 import sys
+from pathlib import Path
+
+from ember import __version__
+
+USAGE = """usage: ember <command> [args]
+
+commands:
+  dev [DIR]        run Ember locally: activator + sandboxed agents, functions from DIR (default examples/)
+  invoke NAME      invoke a function of a running `ember dev` (see `ember invoke --help`)
+  validate PATH..  check Function/Version/SecurityPolicy manifests, one line per problem
+  crds             write the CRDs generated from the API models (default into crds/)
+  version          print Ember's version
+"""
+
+
+def _crds(argv: list[str]) -> int:
+    from ember.api import crd
+
+    parser = argparse.ArgumentParser(prog="ember crds", description="Generate CRD YAML from the API models.")
+    parser.add_argument("--output", "-o", type=Path, default=Path("crds"), help="directory (default: crds)")
+    parser.add_argument("--check", action="store_true", help="fail if the directory differs from the models")
+    parser.add_argument("--stdout", action="store_true", help="print all CRDs as one YAML stream instead")
+    args = parser.parse_args(argv)
+    if args.stdout:
+        sys.stdout.write("---\n".join(crd.render(model) for model in crd.RESOURCES))
+        return 0
+    if args.check:
+        stale = [
+            path
+            for model in crd.RESOURCES
+            if not (path := args.output / crd.file_name(model)).exists() or path.read_text() != crd.render(model)
+        ]
+        for path in stale:
+            print(f"{path}: differs from the models; run `ember crds`", file=sys.stderr)
+        return 1 if stale else 0
+    for path in crd.write_all(args.output):
+        print(path)
+    return 0
+
+
+def _validate(argv: list[str]) -> int:
+    from ember.api.manifests import ManifestError, load_manifests
+
+    parser = argparse.ArgumentParser(prog="ember validate", description="Validate Ember manifests.")
+    parser.add_argument("paths", nargs="+", type=Path, help="files or directories")
+    args = parser.parse_args(argv)
+    failed = False
+    for path in args.paths:
+        try:
+            resources = load_manifests(path)
+        except ManifestError as err:
+            failed = True
+            for problem in err.problems:
+                print(problem, file=sys.stderr)
+            continue
+        for resource in resources:
+            print(f"ok  {resource.KIND} {resource.metadata.namespace}/{resource.metadata.name}")
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("ember: not yet", file=sys.stderr)
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in {"-h", "--help", "help"}:
+        print(USAGE)
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command == "crds":
+        return _crds(rest)
+    if command == "validate":
+        return _validate(rest)
+    if command == "version":
+        print(__version__)
+        return 0
+    if command in {"dev", "invoke"}:
+        from ember import devmode  # type: ignore[attr-defined,unused-ignore]
+
+        entry = devmode.dev_main if command == "dev" else devmode.invoke_main
+        return int(entry(rest))
+    print(f"ember: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Reading Ember manifests from YAML files, with one clear error per problem.
+
+Used by `ember validate`, by local mode (`ember dev`) and by tests. Each problem names the
+file, the document, the field path in the manifest's own (camelCase) spelling, and what is
+allowed there, so a user can fix every mistake after one run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from ember.api.common import API_VERSION, Resource
+from ember.api.function import Function
+from ember.api.security_policy import SecurityPolicy
+from ember.api.version import Version
+
+KINDS: dict[str, type[Resource]] = {m.KIND: m for m in (Function, Version, SecurityPolicy)}
+MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with one manifest."""
+
+    source: str
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        if not self.field or self.message.startswith(self.field):
+            return f"{self.source}: {self.message}"
+        return f"{self.source}: {self.field}: {self.message}"
+
+
+class ManifestError(ValueError):
+    """Manifests that cannot be used; `problems` lists every problem found."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def _field_path(loc: Iterable[int | str]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def _model_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The model class that owns the field at loc, for listing allowed field names."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int) or not (isinstance(current, type) and issubclass(current, BaseModel)):
+            continue
+        by_alias = {f.alias or name: f for name, f in current.model_fields.items()}
+        field = by_alias.get(part) or current.model_fields.get(part)
+        if field is None:
+            return None
+        current = _inner_model(field.annotation)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _inner_model(annotation: Any) -> Any:
+    for arg in (annotation, *getattr(annotation, "__args__", ())):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+        nested = _inner_model(arg) if getattr(arg, "__args__", None) else None
+        if nested is not None:
+            return nested
+    return None
+
+
+def _problems_from(err: ValidationError, model: type[BaseModel], source: str) -> list[Problem]:
+    problems = []
+    for item in err.errors(include_url=False):
+        loc = tuple(item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            owner = _model_at(model, loc[:-1])
+            if owner is not None:
+                allowed = ", ".join(sorted(f.alias or n for n, f in owner.model_fields.items()))
+                message = f"unknown field (allowed here: {allowed})"
+            else:
+                message = "unknown field"
+        elif item["type"] == "missing":
+            message = "required field is missing"
+        elif item["type"] == "string_pattern_mismatch":
+            message = f"{item['input']!r} does not match {item['ctx']['pattern']}"
+        problems.append(Problem(source, _field_path(loc), message))
+    return problems
+
+
+def parse_resource(document: Any, source: str = "<manifest>") -> Resource:
+    """One manifest document → its resource model, or ManifestError naming every problem."""
+    if not isinstance(document, dict):
+        raise ManifestError([Problem(source, "", f"expected a mapping, got {type(document).__name__}")])
+    api_version = document.get("apiVersion")
+    if api_version != API_VERSION:
+        raise ManifestError([Problem(source, "apiVersion", f"must be {API_VERSION} (got {api_version!r})")])
+    kind = document.get("kind")
+    model = KINDS.get(kind) if isinstance(kind, str) else None
+    if model is None:
+        allowed = ", ".join(KINDS)
+        raise ManifestError([Problem(source, "kind", f"must be one of {allowed} (got {kind!r})")])
+    try:
+        return model.model_validate(document)
+    except ValidationError as err:
+        raise ManifestError(_problems_from(err, model, source)) from err
+
+
+def _documents(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        loaded = list(yaml.safe_load_all(path.read_text()))
+    except yaml.YAMLError as err:
+        raise ManifestError([Problem(str(path), "", f"not valid YAML: {err}")]) from err
+    documents = [d for d in loaded if d is not None]
+    for index, document in enumerate(documents):
+        yield (f"{path}#{index + 1}" if len(documents) > 1 else str(path)), document
+
+
+def manifest_files(path: Path) -> list[Path]:
+    """The manifest files at path: the file itself, or every YAML/JSON file below a directory."""
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.suffix in MANIFEST_SUFFIXES and p.is_file())
+    return [path]
+
+
+def load_manifests(path: Path | str) -> list[Resource]:
+    """Every Ember resource in a file or directory; ManifestError lists all problems at once.
+
+    Files under a directory that hold no Ember resource (other apiVersions) are skipped, so
+    Ember manifests can live beside other Kubernetes objects.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise ManifestError([Problem(str(root), "", "no such file or directory")])
+    resources: list[Resource] = []
+    problems: list[Problem] = []
+    seen: dict[tuple[str, str, str], str] = {}
+    for file in manifest_files(root):
+        try:
+            documents = list(_documents(file))
+        except ManifestError as err:
+            problems.extend(err.problems)
+            continue
+        for source, document in documents:
+            if (
+                root.is_dir()
+                and isinstance(document, dict)
+                and not str(document.get("apiVersion", "")).startswith("ember.run/")
+            ):
+                continue
+            try:
+                resource = parse_resource(document, source)
+            except ManifestError as err:
+                problems.extend(err.problems)
+                continue
+            key = (type(resource).__name__, *resource.key)
+            if key in seen:
+                problems.append(
+                    Problem(source, "metadata.name", f"{key[0]} {key[1]}/{key[2]} is also defined in {seen[key]}")
+                )
+                continue
+            seen[key] = source
+            resources.append(resource)
+    if problems:
+        raise ManifestError(problems)
+    return resources

@@ -1,0 +1,102 @@
+"""The `Version` resource: an immutable, numbered, content-addressed snapshot of a Function."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import ClassVar, Literal
+
+from pydantic import ConfigDict, Field
+
+from ember.api.common import DNS_LABEL_PATTERN, Model, PrinterColumn, Resource, Status, cel, validations
+from ember.api.function import FunctionSpec
+
+Phase = Literal["Pending", "Loading", "Ready", "Failed", "Retired"]
+
+# The parts of a FunctionSpec that make a new Version when they change: what runs and how.
+# Scaling, traffic, aliases, triggers and async settings only change how Versions are reached,
+# so editing them must not mint a Version (traffic naming a Version would otherwise chase itself).
+VERSIONED_FIELDS: tuple[str, ...] = (
+    "runtime",
+    "handler",
+    "code",
+    "env",
+    "resources",
+    "timeoutSeconds",
+    "concurrency",
+    "securityPolicyRef",
+    "state",
+    "portions",
+    "freeze",
+)
+
+
+def code_hash(spec: FunctionSpec, resolved_code_digest: str | None = None) -> str:
+    """Content hash of what a Version runs: `sha256:<hex>`, equal for equal effective specs.
+
+    `resolved_code_digest` is the digest of code the spec only points to (a ConfigMap or a
+    local path); the caller reads it, since the bytes live outside the spec. Inline code and
+    url + sha256 are already content in the spec.
+    """
+    wire = spec.model_dump(by_alias=True, exclude_none=True, mode="json")
+    content = {name: wire[name] for name in VERSIONED_FIELDS if name in wire}
+    if resolved_code_digest is not None:
+        content["resolvedCode"] = resolved_code_digest
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
+    return "sha256:" + hashlib.sha256(canonical).hexdigest()
+
+
+def version_name(function_name: str, number: int) -> str:
+    """Name of a Function's Version object, e.g. hello-v3."""
+    return f"{function_name}-v{number}"
+
+
+class VersionSpec(Model):
+    """What the Version runs; set once by the operator and never changed."""
+
+    model_config = ConfigDict(json_schema_extra=validations(cel("self == oldSelf", "a Version's spec is immutable")))
+
+    function_name: str = Field(pattern=DNS_LABEL_PATTERN, max_length=63, description="The Function it belongs to.")
+    number: int = Field(ge=1, description="Version number, 1, 2, 3... per Function.")
+    code_hash: str = Field(pattern=r"^sha256:[0-9a-f]{64}$", description="Content hash of code and config.")
+    function: FunctionSpec = Field(description="Frozen copy of the Function's effective spec.")
+
+
+class ResourceRecommendation(Model):
+    """Right-sizing advice from measured invocations."""
+
+    memory_mib: int = Field(ge=64, le=10240, alias="memoryMiB", description="Recommended memory in MiB.")
+    cpu_millicores: int | None = Field(default=None, ge=50, le=8000, description="Recommended CPU.")
+    samples: int = Field(default=0, ge=0, description="Invocations the advice is based on.")
+    reason: str = Field(default="", max_length=1024, description="Why, for people.")
+
+
+class VersionStatus(Status):
+    """Observed state of a Version."""
+
+    phase: Phase | None = Field(
+        default=None, description="Pending, Loading, Ready, Failed or Retired; derived from the conditions."
+    )
+    ready_pods: int = Field(default=0, ge=0, description="Specialized pods that can take invocations.")
+    warm_pods: int = Field(default=0, ge=0, description="Generic pods ready to be specialized for it.")
+    recommendation: ResourceRecommendation | None = Field(default=None, description="Right-sizing advice.")
+
+
+class Version(Resource):
+    """An immutable snapshot of a Function's code and configuration, made by the operator."""
+
+    KIND: ClassVar[str] = "Version"
+    PLURAL: ClassVar[str] = "versions"
+    SHORT_NAMES: ClassVar[tuple[str, ...]] = ("fnv",)
+    PRINTER_COLUMNS: ClassVar[tuple[PrinterColumn, ...]] = (
+        PrinterColumn(name="Function", type="string", json_path=".spec.functionName"),
+        PrinterColumn(name="Number", type="integer", json_path=".spec.number"),
+        PrinterColumn(name="Phase", type="string", json_path=".status.phase"),
+        PrinterColumn(name="Ready", type="integer", json_path=".status.readyPods"),
+        PrinterColumn(name="Age", type="date", json_path=".metadata.creationTimestamp"),
+        PrinterColumn(name="Hash", type="string", json_path=".spec.codeHash", priority=1),
+    )
+
+    kind: Literal["Version"] = Field(default="Version", description="Always Version.")
+    spec: VersionSpec = Field(description="What the Version runs.")
+    status: VersionStatus | None = Field(default=None, description="Observed state, written by the operator.")
