@@ -1,0 +1,109 @@
+"""Pure builders from API models to what a pod source needs: the pool key and the specialize body.
+
+Both sides of the pod-source interface use them, so that a Function lands in the same pool,
+and its agent gets the same `/v1/specialize` body, whichever implementation serves it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from ember.api.function import FunctionSpec
+from ember.api.security_policy import SecurityPolicySpec
+from ember.pods.base import PoolKey, SpecializeRequest, VersionKey
+
+DEFAULT_POLICY = SecurityPolicySpec()
+
+
+class PayloadError(ValueError):
+    """A Version's code cannot be given to an agent by this pod source."""
+
+
+def policy_hash(policy: SecurityPolicySpec) -> str:
+    """Content hash of a policy: pods are shared only between Functions under equal policies."""
+    canonical = json.dumps(policy.model_dump(by_alias=True, mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def pool_key(spec: FunctionSpec, policy: SecurityPolicySpec | None) -> PoolKey:
+    """The generic pool a Function's pods come from."""
+    effective = policy or DEFAULT_POLICY
+    return PoolKey(
+        runtime=spec.runtime,
+        sandbox=effective.sandbox,
+        memory_mib=spec.resources.memory_mib,
+        policy_hash=policy_hash(effective),
+    )
+
+
+def code_payload(spec: FunctionSpec, base_dir: Path | None) -> dict[str, Any]:
+    """The `code` member of the specialize body for the spec's code source.
+
+    `path` code is resolved against `base_dir` (the manifest's folder): a directory is passed
+    as a path the agent reads, a single file is sent inline so the agent needs no access to it.
+    """
+    code = spec.code
+    if code.inline is not None:
+        out: dict[str, Any] = {"inline": code.inline}
+        if code.filename is not None:
+            out["filename"] = code.filename
+        return out
+    if code.url is not None:
+        return {"url": code.url, "sha256": code.sha256}
+    if code.path is not None:
+        path = Path(code.path)
+        if not path.is_absolute():
+            if base_dir is None:
+                raise PayloadError(f"spec.code.path {code.path!r} is relative but no manifest folder is known")
+            path = base_dir / path
+        if path.is_dir():
+            return {"path": str(path.resolve())}
+        if path.is_file():
+            try:
+                return {"inline": path.read_text(), "filename": path.name}
+            except (OSError, UnicodeDecodeError) as err:
+                raise PayloadError(f"spec.code.path {str(path)!r} cannot be read as text: {err}") from err
+        raise PayloadError(f"spec.code.path {str(path)!r} does not exist")
+    raise PayloadError("spec.code.configMapRef is only available in a cluster; use inline, path or url locally")
+
+
+def path_digest(spec: FunctionSpec, base_dir: Path | None) -> str | None:
+    """Digest of the bytes `spec.code.path` points to (None for other code sources).
+
+    Feeds `code_hash`, so that editing a file under the path makes a new Version.
+    """
+    if spec.code.path is None:
+        return None
+    path = Path(spec.code.path)
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode() + b"\0")
+        try:
+            digest.update(file.read_bytes())
+        except OSError:
+            digest.update(b"<unreadable>")
+        digest.update(b"\0")
+    return "sha256:" + digest.hexdigest()
+
+
+def specialize_request(
+    version: VersionKey, spec: FunctionSpec, code_hash: str, base_dir: Path | None = None
+) -> SpecializeRequest:
+    """The agent's `/v1/specialize` body for one Version (CONTRACT.md)."""
+    payload: dict[str, Any] = {
+        "function": {"namespace": version.namespace, "name": version.function, "version": version.number},
+        "handler": spec.handler,
+        "code": code_payload(spec, base_dir),
+        "codeHash": code_hash,
+        "env": dict(spec.env),
+        "memoryMiB": spec.resources.memory_mib,
+        "timeoutSeconds": spec.timeout_seconds,
+        "concurrency": spec.concurrency,
+    }
+    return SpecializeRequest(version=version, code_hash=code_hash, payload=payload, concurrency=spec.concurrency)
