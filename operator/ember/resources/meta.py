@@ -1,0 +1,31 @@
+"""Object metadata helpers: owner references and the labels every Ember-made object carries."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ember.api.common import API_VERSION
+from ember.resources import labels
+
+
+class MissingUid(ValueError):
+    """An owner has no metadata.uid: it was never stored by the API server."""
+
+
+def owner_reference(*, kind: str, name: str, uid: str | None, api_version: str = API_VERSION) -> dict[str, Any]:
+    """A controller owner reference; garbage collection deletes the child with the owner."""
+    if not uid:
+        raise MissingUid(f"{kind} {name!r} has no metadata.uid; only stored objects can own others")
+    return {
+        "apiVersion": api_version,
+        "kind": kind,
+        "name": name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def managed_labels(**extra: str) -> dict[str, str]:
+    """`managed-by` plus the given labels."""
+    return {labels.MANAGED_BY: labels.MANAGER, **extra}

@@ -1,0 +1,66 @@
+"""SecurityPolicy egress → a NetworkPolicy: deny by default, allow the listed networks and ports.
+
+A NetworkPolicy matches addresses, not names, so `host` rules cannot be enforced by it; they
+are denied like everything else and reported back (the controller turns them into an
+`EgressEnforced=False` condition and a Warning event) rather than silently allowed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ember.api.security_policy import Egress
+from ember.resources import labels
+from ember.resources.meta import managed_labels, owner_reference
+
+
+@dataclass(frozen=True, slots=True)
+class EgressPlan:
+    """The NetworkPolicy, and the host rules it could not express."""
+
+    network_policy: dict[str, Any]
+    unenforced_hosts: tuple[str, ...]
+
+
+def egress_rules(egress: Egress) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
+    """NetworkPolicy egress rules for the allow-list, and the host names left out."""
+    rules: list[dict[str, Any]] = []
+    hosts: list[str] = []
+    if egress.mode == "none":
+        return rules, ()
+    for allowed in egress.allow:
+        if allowed.host is not None:
+            hosts.append(allowed.host)
+            continue
+        rule: dict[str, Any] = {"to": [{"ipBlock": {"cidr": allowed.cidr}}]}
+        if allowed.ports:
+            rule["ports"] = [{"protocol": "TCP", "port": port} for port in allowed.ports]
+        rules.append(rule)
+    return rules, tuple(hosts)
+
+
+def function_network_policy_name(function_name: str) -> str:
+    """Name of a Function's NetworkPolicy."""
+    return f"ember-fn-{function_name}"
+
+
+def function_network_policy(
+    *, function_name: str, namespace: str, function_uid: str | None, egress: Egress
+) -> EgressPlan:
+    """The NetworkPolicy limiting the egress of every pod of one Function, owned by it."""
+    rules, hosts = egress_rules(egress)
+    selector: Mapping[str, str] = {labels.FUNCTION: function_name}
+    body: dict[str, Any] = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": function_network_policy_name(function_name),
+            "namespace": namespace,
+            "labels": managed_labels(**{labels.FUNCTION: function_name}),
+            "ownerReferences": [owner_reference(kind="Function", name=function_name, uid=function_uid)],
+        },
+        "spec": {"podSelector": {"matchLabels": dict(selector)}, "policyTypes": ["Egress"], "egress": rules},
+    }
+    return EgressPlan(network_policy=body, unenforced_hosts=hosts)

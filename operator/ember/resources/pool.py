@@ -1,0 +1,163 @@
+"""Pool key → the generic warm pool Deployment: runtime agent pods that hold no code yet.
+
+A pool is keyed by (runtime, sandbox, memory, policy hash) inside one namespace: pods are
+interchangeable only within it. Its pods carry `ember.run/pool=<id>` and
+`ember.run/state=generic`; the Deployment selects on both, so relabelling a pod's state (a
+claim) takes it out of the Deployment and its ReplicaSet starts a replacement.
+
+Pods run with restricted pod security whatever the sandbox: non-root, read-only root, every
+capability dropped, seccomp RuntimeDefault, no service-account token. The only writable places
+are two emptyDirs: /tmp (sized by the policy) and the code directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Final
+
+from ember.api.security_policy import SecurityPolicySpec
+from ember.resources import labels
+from ember.resources.meta import managed_labels
+
+AGENT_PORT: Final = 8080
+CODE_DIR: Final = "/var/ember/code"
+# Lambda gives one vCPU per 1769 MB; a pool's CPU follows its memory the same way.
+MIB_PER_CPU: Final = 1769
+MIN_CPU_MILLICORES: Final = 50
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSpec:
+    """Everything a pool Deployment is built from (the key plus how to run it)."""
+
+    namespace: str
+    runtime: str
+    memory_mib: int
+    policy: SecurityPolicySpec
+    policy_hash: str
+    image: str
+    replicas: int
+    image_pull_policy: str = "IfNotPresent"
+    run_as_user: int = 65532
+
+    @property
+    def sandbox(self) -> str:
+        """Sandbox of the pool's pods."""
+        return self.policy.sandbox
+
+    @property
+    def id(self) -> str:
+        """Short stable id of the pool key, used as label value and name suffix."""
+        return pool_id(
+            runtime=self.runtime, sandbox=self.sandbox, memory_mib=self.memory_mib, policy_hash=self.policy_hash
+        )
+
+    @property
+    def name(self) -> str:
+        """Name of the pool's Deployment."""
+        return pool_name(self.id)
+
+
+def pool_id(*, runtime: str, sandbox: str, memory_mib: int, policy_hash: str) -> str:
+    """16 hex digits identifying a pool key; equal keys give equal ids."""
+    key = f"{runtime}/{sandbox}/{memory_mib}/{policy_hash}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def pool_name(pool_id_: str) -> str:
+    """Deployment name of a pool."""
+    return f"ember-pool-{pool_id_}"
+
+
+def pool_selector(pool_id_: str) -> dict[str, str]:
+    """Labels that select a pool's generic pods (the Deployment's selector)."""
+    return {labels.POOL: pool_id_, labels.STATE: labels.STATE_GENERIC}
+
+
+def cpu_millicores(memory_mib: int) -> int:
+    """CPU that goes with an amount of memory."""
+    return max(MIN_CPU_MILLICORES, memory_mib * 1000 // MIB_PER_CPU)
+
+
+def _container(spec: PoolSpec) -> dict[str, Any]:
+    resources = {"memory": f"{spec.memory_mib}Mi", "cpu": f"{cpu_millicores(spec.memory_mib)}m"}
+    return {
+        "name": "agent",
+        "image": spec.image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "env": [
+            {"name": "EMBER_AGENT_PORT", "value": str(AGENT_PORT)},
+            {"name": "EMBER_AGENT_CODE_DIR", "value": CODE_DIR},
+            {"name": "EMBER_RUNTIME", "value": spec.runtime},
+        ],
+        "ports": [{"name": "agent", "containerPort": AGENT_PORT, "protocol": "TCP"}],
+        "readinessProbe": {
+            "httpGet": {"path": "/healthz", "port": "agent"},
+            "periodSeconds": 2,
+            "timeoutSeconds": 1,
+            "failureThreshold": 2,
+        },
+        "resources": {"requests": dict(resources), "limits": dict(resources)},
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": spec.run_as_user,
+            "runAsGroup": spec.run_as_user,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": spec.policy.filesystem.read_only_root,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "code", "mountPath": CODE_DIR},
+        ],
+    }
+
+
+def pool_deployment(spec: PoolSpec) -> dict[str, Any]:
+    """The Deployment keeping `spec.replicas` generic pods of a pool warm."""
+    if spec.replicas < 0:
+        raise ValueError(f"pool {spec.id}: replicas must not be negative (got {spec.replicas})")
+    pod_labels = managed_labels(
+        **pool_selector(spec.id), **{labels.RUNTIME: spec.runtime, labels.SANDBOX: spec.sandbox}
+    )
+    annotations = {
+        labels.POLICY_HASH_ANNOTATION: spec.policy_hash,
+        labels.POOL_KEY_ANNOTATION: f"{spec.runtime}/{spec.sandbox}/{spec.memory_mib}Mi",
+    }
+    pod_spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 5,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": spec.run_as_user,
+            "runAsGroup": spec.run_as_user,
+            "fsGroup": spec.run_as_user,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [_container(spec)],
+        "volumes": [
+            {"name": "tmp", "emptyDir": {"sizeLimit": f"{spec.policy.filesystem.tmp_size_mib}Mi"}},
+            {"name": "code", "emptyDir": {"sizeLimit": "256Mi"}},
+        ],
+    }
+    runtime_class = spec.policy.runtime_class
+    if runtime_class is not None:
+        pod_spec["runtimeClassName"] = runtime_class
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": spec.name,
+            "namespace": spec.namespace,
+            "labels": managed_labels(**{labels.POOL: spec.id, labels.COMPONENT: "pool"}),
+            "annotations": dict(annotations),
+        },
+        "spec": {
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": pool_selector(spec.id)},
+            "template": {"metadata": {"labels": pod_labels, "annotations": annotations}, "spec": pod_spec},
+        },
+    }

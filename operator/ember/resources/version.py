@@ -1,0 +1,74 @@
+"""Function → Version: when a new Version is due, its number, and the Version object itself."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ember.api.function import Function
+from ember.api.version import Version, version_name
+from ember.resources import labels
+from ember.resources.meta import managed_labels, owner_reference
+
+
+@dataclass(frozen=True, slots=True)
+class VersionPlan:
+    """What a Function's reconcile does about Versions: mint `create` (a number) or nothing."""
+
+    create: int | None
+    latest: int | None
+
+    @property
+    def latest_after(self) -> int:
+        """The newest Version number once the plan is applied."""
+        if self.create is not None:
+            return self.create
+        assert self.latest is not None, "a plan without a Version to create has a latest one"
+        return self.latest
+
+
+def plan_version(existing: Sequence[Version], desired_hash: str, *, last_number: int | None = None) -> VersionPlan:
+    """A new Version when the newest one's content differs from `desired_hash` (or none exists).
+
+    Only the newest counts: reverting code to an older state mints a new Version, as publishing
+    in Lambda does. `last_number` (status.latestVersion) keeps numbers from being reused when the
+    newest Version object was deleted by hand.
+    """
+    newest = max(existing, key=lambda v: v.spec.number, default=None)
+    if newest is not None and newest.spec.code_hash == desired_hash:
+        return VersionPlan(create=None, latest=newest.spec.number)
+    highest = max([v.spec.number for v in existing] + [last_number or 0])
+    return VersionPlan(create=highest + 1, latest=newest.spec.number if newest else None)
+
+
+def version_labels(function_name: str, number: int) -> dict[str, str]:
+    """Labels of a Version and of everything made for it."""
+    return managed_labels(**{labels.FUNCTION: function_name, labels.VERSION: str(number)})
+
+
+def build_version(fn: Function, *, number: int, code_hash: str) -> dict[str, Any]:
+    """The Version object for a Function's spec: numbered, content-hashed, owned by the Function."""
+    if number < 1:
+        raise ValueError(f"Version number must be at least 1 (got {number})")
+    name = version_name(fn.metadata.name, number)
+    body: dict[str, Any] = {
+        "apiVersion": fn.api_version,
+        "kind": "Version",
+        "metadata": {
+            "name": name,
+            "namespace": fn.metadata.namespace,
+            "labels": version_labels(fn.metadata.name, number),
+            "annotations": {labels.CODE_HASH_ANNOTATION: code_hash},
+            "ownerReferences": [owner_reference(kind="Function", name=fn.metadata.name, uid=fn.metadata.uid)],
+        },
+        "spec": {
+            "functionName": fn.metadata.name,
+            "number": number,
+            "codeHash": code_hash,
+            "function": fn.spec.to_wire(),
+        },
+    }
+    # The model checks what the CRD would (hash format, name patterns) before any API call.
+    Version.model_validate(body)
+    return body

@@ -1,0 +1,52 @@
+"""SecurityPolicy egress → NetworkPolicy: default deny, CIDR allow-list, host rules reported (pure)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from ember.api.security_policy import Egress
+from ember.resources.network_policy import function_network_policy
+
+
+@pytest.mark.parametrize(
+    ("egress", "rules", "hosts"),
+    [
+        pytest.param({}, [], (), id="default-deny"),
+        pytest.param({"mode": "allowList", "allow": []}, [], (), id="empty-allow-list-denies"),
+        pytest.param(
+            {"mode": "allowList", "allow": [{"cidr": "10.0.0.0/8", "ports": [443, 8443]}]},
+            [
+                {
+                    "to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}],
+                    "ports": [{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 8443}],
+                }
+            ],
+            (),
+            id="cidr-with-ports",
+        ),
+        pytest.param(
+            {"mode": "allowList", "allow": [{"cidr": "192.168.1.0/24"}]},
+            [{"to": [{"ipBlock": {"cidr": "192.168.1.0/24"}}]}],
+            (),
+            id="cidr-all-ports",
+        ),
+        pytest.param(
+            {"mode": "allowList", "allow": [{"host": "api.example.com"}, {"cidr": "10.1.0.0/16", "ports": [80]}]},
+            [{"to": [{"ipBlock": {"cidr": "10.1.0.0/16"}}], "ports": [{"protocol": "TCP", "port": 80}]}],
+            ("api.example.com",),
+            id="host-rules-reported-not-allowed",
+        ),
+    ],
+)
+def test_egress(egress: dict[str, Any], rules: list[dict[str, Any]], hosts: tuple[str, ...]) -> None:
+    plan = function_network_policy(
+        function_name="hello", namespace="ns1", function_uid="u1", egress=Egress.model_validate(egress)
+    )
+    spec = plan.network_policy["spec"]
+    assert spec["policyTypes"] == ["Egress"]
+    assert spec["egress"] == rules
+    assert spec["podSelector"] == {"matchLabels": {"ember.run/function": "hello"}}
+    assert plan.unenforced_hosts == hosts
+    assert plan.network_policy["metadata"]["ownerReferences"][0]["uid"] == "u1"
