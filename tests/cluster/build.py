@@ -1,0 +1,155 @@
+"""Build the upstream binaries the test tiers run, from the Go module proxy, into a versioned cache.
+
+Kubernetes: `k8s.io/kubernetes` cannot be required as-is (its go.mod points the staging modules
+`k8s.io/api`, `k8s.io/apimachinery`, … at `./staging/...`), so a wrapper module requires
+`k8s.io/kubernetes v1.34.N` and replaces every staging module with its published `v0.34.N`; the list is
+generated from that tag's own go.mod. Binaries are static (`CGO_ENABLED=0`), `-trimpath`, and carry the
+`k8s.io/component-base/version` ldflags so they report v1.34.N.
+
+gVisor: `runsc` from the `gvisor.dev/gvisor` module (its `go` branch, pinned as a pseudo-version).
+
+Every step is skipped when its output exists, so a warm `build` costs a few `stat` calls; outputs are
+written under a temporary name and renamed, so an interrupted build never leaves a half binary.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .paths import KUBERNETES_VERSION, build_dir, kube_bin_dir
+from .procs import ClusterError
+
+KUBE_BINARIES = ("kube-apiserver", "kubelet", "kube-scheduler", "kube-controller-manager", "kubectl")
+GO_BUILD_JOBS = os.environ.get("EMBER_GO_BUILD_JOBS", "2")
+
+
+def _log(message: str) -> None:
+    print(f"tests.cluster.build: {message}", flush=True)
+
+
+@contextmanager
+def _locked(name: str) -> Iterator[None]:
+    """Serialize builds of one artifact across processes (a CLI build and a pytest fixture, say)."""
+    build_dir().mkdir(parents=True, exist_ok=True)
+    with (build_dir() / f"{name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _go(args: list[str], *, cwd: Path, log: Path, env: dict[str, str] | None = None) -> str:
+    full_env = {**os.environ, "GOFLAGS": "-mod=mod", **(env or {})}
+    with log.open("a") as out:
+        out.write(f"\n$ go {' '.join(args)}\n")
+        out.flush()
+        result = subprocess.run(
+            ["go", *args], cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=out, text=True, check=False
+        )
+    if result.returncode != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
+        raise ClusterError(f"`go {' '.join(args[:3])} …` failed in {cwd} (full log: {log}):\n{tail}")
+    return result.stdout
+
+
+def staging_replacements(kubernetes_go_mod: str, version: str) -> list[tuple[str, str]]:
+    """(module, published version) for every `=> ./staging/...` replacement in kubernetes' go.mod."""
+    minor_version = "v0." + version.split(".", 1)[1]
+    replacements = []
+    for line in kubernetes_go_mod.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[1] == "=>" and parts[2].startswith("./staging/"):
+            replacements.append((parts[0], minor_version))
+    if not replacements:
+        raise ClusterError("k8s.io/kubernetes go.mod has no ./staging replacements: unexpected layout")
+    return replacements
+
+
+def wrapper_go_mod(kubernetes_go_mod: str, version: str) -> str:
+    lines = [
+        "module ember.test/k8sbuild",
+        "",
+        "go 1.25.0",
+        "",
+        "godebug default=go1.24",
+        "",
+        f"require k8s.io/kubernetes v{version}",
+        "",
+        "replace (",
+    ]
+    lines += [f"\t{module} => {module} {ver}" for module, ver in staging_replacements(kubernetes_go_mod, version)]
+    lines += [")", ""]
+    return "\n".join(lines)
+
+
+def _version_ldflags(version: str) -> str:
+    major, minor, _ = version.split(".")
+    flags = ["-s", "-w"]
+    for pkg in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
+        flags += [
+            f"-X {pkg}.gitVersion=v{version}",
+            f"-X {pkg}.gitMajor={major}",
+            f"-X {pkg}.gitMinor={minor}",
+            f"-X {pkg}.gitTreeState=clean",
+            f"-X {pkg}.buildDate=1970-01-01T00:00:00Z",
+        ]
+    return " ".join(flags)
+
+
+_WRAPPER_MAIN = "// Package main exists only so this wrapper is a valid module.\npackage main\n\nfunc main() {}\n"
+
+
+def _kubernetes_workdir() -> Path:
+    work = build_dir() / f"k8s-v{KUBERNETES_VERSION}"
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "build.log"
+    if not (work / "go.mod").exists():
+        info = json.loads(
+            _go(["mod", "download", "-json", f"k8s.io/kubernetes@v{KUBERNETES_VERSION}"], cwd=work, log=log)
+        )
+        (work / "main.go").write_text(_WRAPPER_MAIN)
+        (work / "go.mod.tmp").write_text(wrapper_go_mod(Path(info["GoMod"]).read_text(), KUBERNETES_VERSION))
+        (work / "go.mod.tmp").rename(work / "go.mod")
+    return work
+
+
+def ensure_kubernetes(names: Iterable[str] = KUBE_BINARIES) -> dict[str, Path]:
+    """Build each missing Kubernetes binary in `names` (in order) into `~/.cache/ember/k8s-v1.34.N/`."""
+    out_dir = kube_bin_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {name: out_dir / name for name in names}
+    if all(p.exists() for p in paths.values()):
+        return paths
+    with _locked(f"k8s-v{KUBERNETES_VERSION}"):
+        work = _kubernetes_workdir()
+        log = work / "build.log"
+        for name, path in paths.items():
+            if path.exists():
+                continue
+            started = time.monotonic()
+            _log(f"building {name} v{KUBERNETES_VERSION} (log: {log})")
+            tmp = path.with_suffix(".tmp")
+            _go(
+                [
+                    "build",
+                    "-p",
+                    GO_BUILD_JOBS,
+                    "-trimpath",
+                    "-ldflags",
+                    _version_ldflags(KUBERNETES_VERSION),
+                    "-o",
+                    str(tmp),
+                    f"k8s.io/kubernetes/cmd/{name}",
+                ],
+                cwd=work,
+                log=log,
+                env={"CGO_ENABLED": "0"},
+            )
+            tmp.rename(path)
+            _log(f"built {name} in {time.monotonic() - started:.0f} s")
+    return paths
