@@ -1,0 +1,650 @@
+"""runtime-images/CONTRACT.md, checked against the Python and the Node.js agent as real processes."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.server
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import b64, make_zip, spec
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def specialize_main(agent, code, **extra):
+    r = agent.specialize(spec(code["main"], **extra))
+    assert r.status == 200, r
+    return r
+
+
+def assert_usable(agent):
+    r = agent.invoke({"x": 1})
+    assert r.status == 200, r
+    assert r.json() == {"echo": {"x": 1}}
+    assert r.header("X-Ember-Function-Error") is None
+
+
+def assert_generic_then_ok(agent, code):
+    assert agent.healthz()["state"] == "generic"
+    r = agent.specialize(spec(code["hello"]))
+    assert r.status == 200, r
+    r = agent.invoke({"name": "after"})
+    assert r.status == 200 and r.json() == {"hello": "after"}, r
+
+
+def raw_http(port: int, data: bytes, read_timeout: float = 5.0) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=read_timeout) as s:
+        s.sendall(data)
+        chunks = []
+        try:
+            while True:
+                c = s.recv(65536)
+                if not c:
+                    break
+                chunks.append(c)
+        except TimeoutError:
+            pass
+    return b"".join(chunks)
+
+
+class _CodeServer:
+    """A real local HTTP server serving fixed bytes, for code.url."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        files_ = files
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                data = files_.get(self.path)
+                if data is None:
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def code_server():
+    servers = []
+
+    def make(files):
+        s = _CodeServer(files)
+        servers.append(s)
+        return s
+
+    yield make
+    for s in servers:
+        s.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# health, specialize
+
+
+def test_healthz_generic(agent, lang):
+    h = agent.healthz()
+    assert h["state"] == "generic"
+    assert h["codeHash"] is None
+    assert h["inFlight"] == 0
+    assert h["concurrency"] == 1
+    assert h["runtime"].startswith("python3." if lang == "python" else "nodejs")
+
+
+def test_invoke_before_specialize_is_503(agent):
+    r = agent.invoke({})
+    assert r.status == 503
+    assert r.json()["errorType"] == "NotSpecialized"
+
+
+def test_specialize_inline_and_invoke_with_context(agent, code):
+    r = specialize_main(agent, code, memoryMiB=256, timeoutSeconds=7)
+    body = r.json()
+    assert body["state"] == "specialized" and body["codeHash"].startswith("sha256:")
+    assert isinstance(body["durationMs"], (int, float))
+    h = agent.healthz()
+    assert h["state"] == "specialized" and h["codeHash"] == body["codeHash"]
+    r = agent.invoke({"action": "context"}, headers={"X-Ember-Request-Id": "req-123"})
+    assert r.status == 200, r
+    ctx = r.json()
+    assert ctx["function_name"] == "hello"
+    assert ctx["function_version"] == "3"
+    assert ctx["invoked_function_arn"].endswith(":function:hello:3")
+    assert ctx["memory_limit_in_mb"] == "256"
+    assert ctx["aws_request_id"] == "req-123"
+    assert ctx["log_group_name"] == "/ember/default/hello"
+    assert "[3]" in ctx["log_stream_name"]
+    assert 0 < ctx["remaining"] <= 7000
+    assert r.header("X-Ember-Request-Id") == "req-123"
+    # the init output went to the agent's stdout
+    agent.wait_output("init: loading main")
+
+
+def test_specialize_is_idempotent_for_same_hash(agent, code):
+    s = spec(code["main"])
+    assert agent.specialize(s).status == 200
+    r = agent.specialize(s)
+    assert r.status == 200, r
+    assert r.json()["state"] == "specialized"
+    assert_usable(agent)
+
+
+def test_specialize_different_hash_is_409(agent, code):
+    specialize_main(agent, code)
+    r = agent.specialize(spec(code["hello_v2"]))
+    assert r.status == 409, r
+    assert r.json()["errorType"] == "AlreadySpecialized"
+    assert_usable(agent)
+
+
+def test_specialize_env_is_visible(agent, code):
+    specialize_main(agent, code, env={"GREETING": "bonjour"})
+    assert agent.invoke({"action": "env", "name": "GREETING"}).json() == "bonjour"
+
+
+@pytest.mark.parametrize("bad", [
+    b"not json",
+    b"[]",
+    json.dumps({"code": {"inline": "x"}}).encode(),  # no handler
+    json.dumps({"handler": "main.handler"}).encode(),  # no code
+    json.dumps({"handler": "main.handler", "code": {"inline": "x", "url": "http://x"}}).encode(),
+    json.dumps({"handler": "main.handler", "code": {"url": "http://x", "sha256": "abc"}}).encode(),
+    json.dumps({"handler": "main.handler", "code": {"inline": "x"}, "timeoutSeconds": -1}).encode(),
+    json.dumps({"handler": "main.handler", "code": {"inline": "x"}, "env": {"A": 1}}).encode(),
+])
+def test_specialize_malformed_request_is_400(agent, code, bad):
+    r = agent.request("POST", "/v1/specialize", bad)
+    assert r.status == 400, r
+    body = r.json()
+    assert body["errorType"] == "InvalidRequest" and body["errorMessage"]
+    assert_generic_then_ok(agent, code)
+
+
+def test_specialize_malformed_handler_name_is_422(agent, code):
+    r = agent.specialize(spec(code["hello"], handler="main"))
+    assert r.status == 422, r
+    assert r.json()["errorType"] == "Runtime.MalformedHandlerName"
+    assert "main" in r.json()["errorMessage"]
+    assert_generic_then_ok(agent, code)
+
+
+def test_specialize_missing_module(agent, code, ext):
+    r = agent.specialize(spec(code["hello"], handler="nosuch.handler", code={"inline": code["hello"], "filename": "main" + ext}))
+    assert r.status == 422, r
+    body = r.json()
+    assert body["errorType"] == "Runtime.ImportModuleError"
+    assert "nosuch" in body["errorMessage"] and "main" + ext in body["errorMessage"]
+    assert_generic_then_ok(agent, code)
+
+
+def test_specialize_missing_dependency(agent, code):
+    r = agent.specialize(spec(code["import_missing_dep"]))
+    assert r.status == 422, r
+    assert r.json()["errorType"] == "Runtime.ImportModuleError"
+    assert "not" in r.json()["errorMessage"] and "real" in r.json()["errorMessage"]
+    assert_generic_then_ok(agent, code)
+
+
+def test_specialize_missing_handler(agent, code):
+    r = agent.specialize(spec(code["hello"], handler="main.hander"))
+    assert r.status == 422, r
+    body = r.json()
+    assert body["errorType"] == "Runtime.HandlerNotFound"
+    assert "'main.hander' not found" in body["errorMessage"]
+    assert "hander" in body["errorMessage"] and "'main'" in body["errorMessage"]
+    assert_generic_then_ok(agent, code)
+
+
+def test_specialize_syntax_error(agent, code, ext):
+    r = agent.specialize(spec(code["syntax_error"]))
+    assert r.status == 422, r
+    body = r.json()
+    assert body["errorType"] == "Runtime.UserCodeSyntaxError"
+    assert "main" in body["errorMessage"] and "line 2" in body["errorMessage"]
+    assert_generic_then_ok(agent, code)
+
+
+def test_specialize_import_raises(agent, code):
+    r = agent.specialize(spec(code["import_raises"]))
+    assert r.status == 422, r
+    body = r.json()
+    assert body["errorType"] == "Runtime.InitError"
+    assert "cannot connect to the database" in body["errorMessage"]
+    assert_generic_then_ok(agent, code)
+
+
+def test_specialize_import_exits(agent, code):
+    r = agent.specialize(spec(code["import_exit"]))
+    assert r.status == 422, r
+    body = r.json()
+    assert body["errorType"] == "Runtime.ExitError"
+    assert "exit status 7" in body["errorMessage"]
+    assert_generic_then_ok(agent, code)
+
+
+def test_specialize_inline_zip_with_package(agent, code, lang, ext):
+    if lang == "python":
+        files = {"main.py": code["main"], "pkg/__init__.py": code["pkg_init"], "pkg/mod.py": code["pkg_mod"],
+                 "pkg/helper.py": code["pkg_helper"]}
+    else:
+        files = {"main.js": code["main"], "pkg/mod.js": code["pkg_mod"], "pkg/helper.js": code["pkg_helper"]}
+    data = make_zip(files)
+    r = agent.specialize(spec(handler="pkg/mod.handler", code={"inline": b64(data), "encoding": "base64-zip"}))
+    assert r.status == 200, r
+    assert agent.invoke({}).json() == {"from": "pkg.helper"}
+
+
+@pytest.mark.parametrize("payload", ["corrupt", "truncated", "badbase64"])
+def test_specialize_corrupt_archive(agent, code, ext, payload):
+    good = make_zip({"main" + ext: code["hello"]})
+    if payload == "corrupt":
+        data = bytearray(good)
+        mid = len(data) // 3
+        data[mid:mid + 16] = b"\xff" * 16
+        inline = b64(bytes(data))
+    elif payload == "truncated":
+        inline = b64(good[: len(good) // 2])
+    else:
+        inline = "!!!not base64!!!"
+    r = agent.specialize(spec(code={"inline": inline, "encoding": "base64-zip"}))
+    assert r.status == 422, r
+    assert r.json()["errorType"] == "InvalidArchive", r
+    assert_generic_then_ok(agent, code)
+
+
+def test_specialize_url_single_file(agent, code, code_server):
+    data = code["main"].encode()
+    srv = code_server({"/code": data})
+    r = agent.specialize(spec(code={"url": srv.url + "/code", "sha256": hashlib.sha256(data).hexdigest()}))
+    assert r.status == 200, r
+    assert_usable(agent)
+
+
+def test_specialize_url_zip(agent, code, ext, code_server):
+    data = make_zip({"main" + ext: code["main"]})
+    srv = code_server({"/code.zip": data})
+    r = agent.specialize(spec(code={"url": srv.url + "/code.zip", "sha256": hashlib.sha256(data).hexdigest()}))
+    assert r.status == 200, r
+    assert_usable(agent)
+
+
+def test_specialize_url_sha256_mismatch(agent, code, ext, code_server):
+    data = make_zip({"main" + ext: code["main"]})
+    srv = code_server({"/code.zip": data})
+    wrong = hashlib.sha256(b"something else").hexdigest()
+    r = agent.specialize(spec(code={"url": srv.url + "/code.zip", "sha256": wrong}))
+    assert r.status == 422, r
+    body = r.json()
+    assert body["errorType"] == "ChecksumMismatch"
+    assert wrong in body["errorMessage"] and hashlib.sha256(data).hexdigest() in body["errorMessage"]
+    assert_generic_then_ok(agent, code)
+
+
+def test_specialize_url_not_found(agent, code, code_server):
+    srv = code_server({})
+    r = agent.specialize(spec(code={"url": srv.url + "/missing", "sha256": "0" * 64}))
+    assert r.status == 422, r
+    assert r.json()["errorType"] == "CodeFetchFailed"
+    assert "404" in r.json()["errorMessage"]
+    assert_generic_then_ok(agent, code)
+
+
+def test_specialize_configmap_directory(agent, code, ext, tmp_path):
+    # A ConfigMap volume: files are symlinks into a timestamped ..data directory.
+    root = tmp_path / "configmap"
+    real = root / "..2024_01_01_00_00_00.000000000"
+    real.mkdir(parents=True)
+    (real / ("main" + ext)).write_text(code["main"])
+    (root / "..data").symlink_to(real.name)
+    (root / ("main" + ext)).symlink_to(f"..data/main{ext}")
+    r = agent.specialize(spec(code={"path": str(root)}, code_hash="sha256:" + "1" * 64))
+    assert r.status == 200, r
+    assert_usable(agent)
+
+
+def test_specialize_path_not_a_directory(agent, code, tmp_path):
+    r = agent.specialize(spec(code={"path": str(tmp_path / "nope")}, code_hash="sha256:" + "2" * 64))
+    assert r.status == 422, r
+    assert r.json()["errorType"] == "Runtime.CodeNotFound"
+    assert_generic_then_ok(agent, code)
+
+
+# ---------------------------------------------------------------------------------------------
+# invoke
+
+
+def test_invoke_event_roundtrip_and_metrics(agent, code):
+    specialize_main(agent, code)
+    event = {"a": [1, 2.5, "ü"], "b": None, "nested": {"t": True}}
+    r = agent.invoke(event)
+    assert r.status == 200, r
+    assert r.json() == {"echo": event}
+    assert r.header("Content-Type") == "application/json"
+    assert float(r.header("X-Ember-Duration-Ms")) >= 0
+    assert int(r.header("X-Ember-Max-Rss-Kib")) > 1000
+    assert float(r.header("X-Ember-Cpu-Ms")) >= 0
+    rid = r.header("X-Ember-Request-Id")
+    assert rid and len(rid) >= 8
+    assert r.header("X-Ember-Function-Error") is None
+    assert r.header("X-Ember-Log-Result") is None
+
+
+def test_invoke_empty_body_is_empty_object(agent, code):
+    specialize_main(agent, code)
+    r = agent.invoke(raw=b"")
+    assert r.status == 200 and r.json() == {"echo": {}}, r
+
+
+def test_invoke_keep_alive_many_requests(agent, code):
+    specialize_main(agent, code)
+    for i in range(50):
+        r = agent.invoke({"i": i})
+        assert r.json() == {"echo": {"i": i}}
+
+
+def test_invoke_async_handler(agent, code):
+    assert agent.specialize(spec(code["async"])).status == 200
+    r = agent.invoke({}, headers={"X-Ember-Request-Id": "abc"})
+    assert r.status == 200, r
+    assert r.json() == {"async": True, "id": "abc"}
+
+
+def test_invoke_callback_handler(agent, code, lang):
+    if code["callback"] is None:
+        pytest.skip("callback-style handlers are a Node.js feature")
+    assert agent.specialize(spec(code["callback"])).status == 200
+    assert agent.invoke({"n": 5}).json() == {"callback": True, "n": 5}
+
+
+def test_invoke_non_json_is_400_then_usable(agent, code):
+    specialize_main(agent, code)
+    r = agent.invoke(raw=b"{not json")
+    assert r.status == 400, r
+    assert r.json()["errorType"] == "InvalidRequest"
+    assert "JSON" in r.json()["errorMessage"]
+    assert_usable(agent)
+
+
+def test_invoke_oversize_is_413_then_usable(agent_factory, code):
+    agent = agent_factory(EMBER_AGENT_MAX_PAYLOAD_BYTES=1024)
+    specialize_main(agent, code)
+    r = agent.invoke(raw=json.dumps({"pad": "x" * 2000}).encode(), fresh=True)
+    assert r.status == 413, r
+    assert r.json()["errorType"] == "RequestTooLarge"
+    assert "1024" in r.json()["errorMessage"]
+    assert_usable(agent)
+
+
+def test_invoke_default_payload_limit_is_6mib(agent, code):
+    specialize_main(agent, code)
+    ok = json.dumps({"pad": "x" * (6 * 1024 * 1024 - 100)}).encode()
+    r = agent.invoke(raw=ok)
+    assert r.status == 200, r
+    assert len(r.body) > 6 * 1024 * 1024 - 100
+    r = agent.invoke(raw=b'"' + b"x" * (6 * 1024 * 1024) + b'"', fresh=True)
+    assert r.status == 413, r
+    assert_usable(agent)
+
+
+def test_handler_raises_is_handled(agent, code):
+    specialize_main(agent, code)
+    r = agent.invoke({"action": "raise", "msg": "bad input"})
+    assert r.status == 200
+    assert r.header("X-Ember-Function-Error") == "Handled"
+    body = r.json()
+    assert body["errorType"] == "ValueError"
+    assert body["errorMessage"] == "boom: bad input"
+    assert isinstance(body["stackTrace"], list) and any("main" in line for line in body["stackTrace"])
+    assert_usable(agent)
+
+
+def test_unserializable_result_is_unhandled(agent, code):
+    specialize_main(agent, code)
+    r = agent.invoke({"action": "unserializable"})
+    assert r.status == 200
+    assert r.header("X-Ember-Function-Error") == "Unhandled"
+    assert r.json()["errorType"] == "Runtime.MarshalError"
+    assert "Unable to marshal response" in r.json()["errorMessage"]
+    assert_usable(agent)
+
+
+@pytest.mark.parametrize(("action", "status"), [("exit", 3), ("hard_exit", 4)])
+def test_exit_is_unhandled_then_usable(agent, code, action, status):
+    specialize_main(agent, code)
+    r = agent.invoke({"action": action})
+    assert r.status == 200
+    assert r.header("X-Ember-Function-Error") == "Unhandled"
+    body = r.json()
+    assert body["errorType"] == "Runtime.ExitError"
+    assert str(status) in body["errorMessage"]
+    assert_usable(agent)
+
+
+def test_memory_leak_is_unhandled_then_usable(agent, code):
+    specialize_main(agent, code, memoryMiB=64, timeoutSeconds=30)
+    r = agent.invoke({"action": "leak"})
+    assert r.status == 200
+    assert r.header("X-Ember-Function-Error") == "Unhandled"
+    assert r.json()["errorType"] == "Runtime.OutOfMemory", r
+    assert "64" in r.json()["errorMessage"]
+    assert_usable(agent)
+    assert agent.proc.poll() is None
+
+
+@pytest.mark.parametrize("action", ["sleep", "spin"])
+def test_timeout_is_unhandled_then_usable(agent, code, action):
+    specialize_main(agent, code, timeoutSeconds=1)
+    t0 = time.monotonic()
+    r = agent.invoke({"action": action, "seconds": 30})
+    took = time.monotonic() - t0
+    assert r.status == 200
+    assert took < 5, took
+    assert r.header("X-Ember-Function-Error") == "Unhandled"
+    body = r.json()
+    assert body["errorType"] == "Sandbox.Timedout"
+    assert "Task timed out after 1.00 seconds" in body["errorMessage"]
+    assert float(r.header("X-Ember-Duration-Ms")) >= 1000
+    t0 = time.monotonic()
+    assert_usable(agent)
+    # the next invocation does not wait for a full code load from scratch
+    assert time.monotonic() - t0 < 2
+
+
+def test_timeout_header_overrides(agent, code):
+    specialize_main(agent, code, timeoutSeconds=30)
+    r = agent.invoke({"action": "sleep", "seconds": 10}, headers={"X-Ember-Timeout-Ms": "300"})
+    assert r.json()["errorType"] == "Sandbox.Timedout"
+    assert "0.30 seconds" in r.json()["errorMessage"]
+    r = agent.invoke({}, headers={"X-Ember-Timeout-Ms": "soon"})
+    assert r.status == 400
+
+
+def _slow_in_background(agent, seconds):
+    result = {}
+
+    def run():
+        result["r"] = agent.invoke({"action": "sleep", "seconds": seconds}, fresh=True)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, result
+
+
+def _wait_in_flight(agent, n, timeout=5.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if agent.request("GET", "/healthz", fresh=True).json()["inFlight"] >= n:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"never saw {n} in flight")
+
+
+def test_over_concurrency_is_429(agent, code):
+    specialize_main(agent, code, timeoutSeconds=10)
+    t, res = _slow_in_background(agent, 1.0)
+    _wait_in_flight(agent, 1)
+    r = agent.invoke({}, fresh=True)
+    assert r.status == 429, r
+    assert r.json()["errorType"] == "TooManyRequests"
+    t.join()
+    assert res["r"].json() == "slept"
+    assert_usable(agent)
+
+
+def test_concurrency_two_runs_two_at_once(agent, code):
+    specialize_main(agent, code, timeoutSeconds=10, concurrency=2)
+    assert agent.healthz()["concurrency"] == 2
+    t0 = time.monotonic()
+    a = _slow_in_background(agent, 1.0)
+    b = _slow_in_background(agent, 1.0)
+    _wait_in_flight(agent, 2)
+    r = agent.invoke({}, fresh=True)
+    assert r.status == 429, r
+    for t, res in (a, b):
+        t.join()
+        assert res["r"].status == 200 and res["r"].json() == "slept", res
+    assert time.monotonic() - t0 < 1.9  # they ran in parallel
+    assert_usable(agent)
+
+
+def test_concurrency_from_environment(agent_factory, code):
+    agent = agent_factory(EMBER_AGENT_CONCURRENCY=3)
+    assert agent.healthz()["concurrency"] == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# logs
+
+
+def test_log_tail_and_stdout_prefix(agent, code):
+    specialize_main(agent, code)
+    r = agent.invoke({"action": "log"}, headers={"X-Ember-Log-Type": "Tail", "X-Ember-Request-Id": "logreq-1"})
+    assert r.status == 200
+    tail = base64.b64decode(r.header("X-Ember-Log-Result")).decode()
+    assert "warned via logging" in tail and "to stderr" in tail and "to stdout" in tail
+    out = agent.wait_output("logreq-1\tto stdout")
+    assert "logreq-1\tto stderr" in out
+    # without the header: no tail
+    assert agent.invoke({"action": "log"}).header("X-Ember-Log-Result") is None
+
+
+def test_log_tail_is_last_4kb(agent, code):
+    specialize_main(agent, code)
+    r = agent.invoke({"action": "print", "lines": 200, "width": 100}, headers={"X-Ember-Log-Type": "Tail"})
+    tail = base64.b64decode(r.header("X-Ember-Log-Result"))
+    assert 3000 < len(tail) <= 4096
+    assert tail.decode().rstrip("\n").endswith("line 199 " + "x" * 100)
+    assert b"line 0 " not in tail
+
+
+def test_log_tail_of_handled_error_and_timeout(agent, code):
+    specialize_main(agent, code, timeoutSeconds=1)
+    r = agent.invoke({"action": "raise", "msg": "m"}, headers={"X-Ember-Log-Type": "Tail"})
+    assert "boom: m" in base64.b64decode(r.header("X-Ember-Log-Result")).decode()
+    r = agent.invoke({"action": "sleep", "seconds": 5}, headers={"X-Ember-Log-Type": "Tail"})
+    assert "Task timed out" in base64.b64decode(r.header("X-Ember-Log-Result")).decode()
+
+
+# ---------------------------------------------------------------------------------------------
+# freeze / thaw
+
+
+def test_freeze_thaw_hooks(agent, code):
+    specialize_main(agent, code)
+    assert agent.invoke({"action": "state"}).json()["frozen"] == 0
+    r = agent.request("POST", "/v1/freeze")
+    assert r.status == 200, r
+    assert r.json() == {"state": "frozen"}
+    assert agent.healthz()["state"] == "frozen"
+    assert agent.request("POST", "/v1/freeze").json() == {"state": "frozen"}  # idempotent
+    r = agent.invoke({})
+    assert r.status == 503 and r.json()["errorType"] == "Frozen"
+    r = agent.request("POST", "/v1/thaw")
+    assert r.status == 200 and r.json() == {"state": "specialized"}, r
+    state = agent.invoke({"action": "state"}).json()
+    assert state["frozen"] == 1 and state["thawed"] == 1
+    agent.wait_output("before freeze hook ran")
+    agent.wait_output("after thaw hook ran")
+
+
+def test_freeze_generic_agent(agent, code):
+    assert agent.request("POST", "/v1/freeze").json() == {"state": "frozen"}
+    assert agent.request("POST", "/v1/thaw").json() == {"state": "generic"}
+    assert_generic_then_ok(agent, code)
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP edge cases
+
+
+def test_unknown_route_and_method(agent):
+    r = agent.request("GET", "/nope")
+    assert r.status == 404 and r.json()["errorType"] == "NotFound"
+    r = agent.request("GET", "/v1/invoke")
+    assert r.status == 405 and r.header("Allow") == "POST"
+
+
+def test_malformed_http_is_400(agent, code):
+    out = raw_http(agent.port, b"THIS IS NOT HTTP\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 400"), out
+    out = raw_http(agent.port, b"POST /v1/invoke HTTP/1.1\r\nContent-Length: abc\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 400"), out
+    specialize_main(agent, code)
+    assert_usable(agent)
+
+
+def test_pipelined_keep_alive_requests(agent, code):
+    specialize_main(agent, code)
+    body = b'{"p":1}'
+    req = b"POST /v1/invoke HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    last = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    out = raw_http(agent.port, req + req + last)
+    assert out.count(b"HTTP/1.1 200") == 3, out
+    assert out.count(b'{"echo":{"p":1}}') == 2
+
+
+def test_chunked_request_body(agent, code):
+    specialize_main(agent, code)
+    req = (b"POST /v1/invoke HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+           b"4\r\n{\"c\"\r\n4\r\n:42}\r\n0\r\n\r\n")
+    out = raw_http(agent.port, req)
+    assert out.startswith(b"HTTP/1.1 200"), out
+    assert out.endswith(b'{"echo":{"c":42}}')
+
+
+def test_sigterm_stops_agent_and_workers(agent, code):
+    specialize_main(agent, code)
+    assert_usable(agent)
+    agent.proc.terminate()
+    assert agent.proc.wait(timeout=10) == 0
+
+
+def test_code_dir_env(agent_factory, code, tmp_path: Path):
+    d = tmp_path / "codedir"
+    d.mkdir()
+    agent = agent_factory(EMBER_AGENT_CODE_DIR=str(d))
+    specialize_main(agent, code)
+    assert any(p.name.startswith("main") for p in d.rglob("main*")), list(d.rglob("*"))
+    assert os.listdir(d)
