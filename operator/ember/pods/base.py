@@ -126,6 +126,10 @@ class PodSource(Protocol):
         """The Version's live pods now, then again after every change (a pod added or lost)."""
         ...
 
+    def warm_pods(self) -> Mapping[PoolKey, int]:
+        """Generic pods ready to be claimed, per pool (for metrics)."""
+        ...
+
     async def ensure_pool(self, pool: PoolKey, size: int) -> None:
         """Keep `size` generic pods warm in the pool (0 lets it drain)."""
         ...

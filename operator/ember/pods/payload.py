@@ -6,8 +6,11 @@ and its agent gets the same `/v1/specialize` body, whichever implementation serv
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import io
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +45,8 @@ def pool_key(spec: FunctionSpec, policy: SecurityPolicySpec | None) -> PoolKey:
 def code_payload(spec: FunctionSpec, base_dir: Path | None) -> dict[str, Any]:
     """The `code` member of the specialize body for the spec's code source.
 
-    `path` code is resolved against `base_dir` (the manifest's folder): a directory is passed
-    as a path the agent reads, a single file is sent inline so the agent needs no access to it.
+    `path` code is resolved against `base_dir` (the manifest's folder) and sent inline (a
+    directory as a base64 zip), so a sandboxed agent needs no access to the user's files.
     """
     code = spec.code
     if code.inline is not None:
@@ -60,7 +63,7 @@ def code_payload(spec: FunctionSpec, base_dir: Path | None) -> dict[str, Any]:
                 raise PayloadError(f"spec.code.path {code.path!r} is relative but no manifest folder is known")
             path = base_dir / path
         if path.is_dir():
-            return {"path": str(path.resolve())}
+            return {"inline": _zip_dir(path), "encoding": "base64-zip"}
         if path.is_file():
             try:
                 return {"inline": path.read_text(), "filename": path.name}
@@ -68,6 +71,14 @@ def code_payload(spec: FunctionSpec, base_dir: Path | None) -> dict[str, Any]:
                 raise PayloadError(f"spec.code.path {str(path)!r} cannot be read as text: {err}") from err
         raise PayloadError(f"spec.code.path {str(path)!r} does not exist")
     raise PayloadError("spec.code.configMapRef is only available in a cluster; use inline, path or url locally")
+
+
+def _zip_dir(root: Path) -> str:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for file in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+            archive.write(file, file.relative_to(root).as_posix())
+    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def path_digest(spec: FunctionSpec, base_dir: Path | None) -> str | None:

@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+from typing import TypeVar
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +147,10 @@ class Autoscaler:
         """Seconds since the last request or busy sample."""
         return max(0.0, now - self._last_active_at)
 
+    def hold(self, now: float, count: int) -> None:
+        """Ask for at least `count` pods for the keep-alive (a new Version prewarmed to its predecessor's size)."""
+        self._recent.append((now, count))
+
     def decide(self, now: float, *, ready_pods: int, demand_now: float = 0.0) -> Decision:
         """Desired pod count now; `demand_now` is what is in flight plus queued at this moment."""
         p = self.params
@@ -202,7 +207,10 @@ class Autoscaler:
         return Decision(desired, in_panic, stable, panic_avg, reason)
 
 
-def pods_to_release(idle_since: Mapping[str, float], busy: AbstractSet[str], surplus: int) -> list[str]:
+K = TypeVar("K", bound=str)
+
+
+def pods_to_release(idle_since: Mapping[K, float], busy: AbstractSet[K], surplus: int) -> list[K]:
     """Which pods to release when a Version has `surplus` too many: idle ones, longest idle first.
 
     Busy pods are never picked (the caller drains them instead); keep-alive was already waited

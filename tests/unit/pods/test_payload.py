@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import io
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -53,7 +56,10 @@ def test_path_code_file_is_sent_inline_and_dir_as_path(tmp_path: Path) -> None:
     file_fn = _fn({"path": "main.py"})
     assert code_payload(file_fn.spec, tmp_path) == {"inline": "def handler(e, c): return 2\n", "filename": "main.py"}
     dir_fn = _fn({"path": "."})
-    assert code_payload(dir_fn.spec, tmp_path) == {"path": str(tmp_path.resolve())}
+    sent = code_payload(dir_fn.spec, tmp_path)
+    assert sent["encoding"] == "base64-zip"
+    with zipfile.ZipFile(io.BytesIO(base64.b64decode(sent["inline"]))) as archive:
+        assert archive.read("main.py") == b"def handler(e, c): return 2\n"
 
 
 def test_path_digest_changes_with_file_content(tmp_path: Path) -> None:

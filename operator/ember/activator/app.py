@@ -1,0 +1,71 @@
+"""The activator's aiohttp application: an app factory that wires the parts, and their lifecycle.
+
+`make_app` builds everything from a `PodSource` and an `ActivatorConfig`; functions are
+given to `app[keys.REGISTRY].apply(...)` before or while it runs. The cleanup context owns the
+background work and stops it in order: readiness off, scaling loop cancelled, async workers
+cancelled, every pod released, then the agent client closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from ember.activator import ember_api, health, keys, lambda_api
+from ember.activator.agent_client import AgentClient
+from ember.activator.async_invoke import AsyncInvocations
+from ember.activator.config import ActivatorConfig
+from ember.activator.invoke import Invoker
+from ember.activator.metrics import Metrics
+from ember.activator.registry import Registry
+from ember.activator.scaler import Scaler
+from ember.pods.base import PodSource
+
+
+def make_app(source: PodSource, config: ActivatorConfig | None = None) -> web.Application:
+    """A ready-to-run activator over `source`; the caller owns (and closes) the source."""
+    config = config or ActivatorConfig()
+    metrics = Metrics()
+    pokes: list[Scaler] = []
+    registry = Registry(config, metrics, on_queue=lambda: pokes[0].poke())
+    scaler = Scaler(registry, source, config, metrics)
+    pokes.append(scaler)
+    client = AgentClient(keepalive_timeout_s=config.keepalive_timeout_s)
+    invoker = Invoker(registry, client, scaler)
+    async_invocations = AsyncInvocations(invoker, depth=config.async_queue_depth, workers=config.async_workers)
+    metrics.watch_state(registry, lambda: {str(k): v for k, v in source.warm_pods().items()})
+
+    app = web.Application(client_max_size=config.max_body_bytes + 1)
+    app[keys.CONFIG] = config
+    app[keys.REGISTRY] = registry
+    app[keys.INVOKER] = invoker
+    app[keys.SCALER] = scaler
+    app[keys.ASYNC] = async_invocations
+    app[keys.METRICS] = metrics
+    app[keys.SOURCE] = source
+    app[keys.STATE] = {"started": False, "closing": False}
+    ember_api.add_routes(app)
+    lambda_api.add_routes(app)
+    health.add_routes(app)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        await client.start()
+        await async_invocations.start()
+        loop_task = asyncio.create_task(scaler.run(), name="ember-scaler")
+        app[keys.STATE]["started"] = True
+        try:
+            yield
+        finally:
+            app[keys.STATE]["closing"] = True
+            loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop_task
+            await async_invocations.close()
+            await scaler.close()
+            await client.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app

@@ -1,0 +1,129 @@
+"""One invocation, in order: Version → pod slot → agent → reply; shared by every API.
+
+Both the Ember and the Lambda handlers call `Invoker.invoke` with a resolved Version; they
+only differ in how they parse requests and shape replies. A pod that cannot be reached is
+taken out of routing and the invocation retried once on another (it was never delivered);
+a pod that dies while running it gives an `Unhandled` function error, as in Lambda.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+from ember.activator.agent_client import AgentClient, AgentLost, AgentReply, AgentUnreachable
+from ember.activator.errors import ActivatorError, InvalidContent, PayloadTooLarge, PodFailed, Throttled
+from ember.activator.registry import Registry, VersionState
+from ember.activator.scaler import Scaler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """What the APIs map to a reply: the agent's answer and the Version that ran it."""
+
+    version: VersionState
+    reply: AgentReply
+    request_id: str
+
+
+def new_request_id() -> str:
+    return str(uuid.uuid4())
+
+
+def _error_body(error_type: str, message: str) -> bytes:
+    return json.dumps({"errorType": error_type, "errorMessage": message}).encode()
+
+
+class Invoker:
+    """Runs invocations against the registry's Versions."""
+
+    def __init__(self, registry: Registry, client: AgentClient, scaler: Scaler) -> None:
+        self.registry = registry
+        self._client = client
+        self._scaler = scaler
+
+    def resolve(self, namespace: str, name: str, qualifier: str | None) -> VersionState:
+        """The Version that serves; FunctionNotFound / NotReady name what is missing."""
+        vs = self.registry.route(namespace, name, qualifier)
+        now = time.monotonic()
+        vs.autoscaler.mark_active(now)
+        if qualifier:
+            vs.last_qualified_at = now
+        return vs
+
+    async def invoke(self, vs: VersionState, body: bytes, *, request_id: str, log_tail: bool = False) -> Result:
+        """Run one invocation on a pod of the Version; raises ActivatorError for what the caller must map."""
+        started = time.perf_counter()
+        try:
+            reply = await self._run(vs, body, request_id, log_tail)
+        except Throttled:
+            vs.count("throttled")
+            raise
+        except ActivatorError:
+            vs.count("error")
+            raise
+        vs.duration.observe(time.perf_counter() - started)
+        vs.count("function_error" if reply.function_error else "success")
+        return Result(vs, reply, request_id)
+
+    async def _run(self, vs: VersionState, body: bytes, request_id: str, log_tail: bool) -> AgentReply:
+        for attempt in (1, 2):
+            pod = await vs.throttler.acquire()
+            try:
+                reply = await self._client.invoke(
+                    pod, body, request_id=request_id, timeout_s=vs.timeout_s, log_tail=log_tail
+                )
+            except AgentUnreachable as err:
+                log.warning(
+                    "pod unreachable function=%s pod=%s attempt=%d error=%s", vs.fs.label, pod.handle.id, attempt, err
+                )
+                self._scaler.pod_lost(vs, pod)
+                continue
+            except AgentLost as err:
+                self._scaler.pod_lost(vs, pod)
+                return _unhandled("Runtime.ExitError", f"the function's sandbox stopped during the invocation: {err}")
+            except TimeoutError:
+                return _unhandled("Sandbox.Timedout", f"no reply within {vs.timeout_s:g} s")
+            finally:
+                vs.throttler.release(pod)
+            status = reply.status
+            if status == 200:
+                return reply
+            if status == 503 and attempt == 1:  # agent not specialized: restarted under us
+                self._scaler.pod_lost(vs, pod)
+                continue
+            message = _agent_message(reply.body)
+            if status == 400:
+                raise InvalidContent(message or "the request body is not valid JSON")
+            if status == 413:
+                raise PayloadTooLarge(message or "the request body is too large for the function")
+            if status == 429:
+                raise Throttled(f"{vs.fs.label}: pod refused the invocation: {message}")
+            raise PodFailed(f"{vs.fs.label}: pod answered {status}: {message}")
+        raise PodFailed(f"{vs.fs.label}: no reachable pod after a retry")
+
+
+def _agent_message(body: bytes) -> str:
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return body[:200].decode(errors="replace")
+    if isinstance(parsed, dict):
+        return str(parsed.get("errorMessage", ""))
+    return ""
+
+
+def _unhandled(error_type: str, message: str) -> AgentReply:
+    return AgentReply(
+        status=200,
+        body=_error_body(error_type, message),
+        function_error="Unhandled",
+        log_result=None,
+        duration_ms=None,
+        max_rss_kib=None,
+    )

@@ -1,0 +1,233 @@
+"""Turns autoscaler decisions into pods: claim + specialize on demand, release when idle.
+
+One loop for the activator: every `tick_s` (and at once when an invocation queues) it samples
+each Version's concurrency, asks its `Autoscaler` for a pod count, and starts or releases pods
+through the `PodSource`. A Version still loading wants at least its initial target (its
+predecessor's size), becomes Ready when it has that, and only then takes "latest" traffic.
+Pods the source reports gone leave routing here; busy pods are drained, never cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from ember.activator.config import ActivatorConfig
+from ember.activator.metrics import Metrics
+from ember.activator.registry import Phase, Registry, VersionState
+from ember.activator.throttler import PodSlots
+from ember.pods.base import PodGone, PodHandle, PodSource, PodSourceError, PoolKey, SpecializeFailed
+from ember.scaling.autoscaler import pods_to_release
+
+log = logging.getLogger(__name__)
+
+
+class Scaler:
+    """Keeps every Version's pod count where its autoscaler wants it."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        source: PodSource,
+        config: ActivatorConfig,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._registry = registry
+        self._source = source
+        self._config = config
+        self._metrics = metrics
+        self._clock = clock
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._pools: set[PoolKey] = set()
+        self._closing = False
+
+    def poke(self) -> None:
+        """Decide now rather than at the next tick (an invocation is waiting)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """The scaling loop; cancel it to stop."""
+        while True:
+            try:
+                await self.step()
+            except Exception:
+                log.exception("scaling step failed")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._config.tick_s):
+                    await self._wake.wait()
+            self._wake.clear()
+
+    async def step(self) -> None:
+        """One pass over every Version."""
+        now = self._clock()
+        for vs in self._registry.all_versions():
+            await self._ensure_pool(vs.pool)
+            self._step_version(vs, now)
+
+    async def _ensure_pool(self, pool: PoolKey) -> None:
+        if pool not in self._pools and self._config.warm_pool_size > 0:
+            self._pools.add(pool)
+            await self._source.ensure_pool(pool, self._config.warm_pool_size)
+
+    def _step_version(self, vs: VersionState, now: float) -> None:
+        self._forget_lost_pods(vs)
+        throttler = vs.throttler
+        demand = throttler.in_flight + throttler.queued
+        vs.autoscaler.record(now, demand)
+        fs = vs.fs
+        if fs.removed or vs.phase is Phase.FAILED:
+            desired = 0
+        elif vs.key.number not in fs.referenced() and now - vs.last_qualified_at > vs.autoscaler.params.keep_alive_s:
+            desired = 0 if demand == 0 else max(1, -(-demand // vs.spec.concurrency))
+        else:
+            decision = vs.autoscaler.decide(now, ready_pods=vs.ready_pods, demand_now=demand)
+            desired = decision.desired
+            if vs.phase is Phase.LOADING:
+                desired = max(desired, vs.initial_target)
+        have = vs.ready_pods + vs.starting
+        if desired > have and vs.request is not None and not self._closing:
+            for _ in range(desired - have):
+                self._spawn(self._start_pod(vs))
+        elif desired < vs.ready_pods:
+            idle = {pid: slot.idle_since for pid, slot in vs.pods.items() if slot.in_flight == 0}
+            busy = {pid for pid, slot in vs.pods.items() if slot.in_flight > 0}
+            surplus = vs.ready_pods - desired
+            chosen = pods_to_release(idle, busy, surplus)
+            for pid in chosen:
+                self._retire(vs, vs.pods[pid])
+            # still too many: drain busy ones (no new invocations; released once idle)
+            for pid in list(busy)[: max(0, surplus - len(chosen))] if desired == 0 else []:
+                self._retire(vs, vs.pods[pid])
+        for pid, slot in list(vs.draining.items()):
+            if slot.in_flight == 0:
+                del vs.draining[pid]
+                self._spawn(self._release(slot.handle))
+
+    def _forget_lost_pods(self, vs: VersionState) -> None:
+        if not vs.pods:
+            return
+        alive = {p.id for p in self._source.endpoints(vs.key)}
+        for pid, slot in list(vs.pods.items()):
+            if pid not in alive:
+                log.warning("pod lost function=%s version=%d pod=%s", vs.fs.label, vs.key.number, pid)
+                self.pod_lost(vs, slot)
+
+    def pod_lost(self, vs: VersionState, slot: PodSlots) -> None:
+        """A pod is gone (reported by the source, or unreachable): stop routing to it."""
+        if vs.pods.pop(slot.handle.id, None) is not None:
+            vs.throttler.remove_pod(slot)
+            vs.draining[slot.handle.id] = slot
+            self.poke()
+
+    def _retire(self, vs: VersionState, slot: PodSlots) -> None:
+        vs.pods.pop(slot.handle.id, None)
+        vs.throttler.remove_pod(slot)
+        vs.draining[slot.handle.id] = slot
+        log.info(
+            "pod released function=%s version=%d pod=%s in_flight=%d",
+            vs.fs.label,
+            vs.key.number,
+            slot.handle.id,
+            slot.in_flight,
+        )
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _release(self, handle: PodHandle) -> None:
+        try:
+            await self._source.release(handle)
+        except PodSourceError as err:
+            log.warning("release failed pod=%s error=%s", handle.id, err)
+
+    async def _start_pod(self, vs: VersionState) -> None:
+        assert vs.request is not None
+        vs.starting += 1
+        started = time.perf_counter()
+        handle: PodHandle | None = None
+        try:
+            handle = await self._source.claim(vs.pool)
+            handle = await self._source.specialize(handle, vs.request)
+        except SpecializeFailed as err:
+            if handle is not None:
+                await self._release(handle)
+            if err.is_code_error:
+                if vs.phase is not Phase.FAILED:
+                    vs.mark_failed(f"{err.error_type}: {err.message}")
+                    self._metrics.version_failures.labels(vs.fs.label).inc()
+                return
+            self._load_failure(vs, str(err))
+            return
+        except (PodSourceError, PodGone, OSError) as err:
+            if handle is not None:
+                await self._release(handle)
+            self._load_failure(vs, str(err))
+            return
+        except Exception as err:
+            log.exception("pod start crashed function=%s version=%d", vs.fs.label, vs.key.number)
+            if handle is not None:
+                await self._release(handle)
+            self._load_failure(vs, f"{type(err).__name__}: {err}")
+            return
+        finally:
+            vs.starting -= 1
+        kind = handle.claim.value
+        elapsed = time.perf_counter() - started
+        self._metrics.cold_starts.labels(vs.fs.label, kind).inc()
+        self._metrics.cold_start_duration.labels(kind).observe(elapsed)
+        if vs.phase is Phase.FAILED or vs.fs.removed or self._closing:
+            await self._release(handle)
+            return
+        slot = PodSlots(handle, now=self._clock())
+        vs.pods[handle.id] = slot
+        vs.throttler.add_pod(slot)
+        vs.failures = 0
+        log.info(
+            "pod ready function=%s version=%d pod=%s kind=%s ms=%.1f",
+            vs.fs.label,
+            vs.key.number,
+            handle.id,
+            kind,
+            elapsed * 1000,
+        )
+        if vs.phase is Phase.LOADING and (vs.ready_pods >= vs.initial_target or vs.starting == 0):
+            vs.phase = Phase.READY
+            log.info("version ready function=%s version=%d pods=%d", vs.fs.label, vs.key.number, vs.ready_pods)
+            self.poke()
+
+    def _load_failure(self, vs: VersionState, message: str) -> None:
+        vs.failures += 1
+        log.warning(
+            "pod start failed function=%s version=%d attempt=%d error=%s",
+            vs.fs.label,
+            vs.key.number,
+            vs.failures,
+            message,
+        )
+        if vs.phase is Phase.LOADING and vs.ready_pods == 0 and vs.failures >= self._config.load_attempts:
+            vs.mark_failed(message)
+            self._metrics.version_failures.labels(vs.fs.label).inc()
+
+    async def close(self) -> None:
+        """Stop starting pods, then release every pod of every Version."""
+        self._closing = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        releases = []
+        for vs in self._registry.all_versions():
+            for slot in [*vs.pods.values(), *vs.draining.values()]:
+                vs.throttler.remove_pod(slot)
+                releases.append(self._release(slot.handle))
+            vs.pods.clear()
+            vs.draining.clear()
+        await asyncio.gather(*releases, return_exceptions=True)
