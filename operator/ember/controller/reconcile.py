@@ -1,0 +1,588 @@
+"""Level-based reconcilers: from the whole object to the desired children, applied, and a status.
+
+Each `reconcile_*` reads what exists, asks `ember.resources` what should exist, converges
+(create what is missing, replace what differs, delete what is no longer wanted) and returns
+the status to write. Nothing depends on having seen an event: running one twice, or after a
+restart in the middle of a previous run, gives the same result. Transient API faults surface
+as `KubeError` (the handler retries); invalid specs become `Ready=False, reason=InvalidSpec`.
+
+Who triggers whom: a Version that changes phase annotates its Function, and a SecurityPolicy
+that changes annotates the Functions that use it; annotations are updates kopf hands to the
+Function's handler. A resync timer is the backstop.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from pydantic import ValidationError
+
+from ember.api.common import Condition, ConditionStatus
+from ember.api.function import Function, FunctionSpec, ObjectRef
+from ember.api.security_policy import SecurityPolicySpec
+from ember.api.version import Version, code_hash
+from ember.controller.kube import Conflict, Kube, Obj
+from ember.controller.settings import Settings
+from ember.pods.payload import DEFAULT_POLICY, policy_hash
+from ember.resources import conditions as cond
+from ember.resources import labels
+from ember.resources.code import (
+    CodeError,
+    CodeFiles,
+    code_configmap,
+    code_configmap_name,
+    files_from_configmap,
+    version_files,
+)
+from ember.resources.network_policy import function_network_policy
+from ember.resources.pool import PoolSpec, pool_deployment
+from ember.resources.retention import versions_to_delete
+from ember.resources.version import build_version, plan_version
+
+log = logging.getLogger(__name__)
+
+SPEC_HASH_ANNOTATION = f"{labels.PREFIX}/spec-hash"
+VERSION_TRANSITION_ANNOTATION = f"{labels.PREFIX}/last-version-transition"
+EventType = Literal["Normal", "Warning"]
+
+
+class Recorder(Protocol):
+    """Records a Kubernetes Event about an object (kopf.event in the operator)."""
+
+    def __call__(self, obj: Mapping[str, Any], *, type: EventType, reason: str, message: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyResolution:
+    """The SecurityPolicy a Function runs under, or why there is none usable."""
+
+    spec: SecurityPolicySpec | None
+    name: str | None
+    status: ConditionStatus
+    reason: str
+    message: str
+
+    @property
+    def usable(self) -> bool:
+        """Pools may be built from it."""
+        return self.spec is not None and self.status == "True"
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def _conditions_of(status: Mapping[str, Any] | None) -> list[Condition]:
+    out: list[Condition] = []
+    for raw in (status or {}).get("conditions", []) or []:
+        try:
+            out.append(Condition.model_validate(raw))
+        except ValidationError:
+            continue
+    return out
+
+
+def _wire_conditions(conditions: Sequence[Condition]) -> list[dict[str, Any]]:
+    return [c.model_dump(by_alias=True, exclude_none=True, mode="json") for c in conditions]
+
+
+def _resource(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The parts of a stored object the models parse (status is read separately)."""
+    return {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in body}
+
+
+def _status_changed(old: Sequence[Condition], new: Sequence[Condition], type_: str) -> Condition | None:
+    """The new condition of a type when its status changed (or it is new), else None."""
+    before, after = cond.find(old, type_), cond.find(new, type_)
+    if after is not None and (before is None or before.status != after.status):
+        return after
+    return None
+
+
+def _function_owner(fn: Function) -> dict[str, Any]:
+    """A non-controller owner reference: a pool may be shared by several Functions."""
+    return {"apiVersion": fn.api_version, "kind": "Function", "name": fn.metadata.name, "uid": fn.metadata.uid}
+
+
+async def resolve_policy(kube: Kube, settings: Settings, namespace: str, ref: ObjectRef | None) -> PolicyResolution:
+    """The referenced SecurityPolicy, the namespace's default one, or the built-in default (gVisor, no egress)."""
+    name: str | None = ref.name if ref is not None else settings.default_policy_name
+    assert name is not None
+    body = await kube.get_custom("securitypolicies", namespace, name)
+    if body is None:
+        if ref is not None:
+            return PolicyResolution(
+                None,
+                name,
+                "False",
+                cond.Reason.POLICY_MISSING,
+                f"SecurityPolicy {name!r} (spec.securityPolicyRef) does not exist in namespace {namespace!r}.",
+            )
+        spec, name = DEFAULT_POLICY, None
+    else:
+        try:
+            spec = SecurityPolicySpec.model_validate(body.get("spec") or {})
+        except ValidationError as err:
+            return PolicyResolution(
+                None, name, "False", cond.Reason.POLICY_INVALID, f"SecurityPolicy {name!r} is invalid: {err}"
+            )
+    which = f"SecurityPolicy {name!r}" if name else "the built-in default policy"
+    runtime_class = spec.runtime_class
+    if runtime_class is not None and not await kube.runtime_class_exists(runtime_class):
+        return PolicyResolution(
+            spec,
+            name,
+            "False",
+            cond.Reason.RUNTIME_CLASS_MISSING,
+            f"{which} needs RuntimeClass {runtime_class!r} (sandbox {spec.sandbox}), which does not exist; "
+            f"install the sandbox on the nodes and create the RuntimeClass (chart value runtimeClasses).",
+        )
+    shown = runtime_class or "cluster default"
+    return PolicyResolution(
+        spec, name, "True", cond.Reason.RESOLVED, f"Using {which}: sandbox {spec.sandbox}, RuntimeClass {shown}."
+    )
+
+
+# Function
+
+
+async def _read_code_digest(kube: Kube, fn: Function) -> str | None:
+    ref = fn.spec.code.config_map_ref
+    if ref is None:
+        return None
+    cm = await kube.get_configmap(fn.metadata.namespace, ref.name)
+    if cm is None:
+        raise CodeError(f"spec.code.configMapRef: ConfigMap {ref.name!r} does not exist in {fn.metadata.namespace!r}")
+    return files_from_configmap(cm, key=ref.key).digest()
+
+
+def _parse_versions(items: Sequence[Obj], fn: Function) -> tuple[list[tuple[Version, Obj]], list[Obj]]:
+    """Versions owned by this Function (with their status), and leftovers of an earlier Function of the name."""
+    owned: list[tuple[Version, Obj]] = []
+    foreign: list[Obj] = []
+    for item in items:
+        owners = item.get("metadata", {}).get("ownerReferences", [])
+        if not any(o.get("uid") == fn.metadata.uid for o in owners):
+            foreign.append(item)
+            continue
+        try:
+            owned.append((Version.model_validate(_resource(item)), item.get("status") or {}))
+        except ValidationError:
+            log.warning("version=%s is not a valid Version; ignored", item.get("metadata", {}).get("name"))
+    return owned, foreign
+
+
+async def _ensure_pool(
+    kube: Kube, settings: Settings, fn: Function, policy: SecurityPolicySpec | None, record: Recorder, fn_body: Obj
+) -> str | None:
+    """The Function's pool exists and lists it as an owner; other pools drop it (and go when unowned)."""
+    ns, uid = fn.metadata.namespace, fn.metadata.uid
+    wanted: PoolSpec | None = None
+    if policy is not None:
+        wanted = PoolSpec(
+            namespace=ns,
+            runtime=fn.spec.runtime,
+            memory_mib=fn.spec.resources.memory_mib,
+            policy=policy,
+            policy_hash=policy_hash(policy),
+            image=settings.image_for(fn.spec.runtime),
+            replicas=settings.pool_size_for(fn.spec.runtime),
+            image_pull_policy=settings.image_pull_policy,
+            run_as_user=settings.run_as_user,
+        )
+        desired = pool_deployment(wanted)
+        spec_hash = _digest(desired["spec"]["template"])
+        desired["metadata"]["annotations"][SPEC_HASH_ANNOTATION] = spec_hash
+        actual = await kube.get_deployment(ns, wanted.name)
+        if actual is None:
+            desired["metadata"]["ownerReferences"] = [_function_owner(fn)]
+            await kube.create_deployment(desired)
+            record(
+                fn_body,
+                type="Normal",
+                reason="PoolCreated",
+                message=f"Created warm pool {wanted.name} ({fn.spec.runtime}, {wanted.sandbox}, "
+                f"{wanted.memory_mib}Mi) with {wanted.replicas} generic pods.",
+            )
+        else:
+            owners = actual["metadata"].get("ownerReferences") or []
+            changed = False
+            if not any(o.get("uid") == uid for o in owners):
+                actual["metadata"]["ownerReferences"] = [*owners, _function_owner(fn)]
+                changed = True
+            if actual["metadata"].get("annotations", {}).get(SPEC_HASH_ANNOTATION) != spec_hash:
+                # Replicas stay as they are: the activator and the predictor resize pools.
+                actual["spec"]["template"] = desired["spec"]["template"]
+                actual["metadata"].setdefault("annotations", {}).update(desired["metadata"]["annotations"])
+                changed = True
+            if changed:
+                actual.pop("status", None)
+                await kube.replace_deployment(actual)
+    keep = wanted.name if wanted is not None else None
+    pools = await kube.list_deployments(
+        ns, label_selector=f"{labels.COMPONENT}=pool,{labels.MANAGED_BY}={labels.MANAGER}"
+    )
+    for pool in pools:
+        meta = pool["metadata"]
+        if meta["name"] == keep:
+            continue
+        owners = meta.get("ownerReferences") or []
+        rest = [o for o in owners if o.get("uid") != uid]
+        if len(rest) == len(owners):
+            continue
+        if rest:
+            meta["ownerReferences"] = rest
+            pool.pop("status", None)
+            await kube.replace_deployment(pool)
+        else:
+            await kube.delete_deployment(ns, meta["name"])
+            record(
+                fn_body,
+                type="Normal",
+                reason="PoolDeleted",
+                message=f"Deleted warm pool {meta['name']}: no Function uses it any more.",
+            )
+    return wanted.id if wanted is not None else None
+
+
+async def _ensure_network_policy(kube: Kube, fn: Function, policy: SecurityPolicySpec) -> tuple[str, ...]:
+    plan = function_network_policy(
+        function_name=fn.metadata.name,
+        namespace=fn.metadata.namespace,
+        function_uid=fn.metadata.uid,
+        egress=policy.egress,
+    )
+    desired = plan.network_policy
+    spec_hash = _digest(desired["spec"])
+    desired["metadata"]["annotations"] = {SPEC_HASH_ANNOTATION: spec_hash}
+    actual = await kube.get_network_policy(fn.metadata.namespace, desired["metadata"]["name"])
+    if actual is None:
+        await kube.create_network_policy(desired)
+    elif (actual["metadata"].get("annotations") or {}).get(SPEC_HASH_ANNOTATION) != spec_hash:
+        desired["metadata"]["resourceVersion"] = actual["metadata"]["resourceVersion"]
+        await kube.replace_network_policy(desired)
+    return plan.unenforced_hosts
+
+
+def _version_ready_condition(
+    latest: int, created: bool, by_number: Mapping[int, Obj], ready_version: int | None
+) -> tuple[ConditionStatus, str, str]:
+    serving = f" Version {ready_version} serves meanwhile." if ready_version and ready_version != latest else ""
+    if created:
+        return "Unknown", cond.Reason.VERSION_LOADING, f"Version {latest} was created and is loading.{serving}"
+    ready = cond.find(_conditions_of(by_number.get(latest)), cond.READY)
+    if ready is not None and ready.status == "True":
+        return "True", cond.Reason.READY, f"Version {latest} is ready."
+    if ready is not None and ready.status == "False" and ready.reason in cond.PERMANENT_REASONS:
+        return "False", cond.Reason.VERSION_FAILED, f"Version {latest} failed: {ready.message}{serving}"
+    detail = f" ({ready.message})" if ready is not None and ready.message else ""
+    return "Unknown", cond.Reason.VERSION_LOADING, f"Version {latest} is loading{detail}.{serving}"
+
+
+async def reconcile_function(
+    kube: Kube, settings: Settings, body: Obj, *, now: dt.datetime, record: Recorder
+) -> dict[str, Any]:
+    """Converge one Function: its Versions, pool, NetworkPolicy; returns its new status."""
+    meta = body.get("metadata", {})
+    generation = meta.get("generation")
+    old_status = body.get("status") or {}
+    old_conditions = _conditions_of(old_status)
+    try:
+        fn = Function.model_validate(_resource(body))
+    except ValidationError as err:
+        conditions = cond.mark_false(
+            old_conditions, cond.READY, cond.Reason.INVALID_SPEC, f"Invalid spec: {err}", generation=generation, now=now
+        )
+        if _status_changed(old_conditions, conditions, cond.READY):
+            record(body, type="Warning", reason=cond.Reason.INVALID_SPEC, message=f"Invalid spec: {err}")
+        return {"observedGeneration": generation, "conditions": _wire_conditions(conditions)}
+
+    ns, name = fn.metadata.namespace, fn.metadata.name
+    conditions = list(old_conditions)
+    policy = await resolve_policy(kube, settings, ns, fn.spec.security_policy_ref)
+    conditions = cond.set_condition(
+        conditions,
+        type_=cond.POLICY_RESOLVED,
+        status=policy.status,
+        reason=policy.reason,
+        message=policy.message,
+        generation=generation,
+        now=now,
+    )
+
+    items = await kube.list_custom("versions", ns, label_selector=f"{labels.FUNCTION}={name}")
+    owned, foreign = _parse_versions(items, fn)
+    for item in foreign:
+        # Left by an earlier Function of this name; garbage collection would take them too.
+        await kube.delete_custom("versions", ns, item["metadata"]["name"])
+    by_number = {v.spec.number: status for v, status in owned}
+    ready_numbers = [n for n, st in by_number.items() if cond.is_true(_conditions_of(st), cond.READY)]
+    ready_version = max(ready_numbers, default=None)
+
+    created = False
+    try:
+        digest = await _read_code_digest(kube, fn)
+    except CodeError as err:
+        conditions = cond.mark_false(
+            conditions, cond.VERSION_READY, cond.Reason.CODE_MISSING, str(err), generation=generation, now=now
+        )
+        latest: int | None = max(by_number, default=None)
+    else:
+        plan = plan_version(
+            [v for v, _ in owned], code_hash(fn.spec, digest), last_number=old_status.get("latestVersion")
+        )
+        if plan.create is not None:
+            new_body = build_version(fn, number=plan.create, code_hash=code_hash(fn.spec, digest))
+            await kube.create_custom("versions", new_body)
+            created = True
+            record(
+                body,
+                type="Normal",
+                reason="VersionCreated",
+                message=f"Created Version {plan.create} ({new_body['metadata']['name']}) "
+                "for a change of code or config.",
+            )
+        latest = plan.latest_after
+        status_, reason, message = _version_ready_condition(latest, created, by_number, ready_version)
+        conditions = cond.set_condition(
+            conditions,
+            type_=cond.VERSION_READY,
+            status=status_,
+            reason=reason,
+            message=message,
+            generation=generation,
+            now=now,
+        )
+
+    existing_numbers = [*by_number, *([latest] if created and latest is not None else [])]
+    for number in versions_to_delete(
+        fn.spec, existing_numbers, keep_last=settings.keep_versions, ready_version=ready_version
+    ):
+        version_name = f"{name}-v{number}"
+        await kube.delete_custom("versions", ns, version_name)
+        await kube.delete_configmap(ns, code_configmap_name(version_name))
+        record(
+            body,
+            type="Normal",
+            reason="VersionDeleted",
+            message=f"Deleted Version {number}: no traffic or alias references it and it is older than the "
+            f"last {settings.keep_versions}.",
+        )
+
+    await _ensure_pool(kube, settings, fn, policy.spec if policy.usable else None, record, body)
+    if policy.usable and policy.spec is not None:
+        hosts = await _ensure_network_policy(kube, fn, policy.spec)
+        if hosts:
+            conditions = cond.mark_false(
+                conditions,
+                cond.EGRESS_ENFORCED,
+                cond.Reason.HOSTS_NOT_ENFORCEABLE,
+                f"Egress to host names ({', '.join(hosts)}) cannot be expressed in a NetworkPolicy and stays denied; "
+                "allow their CIDRs instead.",
+                generation=generation,
+                now=now,
+            )
+        else:
+            conditions = cond.mark_true(
+                conditions,
+                cond.EGRESS_ENFORCED,
+                cond.Reason.ENFORCED,
+                "Egress is limited by a NetworkPolicy.",
+                generation=generation,
+                now=now,
+            )
+
+    conditions = cond.with_ready(conditions, cond.FUNCTION_DEPENDENTS, generation=generation, now=now)
+    for type_ in (cond.READY, cond.POLICY_RESOLVED, cond.EGRESS_ENFORCED):
+        changed = _status_changed(old_conditions, conditions, type_)
+        if changed is not None and (changed.status != "Unknown"):
+            record(
+                body,
+                type="Normal" if changed.status == "True" else "Warning",
+                reason=changed.reason,
+                message=changed.message,
+            )
+    return {
+        "observedGeneration": generation,
+        "conditions": _wire_conditions(conditions),
+        "latestVersion": latest,
+        "readyVersion": ready_version,
+        "url": settings.function_url(ns, name),
+    }
+
+
+# Version
+
+
+async def _ensure_code(kube: Kube, version: Version) -> tuple[ConditionStatus, str, str]:
+    spec: FunctionSpec = version.spec.function
+    ns = version.metadata.namespace
+    if spec.code.url is not None:
+        return "True", cond.Reason.CODE_BY_URL, "Code is fetched by the agent from spec.code.url and checked."
+    cm_name = code_configmap_name(version.metadata.name)
+    if await kube.get_configmap(ns, cm_name) is not None:
+        return "True", cond.Reason.CODE_STORED, f"Code is stored in ConfigMap {cm_name}."
+    referenced: CodeFiles | None = None
+    try:
+        if spec.code.config_map_ref is not None:
+            ref = spec.code.config_map_ref
+            source = await kube.get_configmap(ns, ref.name)
+            if source is None:
+                return "False", cond.Reason.CODE_MISSING, f"ConfigMap {ref.name!r} with the code does not exist."
+            referenced = files_from_configmap(source, key=ref.key)
+            if code_hash(spec, referenced.digest()) != version.spec.code_hash:
+                return (
+                    "False",
+                    cond.Reason.VERSION_FAILED,
+                    f"ConfigMap {ref.name!r} changed after this Version was made; its code is gone "
+                    "(a newer Version has the new code).",
+                )
+        files = version_files(spec, referenced)
+    except CodeError as err:
+        return "False", cond.Reason.INVALID_SPEC, str(err)
+    if files is None:
+        return "True", cond.Reason.CODE_BY_URL, "Code is fetched by the agent."
+    try:
+        await kube.create_configmap(code_configmap(version, files))
+    except CodeError as err:
+        return "False", cond.Reason.INVALID_SPEC, str(err)
+    except Conflict:
+        pass  # made by a previous run that stopped before writing the status
+    return "True", cond.Reason.CODE_STORED, f"Code is stored in ConfigMap {cm_name}."
+
+
+async def reconcile_version(
+    kube: Kube, settings: Settings, body: Obj, *, now: dt.datetime, record: Recorder
+) -> dict[str, Any]:
+    """Converge one Version: its code ConfigMap and conditions; returns its new status (a patch)."""
+    generation = body.get("metadata", {}).get("generation")
+    old_status = body.get("status") or {}
+    old_conditions = _conditions_of(old_status)
+    try:
+        version = Version.model_validate(_resource(body))
+    except ValidationError as err:
+        conditions = cond.mark_false(
+            old_conditions, cond.READY, cond.Reason.INVALID_SPEC, f"Invalid spec: {err}", generation=generation, now=now
+        )
+        return {"observedGeneration": generation, "conditions": _wire_conditions(conditions), "phase": "Failed"}
+
+    ns = version.metadata.namespace
+    code_status, code_reason, code_message = await _ensure_code(kube, version)
+    conditions = cond.set_condition(
+        old_conditions,
+        type_=cond.CODE_READY,
+        status=code_status,
+        reason=code_reason,
+        message=code_message,
+        generation=generation,
+        now=now,
+    )
+    policy = await resolve_policy(kube, settings, ns, version.spec.function.security_policy_ref)
+    conditions = cond.set_condition(
+        conditions,
+        type_=cond.POLICY_RESOLVED,
+        status=policy.status,
+        reason=policy.reason,
+        message=policy.message,
+        generation=generation,
+        now=now,
+    )
+    conditions = cond.with_ready(conditions, cond.VERSION_DEPENDENTS, generation=generation, now=now)
+    if code_status == "False" and code_reason in cond.PERMANENT_REASONS:
+        conditions = cond.mark_false(conditions, cond.READY, code_reason, code_message, generation=generation, now=now)
+    phase = cond.version_phase(conditions)
+    warm = 0
+    if policy.usable and policy.spec is not None:
+        pool = PoolSpec(
+            namespace=ns,
+            runtime=version.spec.function.runtime,
+            memory_mib=version.spec.function.resources.memory_mib,
+            policy=policy.spec,
+            policy_hash=policy_hash(policy.spec),
+            image=settings.image_for(version.spec.function.runtime),
+            replicas=0,
+        )
+        deployment = await kube.get_deployment(ns, pool.name)
+        warm = int(((deployment or {}).get("status") or {}).get("readyReplicas") or 0)
+
+    changed = _status_changed(old_conditions, conditions, cond.READY)
+    if changed is not None and changed.status != "Unknown":
+        record(
+            body,
+            type="Normal" if changed.status == "True" else "Warning",
+            reason=changed.reason,
+            message=changed.message,
+        )
+    if old_status.get("phase") != phase:
+        await kube.annotate_custom(
+            "functions",
+            ns,
+            version.spec.function_name,
+            {VERSION_TRANSITION_ANNOTATION: f"{version.spec.number}:{phase}"},
+        )
+    return {
+        "observedGeneration": generation,
+        "conditions": _wire_conditions(conditions),
+        "phase": phase,
+        "warmPods": warm,
+    }
+
+
+# SecurityPolicy
+
+
+async def reconcile_security_policy(
+    kube: Kube, settings: Settings, body: Obj, *, now: dt.datetime, record: Recorder
+) -> dict[str, Any]:
+    """Validate a SecurityPolicy, check its RuntimeClass, and nudge the Functions that use it."""
+    meta = body.get("metadata", {})
+    generation = meta.get("generation")
+    ns, name = meta.get("namespace", "default"), meta.get("name", "")
+    old_conditions = _conditions_of(body.get("status"))
+    try:
+        spec = SecurityPolicySpec.model_validate(body.get("spec") or {})
+    except ValidationError as err:
+        conditions = cond.mark_false(
+            old_conditions, cond.READY, cond.Reason.INVALID_SPEC, f"Invalid spec: {err}", generation=generation, now=now
+        )
+        return {"observedGeneration": generation, "conditions": _wire_conditions(conditions)}
+    digest = policy_hash(spec)
+    policy = await resolve_policy(kube, settings, ns, ObjectRef(name=name))
+    conditions = cond.set_condition(
+        old_conditions,
+        type_=cond.POLICY_RESOLVED,
+        status=policy.status,
+        reason=policy.reason,
+        message=policy.message,
+        generation=generation,
+        now=now,
+    )
+    conditions = cond.with_ready(conditions, (cond.POLICY_RESOLVED,), generation=generation, now=now)
+    changed = _status_changed(old_conditions, conditions, cond.READY)
+    if changed is not None:
+        record(
+            body,
+            type="Normal" if changed.status == "True" else "Warning",
+            reason=changed.reason,
+            message=changed.message,
+        )
+    await notify_functions(kube, settings, ns, name, f"{digest[:16]}-{policy.status}")
+    return {"observedGeneration": generation, "conditions": _wire_conditions(conditions), "policyHash": digest}
+
+
+async def notify_functions(kube: Kube, settings: Settings, namespace: str, policy_name: str, token: str) -> None:
+    """Annotate the Functions that use a policy, so that their handlers re-reconcile (pools re-roll)."""
+    for item in await kube.list_custom("functions", namespace):
+        ref = (item.get("spec") or {}).get("securityPolicyRef") or {}
+        uses = ref.get("name") == policy_name or (not ref and policy_name == settings.default_policy_name)
+        current = (item["metadata"].get("annotations") or {}).get(labels.POLICY_HASH_ANNOTATION)
+        if uses and current != token:
+            await kube.annotate_custom(
+                "functions", namespace, item["metadata"]["name"], {labels.POLICY_HASH_ANNOTATION: token}
+            )

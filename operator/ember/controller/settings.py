@@ -1,0 +1,105 @@
+"""Operator configuration from the environment (the chart sets it), checked once at start."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from ember.api.function import RUNTIMES
+
+
+class SettingsError(ValueError):
+    """A setting is malformed; the message names the variable and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the operator needs to know beyond the resources it watches."""
+
+    keep_versions: int = 3
+    image_registry: str = "localhost/ember"
+    image_tag: str = "0.1.0"
+    runtime_images: Mapping[str, str] = field(default_factory=dict)
+    pool_sizes: Mapping[str, int] = field(default_factory=dict)
+    default_pool_size: int = 1
+    activator_url: str = "http://ember-activator.ember-system.svc:8080"
+    resync_seconds: float = 30.0
+    namespaces: tuple[str, ...] = ()
+    default_policy_name: str = "default"
+    run_as_user: int = 65532
+    image_pull_policy: str = "IfNotPresent"
+
+    def image_for(self, runtime: str) -> str:
+        """Runtime image of a runtime: an explicit override, else <registry>/ember-runtime-<runtime>:<tag>."""
+        return self.runtime_images.get(runtime) or f"{self.image_registry}/ember-runtime-{runtime}:{self.image_tag}"
+
+    def pool_size_for(self, runtime: str) -> int:
+        """Generic pods a new pool of this runtime starts with."""
+        return self.pool_sizes.get(runtime, self.default_pool_size)
+
+    def function_url(self, namespace: str, name: str) -> str:
+        """Where a Function is invoked through the activator (Ember's invoke API)."""
+        return f"{self.activator_url.rstrip('/')}/v1/namespaces/{namespace}/functions/{name}/invoke"
+
+
+_DEFAULTS = Settings()
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise SettingsError(f"{name}={value} must be at least {minimum}")
+    return value
+
+
+def _pairs(env: Mapping[str, str], name: str) -> dict[str, str]:
+    """`runtime=value,runtime=value` with known runtimes only."""
+    out: dict[str, str] = {}
+    raw = env.get(name, "").strip()
+    if not raw:
+        return out
+    for item in raw.split(","):
+        key, sep, value = item.strip().partition("=")
+        if not sep or not key or not value:
+            raise SettingsError(f"{name}: {item.strip()!r} is not runtime=value")
+        if key not in RUNTIMES:
+            raise SettingsError(f"{name}: unknown runtime {key!r} (known: {', '.join(RUNTIMES)})")
+        out[key] = value
+    return out
+
+
+def from_env(env: Mapping[str, str]) -> Settings:
+    """Settings from EMBER_* variables; raises SettingsError naming the first bad one."""
+    sizes: dict[str, int] = {}
+    for runtime, raw in _pairs(env, "EMBER_POOL_SIZES").items():
+        if not raw.isdigit():
+            raise SettingsError(f"EMBER_POOL_SIZES: {runtime}={raw!r} is not a non-negative integer")
+        sizes[runtime] = int(raw)
+    resync_raw = env.get("EMBER_RESYNC_SECONDS", "")
+    try:
+        resync = float(resync_raw) if resync_raw else _DEFAULTS.resync_seconds
+    except ValueError:
+        raise SettingsError(f"EMBER_RESYNC_SECONDS={resync_raw!r} is not a number") from None
+    if resync <= 0:
+        raise SettingsError(f"EMBER_RESYNC_SECONDS={resync_raw} must be positive")
+    namespaces = tuple(ns.strip() for ns in env.get("EMBER_NAMESPACES", "").split(",") if ns.strip())
+    return Settings(
+        keep_versions=_int(env, "EMBER_KEEP_VERSIONS", _DEFAULTS.keep_versions, minimum=1),
+        image_registry=env.get("EMBER_IMAGE_REGISTRY") or _DEFAULTS.image_registry,
+        image_tag=env.get("EMBER_IMAGE_TAG") or _DEFAULTS.image_tag,
+        runtime_images=_pairs(env, "EMBER_RUNTIME_IMAGES"),
+        pool_sizes=sizes,
+        default_pool_size=_int(env, "EMBER_POOL_SIZE", _DEFAULTS.default_pool_size, minimum=0),
+        activator_url=env.get("EMBER_ACTIVATOR_URL") or _DEFAULTS.activator_url,
+        resync_seconds=resync,
+        namespaces=namespaces,
+        default_policy_name=env.get("EMBER_DEFAULT_POLICY") or _DEFAULTS.default_policy_name,
+        run_as_user=_int(env, "EMBER_RUN_AS_USER", _DEFAULTS.run_as_user, minimum=1),
+        image_pull_policy=env.get("EMBER_IMAGE_PULL_POLICY") or _DEFAULTS.image_pull_policy,
+    )

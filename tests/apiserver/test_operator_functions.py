@@ -1,0 +1,257 @@
+"""The operator against a real kube-apiserver: Function → Versions, code ConfigMaps, pools, conditions.
+
+Runs `python -m ember.operator_main` as a subprocess (kopf, kubernetes_asyncio) against the
+session's etcd + kube-apiserver. No kube-controller-manager runs in this tier, so nothing is
+garbage-collected by owner references and Deployments get no pods: these tests check what the
+operator itself creates, keeps and deletes; pods, GC and invocation are the cluster tier's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+from tests.apiserver.operator_harness import (
+    Ember,
+    OperatorProcess,
+    apply_crds,
+    condition,
+    eventually,
+    hello_function,
+    namespace,
+)
+
+
+@pytest.fixture(scope="module")
+def crds(api_client: client.ApiClient) -> client.ApiClient:
+    apply_crds(api_client)
+    node = client.NodeV1Api(api_client)
+    try:
+        node.create_runtime_class({"metadata": {"name": "gvisor"}, "handler": "runsc"})
+    except client.exceptions.ApiException as err:
+        if err.status != 409:
+            raise
+    return api_client
+
+
+@pytest.fixture
+def ns(crds: client.ApiClient) -> Iterator[str]:
+    with namespace(crds) as name:
+        yield name
+
+
+@pytest.fixture
+def ember(crds: client.ApiClient, ns: str) -> Ember:
+    return Ember(crds, ns)
+
+
+@pytest.fixture
+def operator(kubeconfig: Path, ns: str, tmp_path: Path) -> Iterator[OperatorProcess]:
+    proc = OperatorProcess(kubeconfig, ns, tmp_path / "operator.log")
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+        # Captured output is shown only when the test fails.
+        print(f"--- operator log ({proc.log}) ---\n{proc.log_tail()}")
+
+
+def _ready(ember: Ember, name: str, *, generation: int | None = None) -> dict[str, Any] | None:
+    fn = ember.get("functions", name)
+    if fn is None or condition(fn, "Ready").get("status") != "True":
+        return None
+    if fn["status"].get("observedGeneration") != (generation or fn["metadata"]["generation"]):
+        return None
+    return fn
+
+
+def test_function_gets_a_version_code_configmap_pool_and_ready_conditions(
+    ember: Ember, operator: OperatorProcess
+) -> None:
+    ember.create("functions", hello_function())
+    fn = eventually(lambda: _ready(ember, "hello"), what="Function hello Ready")
+    status = fn["status"]
+    assert (status["latestVersion"], status["readyVersion"]) == (1, 1)
+    assert status["url"] == f"http://activator.test:8080/v1/namespaces/{ember.ns}/functions/hello/invoke"
+    for type_ in ("Ready", "VersionReady", "PolicyResolved", "EgressEnforced"):
+        assert condition(fn, type_)["status"] == "True", type_
+        assert condition(fn, type_)["observedGeneration"] == fn["metadata"]["generation"]
+
+    version = ember.get("versions", "hello-v1")
+    assert version is not None
+    assert version["metadata"]["labels"]["ember.run/function"] == "hello"
+    assert version["metadata"]["labels"]["ember.run/version"] == "1"
+    (owner,) = version["metadata"]["ownerReferences"]
+    assert (owner["kind"], owner["uid"], owner["controller"]) == ("Function", fn["metadata"]["uid"], True)
+    assert version["status"]["phase"] == "Ready"
+    assert condition(version, "CodeReady")["reason"] == "CodeStored"
+
+    cm = ember.core.read_namespaced_config_map("hello-v1-code", ember.ns)
+    assert cm.immutable is True
+    assert cm.data == {"main.py": "def handler(event, context):\n    return 'hi'\n"}
+    assert cm.metadata.owner_references[0].uid == version["metadata"]["uid"]
+
+    (pool,) = ember.pools().values()
+    pod = pool.spec.template.spec
+    assert pod.runtime_class_name == "gvisor"
+    assert pod.automount_service_account_token is False
+    assert pod.containers[0].security_context.read_only_root_filesystem is True
+    assert pod.containers[0].security_context.capabilities.drop == ["ALL"]
+    assert pool.metadata.owner_references[0].uid == fn["metadata"]["uid"]
+
+    netpol = ember.net.read_namespaced_network_policy("ember-fn-hello", ember.ns)
+    assert netpol.spec.policy_types == ["Egress"]
+    assert not netpol.spec.egress
+
+    reasons = eventually(
+        lambda: (
+            {e.reason for e in ember.events("hello")} >= {"VersionCreated", "PoolCreated"}
+            and {e.reason for e in ember.events("hello")}
+        ),
+        what="VersionCreated and PoolCreated events",
+    )
+    assert "VersionCreated" in reasons
+
+
+def test_versions_follow_code_and_config_changes_not_scaling_or_metadata(
+    ember: Ember, operator: OperatorProcess
+) -> None:
+    ember.create("functions", hello_function())
+    eventually(lambda: _ready(ember, "hello"), what="hello Ready")
+
+    scaled = ember.patch("functions", "hello", {"spec": {"scaling": {"maxScale": 3, "minScale": 1}}})
+    labelled = ember.patch("functions", "hello", {"metadata": {"labels": {"team": "a"}}})
+    assert labelled["metadata"]["generation"] == scaled["metadata"]["generation"]
+    eventually(lambda: _ready(ember, "hello", generation=scaled["metadata"]["generation"]), what="scaled observed")
+    assert set(ember.versions("hello")) == {1}
+
+    ember.patch("functions", "hello", {"spec": {"env": {"GREETING": "hey"}}})
+    eventually(lambda: set(ember.versions("hello")) == {1, 2}, what="Version 2 after an env change")
+    ember.patch("functions", "hello", {"spec": {"code": {"inline": "def handler(e, c):\n    return 2\n"}}})
+    fn = eventually(
+        lambda: (f := _ready(ember, "hello")) and f["status"]["latestVersion"] == 3 and f, what="Version 3 ready"
+    )
+    assert fn["status"]["readyVersion"] == 3
+    assert ember.get("versions", "hello-v3")["spec"]["function"]["env"] == {"GREETING": "hey"}
+
+
+def test_retention_keeps_referenced_and_last_n_and_collects_the_rest(ember: Ember, operator: OperatorProcess) -> None:
+    ember.create("functions", hello_function())
+    eventually(lambda: _ready(ember, "hello"), what="hello Ready")
+    ember.patch("functions", "hello", {"spec": {"traffic": [{"version": 1, "percent": 100}]}})
+    for n in range(2, 5):
+        ember.patch("functions", "hello", {"spec": {"code": {"inline": f"def handler(e, c):\n    return {n}\n"}}})
+        eventually(lambda n=n: n in ember.versions("hello"), what=f"Version {n}")
+    # keep_versions=2: 3 and 4 are the last two; 1 is pinned by traffic; 2 goes.
+    eventually(lambda: set(ember.versions("hello")) == {1, 3, 4}, what="Versions {1, 3, 4} kept")
+    eventually(lambda: "hello-v2-code" not in ember.configmap_names(), what="code of Version 2 deleted")
+    assert {"hello-v1-code", "hello-v3-code", "hello-v4-code"} <= ember.configmap_names()
+
+    ember.patch("functions", "hello", {"spec": {"traffic": None, "aliases": {"stable": {"version": 3}}}})
+    eventually(lambda: set(ember.versions("hello")) == {3, 4}, what="unpinned Version 1 collected")
+    assert any(e.reason == "VersionDeleted" for e in ember.events("hello"))
+
+
+def test_missing_policy_then_created_resolves(ember: Ember, operator: OperatorProcess) -> None:
+    ember.create("functions", hello_function(securityPolicyRef={"name": "strict"}))
+    fn = eventually(
+        lambda: (
+            (f := ember.get("functions", "hello")) and condition(f, "PolicyResolved").get("status") == "False" and f
+        ),
+        what="PolicyResolved False",
+    )
+    assert condition(fn, "PolicyResolved")["reason"] == "SecurityPolicyMissing"
+    assert "'strict'" in condition(fn, "PolicyResolved")["message"]
+    assert condition(fn, "Ready")["status"] == "False"
+    assert ember.pools() == {}
+    assert fn["status"]["latestVersion"] == 1  # code is snapshotted even while the policy is missing
+
+    ember.create("securitypolicies", {"kind": "SecurityPolicy", "metadata": {"name": "strict"}, "spec": {}})
+    eventually(lambda: _ready(ember, "hello"), what="hello Ready once the policy exists")
+    assert len(ember.pools()) == 1
+
+
+def test_missing_runtime_class_is_a_clear_condition_not_stuck_pods(ember: Ember, operator: OperatorProcess) -> None:
+    ember.create(
+        "securitypolicies", {"kind": "SecurityPolicy", "metadata": {"name": "kata"}, "spec": {"sandbox": "kata"}}
+    )
+    ember.create("functions", hello_function(securityPolicyRef={"name": "kata"}))
+    fn = eventually(
+        lambda: (
+            (f := ember.get("functions", "hello")) and condition(f, "PolicyResolved").get("status") == "False" and f
+        ),
+        what="PolicyResolved False",
+    )
+    assert condition(fn, "PolicyResolved")["reason"] == "RuntimeClassMissing"
+    assert "RuntimeClass 'kata'" in condition(fn, "PolicyResolved")["message"]
+    assert ember.pools() == {}
+    policy = eventually(
+        lambda: (p := ember.get("securitypolicies", "kata")) and p.get("status", {}).get("policyHash") and p,
+        what="SecurityPolicy status",
+    )
+    assert condition(policy, "Ready")["reason"] == "RuntimeClassMissing"
+
+
+def test_policy_change_rerolls_the_pool_and_network_policy(ember: Ember, operator: OperatorProcess) -> None:
+    ember.create("securitypolicies", {"kind": "SecurityPolicy", "metadata": {"name": "p"}, "spec": {}})
+    ember.create("functions", hello_function(securityPolicyRef={"name": "p"}))
+    eventually(lambda: _ready(ember, "hello"), what="hello Ready")
+    (old_pool,) = ember.pools()
+
+    ember.patch(
+        "securitypolicies",
+        "p",
+        {
+            "spec": {
+                "egress": {
+                    "mode": "allowList",
+                    "allow": [{"cidr": "10.0.0.0/8", "ports": [443]}, {"host": "api.example.com"}],
+                }
+            }
+        },
+    )
+    eventually(lambda: set(ember.pools()) - {old_pool}, what="a new pool for the new policy hash")
+    eventually(lambda: old_pool not in ember.pools(), what="the old pool deleted")
+    fn = eventually(
+        lambda: (
+            (f := ember.get("functions", "hello")) and condition(f, "EgressEnforced").get("status") == "False" and f
+        ),
+        what="EgressEnforced False for host rules",
+    )
+    assert "api.example.com" in condition(fn, "EgressEnforced")["message"]
+    netpol = ember.net.read_namespaced_network_policy("ember-fn-hello", ember.ns)
+    (rule,) = netpol.spec.egress
+    assert rule.to[0].ip_block.cidr == "10.0.0.0/8"
+    assert rule.ports[0].port == 443
+    assert set(ember.versions("hello")) == {1}, "a policy change re-rolls pools, not Versions"
+
+
+def test_configmap_code_is_snapshotted_and_a_change_makes_a_version(ember: Ember, operator: OperatorProcess) -> None:
+    ember.core.create_namespaced_config_map(
+        ember.ns, {"metadata": {"name": "src"}, "data": {"main.py": "def handler(e, c):\n    return 1\n"}}
+    )
+    ember.create("functions", hello_function(code={"configMapRef": {"name": "src"}}))
+    eventually(lambda: _ready(ember, "hello"), what="hello Ready")
+    snap = ember.core.read_namespaced_config_map("hello-v1-code", ember.ns)
+    assert snap.data == {"main.py": "def handler(e, c):\n    return 1\n"}
+
+    ember.core.patch_namespaced_config_map("src", ember.ns, {"data": {"main.py": "def handler(e, c):\n    return 2\n"}})
+    eventually(lambda: 2 in ember.versions("hello"), what="Version 2 after the ConfigMap changed (resync)")
+    eventually(lambda: "hello-v2-code" in ember.configmap_names(), what="snapshot of Version 2")
+    assert ember.core.read_namespaced_config_map("hello-v1-code", ember.ns).data == snap.data
+    assert ember.core.read_namespaced_config_map("hello-v2-code", ember.ns).data["main.py"].endswith("return 2\n")
+
+
+def test_missing_code_configmap_is_reported(ember: Ember, operator: OperatorProcess) -> None:
+    ember.create("functions", hello_function(code={"configMapRef": {"name": "nope"}}))
+    fn = eventually(
+        lambda: (f := ember.get("functions", "hello")) and condition(f, "VersionReady").get("status") == "False" and f,
+        what="VersionReady False",
+    )
+    assert condition(fn, "VersionReady")["reason"] == "CodeMissing"
+    assert "'nope'" in condition(fn, "VersionReady")["message"]
+    assert ember.versions("hello") == {}
