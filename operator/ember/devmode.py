@@ -1,0 +1,294 @@
+"""Local mode: `ember dev [DIR]` runs the activator over local sandboxed agents; `ember invoke` calls it.
+
+`ember dev` reads Function and SecurityPolicy manifests from DIR (default `examples/`), serves
+the activator (default 127.0.0.1:8080), prints each function's invoke URL and a curl line,
+and watches DIR: an edited Function becomes a new Version while the old one keeps serving
+until the new one is ready; a file with mistakes is reported (one line per problem) and the
+functions it defined keep running as they were. Ctrl-C stops every agent process; a second
+Ctrl-C exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from aiohttp import web
+
+from ember.activator import keys
+from ember.activator.app import make_app
+from ember.activator.config import ActivatorConfig
+from ember.activator.registry import Registry
+from ember.api.function import Function
+from ember.api.manifests import ManifestError, load_manifests, manifest_files
+from ember.api.security_policy import SecurityPolicy, SecurityPolicySpec
+from ember.pods.local import LocalPodSource, detect_sandbox
+
+log = logging.getLogger("ember.dev")
+
+DEFAULT_DIR = "examples"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+
+
+def invoke_url(base: str, namespace: str, name: str) -> str:
+    return f"{base}/v1/namespaces/{namespace}/functions/{name}/invoke"
+
+
+@dataclass
+class Workspace:
+    """What DIR defines now, file by file, so a broken file keeps its last good definitions."""
+
+    root: Path
+    by_file: dict[Path, list[Function | SecurityPolicy]] = field(default_factory=dict)
+
+    def reload(self, report: Callable[[str], None]) -> None:
+        """Re-read every manifest file; files with problems keep what they defined before."""
+        files = manifest_files(self.root) if self.root.exists() else []
+        fresh: dict[Path, list[Function | SecurityPolicy]] = {}
+        for file in files:
+            try:
+                resources = load_manifests(file)
+            except ManifestError as err:
+                for problem in err.problems:
+                    report(f"error: {problem}")
+                if file in self.by_file:
+                    report(f"note: {file}: keeping its previous definitions until it is fixed")
+                    fresh[file] = self.by_file[file]
+                continue
+            fresh[file] = [r for r in resources if isinstance(r, Function | SecurityPolicy)]
+        self.by_file = fresh
+
+    def functions(self) -> list[tuple[Function, Path]]:
+        return [(r, f.parent) for f, rs in self.by_file.items() for r in rs if isinstance(r, Function)]
+
+    def policies(self) -> dict[tuple[str, str], SecurityPolicySpec]:
+        return {r.key: r.spec for rs in self.by_file.values() for r in rs if isinstance(r, SecurityPolicy)}
+
+
+def sync_registry(registry: Registry, workspace: Workspace, report: Callable[[str], None]) -> list[Function]:
+    """Apply the workspace to the registry: new Versions for changed functions, removal of deleted ones."""
+    policies = workspace.policies()
+    wanted: set[tuple[str, str]] = set()
+    changed: list[Function] = []
+    for fn, base_dir in workspace.functions():
+        wanted.add(fn.key)
+        policy = None
+        ref = fn.spec.security_policy_ref
+        if ref is not None:
+            policy = policies.get((fn.metadata.namespace, ref.name))
+            if policy is None:
+                report(
+                    f"error: Function {fn.metadata.namespace}/{fn.metadata.name}: spec.securityPolicyRef.name"
+                    f" {ref.name!r} names no SecurityPolicy in {workspace.root}; the function is not (re)loaded"
+                )
+                continue
+        version = registry.apply(fn, policy=policy, base_dir=base_dir)
+        if version is not None:
+            changed.append(fn)
+            report(f"Version {version.key.number} of {fn.metadata.namespace}/{fn.metadata.name}: loading")
+    for fs in list(registry.functions()):
+        if (fs.namespace, fs.name) not in wanted:
+            registry.remove(fs.namespace, fs.name)
+            report(f"removed {fs.label} (its manifest is gone)")
+    return changed
+
+
+def banner(out: TextIO, base: str, registry: Registry, sandbox_note: str, isolated: bool) -> None:
+    print(f"ember dev: activator on {base}", file=out)
+    if isolated:
+        print(f"ember dev: sandbox: {sandbox_note}", file=out)
+    else:
+        print("!" * 78, file=out)
+        print(f"!! WARNING: sandbox: {sandbox_note}", file=out)
+        print("!" * 78, file=out)
+    for fs in registry.functions():
+        url = invoke_url(base, fs.namespace, fs.name)
+        print(f"  {fs.label}", file=out)
+        print(f"    POST {url}", file=out)
+        print(f"    curl -s -X POST {url} -H 'Content-Type: application/json' -d '{{}}'", file=out)
+        print(f"    ember invoke {fs.name if fs.namespace == 'default' else fs.label} --data '{{}}'", file=out)
+    out.flush()
+
+
+async def serve(
+    directory: Path,
+    host: str,
+    port: int,
+    *,
+    watch: bool = True,
+    config: ActivatorConfig | None = None,
+    out: TextIO = sys.stdout,
+    stop: asyncio.Event | None = None,
+) -> int:
+    """Run local mode until `stop` is set (or a signal arrives)."""
+    sandbox = detect_sandbox()
+    source = LocalPodSource(sandbox=sandbox)
+    app = make_app(source, config or ActivatorConfig())
+    registry = app[keys.REGISTRY]
+
+    def report(line: str) -> None:
+        print(f"ember dev: {line}", file=out, flush=True)
+
+    workspace = Workspace(directory)
+    workspace.reload(report)
+    sync_registry(registry, workspace, report)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError as err:
+        await runner.cleanup()
+        await source.close()
+        print(f"ember dev: cannot listen on {host}:{port}: {err.strerror}", file=sys.stderr)
+        return 1
+    bound = runner.addresses[0][1] if runner.addresses else port
+    base = f"http://{host}:{bound}"
+    banner(out, base, registry, sandbox.note, sandbox.isolated)
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            os._exit(130)  # second Ctrl-C: no more waiting
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, on_signal)
+
+    tasks = [asyncio.create_task(_report_phases(registry, report))]
+    if watch:
+        tasks.append(asyncio.create_task(_watch(directory, workspace, registry, report)))
+    try:
+        await stop.wait()
+    finally:
+        report("stopping: draining invocations and stopping agents")
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await runner.cleanup()
+        await source.close()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+    return 0
+
+
+async def _report_phases(registry: Registry, report: Callable[[str], None]) -> None:
+    """Print each Version's phase changes (Ready, Failed with the reason)."""
+    seen: dict[tuple[str, int], str] = {}
+    while True:
+        for fs in registry.functions():
+            for number, vs in fs.versions.items():
+                phase = vs.phase.value
+                if seen.get((fs.label, number)) != phase:
+                    seen[(fs.label, number)] = phase
+                    if phase == "Ready":
+                        report(f"Version {number} of {fs.label}: Ready ({vs.ready_pods} pod(s)); it takes the traffic")
+                    elif phase == "Failed":
+                        report(f"Version {number} of {fs.label}: FAILED: {vs.message}; traffic stays where it was")
+        await asyncio.sleep(0.25)
+
+
+async def _watch(directory: Path, workspace: Workspace, registry: Registry, report: Callable[[str], None]) -> None:
+    from watchfiles import awatch
+
+    async for _changes in awatch(directory, debounce=200, step=50):
+        workspace.reload(report)
+        sync_registry(registry, workspace, report)
+
+
+def dev_main(argv: list[str]) -> int:
+    """`ember dev [DIR] [--host H] [--port P]`."""
+    parser = argparse.ArgumentParser(prog="ember dev", description="Run Ember locally on the manifests in DIR.")
+    parser.add_argument("dir", nargs="?", default=DEFAULT_DIR, type=Path, help="manifests (default: examples/)")
+    parser.add_argument("--host", default=DEFAULT_HOST, help=f"listen address (default {DEFAULT_HOST})")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"listen port (default {DEFAULT_PORT})")
+    parser.add_argument("--no-watch", action="store_true", help="do not reload when files change")
+    parser.add_argument("--warm-pool", type=int, default=1, help="generic pods kept warm per pool (default 1)")
+    parser.add_argument("--log-level", default="WARNING", help="Python log level (default WARNING)")
+    args = parser.parse_args(argv)
+    if not args.dir.exists():
+        parser.error(f"{args.dir}: no such directory")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port {args.port}: must be 0-65535")
+    if args.warm_pool < 0:
+        parser.error(f"--warm-pool {args.warm_pool}: must not be negative")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    config = ActivatorConfig(warm_pool_size=args.warm_pool)
+    try:
+        return asyncio.run(serve(args.dir, args.host, args.port, watch=not args.no_watch, config=config))
+    except ValueError as err:  # a bad EMBER_SANDBOX / EMBER_RUNSC
+        print(f"ember dev: {err}", file=sys.stderr)
+        return 2
+
+
+def invoke_main(argv: list[str]) -> int:
+    """`ember invoke NAME [--data JSON] [--async] [--qualifier Q] [--url URL]`."""
+    parser = argparse.ArgumentParser(prog="ember invoke", description="Invoke a function of a running `ember dev`.")
+    parser.add_argument("name", help="function name, or NAMESPACE/NAME")
+    parser.add_argument("--data", "-d", default="{}", help="the event, as JSON (default {}); @FILE reads a file")
+    parser.add_argument("--async", dest="is_async", action="store_true", help="invoke asynchronously (202)")
+    parser.add_argument("--qualifier", "-q", help="Version number or alias")
+    parser.add_argument("--url", default=f"http://{DEFAULT_HOST}:{DEFAULT_PORT}", help="where ember dev listens")
+    parser.add_argument("--log", action="store_true", help="print the tail of the function's log to stderr")
+    args = parser.parse_args(argv)
+    namespace, _, name = args.name.rpartition("/")
+    data: str = args.data
+    if data.startswith("@"):
+        try:
+            data = Path(data[1:]).read_text()
+        except OSError as err:
+            parser.error(f"--data {args.data}: {err.strerror}")
+    try:
+        json.loads(data)
+    except ValueError as err:
+        parser.error(f"--data is not JSON: {err}")
+    url = invoke_url(args.url.rstrip("/"), namespace or "default", name)
+    if args.qualifier:
+        url += "?" + urllib.parse.urlencode({"qualifier": args.qualifier})
+    headers = {"Content-Type": "application/json", "X-Ember-Invocation-Type": "async" if args.is_async else "sync"}
+    if args.log:
+        headers["X-Ember-Log-Type"] = "Tail"
+    request = urllib.request.Request(url, data=data.encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=930) as response:
+            body = response.read().decode(errors="replace")
+            function_error = response.headers.get("X-Ember-Function-Error")
+            version = response.headers.get("X-Ember-Executed-Version")
+            log_result = response.headers.get("X-Ember-Log-Result")
+    except urllib.error.HTTPError as err:
+        print(f"ember invoke: {err.code} {err.read().decode(errors='replace')}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        print(f"ember invoke: cannot reach {args.url} ({reason}); is `ember dev` running?", file=sys.stderr)
+        return 1
+    if log_result and args.log:
+        sys.stderr.write(base64.b64decode(log_result).decode(errors="replace"))
+    print(body)
+    if function_error:
+        print(f"ember invoke: function error ({function_error}) in Version {version}", file=sys.stderr)
+        return 1
+    return 0
