@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
@@ -207,3 +208,50 @@ def hello_function(name: str = "hello", **spec: Any) -> dict[str, Any]:
         "spec": {"runtime": "python3.12", "handler": "main.handler", "code": defaults, **spec},
     }
     return body
+
+
+# Fixtures, imported by name into the test modules (tests/apiserver/conftest.py belongs to the cluster harness).
+
+
+@pytest.fixture(scope="session")
+def crds(api_client: client.ApiClient) -> client.ApiClient:
+    apply_crds(api_client)
+    node = client.NodeV1Api(api_client)
+    try:
+        node.create_runtime_class({"metadata": {"name": "gvisor"}, "handler": "runsc"})
+    except client.exceptions.ApiException as err:
+        if err.status != 409:
+            raise
+    return api_client
+
+
+@pytest.fixture
+def ns(crds: client.ApiClient) -> Iterator[str]:
+    with namespace(crds) as name:
+        yield name
+
+
+@pytest.fixture
+def ember(crds: client.ApiClient, ns: str) -> Ember:
+    return Ember(crds, ns)
+
+
+@pytest.fixture
+def operator(kubeconfig: Path, ns: str, tmp_path: Path) -> Iterator[OperatorProcess]:
+    proc = OperatorProcess(kubeconfig, ns, tmp_path / "operator.log")
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+        # Captured output is shown only when the test fails.
+        print(f"--- operator log ({proc.log}) ---\n{proc.log_tail()}")
+
+
+def ready_function(ember: Ember, name: str, *, generation: int | None = None) -> dict[str, Any] | None:
+    fn = ember.get("functions", name)
+    if fn is None or condition(fn, "Ready").get("status") != "True":
+        return None
+    if fn["status"].get("observedGeneration") != (generation or fn["metadata"]["generation"]):
+        return None
+    return fn

@@ -8,72 +8,34 @@ operator itself creates, keeps and deletes; pods, GC and invocation are the clus
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
-from kubernetes import client
-from tests.apiserver.operator_harness import (
+from tests.apiserver.operator_harness import (  # the fixtures are used by name
     Ember,
     OperatorProcess,
-    apply_crds,
     condition,
+    crds,
+    ember,
     eventually,
     hello_function,
-    namespace,
+    ns,
+    operator,
+    ready_function,
 )
 
-
-@pytest.fixture(scope="module")
-def crds(api_client: client.ApiClient) -> client.ApiClient:
-    apply_crds(api_client)
-    node = client.NodeV1Api(api_client)
-    try:
-        node.create_runtime_class({"metadata": {"name": "gvisor"}, "handler": "runsc"})
-    except client.exceptions.ApiException as err:
-        if err.status != 409:
-            raise
-    return api_client
+__all__ = ["crds", "ember", "ns", "operator"]
 
 
-@pytest.fixture
-def ns(crds: client.ApiClient) -> Iterator[str]:
-    with namespace(crds) as name:
-        yield name
-
-
-@pytest.fixture
-def ember(crds: client.ApiClient, ns: str) -> Ember:
-    return Ember(crds, ns)
-
-
-@pytest.fixture
-def operator(kubeconfig: Path, ns: str, tmp_path: Path) -> Iterator[OperatorProcess]:
-    proc = OperatorProcess(kubeconfig, ns, tmp_path / "operator.log")
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
-        # Captured output is shown only when the test fails.
-        print(f"--- operator log ({proc.log}) ---\n{proc.log_tail()}")
-
-
-def _ready(ember: Ember, name: str, *, generation: int | None = None) -> dict[str, Any] | None:
+def _with_condition(ember: Ember, name: str, type_: str, status: str) -> dict[str, Any] | None:
     fn = ember.get("functions", name)
-    if fn is None or condition(fn, "Ready").get("status") != "True":
-        return None
-    if fn["status"].get("observedGeneration") != (generation or fn["metadata"]["generation"]):
-        return None
-    return fn
+    return fn if condition(fn, type_).get("status") == status else None
 
 
 def test_function_gets_a_version_code_configmap_pool_and_ready_conditions(
     ember: Ember, operator: OperatorProcess
 ) -> None:
     ember.create("functions", hello_function())
-    fn = eventually(lambda: _ready(ember, "hello"), what="Function hello Ready")
+    fn = eventually(lambda: ready_function(ember, "hello"), what="Function hello Ready")
     status = fn["status"]
     assert (status["latestVersion"], status["readyVersion"]) == (1, 1)
     assert status["url"] == f"http://activator.test:8080/v1/namespaces/{ember.ns}/functions/hello/invoke"
@@ -121,19 +83,22 @@ def test_versions_follow_code_and_config_changes_not_scaling_or_metadata(
     ember: Ember, operator: OperatorProcess
 ) -> None:
     ember.create("functions", hello_function())
-    eventually(lambda: _ready(ember, "hello"), what="hello Ready")
+    eventually(lambda: ready_function(ember, "hello"), what="hello Ready")
 
     scaled = ember.patch("functions", "hello", {"spec": {"scaling": {"maxScale": 3, "minScale": 1}}})
     labelled = ember.patch("functions", "hello", {"metadata": {"labels": {"team": "a"}}})
     assert labelled["metadata"]["generation"] == scaled["metadata"]["generation"]
-    eventually(lambda: _ready(ember, "hello", generation=scaled["metadata"]["generation"]), what="scaled observed")
+    eventually(
+        lambda: ready_function(ember, "hello", generation=scaled["metadata"]["generation"]), what="scaled observed"
+    )
     assert set(ember.versions("hello")) == {1}
 
     ember.patch("functions", "hello", {"spec": {"env": {"GREETING": "hey"}}})
     eventually(lambda: set(ember.versions("hello")) == {1, 2}, what="Version 2 after an env change")
     ember.patch("functions", "hello", {"spec": {"code": {"inline": "def handler(e, c):\n    return 2\n"}}})
     fn = eventually(
-        lambda: (f := _ready(ember, "hello")) and f["status"]["latestVersion"] == 3 and f, what="Version 3 ready"
+        lambda: (f := ready_function(ember, "hello")) and f["status"]["latestVersion"] == 3 and f,
+        what="Version 3 ready",
     )
     assert fn["status"]["readyVersion"] == 3
     assert ember.get("versions", "hello-v3")["spec"]["function"]["env"] == {"GREETING": "hey"}
@@ -141,7 +106,7 @@ def test_versions_follow_code_and_config_changes_not_scaling_or_metadata(
 
 def test_retention_keeps_referenced_and_last_n_and_collects_the_rest(ember: Ember, operator: OperatorProcess) -> None:
     ember.create("functions", hello_function())
-    eventually(lambda: _ready(ember, "hello"), what="hello Ready")
+    eventually(lambda: ready_function(ember, "hello"), what="hello Ready")
     ember.patch("functions", "hello", {"spec": {"traffic": [{"version": 1, "percent": 100}]}})
     for n in range(2, 5):
         ember.patch("functions", "hello", {"spec": {"code": {"inline": f"def handler(e, c):\n    return {n}\n"}}})
@@ -171,7 +136,7 @@ def test_missing_policy_then_created_resolves(ember: Ember, operator: OperatorPr
     assert fn["status"]["latestVersion"] == 1  # code is snapshotted even while the policy is missing
 
     ember.create("securitypolicies", {"kind": "SecurityPolicy", "metadata": {"name": "strict"}, "spec": {}})
-    eventually(lambda: _ready(ember, "hello"), what="hello Ready once the policy exists")
+    eventually(lambda: ready_function(ember, "hello"), what="hello Ready once the policy exists")
     assert len(ember.pools()) == 1
 
 
@@ -199,7 +164,7 @@ def test_missing_runtime_class_is_a_clear_condition_not_stuck_pods(ember: Ember,
 def test_policy_change_rerolls_the_pool_and_network_policy(ember: Ember, operator: OperatorProcess) -> None:
     ember.create("securitypolicies", {"kind": "SecurityPolicy", "metadata": {"name": "p"}, "spec": {}})
     ember.create("functions", hello_function(securityPolicyRef={"name": "p"}))
-    eventually(lambda: _ready(ember, "hello"), what="hello Ready")
+    eventually(lambda: ready_function(ember, "hello"), what="hello Ready")
     (old_pool,) = ember.pools()
 
     ember.patch(
@@ -235,7 +200,7 @@ def test_configmap_code_is_snapshotted_and_a_change_makes_a_version(ember: Ember
         ember.ns, {"metadata": {"name": "src"}, "data": {"main.py": "def handler(e, c):\n    return 1\n"}}
     )
     ember.create("functions", hello_function(code={"configMapRef": {"name": "src"}}))
-    eventually(lambda: _ready(ember, "hello"), what="hello Ready")
+    eventually(lambda: ready_function(ember, "hello"), what="hello Ready")
     snap = ember.core.read_namespaced_config_map("hello-v1-code", ember.ns)
     assert snap.data == {"main.py": "def handler(e, c):\n    return 1\n"}
 
@@ -249,7 +214,7 @@ def test_configmap_code_is_snapshotted_and_a_change_makes_a_version(ember: Ember
 def test_missing_code_configmap_is_reported(ember: Ember, operator: OperatorProcess) -> None:
     ember.create("functions", hello_function(code={"configMapRef": {"name": "nope"}}))
     fn = eventually(
-        lambda: (f := ember.get("functions", "hello")) and condition(f, "VersionReady").get("status") == "False" and f,
+        lambda: _with_condition(ember, "hello", "VersionReady", "False"),
         what="VersionReady False",
     )
     assert condition(fn, "VersionReady")["reason"] == "CodeMissing"
