@@ -17,8 +17,8 @@ class Settings:
     """What the operator needs to know beyond the resources it watches."""
 
     keep_versions: int = 3
-    image_registry: str = "localhost/ember"
-    image_tag: str = "0.1.0"
+    image_registry: str = "localhost"
+    image_tag: str = "dev"
     runtime_images: Mapping[str, str] = field(default_factory=dict)
     pool_sizes: Mapping[str, int] = field(default_factory=dict)
     default_pool_size: int = 1
@@ -30,8 +30,9 @@ class Settings:
     image_pull_policy: str = "IfNotPresent"
 
     def image_for(self, runtime: str) -> str:
-        """Runtime image of a runtime: an explicit override, else <registry>/ember-runtime-<runtime>:<tag>."""
-        return self.runtime_images.get(runtime) or f"{self.image_registry}/ember-runtime-{runtime}:{self.image_tag}"
+        """Runtime image: an explicit override, else <registry>/ember-runtime-<family>:<tag> (family python, nodejs)."""
+        family = "python" if runtime.startswith("python") else "nodejs"
+        return self.runtime_images.get(runtime) or f"{self.image_registry}/ember-runtime-{family}:{self.image_tag}"
 
     def pool_size_for(self, runtime: str) -> int:
         """Generic pods a new pool of this runtime starts with."""

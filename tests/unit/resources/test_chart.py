@@ -1,0 +1,178 @@
+"""The Helm chart: CRDs identical to the generated ones, every value documented, lint and render with a real helm.
+
+helm is built from the Go module proxy by charts/build-helm.sh (cached under ~/.cache/ember); the
+chart's behaviour on a real API server is tested in tests/apiserver/test_helm_chart.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from ember.api import crd
+
+ROOT = Path(__file__).resolve().parents[3]
+CHART = ROOT / "charts" / "ember"
+INVOKE_POD = "templates/tests/invoke-pod.yaml"
+
+
+@pytest.fixture(scope="module")
+def helm() -> str:
+    out = subprocess.run(
+        ["bash", str(ROOT / "charts" / "build-helm.sh")], capture_output=True, text=True, timeout=1800, check=True
+    )
+    return out.stdout.strip().splitlines()[-1]
+
+
+def _render(helm: str, *args: str) -> list[dict[str, Any]]:
+    out = subprocess.run(
+        [helm, "template", "t", str(CHART), "--kube-version", "1.34.0", "--namespace", "ember-system", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+@pytest.mark.parametrize("model", crd.RESOURCES, ids=lambda m: m.KIND)
+def test_chart_ships_exactly_the_generated_crds(model: Any) -> None:
+    shipped = CHART / "crds" / crd.file_name(model)
+    assert shipped.read_text() == crd.render(model), f"{shipped} drifted: cp crds/*.yaml charts/ember/crds/"
+
+
+def test_chart_has_no_other_crds() -> None:
+    assert sorted(p.name for p in (CHART / "crds").iterdir()) == sorted(crd.file_name(m) for m in crd.RESOURCES)
+
+
+def _undocumented(lines: list[str]) -> list[str]:
+    """Keys in values.yaml whose preceding comment does not start with the key's name."""
+    missing = []
+    for i, line in enumerate(lines):
+        match = re.match(r"^(\s*)([A-Za-z][A-Za-z0-9]*):", line)
+        if not match or line.lstrip().startswith("-"):
+            continue
+        key = match.group(2)
+        previous = lines[i - 1].strip() if i else ""
+        if not previous.startswith(f"# {key} "):
+            missing.append(f"line {i + 1}: {key}")
+    return missing
+
+
+def test_every_value_is_documented_by_a_comment_starting_with_its_key() -> None:
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    # requests/limits/cpu/memory under resources are Kubernetes' own fields.
+    k8s_fields = {"requests", "limits", "cpu", "memory"}
+    missing = [m for m in _undocumented(lines) if m.rsplit(": ", 1)[1] not in k8s_fields]
+    assert missing == []
+
+
+def test_documentation_check_catches_an_undocumented_key() -> None:
+    assert _undocumented(["# a is documented", "a: 1", "b: 2"]) == ["line 3: b"]
+
+
+def test_schema_covers_every_top_level_value() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert set(values) <= set(schema["properties"])
+    assert schema["additionalProperties"] is False
+
+
+def test_helm_lint_strict(helm: str) -> None:
+    out = subprocess.run([helm, "lint", "--strict", str(CHART)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        pytest.param(["--set", "operator.keepVersions=0"], "keepVersions", id="keep-versions-zero"),
+        pytest.param(["--set", "unknownValue=1"], "unknownValue", id="unknown-value"),
+        pytest.param(["--set", "image.pullPolicy=Sometimes"], "pullPolicy", id="bad-pull-policy"),
+        pytest.param(["--set", "runtimes.poolSizes.ruby=1"], "ruby", id="unknown-runtime"),
+        pytest.param(["--set", "activator.replicas=0"], "replicas", id="no-activator"),
+    ],
+)
+def test_schema_rejects_bad_values(helm: str, values: list[str], message: str) -> None:
+    out = subprocess.run(
+        [helm, "template", "t", str(CHART), "--kube-version", "1.34.0", *values], capture_output=True, text=True
+    )
+    assert out.returncode != 0
+    assert message in out.stderr
+
+
+def test_render_defaults(helm: str) -> None:
+    docs = _render(helm, "--skip-tests")
+    kinds = sorted(f"{d['kind']}/{d['metadata']['name']}" for d in docs)
+    assert kinds == [
+        "ClusterRole/t-ember-activator",
+        "ClusterRole/t-ember-operator",
+        "ClusterRoleBinding/t-ember-activator",
+        "ClusterRoleBinding/t-ember-operator",
+        "Deployment/t-ember-activator",
+        "Deployment/t-ember-operator",
+        "Service/t-ember-activator",
+        "ServiceAccount/t-ember-activator",
+        "ServiceAccount/t-ember-operator",
+    ]
+    operator = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "t-ember-operator")
+    pod = operator["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == "localhost/ember-operator:0.1.0"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["EMBER_ACTIVATOR_URL"] == "http://t-ember-activator.ember-system.svc:8080"
+    assert env["EMBER_KEEP_VERSIONS"] == "3"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_render_options(helm: str) -> None:
+    docs = _render(
+        helm,
+        "--set",
+        "runtimeClasses.gvisor.create=true",
+        "--set",
+        "runtimeClasses.kata.create=true",
+        "--set",
+        "image.registry=registry.example/ember",
+        "--set",
+        "image.tag=1.2.3",
+        "--set",
+        "runtimes.poolSizes.python3\\.12=4",
+        "--set",
+        "runtimes.poolSizes.nodejs20=0",
+    )
+    classes = {d["metadata"]["name"]: d["handler"] for d in docs if d["kind"] == "RuntimeClass"}
+    assert classes == {"gvisor": "runsc", "kata": "kata"}
+    operator = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "t-ember-operator")
+    container = operator["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "registry.example/ember/ember-operator:1.2.3"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["EMBER_POOL_SIZES"] == "nodejs20=0,python3.12=4"
+
+
+def test_helm_test_hooks_deploy_and_invoke_a_function(helm: str) -> None:
+    out = subprocess.run(
+        [
+            helm,
+            "template",
+            "t",
+            str(CHART),
+            "--kube-version",
+            "1.34.0",
+            "--show-only",
+            "templates/tests/invoke-pod.yaml",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    pod = yaml.safe_load(out.stdout)
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    url = next(e["value"] for e in pod["spec"]["containers"][0]["env"] if e["name"] == "URL")
+    assert url == "http://t-ember-activator.default.svc:8080/v1/namespaces/default/functions/t-ember-hello-test/invoke"
