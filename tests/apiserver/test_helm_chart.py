@@ -1,0 +1,147 @@
+"""`helm install` of charts/ember into a real kube-apiserver, and the operator running on the chart's RBAC.
+
+A real helm (charts/build-helm.sh) installs the chart; the API server validates every object. Then
+the operator runs with a token of the chart's operator ServiceAccount (TokenRequest API), so a
+missing permission in the ClusterRole fails the Function reconcile here. No kubelet runs in this
+tier: the chart's Deployments get no pods; `helm test` and invocation are the cluster tier's.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from kubernetes import client
+from tests.apiserver.operator_harness import (
+    ROOT,
+    Ember,
+    OperatorProcess,
+    condition,
+    crds,
+    ember,
+    eventually,
+    hello_function,
+    ns,
+    ready_function,
+)
+
+__all__ = ["crds", "ember", "ns"]
+CHART = ROOT / "charts" / "ember"
+
+
+@pytest.fixture(scope="module")
+def helm() -> str:
+    out = subprocess.run(
+        ["bash", str(ROOT / "charts" / "build-helm.sh")], capture_output=True, text=True, timeout=1800, check=True
+    )
+    return out.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def release(helm: str, kubeconfig: Path, crds: client.ApiClient, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """The chart installed as release `ember-<rand>` into its own namespace; uninstalled afterwards."""
+    name = f"e{uuid.uuid4().hex[:6]}"
+    namespace = f"ember-{name}"
+    env = {"KUBECONFIG": str(kubeconfig), "HELM_CACHE_HOME": str(tmp_path / "helm"), "PATH": "/usr/bin:/bin"}
+    env |= {"HELM_CONFIG_HOME": str(tmp_path / "helm"), "HELM_DATA_HOME": str(tmp_path / "helm")}
+    options = ["--set", "runtimeClasses.kata.create=true", "--set", "operator.keepVersions=2"]
+    install = subprocess.run(
+        [helm, "install", name, str(CHART), "--namespace", namespace, "--create-namespace", *options],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert install.returncode == 0, install.stdout + install.stderr
+    try:
+        yield name, namespace
+    finally:
+        subprocess.run([helm, "uninstall", name, "--namespace", namespace], capture_output=True, env=env, timeout=120)
+        client.CoreV1Api(crds).delete_namespace(namespace)
+
+
+def test_helm_install_creates_the_release_objects(release: tuple[str, str], crds: client.ApiClient) -> None:
+    name, namespace = release
+    apps = client.AppsV1Api(crds)
+    deployments = {d.metadata.name for d in apps.list_namespaced_deployment(namespace).items}
+    assert deployments == {f"{name}-ember-operator", f"{name}-ember-activator"}
+    service = client.CoreV1Api(crds).read_namespaced_service(f"{name}-ember-activator", namespace)
+    assert service.spec.ports[0].port == 8080
+    kata = client.NodeV1Api(crds).read_runtime_class("kata")
+    assert kata.handler == "kata"
+    ext = client.ApiextensionsV1Api(crds)
+    for path in sorted((CHART / "crds").glob("*.yaml")):
+        shipped = yaml.safe_load(path.read_text())
+        stored = ext.read_custom_resource_definition(shipped["metadata"]["name"])
+        assert stored.spec.group == "ember.run"
+
+
+def _token_kubeconfig(api: client.ApiClient, kubeconfig: Path, namespace: str, account: str, out: Path) -> Path:
+    request = client.CoreV1Api(api).create_namespaced_service_account_token(
+        account, namespace, {"spec": {"expirationSeconds": 3600}}
+    )
+    admin = yaml.safe_load(kubeconfig.read_text())
+    cluster = admin["clusters"][0]["cluster"]
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "c", "cluster": cluster}],
+        "users": [{"name": account, "user": {"token": request.status.token}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": account}}],
+        "current-context": "c",
+    }
+    out.write_text(yaml.safe_dump(config))
+    return out
+
+
+def test_operator_works_with_exactly_the_charts_rbac(
+    release: tuple[str, str], crds: client.ApiClient, kubeconfig: Path, ember: Ember, tmp_path: Path
+) -> None:
+    name, namespace = release
+    token_config = _token_kubeconfig(
+        crds, kubeconfig, namespace, f"{name}-ember-operator", tmp_path / "operator.kubeconfig"
+    )
+    operator = OperatorProcess(token_config, ember.ns, tmp_path / "operator.log")
+    operator.start()
+    try:
+        ember.create("functions", hello_function())
+        eventually(lambda: ready_function(ember, "hello"), what="hello Ready under the chart's RBAC")
+        ember.patch("functions", "hello", {"spec": {"code": {"inline": "def handler(e, c):\n    return 2\n"}}})
+        ember.patch("functions", "hello", {"spec": {"code": {"inline": "def handler(e, c):\n    return 3\n"}}})
+        eventually(lambda: set(ember.versions("hello")) == {2, 3}, what="Versions created and collected")
+        assert len(ember.pools()) == 1
+        fn = ember.get("functions", "hello")
+        assert condition(fn, "EgressEnforced")["status"] == "True"
+        assert any(e.reason == "VersionCreated" for e in ember.events("hello")), "events need RBAC too"
+        assert "Forbidden" not in operator.log.read_text()
+    finally:
+        operator.stop()
+        print(operator.log_tail())
+
+
+@pytest.mark.parametrize(
+    ("verb", "group", "resource"),
+    [
+        pytest.param("get", "", "secrets", id="no-secrets"),
+        pytest.param("create", "", "pods", id="no-pod-create"),
+        pytest.param("delete", "ember.run", "functions", id="no-function-delete"),
+        pytest.param("create", "rbac.authorization.k8s.io", "roles", id="no-rbac"),
+    ],
+)
+def test_operator_rbac_is_least_privilege(
+    release: tuple[str, str], crds: client.ApiClient, verb: str, group: str, resource: str
+) -> None:
+    name, namespace = release
+    review = client.AuthorizationV1Api(crds).create_subject_access_review(
+        {
+            "spec": {
+                "user": f"system:serviceaccount:{namespace}:{name}-ember-operator",
+                "resourceAttributes": {"verb": verb, "group": group, "resource": resource, "namespace": "default"},
+            }
+        }
+    )
+    assert review.status.allowed is False
