@@ -176,3 +176,33 @@ def test_helm_test_hooks_deploy_and_invoke_a_function(helm: str) -> None:
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     url = next(e["value"] for e in pod["spec"]["containers"][0]["env"] if e["name"] == "URL")
     assert url == "http://t-ember-activator.default.svc:8080/v1/namespaces/default/functions/t-ember-hello-test/invoke"
+
+
+def test_node_port_is_rendered_and_checked(helm: str) -> None:
+    docs = _render(
+        helm, "--skip-tests", "--set", "activator.service.type=NodePort", "--set", "activator.service.nodePort=30080"
+    )
+    service = next(d for d in docs if d["kind"] == "Service")
+    assert service["spec"]["ports"][0]["nodePort"] == 30080
+    out = subprocess.run(
+        [helm, "template", "t", str(CHART), "--kube-version", "1.34.0", "--set", "activator.service.nodePort=80"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode != 0
+    assert "nodePort" in out.stderr
+
+
+def test_kind_config_registers_runsc_and_labels_sandboxed_nodes() -> None:
+    config = yaml.safe_load((ROOT / "kind-config.yaml").read_text())
+    assert config["kind"] == "Cluster"
+    assert config["apiVersion"] == "kind.x-k8s.io/v1alpha4"
+    (patch,) = config["containerdConfigPatches"]
+    assert "containerd.runtimes.runsc]" in patch
+    assert 'runtime_type = "io.containerd.runsc.v1"' in patch
+    for node in config["nodes"]:
+        assert node["labels"]["ember.run/gvisor"] == "true"
+        mounted = {m["containerPath"] for m in node["extraMounts"]}
+        assert {"/usr/local/bin/runsc", "/usr/local/bin/containerd-shim-runsc-v1"} <= mounted
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["runtimeClasses"]["gvisor"]["handler"] == "runsc"
