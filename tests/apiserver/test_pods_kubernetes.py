@@ -1,0 +1,285 @@
+"""The Kubernetes pod source against a real kube-apiserver and real runtime agents.
+
+No kubelet runs in this tier, so the test plays its part for a handful of Pod objects: it starts
+real agent processes on loopback addresses 127.0.0.2-4 (one port) and writes each pod's status
+(podIP, Ready) through the status subresource, as a kubelet would. Everything the pod source does
+- the watch, claims with resourceVersion preconditions, relabelling, owner references, the
+agent's specialize over HTTP, invocation, deletion, pool scaling - runs for real. Pool
+replacement by the ReplicaSet needs kube-controller-manager: that is the cluster tier's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from kubernetes_asyncio import client as aclient
+from kubernetes_asyncio import config as aconfig
+from tests.apiserver.operator_harness import Ember, crds, ember, eventually, hello_function, ns
+
+from ember.api.function import Function
+from ember.api.security_policy import SecurityPolicySpec
+from ember.api.version import Version, code_hash
+from ember.pods.base import PodHandle, PoolUnavailable, SpecializeFailed, VersionKey
+from ember.pods.kubernetes import CLAIMED_BY, KubernetesPodSource
+from ember.pods.local import agent_command
+from ember.pods.payload import pool_key, specialize_request
+from ember.resources.code import code_configmap, version_files
+from ember.resources.pool import PoolSpec, pool_deployment
+from ember.resources.version import build_version
+
+__all__ = ["crds", "ember", "ns"]
+
+HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
+CODE = "def handler(event, context):\n    return {'hello': event.get('name', 'world')}\n"
+
+
+def _free_port_on_all(hosts: tuple[str, ...]) -> int:
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind((hosts[0], 0))
+            port = int(probe.getsockname()[1])
+        try:
+            for host in hosts[1:]:
+                with socket.socket() as other:
+                    other.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no port free on every loopback address")
+
+
+@pytest.fixture
+def agents(tmp_path: Path) -> Iterator[int]:
+    """Three real generic agents on 127.0.0.2-4, same port; stopped by pid."""
+    port = _free_port_on_all(HOSTS)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for i, host in enumerate(HOSTS):
+            code_dir = tmp_path / f"code{i}"
+            code_dir.mkdir()
+            env = {**os.environ, "EMBER_AGENT_HOST": host, "EMBER_AGENT_PORT": str(port)}
+            env["EMBER_AGENT_CODE_DIR"] = str(code_dir)
+            with (tmp_path / f"agent{i}.log").open("wb") as log:
+                procs.append(subprocess.Popen(agent_command("python3.12"), env=env, stdout=log, stderr=log))
+        for host in HOSTS:
+            eventually(lambda host=host: _listening(host, port), what=f"agent on {host}:{port}")
+        yield port
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _listening(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex((host, port)) == 0
+
+
+class World:
+    """A Function, its Version with code ConfigMap, and three generic pool pods, in one namespace."""
+
+    def __init__(self, ember: Ember) -> None:
+        self.ember = ember
+        # No controller-manager in this tier: pods need the namespace's default ServiceAccount made by hand.
+        ember.core.create_namespaced_service_account(ember.ns, {"metadata": {"name": "default"}})
+        fn_body = ember.create("functions", hello_function(code={"inline": CODE}))
+        self.fn = Function.model_validate({k: fn_body[k] for k in ("apiVersion", "kind", "metadata", "spec")})
+        self.hash = code_hash(self.fn.spec)
+        stored = ember.create("versions", build_version(self.fn, number=1, code_hash=self.hash))
+        self.version = Version.model_validate({k: stored[k] for k in ("apiVersion", "kind", "metadata", "spec")})
+        files = version_files(self.fn.spec, None)
+        assert files is not None
+        ember.core.create_namespaced_config_map(ember.ns, code_configmap(self.version, files))
+        self.pool = pool_key(self.fn.spec, SecurityPolicySpec())
+        self.pool_spec = PoolSpec(
+            namespace=ember.ns,
+            runtime=self.pool.runtime,
+            memory_mib=self.pool.memory_mib,
+            policy=SecurityPolicySpec(),
+            policy_hash=self.pool.policy_hash,
+            image="localhost/ember-runtime-python:dev",
+            replicas=1,
+        )
+        self.key = VersionKey(namespace=ember.ns, function="hello", number=1)
+
+    def add_generic_pods(self) -> list[str]:
+        template = pool_deployment(self.pool_spec)["spec"]["template"]
+        names = []
+        for i, host in enumerate(HOSTS):
+            name = f"pool-pod-{i}"
+            body = {"metadata": {"name": name, **template["metadata"]}, "spec": template["spec"]}
+            self.ember.core.create_namespaced_pod(self.ember.ns, body)
+            status = {
+                "status": {
+                    "phase": "Running",
+                    "podIP": host,
+                    "podIPs": [{"ip": host}],
+                    "conditions": [{"type": "Ready", "status": "True"}],
+                }
+            }
+            self.ember.core.patch_namespaced_pod_status(name, self.ember.ns, status)
+            names.append(name)
+        return names
+
+
+@pytest.fixture
+def world(ember: Ember) -> World:
+    return World(ember)
+
+
+@pytest.fixture
+async def api(kubeconfig: Path) -> AsyncIterator[aclient.ApiClient]:
+    configuration = aclient.Configuration()
+    await aconfig.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
+    async with aclient.ApiClient(configuration) as api_client:
+        yield api_client
+
+
+async def _source(api: aclient.ApiClient, ns: str, holder: str, port: int, **kw: Any) -> KubernetesPodSource:
+    source = KubernetesPodSource(api, namespace=ns, holder=holder, agent_port=port, **kw)
+    await source.start()
+    return source
+
+
+async def test_two_activators_never_claim_the_same_pod(
+    api: aclient.ApiClient, world: World, agents: int, ember: Ember
+) -> None:
+    names = world.add_generic_pods()
+    one = await _source(api, ember.ns, "activator-a", agents, claim_timeout_s=2.0)
+    two = await _source(api, ember.ns, "activator-b", agents, claim_timeout_s=2.0)
+    try:
+        await asyncio.sleep(0.3)  # both caches have seen the pods
+        results = await asyncio.gather(
+            *(source.claim(world.pool) for source in (one, two, one, two, one, two)), return_exceptions=True
+        )
+        handles = [r for r in results if isinstance(r, PodHandle)]
+        failures = [r for r in results if not isinstance(r, PodHandle)]
+        assert sorted(h.id for h in handles) == sorted(names), "each pod claimed exactly once"
+        assert len(failures) == 3
+        assert all(isinstance(f, PoolUnavailable) for f in failures), failures
+        for handle in handles:
+            pod = ember.core.read_namespaced_pod(handle.id, ember.ns)
+            assert pod.metadata.labels["ember.run/state"] == "claimed"
+            assert pod.metadata.labels[CLAIMED_BY] in {"activator-a", "activator-b"}
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_specialize_owns_the_pod_by_the_version_loads_code_and_release_deletes_it(
+    api: aclient.ApiClient, world: World, agents: int, ember: Ember
+) -> None:
+    world.add_generic_pods()
+    source = await _source(api, ember.ns, "activator-a", agents)
+    try:
+        handle = await source.claim(world.pool)
+        # The request carries other code: the pod must get the Version's snapshot from its ConfigMap.
+        stale = world.fn.spec.model_copy(update={"code": world.fn.spec.code.model_copy(update={"inline": "x = ("})})
+        request = specialize_request(world.key, stale, world.hash)
+        specialized = await source.specialize(handle, request)
+        assert specialized.version == world.key
+
+        pod = ember.core.read_namespaced_pod(handle.id, ember.ns)
+        assert pod.metadata.labels["ember.run/state"] == "specialized"
+        assert pod.metadata.labels["ember.run/function"] == "hello"
+        assert pod.metadata.labels["ember.run/version"] == "1"
+        (owner,) = pod.metadata.owner_references
+        assert (owner.kind, owner.uid, owner.controller) == ("Version", world.version.metadata.uid, True)
+
+        endpoints = await asyncio.wait_for(_first_nonempty(source, world.key), timeout=10)
+        assert [e.id for e in endpoints] == [handle.id]
+        url = f"http://{handle.address}/v1/invoke"
+        async with aiohttp.ClientSession() as http, http.post(url, data=json.dumps({"name": "k8s"})) as rsp:
+            assert rsp.status == 200
+            assert await rsp.json() == {"hello": "k8s"}
+
+        await source.release(specialized)
+        await source.release(specialized)  # idempotent
+        eventually(lambda: handle.id not in {p.metadata.name for p in ember.core.list_namespaced_pod(ember.ns).items})
+        assert await asyncio.wait_for(_first_empty(source, world.key), timeout=10) == []
+    finally:
+        await source.close()
+
+
+async def _first_empty(source: KubernetesPodSource, key: VersionKey) -> list[PodHandle] | None:
+    async for endpoints in source.watch(key):
+        if not endpoints:
+            return list(endpoints)
+    return None
+
+
+async def _first_nonempty(source: KubernetesPodSource, key: VersionKey) -> list[PodHandle]:
+    async for endpoints in source.watch(key):
+        if endpoints:
+            return list(endpoints)
+    return []
+
+
+async def test_bad_code_fails_specialize_and_the_pod_is_deleted(
+    api: aclient.ApiClient, world: World, agents: int, ember: Ember
+) -> None:
+    world.add_generic_pods()
+    ember.core.delete_namespaced_config_map("hello-v1-code", ember.ns)
+    ember.core.create_namespaced_config_map(
+        ember.ns, code_configmap(world.version, version_files(world.fn.spec.model_copy(update={"code": _bad()}), None))
+    )
+    source = await _source(api, ember.ns, "activator-a", agents)
+    try:
+        handle = await source.claim(world.pool)
+        with pytest.raises(SpecializeFailed) as caught:
+            await source.specialize(handle, specialize_request(world.key, world.fn.spec, world.hash))
+        assert caught.value.is_code_error
+        eventually(lambda: handle.id not in {p.metadata.name for p in ember.core.list_namespaced_pod(ember.ns).items})
+    finally:
+        await source.close()
+
+
+def _bad() -> Any:
+    from ember.api.function import Code
+
+    return Code(inline="def handler(event, context):\n    return (\n")
+
+
+async def test_ensure_pool_scales_the_operators_deployment(api: aclient.ApiClient, world: World, ember: Ember) -> None:
+    source = KubernetesPodSource(api, namespace=ember.ns, holder="a")
+    try:
+        with pytest.raises(PoolUnavailable, match="does not exist"):
+            await source.ensure_pool(world.pool, 2)
+        ember.apps.create_namespaced_deployment(ember.ns, pool_deployment(world.pool_spec))
+        await source.ensure_pool(world.pool, 3)
+        assert ember.apps.read_namespaced_deployment(world.pool_spec.name, ember.ns).spec.replicas == 3
+        with pytest.raises(ValueError, match="must not be negative"):
+            await source.ensure_pool(world.pool, -1)
+    finally:
+        await source.close()
+
+
+async def test_claim_with_a_stale_resource_version_loses(
+    api: aclient.ApiClient, world: World, agents: int, ember: Ember
+) -> None:
+    (name, *_) = world.add_generic_pods()
+    source = await _source(api, ember.ns, "activator-a", agents)
+    try:
+        stale = ember.core.read_namespaced_pod(name, ember.ns).metadata.resource_version
+        ember.core.patch_namespaced_pod(name, ember.ns, {"metadata": {"labels": {CLAIMED_BY: "someone-else"}}})
+        assert await source._relabel(name, stale, {"ember.run/state": "claimed"}) is None
+        pod = ember.core.read_namespaced_pod(name, ember.ns)
+        assert pod.metadata.labels["ember.run/state"] == "generic"
+        fresh = pod.metadata.resource_version
+        assert await source._relabel(name, fresh, {"ember.run/state": "claimed"}) is not None
+    finally:
+        await source.close()
