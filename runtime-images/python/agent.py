@@ -18,19 +18,22 @@ Processes:
   fresh one.
 """
 
-import os
-import sys
-import time
+# contextlib.suppress would cost an import (functools, collections) on the start path:
+# ruff: noqa: SIM105
+
 import _json
 import _signal
 import _socket
 import _thread
+import os
 import struct
+import sys
+import time
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
 
-RUNTIME = "python%d.%d" % sys.version_info[:2]
+RUNTIME = f"python{sys.version_info[0]}.{sys.version_info[1]}"
 MAX_HEAD_BYTES = 64 * 1024
 MAX_SPECIALIZE_BYTES = 64 * 1024 * 1024
 MAX_OTHER_BODY_BYTES = 1024 * 1024
@@ -49,9 +52,9 @@ def _env_int(name, default, minimum=0):
     try:
         value = int(raw)
     except ValueError:
-        raise SystemExit("ember-agent: %s=%r is not an integer" % (name, raw)) from None
+        raise SystemExit(f"ember-agent: {name}={raw!r} is not an integer") from None
     if value < minimum:
-        raise SystemExit("ember-agent: %s=%r must be >= %d" % (name, raw, minimum))
+        raise SystemExit(f"ember-agent: {name}={raw!r} must be >= {minimum}")
     return value
 
 
@@ -82,20 +85,19 @@ def json_loads(data):
         try:
             data = bytes(data).decode("utf-8")
         except UnicodeDecodeError as e:
-            raise JSONError("not UTF-8: %s" % e) from None
+            raise JSONError(f"not UTF-8: {e}") from None
     idx = len(data) - len(data.lstrip(_WS))
     try:
         obj, end = _scan(data, idx)
     except StopIteration as e:
         if idx >= len(data):
             raise JSONError("empty document") from None
-        raise JSONError("expecting a JSON value at char %d" % e.value) from None
+        raise JSONError(f"expecting a JSON value at char {e.value}") from None
     except RecursionError:
         raise JSONError("nesting too deep") from None
     except Exception:  # error path only: let the json module word the message
         # (on 3.11 the bare C scanner can fail with SystemError when json.decoder isn't loaded)
-        import json
-
+        json = _import("json")
         try:
             json.loads(data)
         except ValueError as e:
@@ -104,7 +106,7 @@ def json_loads(data):
             raise JSONError("nesting too deep") from None
         raise JSONError("invalid JSON") from None
     if data[end:].strip(_WS):
-        raise JSONError("extra data after the JSON value at char %d" % (len(data) - len(data[end:].lstrip(_WS))))
+        raise JSONError(f"extra data after the JSON value at char {len(data) - len(data[end:].lstrip(_WS))}")
     return obj
 
 
@@ -112,14 +114,12 @@ def _json_default(o):
     dec = sys.modules.get("decimal")
     if dec is not None and isinstance(o, dec.Decimal):  # like Lambda's runtime
         return int(o) if o == o.to_integral_value() else float(o)
-    raise TypeError("Object of type %s is not JSON serializable" % type(o).__name__)
+    raise TypeError(f"Object of type {type(o).__name__} is not JSON serializable")
 
 
 def json_dumps(obj, allow_nan=False):
     """Compact JSON text.  Raises TypeError/ValueError/RecursionError for unserializable values."""
-    enc = _json.make_encoder(
-        {}, _json_default, _json.encode_basestring_ascii, None, ":", ",", False, False, allow_nan
-    )
+    enc = _json.make_encoder({}, _json_default, _json.encode_basestring_ascii, None, ":", ",", False, False, allow_nan)
     return "".join(enc(obj, 0))
 
 
@@ -154,12 +154,12 @@ def parse_head(head):
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ")
     if len(parts) != 3 or not parts[0] or not parts[1]:
-        raise bad_request("malformed request line %r" % lines[0][:100].decode("latin-1"))
+        raise bad_request("malformed request line {!r}".format(lines[0][:100].decode("latin-1")))
     method, target, version = parts
     if not all(c in _TOKEN for c in method):
-        raise bad_request("malformed method %r" % method[:20].decode("latin-1"))
+        raise bad_request("malformed method {!r}".format(method[:20].decode("latin-1")))
     if version not in (b"HTTP/1.1", b"HTTP/1.0"):
-        raise bad_request("unsupported protocol %r (HTTP/1.1 or HTTP/1.0)" % version[:20].decode("latin-1"))
+        raise bad_request("unsupported protocol {!r} (HTTP/1.1 or HTTP/1.0)".format(version[:20].decode("latin-1")))
     if not target.startswith(b"/"):
         raise bad_request("request target must be an absolute path")
     if any(c < 0x21 or c == 0x7F for c in target):
@@ -168,14 +168,14 @@ def parse_head(head):
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
         if not sep or not name or not all(c in _TOKEN for c in name):
-            raise bad_request("malformed header line %r" % line[:100].decode("latin-1"))
-        if any(c < 0x20 and c != 0x09 or c == 0x7F for c in value):
-            raise bad_request("control character in header %r" % name.decode("latin-1"))
+            raise bad_request("malformed header line {!r}".format(line[:100].decode("latin-1")))
+        if any((c < 0x20 and c != 0x09) or c == 0x7F for c in value):
+            raise bad_request("control character in header {!r}".format(name.decode("latin-1")))
         key = name.decode("latin-1").lower()
         val = value.strip(b" \t").decode("latin-1")
         if key in headers:
             if key in ("content-length", "transfer-encoding", "host") and headers[key] != val:
-                raise bad_request("conflicting %s headers" % key)
+                raise bad_request(f"conflicting {key} headers")
             if key not in ("content-length", "host"):
                 headers[key] = headers[key] + ", " + val
         else:
@@ -192,15 +192,15 @@ def body_length(headers, limit):
         if cl is not None:
             raise bad_request("both Content-Length and Transfer-Encoding")
         if te.lower() != "chunked":
-            raise HTTPError(501, "InvalidRequest", "unsupported Transfer-Encoding %r" % te)
+            raise HTTPError(501, "InvalidRequest", f"unsupported Transfer-Encoding {te!r}")
         return -1
     if cl is None:
         return 0
     if not cl.isdigit() or len(cl) > 18:
-        raise bad_request("invalid Content-Length %r" % cl)
+        raise bad_request(f"invalid Content-Length {cl!r}")
     n = int(cl)
     if n > limit:
-        raise HTTPError(413, "RequestTooLarge", "request body is %d bytes; the limit is %d" % (n, limit))
+        raise HTTPError(413, "RequestTooLarge", f"request body is {n} bytes; the limit is {limit}")
     return n
 
 
@@ -222,16 +222,16 @@ def parse_handler(handler):
     mod, dot, attr = handler.rpartition(".")
     mod = mod.replace("/", ".")
     if not dot or not mod or not attr:
-        raise ValueError("handler %r must be '<module>.<function>', e.g. 'main.handler'" % handler)
+        raise ValueError(f"handler {handler!r} must be '<module>.<function>', e.g. 'main.handler'")
     for part in [*mod.split("."), attr]:
         if not part.isidentifier():
-            raise ValueError("handler %r: %r is not a valid Python identifier" % (handler, part))
+            raise ValueError(f"handler {handler!r}: {part!r} is not a valid Python identifier")
     return mod, attr
 
 
 def new_request_id():
     h = os.urandom(16).hex()
-    return "%s-%s-4%s-%s%s-%s" % (h[:8], h[8:12], h[13:16], "89ab"[int(h[16], 16) & 3], h[17:20], h[20:32])
+    return "{}-{}-4{}-{}{}-{}".format(h[:8], h[8:12], h[13:16], "89ab"[int(h[16], 16) & 3], h[17:20], h[20:32])
 
 
 def valid_request_id(rid):
@@ -239,10 +239,19 @@ def valid_request_id(rid):
 
 
 _REASONS = {
-    100: b"Continue", 200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
-    409: b"Conflict", 413: b"Payload Too Large", 422: b"Unprocessable Entity",
-    429: b"Too Many Requests", 500: b"Internal Server Error", 501: b"Not Implemented",
-    502: b"Bad Gateway", 503: b"Service Unavailable",
+    100: b"Continue",
+    200: b"OK",
+    400: b"Bad Request",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    409: b"Conflict",
+    413: b"Payload Too Large",
+    422: b"Unprocessable Entity",
+    429: b"Too Many Requests",
+    500: b"Internal Server Error",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +272,7 @@ def frame(typ, payload=b""):
 
 
 class FrameReader:
-    __slots__ = ("sock", "buf")
+    __slots__ = ("buf", "sock")
 
     def __init__(self, sock):
         self.sock = sock
@@ -295,6 +304,26 @@ def _send_fd(sock, msg, fd):
 
 
 # ---------------------------------------------------------------------------------------------
+# Imports in agent threads
+#
+# HAZARD: the template is forked from a connection thread while other agent threads run.  If one
+# of them is inside an import at that moment, it holds that module's importlib lock, and the child
+# (where that thread does not exist) hangs forever when it imports the same module.  So every
+# import in the agent after threads start goes through _import(), and the fork holds _fork_lock.
+
+_fork_lock = _thread.RLock()
+
+
+def _import(name):
+    mod = sys.modules.get(name)
+    if mod is None:
+        with _fork_lock:
+            __import__(name)
+            mod = sys.modules[name]
+    return mod
+
+
+# ---------------------------------------------------------------------------------------------
 # Agent-side output
 
 _out_lock = _thread.allocate_lock()
@@ -314,7 +343,7 @@ def _write_fd(fd, data):
 
 
 def log_agent(msg):
-    _write_fd(2, ("ember-agent: %s\n" % msg).encode("utf-8", "replace"))
+    _write_fd(2, (f"ember-agent: {msg}\n").encode("utf-8", "replace"))
 
 
 def prefix_lines(rid, data):
@@ -359,7 +388,7 @@ _OPEN_SOCKS = set()  # every socket the agent holds; closed (detached) in forked
 
 
 class _Worker:
-    __slots__ = ("pid", "sock", "reader")
+    __slots__ = ("pid", "reader", "sock")
 
     def __init__(self, pid, sock):
         self.pid = pid
@@ -441,7 +470,14 @@ def _wait_status(table, pid, timeout=0.5):
         time.sleep(0.002)
 
 
-_SIGNAMES = {6: "aborted", 9: "killed", 11: "segmentation fault", 15: "terminated", 7: "bus error", 8: "floating point exception"}
+_SIGNAMES = {
+    6: "aborted",
+    9: "killed",
+    11: "segmentation fault",
+    15: "terminated",
+    7: "bus error",
+    8: "floating point exception",
+}
 
 
 def describe_status(status):
@@ -449,8 +485,8 @@ def describe_status(status):
         return "Runtime exited with error: unknown status"
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
-        return "Runtime exited with error: signal: %s" % _SIGNAMES.get(sig, "signal %d" % sig)
-    return "Runtime exited with error: exit status %d" % os.WEXITSTATUS(status)
+        return f"Runtime exited with error: signal: {_SIGNAMES.get(sig, f'signal {sig}')}"
+    return f"Runtime exited with error: exit status {os.WEXITSTATUS(status)}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,7 +515,7 @@ def _validate_spec(req):
         raise bad_request("'code' must have exactly one of 'inline', 'path', 'url' (got %s)" % (kinds or "none"))
     kind = kinds[0]
     if not isinstance(code[kind], str) or not code[kind]:
-        raise bad_request("'code.%s' must be a non-empty string" % kind)
+        raise bad_request(f"'code.{kind}' must be a non-empty string")
     if kind == "inline":
         enc = code.get("encoding", "utf-8")
         if enc not in ("utf-8", "base64-zip"):
@@ -498,8 +534,7 @@ def _validate_spec(req):
         if kind == "url":
             code_hash = "sha256:" + code["sha256"].lower()
         elif kind == "inline":
-            import hashlib
-
+            hashlib = _import("hashlib")
             code_hash = "sha256:" + hashlib.sha256(code["inline"].encode()).hexdigest()
         else:
             raise bad_request("'codeHash' is required with 'code.path'")
@@ -510,14 +545,14 @@ def _validate_spec(req):
         raise bad_request("'env' must be an object of string values")
     for k in env:
         if not k or "=" in k or "\0" in k or "\0" in env[k]:
-            raise bad_request("'env' has an invalid variable name %r" % k)
+            raise bad_request(f"'env' has an invalid variable name {k!r}")
 
     def num(key, default, integer):
         v = req.get(key)
         if v is None:
             return default
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 or (integer and v != int(v)):
-            raise bad_request("'%s' must be a positive %s" % (key, "integer" if integer else "number"))
+            raise bad_request("'{}' must be a positive {}".format(key, "integer" if integer else "number"))
         return int(v) if integer else float(v)
 
     return {
@@ -535,9 +570,10 @@ def _validate_spec(req):
 
 def _specialize(body):
     try:
-        req = json_loads(body)
+        with _fork_lock:  # a JSON error makes the C scanner import json.decoder
+            req = json_loads(body)
     except JSONError as e:
-        raise bad_request("specialize body is not valid JSON: %s" % e) from None
+        raise bad_request(f"specialize body is not valid JSON: {e}") from None
     spec = _validate_spec(req)
     with _spec_lock:
         with _lock:
@@ -547,9 +583,10 @@ def _specialize(body):
                 if _S.code_hash == spec["codeHash"] and _S.handler == spec["handler"]:
                     return 200, {"state": "specialized", "codeHash": _S.code_hash, "durationMs": 0.0}
                 raise HTTPError(
-                    409, "AlreadySpecialized",
-                    "already specialized with codeHash %s and handler %r; a pod is specialized once"
-                    % (_S.code_hash, _S.handler),
+                    409,
+                    "AlreadySpecialized",
+                    f"already specialized with codeHash {_S.code_hash} and handler {_S.handler!r}; "
+                    "a pod is specialized once",
                 )
         try:
             parse_handler(spec["handler"])
@@ -570,15 +607,22 @@ def _specialize(body):
             _S.state = "specialized"
         _thread.start_new_thread(_reader_thread, (tmpl,))
         dur = (time.perf_counter() - t0) * 1000
-        log_agent("specialized %s/%s:%s handler=%s codeHash=%s in %.1f ms" % (
-            spec["function"]["namespace"], spec["function"]["name"], spec["function"]["version"],
-            spec["handler"], spec["codeHash"], dur))
+        log_agent(
+            "specialized {}/{}:{} handler={} codeHash={} in {:.1f} ms".format(
+                spec["function"]["namespace"],
+                spec["function"]["name"],
+                spec["function"]["version"],
+                spec["handler"],
+                spec["codeHash"],
+                dur,
+            )
+        )
         return 200, {"state": "specialized", "codeHash": spec["codeHash"], "durationMs": round(dur, 3)}
 
 
 def _code_base():
     if not _S.code_base:
-        _S.code_base = os.path.join(os.environ.get("TMPDIR") or "/tmp", "ember-agent-%d" % os.getpid())
+        _S.code_base = os.path.join(os.environ.get("TMPDIR") or "/tmp", f"ember-agent-{os.getpid()}")
     os.makedirs(_S.code_base, mode=0o700, exist_ok=True)
     return _S.code_base
 
@@ -610,13 +654,18 @@ def _start_template(spec):
     itself before it reports success (saves a round trip on the specialize path)."""
     _S.attempt += 1
     try:
-        dest = os.path.join(_code_base(), "v%d" % _S.attempt)
+        dest = os.path.join(_code_base(), f"v{_S.attempt}")
         os.makedirs(dest, exist_ok=True)
     except OSError as e:
-        return None, None, {"errorType": "Runtime.CodeDirError", "errorMessage": "cannot create the code directory: %s" % e}
+        return (
+            None,
+            None,
+            {"errorType": "Runtime.CodeDirError", "errorMessage": f"cannot create the code directory: {e}"},
+        )
     a, b = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
     wa, wb = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    pid = os.fork()
+    with _fork_lock:
+        pid = os.fork()
     if pid == 0:  # template
         try:
             _in_child_close_agent_fds(keep=(b, wb))
@@ -634,13 +683,19 @@ def _start_template(spec):
         typ, payload = FrameReader(a).read()
     except TimeoutError:
         tmpl.kill()
-        err = {"errorType": "Runtime.InitTimeout",
-               "errorMessage": "loading the code took longer than %gs (initTimeoutSeconds)" % spec["initTimeoutSeconds"]}
+        err = {
+            "errorType": "Runtime.InitTimeout",
+            "errorMessage": "loading the code took longer than {:g}s (initTimeoutSeconds)".format(
+                spec["initTimeoutSeconds"]
+            ),
+        }
     except (EOFError, OSError):
         tmpl.kill()
         st = _wait_status(_S.child_status, pid, 2.0)
-        err = {"errorType": "Runtime.ExitError",
-               "errorMessage": "%s while loading module for handler %r" % (describe_status(st), spec["handler"])}
+        err = {
+            "errorType": "Runtime.ExitError",
+            "errorMessage": "{} while loading module for handler {!r}".format(describe_status(st), spec["handler"]),
+        }
     else:
         if typ == T_LOAD_OK:
             a.settimeout(None)
@@ -659,8 +714,9 @@ def _start_template(spec):
 
 def _in_child_close_agent_fds(keep):
     """In a child forked from the (multi-threaded) agent: drop every inherited socket and fd."""
-    global _out_lock
+    global _out_lock, _fork_lock
     _out_lock = _thread.allocate_lock()  # another agent thread may have held it at fork time
+    _fork_lock = _thread.RLock()  # held by the forking thread itself
     for s in list(_OPEN_SOCKS):
         if not any(s is k for k in keep):
             try:
@@ -691,7 +747,7 @@ def _in_child_close_agent_fds(keep):
 
 def _spawn_worker(allow_restart=True):
     """Ask the template for a fresh worker; restart the template once if it died."""
-    for attempt in ((0, 1) if allow_restart else (1,)):
+    for attempt in (0, 1) if allow_restart else (1,):
         with _lock:
             tmpl = _S.template
         if tmpl is None:
@@ -736,7 +792,7 @@ def _restart_template(old):
         log_agent("template process died; loading the code again")
         tmpl, w, err = _start_template(spec)
         if err is not None:
-            log_agent("reloading failed: %s" % err.get("errorMessage"))
+            log_agent("reloading failed: {}".format(err.get("errorMessage")))
             return
         with _lock:
             _S.template = tmpl
@@ -765,12 +821,12 @@ def _proc_stats(pid):
     """(max rss KiB, cpu ms) of a live process from /proc, zeros when unavailable."""
     rss = cpu = 0
     try:
-        with open("/proc/%d/status" % pid, "rb") as f:
+        with open(f"/proc/{pid}/status", "rb") as f:
             for line in f:
                 if line.startswith(b"VmHWM:"):
                     rss = int(line.split()[1])
                     break
-        with open("/proc/%d/stat" % pid, "rb") as f:
+        with open(f"/proc/{pid}/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()
         cpu = (int(fields[11]) + int(fields[12])) * 1000.0 / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
@@ -791,8 +847,9 @@ def _invoke(headers, body):
         if _S.state != "specialized":
             raise HTTPError(503, "NotSpecialized", "the agent is not specialized; POST /v1/specialize first")
         if _S.in_flight >= _S.concurrency:
-            raise HTTPError(429, "TooManyRequests",
-                            "%d invocation(s) in flight; concurrency is %d" % (_S.in_flight, _S.concurrency))
+            raise HTTPError(
+                429, "TooManyRequests", f"{_S.in_flight} invocation(s) in flight; concurrency is {_S.concurrency}"
+            )
         if tmo is not None:
             if not tmo.isdigit() or int(tmo) <= 0:
                 raise bad_request("X-Ember-Timeout-Ms must be a positive integer")
@@ -827,13 +884,14 @@ def _invoke(headers, body):
         _discard_worker(w_extra)
     if status == 400:
         return 400, out, b"", False
-    extra = b"X-Ember-Request-Id: %s\r\nX-Ember-Duration-Ms: %.3f\r\nX-Ember-Max-Rss-Kib: %d\r\nX-Ember-Cpu-Ms: %.3f\r\n" % (
-        rid.encode(), dur, rss, cpu)
+    extra = (
+        b"X-Ember-Request-Id: %s\r\nX-Ember-Duration-Ms: %.3f\r\nX-Ember-Max-Rss-Kib: %d\r\nX-Ember-Cpu-Ms: %.3f\r\n"
+        % (rid.encode(), dur, rss, cpu)
+    )
     if ferr:
         extra += b"X-Ember-Function-Error: " + ferr + b"\r\n"
     if tail is not None:
-        import binascii
-
+        binascii = _import("binascii")
         extra += b"X-Ember-Log-Result: " + binascii.b2a_base64(log_tail(tail), newline=False) + b"\r\n"
     return 200, out, extra, replace
 
@@ -885,17 +943,33 @@ def _run1(holder, rid, deadline, body, tail, t0, timeout_ms, memory):
         except TimeoutError:
             rss, cpu = _proc_stats(w.pid)
             _discard_worker(w)
-            msg = "RequestId: %s Error: Task timed out after %.2f seconds" % (rid, timeout_ms / 1000)
+            msg = f"RequestId: {rid} Error: Task timed out after {timeout_ms / 1000:.2f} seconds"
             _agent_log(rid, tail, msg)
-            return (200, _agent_error(rid, "Sandbox.Timedout", msg), (time.monotonic_ns() - t0) / 1e6,
-                    cpu, rss, b"Unhandled", None, True)
+            return (
+                200,
+                _agent_error(rid, "Sandbox.Timedout", msg),
+                (time.monotonic_ns() - t0) / 1e6,
+                cpu,
+                rss,
+                b"Unhandled",
+                None,
+                True,
+            )
         except (EOFError, OSError):
             st = _wait_status(_S.worker_exits, w.pid)
             _discard_worker(w)
-            msg = "RequestId: %s Error: %s" % (rid, describe_status(st))
+            msg = f"RequestId: {rid} Error: {describe_status(st)}"
             _agent_log(rid, tail, msg)
-            return (200, _agent_error(rid, "Runtime.ExitError", msg), (time.monotonic_ns() - t0) / 1e6,
-                    0.0, 0, b"Unhandled", None, True)
+            return (
+                200,
+                _agent_error(rid, "Runtime.ExitError", msg),
+                (time.monotonic_ns() - t0) / 1e6,
+                0.0,
+                0,
+                b"Unhandled",
+                None,
+                True,
+            )
         if typ == T_LOG:
             if tail is not None:
                 tail += data
@@ -906,7 +980,7 @@ def _run1(holder, rid, deadline, body, tail, t0, timeout_ms, memory):
         if typ != T_RESULT:  # T_HELLO of a worker the template pre-forked
             continue
         st, dur, cpu, rss = _RES.unpack_from(data)
-        out = data[_RES.size:]
+        out = data[_RES.size :]
         if st == ST_OK:
             return 200, out, dur, cpu, rss, None, w, False
         if st == ST_HANDLED:
@@ -919,7 +993,7 @@ def _run1(holder, rid, deadline, body, tail, t0, timeout_ms, memory):
         _discard_worker(w)
         if st == ST_OOM:
             dur = (time.monotonic_ns() - t0) / 1e6
-            msg = "RequestId: %s Error: Runtime exited with error: out of memory (memoryMiB %d)" % (rid, memory)
+            msg = f"RequestId: {rid} Error: Runtime exited with error: out of memory (memoryMiB {memory})"
             out = _agent_error(rid, "Runtime.OutOfMemory", msg)
             _agent_log(rid, tail, msg)
         return 200, out, dur, cpu, rss, b"Unhandled", None, True
@@ -967,7 +1041,12 @@ def _hooks(kind):
                 if w in _S.idle:
                     _S.idle.remove(w)
             _discard_worker(w)
-            errors.append({"errorType": "Runtime.HookTimeout", "errorMessage": "%s hooks did not finish in %gs" % (label, HOOK_TIMEOUT_S)})
+            errors.append(
+                {
+                    "errorType": "Runtime.HookTimeout",
+                    "errorMessage": f"{label} hooks did not finish in {HOOK_TIMEOUT_S:g}s",
+                }
+            )
     if tmpl is not None and not tmpl.dead:
         with tmpl.send_lock:
             tmpl.sock.sendall(bytes([kind]))
@@ -976,7 +1055,12 @@ def _hooks(kind):
             if r.get("errorType"):
                 errors.append(r)
         else:
-            errors.append({"errorType": "Runtime.HookTimeout", "errorMessage": "%s hooks in the template did not finish" % label})
+            errors.append(
+                {
+                    "errorType": "Runtime.HookTimeout",
+                    "errorMessage": f"{label} hooks in the template did not finish",
+                }
+            )
     return errors
 
 
@@ -986,7 +1070,7 @@ def _freeze_thaw(freeze):
             if freeze == _S.frozen:  # already there: idempotent
                 return 200, {"state": "frozen" if freeze else _S.state}
             if freeze and _S.in_flight:
-                raise HTTPError(409, "Busy", "%d invocation(s) in flight; freeze when idle" % _S.in_flight)
+                raise HTTPError(409, "Busy", f"{_S.in_flight} invocation(s) in flight; freeze when idle")
             specialized = _S.state == "specialized"
             _S.frozen = True
         errors = _hooks(T_FREEZE if freeze else T_THAW) if specialized else []
@@ -995,7 +1079,7 @@ def _freeze_thaw(freeze):
             state = "frozen" if _S.frozen else _S.state
         if errors:
             kind = "Runtime.BeforeFreezeError" if freeze else "Runtime.AfterThawError"
-            msg = "; ".join("%s: %s" % (e.get("errorType"), e.get("errorMessage")) for e in errors)
+            msg = "; ".join("{}: {}".format(e.get("errorType"), e.get("errorMessage")) for e in errors)
             return 500, {"errorType": kind, "errorMessage": msg, "state": state}
         return 200, {"state": state}
 
@@ -1005,7 +1089,7 @@ def _freeze_thaw(freeze):
 
 
 class _Conn:
-    __slots__ = ("sock", "buf")
+    __slots__ = ("buf", "sock")
 
     def __init__(self, sock):
         self.sock = sock
@@ -1064,7 +1148,7 @@ class _Conn:
             try:
                 size = int(size_s, 16)
             except ValueError:
-                raise bad_request("malformed chunk size %r" % size_s[:20].decode("latin-1")) from None
+                raise bad_request("malformed chunk size {!r}".format(size_s[:20].decode("latin-1"))) from None
             if size < 0:
                 raise bad_request("malformed chunk size")
             if size == 0:
@@ -1072,7 +1156,7 @@ class _Conn:
                     pass
                 return bytes(out)
             if len(out) + size > limit:
-                raise HTTPError(413, "RequestTooLarge", "request body is larger than the limit of %d bytes" % limit)
+                raise HTTPError(413, "RequestTooLarge", f"request body is larger than the limit of {limit} bytes")
             out += self.read_exact(size)
             if self.read_exact(2) != b"\r\n":
                 raise bad_request("malformed chunk: missing CRLF after data")
@@ -1080,7 +1164,12 @@ class _Conn:
 
 def _respond(sock, status, body, extra=b"", close=False):
     head = b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s%s\r\n" % (
-        status, _REASONS.get(status, b"Unknown"), len(body), extra, b"Connection: close\r\n" if close else b"")
+        status,
+        _REASONS.get(status, b"Unknown"),
+        len(body),
+        extra,
+        b"Connection: close\r\n" if close else b"",
+    )
     if len(body) < 65536:
         sock.sendall(head + body)
     else:
@@ -1115,7 +1204,7 @@ def _serve_conn(sock):
                 if i >= 0:
                     break
                 if len(buf) > MAX_HEAD_BYTES:
-                    raise HTTPError(400, "InvalidRequest", "request head larger than %d bytes" % MAX_HEAD_BYTES)
+                    raise HTTPError(400, "InvalidRequest", f"request head larger than {MAX_HEAD_BYTES} bytes")
                 try:
                     conn.fill()
                 except EOFError:
@@ -1128,8 +1217,13 @@ def _serve_conn(sock):
             conn_hdr = headers.get("connection", "").lower()
             keep = ("close" not in conn_hdr) if version == "HTTP/1.1" else ("keep-alive" in conn_hdr)
             # --- body
-            limit = (_S.max_payload if path == "/v1/invoke" else
-                     MAX_SPECIALIZE_BYTES if path == "/v1/specialize" else MAX_OTHER_BODY_BYTES)
+            limit = (
+                _S.max_payload
+                if path == "/v1/invoke"
+                else MAX_SPECIALIZE_BYTES
+                if path == "/v1/specialize"
+                else MAX_OTHER_BODY_BYTES
+            )
             try:
                 n = body_length(headers, limit)
             except HTTPError as e:
@@ -1139,8 +1233,7 @@ def _serve_conn(sock):
                 if e.status != 413 or not cl.isdigit() or int(cl) > MAX_DRAIN_BYTES or "expect" in headers:
                     raise
                 conn.discard(int(cl))
-                _respond(sock, 413, jbytes({"errorType": e.error_type, "errorMessage": e.message}),
-                         close=not keep)
+                _respond(sock, 413, jbytes({"errorType": e.error_type, "errorMessage": e.message}), close=not keep)
                 if not keep:
                     return
                 continue
@@ -1152,9 +1245,9 @@ def _serve_conn(sock):
             replace = False
             try:
                 if want is None:
-                    raise HTTPError(404, "NotFound", "no route %s %s" % (method, path))
+                    raise HTTPError(404, "NotFound", f"no route {method} {path}")
                 if method != want:
-                    raise HTTPError(405, "MethodNotAllowed", "%s %s: use %s" % (method, path, want))
+                    raise HTTPError(405, "MethodNotAllowed", f"{method} {path}: use {want}")
                 if path == "/v1/invoke":
                     status, out, extra, replace = _invoke(headers, body)
                 elif path == "/healthz":
@@ -1194,9 +1287,14 @@ def _serve_conn(sock):
     except (EOFError, OSError):
         pass
     except Exception as e:  # a bug: say so, answer 500, keep the agent alive
-        log_agent("internal error: %s: %s" % (type(e).__name__, e))
+        log_agent(f"internal error: {type(e).__name__}: {e}")
         try:
-            _respond(sock, 500, jbytes({"errorType": "AgentError", "errorMessage": "%s: %s" % (type(e).__name__, e)}), close=True)
+            _respond(
+                sock,
+                500,
+                jbytes({"errorType": "AgentError", "errorMessage": f"{type(e).__name__}: {e}"}),
+                close=True,
+            )
         except OSError:
             pass
     finally:
@@ -1266,9 +1364,10 @@ def _prewarm():
     """Once listening: pay first-use costs here rather than on the specialize path.  The first
     compile() initialises the AST types (0.7 ms on 3.11, ~4 ms on 3.12); workers use resource and
     select.  The forked template inherits all of it."""
-    compile("pass", "<prewarm>", "exec")
-    import resource  # noqa: F401
-    import select  # noqa: F401
+    with _fork_lock:
+        compile("pass", "<prewarm>", "exec")
+        for name in ("resource", "select", "binascii"):
+            __import__(name)
 
 
 def main():
@@ -1282,7 +1381,7 @@ def main():
     try:
         lsock.bind((host, port))
     except OSError as e:
-        raise SystemExit("ember-agent: cannot listen on %s:%d: %s" % (host, port, e)) from None
+        raise SystemExit(f"ember-agent: cannot listen on {host}:{port}: {e}") from None
     lsock.listen(1024)
     _OPEN_SOCKS.add(lsock)
     port = lsock.getsockname()[1]
@@ -1407,7 +1506,7 @@ class LogStream(io.TextIOBase):
 
     def write(self, s):
         if not isinstance(s, str):
-            raise TypeError("write() argument must be str, not %s" % type(s).__name__)
+            raise TypeError(f"write() argument must be str, not {type(s).__name__}")
         _SINK.write(s)
         return len(s)
 
@@ -1418,13 +1517,28 @@ class LogStream(io.TextIOBase):
 class LambdaContext:
     """The `context` argument, with AWS Lambda's field names."""
 
-    __slots__ = ("function_name", "function_version", "invoked_function_arn", "memory_limit_in_mb",
-                 "aws_request_id", "log_group_name", "log_stream_name", "identity", "client_context",
-                 "_deadline_ns")
+    __slots__ = (
+        "_deadline_ns",
+        "aws_request_id",
+        "client_context",
+        "function_name",
+        "function_version",
+        "identity",
+        "invoked_function_arn",
+        "log_group_name",
+        "log_stream_name",
+        "memory_limit_in_mb",
+    )
 
     def __init__(self, info, rid, deadline_ns):
-        (self.function_name, self.function_version, self.invoked_function_arn, self.memory_limit_in_mb,
-         self.log_group_name, self.log_stream_name) = info
+        (
+            self.function_name,
+            self.function_version,
+            self.invoked_function_arn,
+            self.memory_limit_in_mb,
+            self.log_group_name,
+            self.log_stream_name,
+        ) = info
         self.aws_request_id = rid
         self.identity = None
         self.client_context = None
@@ -1434,8 +1548,10 @@ class LambdaContext:
         return max(0, (self._deadline_ns - time.monotonic_ns()) // 1_000_000)
 
     def __repr__(self):
-        return "LambdaContext(function_name=%r, function_version=%r, aws_request_id=%r)" % (
-            self.function_name, self.function_version, self.aws_request_id)
+        return (
+            f"LambdaContext(function_name={self.function_name!r}, function_version={self.function_version!r}, "
+            f"aws_request_id={self.aws_request_id!r})"
+        )
 
 
 _src_cache = {}
@@ -1449,10 +1565,10 @@ def format_stack(tb, skip_dirs=()):
         fname = co.co_filename
         if not any(d in fname for d in skip_dirs):
             lineno = tb.tb_lineno
-            entry = '  File "%s", line %s, in %s\n' % (fname, lineno, co.co_name)
+            entry = f'  File "{fname}", line {lineno}, in {co.co_name}\n'
             src = _source_line(fname, lineno)
             if src:
-                entry += "    %s\n" % src
+                entry += f"    {src}\n"
             out.append(entry)
         tb = tb.tb_next
     return out[-50:]
@@ -1509,10 +1625,13 @@ def _run_hooks(kind):
             func(*args, **kwargs)
         except BaseException as e:
             _SINK.flush()
-            return {"errorType": type(e).__name__,
-                    "errorMessage": "%s hook %s raised: %s" % ("before-freeze" if kind == T_FREEZE else "after-thaw",
-                                                               getattr(func, "__qualname__", repr(func)), e),
-                    "stackTrace": format_stack(e.__traceback__)}
+            return {
+                "errorType": type(e).__name__,
+                "errorMessage": "{} hook {} raised: {}".format(
+                    "before-freeze" if kind == T_FREEZE else "after-thaw", getattr(func, "__qualname__", repr(func)), e
+                ),
+                "stackTrace": format_stack(e.__traceback__),
+            }
     _SINK.flush()
     return {"ok": True}
 
@@ -1531,7 +1650,7 @@ def _run_in_child(fn, *args):
             os.write(w, jbytes({"errorType": e.error_type, "errorMessage": e.message}))
             code = 1
         except BaseException as e:
-            os.write(w, jbytes({"errorType": "Runtime.CodeError", "errorMessage": "%s: %s" % (type(e).__name__, e)}))
+            os.write(w, jbytes({"errorType": "Runtime.CodeError", "errorMessage": f"{type(e).__name__}: {e}"}))
             code = 1
         os._exit(code)
     os.close(w)
@@ -1544,8 +1663,11 @@ def _run_in_child(fn, *args):
     os.close(r)
     _, status = os.waitpid(pid, 0)
     if status != 0:
-        err = json_loads(b"".join(chunks)) if chunks else {
-            "errorType": "Runtime.CodeError", "errorMessage": "code loader %s" % describe_status(status)}
+        err = (
+            json_loads(b"".join(chunks))
+            if chunks
+            else {"errorType": "Runtime.CodeError", "errorMessage": f"code loader {describe_status(status)}"}
+        )
         raise LoadError(err["errorType"], err["errorMessage"])
 
 
@@ -1561,18 +1683,18 @@ def unzip(data_or_path, dest, max_bytes):
             infos = zf.infolist()
             total = sum(i.file_size for i in infos)
             if total > max_bytes:
-                raise LoadError("InvalidArchive", "code archive unpacks to %d bytes; the limit is %d" % (total, max_bytes))
+                raise LoadError("InvalidArchive", f"code archive unpacks to {total} bytes; the limit is {max_bytes}")
             for info in infos:
                 name = info.filename
                 if name.startswith("/") or ".." in name.replace("\\", "/").split("/"):
-                    raise LoadError("InvalidArchive", "code archive has an unsafe path %r" % name)
+                    raise LoadError("InvalidArchive", f"code archive has an unsafe path {name!r}")
             zf.extractall(dest)
     except LoadError:
         raise
     except zipfile.BadZipFile as e:
-        raise LoadError("InvalidArchive", "code archive is not a valid zip file: %s" % e) from None
+        raise LoadError("InvalidArchive", f"code archive is not a valid zip file: {e}") from None
     except Exception as e:  # zlib.error, EOFError, OSError, NotImplementedError (method), ...
-        raise LoadError("InvalidArchive", "code archive is corrupt: %s: %s" % (type(e).__name__, e)) from None
+        raise LoadError("InvalidArchive", f"code archive is corrupt: {type(e).__name__}: {e}") from None
 
 
 def _fetch(url, sha256, dest, module_file, max_bytes):
@@ -1590,17 +1712,17 @@ def _fetch(url, sha256, dest, module_file, max_bytes):
                     break
                 size += len(chunk)
                 if size > max_bytes:
-                    raise LoadError("CodeFetchFailed", "code at %s is larger than %d bytes" % (url, max_bytes))
+                    raise LoadError("CodeFetchFailed", f"code at {url} is larger than {max_bytes} bytes")
                 h.update(chunk)
                 f.write(chunk)
     except LoadError:
         raise
     except Exception as e:
-        raise LoadError("CodeFetchFailed", "fetching code from %s failed: %s" % (url, e)) from None
+        raise LoadError("CodeFetchFailed", f"fetching code from {url} failed: {e}") from None
     got = h.hexdigest()
     if got != sha256.lower():
         os.unlink(tmp)
-        raise LoadError("ChecksumMismatch", "sha256 mismatch for %s: expected %s, got %s" % (url, sha256.lower(), got))
+        raise LoadError("ChecksumMismatch", f"sha256 mismatch for {url}: expected {sha256.lower()}, got {got}")
     with open(tmp, "rb") as f:
         magic = f.read(4)
     if magic in (b"PK\x03\x04", b"PK\x05\x06"):
@@ -1617,7 +1739,7 @@ def _materialize(code, modname, dest):
     if "path" in code:
         path = code["path"]
         if not os.path.isdir(path):
-            raise LoadError("Runtime.CodeNotFound", "code.path %r is not a directory" % path)
+            raise LoadError("Runtime.CodeNotFound", f"code.path {path!r} is not a directory")
         return path
     if "url" in code:
         _run_in_child(_fetch, code["url"], code["sha256"], dest, module_file, max_bytes)
@@ -1628,7 +1750,7 @@ def _materialize(code, modname, dest):
         try:
             data = binascii.a2b_base64(code["inline"].encode("ascii"), strict_mode=True)
         except (binascii.Error, UnicodeEncodeError, TypeError) as e:
-            raise LoadError("InvalidArchive", "code.inline is not valid base64: %s" % e) from None
+            raise LoadError("InvalidArchive", f"code.inline is not valid base64: {e}") from None
         _run_in_child(unzip, data, dest, max_bytes)
         return dest
     fname = code.get("filename") or module_file
@@ -1659,43 +1781,59 @@ def _load(spec, dest):
     except OSError:
         pass
     agent_dir = os.path.dirname(os.path.abspath(__file__))
-    ver = "%d.%d" % sys.version_info[:2]
-    site = [p for p in (
-        os.path.join(sys.prefix, "lib", "python" + ver, "site-packages"),
-        os.path.join(sys.prefix, "local", "lib", "python" + ver, "dist-packages"),
-        "/usr/local/lib/python%s/dist-packages" % ver,
-        os.path.join(sys.prefix, "lib", "python3", "dist-packages"),
-    ) if os.path.isdir(p)]
+    ver = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    site = [
+        p
+        for p in (
+            os.path.join(sys.prefix, "lib", "python" + ver, "site-packages"),
+            os.path.join(sys.prefix, "local", "lib", "python" + ver, "dist-packages"),
+            f"/usr/local/lib/python{ver}/dist-packages",
+            os.path.join(sys.prefix, "lib", "python3", "dist-packages"),
+        )
+        if os.path.isdir(p)
+    ]
     sys.path[:] = [code_path] + [p for p in sys.path if p and os.path.abspath(p) != agent_dir] + site
     sys.argv = [os.path.join(code_path, modname.replace(".", "/") + ".py")]
     try:
         __import__(modname)
         mod = sys.modules[modname]
     except SyntaxError as e:
-        where = os.path.relpath(e.filename, code_path) if e.filename and e.filename.startswith(code_path) else e.filename
-        raise LoadError("Runtime.UserCodeSyntaxError",
-                        "Syntax error in module '%s': %s (%s, line %s)" % (modname, e.msg, where, e.lineno)) from None
+        where = (
+            os.path.relpath(e.filename, code_path) if e.filename and e.filename.startswith(code_path) else e.filename
+        )
+        raise LoadError(
+            "Runtime.UserCodeSyntaxError",
+            f"Syntax error in module '{modname}': {e.msg} ({where}, line {e.lineno})",
+        ) from None
     except ImportError as e:
-        msg = "Unable to import module '%s': %s" % (modname, e)
+        msg = f"Unable to import module '{modname}': {e}"
         if getattr(e, "name", None) == modname.split(".")[0] or e.name == modname:
-            msg += " (files in the code directory: %s)" % _listing(code_path)
+            msg += f" (files in the code directory: {_listing(code_path)})"
         raise LoadError("Runtime.ImportModuleError", msg, format_stack(e.__traceback__)) from None
     except SystemExit as e:
-        raise LoadError("Runtime.ExitError",
-                        "module '%s' called sys.exit(%r) while being imported" % (modname, e.code)) from None
+        raise LoadError(
+            "Runtime.ExitError", f"module '{modname}' called sys.exit({e.code!r}) while being imported"
+        ) from None
     except BaseException as e:
-        raise LoadError("Runtime.InitError",
-                        "module '%s' raised %s while being imported: %s" % (modname, type(e).__name__, e),
-                        format_stack(e.__traceback__)) from None
+        raise LoadError(
+            "Runtime.InitError",
+            f"module '{modname}' raised {type(e).__name__} while being imported: {e}",
+            format_stack(e.__traceback__),
+        ) from None
     try:
         fn = getattr(mod, attr)
     except AttributeError:
-        raise LoadError("Runtime.HandlerNotFound",
-                        "handler '%s' not found: module '%s' has no attribute '%s'" % (handler, modname, attr)) from None
+        raise LoadError(
+            "Runtime.HandlerNotFound",
+            f"handler '{handler}' not found: module '{modname}' has no attribute '{attr}'",
+        ) from None
     if not callable(fn):
-        raise LoadError("Runtime.HandlerNotFound",
-                        "handler '%s' is not callable: '%s' is a %s" % (handler, attr, type(fn).__name__))
-    code = getattr(getattr(fn, "__wrapped__", fn), "__code__", None) or getattr(getattr(fn, "__call__", None), "__code__", None)
+        raise LoadError(
+            "Runtime.HandlerNotFound",
+            f"handler '{handler}' is not callable: '{attr}' is a {type(fn).__name__}",
+        )
+    target = getattr(fn, "__wrapped__", fn)
+    code = getattr(target, "__code__", None) or getattr(type(target).__dict__.get("__call__"), "__code__", None)
     if code is not None and code.co_flags & 0x80:  # CO_COROUTINE: warm asyncio up for every worker
         import asyncio  # noqa: F401
     return fn
@@ -1722,22 +1860,30 @@ def _template_main(ctl, first_worker, spec, dest):
         handler = _load(spec, dest)
     except LoadError as e:
         _SINK.flush()
-        ctl.sendall(frame(T_LOAD_ERR, jbytes({"errorType": e.error_type, "errorMessage": e.message, "stackTrace": e.stack})))
+        ctl.sendall(
+            frame(T_LOAD_ERR, jbytes({"errorType": e.error_type, "errorMessage": e.message, "stackTrace": e.stack}))
+        )
         os._exit(0)
     except BaseException as e:
         _SINK.flush()
-        ctl.sendall(frame(T_LOAD_ERR, jbytes({"errorType": "Runtime.InitError", "errorMessage": "%s: %s" % (type(e).__name__, e)})))
+        ctl.sendall(
+            frame(
+                T_LOAD_ERR,
+                jbytes({"errorType": "Runtime.InitError", "errorMessage": f"{type(e).__name__}: {e}"}),
+            )
+        )
         os._exit(0)
     _SINK.flush()
     fn = spec["function"]
     import resource  # noqa: F401  (workers use it for measurements and the memory limit)
 
     info = (
-        fn["name"], fn["version"],
-        "arn:ember:lambda:%s:%s:function:%s:%s" % ("local", fn["namespace"], fn["name"], fn["version"]),
+        fn["name"],
+        fn["version"],
+        "arn:ember:lambda:{}:{}:function:{}:{}".format("local", fn["namespace"], fn["name"], fn["version"]),
         str(spec["memoryMiB"]),
-        "/ember/%s/%s" % (fn["namespace"], fn["name"]),
-        "%s/[%s]%s" % (time.strftime("%Y/%m/%d", time.gmtime()), fn["version"], os.uname().nodename),
+        "/ember/{}/{}".format(fn["namespace"], fn["name"]),
+        "{}/[{}]{}".format(time.strftime("%Y/%m/%d", time.gmtime()), fn["version"], os.uname().nodename),
     )
     base_vm = _vm_size_kib()
     wake_r, wake_w = os.pipe()
@@ -1804,8 +1950,11 @@ def _template_main(ctl, first_worker, spec, dest):
                         pass
                 os._exit(0)
             if msg == b"F":
-                fds = [struct.unpack("i", data[:4])[0] for level, typ, data in anc
-                       if level == _socket.SOL_SOCKET and typ == _socket.SCM_RIGHTS]
+                fds = [
+                    struct.unpack("i", data[:4])[0]
+                    for level, typ, data in anc
+                    if level == _socket.SOL_SOCKET and typ == _socket.SCM_RIGHTS
+                ]
                 if fds:
                     fork_worker(fds[0])
             elif msg in (bytes([T_FREEZE]), bytes([T_THAW])):
@@ -1818,9 +1967,13 @@ def _error_body(e, rid, skip_dirs):
     try:
         msg = str(e)
     except Exception:
-        msg = "<unprintable %s>" % type(e).__name__
-    return {"errorMessage": msg, "errorType": type(e).__name__, "requestId": rid,
-            "stackTrace": format_stack(e.__traceback__.tb_next if e.__traceback__ else None, skip_dirs)}
+        msg = f"<unprintable {type(e).__name__}>"
+    return {
+        "errorMessage": msg,
+        "errorType": type(e).__name__,
+        "requestId": rid,
+        "stackTrace": format_stack(e.__traceback__.tb_next if e.__traceback__ else None, skip_dirs),
+    }
 
 
 def _worker_main(fd, handler, info, memory_mib, base_vm_kib):
@@ -1857,13 +2010,23 @@ def _worker_main(fd, handler, info, memory_mib, base_vm_kib):
             continue
         try:
             deadline, n = _INV.unpack_from(payload)
-            rid = payload[10:10 + n].decode()
-            body = payload[10 + n:]
+            rid = payload[10 : 10 + n].decode()
+            body = payload[10 + n :]
             try:
                 event = json_loads(body) if body else {}
             except JSONError as e:
-                send(frame(T_RESULT, _RES.pack(ST_BAD_EVENT, 0.0, 0.0, 0) + jbytes(
-                    {"errorType": "InvalidRequest", "errorMessage": "invoke body is not valid JSON: %s" % e})))
+                send(
+                    frame(
+                        T_RESULT,
+                        _RES.pack(ST_BAD_EVENT, 0.0, 0.0, 0)
+                        + jbytes(
+                            {
+                                "errorType": "InvalidRequest",
+                                "errorMessage": f"invoke body is not valid JSON: {e}",
+                            }
+                        ),
+                    )
+                )
                 continue
             ctx = LambdaContext(info, rid, deadline)
             exiting = False
@@ -1883,8 +2046,14 @@ def _worker_main(fd, handler, info, memory_mib, base_vm_kib):
                     out = json_dumps(result).encode()
                 except (TypeError, ValueError, RecursionError) as e:
                     status = ST_UNHANDLED
-                    out = jbytes({"errorMessage": "Unable to marshal response: %s" % e,
-                                  "errorType": "Runtime.MarshalError", "requestId": rid, "stackTrace": []})
+                    out = jbytes(
+                        {
+                            "errorMessage": f"Unable to marshal response: {e}",
+                            "errorType": "Runtime.MarshalError",
+                            "requestId": rid,
+                            "stackTrace": [],
+                        }
+                    )
             except MemoryError:
                 result = event = None
                 _SINK.pending = ""
@@ -1893,14 +2062,24 @@ def _worker_main(fd, handler, info, memory_mib, base_vm_kib):
             except SystemExit as e:
                 status = ST_EXITING
                 exiting = True
-                out = jbytes({"errorMessage": "RequestId: %s Error: Runtime exited with error: handler called sys.exit(%r)" % (rid, e.code),
-                              "errorType": "Runtime.ExitError", "requestId": rid, "stackTrace": []})
+                out = jbytes(
+                    {
+                        "errorMessage": f"RequestId: {rid} Error: Runtime exited with error: "
+                        f"handler called sys.exit({e.code!r})",
+                        "errorType": "Runtime.ExitError",
+                        "requestId": rid,
+                        "stackTrace": [],
+                    }
+                )
             except BaseException as e:
                 status = ST_HANDLED
                 err = _error_body(e, rid, (asyncio_dir,))
                 out = jbytes(err)
-                _SINK.write("[ERROR] %s: %s\nTraceback (most recent call last):\n%s" % (
-                    err["errorType"], err["errorMessage"], "".join(err["stackTrace"])))
+                _SINK.write(
+                    "[ERROR] {}: {}\nTraceback (most recent call last):\n{}".format(
+                        err["errorType"], err["errorMessage"], "".join(err["stackTrace"])
+                    )
+                )
                 del e
             dur = (perf() - t0) * 1000.0
             cpu = (ptime() - c0) * 1000.0

@@ -4,7 +4,7 @@
 context fields with Python's names in both languages so the tests can share assertions.
 """
 
-PY_MAIN = r'''
+PY_MAIN = r"""
 import logging
 import os
 import sys
@@ -80,9 +80,9 @@ def handler(event, context):
             "remaining": context.get_remaining_time_in_millis(),
         }
     return {"echo": event}
-'''
+"""
 
-JS_MAIN = r'''
+JS_MAIN = r"""
 const STATE = { frozen: 0, thawed: 0, calls: 0 };
 const LEAK = [];
 console.log('init: loading main');
@@ -101,7 +101,11 @@ exports.handler = async (event, context) => {
   const action = event && typeof event === 'object' ? event.action : undefined;
   switch (action) {
     case 'sleep': await sleep(event.seconds * 1000); return 'slept';
-    case 'spin': { const end = Date.now() + event.seconds * 1000; while (Date.now() < end) { /* busy */ } return 'spun'; }
+    case 'spin': {
+      const end = Date.now() + event.seconds * 1000;
+      while (Date.now() < end) { /* busy */ }
+      return 'spun';
+    }
     case 'exit': process.exit(3); break;
     case 'hard_exit': process.exit(4); break;
     case 'raise': throw new ValueError('boom: ' + String(event.msg));
@@ -110,7 +114,11 @@ exports.handler = async (event, context) => {
     case 'print':
       for (let i = 0; i < event.lines; i++) console.log(`line ${i} ${'x'.repeat(event.width || 10)}`);
       return 'printed';
-    case 'log': console.warn('warned via logging'); process.stderr.write('to stderr\n'); console.log('to stdout'); return 'logged';
+    case 'log':
+      console.warn('warned via logging');
+      process.stderr.write('to stderr\n');
+      console.log('to stdout');
+      return 'logged';
     case 'env': return process.env[event.name] === undefined ? null : process.env[event.name];
     case 'state': return STATE;
     case 'context': return {
@@ -126,7 +134,7 @@ exports.handler = async (event, context) => {
     default: return { echo: event };
   }
 };
-'''
+"""
 
 CODE = {
     "python": {

@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
 from agent_code import CODE
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -35,7 +34,8 @@ NODE = shutil.which("node")
 
 def agent_command(lang: str) -> list[str]:
     if lang == "python":
-        return [sys.executable, "-S", "-E", str(PY_AGENT)]
+        # EMBER_TEST_AGENT_PYTHON runs the agent under another interpreter (e.g. python3.12)
+        return [os.environ.get("EMBER_TEST_AGENT_PYTHON") or sys.executable, "-S", "-E", str(PY_AGENT)]
     if NODE is None:
         pytest.skip("node is not installed")
     return [NODE, str(NODE_AGENT)]
@@ -71,8 +71,14 @@ class Agent:
             self._conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
         return self._conn
 
-    def request(self, method: str, path: str, body: bytes | str | None = None,
-                headers: dict[str, str] | None = None, fresh: bool = False) -> Response:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | str | None = None,
+        headers: dict[str, str] | None = None,
+        fresh: bool = False,
+    ) -> Response:
         if isinstance(body, str):
             body = body.encode()
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60) if fresh else self.conn()
@@ -97,8 +103,9 @@ class Agent:
     def specialize(self, body: dict) -> Response:
         return self.request("POST", "/v1/specialize", json.dumps(body), {"Content-Type": "application/json"})
 
-    def invoke(self, event=None, raw: bytes | None = None, headers: dict[str, str] | None = None,
-               fresh: bool = False) -> Response:
+    def invoke(
+        self, event=None, raw: bytes | None = None, headers: dict[str, str] | None = None, fresh: bool = False
+    ) -> Response:
         data = raw if raw is not None else json.dumps(event if event is not None else {}).encode()
         return self.request("POST", "/v1/invoke", data, headers, fresh=fresh)
 
@@ -135,8 +142,9 @@ def _start(lang: str, env: dict[str, str], tmp: Path) -> Agent:
         "EMBER_AGENT_HOST": "127.0.0.1",
         **env,
     }
-    proc = subprocess.Popen(agent_command(lang), env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            cwd=tmp)
+    proc = subprocess.Popen(
+        agent_command(lang), env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp
+    )
     lines: list[str] = []
     first = threading.Event()
 
@@ -195,8 +203,14 @@ def ext(lang: str) -> str:
     return ".py" if lang == "python" else ".js"
 
 
-def spec(source: str | None = None, *, handler: str = "main.handler", code: dict | None = None,
-         code_hash: str | None = None, **extra) -> dict:
+def spec(
+    source: str | None = None,
+    *,
+    handler: str = "main.handler",
+    code: dict | None = None,
+    code_hash: str | None = None,
+    **extra,
+) -> dict:
     if code is None:
         code = {"inline": source}
     if code_hash is None:

@@ -1,0 +1,919 @@
+'use strict';
+// Ember runtime agent for Node.js (20+): the process inside every Node function pod.
+// Node standard library only.  Same HTTP contract as the Python agent: runtime-images/CONTRACT.md.
+//
+// The main thread serves HTTP.  User code runs in worker_threads: a worker can be terminated
+// (timeout; V8 stops even a busy `while (true) {}`), has a heap limit (resourceLimits, so running
+// out of memory ends the worker, not the agent), and `process.exit()` in user code ends only the
+// worker.  A generic worker is started right after the agent listens, so specialize only pays for
+// loading the user's module.
+
+const { isMainThread, Worker, parentPort, workerData } = require('node:worker_threads');
+
+if (isMainThread) {
+  main();
+} else {
+  workerMain();
+}
+
+// =================================================================================================
+// Main thread
+
+function main() {
+  const http = require('node:http');
+  const fs = require('node:fs');
+  const path = require('node:path');
+  const os = require('node:os');
+  const crypto = require('node:crypto');
+
+  const RUNTIME = 'nodejs' + process.versions.node.split('.')[0];
+  const LOG_TAIL_BYTES = 4096;
+  const MAX_SPECIALIZE_BYTES = 64 * 1024 * 1024;
+  const MAX_OTHER_BYTES = 1024 * 1024;
+  const HOOK_TIMEOUT_MS = 10000;
+  const DEFAULT_MEMORY_MIB = 128;
+
+  function envInt(name, dflt, min) {
+    const raw = process.env[name];
+    if (raw === undefined || raw === '') return dflt;
+    if (!/^\d+$/.test(raw) || Number(raw) < min) {
+      process.stderr.write(`ember-agent: ${name}=${JSON.stringify(raw)} must be an integer >= ${min}\n`);
+      process.exit(2);
+    }
+    return Number(raw);
+  }
+
+  const S = {
+    state: 'generic',
+    frozen: false,
+    codeHash: null,
+    handler: null,
+    spec: null,
+    codePath: null,
+    idle: [],
+    workers: new Set(),
+    inFlight: 0,
+    concurrency: envInt('EMBER_AGENT_CONCURRENCY', 1, 1),
+    maxPayload: envInt('EMBER_AGENT_MAX_PAYLOAD_BYTES', 6 * 1024 * 1024, 0),
+    codeBase: process.env.EMBER_AGENT_CODE_DIR || '',
+    attempt: 0,
+    spare: null,
+    pending: null, // { claimed, p }: a replacement worker being loaded
+    busy: false, // a specialize/freeze/thaw is running
+    shuttingDown: false,
+  };
+
+  const logAgent = (msg) => process.stderr.write(`ember-agent: ${msg}\n`);
+
+  function prefixLines(rid, text) {
+    const lines = text.split('\n');
+    if (lines.length && lines[lines.length - 1] === '') lines.pop();
+    return lines.map((l) => `${rid}\t${l}\n`).join('');
+  }
+
+  class HTTPError extends Error {
+    constructor(status, errorType, message) {
+      super(message);
+      this.status = status;
+      this.errorType = errorType;
+    }
+  }
+  const badRequest = (msg) => new HTTPError(400, 'InvalidRequest', msg);
+
+  // ---------------------------------------------------------------------------------------------
+  // Workers
+
+  class W {
+    constructor() {
+      this.worker = new Worker(__filename, {
+        workerData: { role: 'worker' },
+        stdout: false,
+        stderr: false,
+        resourceLimits: { maxOldGenerationSizeMb: S.spec ? S.spec.memoryMiB : DEFAULT_MEMORY_MIB },
+      });
+      this.memoryMiB = S.spec ? S.spec.memoryMiB : DEFAULT_MEMORY_MIB;
+      this.loaded = false;
+      this.dead = false;
+      this.current = null; // { onMessage, onDeath }
+      this.waiters = [];
+      this.deathInfo = null;
+      this.worker.on('message', (m) => this.onMessage(m));
+      this.worker.on('error', (err) => { this.deathInfo = { err }; });
+      this.worker.on('exit', (code) => this.onExit(code));
+      S.workers.add(this);
+    }
+
+    onMessage(m) {
+      if (this.current) this.current.onMessage(m);
+      else if (m.type === 'log') process.stdout.write(prefixLines('-', m.data));
+    }
+
+    onExit(code) {
+      this.dead = true;
+      S.workers.delete(this);
+      const i = S.idle.indexOf(this);
+      if (i >= 0) S.idle.splice(i, 1);
+      if (S.spare === this) S.spare = null;
+      const info = this.deathInfo || {};
+      info.code = code;
+      if (this.current) this.current.onDeath(info);
+    }
+
+    // Run one exchange with the worker: send `msg`, collect until `done(m)` says it is finished.
+    exchange(msg, onMessage, timeoutMs) {
+      return new Promise((resolve) => {
+        let timer = null;
+        const finish = (r) => {
+          if (timer) clearTimeout(timer);
+          this.current = null;
+          resolve(r);
+        };
+        this.current = {
+          onMessage: (m) => {
+            const r = onMessage(m);
+            if (r !== undefined) finish(r);
+          },
+          onDeath: (info) => finish({ death: info }),
+        };
+        if (timeoutMs !== undefined) timer = setTimeout(() => finish({ timeout: true }), timeoutMs);
+        this.worker.postMessage(msg);
+      });
+    }
+
+    kill() {
+      if (!this.dead) {
+        this.dead = true;
+        this.current = null;
+        S.workers.delete(this);
+        this.worker.terminate().catch(() => {});
+      }
+    }
+
+    load(spec, codePath) {
+      return this.exchange({ type: 'load', spec, codePath }, (m) => {
+        if (m.type === 'loaded') return { ok: true };
+        if (m.type === 'loadError') return { error: m.error };
+        if (m.type === 'log') process.stdout.write(prefixLines('init', m.data));
+        return undefined;
+      }, spec.initTimeoutSeconds * 1000);
+    }
+  }
+
+  function spawnSpare() {
+    if (!S.spare && !S.shuttingDown && S.state === 'generic') S.spare = new W();
+  }
+
+  async function newLoadedWorker() {
+    const w = new W();
+    const r = await w.load(S.spec, S.codePath);
+    if (!r.ok) {
+      w.kill();
+      throw new HTTPError(502, 'Runtime.WorkerUnavailable',
+        `could not start a worker: ${r.error ? r.error.errorMessage : r.timeout ? 'load timed out' : 'worker exited'}`);
+    }
+    w.loaded = true;
+    return w;
+  }
+
+  // After a worker was killed, start its replacement at once; an invocation that arrives while it
+  // is loading claims it instead of starting yet another one.
+  function prewarmReplacement() {
+    if (S.state !== 'specialized' || S.shuttingDown || S.workers.size >= S.concurrency || S.idle.length || S.pending) return;
+    const entry = { claimed: false, p: null };
+    entry.p = newLoadedWorker().catch((e) => { logAgent(`pre-starting a worker failed: ${e.message}`); return null; });
+    S.pending = entry;
+    entry.p.then((w) => {
+      if (S.pending === entry) S.pending = null;
+      if (!w || entry.claimed) return;
+      if (S.workers.size > S.concurrency || S.state !== 'specialized') w.kill();
+      else S.idle.push(w);
+    });
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Specialize
+
+  function parseHandler(h) {
+    if (typeof h !== 'string' || !h) throw new Error("handler must be a non-empty string like 'index.handler'");
+    const i = h.lastIndexOf('.');
+    if (i <= 0 || i === h.length - 1) throw new Error(`handler '${h}' must be '<module>.<function>', e.g. 'index.handler'`);
+    const mod = h.slice(0, i);
+    const fn = h.slice(i + 1);
+    if (mod.split('/').some((p) => p === '..' || p === '') || mod.startsWith('/')) {
+      throw new Error(`handler '${h}': module path must be relative, without '..'`);
+    }
+    if (!/^[A-Za-z_$][\w$]*$/.test(fn)) throw new Error(`handler '${h}': '${fn}' is not a valid function name`);
+    return [mod, fn];
+  }
+
+  function validateSpec(req) {
+    if (!req || typeof req !== 'object' || Array.isArray(req)) throw badRequest('specialize body must be a JSON object');
+    const fn = req.function || {};
+    if (typeof fn !== 'object' || Array.isArray(fn)) throw badRequest("'function' must be an object with namespace, name, version");
+    const func = {
+      namespace: String(fn.namespace || 'default'),
+      name: String(fn.name || 'function'),
+      version: String(fn.version !== undefined && fn.version !== null ? fn.version : '$LATEST'),
+    };
+    const handler = req.handler;
+    if (typeof handler !== 'string' || !handler) throw badRequest("'handler' must be a non-empty string like 'index.handler'");
+    const code = req.code;
+    if (!code || typeof code !== 'object' || Array.isArray(code)) throw badRequest("'code' must be an object with one of 'inline', 'path', 'url'");
+    const kinds = ['inline', 'path', 'url'].filter((k) => k in code);
+    if (kinds.length !== 1) throw badRequest(`'code' must have exactly one of 'inline', 'path', 'url' (got ${kinds.length ? kinds.join(', ') : 'none'})`);
+    const kind = kinds[0];
+    if (typeof code[kind] !== 'string' || !code[kind]) throw badRequest(`'code.${kind}' must be a non-empty string`);
+    if (kind === 'inline') {
+      const enc = code.encoding === undefined ? 'utf-8' : code.encoding;
+      if (enc !== 'utf-8' && enc !== 'base64-zip') throw badRequest("'code.encoding' must be 'utf-8' (source text) or 'base64-zip'");
+      const f = code.filename;
+      if (f !== undefined && (typeof f !== 'string' || !f || f.startsWith('/') || f.split('/').includes('..'))) {
+        throw badRequest("'code.filename' must be a relative path without '..'");
+      }
+    }
+    if (kind === 'url' && !(typeof code.sha256 === 'string' && /^[0-9a-fA-F]{64}$/.test(code.sha256))) {
+      throw badRequest("'code.sha256' must be 64 hex digits (the sha256 of the bytes at code.url)");
+    }
+    let codeHash = req.codeHash;
+    if (codeHash === undefined || codeHash === null) {
+      if (kind === 'url') codeHash = 'sha256:' + code.sha256.toLowerCase();
+      else if (kind === 'inline') codeHash = 'sha256:' + crypto.createHash('sha256').update(code.inline).digest('hex');
+      else throw badRequest("'codeHash' is required with 'code.path'");
+    }
+    if (typeof codeHash !== 'string' || !codeHash || codeHash.length > 200) throw badRequest("'codeHash' must be a non-empty string");
+    const env = req.env || {};
+    if (typeof env !== 'object' || Array.isArray(env) || !Object.values(env).every((v) => typeof v === 'string')) {
+      throw badRequest("'env' must be an object of string values");
+    }
+    for (const k of Object.keys(env)) {
+      if (!k || k.includes('=') || k.includes('\0') || env[k].includes('\0')) throw badRequest(`'env' has an invalid variable name ${JSON.stringify(k)}`);
+    }
+    const num = (key, dflt, integer) => {
+      const v = req[key];
+      if (v === undefined || v === null) return dflt;
+      if (typeof v !== 'number' || !(v > 0) || (integer && !Number.isInteger(v))) {
+        throw badRequest(`'${key}' must be a positive ${integer ? 'integer' : 'number'}`);
+      }
+      return v;
+    };
+    return {
+      function: func,
+      handler,
+      code,
+      codeHash,
+      env,
+      memoryMiB: num('memoryMiB', 128, true),
+      timeoutSeconds: num('timeoutSeconds', 3, false),
+      concurrency: num('concurrency', null, true),
+      initTimeoutSeconds: num('initTimeoutSeconds', 10, false),
+    };
+  }
+
+  class LoadError extends Error {
+    constructor(errorType, message) {
+      super(message);
+      this.errorType = errorType;
+    }
+  }
+
+  function crc32(buf) {
+    if (typeof require('node:zlib').crc32 === 'function') return require('node:zlib').crc32(buf);
+    let table = crc32.table;
+    if (!table) {
+      table = crc32.table = new Int32Array(256);
+      for (let n = 0; n < 256; n++) {
+        let c = n;
+        for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+        table[n] = c;
+      }
+    }
+    let c = -1;
+    for (let i = 0; i < buf.length; i++) c = table[(c ^ buf[i]) & 0xff] ^ (c >>> 8);
+    return (c ^ -1) >>> 0;
+  }
+
+  // Minimal zip reader (stored + deflate, CRC checked); enough for function code archives.
+  function unzip(buf, dest, maxBytes) {
+    const zlib = require('node:zlib');
+    const bad = (m) => new LoadError('InvalidArchive', `code archive is not a valid zip file: ${m}`);
+    let eocd = -1;
+    for (let i = buf.length - 22; i >= Math.max(0, buf.length - 65557); i--) {
+      if (buf.readUInt32LE(i) === 0x06054b50) { eocd = i; break; }
+    }
+    if (eocd < 0) throw bad('no end of central directory record');
+    const count = buf.readUInt16LE(eocd + 10);
+    const cdSize = buf.readUInt32LE(eocd + 12);
+    let p = buf.readUInt32LE(eocd + 16);
+    if (p === 0xffffffff || count === 0xffff) throw bad('zip64 archives are not supported');
+    if (p + cdSize > eocd) throw bad('central directory out of range');
+    let total = 0;
+    const entries = [];
+    for (let n = 0; n < count; n++) {
+      if (p + 46 > buf.length || buf.readUInt32LE(p) !== 0x02014b50) throw bad(`bad central directory entry ${n}`);
+      const flags = buf.readUInt16LE(p + 8);
+      const method = buf.readUInt16LE(p + 10);
+      const crc = buf.readUInt32LE(p + 16);
+      const csize = buf.readUInt32LE(p + 20);
+      const usize = buf.readUInt32LE(p + 24);
+      const nlen = buf.readUInt16LE(p + 28);
+      const elen = buf.readUInt16LE(p + 30);
+      const clen = buf.readUInt16LE(p + 32);
+      const off = buf.readUInt32LE(p + 42);
+      const name = buf.toString('utf8', p + 46, p + 46 + nlen);
+      p += 46 + nlen + elen + clen;
+      if (flags & 1) throw bad(`entry '${name}' is encrypted`);
+      if (name.startsWith('/') || name.replace(/\\/g, '/').split('/').includes('..')) {
+        throw new LoadError('InvalidArchive', `code archive has an unsafe path '${name}'`);
+      }
+      total += usize;
+      if (total > maxBytes) throw new LoadError('InvalidArchive', `code archive unpacks to more than ${maxBytes} bytes`);
+      entries.push({ name, method, crc, csize, usize, off });
+    }
+    for (const e of entries) {
+      const target = path.join(dest, e.name);
+      if (e.name.endsWith('/')) { fs.mkdirSync(target, { recursive: true }); continue; }
+      if (e.off + 30 > buf.length || buf.readUInt32LE(e.off) !== 0x04034b50) throw bad(`bad local header for '${e.name}'`);
+      const start = e.off + 30 + buf.readUInt16LE(e.off + 26) + buf.readUInt16LE(e.off + 28);
+      if (start + e.csize > buf.length) throw bad(`data of '${e.name}' is truncated`);
+      const raw = buf.subarray(start, start + e.csize);
+      let data;
+      if (e.method === 0) data = raw;
+      else if (e.method === 8) {
+        try { data = zlib.inflateRawSync(raw); } catch (err) { throw bad(`cannot inflate '${e.name}': ${err.message}`); }
+      } else throw bad(`entry '${e.name}' uses unsupported compression method ${e.method}`);
+      if (data.length !== e.usize || crc32(data) !== e.crc) throw bad(`bad CRC-32 or size for '${e.name}'`);
+      fs.mkdirSync(path.dirname(target), { recursive: true });
+      fs.writeFileSync(target, data);
+    }
+  }
+
+  const isZip = (b) => b.length >= 4 && b[0] === 0x50 && b[1] === 0x4b && (b[2] === 3 || b[2] === 5) && (b[3] === 4 || b[3] === 6);
+
+  async function materialize(spec, dest) {
+    const code = spec.code;
+    const [mod] = parseHandler(spec.handler);
+    const maxBytes = envInt('EMBER_AGENT_MAX_CODE_BYTES', 512 * 1024 * 1024, 1);
+    if ('path' in code) {
+      let st;
+      try { st = fs.statSync(code.path); } catch { st = null; }
+      if (!st || !st.isDirectory()) throw new LoadError('Runtime.CodeNotFound', `code.path '${code.path}' is not a directory`);
+      return code.path;
+    }
+    if ('url' in code) {
+      let buf;
+      try {
+        const res = await fetch(code.url, { signal: AbortSignal.timeout(30000) });
+        if (!res.ok) throw new Error(`HTTP ${res.status} ${res.statusText}`);
+        buf = Buffer.from(await res.arrayBuffer());
+      } catch (e) {
+        throw new LoadError('CodeFetchFailed', `fetching code from ${code.url} failed: ${e.message}${e.cause ? ' (' + e.cause.message + ')' : ''}`);
+      }
+      if (buf.length > maxBytes) throw new LoadError('CodeFetchFailed', `code at ${code.url} is larger than ${maxBytes} bytes`);
+      const got = crypto.createHash('sha256').update(buf).digest('hex');
+      if (got !== code.sha256.toLowerCase()) {
+        throw new LoadError('ChecksumMismatch', `sha256 mismatch for ${code.url}: expected ${code.sha256.toLowerCase()}, got ${got}`);
+      }
+      if (isZip(buf)) unzip(buf, dest, maxBytes);
+      else fs.writeFileSync(path.join(dest, mod + '.js'), buf);
+      return dest;
+    }
+    if (code.encoding === 'base64-zip') {
+      const s = code.inline.replace(/\s+/g, '');
+      if (!/^[A-Za-z0-9+/]*={0,2}$/.test(s) || s.length % 4 !== 0) {
+        throw new LoadError('InvalidArchive', 'code.inline is not valid base64');
+      }
+      unzip(Buffer.from(s, 'base64'), dest, maxBytes);
+      return dest;
+    }
+    const file = path.join(dest, code.filename || mod + '.js');
+    fs.mkdirSync(path.dirname(file), { recursive: true });
+    fs.writeFileSync(file, code.inline);
+    return dest;
+  }
+
+  function codeBase() {
+    if (!S.codeBase) S.codeBase = path.join(process.env.TMPDIR || os.tmpdir(), `ember-agent-${process.pid}`);
+    fs.mkdirSync(S.codeBase, { recursive: true, mode: 0o700 });
+    return S.codeBase;
+  }
+
+  async function specialize(body) {
+    let req;
+    try { req = JSON.parse(body.toString('utf8')); } catch (e) {
+      throw badRequest(`specialize body is not valid JSON: ${e.message}`);
+    }
+    const spec = validateSpec(req);
+    if (S.frozen) throw new HTTPError(503, 'Frozen', 'the agent is frozen; thaw it first');
+    while (S.busy) await new Promise((r) => setTimeout(r, 2));
+    if (S.state === 'specialized') {
+      if (S.codeHash === spec.codeHash && S.handler === spec.handler) {
+        return [200, { state: 'specialized', codeHash: S.codeHash, durationMs: 0 }];
+      }
+      throw new HTTPError(409, 'AlreadySpecialized',
+        `already specialized with codeHash ${S.codeHash} and handler '${S.handler}'; a pod is specialized once`);
+    }
+    try { parseHandler(spec.handler); } catch (e) {
+      return [422, { errorType: 'Runtime.MalformedHandlerName', errorMessage: e.message }];
+    }
+    S.busy = true;
+    const t0 = performance.now();
+    let dest = null;
+    try {
+      S.attempt += 1;
+      dest = path.join(codeBase(), `v${S.attempt}`);
+      fs.mkdirSync(dest, { recursive: true });
+      let codePath;
+      try {
+        codePath = await materialize(spec, dest);
+      } catch (e) {
+        if (e instanceof LoadError) return [422, { errorType: e.errorType, errorMessage: e.message }];
+        return [422, { errorType: 'Runtime.CodeError', errorMessage: `${e.name}: ${e.message}` }];
+      }
+      // The heap limit is fixed when a worker starts: the spare generic worker (started with the
+      // default limit) is used when the function asks for that; env is applied by the worker.
+      S.spec = spec;
+      let w = S.spare;
+      S.spare = null;
+      if (!w || w.dead || w.memoryMiB !== spec.memoryMiB) {
+        if (w) w.kill();
+        w = new W();
+      }
+      const r = await w.load(spec, codePath);
+      if (!r.ok) {
+        w.kill();
+        S.spec = null;
+        spawnSpare();
+        if (r.timeout) {
+          return [422, { errorType: 'Runtime.InitTimeout', errorMessage: `loading the code took longer than ${spec.initTimeoutSeconds}s (initTimeoutSeconds)` }];
+        }
+        if (r.death) return [422, deathError(r.death, `while loading module for handler '${spec.handler}'`)];
+        return [422, r.error];
+      }
+      w.loaded = true;
+      S.codePath = codePath;
+      S.codeHash = spec.codeHash;
+      S.handler = spec.handler;
+      if (spec.concurrency) S.concurrency = spec.concurrency;
+      S.state = 'specialized';
+      S.idle.push(w);
+      const dur = performance.now() - t0;
+      logAgent(`specialized ${spec.function.namespace}/${spec.function.name}:${spec.function.version} handler=${spec.handler} codeHash=${spec.codeHash} in ${dur.toFixed(1)} ms`);
+      return [200, { state: 'specialized', codeHash: spec.codeHash, durationMs: Math.round(dur * 1000) / 1000 }];
+    } finally {
+      if (S.state !== 'specialized' && dest) fs.rmSync(dest, { recursive: true, force: true });
+      S.busy = false;
+    }
+  }
+
+  function deathError(info, when) {
+    if (info.err && info.err.code === 'ERR_WORKER_OUT_OF_MEMORY') {
+      return { errorType: 'Runtime.OutOfMemory', errorMessage: `Runtime exited with error: out of memory (memoryMiB ${S.spec ? S.spec.memoryMiB : '?'}) ${when}`.trim() };
+    }
+    if (info.err) {
+      const e = info.err;
+      return { errorType: 'Runtime.ExitError', errorMessage: `Runtime exited with error: uncaught ${e && e.name ? e.name : 'exception'}: ${e && e.message !== undefined ? e.message : String(e)} ${when}`.trim() };
+    }
+    return { errorType: 'Runtime.ExitError', errorMessage: `Runtime exited with error: exit status ${info.code} ${when}`.trim() };
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Invoke
+
+  function newRequestId() {
+    return crypto.randomUUID();
+  }
+
+  function agentError(rid, errorType, message) {
+    return Buffer.from(JSON.stringify({ errorMessage: message, errorType, requestId: rid, stackTrace: [] }));
+  }
+
+  async function invoke(headers, body) {
+    const rid = headers['x-ember-request-id'] || newRequestId();
+    if (!/^[A-Za-z0-9\-_.:]{1,128}$/.test(rid)) throw badRequest('X-Ember-Request-Id must be 1-128 characters of letters, digits and -_.:');
+    const wantTail = String(headers['x-ember-log-type'] || '').toLowerCase() === 'tail';
+    if (S.frozen) throw new HTTPError(503, 'Frozen', 'the agent is frozen; thaw it first');
+    if (S.state !== 'specialized') throw new HTTPError(503, 'NotSpecialized', 'the agent is not specialized; POST /v1/specialize first');
+    if (S.inFlight >= S.concurrency) {
+      throw new HTTPError(429, 'TooManyRequests', `${S.inFlight} invocation(s) in flight; concurrency is ${S.concurrency}`);
+    }
+    let timeoutMs = S.spec.timeoutSeconds * 1000;
+    const tmo = headers['x-ember-timeout-ms'];
+    if (tmo !== undefined) {
+      if (!/^\d+$/.test(tmo) || Number(tmo) <= 0) throw badRequest('X-Ember-Timeout-Ms must be a positive integer');
+      timeoutMs = Number(tmo);
+    }
+    S.inFlight += 1;
+    const t0 = performance.now();
+    const deadline = Date.now() + timeoutMs;
+    let tail = wantTail ? [] : null;
+    let tailLen = 0;
+    const addLog = (text) => {
+      process.stdout.write(prefixLines(rid, text));
+      if (tail) {
+        const b = Buffer.from(text);
+        tail.push(b);
+        tailLen += b.length;
+        if (tailLen > 4 * LOG_TAIL_BYTES) { const all = Buffer.concat(tail); tail = [all.subarray(all.length - LOG_TAIL_BYTES)]; tailLen = LOG_TAIL_BYTES; }
+      }
+    };
+    let w = null;
+    let replace = false;
+    let result;
+    try {
+      w = S.idle.pop() || null;
+      if ((!w || w.dead) && S.pending && !S.pending.claimed) {
+        S.pending.claimed = true;
+        w = await S.pending.p;
+      }
+      if (!w || w.dead) w = await newLoadedWorker();
+      const remaining = deadline - Date.now();
+      const r = remaining <= 0 ? { timeout: true } : await w.exchange(
+        { type: 'invoke', rid, body: body.toString('utf8'), deadline },
+        (m) => {
+          if (m.type === 'log') { addLog(m.data); return undefined; }
+          if (m.type === 'result') return { result: m };
+          return undefined;
+        }, remaining);
+      const elapsed = performance.now() - t0;
+      if (r.result) {
+        const m = r.result;
+        result = { status: m.status === 'badEvent' ? 400 : 200, body: Buffer.from(m.body), dur: m.duration, cpu: m.cpu, rss: m.rss,
+          ferr: m.status === 'handled' ? 'Handled' : m.status === 'unhandled' ? 'Unhandled' : null };
+      } else if (r.timeout) {
+        const rss = Math.round(process.resourceUsage().maxRSS);
+        w.kill();
+        w = null;
+        replace = true;
+        const msg = `RequestId: ${rid} Error: Task timed out after ${(timeoutMs / 1000).toFixed(2)} seconds`;
+        addLog(msg + '\n');
+        result = { status: 200, body: agentError(rid, 'Sandbox.Timedout', msg), dur: elapsed, cpu: 0, rss, ferr: 'Unhandled' };
+      } else {
+        w.kill();
+        w = null;
+        replace = true;
+        const e = deathError(r.death, '');
+        const msg = `RequestId: ${rid} Error: ${e.errorMessage}`;
+        addLog(msg + '\n');
+        result = { status: 200, body: agentError(rid, e.errorType, msg), dur: elapsed, cpu: 0, rss: Math.round(process.resourceUsage().maxRSS), ferr: 'Unhandled' };
+      }
+    } finally {
+      S.inFlight -= 1;
+      if (w && !w.dead) {
+        if (S.workers.size > S.concurrency) w.kill();
+        else S.idle.push(w);
+      }
+    }
+    if (result.status === 400) return { status: 400, body: result.body, headers: {}, replace };
+    const h = {
+      'X-Ember-Request-Id': rid,
+      'X-Ember-Duration-Ms': result.dur.toFixed(3),
+      'X-Ember-Max-Rss-Kib': String(result.rss),
+      'X-Ember-Cpu-Ms': result.cpu.toFixed(3),
+    };
+    if (result.ferr) h['X-Ember-Function-Error'] = result.ferr;
+    if (tail) {
+      let t = Buffer.concat(tail);
+      if (t.length > LOG_TAIL_BYTES) {
+        t = t.subarray(t.length - LOG_TAIL_BYTES);
+        let i = 0;
+        while (i < 3 && i < t.length && (t[i] & 0xc0) === 0x80) i++;
+        t = t.subarray(i);
+      }
+      h['X-Ember-Log-Result'] = t.toString('base64');
+    }
+    return { status: result.status, body: result.body, headers: h, replace };
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Freeze / thaw
+
+  async function freezeThaw(freeze) {
+    while (S.busy) await new Promise((r) => setTimeout(r, 2));
+    if (freeze === S.frozen) return [200, { state: freeze ? 'frozen' : S.state }];
+    if (freeze && S.inFlight) throw new HTTPError(409, 'Busy', `${S.inFlight} invocation(s) in flight; freeze when idle`);
+    S.busy = true;
+    S.frozen = true;
+    const errors = [];
+    try {
+      if (S.state === 'specialized') {
+        for (const w of [...S.idle]) {
+          const r = await w.exchange({ type: 'hook', kind: freeze ? 'beforeFreeze' : 'afterThaw' }, (m) => {
+            if (m.type === 'log') { process.stdout.write(prefixLines(freeze ? 'freeze' : 'thaw', m.data)); return undefined; }
+            if (m.type === 'hookResult') return { hook: m };
+            return undefined;
+          }, HOOK_TIMEOUT_MS);
+          if (r.hook) { if (r.hook.error) errors.push(r.hook.error); } else {
+            w.kill();
+            errors.push({ errorType: 'Runtime.HookTimeout', errorMessage: `${freeze ? 'freeze' : 'thaw'} hooks did not finish in ${HOOK_TIMEOUT_MS / 1000}s` });
+          }
+        }
+      }
+    } finally {
+      S.frozen = freeze && errors.length === 0;
+      S.busy = false;
+    }
+    const state = S.frozen ? 'frozen' : S.state;
+    if (errors.length) {
+      return [500, { errorType: freeze ? 'Runtime.BeforeFreezeError' : 'Runtime.AfterThawError',
+        errorMessage: errors.map((e) => `${e.errorType}: ${e.errorMessage}`).join('; '), state }];
+    }
+    return [200, { state }];
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // HTTP
+
+  const ROUTES = { '/healthz': 'GET', '/v1/specialize': 'POST', '/v1/invoke': 'POST', '/v1/freeze': 'POST', '/v1/thaw': 'POST' };
+
+  function send(res, status, body, headers = {}, close = false) {
+    const buf = Buffer.isBuffer(body) ? body : Buffer.from(JSON.stringify(body));
+    const h = { 'Content-Type': 'application/json', 'Content-Length': buf.length, ...headers };
+    if (close) h.Connection = 'close';
+    res.writeHead(status, h);
+    res.end(buf);
+  }
+
+  function readBody(req, limit) {
+    return new Promise((resolve, reject) => {
+      const cl = req.headers['content-length'];
+      if (cl !== undefined && Number(cl) > limit) {
+        reject(new HTTPError(413, 'RequestTooLarge', `request body is ${cl} bytes; the limit is ${limit}`));
+        return;
+      }
+      const chunks = [];
+      let n = 0;
+      let failed = false;
+      req.on('data', (c) => {
+        if (failed) return;
+        n += c.length;
+        if (n > limit) {
+          failed = true;
+          reject(new HTTPError(413, 'RequestTooLarge', `request body is larger than the limit of ${limit} bytes`));
+          return;
+        }
+        chunks.push(c);
+      });
+      req.on('end', () => { if (!failed) resolve(chunks.length === 1 ? chunks[0] : Buffer.concat(chunks)); });
+      req.on('error', (e) => { if (!failed) { failed = true; reject(e); } });
+    });
+  }
+
+  async function handle(req, res) {
+    const urlPath = (req.url || '').split('?')[0];
+    const want = ROUTES[urlPath];
+    const limit = urlPath === '/v1/invoke' ? S.maxPayload : urlPath === '/v1/specialize' ? MAX_SPECIALIZE_BYTES : MAX_OTHER_BYTES;
+    let replace = false;
+    try {
+      const body = await readBody(req, limit);
+      if (!want) throw new HTTPError(404, 'NotFound', `no route ${req.method} ${urlPath}`);
+      if (req.method !== want) {
+        send(res, 405, { errorType: 'MethodNotAllowed', errorMessage: `${req.method} ${urlPath}: use ${want}` }, { Allow: want });
+        return;
+      }
+      if (urlPath === '/v1/invoke') {
+        const r = await invoke(req.headers, body);
+        replace = r.replace;
+        send(res, r.status, r.body, r.headers);
+      } else if (urlPath === '/healthz') {
+        send(res, 200, { state: S.frozen ? 'frozen' : S.state, runtime: RUNTIME, codeHash: S.codeHash, inFlight: S.inFlight, concurrency: S.concurrency });
+      } else if (urlPath === '/v1/specialize') {
+        const [status, obj] = await specialize(body);
+        send(res, status, obj);
+      } else {
+        const [status, obj] = await freezeThaw(urlPath === '/v1/freeze');
+        send(res, status, obj);
+      }
+    } catch (e) {
+      if (e instanceof HTTPError) {
+        // An announced too-large body (<= 64 MiB) is read and dropped by Node after the answer, so
+        // the client sees the 413 and the connection stays usable; otherwise close.
+        const cl = Number(req.headers['content-length']);
+        const close = e.status === 413 && !(cl <= 64 * 1024 * 1024 && !req.headers.expect);
+        send(res, e.status, { errorType: e.errorType, errorMessage: e.message }, {}, close);
+        if (close) req.on('data', () => {});
+      } else {
+        logAgent(`internal error: ${e && e.stack}`);
+        if (!res.headersSent) send(res, 500, { errorType: 'AgentError', errorMessage: String(e && e.message) }, {}, true);
+      }
+    }
+    if (replace) prewarmReplacement();
+  }
+
+  // Node emits pipelined requests of one connection without waiting for the previous answer;
+  // chain them per connection so they run one after another, as HTTP/1.1 means them.
+  const chains = new WeakMap();
+  const server = http.createServer({ keepAliveTimeout: 0, requestTimeout: 0, headersTimeout: 60000 }, (req, res) => {
+    const prev = chains.get(req.socket) || Promise.resolve();
+    const next = prev.then(() => handle(req, res));
+    chains.set(req.socket, next);
+  });
+  server.keepAliveTimeout = 0;
+  server.on('clientError', (err, socket) => {
+    if (!socket.writable || err.code === 'ECONNRESET') { socket.destroy(); return; }
+    const body = JSON.stringify({ errorType: 'InvalidRequest', errorMessage: `malformed HTTP request: ${err.code || err.message}` });
+    const status = err.code === 'HPE_HEADER_OVERFLOW' ? '431 Request Header Fields Too Large' : '400 Bad Request';
+    socket.end(`HTTP/1.1 ${status}\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`);
+  });
+  const host = process.env.EMBER_AGENT_HOST || '0.0.0.0';
+  const port = envInt('EMBER_AGENT_PORT', 8080, 0);
+  server.on('error', (e) => { process.stderr.write(`ember-agent: cannot listen on ${host}:${port}: ${e.message}\n`); process.exit(1); });
+  server.listen(port, host, () => {
+    process.stdout.write(`EMBER_AGENT_LISTENING port=${server.address().port}\n`);
+    setImmediate(spawnSpare);
+  });
+
+  const shutdown = () => {
+    if (S.shuttingDown) return;
+    S.shuttingDown = true;
+    server.close();
+    const end = Date.now() + envInt('EMBER_AGENT_SHUTDOWN_GRACE_SECONDS', 10, 0) * 1000;
+    const tick = () => {
+      if (S.inFlight && Date.now() < end) { setTimeout(tick, 10); return; }
+      for (const w of [...S.workers]) w.kill();
+      if (S.spare) S.spare.kill();
+      process.exit(0);
+    };
+    tick();
+  };
+  process.on('SIGTERM', shutdown);
+  process.on('SIGINT', shutdown);
+}
+
+// =================================================================================================
+// Worker thread: loads the user's module once, then runs one invocation at a time.
+
+function workerMain() {
+  const path = require('node:path');
+  const fs = require('node:fs');
+  const { pathToFileURL } = require('node:url');
+
+  let handler = null;
+  let mod = null;
+  let info = null;
+
+  // --- log capture: everything written to stdout/stderr (console.* included) goes to the agent.
+  let pending = '';
+  const flush = () => {
+    if (pending) { parentPort.postMessage({ type: 'log', data: pending }); pending = ''; }
+  };
+  const capture = (chunk, encoding, cb) => {
+    const s = typeof chunk === 'string' ? chunk : Buffer.from(chunk).toString('utf8');
+    pending += s;
+    const i = pending.lastIndexOf('\n');
+    if (i >= 0) {
+      parentPort.postMessage({ type: 'log', data: pending.slice(0, i + 1) });
+      pending = pending.slice(i + 1);
+    } else if (pending.length > 8192) flush();
+    if (typeof encoding === 'function') encoding();
+    else if (typeof cb === 'function') cb();
+    return true;
+  };
+  process.stdout.write = capture;
+  process.stderr.write = capture;
+
+  const errorBody = (e, rid) => {
+    if (e instanceof Error) {
+      const stack = typeof e.stack === 'string' ? e.stack.split('\n') : [];
+      return { errorType: e.name || 'Error', errorMessage: String(e.message), requestId: rid, stackTrace: stack, trace: stack };
+    }
+    let msg;
+    try { msg = typeof e === 'string' ? e : JSON.stringify(e); } catch { msg = String(e); }
+    return { errorType: 'Error', errorMessage: String(msg), requestId: rid, stackTrace: [], trace: [] };
+  };
+
+  async function load(spec, codePath) {
+    Object.assign(process.env, spec.env);
+    const i = spec.handler.lastIndexOf('.');
+    const modName = spec.handler.slice(0, i);
+    const fnName = spec.handler.slice(i + 1);
+    try { process.chdir(codePath); } catch { /* not available in workers */ }
+    const base = path.join(codePath, modName);
+    const candidates = [base + '.js', base + '.cjs', base + '.mjs', path.join(base, 'index.js')];
+    const file = candidates.find((f) => fs.existsSync(f));
+    if (!file) {
+      let listing = '(unreadable)';
+      try { listing = fs.readdirSync(codePath).filter((n) => !n.startsWith('.')).slice(0, 20).join(', ') || '(empty)'; } catch { /* ignore */ }
+      return { errorType: 'Runtime.ImportModuleError', errorMessage: `Unable to import module '${modName}': Cannot find module '${modName}' (tried ${modName}.js, .cjs, .mjs, ${modName}/index.js; files in the code directory: ${listing})` };
+    }
+    try {
+      if (file.endsWith('.mjs')) mod = await import(pathToFileURL(file).href);
+      else {
+        try { mod = require(file); } catch (e) {
+          if (e && e.code === 'ERR_REQUIRE_ESM') mod = await import(pathToFileURL(file).href);
+          else throw e;
+        }
+      }
+    } catch (e) {
+      if (e instanceof SyntaxError) {
+        const m = typeof e.stack === 'string' ? /^(.*):(\d+)\n/.exec(e.stack) : null;
+        const where = m ? ` (${path.relative(codePath, m[1])}, line ${m[2]})` : '';
+        return { errorType: 'Runtime.UserCodeSyntaxError', errorMessage: `Syntax error in module '${modName}': ${e.message}${where}` };
+      }
+      if (e && e.code === 'MODULE_NOT_FOUND') {
+        return { errorType: 'Runtime.ImportModuleError', errorMessage: `Unable to import module '${modName}': ${String(e.message).split('\n')[0]}` };
+      }
+      return { errorType: 'Runtime.InitError', errorMessage: `module '${modName}' threw ${e && e.name ? e.name : 'a value'} while being loaded: ${e && e.message !== undefined ? e.message : String(e)}`, stackTrace: typeof (e && e.stack) === 'string' ? e.stack.split('\n') : [] };
+    }
+    let fn = mod ? mod[fnName] : undefined;
+    if (fn === undefined && mod && mod.default && typeof mod.default === 'object') fn = mod.default[fnName];
+    if (fn === undefined) {
+      return { errorType: 'Runtime.HandlerNotFound', errorMessage: `handler '${spec.handler}' not found: module '${modName}' has no export '${fnName}'` };
+    }
+    if (typeof fn !== 'function') {
+      return { errorType: 'Runtime.HandlerNotFound', errorMessage: `handler '${spec.handler}' is not a function: '${fnName}' is a ${typeof fn}` };
+    }
+    handler = fn;
+    const f = spec.function;
+    info = {
+      functionName: f.name,
+      functionVersion: f.version,
+      invokedFunctionArn: `arn:ember:lambda:local:${f.namespace}:function:${f.name}:${f.version}`,
+      memoryLimitInMB: String(spec.memoryMiB),
+      logGroupName: `/ember/${f.namespace}/${f.name}`,
+      logStreamName: `${new Date().toISOString().slice(0, 10).replace(/-/g, '/')}/[${f.version}]${require('node:os').hostname()}`,
+    };
+    return null;
+  }
+
+  function runHandler(event, context) {
+    return new Promise((resolve, reject) => {
+      let done = false;
+      const finish = (err, res) => {
+        if (done) return;
+        done = true;
+        if (err !== null && err !== undefined) reject(err); else resolve(res);
+      };
+      context.done = finish;
+      context.succeed = (r) => finish(null, r);
+      context.fail = (e) => finish(e === undefined ? new Error('failed') : e);
+      const ret = handler.length >= 3 ? handler(event, context, finish) : handler(event, context);
+      if (ret && typeof ret.then === 'function') ret.then((r) => finish(null, r), (e) => finish(e === undefined || e === null ? new Error(String(e)) : e));
+      else if (handler.length < 3) finish(null, ret);
+    });
+  }
+
+  async function invoke(m) {
+    const { rid, body, deadline } = m;
+    let event;
+    try { event = body.length ? JSON.parse(body) : {}; } catch (e) {
+      parentPort.postMessage({ type: 'result', status: 'badEvent', body: JSON.stringify({ errorType: 'InvalidRequest', errorMessage: `invoke body is not valid JSON: ${e.message}` }) });
+      return;
+    }
+    const context = {
+      ...info,
+      awsRequestId: rid,
+      callbackWaitsForEmptyEventLoop: true,
+      identity: undefined,
+      clientContext: undefined,
+      getRemainingTimeInMillis: () => Math.max(0, deadline - Date.now()),
+    };
+    const t0 = performance.now();
+    const c0 = process.cpuUsage();
+    let status = 'ok';
+    let out;
+    try {
+      const result = await runHandler(event, context);
+      try {
+        out = JSON.stringify(result === undefined ? null : result);
+      } catch (e) {
+        status = 'unhandled';
+        out = JSON.stringify({ errorMessage: `Unable to marshal response: ${e.message}`, errorType: 'Runtime.MarshalError', requestId: rid, stackTrace: [] });
+      }
+    } catch (e) {
+      status = 'handled';
+      const err = errorBody(e, rid);
+      out = JSON.stringify(err);
+      capture(`[ERROR] ${err.errorType}: ${err.errorMessage}\n${err.stackTrace.slice(1).join('\n')}\n`);
+    }
+    const duration = performance.now() - t0;
+    const cu = process.cpuUsage(c0);
+    flush();
+    parentPort.postMessage({ type: 'result', status, body: out, duration, cpu: (cu.user + cu.system) / 1000, rss: Math.round(process.resourceUsage().maxRSS) });
+  }
+
+  async function hook(kind) {
+    const fn = mod && (mod[kind] || (mod.default && mod.default[kind]));
+    let error = null;
+    if (typeof fn === 'function') {
+      try { await fn(); } catch (e) {
+        const b = errorBody(e, kind);
+        error = { errorType: b.errorType, errorMessage: `${kind} hook raised: ${b.errorMessage}` };
+      }
+    }
+    flush();
+    parentPort.postMessage({ type: 'hookResult', error });
+  }
+
+  parentPort.on('message', async (m) => {
+    if (m.type === 'invoke') await invoke(m);
+    else if (m.type === 'load') {
+      let err;
+      try { err = await load(m.spec, m.codePath); } catch (e) {
+        err = { errorType: 'Runtime.InitError', errorMessage: `${e && e.name}: ${e && e.message}` };
+      }
+      flush();
+      parentPort.postMessage(err ? { type: 'loadError', error: err } : { type: 'loaded' });
+    } else if (m.type === 'hook') await hook(m.kind);
+  });
+  void workerData;
+}
