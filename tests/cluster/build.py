@@ -6,7 +6,8 @@ Kubernetes: `k8s.io/kubernetes` cannot be required as-is (its go.mod points the 
 generated from that tag's own go.mod. Binaries are static (`CGO_ENABLED=0`), `-trimpath`, and carry the
 `k8s.io/component-base/version` ldflags so they report v1.34.N.
 
-gVisor: `runsc` from the `gvisor.dev/gvisor` module (its `go` branch, pinned as a pseudo-version).
+gVisor: `runsc` and `containerd-shim-runsc-v1` from the `gvisor.dev/gvisor` module (its `go` branch,
+pinned as pseudo-versions; the shim from an older commit, patched, see `_patch_shim_oom_score`).
 
 Every step is skipped when its output exists, so a warm `build` costs a few `stat` calls; outputs are
 written under a temporary name and renamed, so an interrupted build never leaves a half binary.
@@ -17,13 +18,22 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .paths import KUBERNETES_VERSION, build_dir, kube_bin_dir
+from .paths import (
+    GVISOR_SHIM_VERSION,
+    GVISOR_VERSION,
+    KUBERNETES_VERSION,
+    build_dir,
+    gvisor_bin_dir,
+    gvisor_shim_dir,
+    kube_bin_dir,
+)
 from .procs import ClusterError
 
 KUBE_BINARIES = ("kube-apiserver", "kubelet", "kube-scheduler", "kube-controller-manager", "kubectl")
@@ -152,4 +162,78 @@ def ensure_kubernetes(names: Iterable[str] = KUBE_BINARIES) -> dict[str, Path]:
             )
             tmp.rename(path)
             _log(f"built {name} in {time.monotonic() - started:.0f} s")
+    return paths
+
+
+def _gvisor_workdir(name: str, version: str, *, patch_shim: bool) -> Path:
+    work = build_dir() / name
+    work.mkdir(parents=True, exist_ok=True)
+    if (work / "go.mod").exists():
+        return work
+    log = work / "build.log"
+    info = json.loads(_go(["mod", "download", "-json", f"gvisor.dev/gvisor@{version}"], cwd=work, log=log))
+    go_mod_lines = Path(info["GoMod"]).read_text().splitlines()
+    go_directive = next(line.split()[1] for line in go_mod_lines if line.startswith("go "))
+    go_mod = f"module ember.test/gvisorbuild\n\ngo {go_directive}\n\nrequire gvisor.dev/gvisor {version}\n"
+    if patch_shim:
+        source = work / "gvisor-src"
+        shutil.rmtree(source, ignore_errors=True)
+        shutil.copytree(info["Dir"], source)
+        for path in source.rglob("*"):
+            path.chmod(path.stat().st_mode | 0o200)
+        _patch_shim_oom_score(source / "pkg" / "shim" / "service.go")
+        go_mod += "\nreplace gvisor.dev/gvisor => ./gvisor-src\n"
+    (work / "main.go").write_text(_WRAPPER_MAIN)
+    (work / "go.mod").write_text(go_mod)
+    return work
+
+
+def _patch_shim_oom_score(service_go: Path) -> None:
+    """Let the shim start where CAP_SYS_RESOURCE is withheld (as on this VM).
+
+    The shim makes itself unkillable by the OOM killer (oom_score_adj -999), which needs CAP_SYS_RESOURCE;
+    without it the write fails with EPERM and the shim refuses to start. containerd's own helper ignores
+    that error inside user namespaces; the patch ignores it everywhere, so the shim keeps the default score.
+    """
+    text = service_go.read_text()
+    old = "\tif err := shim.SetScore(cmd.Process.Pid); err != nil {\n"
+    if text.count(old) != 1:
+        raise ClusterError(f"{service_go}: the SetScore call to patch was not found; re-check the shim version")
+    service_go.write_text(
+        text.replace(old, "\tif err := shim.SetScore(cmd.Process.Pid); err != nil && !os.IsPermission(err) {\n")
+    )
+
+
+def _go_build_static(work: Path, package: str, out: Path) -> None:
+    started = time.monotonic()
+    log = work / "build.log"
+    _log(f"building {out.name} from {package} (log: {log})")
+    tmp = out.with_suffix(".tmp")
+    _go(
+        ["build", "-p", GO_BUILD_JOBS, "-trimpath", "-ldflags", "-s -w", "-o", str(tmp), package],
+        cwd=work,
+        log=log,
+        env={"CGO_ENABLED": "0"},
+    )
+    tmp.rename(out)
+    _log(f"built {out.name} in {time.monotonic() - started:.0f} s")
+
+
+def ensure_gvisor() -> dict[str, Path]:
+    """Build `runsc` and `containerd-shim-runsc-v1` (see `paths.GVISOR_SHIM_VERSION`) into the cache."""
+    paths = {
+        "runsc": gvisor_bin_dir() / "runsc",
+        "containerd-shim-runsc-v1": gvisor_shim_dir() / "containerd-shim-runsc-v1",
+    }
+    if all(p.exists() for p in paths.values()):
+        return paths
+    with _locked("gvisor"):
+        if not paths["runsc"].exists():
+            gvisor_bin_dir().mkdir(parents=True, exist_ok=True)
+            work = _gvisor_workdir(f"gvisor-{GVISOR_VERSION}", GVISOR_VERSION, patch_shim=False)
+            _go_build_static(work, "gvisor.dev/gvisor/runsc", paths["runsc"])
+        if not paths["containerd-shim-runsc-v1"].exists():
+            gvisor_shim_dir().mkdir(parents=True, exist_ok=True)
+            work = _gvisor_workdir(f"gvisor-shim-{GVISOR_SHIM_VERSION}", GVISOR_SHIM_VERSION, patch_shim=True)
+            _go_build_static(work, "gvisor.dev/gvisor/shim", paths["containerd-shim-runsc-v1"])
     return paths

@@ -7,8 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 KUBERNETES_VERSION = "1.34.12"
-# gVisor's `go` branch as a Go pseudo-version (the proxy serves only exact versions of it).
+# gVisor's `go` branch as Go pseudo-versions (the proxy serves only exact versions of it). runsc is current
+# (systrap platform); the containerd shim comes from the newest commit still on containerd 1.x's shim
+# library, because later shims answer `start` with JSON bootstrap parameters containerd 1.6 cannot read.
 GVISOR_VERSION = "v0.0.0-20260905035102-160fafc42237"
+GVISOR_SHIM_VERSION = "v0.0.0-20240916094835-a174eb65023f"
 DEBIAN_SUITE = "bookworm"
 PAUSE_IMAGE = "registry.k8s.io/pause:3.10.1"
 BASE_IMAGE = "localhost/ember-base:bookworm"
@@ -29,6 +32,11 @@ def kube_bin_dir() -> Path:
 
 def gvisor_bin_dir() -> Path:
     return cache_root() / f"gvisor-{GVISOR_VERSION}"
+
+
+def gvisor_shim_dir() -> Path:
+    """The shim's own directory: containerd finds `containerd-shim-runsc-v1` on its PATH."""
+    return cache_root() / f"gvisor-shim-{GVISOR_SHIM_VERSION}-eperm-oom"
 
 
 def build_dir() -> Path:

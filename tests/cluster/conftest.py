@@ -1,0 +1,104 @@
+"""Fixtures of the `cluster` tier: one real single-node Kubernetes for the whole session.
+
+The session reuses a healthy cluster started by `python -m tests.cluster up` (and leaves it running);
+otherwise it builds what is missing, starts one, and tears it down at the end, stopping every process
+it started by pid. Images are built with buildah and imported into containerd; pods must use
+`imagePullPolicy: Never`.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.cluster import images
+from tests.cluster.build import ensure_kubernetes
+from tests.cluster.cluster import Cluster, build_runtime_images
+from tests.cluster.paths import PACKAGE_DIR
+
+SMOKE_IMAGE = "localhost/ember-smoke:dev"
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    """The session's cluster: reused if one is already up, else started here and stopped afterwards."""
+    running = Cluster()
+    started_here = running.up()
+    try:
+        yield running
+    finally:
+        if started_here:
+            running.down()
+
+
+@pytest.fixture(scope="session")
+def kubeconfig(cluster: Cluster) -> Path:
+    """Path of the cluster's admin (system:masters) kubeconfig."""
+    return cluster.kubeconfig
+
+
+@pytest.fixture(scope="session")
+def api_client(cluster: Cluster) -> Iterator[Any]:
+    """A synchronous `kubernetes.client.ApiClient` for the cluster."""
+    client = cluster.api_client()
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def smoke_image(cluster: Cluster) -> str:
+    """The smoke tests' workload image (Debian + Python), imported into the node's containerd."""
+    built = images.build_image(PACKAGE_DIR / "images" / "smoke", SMOKE_IMAGE)
+    cluster.node.import_images([built])
+    return SMOKE_IMAGE
+
+
+@pytest.fixture(scope="session")
+def runtime_images(cluster: Cluster) -> list[str]:
+    """Ember's runtime images (`runtime-images/*/Dockerfile`), built and imported into the node."""
+    built = build_runtime_images()
+    cluster.node.import_images(built)
+    return [image.tag for image in built]
+
+
+@pytest.fixture
+def namespace(api_client: Any) -> Iterator[str]:
+    """A fresh namespace per test, deleted afterwards (its pods with it)."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(api_client)
+    name = f"smoke-{uuid.uuid4().hex[:8]}"
+    core.create_namespace({"metadata": {"name": name}})
+    try:
+        yield name
+    finally:
+        core.delete_namespace(name, grace_period_seconds=0)
+
+
+class Kubectl:
+    """`kubectl` (built with the cluster) against the session's cluster, for exec and logs."""
+
+    def __init__(self, kubeconfig: Path) -> None:
+        self.binary = ensure_kubernetes(("kubectl",))["kubectl"]
+        self.kubeconfig = kubeconfig
+
+    def __call__(self, *args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(self.binary), f"--kubeconfig={self.kubeconfig}", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+
+
+@pytest.fixture(scope="session")
+def kubectl(kubeconfig: Path) -> Kubectl:
+    return Kubectl(kubeconfig)

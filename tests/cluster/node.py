@@ -1,0 +1,276 @@
+"""The node: containerd (CRI, runc and gVisor), the CNI bridge, and the kubelet.
+
+containerd runs on a private socket with its state under the cluster directory and its root (images,
+snapshots) under the cache, so imported images survive `down`/`up`. Pod networking is the CNI bridge
+`ember0` with host-local addresses from 10.244.0.0/24: the bridge owns only that subnet (no masquerade,
+no default route), so the machine's own networking is untouched.
+
+gVisor: the RuntimeClass `gvisor` selects containerd's runtime `runsc`, served by gVisor's own
+`containerd-shim-runsc-v1` (see `build.ensure_gvisor` for which commit and why) running the current
+`runsc` on the systrap platform. containerd's runc shim with `BinaryName` set to runsc was tried and does
+not work: the sandbox starts, but the runc shim tracks the app container by the sandbox's pid and never
+reports it started.
+
+`stop()` tears down in an order that leaves nothing behind: pods deleted through the API (the kubelet
+stops their sandboxes and CNI), kubelet stopped, leftover tasks killed through containerd, containerd
+stopped, then any process still in the kubelet's pod cgroups or still naming this cluster's directories
+is killed by pid, mounts under the cluster directories are unmounted and the bridge is deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import string
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import images, pki, procs
+from .build import ensure_gvisor
+from .controlplane import ControlPlane, kube_binary
+from .paths import PAUSE_IMAGE, TEMPLATES_DIR, StateLayout, cache_root
+
+NODE_NAME = "ember-node"
+POD_CIDR = "10.244.0.0/16"
+POD_SUBNET = "10.244.0.0/24"
+BRIDGE = "ember0"
+# The kubelet refuses a loopback node IP, so the node's address is the pod bridge's gateway: it exists only
+# on this machine, and the CNI bridge plugin adopts the bridge and address as its own.
+NODE_IP = "10.244.0.1"
+CNI_BIN_DIR = Path("/usr/lib/cni")
+KUBELET = pki.ClientIdentity(name="kubelet", user=f"system:node:{NODE_NAME}", groups=("system:nodes",))
+
+
+def _render(template: str, **values: object) -> str:
+    return string.Template((TEMPLATES_DIR / template).read_text()).substitute({k: str(v) for k, v in values.items()})
+
+
+@dataclass
+class Node:
+    """containerd + kubelet for one cluster, registered with `control_plane` as node `ember-node`."""
+
+    state: StateLayout
+    control_plane: ControlPlane
+    kubelet_port: int
+    kubelet_healthz_port: int
+
+    @property
+    def containerd_socket(self) -> Path:
+        return self.state.root / "containerd" / "containerd.sock"
+
+    @property
+    def containerd_state(self) -> Path:
+        return self.state.root / "containerd" / "state"
+
+    @property
+    def containerd_root(self) -> Path:
+        return cache_root() / "containerd-root"
+
+    @property
+    def kubelet_dir(self) -> Path:
+        return self.state.root / "kubelet"
+
+    @property
+    def runsc_root(self) -> Path:
+        return self.state.root / "runsc"
+
+    @property
+    def cni_conf_dir(self) -> Path:
+        return self.state.root / "cni" / "net.d"
+
+    @property
+    def ipam_dir(self) -> Path:
+        return self.state.root / "cni" / "ipam"
+
+    # -- configuration ------------------------------------------------------------------------------------
+    def _runsc_runtime_toml(self, runsc: Path) -> str:
+        config = self.state.root / "runsc.toml"
+        config.write_text(
+            f'binary_name = "{runsc}"\nroot = "{self.runsc_root}"\n\n[runsc_config]\n  platform = "systrap"\n'
+        )
+        section = 'plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runsc'
+        return (
+            f"    [{section}]\n"
+            '      runtime_type = "io.containerd.runsc.v1"\n'
+            f"      [{section}.options]\n"
+            '        TypeUrl = "io.containerd.runsc.v1.options"\n'
+            f'        ConfigPath = "{config}"\n'
+        )
+
+    def _write_configs(self) -> None:
+        gvisor = ensure_gvisor()
+        for directory in (self.containerd_state, self.containerd_root, self.kubelet_dir, self.cni_conf_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        self.runsc_root.mkdir(parents=True, exist_ok=True)
+        toml = _render(
+            "containerd.toml",
+            root=self.containerd_root,
+            state=self.containerd_state,
+            socket=self.containerd_socket,
+            pause_image=PAUSE_IMAGE,
+            runsc_runtime=self._runsc_runtime_toml(gvisor["runsc"]),
+            cni_bin_dir=CNI_BIN_DIR,
+            cni_conf_dir=self.cni_conf_dir,
+        )
+        (self.state.root / "containerd.toml").write_text(toml)
+        (self.cni_conf_dir / "10-ember.conflist").write_text(
+            _render("cni.conflist", bridge=BRIDGE, ipam_dir=self.ipam_dir, pod_subnet=POD_SUBNET, pod_cidr=POD_CIDR)
+        )
+        (self.state.root / "kubelet.yaml").write_text(
+            _render(
+                "kubelet.yaml",
+                address=NODE_IP,
+                port=self.kubelet_port,
+                healthz_port=self.kubelet_healthz_port,
+                client_ca=self.control_plane.ca.cert,
+                containerd_socket=self.containerd_socket,
+                root_dir=self.kubelet_dir,
+            )
+        )
+        self.control_plane.write_client_kubeconfig(KUBELET, self.state.root / "kubelet.kubeconfig")
+
+    # -- processes ----------------------------------------------------------------------------------------
+    def _ctr(self, *args: str | Path, timeout_s: float = 60) -> str:
+        return procs.run(["ctr", "--address", self.containerd_socket, "-n", "k8s.io", *args], timeout_s=timeout_s)
+
+    def _containerd_ready(self) -> bool:
+        try:
+            self._ctr("version", timeout_s=5)
+        except (procs.ClusterError, subprocess.TimeoutExpired):
+            return False
+        return True
+
+    def start_containerd(self) -> None:
+        shim_dir = ensure_gvisor()["containerd-shim-runsc-v1"].parent
+        env = {"PATH": f"{shim_dir}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"}
+        proc = procs.start(
+            self.state, "containerd", ["containerd", "--config", self.state.root / "containerd.toml"], env=env
+        )
+        procs.wait_for("containerd", self._containerd_ready, timeout_s=30, proc=proc, interval_s=0.2)
+
+    def import_images(self, extra: list[images.BuiltImage] | None = None) -> None:
+        for image in [images.ensure_pause_image(), *(extra or [])]:
+            images.import_image(image, containerd_socket=self.containerd_socket, containerd_root=self.containerd_root)
+
+    def _kubelet_healthy(self) -> bool:
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.kubelet_healthz_port}/healthz", timeout=2) as r:
+                return bool(r.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def start_kubelet(self) -> None:
+        proc = procs.start(
+            self.state,
+            "kubelet",
+            [
+                kube_binary("kubelet"),
+                f"--config={self.state.root / 'kubelet.yaml'}",
+                f"--kubeconfig={self.state.root / 'kubelet.kubeconfig'}",
+                f"--root-dir={self.kubelet_dir}",
+                f"--cert-dir={self.kubelet_dir / 'pki'}",
+                f"--hostname-override={NODE_NAME}",
+                f"--node-ip={NODE_IP}",
+                "--v=1",
+            ],
+        )
+        procs.wait_for("kubelet /healthz", self._kubelet_healthy, timeout_s=60, proc=proc, interval_s=0.2)
+
+    def ensure_bridge(self) -> None:
+        links = subprocess.run(["ip", "-o", "link", "show", BRIDGE], capture_output=True, check=False)
+        if links.returncode != 0:
+            procs.run(["ip", "link", "add", BRIDGE, "type", "bridge"])
+        addresses = procs.run(["ip", "-o", "-4", "addr", "show", "dev", BRIDGE])
+        if f" {NODE_IP}/" not in addresses:
+            procs.run(["ip", "addr", "add", f"{NODE_IP}/{POD_SUBNET.split('/')[1]}", "dev", BRIDGE])
+        procs.run(["ip", "link", "set", BRIDGE, "up"])
+
+    def start(self) -> None:
+        self.ensure_bridge()
+        self._write_configs()
+        self.start_containerd()
+        self.import_images()
+        self.start_kubelet()
+
+    # -- teardown -----------------------------------------------------------------------------------------
+    def _kill_leftover_tasks(self) -> None:
+        if not self._containerd_ready():
+            return
+        for task in self._ctr("tasks", "list", "-q").split():
+            with contextlib.suppress(procs.ClusterError, subprocess.TimeoutExpired):
+                self._ctr("tasks", "kill", "-s", "SIGKILL", task, timeout_s=10)
+        time.sleep(0.5)
+        for task in self._ctr("tasks", "list", "-q").split():
+            with contextlib.suppress(procs.ClusterError, subprocess.TimeoutExpired):
+                self._ctr("tasks", "delete", "-f", task, timeout_s=20)
+        for container in self._ctr("containers", "list", "-q").split():
+            with contextlib.suppress(procs.ClusterError, subprocess.TimeoutExpired):
+                self._ctr("containers", "delete", container, timeout_s=20)
+
+    def _leftover_pids(self) -> set[int]:
+        """Processes this node left: in the kubelet's pod cgroups, or naming this node's directories."""
+        markers = [str(self.containerd_socket), str(self.runsc_root), str(self.containerd_state)]
+        found: set[int] = set()
+        for cgroup_procs in Path("/sys/fs/cgroup").glob("*/kubepods*/**/cgroup.procs"):
+            with contextlib.suppress(OSError, ValueError):
+                found.update(int(line) for line in cgroup_procs.read_text().split())
+        for proc_dir in Path("/proc").iterdir():
+            if not proc_dir.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                cmdline = (proc_dir / "cmdline").read_bytes().decode(errors="replace")
+                if any(marker in cmdline for marker in markers):
+                    found.add(int(proc_dir.name))
+        found.discard(os.getpid())
+        return found
+
+    def _kill_leftovers(self) -> None:
+        for _ in range(5):
+            pids = self._leftover_pids()
+            if not pids:
+                return
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.3)
+        raise procs.ClusterError(f"processes left after teardown could not be killed: {sorted(self._leftover_pids())}")
+
+    def _unmount_all(self) -> None:
+        roots = (str(self.state.root) + "/", str(self.containerd_root) + "/")
+        for _ in range(3):
+            mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+            ours = [m for m in mounts if m.startswith(roots)]
+            if not ours:
+                return
+            for mount in sorted(ours, key=len, reverse=True):
+                subprocess.run(["umount", "-l", mount], capture_output=True, check=False)
+
+    def _remove_pod_cgroups(self) -> None:
+        for hierarchy in Path("/sys/fs/cgroup").iterdir():
+            for top in hierarchy.glob("kubepods*"):
+                for directory in sorted(
+                    (p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True
+                ):
+                    with contextlib.suppress(OSError):
+                        directory.rmdir()
+                with contextlib.suppress(OSError):
+                    top.rmdir()
+
+    def stop(self) -> None:
+        procs.stop(self.state, "kubelet", grace_s=15)
+        if procs.running(self.state, "containerd"):
+            with contextlib.suppress(procs.ClusterError, subprocess.TimeoutExpired):
+                self._kill_leftover_tasks()
+        procs.stop(self.state, "containerd", grace_s=15)
+        self._kill_leftovers()
+        self._unmount_all()
+        self._remove_pod_cgroups()
+        subprocess.run(["ip", "link", "delete", BRIDGE], capture_output=True, check=False)
+        shutil.rmtree(self.ipam_dir, ignore_errors=True)

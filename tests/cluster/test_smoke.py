@@ -1,0 +1,231 @@
+"""Smoke tests of the cluster tier itself: Ember's CRDs and CEL rules on the real API server, pods under
+runc and under gVisor on the real node, and pod-to-pod networking over the CNI bridge.
+
+What Ember does on the cluster (operator, activator, functions in pods) is tested elsewhere in this tier;
+this module proves the tier is real, so that those tests can trust it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from tests.cluster.conftest import Kubectl
+from tests.cluster.paths import REPO_ROOT
+
+CRD_DIR = REPO_ROOT / "crds"
+HOST_KERNEL = Path("/proc/version").read_text().strip()
+
+
+def _wait(what: str, check: Callable[[], bool], *, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def _pod(name: str, image: str, *, runtime_class: str | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "containers": [
+            {
+                "name": "main",
+                "image": image,
+                "imagePullPolicy": "Never",
+                "command": ["python3", "-m", "http.server", "8080"],
+                "ports": [{"containerPort": 8080}],
+            }
+        ],
+        "terminationGracePeriodSeconds": 1,
+    }
+    if runtime_class:
+        spec["runtimeClassName"] = runtime_class
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"app": name}}, "spec": spec}
+
+
+def _running_pod(core: client.CoreV1Api, namespace: str, body: dict[str, Any]) -> client.V1Pod:
+    name = body["metadata"]["name"]
+    core.create_namespaced_pod(namespace, body)
+
+    def running() -> bool:
+        pod = core.read_namespaced_pod(name, namespace)
+        if pod.status.phase in ("Failed", "Succeeded"):
+            raise AssertionError(f"pod {namespace}/{name} ended: {pod.status}")
+        return bool(pod.status.phase == "Running" and pod.status.pod_ip)
+
+    _wait(f"pod {namespace}/{name} to run", running)
+    return core.read_namespaced_pod(name, namespace)
+
+
+def _exec(kubectl: Kubectl, namespace: str, pod: str, *command: str) -> str:
+    result = kubectl("exec", "-n", namespace, pod, "--", *command)
+    assert result.returncode == 0, f"exec {command} in {namespace}/{pod} failed: {result.stderr}"
+    return result.stdout
+
+
+# -- CRDs and CEL ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ember_crds(api_client: Any) -> list[str]:
+    paths = sorted(CRD_DIR.glob("*.yaml"))
+    assert paths, f"no CRDs in {CRD_DIR}"
+    ext = client.ApiextensionsV1Api(api_client)
+    names = []
+    for path in paths:
+        crd = yaml.safe_load(path.read_text())
+        names.append(crd["metadata"]["name"])
+        try:
+            ext.create_custom_resource_definition(crd)
+        except ApiException as err:
+            if err.status != 409:
+                raise
+            existing = ext.read_custom_resource_definition(crd["metadata"]["name"])
+            crd["metadata"]["resourceVersion"] = existing.metadata.resource_version
+            ext.replace_custom_resource_definition(crd["metadata"]["name"], crd)
+
+    def established(name: str) -> bool:
+        conditions = ext.read_custom_resource_definition(name).status.conditions or []
+        return any(c.type == "Established" and c.status == "True" for c in conditions)
+
+    for name in names:
+        _wait(f"CRD {name} to be established", lambda name=name: established(name), timeout_s=30)
+    return names
+
+
+def _example_function() -> dict[str, Any]:
+    return yaml.safe_load((REPO_ROOT / "examples" / "hello-python.yaml").read_text())
+
+
+def test_crds_apply_and_a_valid_function_is_accepted(ember_crds: list[str], api_client: Any, namespace: str) -> None:
+    assert "functions.ember.run" in ember_crds
+    custom = client.CustomObjectsApi(api_client)
+    created = custom.create_namespaced_custom_object(
+        "ember.run", "v1alpha1", namespace, "functions", _example_function()
+    )
+    assert created["metadata"]["uid"]
+    fetched = custom.get_namespaced_custom_object("ember.run", "v1alpha1", namespace, "functions", "hello-python")
+    assert fetched["spec"]["runtime"] == "python3.12"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        pytest.param(
+            lambda spec: spec.update(scaling={"minScale": 5, "maxScale": 3}),
+            "spec.scaling.minScale must not exceed spec.scaling.maxScale",
+            id="min-scale-above-max-scale",
+        ),
+        pytest.param(
+            lambda spec: spec["code"].update(configMapRef={"name": "also-this"}),
+            "spec.code must set exactly one of inline, configMapRef, url, path",
+            id="two-code-sources",
+        ),
+    ],
+)
+def test_api_server_rejects_an_invalid_function_with_the_cel_message(
+    ember_crds: list[str], api_client: Any, namespace: str, mutate: Callable[[dict[str, Any]], None], message: str
+) -> None:
+    body = copy.deepcopy(_example_function())
+    body["metadata"]["name"] = "invalid"
+    mutate(body["spec"])
+    custom = client.CustomObjectsApi(api_client)
+    with pytest.raises(ApiException) as rejected:
+        custom.create_namespaced_custom_object("ember.run", "v1alpha1", namespace, "functions", body)
+    assert rejected.value.status == 422
+    assert message in rejected.value.body
+    with pytest.raises(ApiException) as missing:
+        custom.get_namespaced_custom_object("ember.run", "v1alpha1", namespace, "functions", "invalid")
+    assert missing.value.status == 404
+
+
+# -- pods on the node ------------------------------------------------------------------------------------
+
+
+def test_deployment_pods_run_under_runc(api_client: Any, smoke_image: str, namespace: str, kubectl: Kubectl) -> None:
+    apps = client.AppsV1Api(api_client)
+    core = client.CoreV1Api(api_client)
+    template = _pod("web", smoke_image)
+    apps.create_namespaced_deployment(
+        namespace,
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "web"},
+            "spec": {
+                "replicas": 2,
+                "selector": {"matchLabels": {"app": "web"}},
+                "template": {"metadata": template["metadata"] | {"name": None}, "spec": template["spec"]},
+            },
+        },
+    )
+
+    def available() -> bool:
+        status = apps.read_namespaced_deployment_status("web", namespace).status
+        return bool(status.available_replicas == 2)
+
+    _wait("deployment web to have 2 available replicas", available)
+    pods = core.list_namespaced_pod(namespace, label_selector="app=web").items
+    running = [p for p in pods if p.status.phase == "Running"]
+    assert len(running) == 2
+    for pod in running:
+        # runc shares the host kernel: the pod sees this machine's /proc/version, and no gVisor boot log.
+        assert _exec(kubectl, namespace, pod.metadata.name, "cat", "/proc/version").strip() == HOST_KERNEL
+        assert pod.spec.runtime_class_name is None
+
+
+def test_gvisor_pod_runs_in_gvisor(api_client: Any, smoke_image: str, namespace: str, kubectl: Kubectl) -> None:
+    core = client.CoreV1Api(api_client)
+    pod = _running_pod(core, namespace, _pod("sandboxed", smoke_image, runtime_class="gvisor"))
+    assert pod.spec.runtime_class_name == "gvisor"
+    assert "Starting gVisor..." in _exec(kubectl, namespace, "sandboxed", "dmesg")
+    assert _exec(kubectl, namespace, "sandboxed", "cat", "/proc/version").strip() != HOST_KERNEL
+
+
+_FETCH = "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=10).status)"
+
+
+@pytest.mark.parametrize(
+    ("server_runtime", "client_runtime"),
+    [pytest.param(None, "gvisor", id="gvisor-to-runc"), pytest.param("gvisor", None, id="runc-to-gvisor")],
+)
+def test_pod_reaches_another_pods_ip(
+    api_client: Any,
+    smoke_image: str,
+    namespace: str,
+    kubectl: Kubectl,
+    server_runtime: str | None,
+    client_runtime: str | None,
+) -> None:
+    core = client.CoreV1Api(api_client)
+    server = _running_pod(core, namespace, _pod("server", smoke_image, runtime_class=server_runtime))
+    _running_pod(core, namespace, _pod("client", smoke_image, runtime_class=client_runtime))
+    url = f"http://{server.status.pod_ip}:8080/"
+    assert server.status.pod_ip.startswith("10.244.0."), server.status.pod_ip
+    _wait(
+        f"client to reach {url}",
+        lambda: kubectl("exec", "-n", namespace, "client", "--", "python3", "-c", _FETCH, url).stdout.strip() == "200",
+        timeout_s=30,
+    )
+    assert kubectl("logs", "-n", namespace, "server").stdout.count('"GET / HTTP/1.1" 200') >= 1
+
+
+def test_cluster_processes_are_ours(cluster: Any) -> None:
+    """Every control-plane and node process is recorded by pid, so teardown can stop exactly those."""
+    from tests.cluster import procs
+
+    for name in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "containerd", "kubelet"):
+        pid = procs.recorded_pid(cluster.state, name)
+        assert pid is not None, f"{name} has no pid file"
+        assert procs.pid_alive(pid), f"{name} (pid {pid}) is not running"
+        assert os.path.basename(os.readlink(f"/proc/{pid}/exe")).startswith(name.split("-")[0])
