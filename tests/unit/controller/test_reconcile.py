@@ -1,0 +1,354 @@
+"""Reconciler tables: objects before → writes, status and events after, with injected API faults.
+
+The reconcilers run against `FakeKube` (in memory); the same reconcilers against a real
+kube-apiserver are in tests/apiserver/test_operator_*.py.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from typing import Any, cast
+
+import pytest
+
+from ember.api.function import Function
+from ember.api.version import code_hash
+from ember.controller.kube import KubeError
+from ember.controller.reconcile import reconcile_function, reconcile_security_policy, reconcile_version
+from ember.controller.settings import Settings
+from ember.resources.version import build_version
+from tests.unit.controller.fake_kube import FakeKube
+
+NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+SETTINGS = Settings(keep_versions=2)
+NS = "ns1"
+Obj = dict[str, Any]
+
+
+class Events:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, str]] = []
+
+    def __call__(self, obj: Any, *, type: str, reason: str, message: str) -> None:
+        self.seen.append((obj["metadata"]["name"], type, reason))
+
+    @property
+    def reasons(self) -> list[str]:
+        return [reason for _, _, reason in self.seen]
+
+
+def _fn_body(**spec: Any) -> Obj:
+    base: Obj = {"runtime": "python3.12", "handler": "main.handler", "code": {"inline": "x = 1\n"}}
+    base.update(spec)
+    return {
+        "apiVersion": "ember.run/v1alpha1",
+        "kind": "Function",
+        "metadata": {"name": "hello", "namespace": NS},
+        "spec": base,
+    }
+
+
+def _with_version(kube: FakeKube, fn: Obj, number: int, *, ready: bool, spec: Obj | None = None) -> None:
+    model = Function.model_validate({**fn, "spec": spec or fn["spec"]})
+    body = build_version(model, number=number, code_hash=code_hash(model.spec))
+    if ready:
+        body["status"] = {"conditions": [{"type": "Ready", "status": "True", "reason": "Ready"}]}
+    kube.add("versions", body)
+
+
+def _conditions(status: Obj) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+
+
+Setup = Callable[[FakeKube, Obj], None]
+
+
+def _nothing(kube: FakeKube, fn: Obj) -> None:
+    pass
+
+
+def _v1_ready(kube: FakeKube, fn: Obj) -> None:
+    _with_version(kube, fn, 1, ready=True)
+
+
+def _v1_ready_pool_exists(kube: FakeKube, fn: Obj) -> None:
+    _with_version(kube, fn, 1, ready=True)
+
+
+def _old_versions(kube: FakeKube, fn: Obj) -> None:
+    for n in (1, 2, 3):
+        _with_version(kube, fn, n, ready=True, spec={**fn["spec"], "code": {"inline": f"v = {n}\n"}})
+
+
+def _foreign_version(kube: FakeKube, fn: Obj) -> None:
+    _with_version(kube, fn, 1, ready=True)
+    kube.custom[("versions", NS, "hello-v1")]["metadata"]["ownerReferences"][0]["uid"] = "uid-of-an-earlier-hello"
+
+
+def _no_runtime_class(kube: FakeKube, fn: Obj) -> None:
+    kube.runtime_classes.clear()
+
+
+def _policy(**spec: Any) -> Setup:
+    def setup(kube: FakeKube, fn: Obj) -> None:
+        kube.add("securitypolicies", {"metadata": {"name": "p", "namespace": NS}, "spec": spec})
+
+    return setup
+
+
+@pytest.mark.parametrize(
+    ("spec", "setup", "writes", "conditions", "latest", "ready", "events"),
+    [
+        pytest.param(
+            {},
+            _nothing,
+            ["create versions/hello-v1", "create deployment/", "create networkpolicy/ember-fn-hello"],
+            {
+                "Ready": ("Unknown", "VersionLoading"),
+                "VersionReady": ("Unknown", "VersionLoading"),
+                "PolicyResolved": ("True", "Resolved"),
+                "EgressEnforced": ("True", "Enforced"),
+            },
+            1,
+            None,
+            ["VersionCreated", "PoolCreated", "Resolved", "Enforced"],
+            id="new-function",
+        ),
+        pytest.param(
+            {},
+            _v1_ready,
+            ["create deployment/", "create networkpolicy/ember-fn-hello"],
+            {"Ready": ("True", "Ready"), "VersionReady": ("True", "Ready")},
+            1,
+            1,
+            ["PoolCreated", "Ready", "Resolved", "Enforced"],
+            id="unchanged-spec-no-new-version",
+        ),
+        pytest.param(
+            {"scaling": {"maxScale": 3}, "traffic": [{"latest": True, "percent": 100}]},
+            _v1_ready,
+            ["create deployment/", "create networkpolicy/ember-fn-hello"],
+            {"Ready": ("True", "Ready")},
+            1,
+            1,
+            ["PoolCreated", "Ready", "Resolved", "Enforced"],
+            id="scaling-and-traffic-do-not-mint",
+        ),
+        pytest.param(
+            {},
+            _old_versions,
+            [
+                "create versions/hello-v4",
+                "delete versions/hello-v1",
+                "delete configmap/hello-v1-code",
+                "delete versions/hello-v2",
+                "delete configmap/hello-v2-code",
+                "create deployment/",
+                "create networkpolicy/ember-fn-hello",
+            ],
+            {"VersionReady": ("Unknown", "VersionLoading")},
+            4,
+            3,
+            ["VersionCreated", "VersionDeleted", "VersionDeleted", "PoolCreated", "Resolved", "Enforced"],
+            id="retention-keeps-ready-and-last-n",
+        ),
+        pytest.param(
+            {},
+            _foreign_version,
+            [
+                "delete versions/hello-v1",
+                "create versions/hello-v1",
+                "create deployment/",
+                "create networkpolicy/ember-fn-hello",
+            ],
+            {"VersionReady": ("Unknown", "VersionLoading")},
+            1,
+            None,
+            ["VersionCreated", "PoolCreated", "Resolved", "Enforced"],
+            id="versions-of-an-earlier-function-of-the-name-removed",
+        ),
+        pytest.param(
+            {"securityPolicyRef": {"name": "missing"}},
+            _nothing,
+            ["create versions/hello-v1"],
+            {"Ready": ("False", "SecurityPolicyMissing"), "PolicyResolved": ("False", "SecurityPolicyMissing")},
+            1,
+            None,
+            ["VersionCreated", "SecurityPolicyMissing", "SecurityPolicyMissing"],
+            id="missing-policy",
+        ),
+        pytest.param(
+            {},
+            _no_runtime_class,
+            ["create versions/hello-v1"],
+            {"PolicyResolved": ("False", "RuntimeClassMissing")},
+            1,
+            None,
+            ["VersionCreated", "RuntimeClassMissing", "RuntimeClassMissing"],
+            id="missing-runtime-class-no-pool",
+        ),
+        pytest.param(
+            {"securityPolicyRef": {"name": "p"}},
+            _policy(egress={"mode": "allowList", "allow": [{"host": "api.example.com"}]}),
+            ["create versions/hello-v1", "create deployment/", "create networkpolicy/ember-fn-hello"],
+            {"EgressEnforced": ("False", "HostRulesNotEnforceable")},
+            1,
+            None,
+            ["VersionCreated", "PoolCreated", "Resolved", "HostRulesNotEnforceable"],
+            id="host-egress-not-enforceable",
+        ),
+        pytest.param(
+            {"code": {"configMapRef": {"name": "absent"}}},
+            _nothing,
+            ["create deployment/", "create networkpolicy/ember-fn-hello"],
+            {"VersionReady": ("False", "CodeMissing"), "Ready": ("False", "CodeMissing")},
+            None,
+            None,
+            ["PoolCreated", "CodeMissing", "Resolved", "Enforced"],
+            id="missing-code-configmap",
+        ),
+    ],
+)
+async def test_reconcile_function(
+    spec: Obj,
+    setup: Setup,
+    writes: list[str],
+    conditions: dict[str, tuple[str, str]],
+    latest: int | None,
+    ready: int | None,
+    events: list[str],
+) -> None:
+    kube = FakeKube()
+    fn = kube.add("functions", _fn_body(**spec))
+    setup(kube, fn)
+    kube.writes.clear()
+    recorder = Events()
+    status = await reconcile_function(cast(Any, kube), SETTINGS, fn, now=NOW, record=recorder)
+    assert [w if not w.startswith("create deployment/") else "create deployment/" for w in kube.writes] == writes
+    assert _conditions(status).items() >= conditions.items()
+    assert (status["latestVersion"], status["readyVersion"]) == (latest, ready)
+    assert status["observedGeneration"] == 1
+    assert recorder.reasons == events
+
+
+async def test_second_run_is_a_no_op() -> None:
+    kube = FakeKube()
+    fn = kube.add("functions", _fn_body())
+    first = await reconcile_function(cast(Any, kube), SETTINGS, fn, now=NOW, record=Events())
+    kube.writes.clear()
+    fn["status"] = first
+    recorder = Events()
+    second = await reconcile_function(cast(Any, kube), SETTINGS, fn, now=NOW, record=recorder)
+    assert kube.writes == []
+    assert recorder.reasons == []
+    assert _conditions(second) == _conditions(first)
+    assert {k: v for k, v in second.items() if k != "conditions"} == {
+        k: v for k, v in first.items() if k != "conditions"
+    }
+
+
+async def test_two_functions_share_a_pool_and_it_goes_with_the_last() -> None:
+    kube = FakeKube()
+    a = kube.add("functions", _fn_body())
+    b_body = _fn_body()
+    b_body["metadata"]["name"] = "other"
+    b = kube.add("functions", b_body)
+    await reconcile_function(cast(Any, kube), SETTINGS, a, now=NOW, record=Events())
+    await reconcile_function(cast(Any, kube), SETTINGS, b, now=NOW, record=Events())
+    (pool,) = kube.deployments.values()
+    assert {o["name"] for o in pool["metadata"]["ownerReferences"]} == {"hello", "other"}
+
+    kube.add("securitypolicies", {"metadata": {"name": "p", "namespace": NS}, "spec": {"trustLevel": "trusted"}})
+    a["spec"]["securityPolicyRef"] = {"name": "p"}
+    await reconcile_function(cast(Any, kube), SETTINGS, a, now=NOW, record=Events())
+    assert len(kube.deployments) == 2
+    b["spec"]["securityPolicyRef"] = {"name": "p"}
+    recorder = Events()
+    await reconcile_function(cast(Any, kube), SETTINGS, b, now=NOW, record=recorder)
+    (pool,) = kube.deployments.values()
+    assert {o["name"] for o in pool["metadata"]["ownerReferences"]} == {"hello", "other"}
+    assert "PoolDeleted" in recorder.reasons
+
+
+async def test_invalid_spec_is_a_permanent_condition_without_writes() -> None:
+    kube = FakeKube()
+    fn = kube.add("functions", _fn_body(handler="no-dot"))
+    recorder = Events()
+    status = await reconcile_function(cast(Any, kube), SETTINGS, fn, now=NOW, record=recorder)
+    assert _conditions(status)["Ready"] == ("False", "InvalidSpec")
+    assert kube.writes == []
+    assert recorder.seen == [("hello", "Warning", "InvalidSpec")]
+
+
+@pytest.mark.parametrize(
+    "method",
+    ["list_custom", "create_custom", "get_custom", "create_deployment", "runtime_class_exists"],
+)
+async def test_api_faults_propagate_for_retry(method: str) -> None:
+    kube = FakeKube()
+    fn = kube.add("functions", _fn_body())
+    kube.fail[method] = KubeError(method, 500, "Internal Server Error")
+    with pytest.raises(KubeError, match="500"):
+        await reconcile_function(cast(Any, kube), SETTINGS, fn, now=NOW, record=Events())
+
+
+def _version(kube: FakeKube, **spec: Any) -> Obj:
+    fn = kube.add("functions", _fn_body(**spec))
+    _with_version(kube, fn, 1, ready=False)
+    return kube.custom[("versions", NS, "hello-v1")]
+
+
+async def test_version_stores_code_and_becomes_ready() -> None:
+    kube = FakeKube()
+    version = _version(kube)
+    status = await reconcile_version(cast(Any, kube), SETTINGS, version, now=NOW, record=Events())
+    assert kube.configmaps[(NS, "hello-v1-code")]["data"] == {"main.py": "x = 1\n"}
+    assert _conditions(status)["CodeReady"] == ("True", "CodeStored")
+    assert _conditions(status)["Ready"] == ("True", "Ready")
+    assert status["phase"] == "Ready"
+    assert "annotate functions/hello" in kube.writes
+
+
+async def test_version_with_url_code_needs_no_configmap() -> None:
+    kube = FakeKube()
+    version = _version(kube, code={"url": "https://example.invalid/c.zip", "sha256": "a" * 64})
+    status = await reconcile_version(cast(Any, kube), SETTINGS, version, now=NOW, record=Events())
+    assert kube.configmaps == {}
+    assert _conditions(status)["CodeReady"] == ("True", "CodeByUrl")
+
+
+async def test_version_whose_configmap_changed_fails() -> None:
+    kube = FakeKube()
+    kube.configmaps[(NS, "src")] = {"metadata": {"name": "src"}, "data": {"main.py": "old"}}
+    fn = kube.add("functions", _fn_body(code={"configMapRef": {"name": "src"}}))
+    model = Function.model_validate(fn)
+    digest = "sha256:" + "0" * 64
+    kube.add("versions", build_version(model, number=1, code_hash=code_hash(model.spec, digest)))
+    version = kube.custom[("versions", NS, "hello-v1")]
+    status = await reconcile_version(cast(Any, kube), SETTINGS, version, now=NOW, record=Events())
+    assert _conditions(status)["Ready"] == ("False", "VersionFailed")
+    assert status["phase"] == "Failed"
+    assert (NS, "hello-v1-code") not in kube.configmaps
+
+
+async def test_version_adopts_a_configmap_left_by_a_crash() -> None:
+    kube = FakeKube()
+    version = _version(kube)
+    kube.configmaps[(NS, "hello-v1-code")] = {"metadata": {"name": "hello-v1-code"}, "data": {"main.py": "x = 1\n"}}
+    status = await reconcile_version(cast(Any, kube), SETTINGS, version, now=NOW, record=Events())
+    assert _conditions(status)["CodeReady"] == ("True", "CodeStored")
+    assert not any(w.startswith("create configmap") for w in kube.writes)
+
+
+async def test_security_policy_status_and_functions_nudged() -> None:
+    kube = FakeKube()
+    kube.add("functions", _fn_body(securityPolicyRef={"name": "p"}))
+    other = _fn_body()
+    other["metadata"]["name"] = "unrelated"
+    kube.add("functions", {**other, "spec": {**other["spec"], "securityPolicyRef": {"name": "q"}}})
+    policy = kube.add("securitypolicies", {"metadata": {"name": "p", "namespace": NS}, "spec": {"sandbox": "kata"}})
+    status = await reconcile_security_policy(cast(Any, kube), SETTINGS, policy, now=NOW, record=Events())
+    assert _conditions(status)["Ready"] == ("False", "RuntimeClassMissing")
+    assert len(status["policyHash"]) == 64
+    assert kube.writes == ["annotate functions/hello"]
