@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from . import images
+from . import images, runsc_bench
 from .build import ensure_gvisor, ensure_kubernetes
 from .cluster import Cluster, build_runtime_images
 from .procs import ClusterError
@@ -28,9 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.cluster", description=__doc__)
     parser.add_argument(
         "command",
-        choices=("build", "up", "down", "status", "runsc-path", "kubeconfig"),
+        choices=("build", "up", "down", "status", "runsc-path", "kubeconfig", "bench-runsc"),
         help="build: binaries and images into ~/.cache/ember; up/down/status: the development cluster; "
-        "runsc-path: the runsc local mode should use; kubeconfig: the running cluster's admin kubeconfig",
+        "runsc-path: the runsc local mode should use; kubeconfig: the running cluster's admin kubeconfig; "
+        "bench-runsc: gVisor start-up per runsc build and platform",
     )
     args = parser.parse_args(argv)
     try:
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if report["healthy"] else 1
         elif args.command == "runsc-path":
             print(ensure_gvisor()["runsc"])
+        elif args.command == "bench-runsc":
+            runsc_bench.main()
         elif args.command == "kubeconfig":
             print(Cluster().kubeconfig)
     except ClusterError as err:

@@ -1,28 +1,23 @@
 #!/usr/bin/env bash
-# Install every Debian package the apiserver and cluster test tiers need. Idempotent: packages that are
-# already installed are skipped, so a warm machine pays one dpkg query.
+# Install everything the apiserver and cluster test tiers need from Debian (and Go from the Go module proxy
+# when no recent Go is on PATH). Idempotent: installed packages are skipped, so a warm machine pays one
+# dpkg query. The system services these packages ship (etcd, containerd) are not used: the tiers run
+# their own instances on private ports, sockets and directories.
 set -euo pipefail
 
 PACKAGES=(
-  etcd-server                  # etcd 3.4 for kube-apiserver
-  containerd runc              # the node's container runtime (CRI) and OCI runtime
-  containernetworking-plugins  # CNI bridge, host-local, loopback, portmap
-  iptables conntrack ethtool socat iproute2  # kubelet / kube-proxy-free pod networking helpers
-  buildah debootstrap          # images without Docker or a registry
-  runsc                        # gVisor (Debian, ptrace only): fallback for the Go-built runsc
-  golang-go                    # only if no newer Go is on PATH; see below
-  gcc libc6-dev                 # the pause binary is C (kubernetes build/pause)
-  ca-certificates git
+  etcd-server                                # etcd 3.4 under kube-apiserver
+  containerd runc                            # the node's CRI runtime and OCI runtime
+  containernetworking-plugins                # CNI bridge, host-local, loopback
+  iptables conntrack ethtool socat iproute2  # what the kubelet expects on a node
+  buildah debootstrap                        # images without Docker or a registry
+  runsc                                      # Debian's gVisor (ptrace only), measured against the built one
+  gcc libc6-dev                              # the pause binary is C (kubernetes build/pause)
+  ca-certificates git curl unzip
 )
-
-if command -v go >/dev/null 2>&1; then
-  # A Go toolchain already on PATH (e.g. /usr/local/go) wins; Debian's golang-go is too old for Kubernetes 1.34.
-  PACKAGES=("${PACKAGES[@]/golang-go}")
-fi
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
-  [ -z "$pkg" ] && continue
   if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
     missing+=("$pkg")
   fi
@@ -34,10 +29,31 @@ if [ "${#missing[@]}" -gt 0 ]; then
     || { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; }
 fi
 
-# The packages ship services (etcd, containerd) for the whole machine; the test tier runs its own instances
-# with private ports, sockets and state directories, so system-wide ones are not needed. Stop them if an
-# init system started them (no-op without systemd).
+# Stop the machine-wide services if an init system started them (no-op without systemd).
 if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
   systemctl disable --now etcd.service containerd.service >/dev/null 2>&1 || true
 fi
-echo "install-deps: ok (${#missing[@]} installed)"
+
+# Go: Kubernetes 1.34 and the pinned gVisor need Go >= 1.26.3; Debian's golang-go (1.19) is too old. Without
+# a recent enough `go` on PATH, install the official toolchain module from the Go module proxy.
+GO_TOOLCHAIN=go1.26.8
+go_ok() {
+  command -v go >/dev/null 2>&1 || return 1
+  local have
+  have=$(go env GOVERSION 2>/dev/null | sed 's/^go//')
+  [ "$(printf '%s\n1.26.3\n' "$have" | sort -V | head -1)" = "1.26.3" ]
+}
+if ! go_ok; then
+  tmp=$(mktemp -d)
+  curl -fsSL -o "$tmp/go.zip" "https://proxy.golang.org/golang.org/toolchain/@v/v0.0.1-${GO_TOOLCHAIN}.linux-amd64.zip"
+  unzip -q "$tmp/go.zip" -d "$tmp"
+  rm -rf /usr/local/go
+  mv "$tmp/golang.org/toolchain@v0.0.1-${GO_TOOLCHAIN}.linux-amd64" /usr/local/go
+  chmod -R a+rX /usr/local/go
+  chmod a+x /usr/local/go/bin/* /usr/local/go/pkg/tool/*/*
+  ln -sf /usr/local/go/bin/go /usr/local/bin/go
+  rm -rf "$tmp"
+  echo "install-deps: installed $(go version)"
+fi
+
+echo "install-deps: ok (${#missing[@]} packages installed)"
