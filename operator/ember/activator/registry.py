@@ -147,8 +147,11 @@ class FunctionState:
         return latest_serving(ready, loading, self.label)
 
     def referenced(self) -> set[int]:
-        """Versions that traffic or aliases point to; the others drain."""
+        """Versions that traffic or aliases point to, and the newest while it loads; the others drain."""
         refs: set[int] = set()
+        newest = self.versions.get(self.latest_number)
+        if newest is not None and newest.phase is Phase.LOADING:
+            refs.add(newest.key.number)
         with contextlib.suppress(NotReady):
             refs.add(self.latest())
         refs.update(s.version for s in self.traffic if s.version is not None)
