@@ -546,7 +546,8 @@ function main() {
         replace = true;
         const msg = `RequestId: ${rid} Error: Task timed out after ${(timeoutMs / 1000).toFixed(2)} seconds`;
         addLog(msg + '\n');
-        result = { status: 200, body: agentError(rid, 'Sandbox.Timedout', msg), dur: elapsed, cpu: 0, rss, ferr: 'Unhandled' };
+        // (a timer may fire a fraction of a millisecond early by performance.now())
+        result = { status: 200, body: agentError(rid, 'Sandbox.Timedout', msg), dur: Math.max(elapsed, timeoutMs), cpu: 0, rss, ferr: 'Unhandled' };
       } else {
         w.kill();
         w = null;
