@@ -33,11 +33,11 @@ function main() {
   const HOOK_TIMEOUT_MS = 10000;
   const DEFAULT_MEMORY_MIB = 128;
 
-  function envInt(name, dflt, min) {
+  function envInt(name, dflt, min, max = Number.MAX_SAFE_INTEGER) {
     const raw = process.env[name];
     if (raw === undefined || raw === '') return dflt;
-    if (!/^\d+$/.test(raw) || Number(raw) < min) {
-      process.stderr.write(`ember-agent: ${name}=${JSON.stringify(raw)} must be an integer >= ${min}\n`);
+    if (!/^\d+$/.test(raw) || Number(raw) < min || Number(raw) > max) {
+      process.stderr.write(`ember-agent: ${name}=${JSON.stringify(raw)} must be an integer between ${min} and ${max}\n`);
       process.exit(2);
     }
     return Number(raw);
@@ -56,6 +56,8 @@ function main() {
     concurrency: envInt('EMBER_AGENT_CONCURRENCY', 1, 1),
     maxPayload: envInt('EMBER_AGENT_MAX_PAYLOAD_BYTES', 6 * 1024 * 1024, 0),
     codeBase: process.env.EMBER_AGENT_CODE_DIR || '',
+    maxCodeBytes: envInt('EMBER_AGENT_MAX_CODE_BYTES', 512 * 1024 * 1024, 1),
+    shutdownGraceSeconds: envInt('EMBER_AGENT_SHUTDOWN_GRACE_SECONDS', 10, 0),
     attempt: 0,
     spare: null,
     pending: null, // { claimed, p }: a replacement worker being loaded
@@ -352,7 +354,7 @@ function main() {
   async function materialize(spec, dest) {
     const code = spec.code;
     const [mod] = parseHandler(spec.handler);
-    const maxBytes = envInt('EMBER_AGENT_MAX_CODE_BYTES', 512 * 1024 * 1024, 1);
+    const maxBytes = S.maxCodeBytes;
     if ('path' in code) {
       let st;
       try { st = fs.statSync(code.path); } catch { st = null; }
@@ -716,7 +718,7 @@ function main() {
     socket.end(`HTTP/1.1 ${status}\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`);
   });
   const host = process.env.EMBER_AGENT_HOST || '0.0.0.0';
-  const port = envInt('EMBER_AGENT_PORT', 8080, 0);
+  const port = envInt('EMBER_AGENT_PORT', 8080, 0, 65535);
   server.on('error', (e) => { process.stderr.write(`ember-agent: cannot listen on ${host}:${port}: ${e.message}\n`); process.exit(1); });
   server.listen(port, host, () => {
     process.stdout.write(`EMBER_AGENT_LISTENING port=${server.address().port}\n`);
@@ -727,7 +729,7 @@ function main() {
     if (S.shuttingDown) return;
     S.shuttingDown = true;
     server.close();
-    const end = Date.now() + envInt('EMBER_AGENT_SHUTDOWN_GRACE_SECONDS', 10, 0) * 1000;
+    const end = Date.now() + S.shutdownGraceSeconds * 1000;
     const tick = () => {
       if (S.inFlight && Date.now() < end) { setTimeout(tick, 10); return; }
       for (const w of [...S.workers]) w.kill();

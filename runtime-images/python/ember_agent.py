@@ -46,7 +46,7 @@ DEFAULT_MEMORY_MIB = 128
 DEFAULT_INIT_TIMEOUT_S = 10.0
 
 
-def _env_int(name, default, minimum=0):
+def _env_int(name, default, minimum=0, maximum=1 << 62):
     raw = os.environ.get(name, "")
     if not raw:
         return default
@@ -54,8 +54,8 @@ def _env_int(name, default, minimum=0):
         value = int(raw)
     except ValueError:
         raise SystemExit(f"ember-agent: {name}={raw!r} is not an integer") from None
-    if value < minimum:
-        raise SystemExit(f"ember-agent: {name}={raw!r} must be >= {minimum}")
+    if not minimum <= value <= maximum:
+        raise SystemExit(f"ember-agent: {name}={raw!r} must be between {minimum} and {maximum}")
     return value
 
 
@@ -378,6 +378,8 @@ class _State:
         self.concurrency = _env_int("EMBER_AGENT_CONCURRENCY", 1, 1)
         self.max_payload = _env_int("EMBER_AGENT_MAX_PAYLOAD_BYTES", 6 * 1024 * 1024, 0)
         self.code_base = os.environ.get("EMBER_AGENT_CODE_DIR") or ""
+        self.max_code_bytes = _env_int("EMBER_AGENT_MAX_CODE_BYTES", 512 * 1024 * 1024, 1)
+        self.shutdown_grace = _env_int("EMBER_AGENT_SHUTDOWN_GRACE_SECONDS", 10, 0)
         self.attempt = 0
         self.child_status = {}  # pid -> waitpid status, for the agent's own children (templates)
         self.worker_exits = {}  # pid -> waitpid status, reported by the template
@@ -1344,7 +1346,7 @@ def _reap():
 
 def _shutdown():
     _S.shutting_down = True
-    grace = _env_int("EMBER_AGENT_SHUTDOWN_GRACE_SECONDS", 10, 0)
+    grace = _S.shutdown_grace
     end = time.monotonic() + grace
     while time.monotonic() < end:
         with _lock:
@@ -1375,7 +1377,7 @@ def main():
     global _S
     _S = _State()
     host = os.environ.get("EMBER_AGENT_HOST") or "0.0.0.0"
-    port = _env_int("EMBER_AGENT_PORT", 8080, 0)
+    port = _env_int("EMBER_AGENT_PORT", 8080, 0, 65535)
     family = _socket.AF_INET6 if ":" in host else _socket.AF_INET
     lsock = _socket.socket(family, _socket.SOCK_STREAM)
     lsock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
@@ -1735,7 +1737,7 @@ def _fetch(url, sha256, dest, module_file, max_bytes):
 
 def _materialize(code, modname, dest):
     """Put the code in place -> the directory to import from."""
-    max_bytes = _env_int("EMBER_AGENT_MAX_CODE_BYTES", 512 * 1024 * 1024, 1)
+    max_bytes = _S.max_code_bytes
     module_file = modname.replace(".", "/") + ".py"
     if "path" in code:
         path = code["path"]

@@ -8,13 +8,14 @@ import http.server
 import json
 import os
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import b64, make_zip, spec
+from conftest import agent_command, b64, make_zip, spec
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -679,3 +680,22 @@ def test_code_dir_env(agent_factory, code, tmp_path: Path):
     specialize_main(agent, code)
     assert any(p.name.startswith("main") for p in d.rglob("main*")), list(d.rglob("*"))
     assert os.listdir(d)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("EMBER_AGENT_CONCURRENCY", "abc"),
+        ("EMBER_AGENT_CONCURRENCY", "0"),
+        ("EMBER_AGENT_PORT", "70000"),
+        ("EMBER_AGENT_MAX_PAYLOAD_BYTES", "-5"),
+        ("EMBER_AGENT_SHUTDOWN_GRACE_SECONDS", "soon"),
+    ],
+)
+def test_invalid_environment_exits_naming_the_variable(lang, tmp_path, name, value):
+    env = {"PATH": os.environ.get("PATH", ""), "EMBER_AGENT_PORT": "0", "TMPDIR": str(tmp_path), name: value}
+    proc = subprocess.run(agent_command(lang), env=env, capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode != 0
+    assert "EMBER_AGENT_LISTENING" not in proc.stdout
+    assert name in proc.stderr
+    assert value in proc.stderr
