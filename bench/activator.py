@@ -1,0 +1,456 @@
+"""Benchmark of the data plane: activator overhead and throughput, and cold starts in gVisor.
+
+One command, one table, every baseline measured in the same run:
+
+    python bench/activator.py            # about 2 minutes
+    python bench/activator.py --quick    # fewer samples
+
+Rows:
+- warm invoke latency p50/p99, sequential: through the activator (`ember dev` as a separate
+  process) vs straight to a runtime agent of the same kind (the activator's overhead is the
+  difference);
+- throughput: requests/s and requests per activator CPU-second (= per core when the core is
+  saturated), through the activator vs a plain aiohttp proxy (one `ClientSession`) in front of
+  the same kind of agent. The load generator is a separate process speaking raw HTTP/1.1 over
+  keep-alive connections so that it costs little; CPU is read from /proc/<pid>/stat (user +
+  system of the server process only, not of its agents);
+- cold start p50/p99 inside the sandbox: from a warm generic pool (claim + specialize + first
+  hello) and from an empty pool (start agent + specialize + hello), next to bare
+  `runsc do /bin/true` and `runsc do python3 -c pass`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "operator"))
+
+from ember.pods.base import PoolKey, VersionKey  # noqa: E402
+from ember.pods.local import LocalPodSource, Sandbox, detect_sandbox  # noqa: E402
+from ember.pods.payload import specialize_request  # noqa: E402
+
+RUNTIME = "python3.11"
+HELLO = "def handler(event, context):\n    return {'hello': event.get('name', 'world')}\n"
+EVENT = b'{"name":"bench"}'
+FUNCTION_YAML = f"""
+apiVersion: ember.run/v1alpha1
+kind: Function
+metadata:
+  name: bench
+spec:
+  runtime: {RUNTIME}
+  handler: main.handler
+  concurrency: {{concurrency}}
+  code:
+    inline: |
+      def handler(event, context):
+          return {{{{'hello': event.get('name', 'world')}}}}
+  scaling:
+    minScale: {{pods}}
+    maxScale: {{pods}}
+    keepAliveSeconds: 600
+"""
+ACTIVATOR_PATH = "/v1/namespaces/default/functions/bench/invoke"
+
+
+# ---------------------------------------------------------------------------------------------
+# load generator: raw HTTP/1.1 over keep-alive connections, in its own process
+
+
+class _Conn(asyncio.Protocol):
+    def __init__(self, gen: _LoadGen) -> None:
+        self.gen = gen
+        self.buf = b""
+        self.sent = 0.0
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.send()
+
+    def send(self) -> None:
+        assert self.transport is not None
+        if time.perf_counter() >= self.gen.deadline or self.gen.remaining == 0:
+            self.transport.close()
+            self.gen.closed()
+            return
+        self.gen.remaining -= 1
+        self.sent = time.perf_counter()
+        self.transport.write(self.gen.request)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while True:
+            head_end = self.buf.find(b"\r\n\r\n")
+            if head_end < 0:
+                return
+            head = self.buf[:head_end]
+            match = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
+            length = int(match.group(1)) if match else 0
+            if len(self.buf) < head_end + 4 + length:
+                return
+            status = int(head[9:12])
+            self.buf = self.buf[head_end + 4 + length :]
+            self.gen.done(status, time.perf_counter() - self.sent)
+            self.send()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.gen.closed()
+
+
+class _LoadGen:
+    def __init__(self, host: str, port: int, path: str, seconds: float, count: int) -> None:
+        self.request = (
+            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(EVENT)}\r\n\r\n"
+        ).encode() + EVENT
+        self.deadline = time.perf_counter() + seconds
+        self.remaining = count if count > 0 else -1
+        self.latencies: list[float] = []
+        self.errors = 0
+        self.open = 0
+        self.finished = asyncio.get_running_loop().create_future()
+
+    def done(self, status: int, latency: float) -> None:
+        if status == 200:
+            self.latencies.append(latency)
+        else:
+            self.errors += 1
+
+    def closed(self) -> None:
+        self.open -= 1
+        if self.open <= 0 and not self.finished.done():
+            self.finished.set_result(None)
+
+
+async def _loadgen(host: str, port: int, path: str, seconds: float, concurrency: int, count: int) -> dict[str, Any]:
+    gen = _LoadGen(host, port, path, seconds, count)
+    loop = asyncio.get_running_loop()
+    gen.open = concurrency
+    started = time.perf_counter()
+    for _ in range(concurrency):
+        await loop.create_connection(lambda: _Conn(gen), host, port)
+    await gen.finished
+    elapsed = time.perf_counter() - started
+    return {"ok": len(gen.latencies), "errors": gen.errors, "elapsed": elapsed, "latencies": gen.latencies}
+
+
+def run_loadgen(address: str, path: str, *, seconds: float, concurrency: int, count: int = 0) -> dict[str, Any]:
+    """Run the load generator in a separate process; its result as a dict."""
+    host, port = address.rsplit(":", 1)
+    out = subprocess.run(
+        [sys.executable, __file__, "_loadgen", host, port, path, str(seconds), str(concurrency), str(count)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return dict(json.loads(out))
+
+
+# ---------------------------------------------------------------------------------------------
+# a plain aiohttp proxy, the baseline of the activator's throughput
+
+
+async def _proxy(port: int, backend: str) -> None:
+    from aiohttp import ClientSession, TCPConnector, web
+
+    session = ClientSession(connector=TCPConnector(limit=0))
+    url = f"http://{backend}/v1/invoke"
+
+    async def forward(request: web.Request) -> web.Response:
+        body = await request.read()
+        async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
+            return web.Response(status=r.status, body=await r.read(), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/v1/invoke", forward)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    print("PROXY_READY", flush=True)
+    await asyncio.Event().wait()
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of one process (not its children)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+
+
+@dataclass
+class Row:
+    what: str
+    value: str
+    baseline: str
+    target: str
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def start_agent(source: LocalPodSource, concurrency: int) -> str:
+    """A specialized agent of the bench function, for direct calls."""
+    pool = PoolKey(RUNTIME, "gvisor", 128, "bench")
+    handle = await source.claim(pool)
+    from ember.api.function import Function
+
+    fn = Function.model_validate(
+        {
+            "metadata": {"name": "bench"},
+            "spec": {
+                "runtime": RUNTIME,
+                "handler": "main.handler",
+                "code": {"inline": HELLO},
+                "concurrency": concurrency,
+            },
+        }
+    )
+    request = specialize_request(VersionKey("default", "bench", 1), fn.spec, "sha256:" + "0" * 64)
+    handle = await source.specialize(handle, request)
+    return handle.address
+
+
+def start_dev(directory: Path, port: int, env: dict[str, str]) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ember.cli", "dev", str(directory), "--port", str(port), "--no-watch"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "Ready" in line:
+            return proc
+    raise RuntimeError("ember dev exited before the bench function was ready")
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(2)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def timed_runs(command: list[str], n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True, cwd="/tmp")
+        out.append(time.perf_counter() - t)
+    return out
+
+
+async def cold_starts(runs_warm: int, runs_empty: int) -> tuple[list[float], list[float]]:
+    """(from a warm pool, from an empty pool): claim + specialize + first invocation, seconds."""
+    import aiohttp
+
+    from ember.api.function import Function
+
+    fn = Function.model_validate(
+        {
+            "metadata": {"name": "cold"},
+            "spec": {"runtime": RUNTIME, "handler": "main.handler", "code": {"inline": HELLO}},
+        }
+    )
+    request = specialize_request(VersionKey("default", "cold", 1), fn.spec, "sha256:" + "1" * 64)
+    source = LocalPodSource()
+    warm_pool = PoolKey(RUNTIME, "gvisor", 128, "warm")
+    empty_pool = PoolKey(RUNTIME, "gvisor", 128, "empty")
+    warm: list[float] = []
+    empty: list[float] = []
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def one(pool: PoolKey) -> float:
+                t = time.perf_counter()
+                handle = await source.claim(pool)
+                handle = await source.specialize(handle, request)
+                async with http.post(f"http://{handle.address}/v1/invoke", data=EVENT) as r:
+                    assert r.status == 200, await r.text()
+                    await r.read()
+                elapsed = time.perf_counter() - t
+                await source.release(handle)
+                return elapsed
+
+            await source.ensure_pool(warm_pool, 1)
+            for _ in range(runs_warm):
+                while not source.warm_pods().get(warm_pool):  # noqa: ASYNC110 - polling the source is the point
+                    await asyncio.sleep(0.02)
+                await asyncio.sleep(0.05)  # let the refill's start settle
+                warm.append(await one(warm_pool))
+            await source.ensure_pool(warm_pool, 0)
+            for _ in range(runs_empty):
+                empty.append(await one(empty_pool))
+    finally:
+        await source.close()
+    return warm, empty
+
+
+async def main(args: argparse.Namespace) -> int:
+    sandbox = detect_sandbox()
+    print(f"sandbox: {sandbox.note}; runtime {RUNTIME}; cores: {os.cpu_count()}", flush=True)
+    rows: list[Row] = []
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "operator")}
+    n_lat = 300 if args.quick else 2000
+    seconds = 3.0 if args.quick else 8.0
+    conc = 32
+
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        (directory / "bench.yaml").write_text(FUNCTION_YAML.format(concurrency=conc, pods=1))
+        source = LocalPodSource()
+        try:
+            direct = await start_agent(source, conc)
+            port = free_port()
+            dev = start_dev(directory, port, env)
+            try:
+                via = f"127.0.0.1:{port}"
+                # warm invoke latency, one at a time
+                run_loadgen(direct, "/v1/invoke", seconds=60, concurrency=1, count=200)
+                run_loadgen(via, ACTIVATOR_PATH, seconds=60, concurrency=1, count=200)
+                d = run_loadgen(direct, "/v1/invoke", seconds=120, concurrency=1, count=n_lat)["latencies"]
+                a = run_loadgen(via, ACTIVATOR_PATH, seconds=120, concurrency=1, count=n_lat)["latencies"]
+                ms = 1000
+                rows.append(
+                    Row("warm invoke p50 (ms)", f"{pct(a, 50) * ms:.2f}", f"direct {pct(d, 50) * ms:.2f}", "+<=1 ms")
+                )
+                rows.append(
+                    Row("warm invoke p99 (ms)", f"{pct(a, 99) * ms:.2f}", f"direct {pct(d, 99) * ms:.2f}", "+<=3 ms")
+                )
+                rows.append(
+                    Row(
+                        "activator overhead p50/p99 (ms)",
+                        f"{(pct(a, 50) - pct(d, 50)) * ms:.2f} / {(pct(a, 99) - pct(d, 99)) * ms:.2f}",
+                        "",
+                        "<=1 / <=3",
+                    )
+                )
+                # throughput
+                cpu0 = cpu_seconds(dev.pid)
+                t = run_loadgen(via, ACTIVATOR_PATH, seconds=seconds, concurrency=conc)
+                cpu_a = cpu_seconds(dev.pid) - cpu0
+                rate_a = t["ok"] / t["elapsed"]
+                direct_t = run_loadgen(direct, "/v1/invoke", seconds=seconds, concurrency=conc)
+                rate_d = direct_t["ok"] / direct_t["elapsed"]
+            finally:
+                stop(dev)
+            pport = free_port()
+            proxy = subprocess.Popen(  # noqa: ASYNC220 - the bench runs one step at a time on purpose
+                [sys.executable, __file__, "_proxy", str(pport), direct], stdout=subprocess.PIPE, text=True, env=env
+            )
+            try:
+                assert proxy.stdout is not None
+                proxy.stdout.readline()
+                run_loadgen(f"127.0.0.1:{pport}", "/v1/invoke", seconds=60, concurrency=1, count=200)
+                cpu0 = cpu_seconds(proxy.pid)
+                p = run_loadgen(f"127.0.0.1:{pport}", "/v1/invoke", seconds=seconds, concurrency=conc)
+                cpu_p = cpu_seconds(proxy.pid) - cpu0
+                rate_p = p["ok"] / p["elapsed"]
+            finally:
+                proxy.kill()
+                proxy.wait()
+        finally:
+            await source.close()
+    rows.append(
+        Row(
+            f"throughput, {conc} connections (req/s)",
+            f"{rate_a:.0f} ({t['errors']} errors)",
+            f"direct {rate_d:.0f}; aiohttp proxy {rate_p:.0f}",
+            "",
+        )
+    )
+    rows.append(
+        Row(
+            "requests per activator CPU-second",
+            f"{t['ok'] / max(cpu_a, 1e-9):.0f}",
+            f"aiohttp proxy {p['ok'] / max(cpu_p, 1e-9):.0f}",
+            ">=4000",
+        )
+    )
+
+    warm, empty = await cold_starts(10 if args.quick else 40, 3 if args.quick else 8)
+    rows.append(
+        Row(
+            "cold start, warm pool p50/p99 (ms)",
+            f"{pct(warm, 50) * 1000:.1f} / {pct(warm, 99) * 1000:.1f}",
+            "",
+            "<=20 / <=60",
+        )
+    )
+    if sandbox.kind is Sandbox.RUNSC:
+        assert sandbox.binary is not None
+        runsc = [sandbox.binary, "--rootless", "--network=host", *os.environ.get("EMBER_RUNSC_FLAGS", "").split(), "do"]
+        true_runs = timed_runs([*runsc, "/bin/true"], 5 if args.quick else 10)
+        py_runs = timed_runs([*runsc, sys.executable, "-c", "pass"], 3 if args.quick else 8)
+        py50 = statistics.median(py_runs)
+        rows.append(
+            Row(
+                "cold start, empty pool p50/p99 (ms)",
+                f"{pct(empty, 50) * 1000:.0f} / {pct(empty, 99) * 1000:.0f}",
+                f"runsc do python3 -c pass {py50 * 1000:.0f}; /bin/true {statistics.median(true_runs) * 1000:.0f}",
+                f"<=1.2x ({pct(empty, 50) / py50:.2f}x)",
+            )
+        )
+    else:
+        rows.append(
+            Row(
+                "cold start, empty pool p50/p99 (ms)",
+                f"{pct(empty, 50) * 1000:.0f} / {pct(empty, 99) * 1000:.0f}",
+                "runsc not installed",
+                "",
+            )
+        )
+
+    width = max(len(r.what) for r in rows)
+    vwidth = max(len(r.value) for r in rows)
+    bwidth = max(len(r.baseline) for r in rows)
+    print(f"\n{'measure':<{width}}  {'Ember':<{vwidth}}  {'baseline (same run)':<{bwidth}}  target")
+    for r in rows:
+        print(f"{r.what:<{width}}  {r.value:<{vwidth}}  {r.baseline:<{bwidth}}  {r.target}")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_loadgen":
+        host, port, path, seconds, concurrency, count = sys.argv[2:8]
+        result = asyncio.run(_loadgen(host, int(port), path, float(seconds), int(concurrency), int(count)))
+        print(json.dumps(result))
+        sys.exit(0)
+    if len(sys.argv) > 1 and sys.argv[1] == "_proxy":
+        asyncio.run(_proxy(int(sys.argv[2]), sys.argv[3]))
+        sys.exit(0)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
+    sys.exit(asyncio.run(main(parser.parse_args())))
