@@ -83,9 +83,11 @@ class Invoker:
                     "pod unreachable function=%s pod=%s attempt=%d error=%s", vs.fs.label, pod.handle.id, attempt, err
                 )
                 self._scaler.pod_lost(vs, pod)
+                self._client.forget(pod.address)
                 continue
             except AgentLost as err:
                 self._scaler.pod_lost(vs, pod)
+                self._client.forget(pod.address)
                 return _unhandled("Runtime.ExitError", f"the function's sandbox stopped during the invocation: {err}")
             except TimeoutError:
                 return _unhandled("Sandbox.Timedout", f"no reply within {vs.timeout_s:g} s")
