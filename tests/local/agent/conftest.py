@@ -36,9 +36,10 @@ def agent_command(lang: str) -> list[str]:
     if lang == "python":
         # EMBER_TEST_AGENT_PYTHON runs the agent under another interpreter (e.g. python3.12)
         return [os.environ.get("EMBER_TEST_AGENT_PYTHON") or sys.executable, "-S", "-E", str(PY_AGENT)]
-    if NODE is None:
-        pytest.skip("node is not installed")
-    return [NODE, str(NODE_AGENT)]
+    node = os.environ.get("EMBER_TEST_AGENT_NODE") or NODE  # e.g. Debian bookworm's Node 18
+    if node is None:
+        pytest.fail("node is not installed: the Node.js agent cannot be tested")
+    return [node, str(NODE_AGENT)]
 
 
 class Response:
