@@ -272,8 +272,18 @@ def timed_runs(command: list[str], n: int) -> list[float]:
     return out
 
 
-async def cold_starts(runs_warm: int, runs_empty: int) -> tuple[list[float], list[float]]:
-    """(from a warm pool, from an empty pool): claim + specialize + first invocation, seconds."""
+@dataclass
+class ColdStarts:
+    """Seconds per sample: total, and its parts."""
+
+    total: list[float]
+    claim: list[float]
+    specialize: list[float]
+    first_invoke: list[float]
+
+
+async def cold_starts(source: LocalPodSource, pool: PoolKey, runs: int, *, warm: bool) -> ColdStarts:
+    """claim + specialize + first invocation, from a warm pool (`warm`) or an empty one."""
     import aiohttp
 
     from ember.api.function import Function
@@ -285,51 +295,54 @@ async def cold_starts(runs_warm: int, runs_empty: int) -> tuple[list[float], lis
         }
     )
     request = specialize_request(VersionKey("default", "cold", 1), fn.spec, "sha256:" + "1" * 64)
-    source = LocalPodSource()
-    warm_pool = PoolKey(RUNTIME, "gvisor", 128, "warm")
-    empty_pool = PoolKey(RUNTIME, "gvisor", 128, "empty")
-    warm: list[float] = []
-    empty: list[float] = []
-    try:
-        async with aiohttp.ClientSession() as http:
-
-            async def one(pool: PoolKey) -> float:
-                t = time.perf_counter()
-                handle = await source.claim(pool)
-                handle = await source.specialize(handle, request)
-                async with http.post(f"http://{handle.address}/v1/invoke", data=EVENT) as r:
-                    assert r.status == 200, await r.text()
-                    await r.read()
-                elapsed = time.perf_counter() - t
-                await source.release(handle)
-                return elapsed
-
-            await source.ensure_pool(warm_pool, 1)
-            for _ in range(runs_warm):
-                while not source.warm_pods().get(warm_pool):  # noqa: ASYNC110 - polling the source is the point
+    out = ColdStarts([], [], [], [])
+    await source.ensure_pool(pool, 1 if warm else 0)
+    async with aiohttp.ClientSession() as http:
+        for _ in range(runs):
+            if warm:
+                while not source.warm_pods().get(pool):  # noqa: ASYNC110 - polling the source is the point
                     await asyncio.sleep(0.02)
-                await asyncio.sleep(0.05)  # let the refill's start settle
-                warm.append(await one(warm_pool))
-            await source.ensure_pool(warm_pool, 0)
-            for _ in range(runs_empty):
-                empty.append(await one(empty_pool))
-    finally:
-        await source.close()
-    return warm, empty
+                await asyncio.sleep(0.2)  # let the previous refill settle: measure a quiet claim
+            t0 = time.perf_counter()
+            handle = await source.claim(pool)
+            t1 = time.perf_counter()
+            handle = await source.specialize(handle, request)
+            t2 = time.perf_counter()
+            async with http.post(f"http://{handle.address}/v1/invoke", data=EVENT) as r:
+                assert r.status == 200, await r.text()
+                await r.read()
+            t3 = time.perf_counter()
+            await source.release(handle)
+            out.total.append(t3 - t0)
+            out.claim.append(t1 - t0)
+            out.specialize.append(t2 - t1)
+            out.first_invoke.append(t3 - t2)
+    await source.ensure_pool(pool, 0)
+    return out
 
 
-async def main(args: argparse.Namespace) -> int:
-    sandbox = detect_sandbox()
-    print(f"sandbox: {sandbox.note}; runtime {RUNTIME}; cores: {os.cpu_count()}", flush=True)
-    rows: list[Row] = []
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "operator")}
-    n_lat = 300 if args.quick else 2000
-    seconds = 3.0 if args.quick else 8.0
-    conc = 32
+@dataclass
+class DataPath:
+    """Warm latency (seconds) and throughput through the activator and its baselines, one sandbox."""
 
+    via: list[float]
+    direct: list[float]
+    rate_via: float
+    errors_via: int
+    per_cpu_via: float
+    rate_direct: float
+    rate_proxy: float
+    per_cpu_proxy: float
+
+
+async def data_path(sandbox: str, *, n_lat: int, seconds: float, conc: int, pods: int) -> DataPath:
+    """Run `ember dev` (a separate process) and a direct agent with EMBER_SANDBOX=sandbox; measure."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "operator"), "EMBER_SANDBOX": sandbox}
+    os.environ["EMBER_SANDBOX"] = sandbox
+    per_pod = max(1, conc // pods)
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
-        (directory / "bench.yaml").write_text(FUNCTION_YAML.format(concurrency=conc, pods=1))
+        (directory / "bench.yaml").write_text(FUNCTION_YAML.format(concurrency=per_pod, pods=pods))
         source = LocalPodSource()
         try:
             direct = await start_agent(source, conc)
@@ -337,33 +350,14 @@ async def main(args: argparse.Namespace) -> int:
             dev = start_dev(directory, port, env)
             try:
                 via = f"127.0.0.1:{port}"
-                # warm invoke latency, one at a time
                 run_loadgen(direct, "/v1/invoke", seconds=60, concurrency=1, count=200)
                 run_loadgen(via, ACTIVATOR_PATH, seconds=60, concurrency=1, count=200)
                 d = run_loadgen(direct, "/v1/invoke", seconds=120, concurrency=1, count=n_lat)["latencies"]
                 a = run_loadgen(via, ACTIVATOR_PATH, seconds=120, concurrency=1, count=n_lat)["latencies"]
-                ms = 1000
-                rows.append(
-                    Row("warm invoke p50 (ms)", f"{pct(a, 50) * ms:.2f}", f"direct {pct(d, 50) * ms:.2f}", "+<=1 ms")
-                )
-                rows.append(
-                    Row("warm invoke p99 (ms)", f"{pct(a, 99) * ms:.2f}", f"direct {pct(d, 99) * ms:.2f}", "+<=3 ms")
-                )
-                rows.append(
-                    Row(
-                        "activator overhead p50/p99 (ms)",
-                        f"{(pct(a, 50) - pct(d, 50)) * ms:.2f} / {(pct(a, 99) - pct(d, 99)) * ms:.2f}",
-                        "",
-                        "<=1 / <=3",
-                    )
-                )
-                # throughput
                 cpu0 = cpu_seconds(dev.pid)
                 t = run_loadgen(via, ACTIVATOR_PATH, seconds=seconds, concurrency=conc)
                 cpu_a = cpu_seconds(dev.pid) - cpu0
-                rate_a = t["ok"] / t["elapsed"]
                 direct_t = run_loadgen(direct, "/v1/invoke", seconds=seconds, concurrency=conc)
-                rate_d = direct_t["ok"] / direct_t["elapsed"]
             finally:
                 stop(dev)
             pport = free_port()
@@ -377,38 +371,72 @@ async def main(args: argparse.Namespace) -> int:
                 cpu0 = cpu_seconds(proxy.pid)
                 p = run_loadgen(f"127.0.0.1:{pport}", "/v1/invoke", seconds=seconds, concurrency=conc)
                 cpu_p = cpu_seconds(proxy.pid) - cpu0
-                rate_p = p["ok"] / p["elapsed"]
             finally:
                 proxy.kill()
                 proxy.wait()
         finally:
             await source.close()
-    rows.append(
-        Row(
-            f"throughput, {conc} connections (req/s)",
-            f"{rate_a:.0f} ({t['errors']} errors)",
-            f"direct {rate_d:.0f}; aiohttp proxy {rate_p:.0f}",
-            "",
-        )
-    )
-    rows.append(
-        Row(
-            "requests per activator CPU-second",
-            f"{t['ok'] / max(cpu_a, 1e-9):.0f}",
-            f"aiohttp proxy {p['ok'] / max(cpu_p, 1e-9):.0f}",
-            ">=4000",
-        )
+            os.environ.pop("EMBER_SANDBOX", None)
+    return DataPath(
+        via=a,
+        direct=d,
+        rate_via=t["ok"] / t["elapsed"],
+        errors_via=t["errors"],
+        per_cpu_via=t["ok"] / max(cpu_a, 1e-9),
+        rate_direct=direct_t["ok"] / direct_t["elapsed"],
+        rate_proxy=p["ok"] / p["elapsed"],
+        per_cpu_proxy=p["ok"] / max(cpu_p, 1e-9),
     )
 
-    warm, empty = await cold_starts(10 if args.quick else 40, 3 if args.quick else 8)
-    rows.append(
-        Row(
-            "cold start, warm pool p50/p99 (ms)",
-            f"{pct(warm, 50) * 1000:.1f} / {pct(warm, 99) * 1000:.1f}",
-            "",
-            "<=20 / <=60",
+
+def ms(values: Sequence[float], q: float) -> str:
+    return f"{pct(values, q) * 1000:.2f}"
+
+
+def data_rows(label: str, m: DataPath, conc: int) -> list[Row]:
+    over50 = (pct(m.via, 50) - pct(m.direct, 50)) * 1000
+    over99 = (pct(m.via, 99) - pct(m.direct, 99)) * 1000
+    return [
+        Row(f"[{label}] warm invoke p50 / p99 (ms)", f"{ms(m.via, 50)} / {ms(m.via, 99)}",
+            f"direct to agent {ms(m.direct, 50)} / {ms(m.direct, 99)}", ""),
+        Row(f"[{label}] activator overhead p50 / p99 (ms)", f"{over50:.2f} / {over99:.2f}", "", "<= 1 / <= 3"),
+        Row(f"[{label}] throughput, {conc} connections (req/s)", f"{m.rate_via:.0f} ({m.errors_via} errors)",
+            f"direct {m.rate_direct:.0f}; aiohttp proxy {m.rate_proxy:.0f}", ""),
+        Row(f"[{label}] requests per activator CPU-second", f"{m.per_cpu_via:.0f}",
+            f"aiohttp proxy {m.per_cpu_proxy:.0f}", ">= 4000"),
+    ]  # fmt: skip
+
+
+async def main(args: argparse.Namespace) -> int:
+    sandbox = detect_sandbox()
+    print(f"sandbox: {sandbox.note}; runtime {RUNTIME}; cores: {os.cpu_count()}", flush=True)
+    print(f"load average before: {os.getloadavg()[0]:.2f} (other work on this machine skews every number)", flush=True)
+    n_lat = 300 if args.quick else 2000
+    seconds = 3.0 if args.quick else 8.0
+    conc = 32
+    rows: list[Row] = []
+    if sandbox.kind is not Sandbox.NONE:
+        rows += data_rows(sandbox.kind.value, await data_path(sandbox.kind.value, n_lat=n_lat, seconds=seconds,
+                                                              conc=conc, pods=1), conc)  # fmt: skip
+    rows += data_rows("unsandboxed", await data_path("none", n_lat=n_lat, seconds=seconds, conc=conc, pods=2), conc)
+
+    source = LocalPodSource()
+    try:
+        warm = await cold_starts(source, PoolKey(RUNTIME, "gvisor", 128, "warm"), 10 if args.quick else 40, warm=True)
+        empty = await cold_starts(source, PoolKey(RUNTIME, "gvisor", 128, "empty"), 3 if args.quick else 8, warm=False)
+    finally:
+        await source.close()
+    label = sandbox.kind.value
+    for name, c in (("warm pool", warm), ("empty pool", empty)):
+        rows.append(
+            Row(
+                f"[{label}] cold start, {name} p50 / p99 (ms)",
+                f"{ms(c.total, 50)} / {ms(c.total, 99)}",
+                f"p50 parts: claim {ms(c.claim, 50)}, specialize {ms(c.specialize, 50)},"
+                f" first invoke {ms(c.first_invoke, 50)}",
+                "<= 20 / <= 60" if name == "warm pool" else "<= 1.2x runsc do python3 -c pass",
+            )
         )
-    )
     if sandbox.kind is Sandbox.RUNSC:
         assert sandbox.binary is not None
         runsc = [sandbox.binary, "--rootless", "--network=host", *os.environ.get("EMBER_RUNSC_FLAGS", "").split(), "do"]
@@ -417,19 +445,11 @@ async def main(args: argparse.Namespace) -> int:
         py50 = statistics.median(py_runs)
         rows.append(
             Row(
-                "cold start, empty pool p50/p99 (ms)",
-                f"{pct(empty, 50) * 1000:.0f} / {pct(empty, 99) * 1000:.0f}",
-                f"runsc do python3 -c pass {py50 * 1000:.0f}; /bin/true {statistics.median(true_runs) * 1000:.0f}",
-                f"<=1.2x ({pct(empty, 50) / py50:.2f}x)",
-            )
-        )
-    else:
-        rows.append(
-            Row(
-                "cold start, empty pool p50/p99 (ms)",
-                f"{pct(empty, 50) * 1000:.0f} / {pct(empty, 99) * 1000:.0f}",
-                "runsc not installed",
-                "",
+                "[runsc] bare runsc do p50 (ms)",
+                f"empty pool / python3 -c pass = {pct(empty.total, 50) / py50:.2f}x",
+                f"runsc do python3 -c pass {py50 * 1000:.0f};"
+                f" runsc do /bin/true {statistics.median(true_runs) * 1000:.0f}",
+                "<= 1.2x",
             )
         )
 
@@ -439,6 +459,7 @@ async def main(args: argparse.Namespace) -> int:
     print(f"\n{'measure':<{width}}  {'Ember':<{vwidth}}  {'baseline (same run)':<{bwidth}}  target")
     for r in rows:
         print(f"{r.what:<{width}}  {r.value:<{vwidth}}  {r.baseline:<{bwidth}}  {r.target}")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
     return 0
 
 
