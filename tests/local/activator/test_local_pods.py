@@ -1,0 +1,154 @@
+"""`LocalPodSource` on its own: real agent processes in the real sandboxes installed here.
+
+Covers pool hits and misses, background refill, bad code (the pod stays generic), watching a
+Version's endpoints, release, and that code really runs inside gVisor / bubblewrap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from ember.api.function import Function
+from ember.pods.base import ClaimKind, PoolKey, SpecializeFailed, VersionKey
+from ember.pods.local import LocalPodSource, Sandbox, detect_sandbox
+from ember.pods.payload import specialize_request
+
+POOL = PoolKey("python3.11", "gvisor", 128, "test")
+PROBE = """
+import os
+def handler(event, context):
+    with open("/proc/version") as f:
+        kernel = f.read()
+    return {"kernel": kernel, "uid": os.getuid(), "tmp": sorted(os.listdir("/tmp"))}
+"""
+
+
+def _request(code: str, number: int = 1) -> object:
+    fn = Function.model_validate(
+        {
+            "metadata": {"name": "probe"},
+            "spec": {"runtime": "python3.11", "handler": "main.handler", "code": {"inline": code}},
+        }
+    )
+    return specialize_request(VersionKey("default", "probe", number), fn.spec, "sha256:" + f"{number:064x}")
+
+
+@pytest.fixture
+async def source() -> AsyncIterator[LocalPodSource]:
+    src = LocalPodSource()
+    try:
+        yield src
+    finally:
+        pids = src.running_pids()
+        await src.close()
+        assert src.running_pids() == []
+        assert [p for p in pids if _not_zombie(p)] == []
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def _invoke(address: str) -> dict[str, object]:
+    async with aiohttp.ClientSession() as http, http.post(f"http://{address}/v1/invoke", data=b"{}") as r:
+        assert r.status == 200
+        return dict(await r.json())
+
+
+async def _until(predicate, timeout_s: float = 30) -> None:  # type: ignore[no-untyped-def]
+    async with asyncio.timeout(timeout_s):
+        while not predicate():  # noqa: ASYNC110 - polling state the source exposes
+            await asyncio.sleep(0.02)
+
+
+async def test_claim_is_a_miss_on_an_empty_pool_then_hits_after_refill(source: LocalPodSource) -> None:
+    cold = await source.claim(POOL)
+    assert cold.claim is ClaimKind.POOL_MISS
+    await source.ensure_pool(POOL, 2)
+    await _until(lambda: source.warm_pods().get(POOL) == 2)
+    warm = await source.claim(POOL)
+    assert warm.claim is ClaimKind.POOL_HIT
+    await _until(lambda: source.warm_pods().get(POOL) == 2)  # refilled in the background
+    await source.release(cold)
+    await source.release(warm)
+    await source.ensure_pool(POOL, 0)
+    assert source.warm_pods().get(POOL) == 0
+
+
+async def test_specialize_runs_code_inside_the_sandbox(source: LocalPodSource) -> None:
+    pod = await source.specialize(await source.claim(POOL), _request(PROBE))  # type: ignore[arg-type]
+    result = await _invoke(pod.address)
+    if source.sandbox.kind is Sandbox.RUNSC:
+        # gVisor's own kernel answers, not the host's
+        assert "4.4.0" in str(result["kernel"])
+        assert os.uname().release not in str(result["kernel"])
+    elif source.sandbox.kind is Sandbox.BWRAP:
+        assert all(str(name).startswith("ember") for name in result["tmp"])  # type: ignore[attr-defined]
+    assert pod.version == VersionKey("default", "probe", 1)
+    assert [p.id for p in source.endpoints(pod.version)] == [pod.id]
+
+
+async def test_bad_code_fails_specialize_and_leaves_the_pod_generic(source: LocalPodSource) -> None:
+    pod = await source.claim(POOL)
+    with pytest.raises(SpecializeFailed) as info:
+        await source.specialize(pod, _request("def handler(:\n"))  # type: ignore[arg-type]
+    assert info.value.is_code_error
+    assert info.value.status == 422
+    good = await source.specialize(pod, _request("def handler(e, c):\n    return 7\n", 2))  # type: ignore[arg-type]
+    async with aiohttp.ClientSession() as http, http.post(f"http://{good.address}/v1/invoke", data=b"{}") as r:
+        assert await r.json() == 7
+
+
+async def test_watch_reports_added_and_lost_pods(source: LocalPodSource) -> None:
+    version = VersionKey("default", "probe", 1)
+    seen: list[int] = []
+
+    async def watch() -> None:
+        async for endpoints in source.watch(version):
+            seen.append(len(endpoints))
+            if seen[-2:] == [1, 0]:
+                return
+
+    watcher = asyncio.create_task(watch())
+    pod = await source.specialize(await source.claim(POOL), _request(PROBE))  # type: ignore[arg-type]
+    await _until(lambda: 1 in seen)
+    os.kill(source._processes[pod.id].proc.pid, 9)
+    await asyncio.wait_for(watcher, 10)
+    assert seen[0] == 0
+    assert seen[-2:] == [1, 0]
+    assert source.endpoints(version) == []
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed here")
+async def test_bubblewrap_sandbox_serves() -> None:
+    src = LocalPodSource(sandbox=detect_sandbox({"EMBER_SANDBOX": "bwrap"}))
+    try:
+        pod = await src.specialize(await src.claim(POOL), _request(PROBE))  # type: ignore[arg-type]
+        result = await _invoke(pod.address)
+        # bwrap's private /tmp holds only what the agent made, not the host's files
+        assert all(str(name).startswith("ember") for name in result["tmp"])  # type: ignore[attr-defined]
+        assert os.listdir("/tmp")
+    finally:
+        await src.close()
+    assert src.running_pids() == []
+
+
+def test_sandbox_choice_follows_the_environment() -> None:
+    with pytest.raises(ValueError, match="EMBER_SANDBOX='docker': must be one of runsc, bwrap, none"):
+        detect_sandbox({"EMBER_SANDBOX": "docker"})
+    with pytest.raises(ValueError, match="is not an executable file"):
+        detect_sandbox({"EMBER_RUNSC": "/nonexistent/runsc"})
+    plain = detect_sandbox({"EMBER_SANDBOX": "none"})
+    assert plain.kind is Sandbox.NONE
+    assert not plain.isolated
+    assert "NOT ISOLATED" in plain.note
