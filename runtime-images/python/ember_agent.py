@@ -264,7 +264,7 @@ _RES = struct.Struct("!BddQ")  # result: status, duration ms, cpu ms, max rss Ki
 _PIDST = struct.Struct("!ii")
 
 T_HELLO, T_INVOKE, T_LOG, T_RESULT, T_FREEZE, T_THAW, T_HOOK = b"HILRZTK"
-T_LOAD_OK, T_LOAD_ERR, T_EXIT = b"OEX"
+T_LOAD_OK, T_LOAD_ERR, T_EXIT, T_SPEC = b"OEXP"
 ST_OK, ST_HANDLED, ST_UNHANDLED, ST_EXITING, ST_BAD_EVENT, ST_OOM = range(6)
 
 
@@ -384,6 +384,7 @@ class _State:
         self.child_status = {}  # pid -> waitpid status, for the agent's own children (templates)
         self.worker_exits = {}  # pid -> waitpid status, reported by the template
         self.shutting_down = False
+        self.standby = None  # _Template waiting for a spec (generic state only)
 
 
 _S = None
@@ -650,8 +651,37 @@ def _rmtree(path):
         pass
 
 
+def _fork_standby():
+    """Fork a standby template: a process that waits for a specialization.
+
+    The agent forks one at start, before any thread exists, so the happy specialize path forks
+    nothing from the multi-threaded agent (and costs no fork).  After a failed specialization the
+    used one is dead and a new one is forked (under _fork_lock)."""
+    a, b = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    with _fork_lock:
+        pid = os.fork()
+    if pid == 0:
+        try:
+            _in_child_close_agent_fds(keep=(b,))
+            a.detach()
+            _standby_main(b)
+        finally:
+            os._exit(70)
+    b.close()
+    _OPEN_SOCKS.add(a)
+    return _Template(pid, a)
+
+
+def _replenish_standby():
+    with _spec_lock:
+        with _lock:
+            if _S.standby is not None or _S.state != "generic" or _S.shutting_down:
+                return
+        _S.standby = _fork_standby()
+
+
 def _start_template(spec):
-    """Fork the template and wait for it to load the code.
+    """Hand the spec to the standby template and wait for it to load the code.
 
     -> (_Template, first _Worker, None) or (None, None, error).  The template forks the first worker
     itself before it reports success (saves a round trip on the specialize path)."""
@@ -665,22 +695,17 @@ def _start_template(spec):
             None,
             {"errorType": "Runtime.CodeDirError", "errorMessage": f"cannot create the code directory: {e}"},
         )
-    a, b = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    tmpl, _S.standby = _S.standby, None
+    if tmpl is None or tmpl.dead:
+        tmpl = _fork_standby()
+    a, pid = tmpl.sock, tmpl.pid
     wa, wb = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    with _fork_lock:
-        pid = os.fork()
-    if pid == 0:  # template
-        try:
-            _in_child_close_agent_fds(keep=(b, wb))
-            a.detach()
-            wa.detach()
-            _template_main(b, wb, spec, dest)
-        finally:
-            os._exit(70)
-    b.close()
+    try:
+        _send_fd(a, b"S", wb.fileno())
+        a.sendall(frame(T_SPEC, jbytes({"spec": spec, "dest": dest})))
+    except OSError:
+        pass  # a dead standby: reading the answer below reports it
     wb.close()
-    _OPEN_SOCKS.add(a)
-    tmpl = _Template(pid, a)
     a.settimeout(spec["initTimeoutSeconds"])
     try:
         typ, payload = FrameReader(a).read()
@@ -712,6 +737,7 @@ def _start_template(spec):
         err = json_loads(payload)
     wa.close()
     _rmtree(dest)
+    _thread.start_new_thread(_replenish_standby, ())
     return None, None, err
 
 
@@ -1355,22 +1381,21 @@ def _shutdown():
         time.sleep(0.01)
     with _lock:
         workers = list(_S.all_workers.values())
-        tmpl = _S.template
+        tmpls = [_S.template, _S.standby]
     for w in workers:
         w.kill()
-    if tmpl is not None:
-        tmpl.kill()
+    for tmpl in tmpls:
+        if tmpl is not None:
+            tmpl.kill()
     os._exit(0)
 
 
 def _prewarm():
-    """Once listening: pay first-use costs here rather than on the specialize path.  The first
-    compile() initialises the AST types (0.7 ms on 3.11, ~4 ms on 3.12); workers use resource and
-    select.  The forked template inherits all of it."""
-    with _fork_lock:
-        compile("pass", "<prewarm>", "exec")
-        for name in ("resource", "select", "binascii"):
-            __import__(name)
+    """In the standby template: pay first-use costs before the spec arrives.  The first compile()
+    initialises the AST types (0.7 ms on 3.11, ~4 ms on 3.12); workers use resource and select."""
+    compile("pass", "<prewarm>", "exec")
+    for name in ("resource", "select", "binascii"):
+        __import__(name)
 
 
 def main():
@@ -1400,9 +1425,9 @@ def main():
     if hasattr(_warnings, "_filters_mutated"):
         _warnings._filters_mutated()
     _signal.signal(_signal.SIGPIPE, _signal.SIG_IGN)
+    _S.standby = _fork_standby()  # before any thread starts
     _thread.start_new_thread(_accept_loop, (lsock, family))
     _write_fd(1, b"EMBER_AGENT_LISTENING port=%d\n" % port)
-    _prewarm()
     while True:
         info = _signal.sigwaitinfo(sigs)
         if info.si_signo == _signal.SIGCHLD:
@@ -1851,6 +1876,24 @@ def _vm_size_kib():
     except (OSError, ValueError):
         pass
     return 0
+
+
+def _standby_main(ctl):
+    """Standby template: warm up, wait for the spec (with the first worker's socket), load it."""
+    _prewarm()
+    try:
+        msg, anc, _flags, _addr = ctl.recvmsg(1, _socket.CMSG_SPACE(4))
+    except OSError:
+        msg = b""
+    fds = [struct.unpack("i", data[:4])[0] for level, typ, data in anc or () if typ == _socket.SCM_RIGHTS]
+    if msg != b"S" or not fds:
+        os._exit(0)  # the agent is gone (or confused): nothing to do
+    try:
+        _typ, payload = FrameReader(ctl).read()
+    except (EOFError, OSError):
+        os._exit(0)
+    req = json_loads(payload)
+    _template_main(ctl, _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM, 0, fds[0]), req["spec"], req["dest"])
 
 
 def _template_main(ctl, first_worker, spec, dest):
