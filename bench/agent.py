@@ -194,13 +194,19 @@ def pct(xs: list[float], p: float) -> float:
     return s[min(len(s) - 1, int(p / 100 * len(s)))]
 
 
-def bench_lang(lang: str, cmd: list[str], runs: int, invokes: int, tmp: str) -> dict[str, str]:
+def bench_lang(
+    lang: str, cmd: list[str], runs: int, invokes: int, tmp: str, baselines: dict[str, list[str]]
+) -> dict[str, str]:
+    """Baselines are measured inside the same loop as the agent, so both see the same machine load."""
     r: dict[str, str] = {}
     start, spec_hello, spec_hello_agent, spec_std, spec_std_agent = [], [], [], [], []
     gen_mem, spec_mem = [], []
     hello = PY_HELLO if lang == "python" else JS_HELLO
     std = PY_STDLIB if lang == "python" else JS_STDLIB
+    base: dict[str, list[float]] = {name: [] for name in baselines}
     for i in range(runs):
+        for name, argv in baselines.items():
+            base[name].append(run_wall(argv) * 1000)
         for which in ("hello", "std"):
             a = AgentProc(cmd, tmp)
             try:
@@ -228,6 +234,8 @@ def bench_lang(lang: str, cmd: list[str], runs: int, invokes: int, tmp: str) -> 
             finally:
                 a.stop()
     r["start→healthy (ms)"] = f"{med(start):.1f}"
+    for name, xs in base.items():
+        r[f"baseline: {name} (ms)"] = f"{med(xs):.1f}"
     r["specialize hello (ms, client / agent)"] = f"{med(spec_hello):.2f} / {med(spec_hello_agent):.2f}"
     r["specialize stdlib-heavy (ms, client / agent)"] = f"{med(spec_std):.2f} / {med(spec_std_agent):.2f}"
     g = [statistics.median([m[k] for m in gen_mem]) for k in range(4)]
@@ -302,20 +310,31 @@ def main() -> None:
     ).stdout.strip()
     with tempfile.TemporaryDirectory() as tmp:
         cols: dict[str, dict[str, str]] = {}
-        base_py = [run_wall([py, "-S", "-E", "-c", "pass"]) * 1000 for _ in range(args.runs)]
-        base_py_site = [run_wall([py, "-c", "pass"]) * 1000 for _ in range(args.runs)]
-        std_imp = [run_wall([py, "-S", "-E", "-c", PY_STDLIB_IMPORTS]) * 1000 for _ in range(args.runs)]
-        cols[f"python {pyver}"] = bench_lang("python", [py, "-S", "-E", str(PY_AGENT)], args.runs, args.invokes, tmp)
-        cols[f"python {pyver}"]["baseline: python -S -E -c pass (ms)"] = f"{med(base_py):.1f}"
-        cols[f"python {pyver}"]["baseline: python -c pass (ms)"] = f"{med(base_py_site):.1f}"
-        cols[f"python {pyver}"]["baseline: bare stdlib imports (ms)"] = f"{med(std_imp) - med(base_py):.1f}"
+        col = bench_lang(
+            "python",
+            [py, "-S", "-E", str(PY_AGENT)],
+            args.runs,
+            args.invokes,
+            tmp,
+            {
+                "python -S -E -c pass": [py, "-S", "-E", "-c", "pass"],
+                "python -c pass": [py, "-c", "pass"],
+                "python -S -E -c '<stdlib imports>'": [py, "-S", "-E", "-c", PY_STDLIB_IMPORTS],
+            },
+        )
+        cols[f"python {pyver}"] = col
         if args.node:
             nodever = subprocess.run(
                 [args.node, "--version"], capture_output=True, text=True, check=True
             ).stdout.strip()
-            base_node = [run_wall([args.node, "-e", "0"]) * 1000 for _ in range(args.runs)]
-            cols[f"node {nodever}"] = bench_lang("node", [args.node, str(NODE_AGENT)], args.runs, args.invokes, tmp)
-            cols[f"node {nodever}"]["baseline: node -e 0 (ms)"] = f"{med(base_node):.1f}"
+            cols[f"node {nodever}"] = bench_lang(
+                "node",
+                [args.node, str(NODE_AGENT)],
+                args.runs,
+                args.invokes,
+                tmp,
+                {"node -e 0": [args.node, "-e", "0"]},
+            )
     targets = {
         "start→healthy (ms)": "≤ 60 (py)",
         "specialize hello (ms, client / agent)": "≤ 5",
