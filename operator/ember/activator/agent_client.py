@@ -137,8 +137,7 @@ def _text(headers: dict[bytes, bytes], name: bytes) -> str | None:
 class AgentClient:
     """HTTP client of the runtime agents; `start` and `close` bracket its life."""
 
-    def __init__(self, *, keepalive_timeout_s: float = 60.0) -> None:
-        del keepalive_timeout_s  # agents close idle connections themselves; a dead one is retried
+    def __init__(self) -> None:
         self._idle: dict[str, list[_Connection]] = {}
         self._all: set[_Connection] = set()
         self._closing = False

@@ -33,7 +33,7 @@ def make_app(source: PodSource, config: ActivatorConfig | None = None) -> web.Ap
     registry = Registry(config, metrics, on_queue=lambda: pokes[0].poke())
     scaler = Scaler(registry, source, config, metrics)
     pokes.append(scaler)
-    client = AgentClient(keepalive_timeout_s=config.keepalive_timeout_s)
+    client = AgentClient()
     invoker = Invoker(registry, client, scaler)
     async_invocations = AsyncInvocations(invoker, depth=config.async_queue_depth, workers=config.async_workers)
     metrics.watch_state(registry, lambda: {str(k): v for k, v in source.warm_pods().items()})

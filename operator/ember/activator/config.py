@@ -23,8 +23,6 @@ class ActivatorConfig:
     agent_timeout_margin_s: float = 2.0  # on top of the function's timeout
     async_queue_depth: int = 10_000
     async_workers: int = 32
-    # connections kept open per pod; one per concurrent invocation is enough
-    keepalive_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.queue_depth < 0:
