@@ -699,3 +699,64 @@ def test_invalid_environment_exits_naming_the_variable(lang, tmp_path, name, val
     assert "EMBER_AGENT_LISTENING" not in proc.stdout
     assert name in proc.stderr
     assert value in proc.stderr
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_sigterm_drains_in_flight_then_exits_leaving_no_process(agent, code):
+    specialize_main(agent, code, timeoutSeconds=10, concurrency=2)
+    assert_usable(agent)
+    procs = _descendants(agent.proc.pid)
+    t, res = _slow_in_background(agent, 1.0)
+    _wait_in_flight(agent, 1)
+    agent.proc.terminate()
+    t.join()
+    assert res["r"].status == 200
+    assert res["r"].json() == "slept"
+    assert agent.proc.wait(timeout=15) == 0
+    time.sleep(0.2)
+    assert [p for p in procs if _alive(p)] == []
+
+
+@pytest.mark.parametrize("lang", ["python"])  # only the Python agent has a template process
+def test_template_killed_is_reloaded(agent, code, lang):
+    specialize_main(agent, code, timeoutSeconds=1)
+    assert_usable(agent)
+    children = [p for p in _descendants(agent.proc.pid) if _alive(p)]
+    direct = []
+    for p in children:
+        with open(f"/proc/{p}/stat") as f:
+            if int(f.read().rsplit(")", 1)[1].split()[1]) == agent.proc.pid:
+                direct.append(p)
+    assert len(direct) == 1, direct  # the template (the standby was used by the specialization)
+    os.kill(direct[0], 9)
+    # the warm worker still answers; a timeout kills it, and the next worker needs a new template
+    assert_usable(agent)
+    r = agent.invoke({"action": "sleep", "seconds": 5})
+    assert r.json()["errorType"] == "Sandbox.Timedout"
+    assert_usable(agent)
+    agent.wait_output("template process died")
