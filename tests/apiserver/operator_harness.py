@@ -100,7 +100,6 @@ class OperatorProcess:
             **os.environ,
             "KUBECONFIG": str(self.kubeconfig),
             "EMBER_NAMESPACES": self.ns,
-            "EMBER_RESYNC_SECONDS": "2",
             "EMBER_KEEP_VERSIONS": "2",
             "EMBER_ACTIVATOR_URL": "http://activator.test:8080",
             "PYTHONUNBUFFERED": "1",

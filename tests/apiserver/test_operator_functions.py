@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kubernetes import client
 from tests.apiserver.operator_harness import (  # the fixtures are used by name
     Ember,
     OperatorProcess,
@@ -39,6 +40,8 @@ def test_function_gets_a_version_code_configmap_pool_and_ready_conditions(
     status = fn["status"]
     assert (status["latestVersion"], status["readyVersion"]) == (1, 1)
     assert status["url"] == f"http://activator.test:8080/v1/namespaces/{ember.ns}/functions/hello/invoke"
+    assert not fn["metadata"].get("finalizers"), "no finalizers: Functions stay deletable without the operator"
+    assert not ember.get("versions", "hello-v1")["metadata"].get("finalizers")
     for type_ in ("Ready", "VersionReady", "PolicyResolved", "EgressEnforced"):
         assert condition(fn, type_)["status"] == "True", type_
         assert condition(fn, type_)["observedGeneration"] == fn["metadata"]["generation"]
@@ -140,10 +143,12 @@ def test_missing_policy_then_created_resolves(ember: Ember, operator: OperatorPr
     assert len(ember.pools()) == 1
 
 
-def test_missing_runtime_class_is_a_clear_condition_not_stuck_pods(ember: Ember, operator: OperatorProcess) -> None:
-    ember.create(
-        "securitypolicies", {"kind": "SecurityPolicy", "metadata": {"name": "kata"}, "spec": {"sandbox": "kata"}}
-    )
+def test_missing_runtime_class_is_a_clear_condition_not_stuck_pods(
+    ember: Ember, operator: OperatorProcess, crds: Any
+) -> None:
+    runtime_class = f"kata-{ember.ns}"
+    spec = {"sandbox": "kata", "runtimeClassName": runtime_class}
+    ember.create("securitypolicies", {"kind": "SecurityPolicy", "metadata": {"name": "kata"}, "spec": spec})
     ember.create("functions", hello_function(securityPolicyRef={"name": "kata"}))
     fn = eventually(
         lambda: (
@@ -152,13 +157,22 @@ def test_missing_runtime_class_is_a_clear_condition_not_stuck_pods(ember: Ember,
         what="PolicyResolved False",
     )
     assert condition(fn, "PolicyResolved")["reason"] == "RuntimeClassMissing"
-    assert "RuntimeClass 'kata'" in condition(fn, "PolicyResolved")["message"]
+    assert f"RuntimeClass '{runtime_class}'" in condition(fn, "PolicyResolved")["message"]
     assert ember.pools() == {}
     policy = eventually(
         lambda: (p := ember.get("securitypolicies", "kata")) and p.get("status", {}).get("policyHash") and p,
         what="SecurityPolicy status",
     )
     assert condition(policy, "Ready")["reason"] == "RuntimeClassMissing"
+
+    # Installing the sandbox later is enough: the RuntimeClass appearing re-reconciles the Function.
+    node = client.NodeV1Api(crds)
+    node.create_runtime_class({"metadata": {"name": runtime_class}, "handler": "kata"})
+    try:
+        eventually(lambda: ready_function(ember, "hello"), what="Ready once the RuntimeClass exists")
+        assert ember.pools()[next(iter(ember.pools()))].spec.template.spec.runtime_class_name == runtime_class
+    finally:
+        node.delete_runtime_class(runtime_class)
 
 
 def test_policy_change_rerolls_the_pool_and_network_policy(ember: Ember, operator: OperatorProcess) -> None:
@@ -205,7 +219,7 @@ def test_configmap_code_is_snapshotted_and_a_change_makes_a_version(ember: Ember
     assert snap.data == {"main.py": "def handler(e, c):\n    return 1\n"}
 
     ember.core.patch_namespaced_config_map("src", ember.ns, {"data": {"main.py": "def handler(e, c):\n    return 2\n"}})
-    eventually(lambda: 2 in ember.versions("hello"), what="Version 2 after the ConfigMap changed (resync)")
+    eventually(lambda: 2 in ember.versions("hello"), what="Version 2 after the ConfigMap changed")
     eventually(lambda: "hello-v2-code" in ember.configmap_names(), what="snapshot of Version 2")
     assert ember.core.read_namespaced_config_map("hello-v1-code", ember.ns).data == snap.data
     assert ember.core.read_namespaced_config_map("hello-v2-code", ember.ns).data["main.py"].endswith("return 2\n")

@@ -1,7 +1,8 @@
 """kopf handlers: wire Function, Version and SecurityPolicy events to the reconcilers. Nothing else.
 
-Every handler of a kind calls the same reconciler (create, update, resume and a resync timer),
-so what happens never depends on which event arrived. kopf's own bookkeeping goes into
+Every handler of a kind calls the same reconciler (create, update, resume), so what happens never
+depends on which event arrived; changes elsewhere (a code ConfigMap, a RuntimeClass, a deleted
+pool) annotate the Functions they affect, which is an update. kopf's own bookkeeping goes into
 annotations under `kopf.ember.run/` rather than status (the CRDs' status schemas do not keep
 unknown fields), and that prefix differs from `ember.run/` on purpose: kopf ignores changes to
 annotations under its storage prefix, and `ember.run/*` annotations are how one object asks
@@ -21,10 +22,12 @@ from ember.api.common import GROUP, VERSION
 from ember.controller import reconcile
 from ember.controller.kube import Kube, KubeError, Obj, connect
 from ember.controller.settings import Settings
+from ember.resources import labels
 
 log = logging.getLogger(__name__)
 KOPF_PREFIX = "kopf.ember.run"
 RETRY_DELAY_S = 2.0
+NUDGE_ANNOTATION = f"{labels.PREFIX}/nudge"
 
 Reconciler = Callable[..., Awaitable[dict[str, Any]]]
 
@@ -77,9 +80,8 @@ def register(registry: kopf.OperatorRegistry, config: Settings) -> None:
         settings.watching.server_timeout = 60
         memo.kube = Kube(await connect())
         log.info(
-            "operator started keep_versions=%d resync_s=%s namespaces=%s",
+            "operator started keep_versions=%d namespaces=%s",
             config.keep_versions,
-            config.resync_seconds,
             ",".join(config.namespaces) or "*",
         )
 
@@ -95,6 +97,7 @@ def register(registry: kopf.OperatorRegistry, config: Settings) -> None:
         ("securitypolicies", reconcile.reconcile_security_policy),
     ):
         _register_kind(registry, config, plural, reconciler)
+    _register_nudges(registry)
 
     @kopf.on.delete(GROUP, VERSION, "securitypolicies", registry=registry, optional=True)
     async def policy_deleted(body: Any, memo: Any, **_: Any) -> None:
@@ -109,17 +112,59 @@ def _register_kind(registry: kopf.OperatorRegistry, config: Settings, plural: st
     async def changed(body: Any, patch: Any, memo: Any, **_: Any) -> None:
         await _run(reconciler, config, memo, body, patch)
 
-    async def resync(body: Any, patch: Any, memo: Any, **_: Any) -> None:
-        await _run(reconciler, config, memo, body, patch)
-
     for decorator in (kopf.on.resume, kopf.on.create, kopf.on.update):
         decorator(GROUP, VERSION, plural, registry=registry, id=f"{plural}-reconcile")(changed)
-    kopf.timer(
-        GROUP,
-        VERSION,
-        plural,
-        registry=registry,
-        id=f"{plural}-resync",
-        interval=config.resync_seconds,
-        initial_delay=config.resync_seconds,
-    )(resync)
+
+
+def _register_nudges(registry: kopf.OperatorRegistry) -> None:
+    """Changes outside a Function that change its desired state annotate it, so that it reconciles.
+
+    Deliberately no kopf timers: kopf puts a finalizer on every object a timer serves, and a
+    finalizer would leave Functions undeletable whenever the operator is not running.
+    """
+
+    @kopf.index(GROUP, VERSION, "functions", registry=registry, id="functions_by_configmap")
+    def functions_by_configmap(
+        namespace: str | None, name: str, spec: Any, **_: Any
+    ) -> dict[tuple[str | None, str], str] | None:
+        ref = ((spec or {}).get("code") or {}).get("configMapRef")
+        return {(namespace, ref["name"]): name} if ref else None
+
+    @kopf.index(GROUP, VERSION, "functions", registry=registry, id="functions_by_namespace")
+    def functions_by_namespace(namespace: str | None, name: str, **_: Any) -> dict[str | None, str]:
+        return {namespace: name}
+
+    @kopf.on.event("", "v1", "configmaps", registry=registry, labels={labels.MANAGED_BY: kopf.ABSENT})
+    async def code_configmap_changed(
+        *, type: str, namespace: str | None, name: str, body: Any, memo: Any, **kwargs: Any
+    ) -> None:
+        if not type or namespace is None:
+            return  # the initial listing: every Function is reconciled on resume anyway
+        token = f"configmap/{name}@{body.get('metadata', {}).get('resourceVersion', type)}"
+        for function in kwargs["functions_by_configmap"].get((namespace, name), []):
+            await _nudge(memo, namespace, function, token)
+
+    @kopf.on.event("node.k8s.io", "v1", "runtimeclasses", registry=registry)
+    async def runtime_class_changed(*, type: str, name: str, memo: Any, **kwargs: Any) -> None:
+        if not type:
+            return
+        for namespace, functions in list(kwargs["functions_by_namespace"].items()):
+            for function in functions:
+                await _nudge(memo, namespace, function, f"runtimeclass/{name}:{type}")
+
+    pool_labels = {labels.COMPONENT: "pool", labels.MANAGED_BY: labels.MANAGER}
+
+    @kopf.on.event("apps", "v1", "deployments", registry=registry, labels=pool_labels)
+    async def pool_deleted(type: str, namespace: str | None, name: str, body: Any, memo: Any, **_: Any) -> None:
+        if type != "DELETED" or namespace is None:
+            return
+        for owner in body.get("metadata", {}).get("ownerReferences") or []:
+            if owner.get("kind") == "Function":
+                await _nudge(memo, namespace, owner["name"], f"pool/{name}:deleted")
+
+
+async def _nudge(memo: Any, namespace: str, function: str, token: str) -> None:
+    try:
+        await memo.kube.annotate_custom("functions", namespace, function, {NUDGE_ANNOTATION: token})
+    except KubeError as err:
+        log.warning("function=%s/%s not nudged (%s): %s", namespace, function, token, err)

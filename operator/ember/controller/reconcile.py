@@ -8,7 +8,7 @@ as `KubeError` (the handler retries); invalid specs become `Ready=False, reason=
 
 Who triggers whom: a Version that changes phase annotates its Function, and a SecurityPolicy
 that changes annotates the Functions that use it; annotations are updates kopf hands to the
-Function's handler. A resync timer is the backstop.
+Function's handler; so do code ConfigMaps, RuntimeClasses and deleted pools (see handlers).
 """
 
 from __future__ import annotations
@@ -483,34 +483,10 @@ async def reconcile_version(
         generation=generation,
         now=now,
     )
-    policy = await resolve_policy(kube, settings, ns, version.spec.function.security_policy_ref)
-    conditions = cond.set_condition(
-        conditions,
-        type_=cond.POLICY_RESOLVED,
-        status=policy.status,
-        reason=policy.reason,
-        message=policy.message,
-        generation=generation,
-        now=now,
-    )
     conditions = cond.with_ready(conditions, cond.VERSION_DEPENDENTS, generation=generation, now=now)
     if code_status == "False" and code_reason in cond.PERMANENT_REASONS:
         conditions = cond.mark_false(conditions, cond.READY, code_reason, code_message, generation=generation, now=now)
     phase = cond.version_phase(conditions)
-    warm = 0
-    if policy.usable and policy.spec is not None:
-        pool = PoolSpec(
-            namespace=ns,
-            runtime=version.spec.function.runtime,
-            memory_mib=version.spec.function.resources.memory_mib,
-            policy=policy.spec,
-            policy_hash=policy_hash(policy.spec),
-            image=settings.image_for(version.spec.function.runtime),
-            replicas=0,
-        )
-        deployment = await kube.get_deployment(ns, pool.name)
-        warm = int(((deployment or {}).get("status") or {}).get("readyReplicas") or 0)
-
     changed = _status_changed(old_conditions, conditions, cond.READY)
     if changed is not None and changed.status != "Unknown":
         record(
@@ -530,7 +506,6 @@ async def reconcile_version(
         "observedGeneration": generation,
         "conditions": _wire_conditions(conditions),
         "phase": phase,
-        "warmPods": warm,
     }
 
 

@@ -23,16 +23,14 @@ class Settings:
     pool_sizes: Mapping[str, int] = field(default_factory=dict)
     default_pool_size: int = 1
     activator_url: str = "http://ember-activator.ember-system.svc:8080"
-    resync_seconds: float = 30.0
     namespaces: tuple[str, ...] = ()
     default_policy_name: str = "default"
     run_as_user: int = 65532
     image_pull_policy: str = "IfNotPresent"
 
     def image_for(self, runtime: str) -> str:
-        """Runtime image: an explicit override, else <registry>/ember-runtime-<family>:<tag> (family python, nodejs)."""
-        family = "python" if runtime.startswith("python") else "nodejs"
-        return self.runtime_images.get(runtime) or f"{self.image_registry}/ember-runtime-{family}:{self.image_tag}"
+        """Runtime image: an override, else <registry>/ember-runtime-<runtime>:<tag> (runtime-images/<runtime>/)."""
+        return self.runtime_images.get(runtime) or f"{self.image_registry}/ember-runtime-{runtime}:{self.image_tag}"
 
     def pool_size_for(self, runtime: str) -> int:
         """Generic pods a new pool of this runtime starts with."""
@@ -82,13 +80,6 @@ def from_env(env: Mapping[str, str]) -> Settings:
         if not raw.isdigit():
             raise SettingsError(f"EMBER_POOL_SIZES: {runtime}={raw!r} is not a non-negative integer")
         sizes[runtime] = int(raw)
-    resync_raw = env.get("EMBER_RESYNC_SECONDS", "")
-    try:
-        resync = float(resync_raw) if resync_raw else _DEFAULTS.resync_seconds
-    except ValueError:
-        raise SettingsError(f"EMBER_RESYNC_SECONDS={resync_raw!r} is not a number") from None
-    if resync <= 0:
-        raise SettingsError(f"EMBER_RESYNC_SECONDS={resync_raw} must be positive")
     namespaces = tuple(ns.strip() for ns in env.get("EMBER_NAMESPACES", "").split(",") if ns.strip())
     return Settings(
         keep_versions=_int(env, "EMBER_KEEP_VERSIONS", _DEFAULTS.keep_versions, minimum=1),
@@ -98,7 +89,6 @@ def from_env(env: Mapping[str, str]) -> Settings:
         pool_sizes=sizes,
         default_pool_size=_int(env, "EMBER_POOL_SIZE", _DEFAULTS.default_pool_size, minimum=0),
         activator_url=env.get("EMBER_ACTIVATOR_URL") or _DEFAULTS.activator_url,
-        resync_seconds=resync,
         namespaces=namespaces,
         default_policy_name=env.get("EMBER_DEFAULT_POLICY") or _DEFAULTS.default_policy_name,
         run_as_user=_int(env, "EMBER_RUN_AS_USER", _DEFAULTS.run_as_user, minimum=1),

@@ -23,7 +23,9 @@ EGRESS_ENFORCED: Final = "EgressEnforced"
 
 # Conditions each kind's Ready is derived from.
 FUNCTION_DEPENDENTS: Final = (POLICY_RESOLVED, VERSION_READY)
-VERSION_DEPENDENTS: Final = (POLICY_RESOLVED, CODE_READY)
+# A Version is an immutable snapshot: it is ready when its code is; whether its pods can run now
+# (policy, RuntimeClass) is live state and belongs to the Function's PolicyResolved.
+VERSION_DEPENDENTS: Final = (CODE_READY,)
 
 
 class Reason:

@@ -10,8 +10,8 @@ from ember.controller.settings import Settings, SettingsError, from_env
 def test_defaults() -> None:
     settings = from_env({})
     assert settings == Settings()
-    assert settings.image_for("python3.12") == "localhost/ember-runtime-python:dev"
-    assert settings.image_for("nodejs20") == "localhost/ember-runtime-nodejs:dev"
+    assert settings.image_for("python3.12") == "localhost/ember-runtime-python3.12:dev"
+    assert settings.image_for("nodejs20") == "localhost/ember-runtime-nodejs20:dev"
     assert settings.pool_size_for("python3.11") == 1
 
 
@@ -24,17 +24,15 @@ def test_overrides() -> None:
             "EMBER_RUNTIME_IMAGES": "nodejs20=img/node:20",
             "EMBER_POOL_SIZE": "2",
             "EMBER_POOL_SIZES": "python3.12=4, nodejs20=0",
-            "EMBER_RESYNC_SECONDS": "0.5",
             "EMBER_NAMESPACES": "a, b,",
             "EMBER_ACTIVATOR_URL": "http://act:9/",
         }
     )
     assert settings.keep_versions == 5
-    assert settings.image_for("python3.11") == "registry.example/e/ember-runtime-python:1.0"
+    assert settings.image_for("python3.11") == "registry.example/e/ember-runtime-python3.11:1.0"
     assert settings.image_for("nodejs20") == "img/node:20"
     assert (settings.pool_size_for("python3.12"), settings.pool_size_for("nodejs20")) == (4, 0)
     assert settings.pool_size_for("python3.11") == 2
-    assert settings.resync_seconds == 0.5
     assert settings.namespaces == ("a", "b")
     assert settings.function_url("ns", "fn") == "http://act:9/v1/namespaces/ns/functions/fn/invoke"
 
@@ -49,8 +47,6 @@ def test_overrides() -> None:
         pytest.param({"EMBER_POOL_SIZES": "ruby=1"}, "unknown runtime 'ruby'", id="unknown-runtime"),
         pytest.param({"EMBER_POOL_SIZES": "nodejs20=x"}, "nodejs20='x' is not a non-negative", id="size-nan"),
         pytest.param({"EMBER_RUNTIME_IMAGES": "python3.12="}, "is not runtime=value", id="empty-image"),
-        pytest.param({"EMBER_RESYNC_SECONDS": "soon"}, "EMBER_RESYNC_SECONDS='soon' is not a number", id="resync-nan"),
-        pytest.param({"EMBER_RESYNC_SECONDS": "0"}, "must be positive", id="resync-zero"),
         pytest.param({"EMBER_RUN_AS_USER": "0"}, "EMBER_RUN_AS_USER=0 must be at least 1", id="root"),
     ],
 )

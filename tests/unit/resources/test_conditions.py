@@ -60,12 +60,18 @@ def test_is_ready_requires_observed_generation(generation: int, observed: int, e
     assert c.is_ready(out, generation=generation, observed_generation=observed) is expected
 
 
+def test_version_phase_loading_when_code_is_there_but_not_ready() -> None:
+    out = c.mark_true([], c.CODE_READY, "CodeStored", "x", generation=1, now=T0)
+    out = c.mark_unknown(out, c.READY, "VersionLoading", "y", generation=1, now=T0)
+    assert c.version_phase(out) == "Loading"
+
+
 @pytest.mark.parametrize(
     ("statuses", "ready_reason", "phase"),
     [
         pytest.param({}, None, "Pending", id="nothing-known"),
-        pytest.param({"CodeReady": "True", "PolicyResolved": "Unknown"}, None, "Loading", id="loading"),
-        pytest.param({"CodeReady": "True", "PolicyResolved": "True"}, None, "Ready", id="ready"),
+        pytest.param({"CodeReady": "Unknown"}, None, "Pending", id="code-unknown"),
+        pytest.param({"CodeReady": "True"}, None, "Ready", id="ready"),
         pytest.param({"CodeReady": "False"}, "InvalidSpec", "Failed", id="permanent-failure"),
         pytest.param({"CodeReady": "False"}, "CodeMissing", "Pending", id="transient-failure"),
     ],

@@ -1,0 +1,154 @@
+"""Cluster tier: the operator keeps a gVisor warm pool; the Kubernetes pod source claims, specializes, invokes.
+
+On the real single-node cluster (kubelet, containerd, gVisor `runsc`, kube-controller-manager):
+the operator (a host process, as in the apiserver tier) turns a Function into a Version, its code
+ConfigMap and a pool Deployment whose pods run the Python agent under RuntimeClass gvisor. The test
+then acts as an activator with `KubernetesPodSource`: claims a warm pod, specializes it with the
+Version's code, invokes it over the pod network, sees the ReplicaSet replace the claimed pod, and
+deletes the Function to see garbage collection take everything it owned.
+
+The pool runs runtime-images/python3.12 (built and imported by the `runtime_images` fixture).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from kubernetes_asyncio import client as aclient
+from kubernetes_asyncio import config as aconfig
+
+from ember.api.function import FunctionSpec
+from ember.api.security_policy import SecurityPolicySpec
+from ember.pods.base import VersionKey
+from ember.pods.kubernetes import KubernetesPodSource
+from ember.pods.payload import pool_key, specialize_request
+from tests.apiserver.operator_harness import Ember, OperatorProcess, apply_crds, condition, eventually, namespace
+from tests.cluster.paths import kube_bin_dir
+
+CODE = "def handler(event, context):\n    return {'hello': event.get('name', 'world')}\n"
+
+
+@pytest.fixture
+def ember_ns(api_client: Any) -> Iterator[Ember]:
+    apply_crds(api_client)
+    with namespace(api_client) as ns:
+        yield Ember(api_client, ns)
+
+
+@pytest.fixture
+def operator(kubeconfig: Path, ember_ns: Ember, runtime_images: list[str], tmp_path: Path) -> Iterator[OperatorProcess]:
+    assert "localhost/ember-runtime-python3.12:dev" in runtime_images
+    proc = OperatorProcess(
+        kubeconfig,
+        ember_ns.ns,
+        tmp_path / "operator.log",
+        EMBER_IMAGE_REGISTRY="localhost",
+        EMBER_IMAGE_TAG="dev",
+        EMBER_IMAGE_PULL_POLICY="Never",
+        EMBER_POOL_SIZE="2",
+    )
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+        print(f"--- operator log ---\n{proc.log_tail()}")
+
+
+@pytest.fixture
+async def api(kubeconfig: Path) -> AsyncIterator[aclient.ApiClient]:
+    configuration = aclient.Configuration()
+    await aconfig.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
+    async with aclient.ApiClient(configuration) as api_client:
+        yield api_client
+
+
+def _ready_generic(ember: Ember, pool: str) -> list[Any]:
+    pods = ember.core.list_namespaced_pod(ember.ns, label_selector=f"ember.run/pool={pool},ember.run/state=generic")
+    return [
+        p
+        for p in pods.items
+        if p.metadata.deletion_timestamp is None
+        and any(c.type == "Ready" and c.status == "True" for c in (p.status.conditions or []))
+    ]
+
+
+def _kubectl(kubeconfig: Path, *args: str) -> str:
+    out = subprocess.run(
+        [str(kube_bin_dir() / "kubectl"), f"--kubeconfig={kubeconfig}", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+async def test_function_to_gvisor_pool_claim_specialize_invoke_and_collection(
+    ember_ns: Ember, operator: OperatorProcess, api: aclient.ApiClient, kubeconfig: Path
+) -> None:
+    ember = ember_ns
+    spec = {"runtime": "python3.12", "handler": "main.handler", "code": {"inline": CODE}}
+    ember.create("functions", {"kind": "Function", "metadata": {"name": "hello"}, "spec": spec})
+    eventually(
+        lambda: (f := ember.get("functions", "hello")) and condition(f, "Ready").get("status") == "True" and f,
+        timeout_s=60,
+        what="Function Ready",
+    )
+    key = pool_key(FunctionSpec.model_validate(spec), SecurityPolicySpec())
+    (deployment,) = ember.pools().values()
+    pool_id = deployment.metadata.labels["ember.run/pool"]
+    warm = eventually(
+        lambda: len(_ready_generic(ember, pool_id)) == 2 and _ready_generic(ember, pool_id),
+        timeout_s=240,
+        what="2 ready generic pods in gVisor",
+    )
+    assert all(p.spec.runtime_class_name == "gvisor" for p in warm)
+
+    # gVisor's Sentry reports its own kernel, not the host's.
+    argv = ["-n", ember.ns, "exec", warm[0].metadata.name, "--", "python3", "-c", "print(open('/proc/version').read())"]
+    pod_kernel = _kubectl(kubeconfig, *argv)
+    assert pod_kernel.startswith("Linux version")
+    assert os.uname().release not in pod_kernel
+
+    source = KubernetesPodSource(api, namespace=ember.ns, holder="test-activator")
+    try:
+        await source.start()
+        handle = await source.claim(key)
+        version = VersionKey(namespace=ember.ns, function="hello", number=1)
+        version_obj = ember.get("versions", "hello-v1")
+        assert version_obj is not None
+        request = specialize_request(version, FunctionSpec.model_validate(spec), version_obj["spec"]["codeHash"])
+        handle = await source.specialize(handle, request)
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"http://{handle.address}/v1/invoke", data=json.dumps({"name": "gvisor"})) as rsp,
+        ):
+            assert rsp.status == 200
+            assert await rsp.json() == {"hello": "gvisor"}
+
+        pod = ember.core.read_namespaced_pod(handle.id, ember.ns)
+        assert pod.metadata.owner_references[0].kind == "Version"
+        # The claimed pod left the Deployment: its ReplicaSet starts a replacement.
+        eventually(lambda: len(_ready_generic(ember, pool_id)) == 2, timeout_s=240, what="pool refilled")
+        assert handle.id not in {p.metadata.name for p in _ready_generic(ember, pool_id)}
+    finally:
+        await source.close()
+
+    # Deleting the Function: garbage collection takes Versions, code ConfigMaps, the pool, the claimed pod.
+    ember.custom.delete_namespaced_custom_object("ember.run", "v1alpha1", ember.ns, "functions", "hello")
+    eventually(lambda: ember.versions("hello") == {}, timeout_s=120, what="Versions collected")
+    eventually(lambda: "hello-v1-code" not in ember.configmap_names(), timeout_s=120, what="code ConfigMap collected")
+    eventually(lambda: ember.pools() == {}, timeout_s=120, what="pool Deployment collected")
+    eventually(
+        lambda: not ember.core.list_namespaced_pod(ember.ns, label_selector="ember.run/function=hello").items,
+        timeout_s=120,
+        what="specialized pod collected",
+    )
