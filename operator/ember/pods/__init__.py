@@ -1,1 +1,1 @@
-"""pods"""
+"""Where pods come from: the `PodSource` interface (`base`), pure builders (`payload`), local processes (`local`)."""
