@@ -151,13 +151,13 @@ function main() {
       }
     }
 
-    load(spec, codePath) {
+    load(spec, codePath, timeoutMs = spec.initTimeoutSeconds * 1000) {
       return this.exchange({ type: 'load', spec, codePath }, (m) => {
         if (m.type === 'loaded') return { ok: true };
         if (m.type === 'loadError') return { error: m.error };
         if (m.type === 'log') process.stdout.write(prefixLines('init', m.data));
         return undefined;
-      }, spec.initTimeoutSeconds * 1000);
+      }, Math.max(1, timeoutMs));
     }
   }
 
@@ -351,7 +351,7 @@ function main() {
 
   const isZip = (b) => b.length >= 4 && b[0] === 0x50 && b[1] === 0x4b && (b[2] === 3 || b[2] === 5) && (b[3] === 4 || b[3] === 6);
 
-  async function materialize(spec, dest) {
+  async function materialize(spec, dest, deadline) {
     const code = spec.code;
     const [mod] = parseHandler(spec.handler);
     const maxBytes = S.maxCodeBytes;
@@ -364,10 +364,13 @@ function main() {
     if ('url' in code) {
       let buf;
       try {
-        const res = await fetch(code.url, { signal: AbortSignal.timeout(30000) });
+        const res = await fetch(code.url, { signal: AbortSignal.timeout(Math.max(1, deadline - Date.now())) });
         if (!res.ok) throw new Error(`HTTP ${res.status} ${res.statusText}`);
         buf = Buffer.from(await res.arrayBuffer());
       } catch (e) {
+        if (e && (e.name === 'TimeoutError' || e.name === 'AbortError')) {
+          throw new LoadError('Runtime.InitTimeout', `fetching code from ${code.url} took longer than initTimeoutSeconds (${spec.initTimeoutSeconds}s)`);
+        }
         throw new LoadError('CodeFetchFailed', `fetching code from ${code.url} failed: ${e.message}${e.cause ? ' (' + e.cause.message + ')' : ''}`);
       }
       if (buf.length > maxBytes) throw new LoadError('CodeFetchFailed', `code at ${code.url} is larger than ${maxBytes} bytes`);
@@ -419,6 +422,7 @@ function main() {
     }
     S.busy = true;
     const t0 = performance.now();
+    const deadline = Date.now() + spec.initTimeoutSeconds * 1000; // fetch + unpack + load
     let dest = null;
     try {
       S.attempt += 1;
@@ -426,7 +430,7 @@ function main() {
       fs.mkdirSync(dest, { recursive: true });
       let codePath;
       try {
-        codePath = await materialize(spec, dest);
+        codePath = await materialize(spec, dest, deadline);
       } catch (e) {
         if (e instanceof LoadError) return [422, { errorType: e.errorType, errorMessage: e.message }];
         return [422, { errorType: 'Runtime.CodeError', errorMessage: `${e.name}: ${e.message}` }];
@@ -440,7 +444,7 @@ function main() {
         if (w) w.kill();
         w = new W();
       }
-      const r = await w.load(spec, codePath);
+      const r = await w.load(spec, codePath, deadline - Date.now());
       if (!r.ok) {
         w.kill();
         S.spec = null;

@@ -61,11 +61,12 @@ def raw_http(port: int, data: bytes, read_timeout: float = 5.0) -> bytes:
 class _CodeServer:
     """A real local HTTP server serving fixed bytes, for code.url."""
 
-    def __init__(self, files: dict[str, bytes]) -> None:
+    def __init__(self, files: dict[str, bytes], delay: float = 0.0) -> None:
         files_ = files
 
         class H(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
+                time.sleep(delay)
                 data = files_.get(self.path)
                 if data is None:
                     self.send_response(404)
@@ -93,8 +94,8 @@ class _CodeServer:
 def code_server():
     servers = []
 
-    def make(files):
-        s = _CodeServer(files)
+    def make(files, delay=0.0):
+        s = _CodeServer(files, delay)
         servers.append(s)
         return s
 
@@ -760,3 +761,31 @@ def test_template_killed_is_reloaded(agent, code, lang):
     assert r.json()["errorType"] == "Sandbox.Timedout"
     assert_usable(agent)
     agent.wait_output("template process died")
+
+
+def test_specialize_import_slower_than_init_timeout(agent, code, lang):
+    slow = (
+        "import time\ntime.sleep(5)\n\ndef handler(e, c):\n    return 1\n"
+        if lang == "python"
+        else "const end = Date.now() + 5000;\nwhile (Date.now() < end) {}\nexports.handler = async () => 1;\n"
+    )
+    t0 = time.monotonic()
+    r = agent.specialize(spec(slow, initTimeoutSeconds=1))
+    assert r.status == 422, r
+    assert r.json()["errorType"] == "Runtime.InitTimeout"
+    assert "initTimeoutSeconds" in r.json()["errorMessage"]
+    assert time.monotonic() - t0 < 4
+    assert_generic_then_ok(agent, code)
+
+
+def test_specialize_url_slower_than_init_timeout(agent, code, code_server):
+    data = code["main"].encode()
+    srv = code_server({"/slow": data}, delay=2.5)
+    t0 = time.monotonic()
+    r = agent.specialize(
+        spec(code={"url": srv.url + "/slow", "sha256": hashlib.sha256(data).hexdigest()}, initTimeoutSeconds=1)
+    )
+    assert r.status == 422, r
+    assert r.json()["errorType"] == "Runtime.InitTimeout"
+    assert time.monotonic() - t0 < 4
+    assert_generic_then_ok(agent, code)
