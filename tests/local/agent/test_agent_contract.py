@@ -789,3 +789,20 @@ def test_specialize_url_slower_than_init_timeout(agent, code, code_server):
     assert r.json()["errorType"] == "Runtime.InitTimeout"
     assert time.monotonic() - t0 < 4
     assert_generic_then_ok(agent, code)
+
+
+def test_concurrent_identical_specializations_all_succeed(agent, code):
+    s = spec(code["main"])
+    results = []
+
+    def one():
+        results.append(agent.request("POST", "/v1/specialize", json.dumps(s), fresh=True))
+
+    threads = [threading.Thread(target=one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.status for r in results] == [200] * 4, results
+    assert {r.json()["codeHash"] for r in results} == {s["codeHash"]}
+    assert_usable(agent)
