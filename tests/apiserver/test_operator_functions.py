@@ -71,6 +71,9 @@ def test_function_gets_a_version_code_configmap_pool_and_ready_conditions(
     netpol = ember.net.read_namespaced_network_policy("ember-fn-hello", ember.ns)
     assert netpol.spec.policy_types == ["Egress"]
     assert not netpol.spec.egress
+    pool_netpol = ember.net.read_namespaced_network_policy(pool.metadata.name, ember.ns)
+    assert pool_netpol.spec.pod_selector.match_labels == {"ember.run/pool": pool.metadata.labels["ember.run/pool"]}
+    assert pool_netpol.metadata.owner_references[0].uid == pool.metadata.uid
 
     reasons = eventually(
         lambda: (
@@ -195,6 +198,10 @@ def test_policy_change_rerolls_the_pool_and_network_policy(ember: Ember, operato
     )
     eventually(lambda: set(ember.pools()) - {old_pool}, what="a new pool for the new policy hash")
     eventually(lambda: old_pool not in ember.pools(), what="the old pool deleted")
+    policies = {n.metadata.name for n in ember.net.list_namespaced_network_policy(ember.ns).items}
+    assert old_pool not in policies, "the old pool's NetworkPolicy goes with it"
+    (new_pool,) = ember.pools()
+    assert new_pool in policies
     fn = eventually(
         lambda: (
             (f := ember.get("functions", "hello")) and condition(f, "EgressEnforced").get("status") == "False" and f

@@ -218,6 +218,16 @@ class Kube:
         except ApiException as err:
             raise _fail(f"replace networkpolicy {ns}/{name}", err) from err
 
+    async def delete_network_policy(self, namespace: str, name: str) -> bool:
+        """Delete a NetworkPolicy; False when it was already gone."""
+        try:
+            await self._net.delete_namespaced_network_policy(name, namespace)
+        except ApiException as err:
+            if err.status == 404:
+                return False
+            raise _fail(f"delete networkpolicy {namespace}/{name}", err) from err
+        return True
+
     # RuntimeClasses (sandboxes).
 
     async def runtime_class_exists(self, name: str) -> bool:

@@ -40,7 +40,7 @@ from ember.resources.code import (
     files_from_configmap,
     version_files,
 )
-from ember.resources.network_policy import function_network_policy
+from ember.resources.network_policy import function_network_policy, pool_network_policy
 from ember.resources.pool import PoolSpec, pool_deployment
 from ember.resources.retention import versions_to_delete
 from ember.resources.version import build_version, plan_version
@@ -224,6 +224,9 @@ async def _ensure_pool(
             if changed:
                 actual.pop("status", None)
                 await kube.replace_deployment(actual)
+        stored = await kube.get_deployment(ns, wanted.name)
+        if stored is not None:
+            await _ensure_pool_network_policy(kube, wanted, policy, stored["metadata"].get("uid"))
     keep = wanted.name if wanted is not None else None
     pools = await kube.list_deployments(
         ns, label_selector=f"{labels.COMPONENT}=pool,{labels.MANAGED_BY}={labels.MANAGER}"
@@ -242,6 +245,7 @@ async def _ensure_pool(
             await kube.replace_deployment(pool)
         else:
             await kube.delete_deployment(ns, meta["name"])
+            await kube.delete_network_policy(ns, meta["name"])
             record(
                 fn_body,
                 type="Normal",
@@ -249,6 +253,22 @@ async def _ensure_pool(
                 message=f"Deleted warm pool {meta['name']}: no Function uses it any more.",
             )
     return wanted.id if wanted is not None else None
+
+
+async def _ensure_pool_network_policy(
+    kube: Kube, pool: PoolSpec, policy: SecurityPolicySpec, deployment_uid: str | None
+) -> None:
+    desired = pool_network_policy(
+        pool_id=pool.id, namespace=pool.namespace, owner_uid=deployment_uid, egress=policy.egress
+    ).network_policy
+    spec_hash = _digest(desired["spec"])
+    desired["metadata"]["annotations"] = {SPEC_HASH_ANNOTATION: spec_hash}
+    actual = await kube.get_network_policy(pool.namespace, desired["metadata"]["name"])
+    if actual is None:
+        await kube.create_network_policy(desired)
+    elif (actual["metadata"].get("annotations") or {}).get(SPEC_HASH_ANNOTATION) != spec_hash:
+        desired["metadata"]["resourceVersion"] = actual["metadata"]["resourceVersion"]
+        await kube.replace_network_policy(desired)
 
 
 async def _ensure_network_policy(kube: Kube, fn: Function, policy: SecurityPolicySpec) -> tuple[str, ...]:

@@ -41,6 +41,29 @@ def egress_rules(egress: Egress) -> tuple[list[dict[str, Any]], tuple[str, ...]]
     return rules, tuple(hosts)
 
 
+def pool_network_policy(*, pool_id: str, namespace: str, owner_uid: str | None, egress: Egress) -> EgressPlan:
+    """The NetworkPolicy of a pool's pods, owned by the pool's Deployment.
+
+    Pods of a pool share one policy (its hash is in the pool key), so its egress rules hold from
+    the moment a pod starts - before it is claimed, labelled with a Function and handed code.
+    """
+    rules, hosts = egress_rules(egress)
+    body: dict[str, Any] = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": f"ember-pool-{pool_id}",
+            "namespace": namespace,
+            "labels": managed_labels(**{labels.POOL: pool_id, labels.COMPONENT: "pool"}),
+            "ownerReferences": [
+                owner_reference(kind="Deployment", name=f"ember-pool-{pool_id}", uid=owner_uid, api_version="apps/v1")
+            ],
+        },
+        "spec": {"podSelector": {"matchLabels": {labels.POOL: pool_id}}, "policyTypes": ["Egress"], "egress": rules},
+    }
+    return EgressPlan(network_policy=body, unenforced_hosts=hosts)
+
+
 def function_network_policy_name(function_name: str) -> str:
     """Name of a Function's NetworkPolicy."""
     return f"ember-fn-{function_name}"

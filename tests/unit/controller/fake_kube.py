@@ -142,6 +142,11 @@ class FakeKube:
         self.writes.append(f"replace networkpolicy/{body['metadata']['name']}")
         self.network_policies[(body["metadata"]["namespace"], body["metadata"]["name"])] = self._stored(body)
 
+    async def delete_network_policy(self, namespace: str, name: str) -> bool:
+        self._check("delete_network_policy")
+        self.writes.append(f"delete networkpolicy/{name}")
+        return self.network_policies.pop((namespace, name), None) is not None
+
     async def runtime_class_exists(self, name: str) -> bool:
         self._check("runtime_class_exists")
         return name in self.runtime_classes

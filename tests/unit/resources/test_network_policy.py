@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from ember.api.security_policy import Egress
-from ember.resources.network_policy import function_network_policy
+from ember.resources.network_policy import function_network_policy, pool_network_policy
 
 
 @pytest.mark.parametrize(
@@ -50,3 +50,14 @@ def test_egress(egress: dict[str, Any], rules: list[dict[str, Any]], hosts: tupl
     assert spec["podSelector"] == {"matchLabels": {"ember.run/function": "hello"}}
     assert plan.unenforced_hosts == hosts
     assert plan.network_policy["metadata"]["ownerReferences"][0]["uid"] == "u1"
+
+
+def test_pool_network_policy_selects_the_pool_and_is_owned_by_its_deployment() -> None:
+    egress = Egress.model_validate({"mode": "allowList", "allow": [{"cidr": "10.0.0.0/8"}]})
+    plan = pool_network_policy(pool_id="abc", namespace="ns1", owner_uid="d-uid", egress=egress)
+    body = plan.network_policy
+    assert body["metadata"]["name"] == "ember-pool-abc"
+    assert body["spec"]["podSelector"] == {"matchLabels": {"ember.run/pool": "abc"}}
+    assert body["spec"]["egress"] == [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]}]
+    (owner,) = body["metadata"]["ownerReferences"]
+    assert (owner["apiVersion"], owner["kind"], owner["uid"]) == ("apps/v1", "Deployment", "d-uid")
