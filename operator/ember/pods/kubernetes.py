@@ -10,11 +10,11 @@ both win: the API server answers 409 to the second, which tries another pod. The
 no longer matches its Deployment's selector, so the ReplicaSet orphans it and starts a
 replacement - the pool refills itself.
 
-Specialize: label the pod with its Function and Version and make the Version its controller
-owner (so it goes with the Version, and the Function's NetworkPolicy applies before any code
-runs), POST the Version's code to the agent, then mark it `specialized`, which makes it an
-endpoint. Code kept in the Version's ConfigMap is read from there, so a pod gets the snapshot
-the Version was made with. Release: delete the pod.
+Specialize: POST the Version's code to the agent, then in one PATCH label the pod with its
+Function and Version, mark it `specialized` (which makes it an endpoint) and make the Version its
+controller owner (so it goes with the Version). Egress is already limited before any code runs:
+the pool's NetworkPolicy selects the pod from its start. Code kept in the Version's ConfigMap is
+read from there, so a pod gets the snapshot the Version was made with. Release: delete the pod.
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ from ember.resources.pool import AGENT_PORT, pool_id, pool_name
 log = logging.getLogger(__name__)
 
 CLAIMED_BY = f"{labels.PREFIX}/claimed-by"
-STATE_SPECIALIZING = "specializing"
 Obj = dict[str, Any]
 
 
@@ -102,6 +101,7 @@ class KubernetesPodSource:
         self._specialize_timeout_s = specialize_timeout_s
         self._pods: dict[str, Obj] = {}
         self._handles: dict[str, PodHandle] = {}
+        self._versions: dict[VersionKey, tuple[str, Any]] = {}
         self._changed = asyncio.Condition()
         self._synced = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
@@ -173,37 +173,15 @@ class KubernetesPodSource:
         )
 
     async def specialize(self, pod: PodHandle, request: SpecializeRequest) -> PodHandle:
-        """Own the pod by the Version, load the code through the agent, then make it an endpoint."""
+        """Load the Version's code through the agent, then own the pod by the Version and make it an endpoint.
+
+        The hot path is one agent call and one PATCH: the Version's uid and code are read once per
+        Version (both are immutable) and the pool's NetworkPolicy already holds the pod's egress, so
+        relabelling after the code is loaded opens nothing.
+        """
         version = request.version
-        name = version_name(version.function, version.number)
-        try:
-            owner = await self._custom.get_namespaced_custom_object(GROUP, VERSION, version.namespace, "versions", name)
-        except ApiException as err:
-            raise PodGone(f"pod {pod.id}: Version {version} cannot be read ({err.status} {err.reason})") from err
-        payload = dict(request.payload)
-        payload["code"] = await self._code_for(version, payload.get("code"))
-        await self._patch_pod(
-            pod.id,
-            {
-                "metadata": {
-                    "labels": {
-                        labels.STATE: STATE_SPECIALIZING,
-                        labels.FUNCTION: version.function,
-                        labels.VERSION: str(version.number),
-                    },
-                    "ownerReferences": [
-                        {
-                            "apiVersion": API_VERSION,
-                            "kind": "Version",
-                            "name": name,
-                            "uid": owner["metadata"]["uid"],
-                            "controller": True,
-                            "blockOwnerDeletion": True,
-                        }
-                    ],
-                }
-            },
-        )
+        owner_uid, code = await self._version_facts(version, request.payload.get("code"))
+        payload = {**request.payload, "code": code}
         session = self._http()
         try:
             async with session.post(f"http://{pod.address}/v1/specialize", json=payload) as response:
@@ -216,7 +194,28 @@ class KubernetesPodSource:
             await self.release(pod)
             error_type, message = _error_of(body)
             raise SpecializeFailed(pod.id, status, error_type, message)
-        await self._patch_pod(pod.id, {"metadata": {"labels": {labels.STATE: labels.STATE_SPECIALIZED}}})
+        await self._patch_pod(
+            pod.id,
+            {
+                "metadata": {
+                    "labels": {
+                        labels.STATE: labels.STATE_SPECIALIZED,
+                        labels.FUNCTION: version.function,
+                        labels.VERSION: str(version.number),
+                    },
+                    "ownerReferences": [
+                        {
+                            "apiVersion": API_VERSION,
+                            "kind": "Version",
+                            "name": version_name(version.function, version.number),
+                            "uid": owner_uid,
+                            "controller": True,
+                            "blockOwnerDeletion": True,
+                        }
+                    ],
+                }
+            },
+        )
         handle = replace(pod, version=version, concurrency=request.concurrency)
         self._handles[pod.id] = handle
         return handle
@@ -313,6 +312,20 @@ class KubernetesPodSource:
         except ApiException as err:
             raise PodGone(f"pod {name}: patch failed with {err.status} {err.reason}") from err
         self._pods[name] = self._api.sanitize_for_serialization(pod)
+
+    async def _version_facts(self, version: VersionKey, given: Any) -> tuple[str, Any]:
+        """(uid, agent code payload) of a Version, read once: a Version and its code never change."""
+        cached = self._versions.get(version)
+        if cached is not None:
+            return cached
+        name = version_name(version.function, version.number)
+        try:
+            owner = await self._custom.get_namespaced_custom_object(GROUP, VERSION, version.namespace, "versions", name)
+        except ApiException as err:
+            raise PodGone(f"Version {version} cannot be read ({err.status} {err.reason})") from err
+        facts = (str(owner["metadata"]["uid"]), await self._code_for(version, given))
+        self._versions[version] = facts
+        return facts
 
     async def _code_for(self, version: VersionKey, given: Any) -> Any:
         """The Version's snapshotted code from its ConfigMap; the request's own code for url code."""
