@@ -373,7 +373,7 @@ class _State:
         self.template = None
         self.idle = []
         self.n_workers = 0
-        self.all_workers = {}  # pid -> _Worker
+        self.all_workers = set()  # every live _Worker
         self.in_flight = 0
         self.concurrency = _env_int("EMBER_AGENT_CONCURRENCY", 1, 1)
         self.max_payload = _env_int("EMBER_AGENT_MAX_PAYLOAD_BYTES", 6 * 1024 * 1024, 0)
@@ -392,6 +392,9 @@ _OPEN_SOCKS = set()  # every socket the agent holds; closed (detached) in forked
 
 
 class _Worker:
+    """A worker process as the agent sees it.  `pid` is None until its HELLO frame was read (the
+    first worker is forked by the template after it reported the code loaded)."""
+
     __slots__ = ("pid", "reader", "sock")
 
     def __init__(self, pid, sock):
@@ -399,13 +402,36 @@ class _Worker:
         self.sock = sock
         self.reader = FrameReader(sock)
 
+    def read(self):
+        """The next frame that is not HELLO (HELLO only sets `pid`)."""
+        while True:
+            typ, data = self.reader.read()
+            if typ != T_HELLO:
+                return typ, data
+            self.pid = struct.unpack("!i", data)[0]
+
+    def await_hello(self, timeout):
+        """Make sure `pid` is known before the worker is given work; False if it never said hello."""
+        if self.pid is not None:
+            return True
+        try:
+            self.sock.settimeout(max(0.001, timeout))
+            typ, data = self.reader.read()
+        except (EOFError, OSError):
+            return False
+        if typ != T_HELLO:
+            return False
+        self.pid = struct.unpack("!i", data)[0]
+        return True
+
     def kill(self):
-        for fn in (os.killpg, os.kill):
-            try:
-                fn(self.pid, 9)
-            except OSError:
-                pass
-        self.close()
+        if self.pid is not None:
+            for fn in (os.killpg, os.kill):
+                try:
+                    fn(self.pid, 9)
+                except OSError:
+                    pass
+        self.close()  # a worker that never said hello exits on EOF
 
     def close(self):
         _OPEN_SOCKS.discard(self.sock)
@@ -727,11 +753,11 @@ def _start_template(spec):
     else:
         if typ == T_LOAD_OK:
             a.settimeout(None)
-            w = _Worker(struct.unpack("!i", payload)[0], wa)
+            w = _Worker(None, wa)  # forked by the template right after LOAD_OK; pid comes with HELLO
             _OPEN_SOCKS.add(wa)
             with _lock:
                 _S.n_workers += 1
-                _S.all_workers[w.pid] = w
+                _S.all_workers.add(w)
             return tmpl, w, None
         tmpl.kill()
         err = json_loads(payload)
@@ -806,7 +832,7 @@ def _spawn_worker(allow_restart=True):
         _OPEN_SOCKS.add(a)
         with _lock:
             _S.n_workers += 1
-            _S.all_workers[w.pid] = w
+            _S.all_workers.add(w)
         return w
     raise HTTPError(502, "Runtime.WorkerUnavailable", "could not start a worker process")
 
@@ -832,7 +858,8 @@ def _restart_template(old):
 def _discard_worker(w):
     w.kill()
     with _lock:
-        if _S.all_workers.pop(w.pid, None) is not None:
+        if w in _S.all_workers:
+            _S.all_workers.discard(w)
             _S.n_workers -= 1
         if w in _S.idle:
             _S.idle.remove(w)
@@ -952,6 +979,12 @@ def _run1(holder, rid, deadline, body, tail, t0, timeout_ms, memory):
     for attempt in (0, 1):
         if w is None:
             w = holder[0] = _spawn_worker()
+        if not w.await_hello((deadline - time.monotonic_ns()) / 1e9):
+            _discard_worker(w)
+            w = holder[0] = None
+            if attempt:
+                raise HTTPError(502, "Runtime.WorkerUnavailable", "a worker process did not start")
+            continue
         try:
             w.sock.sendall(_HDR.pack(len(payload) + len(body), T_INVOKE) + payload + body)
             break
@@ -961,7 +994,7 @@ def _run1(holder, rid, deadline, body, tail, t0, timeout_ms, memory):
             if attempt:
                 raise HTTPError(502, "Runtime.WorkerUnavailable", "could not reach a worker process") from None
     sock = w.sock
-    read = w.reader.read
+    read = w.read
     while True:
         remaining = (deadline - time.monotonic_ns()) / 1e9
         try:
@@ -1056,7 +1089,7 @@ def _hooks(kind):
             w.sock.settimeout(HOOK_TIMEOUT_S)
             w.sock.sendall(frame(kind))
             while True:
-                typ, data = w.reader.read()
+                typ, data = w.read()
                 if typ == T_LOG:
                     _write_fd(1, prefix_lines(label, data))
                 elif typ == T_HOOK:
@@ -1380,7 +1413,7 @@ def _shutdown():
                 break
         time.sleep(0.01)
     with _lock:
-        workers = list(_S.all_workers.values())
+        workers = list(_S.all_workers)
         tmpls = [_S.template, _S.standby]
     for w in workers:
         w.kill()
@@ -1954,8 +1987,10 @@ def _template_main(ctl, first_worker, spec, dest):
         os.close(fd)
         return pid
 
-    pid = fork_worker(first_worker.detach())
-    ctl.sendall(frame(T_LOAD_OK, struct.pack("!i", pid)))
+    # Report success first, then fork the first worker: the fork is off the specialize path; the
+    # agent learns the worker's pid from its HELLO frame.
+    ctl.sendall(frame(T_LOAD_OK, b""))
+    fork_worker(first_worker.detach())
     # Serve: fork workers on request, run hooks, report exits of workers.
     import select
 
