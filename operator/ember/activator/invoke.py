@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
-import uuid
 from dataclasses import dataclass
 
 from ember.activator.agent_client import AgentClient, AgentLost, AgentReply, AgentUnreachable
@@ -32,7 +32,9 @@ class Result:
 
 
 def new_request_id() -> str:
-    return str(uuid.uuid4())
+    """A random (version 4) UUID as text; faster than `str(uuid.uuid4())` on the hot path."""
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:32]}"
 
 
 def _error_body(error_type: str, message: str) -> bytes:

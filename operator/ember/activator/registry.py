@@ -84,7 +84,7 @@ class VersionState:
         self.code_hash = digest
         self.request = request
         self.pool = pool
-        self.phase = Phase.LOADING
+        self._phase = Phase.LOADING
         self.message = ""
         self.created_at = now
         self.last_qualified_at = -1e18
@@ -115,6 +115,15 @@ class VersionState:
         child.inc()
 
     @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    @phase.setter
+    def phase(self, phase: Phase) -> None:
+        self._phase = phase
+        self.fs.forget_latest()  # "latest" may now mean another Version
+
+    @property
     def ready_pods(self) -> int:
         return len(self.throttler.pods)
 
@@ -139,12 +148,18 @@ class FunctionState:
         self.aliases: dict[str, AliasTarget] = {}
         self.removed = False
         self._known: dict[int, bool] = {}
+        self._latest: int | None = None  # cached: every invocation asks; phases change rarely
+
+    def forget_latest(self) -> None:
+        self._latest = None
 
     def latest(self) -> int:
         """The Version number "latest" means now (newest Ready, else newest Loading)."""
-        ready = [n for n, v in self.versions.items() if v.phase is Phase.READY]
-        loading = [n for n, v in self.versions.items() if v.phase is Phase.LOADING]
-        return latest_serving(ready, loading, self.label)
+        if self._latest is None:
+            ready = [n for n, v in self.versions.items() if v.phase is Phase.READY]
+            loading = [n for n, v in self.versions.items() if v.phase is Phase.LOADING]
+            self._latest = latest_serving(ready, loading, self.label)
+        return self._latest
 
     def referenced(self) -> set[int]:
         """Versions that traffic or aliases point to, and the newest while it loads; the others drain."""
@@ -181,6 +196,7 @@ class FunctionState:
 
     def _reindex(self) -> None:
         self._known = {n: True for n in self.versions}
+        self._latest = None
 
 
 class Registry:

@@ -57,3 +57,16 @@ def test_header_choices_and_request_ids() -> None:
     assert request_id(None, "X-Ember-Request-Id", "gen") == "gen"
     with pytest.raises(BadRequest, match="X-Ember-Request-Id"):
         request_id("bad id with spaces", "X-Ember-Request-Id", "gen")
+
+
+def test_generated_request_ids_are_unique_v4_uuids() -> None:
+    import uuid
+
+    from ember.activator.invoke import new_request_id
+
+    ids = {new_request_id() for _ in range(2000)}
+    assert len(ids) == 2000
+    for rid in list(ids)[:200]:
+        parsed = uuid.UUID(rid)
+        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, rid)
+        assert request_id(rid, "X-Ember-Request-Id", "x") == rid
