@@ -183,6 +183,8 @@ class KubernetesPodSource:
         owner_uid, code = await self._version_facts(version, request.payload.get("code"))
         payload = {**request.payload, "code": code}
         session = self._http()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             async with session.post(f"http://{pod.address}/v1/specialize", json=payload) as response:
                 body = await response.read()
@@ -194,6 +196,7 @@ class KubernetesPodSource:
             await self.release(pod)
             error_type, message = _error_of(body)
             raise SpecializeFailed(pod.id, status, error_type, message)
+        agent_s = loop.time() - started
         await self._patch_pod(
             pod.id,
             {
@@ -215,6 +218,13 @@ class KubernetesPodSource:
                     ],
                 }
             },
+        )
+        log.debug(
+            "pod=%s version=%s specialized agent_ms=%.1f relabel_ms=%.1f",
+            pod.id,
+            version,
+            agent_s * 1000,
+            (loop.time() - started - agent_s) * 1000,
         )
         handle = replace(pod, version=version, concurrency=request.concurrency)
         self._handles[pod.id] = handle
