@@ -738,6 +738,8 @@ function main() {
       if (S.inFlight && Date.now() < end) { setTimeout(tick, 10); return; }
       for (const w of [...S.workers]) w.kill();
       if (S.spare) S.spare.kill();
+      // a temp dir the agent made itself (not a mounted volume)
+      if (!process.env.EMBER_AGENT_CODE_DIR && S.codeBase) fs.rmSync(S.codeBase, { recursive: true, force: true });
       process.exit(0);
     };
     tick();

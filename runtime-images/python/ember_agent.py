@@ -378,6 +378,7 @@ class _State:
         self.concurrency = _env_int("EMBER_AGENT_CONCURRENCY", 1, 1)
         self.max_payload = _env_int("EMBER_AGENT_MAX_PAYLOAD_BYTES", 6 * 1024 * 1024, 0)
         self.code_base = os.environ.get("EMBER_AGENT_CODE_DIR") or ""
+        self.own_code_base = not self.code_base
         self.max_code_bytes = _env_int("EMBER_AGENT_MAX_CODE_BYTES", 512 * 1024 * 1024, 1)
         self.shutdown_grace = _env_int("EMBER_AGENT_SHUTDOWN_GRACE_SECONDS", 10, 0)
         self.attempt = 0
@@ -1420,6 +1421,8 @@ def _shutdown():
     for tmpl in tmpls:
         if tmpl is not None:
             tmpl.kill()
+    if _S.own_code_base and _S.code_base:  # a temp dir the agent made itself (not a mounted volume)
+        _rmtree(_S.code_base)
     os._exit(0)
 
 

@@ -806,3 +806,12 @@ def test_concurrent_identical_specializations_all_succeed(agent, code):
     assert [r.status for r in results] == [200] * 4, results
     assert {r.json()["codeHash"] for r in results} == {s["codeHash"]}
     assert_usable(agent)
+
+
+def test_default_code_dir_is_removed_on_sigterm(agent, code, tmp_path):
+    specialize_main(agent, code)
+    made = [p for p in tmp_path.iterdir() if p.name.startswith("ember-agent-")]
+    assert len(made) == 1, list(tmp_path.iterdir())
+    agent.proc.terminate()
+    assert agent.proc.wait(timeout=15) == 0
+    assert not made[0].exists()
