@@ -31,9 +31,9 @@ def make_app(source: PodSource, config: ActivatorConfig | None = None) -> web.Ap
     metrics = Metrics()
     pokes: list[Scaler] = []
     registry = Registry(config, metrics, on_queue=lambda: pokes[0].poke())
-    scaler = Scaler(registry, source, config, metrics)
-    pokes.append(scaler)
     client = AgentClient()
+    scaler = Scaler(registry, source, config, metrics, client)
+    pokes.append(scaler)
     invoker = Invoker(registry, client, scaler)
     async_invocations = AsyncInvocations(invoker, depth=config.async_queue_depth, workers=config.async_workers)
     metrics.watch_state(registry, lambda: {str(k): v for k, v in source.warm_pods().items()})

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from ember.activator.agent_client import AgentClient
 from ember.activator.config import ActivatorConfig
 from ember.activator.metrics import Metrics
 from ember.activator.registry import Phase, Registry, VersionState
@@ -35,6 +36,7 @@ class Scaler:
         source: PodSource,
         config: ActivatorConfig,
         metrics: Metrics,
+        client: AgentClient,
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -42,6 +44,7 @@ class Scaler:
         self._source = source
         self._config = config
         self._metrics = metrics
+        self._client = client
         self._clock = clock
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -144,6 +147,7 @@ class Scaler:
         task.add_done_callback(self._tasks.discard)
 
     async def _release(self, handle: PodHandle) -> None:
+        self._client.forget(handle.address)
         try:
             await self._source.release(handle)
         except PodSourceError as err:
@@ -156,7 +160,13 @@ class Scaler:
         handle: PodHandle | None = None
         try:
             handle = await self._source.claim(vs.pool)
-            handle = await self._source.specialize(handle, vs.request)
+            # the first invocation's connection is opened while the code loads
+            connecting = asyncio.create_task(self._client.preconnect(handle.address))
+            try:
+                handle = await self._source.specialize(handle, vs.request)
+            finally:
+                with contextlib.suppress(Exception):
+                    await connecting
         except SpecializeFailed as err:
             if handle is not None:
                 await self._release(handle)
