@@ -158,12 +158,16 @@ def sandboxed(choice: SandboxChoice, command: list[str], env: Mapping[str, str] 
         return [choice.binary, "--rootless", "--network=host", *extra, "do", *command]
     if choice.kind is Sandbox.BWRAP:
         assert choice.binary is not None
+        # the private /tmp hides the host's; an interpreter or agent living there is bound back
+        keep = sorted({str(_tmp_root(Path(p))) for p in command[:3] if _tmp_root(Path(p)) is not None})
+        binds = [arg for path in keep for arg in ("--ro-bind", path, path)]
         return [
             choice.binary,
             "--ro-bind", "/", "/",
             "--dev", "/dev",
             "--proc", "/proc",
             "--tmpfs", "/tmp",
+            *binds,
             "--unshare-all",
             "--share-net",
             "--die-with-parent",
@@ -172,6 +176,14 @@ def sandboxed(choice: SandboxChoice, command: list[str], env: Mapping[str, str] 
             *command,
         ]  # fmt: skip
     return list(command)
+
+
+def _tmp_root(path: Path) -> Path | None:
+    """The top folder under /tmp holding `path` (e.g. /tmp/clone for /tmp/clone/x/y), or None."""
+    parts = path.resolve().parts if path.is_absolute() else ()
+    if len(parts) > 2 and parts[1] == "tmp":
+        return Path("/", "tmp", parts[2])
+    return None
 
 
 @dataclass(eq=False)

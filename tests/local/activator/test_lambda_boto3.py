@@ -145,7 +145,10 @@ async def test_throttling_is_too_many_requests() -> None:
         warm = await _call(client, FunctionName="busy", Payload=b"{}")
         assert warm["StatusCode"] == 200
         first = asyncio.create_task(_call(client, FunctionName="busy", Payload=b"{}"))
-        await asyncio.sleep(0.3)
+        for _ in range(200):  # until the first invocation holds the only slot
+            if version.throttler.in_flight == 1:
+                break
+            await asyncio.sleep(0.01)
         with pytest.raises(client.exceptions.TooManyRequestsException) as info:
             await _call(client, FunctionName="busy", Payload=b"{}")
         assert info.value.response["ResponseMetadata"]["HTTPHeaders"]["retry-after"] == "1"

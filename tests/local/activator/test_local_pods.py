@@ -152,3 +152,15 @@ def test_sandbox_choice_follows_the_environment() -> None:
     assert plain.kind is Sandbox.NONE
     assert not plain.isolated
     assert "NOT ISOLATED" in plain.note
+
+
+def test_bubblewrap_binds_back_an_agent_that_lives_under_tmp(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from ember.pods.local import SandboxChoice, sandboxed
+
+    agent = Path(str(tmp_path)) / "runtime-images" / "python" / "agent.py"
+    command = sandboxed(SandboxChoice(Sandbox.BWRAP, "/usr/bin/bwrap", ""), ["/usr/bin/python3", str(agent)])
+    root = "/tmp/" + Path(str(tmp_path)).relative_to("/tmp").parts[0]
+    at = command.index("--tmpfs")
+    assert command[at + 2 : at + 5] == ["--ro-bind", root, root]
