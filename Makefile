@@ -43,10 +43,11 @@ crds:
 test-unit:
 	$(PYTHON) -m pytest tests/unit -q $(PYTEST_ARGS)
 
-## test-py312: the unit tier again on Python 3.12, in its own virtualenv
+## test-py312: the unit tier again on Python 3.12, in its own virtualenv (python3.12 on PATH, or pyenv's)
 test-py312:
-	@py312=$$(command -v python3.12 || true); \
-	if [ -z "$$py312" ]; then echo "python3.12 not found: skipping the 3.12 unit run" ; exit 1; fi; \
+	@py312=$$(python3.12 -c 'import sys; print(sys.executable)' 2>/dev/null || ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.12*/bin/python3.12 2>/dev/null | tail -n 1); \
+	if [ -z "$$py312" ]; then echo "python3.12 not found: install Python 3.12 to run the 3.12 unit tier" >&2; exit 1; fi; \
+	echo "unit tier on $$py312"; \
 	$$py312 -m venv .venv-py312 && .venv-py312/bin/pip install -q -e '.[dev]' && \
 	.venv-py312/bin/python -m pytest tests/unit -q -p no:cacheprovider $(PYTEST_ARGS)
 
