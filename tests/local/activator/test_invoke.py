@@ -302,3 +302,23 @@ async def test_client_disconnect_does_not_leak_slots(activator: Activator) -> No
     await _wait_for(lambda: version.throttler.in_flight == 0 and version.throttler.queued == 0, 10, "slots back")
     status, _, _ = await _invoke(activator, "gone", {})
     assert status == 200
+
+
+async def test_async_invocation_retries_a_failing_function(activator: Activator) -> None:
+    failing = "def handler(event, context):\n    raise RuntimeError('always')\n"
+    activator.registry.apply(function("retry", failing, **{"async": {"maxRetries": 1}}))
+    status, _, body = await _invoke(activator, "retry", {}, **{"X-Ember-Invocation-Type": "async"})
+    assert status == 202
+    request_id = json.loads(body)["requestId"]
+    deadline = time.monotonic() + 30
+    outcome: dict[str, object] = {"state": "queued"}
+    while time.monotonic() < deadline:
+        async with activator.http.get(f"{activator.url}/v1/invocations/{request_id}") as response:
+            outcome = dict(await response.json())
+        if outcome["state"] == "failed" and outcome["attempts"] == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert (outcome["state"], outcome["attempts"], outcome["functionError"]) == ("failed", 2, "Handled")
+    assert await activator.metric("ember_invocations_total", function="default/retry", outcome="function_error") == 2
+    async with activator.http.get(f"{activator.url}/v1/invocations/no-such-id") as response:
+        assert response.status == 404
