@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import sys
+from typing import Any, cast
 
 import kopf
 
@@ -30,6 +32,8 @@ def main() -> int:
         kopf.operator(
             registry=registry,
             standalone=True,
+            # kopf's default identity asks the passwd database, which may not know the pod's uid.
+            identity=cast(Any, os.environ.get("POD_NAME") or socket.gethostname()),
             clusterwide=not config.namespaces,
             namespaces=config.namespaces,
             liveness_endpoint=os.environ.get("EMBER_LIVENESS_ENDPOINT") or None,

@@ -11,8 +11,10 @@ another's handler to run again.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
+import os
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
 
@@ -63,11 +65,15 @@ def register(registry: kopf.OperatorRegistry, config: Settings) -> None:
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        # kopf's own readers (no client library): in-cluster token first, then KUBECONFIG.
-        info: kopf.ConnectionInfo | None = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(
-            **kwargs
-        )
-        return info
+        # kopf's own readers (no client library): in-cluster token first, then KUBECONFIG. In a
+        # pod, the API server's address is taken from the environment as client-go does, so the
+        # operator needs no cluster DNS (kopf's default is https://kubernetes.default.svc).
+        info: kopf.ConnectionInfo | None = kopf.login_with_service_account(**kwargs)
+        host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT")
+        if info is not None and host and port:
+            server = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+            info = dataclasses.replace(info, server=server)
+        return info or kopf.login_with_kubeconfig(**kwargs)
 
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
