@@ -2,7 +2,8 @@
 
 A real helm (charts/build-helm.sh) installs the chart; the API server validates every object. Then
 the operator runs with a token of the chart's operator ServiceAccount (TokenRequest API), so a
-missing permission in the ClusterRole fails the Function reconcile here. No kubelet runs in this
+missing permission in the ClusterRole fails the Function reconcile here; likewise the Kubernetes
+pod source runs on the activator ServiceAccount's token (claim, specialize, release). No kubelet runs in this
 tier: the chart's Deployments get no pods; `helm test` and invocation are the cluster tier's.
 """
 
@@ -16,6 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 from kubernetes import client
+from kubernetes_asyncio import client as aclient
+from kubernetes_asyncio import config as aconfig
 from tests.apiserver.operator_harness import (
     ROOT,
     Ember,
@@ -28,8 +31,12 @@ from tests.apiserver.operator_harness import (
     ns,
     ready_function,
 )
+from tests.apiserver.test_pods_kubernetes import World, agents
 
-__all__ = ["crds", "ember", "ns"]
+from ember.pods.kubernetes import KubernetesPodSource
+from ember.pods.payload import specialize_request
+
+__all__ = ["agents", "crds", "ember", "ns"]
 CHART = ROOT / "charts" / "ember"
 
 
@@ -145,3 +152,42 @@ def test_operator_rbac_is_least_privilege(
         }
     )
     assert review.status.allowed is False
+
+
+def test_helm_test_hooks_are_accepted_by_the_api_server(helm: str, ember: Ember) -> None:
+    only = ["--show-only", "templates/tests/hello-function.yaml", "--set", f"helmTest.namespace={ember.ns}"]
+    out = subprocess.run(
+        [helm, "template", "t", str(CHART), "--kube-version", "1.34.0", "--namespace", ember.ns, *only],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    function = yaml.safe_load(out.stdout)
+    stored = ember.custom.create_namespaced_custom_object(
+        "ember.run", "v1alpha1", ember.ns, "functions", function, dry_run="All"
+    )
+    assert stored["metadata"]["name"] == "t-ember-hello-test"
+
+
+async def test_activator_pod_source_works_with_exactly_the_charts_rbac(
+    release: tuple[str, str], crds: client.ApiClient, kubeconfig: Path, ember: Ember, agents: int, tmp_path: Path
+) -> None:
+    name, namespace = release
+    token_config = _token_kubeconfig(
+        crds, kubeconfig, namespace, f"{name}-ember-activator", tmp_path / "activator.kubeconfig"
+    )
+    world = World(ember)
+    world.add_generic_pods()
+    configuration = aclient.Configuration()
+    await aconfig.load_kube_config(config_file=str(token_config), client_configuration=configuration)
+    async with aclient.ApiClient(configuration) as api:
+        source = KubernetesPodSource(api, namespace=ember.ns, holder="activator-rbac", agent_port=agents)
+        try:
+            await source.start()
+            handle = await source.claim(world.pool)
+            handle = await source.specialize(handle, specialize_request(world.key, world.fn.spec, world.hash))
+            assert handle.version == world.key
+            await source.release(handle)
+        finally:
+            await source.close()
+    assert handle.id not in {p.metadata.name for p in ember.core.list_namespaced_pod(ember.ns).items}
