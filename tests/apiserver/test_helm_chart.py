@@ -35,6 +35,7 @@ from tests.apiserver.test_pods_kubernetes import World, agents
 
 from ember.pods.kubernetes import KubernetesPodSource
 from ember.pods.payload import specialize_request
+from ember.resources.pool import pool_deployment
 
 __all__ = ["agents", "crds", "ember", "ns"]
 CHART = ROOT / "charts" / "ember"
@@ -188,6 +189,9 @@ async def test_activator_pod_source_works_with_exactly_the_charts_rbac(
             handle = await source.specialize(handle, specialize_request(world.key, world.fn.spec, world.hash))
             assert handle.version == world.key
             await source.release(handle)
+            ember.apps.create_namespaced_deployment(ember.ns, pool_deployment(world.pool_spec))
+            await source.ensure_pool(world.pool, 3)
+            assert ember.apps.read_namespaced_deployment(world.pool_spec.name, ember.ns).spec.replicas == 3
         finally:
             await source.close()
     assert handle.id not in {p.metadata.name for p in ember.core.list_namespaced_pod(ember.ns).items}
