@@ -29,7 +29,7 @@ from ember.api.function import Function
 from ember.api.security_policy import SecurityPolicySpec
 from ember.api.version import Version, code_hash
 from ember.pods.base import PodHandle, PoolUnavailable, SpecializeFailed, VersionKey
-from ember.pods.kubernetes import CLAIMED_BY, KubernetesPodSource
+from ember.pods.kubernetes import CLAIMED_AT, CLAIMED_BY, KubernetesPodSource
 from ember.pods.local import agent_command
 from ember.pods.payload import pool_key, specialize_request
 from ember.resources.code import code_configmap, version_files
@@ -281,5 +281,29 @@ async def test_claim_with_a_stale_resource_version_loses(
         assert pod.metadata.labels["ember.run/state"] == "generic"
         fresh = pod.metadata.resource_version
         assert await source._relabel(name, fresh, {"ember.run/state": "claimed"}) is not None
+    finally:
+        await source.close()
+
+
+async def test_claims_never_specialized_are_swept_after_the_ttl(
+    api: aclient.ApiClient, world: World, agents: int, ember: Ember
+) -> None:
+    first, second, _ = world.add_generic_pods()
+    source = await _source(api, ember.ns, "activator-a", agents, stale_claim_s=60.0)
+    try:
+        handle = await source.claim(world.pool)
+        claimed_at = float(ember.core.read_namespaced_pod(handle.id, ember.ns).metadata.annotations[CLAIMED_AT])
+        # A claim without a stamp (an older activator's) counts as stale at once.
+        other = second if handle.id == first else first
+        ember.core.patch_namespaced_pod(other, ember.ns, {"metadata": {"labels": {"ember.run/state": "claimed"}}})
+        for _ in range(100):  # the watch (on this event loop) brings the relabel into the cache
+            if source._pods[other]["metadata"]["labels"]["ember.run/state"] == "claimed":
+                break
+            await asyncio.sleep(0.1)
+        assert await source.sweep_stale_claims(now=claimed_at + 30) == [other]
+        assert await source.sweep_stale_claims(now=claimed_at + 61) == [handle.id]
+        names = {p.metadata.name for p in ember.core.list_namespaced_pod(ember.ns).items}
+        assert handle.id not in names
+        assert other not in names
     finally:
         await source.close()

@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -52,6 +53,7 @@ from ember.resources.pool import AGENT_PORT, pool_id, pool_name
 log = logging.getLogger(__name__)
 
 CLAIMED_BY = f"{labels.PREFIX}/claimed-by"
+CLAIMED_AT = f"{labels.PREFIX}/claimed-at"
 Obj = dict[str, Any]
 
 
@@ -89,6 +91,7 @@ class KubernetesPodSource:
         agent_port: int = AGENT_PORT,
         claim_timeout_s: float = 60.0,
         specialize_timeout_s: float = 120.0,
+        stale_claim_s: float = 300.0,
     ) -> None:
         self.namespace = namespace
         self.holder = holder
@@ -99,12 +102,14 @@ class KubernetesPodSource:
         self._agent_port = agent_port
         self._claim_timeout_s = claim_timeout_s
         self._specialize_timeout_s = specialize_timeout_s
+        self._stale_claim_s = stale_claim_s
         self._pods: dict[str, Obj] = {}
         self._handles: dict[str, PodHandle] = {}
         self._versions: dict[VersionKey, tuple[str, Any]] = {}
         self._changed = asyncio.Condition()
         self._synced = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
 
@@ -114,16 +119,18 @@ class KubernetesPodSource:
         """List the namespace's Ember pods and keep following them."""
         if self._watcher is None:
             self._watcher = asyncio.create_task(self._follow(), name=f"ember-pods-{self.namespace}")
+            self._sweeper = asyncio.create_task(self._sweep_forever(), name=f"ember-sweep-{self.namespace}")
         await self._synced.wait()
 
     async def close(self) -> None:
         """Stop watching. Pods stay: they belong to pools and Versions, not to this process."""
         self._closed = True
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
-            self._watcher = None
+        for task in (self._watcher, self._sweeper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._watcher = self._sweeper = None
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -301,7 +308,13 @@ class KubernetesPodSource:
 
     async def _relabel(self, name: str, resource_version: str, new_labels: Mapping[str, str]) -> Obj | None:
         """Patch labels if the pod is still at `resource_version`; None when someone else changed it first."""
-        patch = {"metadata": {"resourceVersion": resource_version, "labels": dict(new_labels)}}
+        patch = {
+            "metadata": {
+                "resourceVersion": resource_version,
+                "labels": dict(new_labels),
+                "annotations": {CLAIMED_AT: f"{time.time():.0f}"},
+            }
+        }
         try:
             pod = await self._core.patch_namespaced_pod(
                 name, self.namespace, patch, _content_type="application/merge-patch+json"
@@ -356,6 +369,40 @@ class KubernetesPodSource:
     async def _notify(self) -> None:
         async with self._changed:
             self._changed.notify_all()
+
+    async def sweep_stale_claims(self, *, now: float | None = None) -> list[str]:
+        """Delete pods left `claimed` longer than `stale_claim_s` (their activator died mid-specialize).
+
+        They left their pool's Deployment when claimed and no Version owns them yet, so nothing else
+        would ever remove them. Any activator may sweep; deleting twice is harmless.
+        """
+        current = time.time() if now is None else now
+        stale = []
+        for pod in list(self._pods.values()):
+            meta = pod["metadata"]
+            if meta.get("labels", {}).get(labels.STATE) != labels.STATE_CLAIMED or meta.get("deletionTimestamp"):
+                continue
+            try:
+                claimed_at = float((meta.get("annotations") or {}).get(CLAIMED_AT, "nan"))
+            except ValueError:
+                claimed_at = float("nan")
+            if not current - claimed_at <= self._stale_claim_s:  # NaN (no stamp) counts as stale
+                stale.append(meta["name"])
+        for name in stale:
+            with contextlib.suppress(ApiException):
+                await self._core.delete_namespaced_pod(name, self.namespace, grace_period_seconds=1)
+            log.warning(
+                "namespace=%s pod=%s deleted: claimed over %.0fs ago and never specialized",
+                self.namespace,
+                name,
+                self._stale_claim_s,
+            )
+        return stale
+
+    async def _sweep_forever(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(max(1.0, self._stale_claim_s / 4))
+            await self.sweep_stale_claims()
 
     async def _follow(self) -> None:
         """List, then watch, the namespace's Ember pods; relist when the watch expires (410)."""
