@@ -1,0 +1,177 @@
+"""Cold start in the cluster: claim + relabel + specialize + invoke from a warm generic gVisor pod.
+
+Prints p50/p99 next to two baselines measured in the same run: a warm invoke of a specialized
+pod, and the time to start a fresh pod (scale the pool by one until the new pod is Ready).
+
+    python -m tests.cluster up            # a real single-node cluster with gVisor
+    python bench/cluster_coldstart.py     # N=30 by default; N=10 for a quick look
+    python -m tests.cluster down
+
+The operator runs as a host process against the cluster, as in the cluster-tier tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import aiohttp
+from kubernetes import client, config
+from kubernetes_asyncio import client as aclient
+from kubernetes_asyncio import config as aconfig
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+LOGS = Path(tempfile.mkdtemp(prefix="ember-bench-"))
+from tests.apiserver.operator_harness import Ember, OperatorProcess, apply_crds, eventually  # noqa: E402
+
+from ember.api.function import FunctionSpec  # noqa: E402
+from ember.api.security_policy import SecurityPolicySpec  # noqa: E402
+from ember.pods.base import VersionKey  # noqa: E402
+from ember.pods.kubernetes import KubernetesPodSource, pool_id_of  # noqa: E402
+from ember.pods.payload import pool_key, specialize_request  # noqa: E402
+
+KUBECONFIG = Path(os.environ.get("KUBECONFIG", "/var/tmp/ember-cluster/admin.kubeconfig"))
+N = int(os.environ.get("N", "30"))  # samples
+SPEC = {
+    "runtime": "python3.12",
+    "handler": "main.handler",
+    "code": {"inline": "def handler(event, context):\n    return {'n': event.get('n')}\n"},
+}
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
+
+
+async def main() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, filename=str(LOGS / "pods.log"))
+    logging.getLogger("ember.pods.kubernetes").setLevel(logging.DEBUG)
+    from tests.cluster.cluster import Cluster, build_runtime_images
+
+    Cluster().node.import_images(build_runtime_images())  # the current runtime-images/ agents
+    api_sync = config.new_client_from_config(config_file=str(KUBECONFIG))
+    apply_crds(api_sync)
+    ns = f"bench-{uuid.uuid4().hex[:6]}"
+    client.CoreV1Api(api_sync).create_namespace({"metadata": {"name": ns}})
+    ember = Ember(api_sync, ns)
+    op = OperatorProcess(
+        KUBECONFIG,
+        ns,
+        LOGS / f"{ns}-operator.log",
+        EMBER_IMAGE_REGISTRY="localhost",
+        EMBER_IMAGE_TAG="dev",
+        EMBER_IMAGE_PULL_POLICY="Never",
+        EMBER_POOL_SIZE="4",
+    )
+    op.start()
+    configuration = aclient.Configuration()
+    await aconfig.load_kube_config(config_file=str(KUBECONFIG), client_configuration=configuration)
+    api = aclient.ApiClient(configuration)
+    source = KubernetesPodSource(api, namespace=ns, holder="bench")
+    try:
+        ember.create("functions", {"kind": "Function", "metadata": {"name": "bench"}, "spec": SPEC})
+        version = eventually(lambda: ember.get("versions", "bench-v1"), timeout_s=60, what="Version")
+        key = pool_key(FunctionSpec.model_validate(SPEC), SecurityPolicySpec())
+        pid = pool_id_of(key)
+        await source.start()
+
+        def ready_generic() -> int:
+            return sum(
+                1
+                for p in source._pods.values()
+                if p["metadata"]["labels"].get("ember.run/pool") == pid
+                and p["metadata"]["labels"].get("ember.run/state") == "generic"
+                and any(
+                    c.get("type") == "Ready" and c.get("status") == "True"
+                    for c in (p.get("status") or {}).get("conditions") or []
+                )
+            )
+
+        async def wait_generic(n: int, limit_s: float = 300) -> None:
+            deadline = time.monotonic() + limit_s
+            while ready_generic() < n:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{n} ready generic pods")
+                await asyncio.sleep(0.05)
+
+        await wait_generic(4)
+        vkey = VersionKey(namespace=ns, function="bench", number=1)
+        request = specialize_request(vkey, FunctionSpec.model_validate(SPEC), version["spec"]["codeHash"])
+        cold, claim_ms, spec_ms, warm = [], [], [], []
+        async with aiohttp.ClientSession() as http:
+            for i in range(N):
+                await wait_generic(1)
+                t0 = time.perf_counter()
+                handle = await source.claim(key)
+                t1 = time.perf_counter()
+                handle = await source.specialize(handle, request)
+                t2 = time.perf_counter()
+                async with http.post(f"http://{handle.address}/v1/invoke", data=json.dumps({"n": i})) as rsp:
+                    body = await rsp.json()
+                t3 = time.perf_counter()
+                assert body == {"n": i}, body
+                cold.append((t3 - t0) * 1000)
+                claim_ms.append((t1 - t0) * 1000)
+                spec_ms.append((t2 - t1) * 1000)
+                for _ in range(5):
+                    w0 = time.perf_counter()
+                    async with http.post(f"http://{handle.address}/v1/invoke", data=json.dumps({"n": i})) as rsp:
+                        await rsp.read()
+                    warm.append((time.perf_counter() - w0) * 1000)
+                await source.release(handle)
+        # Fresh pod: scale the pool up by one, time until the new pod is Ready (scheduling, gVisor
+        # sandbox, agent start, readiness probe).
+        fresh = []
+        apps = client.AppsV1Api(api_sync)
+        name = f"ember-pool-{pid}"
+        for _ in range(5):
+            await wait_generic(4)
+            before = {n for n in source._pods}
+            replicas = apps.read_namespaced_deployment(name, ns).spec.replicas
+            t0 = time.perf_counter()
+            await source.ensure_pool(key, replicas + 1)
+            while True:
+                new = [
+                    p
+                    for n, p in source._pods.items()
+                    if n not in before
+                    and any(
+                        c.get("type") == "Ready" and c.get("status") == "True"
+                        for c in (p.get("status") or {}).get("conditions") or []
+                    )
+                ]
+                if new:
+                    break
+                await asyncio.sleep(0.02)
+            fresh.append((time.perf_counter() - t0) * 1000)
+            await source.ensure_pool(key, replicas)
+        print(f"n={N} cold starts from warm generic pods, namespace {ns}")
+        print(f"{'measure':42s} {'p50 ms':>9s} {'p99 ms':>9s}")
+        for label, xs in [
+            ("cold start (claim+specialize+invoke)", cold),
+            ("  claim (relabel w/ precondition)", claim_ms),
+            ("  specialize (owner+labels+agent)", spec_ms),
+            ("warm invoke (baseline)", warm),
+            ("fresh pod start (scale +1 to Ready)", fresh),
+        ]:
+            print(f"{label:42s} {statistics.median(xs):9.1f} {pct(xs, 99):9.1f}")
+    finally:
+        await source.close()
+        await api.close()
+        op.stop()
+        client.CoreV1Api(api_sync).delete_namespace(ns)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
