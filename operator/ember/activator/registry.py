@@ -7,6 +7,12 @@ Version pods; it becomes Ready once it has its initial capacity, and only then d
 (unqualified traffic) move to it. A Version that fails to load becomes Failed and leaves
 traffic where it was. Versions no longer referenced by latest, `spec.traffic` or an alias
 drain and lose their pods, but can still be invoked by number (they scale from zero).
+
+In a cluster the operator makes the Versions, so the activator must not number them itself:
+the catalog (`ember.activator.catalog`) calls `follow` with each Function (traffic, aliases and
+scaling only) and `apply_version` with each Version object the operator wrote. Code kept in a
+ConfigMap is then sent as `code: null`; the Kubernetes pod source fills in the Version's
+ConfigMap snapshot.
 """
 
 from __future__ import annotations
@@ -231,10 +237,8 @@ class Registry:
         """The Version that serves one invocation (traffic splits draw at random)."""
         return self.get(namespace, name).route(qualifier, self._random.random() * 100)
 
-    def apply(
-        self, function: Function, *, policy: SecurityPolicySpec | None = None, base_dir: Path | None = None
-    ) -> VersionState | None:
-        """Take a Function as it is now; returns the new Version when one was made."""
+    def follow(self, function: Function) -> FunctionState:
+        """Take a Function's traffic, aliases and scaling as they are now; never makes a Version."""
         namespace, name = function.metadata.namespace, function.metadata.name
         fs = self._functions.get((namespace, name))
         if fs is None or fs.removed:
@@ -246,23 +250,70 @@ class Registry:
             alias: AliasTarget(a.version, a.additional_version, a.additional_weight or 0)
             for alias, a in spec.aliases.items()
         }
+        for vs in fs.versions.values():  # scaling may have changed; a Version keeps its concurrency
+            vs.autoscaler.params = dataclasses.replace(
+                scaling_params(spec, self.config), concurrency=vs.spec.concurrency
+            )
+        fs.forget_latest()
+        return fs
+
+    def apply(
+        self, function: Function, *, policy: SecurityPolicySpec | None = None, base_dir: Path | None = None
+    ) -> VersionState | None:
+        """Take a Function as it is now (local mode); returns the new Version when one was made."""
+        fs = self.follow(function)
+        spec = function.spec
         pool = pool_key(spec, policy)
         digest = code_hash(spec, path_digest(spec, base_dir))
         current = fs.versions.get(fs.latest_number)
         if current is not None and current.code_hash == digest and current.pool == pool:
-            for vs in fs.versions.values():  # scaling, traffic or aliases changed: no new Version
-                vs.autoscaler.params = dataclasses.replace(
-                    scaling_params(spec, self.config), concurrency=vs.spec.concurrency
-                )
-            return None
+            return None  # scaling, traffic or aliases changed: no new Version
         number = fs.latest_number + 1
-        key = VersionKey(namespace, name, number)
+        key = VersionKey(fs.namespace, fs.name, number)
         request: SpecializeRequest | None
         problem = ""
         try:
             request = specialize_request(key, spec, digest, base_dir)
         except PayloadError as err:
             request, problem = None, str(err)
+        return self._add_version(fs, number, spec, digest, pool, request, problem)
+
+    def apply_version(
+        self, namespace: str, name: str, number: int, digest: str, spec: FunctionSpec, pool: PoolKey
+    ) -> VersionState | None:
+        """Take one Version the operator made (cluster mode); returns it when it is new here.
+
+        The Function must have been given to `follow` first. A Version already known by number is
+        left as it is (Versions are immutable); a lower number than the newest known does not move
+        "latest". Code in a ConfigMap goes out as `code: null`: the Kubernetes pod source reads the
+        Version's ConfigMap snapshot instead.
+        """
+        if number < 1:
+            raise ValueError(f"Version {namespace}/{name}@{number}: number must be at least 1")
+        fs = self._functions.get((namespace, name))
+        if fs is None or fs.removed:
+            raise FunctionNotFound(f"function {namespace}/{name} is not followed; Version {number} ignored")
+        if number in fs.versions:
+            return None
+        key = VersionKey(namespace, name, number)
+        request: SpecializeRequest | None
+        problem = ""
+        try:
+            request = cluster_specialize_request(key, spec, digest)
+        except PayloadError as err:
+            request, problem = None, str(err)
+        return self._add_version(fs, number, spec, digest, pool, request, problem)
+
+    def _add_version(
+        self,
+        fs: FunctionState,
+        number: int,
+        spec: FunctionSpec,
+        digest: str,
+        pool: PoolKey,
+        request: SpecializeRequest | None,
+        problem: str,
+    ) -> VersionState:
         serving = 0
         with contextlib.suppress(NotReady, KeyError):
             serving = fs.versions[fs.latest()].ready_pods
@@ -281,7 +332,7 @@ class Registry:
         )
         vs.autoscaler.hold(self.clock(), vs.initial_target)
         fs.versions[number] = vs
-        fs.latest_number = number
+        fs.latest_number = max(fs.latest_number, number)
         fs._reindex()
         if request is None:
             vs.mark_failed(problem)
@@ -305,3 +356,14 @@ class Registry:
             fs for fs in self._removed if any(v.pods or v.draining or v.starting for v in fs.versions.values())
         ]
         return [vs for fs in (*self._functions.values(), *self._removed) for vs in fs.versions.values()]
+
+
+def cluster_specialize_request(key: VersionKey, spec: FunctionSpec, digest: str) -> SpecializeRequest:
+    """The specialize body of a Version in a cluster: ConfigMap code is left for the pod source to fill in."""
+    if spec.code.config_map_ref is None:
+        if spec.code.path is not None:
+            raise PayloadError("spec.code.path is only available in local mode; use inline, url or configMapRef")
+        return specialize_request(key, spec, digest)
+    placeholder = spec.model_copy(update={"code": spec.code.model_copy(update={"config_map_ref": None, "inline": ""})})
+    request = specialize_request(key, placeholder, digest)
+    return dataclasses.replace(request, payload={**request.payload, "code": None})

@@ -105,6 +105,7 @@ class KubernetesPodSource:
         self._stale_claim_s = stale_claim_s
         self._pods: dict[str, Obj] = {}
         self._handles: dict[str, PodHandle] = {}
+        self._pool_keys: dict[str, PoolKey] = {}  # pool label value -> key, for pools asked for here
         self._versions: dict[VersionKey, tuple[str, Any]] = {}
         self._changed = asyncio.Condition()
         self._synced = asyncio.Event()
@@ -142,6 +143,7 @@ class KubernetesPodSource:
         """A ready generic pod of the pool, relabelled `claimed` under a resourceVersion precondition."""
         await self.start()
         wanted = pool_id_of(pool)
+        self._pool_keys[wanted] = pool
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._claim_timeout_s
         kind = ClaimKind.POOL_HIT
@@ -276,10 +278,21 @@ class KubernetesPodSource:
             async with self._changed:
                 await self._changed.wait()
 
+    def warm_pods(self) -> Mapping[PoolKey, int]:
+        """Ready generic pods per pool this source has claimed from or sized (for metrics)."""
+        counts = dict.fromkeys(self._pool_keys.values(), 0)
+        for pod in self._pods.values():
+            pod_labels = pod["metadata"].get("labels", {})
+            key = self._pool_keys.get(pod_labels.get(labels.POOL, ""))
+            if key is not None and pod_labels.get(labels.STATE) == labels.STATE_GENERIC and _ready(pod):
+                counts[key] += 1
+        return counts
+
     async def ensure_pool(self, pool: PoolKey, size: int) -> None:
         """Scale the pool's Deployment (made by the operator) to `size` generic pods."""
         if size < 0:
             raise ValueError(f"pool size ({size}) must not be negative")
+        self._pool_keys[pool_id_of(pool)] = pool
         name = pool_name(pool_id_of(pool))
         try:
             await self._apps.patch_namespaced_deployment_scale(name, self.namespace, {"spec": {"replicas": size}})

@@ -1,0 +1,283 @@
+"""The activator's view of the cluster: the Functions, Versions and SecurityPolicies the operator keeps.
+
+In a cluster the operator numbers the Versions; the activator only follows them. `Catalog`
+lists, then watches, the three kinds in one namespace (kubernetes_asyncio; a watch that
+expires with 410 Gone is re-listed), keeps the raw objects, and after every change applies the
+whole picture to the `Registry` (level-based: the result depends only on what is stored, not
+on the order of events). The picture is computed by the pure `plan`: each valid Function with
+its valid Versions (those that name it and are owned by its uid, so leftovers of an earlier
+Function of the same name are ignored) and the pool each Version's pods come from, resolved
+the way the operator resolves it (the referenced SecurityPolicy, else the namespace's default
+one, else the built-in default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from kubernetes_asyncio import client, watch
+from kubernetes_asyncio.client.exceptions import ApiException
+from pydantic import ValidationError
+
+from ember.activator.errors import FunctionNotFound
+from ember.activator.registry import Registry
+from ember.api.common import GROUP, VERSION
+from ember.api.function import Function
+from ember.api.security_policy import SecurityPolicySpec
+from ember.api.version import Version
+from ember.pods.base import PoolKey
+from ember.pods.payload import DEFAULT_POLICY, pool_key
+
+log = logging.getLogger(__name__)
+
+Obj = dict[str, Any]
+Key = tuple[str, str]  # (namespace, name)
+PLURALS: tuple[str, ...] = ("functions", "versions", "securitypolicies")
+
+
+@dataclass(frozen=True, slots=True)
+class VersionPlan:
+    """One Version as the registry should know it."""
+
+    number: int
+    code_hash: str
+    version: Version
+    pool: PoolKey
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionPlan:
+    """One Function and the Versions of it the activator can serve."""
+
+    function: Function
+    versions: tuple[VersionPlan, ...]
+    problem: str = ""  # why its Versions are not served (e.g. a missing SecurityPolicy)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Everything the registry should hold, and what was wrong with the objects that were skipped."""
+
+    functions: dict[Key, FunctionPlan] = field(default_factory=dict)
+    problems: tuple[str, ...] = ()
+
+
+def _model_body(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """The parts of a stored object the models parse (status and server-only metadata dropped)."""
+    meta = obj.get("metadata") or {}
+    kept = ("name", "namespace", "labels", "annotations", "uid", "resourceVersion", "generation")
+    body = {k: obj[k] for k in ("apiVersion", "kind", "spec") if k in obj}
+    body["metadata"] = {k: meta[k] for k in kept if meta.get(k) is not None}
+    return body
+
+
+def _where(plural: str, obj: Mapping[str, Any]) -> str:
+    meta = obj.get("metadata") or {}
+    return f"{plural} {meta.get('namespace', '?')}/{meta.get('name', '?')}"
+
+
+def resolve_policy(
+    function: Function, policies: Mapping[Key, SecurityPolicySpec], default_policy: str
+) -> SecurityPolicySpec | None:
+    """The Function's SecurityPolicy as the operator resolves it; None when the one it names is missing."""
+    namespace = function.metadata.namespace
+    ref = function.spec.security_policy_ref
+    if ref is not None:
+        return policies.get((namespace, ref.name))
+    return policies.get((namespace, default_policy), DEFAULT_POLICY)
+
+
+def plan(
+    functions: Mapping[Key, Obj],
+    versions: Mapping[Key, Obj],
+    policies: Mapping[Key, Obj],
+    *,
+    default_policy: str = "default",
+) -> Plan:
+    """What the registry should hold for these stored objects (pure: no I/O, no clock)."""
+    problems: list[str] = []
+    parsed_policies: dict[Key, SecurityPolicySpec] = {}
+    for key, obj in policies.items():
+        try:
+            parsed_policies[key] = SecurityPolicySpec.model_validate(obj.get("spec") or {})
+        except ValidationError as err:
+            problems.append(f"{_where('securitypolicies', obj)}: invalid, skipped: {err.error_count()} error(s)")
+    parsed: dict[Key, Function] = {}
+    for key, obj in functions.items():
+        try:
+            parsed[key] = Function.model_validate(_model_body(obj))
+        except ValidationError as err:
+            problems.append(f"{_where('functions', obj)}: invalid, skipped: {err.error_count()} error(s)")
+    owned: dict[Key, list[Version]] = {key: [] for key in parsed}
+    for obj in versions.values():
+        try:
+            version = Version.model_validate(_model_body(obj))
+        except ValidationError as err:
+            problems.append(f"{_where('versions', obj)}: invalid, skipped: {err.error_count()} error(s)")
+            continue
+        fkey = (version.metadata.namespace, version.spec.function_name)
+        fn = parsed.get(fkey)
+        if fn is None:
+            continue  # its Function is gone (garbage collection follows) or not valid
+        owners = (obj.get("metadata") or {}).get("ownerReferences") or []
+        if fn.metadata.uid is not None and not any(o.get("uid") == fn.metadata.uid for o in owners):
+            continue  # left over from an earlier Function of the same name
+        owned[fkey].append(version)
+    out: dict[Key, FunctionPlan] = {}
+    for key, fn in parsed.items():
+        policy = resolve_policy(fn, parsed_policies, default_policy)
+        if policy is None:
+            ref = fn.spec.security_policy_ref
+            problem = f"SecurityPolicy {ref.name if ref else '?'!r} (spec.securityPolicyRef) does not exist"
+            out[key] = FunctionPlan(fn, (), problem)
+            continue
+        seen: dict[int, VersionPlan] = {}
+        for version in owned[key]:
+            number = version.spec.number
+            seen[number] = VersionPlan(number, version.spec.code_hash, version, pool_key(version.spec.function, policy))
+        out[key] = FunctionPlan(fn, tuple(seen[n] for n in sorted(seen)))
+    return Plan(out, tuple(problems))
+
+
+def apply_plan(registry: Registry, wanted: Plan) -> list[str]:
+    """Make the registry hold `wanted`: follow Functions, add new Versions, remove Functions gone.
+
+    Returns one line per change, for the log.
+    """
+    changes: list[str] = []
+    for (namespace, name), fp in wanted.functions.items():
+        registry.follow(fp.function)
+        for vp in fp.versions:
+            made = registry.apply_version(namespace, name, vp.number, vp.code_hash, vp.version.spec.function, vp.pool)
+            if made is not None:
+                changes.append(f"Version {vp.number} of {namespace}/{name}: loading")
+    for fs in list(registry.functions()):
+        if (fs.namespace, fs.name) not in wanted.functions:
+            registry.remove(fs.namespace, fs.name)
+            changes.append(f"function {fs.label} removed")
+    return changes
+
+
+class Catalog:
+    """Lists and watches Functions, Versions and SecurityPolicies of one namespace into a registry."""
+
+    def __init__(
+        self,
+        api: client.ApiClient,
+        registry: Registry,
+        *,
+        namespace: str,
+        default_policy: str = "default",
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.namespace = namespace
+        self._api: Any = api
+        self._custom: Any = client.CustomObjectsApi(api)
+        self._registry = registry
+        self._default_policy = default_policy
+        self._on_change = on_change
+        self._objects: dict[str, dict[Key, Obj]] = {plural: {} for plural in PLURALS}
+        self._synced = {plural: asyncio.Event() for plural in PLURALS}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._reported: set[str] = set()
+
+    async def start(self) -> None:
+        """Start following; returns once every kind has been listed and applied."""
+        if not self._tasks:
+            self._tasks = [
+                asyncio.create_task(self._follow(plural), name=f"ember-catalog-{plural}") for plural in PLURALS
+            ]
+        for event in self._synced.values():
+            await event.wait()
+        self.sync()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+    def sync(self) -> None:
+        """Apply what is stored now to the registry (once every kind has been listed)."""
+        if not all(event.is_set() for event in self._synced.values()):
+            return
+        wanted = plan(
+            self._objects["functions"],
+            self._objects["versions"],
+            self._objects["securitypolicies"],
+            default_policy=self._default_policy,
+        )
+        for problem in (
+            *wanted.problems,
+            *(f"{k[0]}/{k[1]}: {f.problem}" for k, f in wanted.functions.items() if f.problem),
+        ):
+            if problem not in self._reported:
+                self._reported.add(problem)
+                log.warning("catalog namespace=%s %s", self.namespace, problem)
+        try:
+            changes = apply_plan(self._registry, wanted)
+        except (FunctionNotFound, ValueError) as err:  # cannot happen for a plan; logged, next event retries
+            log.error("catalog namespace=%s apply failed: %s", self.namespace, err)
+            return
+        for change in changes:
+            log.info("catalog namespace=%s %s", self.namespace, change)
+        if changes:
+            self._on_change()
+
+    async def _follow(self, plural: str) -> None:
+        """List, then watch, one kind; relist when the watch expires (410) or breaks."""
+        store = self._objects[plural]
+        while True:
+            try:
+                listed = await self._custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, plural)
+                store.clear()
+                for item in listed.get("items", []):
+                    store[self._key(item)] = item
+                self._synced[plural].set()
+                self.sync()
+                stream = watch.Watch()
+                async for event in stream.stream(
+                    self._custom.list_namespaced_custom_object,
+                    GROUP,
+                    VERSION,
+                    self.namespace,
+                    plural,
+                    resource_version=listed["metadata"]["resourceVersion"],
+                    timeout_seconds=300,
+                ):
+                    kind, obj = event["type"], event["object"]
+                    if kind == "ERROR" or not isinstance(obj, dict) or "metadata" not in obj:
+                        break  # typically 410 Gone: the resourceVersion is too old; relist
+                    if kind == "DELETED":
+                        store.pop(self._key(obj), None)
+                    else:
+                        store[self._key(obj)] = obj
+                    self.sync()
+            except asyncio.CancelledError:
+                raise
+            except ApiException as err:
+                if err.status != 410:
+                    log.warning(
+                        "catalog namespace=%s %s watch failed: %s %s; retrying",
+                        self.namespace,
+                        plural,
+                        err.status,
+                        err.reason,
+                    )
+                    await asyncio.sleep(1.0)
+            except (aiohttp.ClientError, TimeoutError) as err:
+                log.warning("catalog namespace=%s %s watch interrupted: %s; retrying", self.namespace, plural, err)
+                await asyncio.sleep(1.0)
+
+    @staticmethod
+    def _key(obj: Mapping[str, Any]) -> Key:
+        meta = obj["metadata"]
+        return (str(meta.get("namespace", "")), str(meta["name"]))

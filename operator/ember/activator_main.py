@@ -1,0 +1,152 @@
+"""Entry point of the activator in a cluster: `python -m ember.activator_main` (the chart's command).
+
+Settings come from the environment the chart sets, each overridable by a flag:
+`EMBER_ACTIVATOR_PORT` (`--port`, default 8080), `EMBER_ACTIVATOR_HOST` (`--host`, default
+0.0.0.0), `EMBER_NAMESPACES` (`--namespace`; one namespace: the pod source and the catalog work
+per namespace), `EMBER_DEFAULT_POLICY` (the SecurityPolicy name Functions without a reference use,
+as in the operator), `POD_NAME` (the claim holder), `EMBER_LOG_LEVEL`. The API server is reached
+in-cluster when `KUBERNETES_SERVICE_HOST` is set, else through `KUBECONFIG` (or ~/.kube/config).
+
+Generic pool sizes are the operator's (`EMBER_POOL_SIZE` is read by it); the activator claims
+from the pools and never resizes them. SIGTERM/SIGINT: readiness off, the listener closes,
+in-flight invocations finish, the activator's pods are released, the watches and the pod source
+stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Mapping
+
+from aiohttp import web
+from kubernetes_asyncio import client as kclient
+from kubernetes_asyncio import config as kconfig
+from kubernetes_asyncio.config.config_exception import ConfigException
+
+from ember.activator import keys
+from ember.activator.app import make_app
+from ember.activator.catalog import Catalog
+from ember.activator.config import ActivatorConfig
+from ember.pods.kubernetes import KubernetesPodSource
+
+log = logging.getLogger("ember.activator")
+
+DEFAULT_PORT = 8080
+DEFAULT_HOST = "0.0.0.0"  # a pod's listener; the Service fronts it
+
+
+class SettingsError(ValueError):
+    """A setting of the activator is wrong; the message names the variable or flag."""
+
+
+def namespace_of(value: str) -> str:
+    """The single namespace an EMBER_NAMESPACES value names."""
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if len(names) != 1:
+        raise SettingsError(
+            f"EMBER_NAMESPACES={value!r}: the activator serves exactly one namespace; "
+            "run one activator per namespace (or set --namespace)"
+        )
+    return names[0]
+
+
+def parse_args(argv: list[str], env: Mapping[str, str]) -> argparse.Namespace:
+    """Flags, with defaults from the environment; bad values raise SettingsError."""
+    parser = argparse.ArgumentParser(prog="ember.activator_main", description="Run the Ember activator in a cluster.")
+    parser.add_argument("--host", default=env.get("EMBER_ACTIVATOR_HOST", DEFAULT_HOST))
+    parser.add_argument("--port", default=env.get("EMBER_ACTIVATOR_PORT", str(DEFAULT_PORT)))
+    parser.add_argument("--namespace", default=None, help="the namespace to serve (default: EMBER_NAMESPACES)")
+    parser.add_argument("--log-level", default=env.get("EMBER_LOG_LEVEL", "INFO"))
+    args = parser.parse_args(argv)
+    try:
+        args.port = int(args.port)
+    except ValueError:
+        raise SettingsError(f"port {args.port!r} (EMBER_ACTIVATOR_PORT or --port) is not a number") from None
+    if not 0 <= args.port <= 65535:
+        raise SettingsError(f"port {args.port} (EMBER_ACTIVATOR_PORT or --port) must be 0-65535")
+    if args.namespace is None:
+        args.namespace = namespace_of(env.get("EMBER_NAMESPACES", ""))
+    args.holder = env.get("POD_NAME") or socket.gethostname()
+    args.default_policy = env.get("EMBER_DEFAULT_POLICY") or "default"
+    return args
+
+
+async def load_api_config() -> kclient.Configuration:
+    """In-cluster configuration inside a pod, else the kubeconfig."""
+    configuration = kclient.Configuration()
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        kconfig.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    else:
+        await kconfig.load_kube_config(
+            config_file=os.environ.get("KUBECONFIG") or None, client_configuration=configuration
+        )
+    return configuration
+
+
+async def serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
+    """Run until `stop` is set."""
+    configuration = await load_api_config()
+    async with kclient.ApiClient(configuration) as api:
+        source = KubernetesPodSource(api, namespace=args.namespace, holder=args.holder)
+        app = make_app(source, ActivatorConfig(default_namespace=args.namespace, warm_pool_size=0))
+        catalog = Catalog(
+            api,
+            app[keys.REGISTRY],
+            namespace=args.namespace,
+            default_policy=args.default_policy,
+            on_change=app[keys.SCALER].poke,
+        )
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=30.0)
+        try:
+            await source.start()
+            await catalog.start()
+            await runner.setup()
+            site = web.TCPSite(runner, args.host, args.port)
+            await site.start()
+            bound = runner.addresses[0][1] if runner.addresses else args.port
+            # One line tests and people can read the port from (port 0 picks a free one).
+            print(f"ember activator: listening on http://{args.host}:{bound} namespace={args.namespace}", flush=True)
+            await stop.wait()
+            log.info("stopping: draining invocations, releasing pods")
+        finally:
+            await runner.cleanup()  # readiness off, listener closed, in-flight finished, pods released
+            await catalog.close()
+            await source.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse settings and run the activator until SIGTERM/SIGINT."""
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv, os.environ)
+    except SettingsError as err:
+        print(f"ember activator: {err}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
+    )
+
+    async def run() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+        return await serve(args, stop)
+
+    try:
+        return asyncio.run(run())
+    except ConfigException as err:
+        print(f"ember activator: no Kubernetes configuration: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
