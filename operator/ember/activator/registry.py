@@ -295,6 +295,8 @@ class Registry:
             raise FunctionNotFound(f"function {namespace}/{name} is not followed; Version {number} ignored")
         if number in fs.versions:
             return None
+        if fs.spec is not None:  # scaling is the Function's now, not what it was when the Version was made
+            spec = spec.model_copy(update={"scaling": fs.spec.scaling})
         key = VersionKey(namespace, name, number)
         request: SpecializeRequest | None
         problem = ""

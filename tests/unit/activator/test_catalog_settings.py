@@ -1,0 +1,42 @@
+"""Settings of the cluster activator (`ember.activator_main`): environment and flags, with bad input."""
+
+from __future__ import annotations
+
+import pytest
+
+from ember.activator_main import DEFAULT_PORT, SettingsError, namespace_of, parse_args
+
+
+def test_chart_environment_is_honoured() -> None:
+    env = {"EMBER_ACTIVATOR_PORT": "9090", "EMBER_NAMESPACES": "team", "POD_NAME": "act-1", "EMBER_DEFAULT_POLICY": "p"}
+    args = parse_args([], env)
+    assert (args.port, args.namespace, args.holder, args.default_policy) == (9090, "team", "act-1", "p")
+    assert args.host == "0.0.0.0"
+
+
+def test_flags_override_the_environment() -> None:
+    args = parse_args(["--port", "0", "--namespace", "other", "--host", "127.0.0.1"], {"EMBER_NAMESPACES": "team"})
+    assert (args.port, args.namespace, args.host) == (0, "other", "127.0.0.1")
+    assert args.default_policy == "default"
+    assert parse_args([], {"EMBER_NAMESPACES": " team "}).port == DEFAULT_PORT
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        ([], {"EMBER_NAMESPACES": "team", "EMBER_ACTIVATOR_PORT": "http"}, "'http' .* is not a number"),
+        (["--port", "70000"], {"EMBER_NAMESPACES": "team"}, "port 70000 .* must be 0-65535"),
+        (["--port", "-1"], {"EMBER_NAMESPACES": "team"}, "must be 0-65535"),
+        ([], {}, "exactly one namespace"),
+        ([], {"EMBER_NAMESPACES": "a,b"}, "EMBER_NAMESPACES='a,b'.*exactly one namespace"),
+    ],
+)
+def test_bad_settings_name_what_is_wrong(argv: list[str], env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        parse_args(argv, env)
+
+
+def test_namespace_list_forms() -> None:
+    assert namespace_of("team,") == "team"
+    with pytest.raises(SettingsError):
+        namespace_of(" , ")
