@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from tests.cluster.build import ensure_kubernetes
 from tests.cluster.controlplane import ControlPlane, Ports
+from tests.cluster.kube import apply_crds
 from tests.cluster.paths import StateLayout
 
 
@@ -47,3 +48,9 @@ def api_client(kubeconfig: Path) -> Iterator[object]:
         yield client
     finally:
         client.close()
+
+
+@pytest.fixture(scope="session")
+def ember_crds(api_client: object) -> list[str]:
+    """Ember's CRDs from `crds/*.yaml`, created (or replaced) and Established; returns their names."""
+    return apply_crds(api_client)

@@ -54,7 +54,9 @@ class Cluster:
     def __init__(self, root: Path | None = None) -> None:
         self.state = StateLayout(root=root or cluster_state_dir())
         self._record = self.state.root / "cluster.json"
-        ports = ClusterPorts.load(self._record) if self._record.exists() else ClusterPorts.free()
+        self._wire(ClusterPorts.load(self._record) if self._record.exists() else ClusterPorts.free())
+
+    def _wire(self, ports: ClusterPorts) -> None:
         self.ports = ports
         self.control_plane = ControlPlane(state=self.state, ports=ports.control_plane, with_controllers=True)
         self.node = Node(
@@ -125,6 +127,7 @@ class Cluster:
         if self.healthy():
             return False
         self.down()
+        self._wire(ClusterPorts.free())  # recorded ports may have been taken since
         ensure_kubernetes()
         ensure_gvisor()
         started = time.monotonic()

@@ -20,9 +20,9 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from tests.cluster.conftest import Kubectl
+from tests.cluster.kube import apply_crds
 from tests.cluster.paths import REPO_ROOT
 
-CRD_DIR = REPO_ROOT / "crds"
 HOST_KERNEL = Path("/proc/version").read_text().strip()
 
 
@@ -78,29 +78,7 @@ def _exec(kubectl: Kubectl, namespace: str, pod: str, *command: str) -> str:
 
 @pytest.fixture(scope="module")
 def ember_crds(api_client: Any) -> list[str]:
-    paths = sorted(CRD_DIR.glob("*.yaml"))
-    assert paths, f"no CRDs in {CRD_DIR}"
-    ext = client.ApiextensionsV1Api(api_client)
-    names = []
-    for path in paths:
-        crd = yaml.safe_load(path.read_text())
-        names.append(crd["metadata"]["name"])
-        try:
-            ext.create_custom_resource_definition(crd)
-        except ApiException as err:
-            if err.status != 409:
-                raise
-            existing = ext.read_custom_resource_definition(crd["metadata"]["name"])
-            crd["metadata"]["resourceVersion"] = existing.metadata.resource_version
-            ext.replace_custom_resource_definition(crd["metadata"]["name"], crd)
-
-    def established(name: str) -> bool:
-        conditions = ext.read_custom_resource_definition(name).status.conditions or []
-        return any(c.type == "Established" and c.status == "True" for c in conditions)
-
-    for name in names:
-        _wait(f"CRD {name} to be established", lambda name=name: established(name), timeout_s=30)
-    return names
+    return apply_crds(api_client)
 
 
 def _example_function() -> dict[str, Any]:
