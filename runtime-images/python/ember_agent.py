@@ -10,9 +10,15 @@ Processes:
 
 * agent (this file's ``main``): HTTP/1.1 server, one thread per connection; the main thread only
   waits for signals (SIGTERM: drain and exit; SIGCHLD: reap, also as PID 1).
-* template: forked by the agent on ``POST /v1/specialize``; puts the code in place, imports the user
-  module, resolves the handler and then only forks workers.  A failed load kills it: the agent stays
-  generic and clean.
+* template: forked by the agent at start as a standby; on ``POST /v1/specialize`` it puts the code
+  in place, imports the user module, resolves the handler and then only forks workers.  A failed
+  load kills it: the agent stays generic and clean.
+* blank worker: forked by the standby template before any code exists.  On specialize the template
+  puts the code in place and passes it the spec; the blank worker imports the module, reports the
+  result (the specialize answer) and becomes the first worker, so specialize + first invoke forks
+  nothing (a fork costs ~15-25 ms under gVisor).  Only then does the template import the module
+  too (for the workers it forks later); its init output is dropped (the blank worker's is logged).
+  Should the template's own import fail after all, it exits and is reloaded on the next fork.
 * workers: forked from the template (code already imported, so a new worker is ready in ~1 ms);
   each runs one invocation at a time.  The agent talks to a worker over a socketpair with
   length-prefixed frames, and kills it (timeout, exit, out of memory) and asks the template for a
@@ -443,9 +449,10 @@ class _Worker:
 
 
 class _Template:
-    def __init__(self, pid, sock):
+    def __init__(self, pid, sock, blank=None):
         self.pid = pid
         self.sock = sock
+        self.blank = blank  # _Worker: the blank worker this (standby) template forked
         self.send_lock = _thread.allocate_lock()
         self.reply = None
         self.reply_ready = _thread.allocate_lock()
@@ -682,21 +689,26 @@ def _fork_standby():
     """Fork a standby template: a process that waits for a specialization.
 
     The agent forks one at start, before any thread exists, so the happy specialize path forks
-    nothing from the multi-threaded agent (and costs no fork).  After a failed specialization the
-    used one is dead and a new one is forked (under _fork_lock)."""
+    nothing from the multi-threaded agent (and costs no fork).  The standby forks a blank worker
+    that talks to the agent over (wa, wb).  After a failed specialization the used one is dead and
+    a new one is forked (under _fork_lock)."""
     a, b = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    wa, wb = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
     with _fork_lock:
         pid = os.fork()
     if pid == 0:
         try:
-            _in_child_close_agent_fds(keep=(b,))
+            _in_child_close_agent_fds(keep=(b, wb))
             a.detach()
-            _standby_main(b)
+            wa.detach()
+            _standby_main(b, wb)
         finally:
             os._exit(70)
     b.close()
+    wb.close()
     _OPEN_SOCKS.add(a)
-    return _Template(pid, a)
+    _OPEN_SOCKS.add(wa)
+    return _Template(pid, a, _Worker(None, wa))
 
 
 def _replenish_standby():
@@ -710,8 +722,8 @@ def _replenish_standby():
 def _start_template(spec):
     """Hand the spec to the standby template and wait for it to load the code.
 
-    -> (_Template, first _Worker, None) or (None, None, error).  The template forks the first worker
-    itself before it reports success (saves a round trip on the specialize path)."""
+    -> (_Template, first _Worker, None) or (None, None, error).  The first worker is the standby's
+    blank worker, which loads the code itself: no fork on the specialize + first invoke path."""
     _S.attempt += 1
     try:
         dest = os.path.join(_code_base(), f"v{_S.attempt}")
@@ -726,13 +738,11 @@ def _start_template(spec):
     if tmpl is None or tmpl.dead:
         tmpl = _fork_standby()
     a, pid = tmpl.sock, tmpl.pid
-    wa, wb = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    w, tmpl.blank = tmpl.blank, None
     try:
-        _send_fd(a, b"S", wb.fileno())
         a.sendall(frame(T_SPEC, jbytes({"spec": spec, "dest": dest})))
     except OSError:
         pass  # a dead standby: reading the answer below reports it
-    wb.close()
     a.settimeout(spec["initTimeoutSeconds"])
     try:
         typ, payload = FrameReader(a).read()
@@ -754,15 +764,14 @@ def _start_template(spec):
     else:
         if typ == T_LOAD_OK:
             a.settimeout(None)
-            w = _Worker(None, wa)  # forked by the template right after LOAD_OK; pid comes with HELLO
-            _OPEN_SOCKS.add(wa)
+            # the blank worker: its pid comes with HELLO, once it has imported the code too
             with _lock:
                 _S.n_workers += 1
                 _S.all_workers.add(w)
             return tmpl, w, None
         tmpl.kill()
         err = json_loads(payload)
-    wa.close()
+    w.kill()
     _rmtree(dest)
     _thread.start_new_thread(_replenish_standby, ())
     return None, None, err
@@ -1434,6 +1443,15 @@ def _prewarm():
         __import__(name)
 
 
+def _prefault():
+    """Touch the objects of this process so that copy-on-write faults happen now, while generic,
+    not while loading code or invoking (under gVisor each fault is a trap into the Sentry)."""
+    import gc
+
+    for o in gc.get_objects():
+        gc.get_referents(o)
+
+
 def main():
     global _S
     _S = _State()
@@ -1497,6 +1515,7 @@ class _LogSink:
         self.lock = _thread.allocate_lock()
         self.label = b"init"
         self.pending = ""
+        self.discard = False  # the template's init output (the blank worker's is logged)
 
     def write(self, s):
         with self.lock:
@@ -1517,6 +1536,8 @@ class _LogSink:
                 self._emit(p)
 
     def _emit(self, text):
+        if self.discard:
+            return
         data = text.encode("utf-8", "replace")
         if self.sock is not None:
             self.sock.sendall(frame(T_LOG, data))
@@ -1834,11 +1855,17 @@ def _listing(path):
     return ", ".join(names[:20]) + (", ..." if len(names) > 20 else "") if names else "(empty)"
 
 
-def _load(spec, dest):
-    """Import the user module and resolve the handler (in the template).  -> handler callable."""
+def _load(spec, dest, code_path=None, code_ready=None):
+    """Import the user module and resolve the handler.  -> handler callable.
+
+    The template passes `dest` (the code is put in place there, then `code_ready(path)` is called);
+    the blank worker passes the `code_path` the template made."""
     handler = spec["handler"]
     modname, attr = parse_handler(handler)
-    code_path = _materialize(spec["code"], modname, dest)
+    if code_path is None:
+        code_path = _materialize(spec["code"], modname, dest)
+    if code_ready is not None:
+        code_ready(code_path)
     os.environ.update(spec["env"])
     try:
         os.chdir(code_path)
@@ -1903,6 +1930,13 @@ def _load(spec, dest):
     return fn
 
 
+def _kill_quietly(pid):
+    try:
+        os.kill(pid, 9)
+    except OSError:
+        pass
+
+
 def _vm_size_kib():
     try:
         with open("/proc/self/status", "rb") as f:
@@ -1914,39 +1948,130 @@ def _vm_size_kib():
     return 0
 
 
-def _standby_main(ctl):
-    """Standby template: warm up, wait for the spec (with the first worker's socket), load it."""
+def _standby_main(ctl, wsock):
+    """Standby template: warm up, fork the blank worker (on `wsock`, the agent's first worker),
+    wait for the spec, load it.
+
+    The standby leads its own process group at once, so killing the template's group also kills
+    the blank worker while that is still loading (it leaves the group when it starts serving)."""
+    os.setpgid(0, 0)
     _prewarm()
-    try:
-        msg, anc, _flags, _addr = ctl.recvmsg(1, _socket.CMSG_SPACE(4))
-    except OSError:
-        msg = b""
-    fds = [struct.unpack("i", data[:4])[0] for level, typ, data in anc or () if typ == _socket.SCM_RIGHTS]
-    if msg != b"S" or not fds:
-        os._exit(0)  # the agent is gone (or confused): nothing to do
+    tp, tw = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    blank_pid = os.fork()
+    if blank_pid == 0:
+        try:
+            ctl.close()
+            tp.close()
+            _blank_main(tw, wsock)
+        finally:
+            os._exit(70)
+    tw.close()
+    wsock.close()
+    _prefault()
     try:
         _typ, payload = FrameReader(ctl).read()
     except (EOFError, OSError):
-        os._exit(0)
+        os._exit(0)  # the agent is gone: nothing to do (the blank worker exits on EOF)
     req = json_loads(payload)
-    _template_main(ctl, _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM, 0, fds[0]), req["spec"], req["dest"])
+    _template_main(ctl, tp, blank_pid, req["spec"], req["dest"])
 
 
-def _template_main(ctl, first_worker, spec, dest):
-    os.setpgid(0, 0)
-    sys.dont_write_bytecode = True  # one compile per pod; skip writing __pycache__
+def _blank_main(chan, wsock):
+    """Blank worker: wait for the spec from the template (sent once the code is in place), import
+    the module, report LOAD_OK or LOAD_ERR to the template (which relays it to the agent) and serve
+    as a worker."""
+    _prefault()
     sys.stdout = LogStream(1, "<stdout>")
     sys.stderr = LogStream(2, "<stderr>")
     _install_runtime_modules()
     try:
-        handler = _load(spec, dest)
+        _typ, payload = FrameReader(chan).read()
+    except (EOFError, OSError):
+        os._exit(0)
+    req = json_loads(payload)
+    spec = req["spec"]
+    sys.dont_write_bytecode = True
+    try:
+        handler = _load(spec, None, req["path"])
     except LoadError as e:
+        _SINK.flush()
+        chan.sendall(
+            frame(T_LOAD_ERR, jbytes({"errorType": e.error_type, "errorMessage": e.message, "stackTrace": e.stack}))
+        )
+        os._exit(0)
+    except BaseException as e:
+        _SINK.flush()
+        chan.sendall(
+            frame(T_LOAD_ERR, jbytes({"errorType": "Runtime.InitError", "errorMessage": f"{type(e).__name__}: {e}"}))
+        )
+        os._exit(0)
+    _SINK.flush()
+    info = _fn_info(spec)
+    base_vm = _vm_size_kib()
+    # warm the invoke path up (first calls touch pages the template shares: faults, costly in gVisor)
+    json_dumps(json_loads(b'{"a":[1]}'))
+    LambdaContext(info, "warm-up", 0).get_remaining_time_in_millis()
+    try:
+        chan.sendall(frame(T_LOAD_OK))
+        chan.close()
+        _worker_main(wsock.detach(), handler, info, spec["memoryMiB"], base_vm)
+    except OSError:  # the template or the agent is gone
+        os._exit(0)
+
+
+def _fn_info(spec):
+    """The LambdaContext fields of this function (see LambdaContext.__init__)."""
+    fn = spec["function"]
+    return (
+        fn["name"],
+        fn["version"],
+        "arn:ember:lambda:{}:{}:function:{}:{}".format("local", fn["namespace"], fn["name"], fn["version"]),
+        str(spec["memoryMiB"]),
+        "/ember/{}/{}".format(fn["namespace"], fn["name"]),
+        "{}/[{}]{}".format(time.strftime("%Y/%m/%d", time.gmtime()), fn["version"], os.uname().nodename),
+    )
+
+
+def _template_main(ctl, blank_chan, blank_pid, spec, dest):
+    sys.dont_write_bytecode = True  # one compile per pod; skip writing __pycache__
+    sys.stdout = LogStream(1, "<stdout>")
+    sys.stderr = LogStream(2, "<stderr>")
+    _install_runtime_modules()
+
+    def code_ready(code_path):
+        """The code is in place: the blank worker loads it first, and its result is the answer."""
+        slim = {k: v for k, v in spec.items() if k != "code"}
+        try:
+            blank_chan.sendall(frame(T_SPEC, jbytes({"spec": slim, "path": code_path})))
+            typ, payload = FrameReader(blank_chan).read()
+        except (EOFError, OSError):
+            _, st = os.waitpid(blank_pid, 0)
+            raise LoadError(
+                "Runtime.ExitError",
+                "{} while loading module for handler {!r}".format(describe_status(st), spec["handler"]),
+            ) from None
+        blank_chan.close()
+        if typ != T_LOAD_OK:
+            ctl.sendall(frame(T_LOAD_ERR, payload))
+            os._exit(0)
+        ctl.sendall(frame(T_LOAD_OK, b""))
+        _SINK.discard = True  # the blank worker's init output was logged; don't log it twice
+
+    try:
+        handler = _load(spec, dest, None, code_ready)
+    except LoadError as e:
+        if _SINK.discard:  # the blank worker loaded this and serves; this template can't fork more
+            os._exit(1)
+        _kill_quietly(blank_pid)
         _SINK.flush()
         ctl.sendall(
             frame(T_LOAD_ERR, jbytes({"errorType": e.error_type, "errorMessage": e.message, "stackTrace": e.stack}))
         )
         os._exit(0)
     except BaseException as e:
+        if _SINK.discard:
+            os._exit(1)
+        _kill_quietly(blank_pid)
         _SINK.flush()
         ctl.sendall(
             frame(
@@ -1956,23 +2081,17 @@ def _template_main(ctl, first_worker, spec, dest):
         )
         os._exit(0)
     _SINK.flush()
-    fn = spec["function"]
+    _SINK.discard = False  # freeze/thaw hook output is logged
     import resource  # noqa: F401  (workers use it for measurements and the memory limit)
 
-    info = (
-        fn["name"],
-        fn["version"],
-        "arn:ember:lambda:{}:{}:function:{}:{}".format("local", fn["namespace"], fn["name"], fn["version"]),
-        str(spec["memoryMiB"]),
-        "/ember/{}/{}".format(fn["namespace"], fn["name"]),
-        "{}/[{}]{}".format(time.strftime("%Y/%m/%d", time.gmtime()), fn["version"], os.uname().nodename),
-    )
+    info = _fn_info(spec)
     base_vm = _vm_size_kib()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     _signal.set_wakeup_fd(wake_w)
     _signal.signal(_signal.SIGCHLD, lambda *a: None)
-    workers = set()
+    os.write(wake_w, b"\0")  # reap a blank worker that already exited (before the handler existed)
+    workers = {blank_pid}
 
     def fork_worker(fd):
         pid = os.fork()
@@ -1990,10 +2109,8 @@ def _template_main(ctl, first_worker, spec, dest):
         os.close(fd)
         return pid
 
-    # Report success first, then fork the first worker: the fork is off the specialize path; the
-    # agent learns the worker's pid from its HELLO frame.
-    ctl.sendall(frame(T_LOAD_OK, b""))
-    fork_worker(first_worker.detach())
+    # LOAD_OK went out from code_ready; the first worker is the blank worker (the agent learns its
+    # pid from its HELLO frame).
     # Serve: fork workers on request, run hooks, report exits of workers.
     import select
 

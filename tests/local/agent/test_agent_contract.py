@@ -815,3 +815,77 @@ def test_default_code_dir_is_removed_on_sigterm(agent, code, tmp_path):
     agent.proc.terminate()
     assert agent.proc.wait(timeout=15) == 0
     assert not made[0].exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# the Python agent's first worker: pre-forked blank, loads the code itself (no fork on the cold path)
+
+
+@pytest.mark.parametrize("lang", ["python"])
+def test_init_output_is_logged_once(agent, code, lang):
+    specialize_main(agent, code)
+    assert_usable(agent)
+    agent.invoke({"action": "exit", "code": 3})  # the next worker is forked from the template
+    assert_usable(agent)
+    agent.wait_output("init: loading main")
+    agent.stop()
+    time.sleep(0.3)  # let the output reader reach the end
+    assert agent.output().count("init: loading main") == 1, agent.output()
+
+
+@pytest.mark.parametrize("lang", ["python"])
+def test_first_worker_imported_the_code_itself(agent, lang):
+    src = (
+        "import os, time\nLOADED_IN = os.getpid()\n\n"
+        "def handler(e, c):\n    time.sleep(e.get('sleep', 0))\n    return [LOADED_IN, os.getpid()]\n"
+    )
+    r = agent.specialize(spec(src, timeoutSeconds=1))
+    assert r.status == 200, r
+    loaded_in, pid = agent.invoke({}).json()
+    assert loaded_in == pid  # the blank worker imported the module: it was not forked after specialize
+    r = agent.invoke({"sleep": 5}, headers={"X-Ember-Timeout-Ms": "100"})
+    assert r.json()["errorType"] == "Sandbox.Timedout", r
+    loaded_in2, pid2 = agent.invoke({}).json()
+    assert pid2 != pid
+    assert loaded_in2 != pid2  # a replacement is forked from the template, code already imported
+
+
+@pytest.mark.parametrize("lang", ["python"])
+def test_init_timeout_leaves_no_loading_process(agent, code, lang):
+    slow = "import time\ntime.sleep(30)\n\ndef handler(e, c):\n    return 1\n"
+    r = agent.specialize(spec(slow, initTimeoutSeconds=1))
+    assert r.status == 422, r
+    # what is left: a fresh standby template and its blank worker, nothing still importing
+    deadline = time.monotonic() + 5
+    while True:
+        alive = [p for p in _descendants(agent.proc.pid) if _alive(p)]
+        if len(alive) <= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert len(alive) <= 2, alive
+    assert_generic_then_ok(agent, code)
+
+
+@pytest.mark.parametrize("lang", ["python"])
+def test_template_import_failing_after_the_worker_loaded(agent, lang, tmp_path):
+    # the blank worker imports first (and answers), the template second: code that only imports
+    # once serves from the first worker; the template's failure shows when a new worker is needed
+    marker = tmp_path / "imported-once"
+    src = (
+        "import os\n"
+        "if os.path.exists(os.environ['MARKER']):\n"
+        "    raise RuntimeError('imported twice')\n"
+        "open(os.environ['MARKER'], 'w').close()\n\n"
+        "def handler(e, c):\n"
+        "    if e.get('exit'):\n"
+        "        os._exit(3)\n"
+        "    return 'ok'\n"
+    )
+    r = agent.specialize(spec(src, env={"MARKER": str(marker)}))
+    assert r.status == 200, r
+    assert agent.invoke({}).json() == "ok"
+    assert agent.invoke({"exit": True}).json()["errorType"] == "Runtime.ExitError"
+    r = agent.invoke({})
+    assert r.status == 502, r
+    assert r.json()["errorType"] == "Runtime.WorkerUnavailable"
+    agent.wait_output("reloading failed")
