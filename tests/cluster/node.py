@@ -253,15 +253,12 @@ class Node:
                 subprocess.run(["umount", "-l", mount], capture_output=True, check=False)
 
     def _remove_pod_cgroups(self) -> None:
+        # Bottom-up; a directory the kernel or the kubelet removed meanwhile is simply skipped.
         for hierarchy in Path("/sys/fs/cgroup").iterdir():
             for top in hierarchy.glob("kubepods*"):
-                for directory in sorted(
-                    (p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True
-                ):
+                for dirpath, _, _ in os.walk(top, topdown=False, onerror=lambda _err: None):
                     with contextlib.suppress(OSError):
-                        directory.rmdir()
-                with contextlib.suppress(OSError):
-                    top.rmdir()
+                        os.rmdir(dirpath)
 
     def stop(self) -> None:
         procs.stop(self.state, "kubelet", grace_s=15)
