@@ -39,12 +39,16 @@ def main(argv: list[str] | None = None) -> int:
             _build()
         elif args.command == "up":
             cluster = Cluster()
-            started = cluster.up()
-            if started:
-                cluster.node.import_images(build_runtime_images())
+            with cluster.locked():
+                cluster.up()
+                (cluster.state.root / "kept-by-cli").touch()
+            cluster.node.import_images(build_runtime_images())
             print(f"export KUBECONFIG={cluster.kubeconfig}")
         elif args.command == "down":
-            Cluster().down()
+            cluster = Cluster()
+            with cluster.locked():
+                cluster.down()
+                (cluster.state.root / "kept-by-cli").unlink(missing_ok=True)
         elif args.command == "status":
             report = Cluster().status()
             print(json.dumps(report, indent=2))

@@ -9,9 +9,12 @@ any process can find and stop the cluster by its recorded pids.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -122,11 +125,38 @@ class Cluster:
         finally:
             api.close()
 
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Serialize up/down/lease changes between processes sharing this state directory."""
+        self.state.root.mkdir(parents=True, exist_ok=True)
+        with (self.state.root.parent / f".{self.state.root.name}.lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def _leases(self) -> Path:
+        return self.state.root.parent / f".{self.state.root.name}.users"
+
+    def acquire(self) -> None:
+        """Use the cluster from this process: start it unless healthy, and record a lease by pid."""
+        with self.locked():
+            self.up()
+            self._leases().mkdir(exist_ok=True)
+            (self._leases() / str(os.getpid())).touch()
+
+    def release(self) -> None:
+        """Drop this process's lease; the last user stops the cluster unless `python -m tests.cluster up` owns it."""
+        with self.locked():
+            (self._leases() / str(os.getpid())).unlink(missing_ok=True)
+            others = [p for p in self._leases().glob("*") if p.name.isdigit() and procs.pid_alive(int(p.name))]
+            if not others and not (self.state.root / "kept-by-cli").exists():
+                self.down()
+
     def up(self) -> bool:
         """Start the cluster unless a healthy one is running; return True if this call started it."""
         if self.healthy():
             return False
         self.down()
+        (self.state.root / "kept-by-cli").unlink(missing_ok=True)
         self._wire(ClusterPorts.free())  # recorded ports may have been taken since
         ensure_kubernetes()
         ensure_gvisor()

@@ -26,14 +26,13 @@ SMOKE_IMAGE = "localhost/ember-smoke:dev"
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster]:
-    """The session's cluster: reused if one is already up, else started here and stopped afterwards."""
+    """The session's cluster: reused if one is up; the last session using it stops it (not one kept by `up`)."""
     running = Cluster()
-    started_here = running.up()
+    running.acquire()
     try:
         yield running
     finally:
-        if started_here:
-            running.down()
+        running.release()
 
 
 @pytest.fixture(scope="session")
