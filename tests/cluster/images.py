@@ -27,7 +27,20 @@ from pathlib import Path
 from . import build, procs
 from .paths import BASE_IMAGE, DEBIAN_SUITE, KUBERNETES_VERSION, PACKAGE_DIR, PAUSE_IMAGE, cache_root
 
-DEBIAN_MIRROR = "http://deb.debian.org/debian"
+
+def debian_mirror() -> str:
+    """The Debian archive this machine's apt already uses (debootstrap fetches the base from it)."""
+    sources = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
+    for path in sources:
+        if not path.is_file():
+            continue
+        for line in path.read_text().splitlines():
+            words = line.split()
+            if words[:1] == ["URIs:"] or words[:1] == ["deb"]:
+                uri = next((w for w in words[1:] if "://" in w), None)
+                if uri and not uri.rstrip("/").endswith("-security"):
+                    return uri
+    raise RuntimeError("no Debian archive configured for apt (/etc/apt/sources.list*): debootstrap needs one")
 
 
 def images_dir() -> Path:
@@ -66,7 +79,14 @@ def ensure_base_rootfs() -> Path:
             rootfs = Path(tmp) / "rootfs"
             log = images_dir() / "debootstrap.log"
             procs.run(
-                ["debootstrap", "--variant=minbase", "--include=ca-certificates", DEBIAN_SUITE, rootfs, DEBIAN_MIRROR],
+                [
+                    "debootstrap",
+                    "--variant=minbase",
+                    "--include=ca-certificates",
+                    DEBIAN_SUITE,
+                    rootfs,
+                    debian_mirror(),
+                ],
                 log=log,
                 timeout_s=1800,
             )

@@ -12,6 +12,7 @@ PACKAGES=(
   iptables conntrack ethtool socat iproute2  # what the kubelet expects on a node
   buildah debootstrap                        # images without Docker or a registry
   runsc                                      # Debian's gVisor (ptrace only), measured against the built one
+  bubblewrap                                 # local mode's second sandbox, tested in the local tier
   gcc libc6-dev                              # the pause binary is C (kubernetes build/pause)
   ca-certificates git curl unzip
 )
@@ -44,8 +45,11 @@ go_ok() {
   [ "$(printf '%s\n1.26.3\n' "$have" | sort -V | head -1)" = "1.26.3" ]
 }
 if ! go_ok; then
+  # Debian's old Go is only used to ask where its module proxy is; the toolchain comes from there.
+  command -v go >/dev/null 2>&1 || apt-get install -y -qq --no-install-recommends golang-go >/dev/null
+  proxy=$(go env GOPROXY | cut -d, -f1)
   tmp=$(mktemp -d)
-  curl -fsSL -o "$tmp/go.zip" "https://proxy.golang.org/golang.org/toolchain/@v/v0.0.1-${GO_TOOLCHAIN}.linux-amd64.zip"
+  curl -fsSL -o "$tmp/go.zip" "$proxy/golang.org/toolchain/@v/v0.0.1-${GO_TOOLCHAIN}.linux-amd64.zip"
   unzip -q "$tmp/go.zip" -d "$tmp"
   rm -rf /usr/local/go
   mv "$tmp/golang.org/toolchain@v0.0.1-${GO_TOOLCHAIN}.linux-amd64" /usr/local/go
