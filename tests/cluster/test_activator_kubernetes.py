@@ -6,7 +6,7 @@ becomes the operator's Version 1 and a gVisor warm pool; the activator follows t
 its Versions (it mints none), claims a warm pod and invokes it over the pod network, through the
 Ember API and through boto3's Lambda client. The Function's code is then edited while four
 clients keep invoking: the operator makes Version 2, the activator loads it, and traffic moves
-to it with no failed request.
+to it with no failed request. SIGTERM then stops the activator cleanly and releases its pods.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def activator(
         proc.start()
         yield proc
     finally:
-        code = proc.stop()
+        code = proc.stop()  # None when the test stopped it already
         print(f"--- activator log (exit {code}) ---\n{proc.log_tail()}")
 
 
@@ -250,3 +250,12 @@ async def test_activator_follows_operator_versions_and_rolls_under_load(
     assert all(v == "2" for v in seen[first_v2 + 8 :]), seen[first_v2:]
     assert all(r[3]["version"] == int(r[1]) for r in results)
     assert set(ember.versions("hello")) == {1, 2}
+
+    # Graceful shutdown: SIGTERM drains, releases the activator's specialized pods and exits 0.
+    assert ember.core.list_namespaced_pod(ember.ns, label_selector="ember.run/function=hello").items
+    assert activator.stop() == 0
+    eventually(
+        lambda: not ember.core.list_namespaced_pod(ember.ns, label_selector="ember.run/function=hello").items,
+        timeout_s=60,
+        what="the activator's pods released",
+    )
