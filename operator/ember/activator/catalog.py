@@ -146,7 +146,7 @@ def plan(
 
 
 def apply_plan(registry: Registry, wanted: Plan) -> list[str]:
-    """Make the registry hold `wanted`: follow Functions, add new Versions, remove Functions gone.
+    """Make the registry hold `wanted`: follow Functions, add new Versions, forget deleted idle ones, drop the rest.
 
     Returns one line per change, for the log.
     """
@@ -157,6 +157,13 @@ def apply_plan(registry: Registry, wanted: Plan) -> list[str]:
             made = registry.apply_version(namespace, name, vp.number, vp.code_hash, vp.version.spec.function, vp.pool)
             if made is not None:
                 changes.append(f"Version {vp.number} of {namespace}/{name}: loading")
+        if fp.problem:
+            continue  # Versions unknown for now (e.g. a missing policy) are not Versions deleted
+        planned = {vp.number for vp in fp.versions}
+        known = registry.get(namespace, name).versions
+        for number in sorted(set(known) - planned):
+            if registry.forget_version(namespace, name, number):
+                changes.append(f"Version {number} of {namespace}/{name}: deleted by the operator, forgotten")
     for fs in list(registry.functions()):
         if (fs.namespace, fs.name) not in wanted.functions:
             registry.remove(fs.namespace, fs.name)

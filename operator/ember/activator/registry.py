@@ -306,6 +306,24 @@ class Registry:
             request, problem = None, str(err)
         return self._add_version(fs, number, spec, digest, pool, request, problem)
 
+    def forget_version(self, namespace: str, name: str, number: int) -> bool:
+        """Drop a Version the operator deleted (retention), once nothing routes to it and it holds no pods.
+
+        Returns True when it was dropped; False while it is referenced or still has pods (the caller
+        asks again later; its pods go with the Version object by garbage collection).
+        """
+        fs = self._functions.get((namespace, name))
+        vs = fs.versions.get(number) if fs is not None else None
+        if fs is None or vs is None:
+            return False
+        if vs.pods or vs.draining or vs.starting or number in fs.referenced():
+            return False
+        vs.throttler.fail_waiters(FunctionNotFound(f"function {fs.label} Version {number} was deleted"))
+        del fs.versions[number]
+        fs._reindex()
+        log.info("version forgotten function=%s version=%d", fs.label, number)
+        return True
+
     def _add_version(
         self,
         fs: FunctionState,

@@ -222,3 +222,30 @@ def test_path_code_fails_the_version_in_a_cluster(registry: Registry) -> None:
     assert "spec.code.path is only available in local mode" in vs.message
     with pytest.raises(PayloadError):
         cluster_specialize_request(VersionKey(NS, "hello", 1), FunctionSpec.model_validate(path_spec), "sha256:x")
+
+
+def test_versions_the_operator_deleted_are_forgotten_once_unreferenced_and_idle(registry: Registry) -> None:
+    v2 = {"code": {"inline": "x = 2"}}
+    fn = _keyed(_function(**v2))
+    apply_plan(registry, plan(fn, _keyed(_version(1), _version(2, **v2)), {}))
+    fs = registry.get(NS, "hello")
+    fs.versions[2].phase = Phase.READY
+    fs.versions[1].starting = 1  # still getting a pod: kept until it has none
+    assert apply_plan(registry, plan(fn, _keyed(_version(2, **v2)), {})) == []
+    assert set(fs.versions) == {1, 2}
+    fs.versions[1].starting = 0
+    changes = apply_plan(registry, plan(fn, _keyed(_version(2, **v2)), {}))
+    assert changes == [f"Version 1 of {NS}/hello: deleted by the operator, forgotten"]
+    assert set(fs.versions) == {2}
+    with pytest.raises(FunctionNotFound, match="has no Version 1"):
+        registry.route(NS, "hello", "1")
+    # The Version "latest" serves is never forgotten, even if its object is briefly missing from a list.
+    assert apply_plan(registry, plan(fn, {}, {})) == []
+    assert set(fs.versions) == {2}
+
+
+def test_a_missing_policy_forgets_no_version(registry: Registry) -> None:
+    apply_plan(registry, plan(_keyed(_function()), _keyed(_version(1)), {}))
+    fn = _keyed(_function(securityPolicyRef={"name": "tight"}))
+    assert apply_plan(registry, plan(fn, _keyed(_version(1)), {})) == []
+    assert set(registry.get(NS, "hello").versions) == {1}
