@@ -130,7 +130,9 @@ def _python_for(version: str) -> str:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError) as err:
         raise PoolUnavailable(f"runtime python{version} ({candidate}) does not start: {err}") from err
-    return resolved or candidate
+    # The agent runs with -S -E on the standard library alone, so a virtualenv's interpreter is
+    # replaced by the binary it links to: a sandbox then needs no view of the virtualenv.
+    return os.path.realpath(resolved or candidate)
 
 
 def agent_command(runtime: str, runtime_images: Path = RUNTIME_IMAGES) -> list[str]:
@@ -159,7 +161,7 @@ def sandboxed(choice: SandboxChoice, command: list[str], env: Mapping[str, str] 
     if choice.kind is Sandbox.BWRAP:
         assert choice.binary is not None
         # the private /tmp hides the host's; an interpreter or agent living there is bound back
-        keep = sorted({str(_tmp_root(Path(p))) for p in command[:3] if _tmp_root(Path(p)) is not None})
+        keep = sorted({str(root) for p in command if (root := _tmp_root(Path(p))) is not None})
         binds = [arg for path in keep for arg in ("--ro-bind", path, path)]
         return [
             choice.binary,
