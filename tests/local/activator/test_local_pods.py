@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -132,7 +131,6 @@ async def test_watch_reports_added_and_lost_pods(source: LocalPodSource) -> None
     assert source.endpoints(version) == []
 
 
-@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed here")
 async def test_bubblewrap_sandbox_serves() -> None:
     src = LocalPodSource(sandbox=detect_sandbox({"EMBER_SANDBOX": "bwrap"}))
     try:
