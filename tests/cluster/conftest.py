@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.apiserver import operator_harness as harness
 from tests.cluster import images
 from tests.cluster.build import ensure_kubernetes
 from tests.cluster.cluster import Cluster, build_runtime_images
@@ -101,3 +102,34 @@ class Kubectl:
 @pytest.fixture(scope="session")
 def kubectl(kubeconfig: Path) -> Kubectl:
     return Kubectl(kubeconfig)
+
+
+@pytest.fixture
+def ember_ns(api_client: Any) -> Iterator[harness.Ember]:
+    """Ember's CRDs applied and a namespace of this test's own, deleted afterwards."""
+    harness.apply_crds(api_client)
+    with harness.namespace(api_client) as ns:
+        yield harness.Ember(api_client, ns)
+
+
+@pytest.fixture
+def operator(
+    kubeconfig: Path, ember_ns: harness.Ember, runtime_images: list[str], tmp_path: Path
+) -> Iterator[harness.OperatorProcess]:
+    """The operator as a host process watching the test's namespace, with the cluster's local images."""
+    assert "localhost/ember-runtime-python3.12:dev" in runtime_images
+    proc = harness.OperatorProcess(
+        kubeconfig,
+        ember_ns.ns,
+        tmp_path / "operator.log",
+        EMBER_IMAGE_REGISTRY="localhost",
+        EMBER_IMAGE_TAG="dev",
+        EMBER_IMAGE_PULL_POLICY="Never",
+        EMBER_POOL_SIZE="2",
+    )
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+        print(f"--- operator log ---\n{proc.log_tail()}")

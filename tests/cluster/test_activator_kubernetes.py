@@ -28,7 +28,7 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from tests.apiserver.operator_harness import Ember, OperatorProcess, apply_crds, condition, eventually, namespace
+from tests.apiserver.operator_harness import Ember, OperatorProcess, condition, eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 CODE_V1 = "def handler(event, context):\n    return {'version': 1, 'hello': event.get('name', 'world')}\n"
@@ -98,33 +98,6 @@ class ActivatorProcess:
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
-
-
-@pytest.fixture
-def ember_ns(api_client: Any) -> Iterator[Ember]:
-    apply_crds(api_client)
-    with namespace(api_client) as ns:
-        yield Ember(api_client, ns)
-
-
-@pytest.fixture
-def operator(kubeconfig: Path, ember_ns: Ember, runtime_images: list[str], tmp_path: Path) -> Iterator[OperatorProcess]:
-    assert "localhost/ember-runtime-python3.12:dev" in runtime_images
-    proc = OperatorProcess(
-        kubeconfig,
-        ember_ns.ns,
-        tmp_path / "operator.log",
-        EMBER_IMAGE_REGISTRY="localhost",
-        EMBER_IMAGE_TAG="dev",
-        EMBER_IMAGE_PULL_POLICY="Never",
-        EMBER_POOL_SIZE="2",
-    )
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
-        print(f"--- operator log ---\n{proc.log_tail()}")
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -29,37 +29,10 @@ from ember.api.security_policy import SecurityPolicySpec
 from ember.pods.base import VersionKey
 from ember.pods.kubernetes import KubernetesPodSource
 from ember.pods.payload import pool_key, specialize_request
-from tests.apiserver.operator_harness import Ember, OperatorProcess, apply_crds, condition, eventually, namespace
+from tests.apiserver.operator_harness import Ember, OperatorProcess, condition, eventually
 from tests.cluster.paths import kube_bin_dir
 
 CODE = "def handler(event, context):\n    return {'hello': event.get('name', 'world')}\n"
-
-
-@pytest.fixture
-def ember_ns(api_client: Any) -> Iterator[Ember]:
-    apply_crds(api_client)
-    with namespace(api_client) as ns:
-        yield Ember(api_client, ns)
-
-
-@pytest.fixture
-def operator(kubeconfig: Path, ember_ns: Ember, runtime_images: list[str], tmp_path: Path) -> Iterator[OperatorProcess]:
-    assert "localhost/ember-runtime-python3.12:dev" in runtime_images
-    proc = OperatorProcess(
-        kubeconfig,
-        ember_ns.ns,
-        tmp_path / "operator.log",
-        EMBER_IMAGE_REGISTRY="localhost",
-        EMBER_IMAGE_TAG="dev",
-        EMBER_IMAGE_PULL_POLICY="Never",
-        EMBER_POOL_SIZE="2",
-    )
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
-        print(f"--- operator log ---\n{proc.log_tail()}")
 
 
 @pytest.fixture
