@@ -241,3 +241,46 @@ def test_missing_code_configmap_is_reported(ember: Ember, operator: OperatorProc
     assert condition(fn, "VersionReady")["reason"] == "CodeMissing"
     assert "'nope'" in condition(fn, "VersionReady")["message"]
     assert ember.versions("hello") == {}
+
+
+def _version_pod(ember: Ember, name: str, *, version: str, state: str, ready: bool) -> None:
+    labels = {"ember.run/function": "hello", "ember.run/version": version, "ember.run/state": state}
+    body = {
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"containers": [{"name": "agent", "image": "localhost/ember-runtime-python3.12:dev"}]},
+    }
+    ember.core.create_namespaced_pod(ember.ns, body)
+    condition_ = {"type": "Ready", "status": "True" if ready else "False"}
+    ember.core.patch_namespaced_pod_status(name, ember.ns, {"status": {"phase": "Running", "conditions": [condition_]}})
+
+
+def _ready_pods(ember: Ember, version: str) -> int | None:
+    status = (ember.get("versions", version) or {}).get("status") or {}
+    return status.get("readyPods")
+
+
+def test_version_status_counts_its_ready_specialized_pods(ember: Ember, operator: OperatorProcess) -> None:
+    ember.create("functions", hello_function())
+    eventually(lambda: ready_function(ember, "hello"), what="hello Ready")
+    # No controller-manager in this tier: pods need the namespace's default ServiceAccount made by hand.
+    ember.core.create_namespaced_service_account(ember.ns, {"metadata": {"name": "default"}})
+    # What activators make: specialized pods of Version 1, one not ready yet, one only claimed.
+    _version_pod(ember, "hello-a", version="1", state="specialized", ready=True)
+    _version_pod(ember, "hello-b", version="1", state="specialized", ready=False)
+    _version_pod(ember, "hello-c", version="1", state="claimed", ready=True)
+    # Bad labels from elsewhere are ignored, not fatal: no such Version, and no Version number at all.
+    _version_pod(ember, "hello-x", version="7", state="specialized", ready=True)
+    _version_pod(ember, "hello-y", version="one", state="specialized", ready=True)
+    eventually(lambda: _ready_pods(ember, "hello-v1") == 1, what="readyPods 1")
+
+    ember.core.patch_namespaced_pod_status(
+        "hello-b", ember.ns, {"status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+    )
+    eventually(lambda: _ready_pods(ember, "hello-v1") == 2, what="readyPods 2 once hello-b is ready")
+    # Unscheduled pods go at once with no grace period (no kubelet in this tier).
+    ember.core.delete_namespaced_pod("hello-a", ember.ns, grace_period_seconds=0)
+    ember.core.delete_namespaced_pod("hello-b", ember.ns, grace_period_seconds=0)
+    eventually(lambda: _ready_pods(ember, "hello-v1") == 0, what="readyPods 0 after the pods are deleted")
+    assert ember.get("versions", "hello-v1")["status"]["phase"] == "Ready"  # the operator's own fields stay
+    assert "not a Version number" in operator.log_tail(200)
+    assert operator.alive()

@@ -104,6 +104,7 @@ def register(registry: kopf.OperatorRegistry, config: Settings) -> None:
     ):
         _register_kind(registry, config, plural, reconciler)
     _register_nudges(registry)
+    _register_pod_counts(registry)
 
     @kopf.on.delete(GROUP, VERSION, "securitypolicies", registry=registry, optional=True)
     async def policy_deleted(body: Any, memo: Any, **_: Any) -> None:
@@ -167,6 +168,24 @@ def _register_nudges(registry: kopf.OperatorRegistry) -> None:
         for owner in body.get("metadata", {}).get("ownerReferences") or []:
             if owner.get("kind") == "Function":
                 await _nudge(memo, namespace, owner["name"], f"pool/{name}:deleted")
+
+
+def _register_pod_counts(registry: kopf.OperatorRegistry) -> None:
+    """Pods of a Version (claimed and specialized by activators) are counted into its status.readyPods."""
+
+    @kopf.on.event(
+        "", "v1", "pods", registry=registry, labels={labels.FUNCTION: kopf.PRESENT, labels.VERSION: kopf.PRESENT}
+    )
+    async def version_pod_changed(*, namespace: str | None, body: Any, memo: Any, **_: Any) -> None:
+        pod_labels = body.get("metadata", {}).get("labels") or {}
+        if namespace is None:
+            return
+        try:
+            await reconcile.report_version_pods(
+                memo.kube, namespace, pod_labels[labels.FUNCTION], pod_labels[labels.VERSION]
+            )
+        except KubeError as err:
+            log.warning("pod=%s/%s: Version pods not counted: %s", namespace, body["metadata"].get("name"), err)
 
 
 async def _nudge(memo: Any, namespace: str, function: str, token: str) -> None:

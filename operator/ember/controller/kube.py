@@ -117,6 +117,33 @@ class Kube:
                 return
             raise _fail(f"annotate {plural} {namespace}/{name}", err) from err
 
+    async def patch_custom_status(self, plural: str, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        """Merge fields into an Ember object's status (its status subresource); a missing object is fine."""
+        try:
+            await self._custom.patch_namespaced_custom_object_status(
+                GROUP,
+                VERSION,
+                namespace,
+                plural,
+                name,
+                {"status": dict(status)},
+                _content_type="application/merge-patch+json",
+            )
+        except ApiException as err:
+            if err.status == 404:
+                return
+            raise _fail(f"patch status of {plural} {namespace}/{name}", err) from err
+
+    # Pods (read only: activators claim and release them; the operator counts them for Version status).
+
+    async def list_pods(self, namespace: str, *, label_selector: str) -> list[Obj]:
+        """Pods of a namespace matching a label selector."""
+        try:
+            found = await self._core.list_namespaced_pod(namespace, label_selector=label_selector)
+        except ApiException as err:
+            raise _fail(f"list pods {namespace} ({label_selector})", err) from err
+        return [self._plain(p) for p in found.items]
+
     # ConfigMaps (code).
 
     async def get_configmap(self, namespace: str, name: str) -> Obj | None:

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from ember.api.common import Condition, ConditionStatus
 from ember.api.function import Function, FunctionSpec, ObjectRef
 from ember.api.security_policy import SecurityPolicySpec
-from ember.api.version import Version, code_hash
+from ember.api.version import Version, code_hash, version_name
 from ember.controller.kube import Conflict, Kube, Obj
 from ember.controller.settings import Settings
 from ember.pods.payload import DEFAULT_POLICY, policy_hash
@@ -527,6 +527,37 @@ async def reconcile_version(
         "conditions": _wire_conditions(conditions),
         "phase": phase,
     }
+
+
+def pod_ready(pod: Obj) -> bool:
+    """A pod that is not being deleted and whose Ready condition is True."""
+    if pod.get("metadata", {}).get("deletionTimestamp"):
+        return False
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+async def report_version_pods(kube: Kube, namespace: str, function: str, version_label: str) -> int | None:
+    """Count a Version's specialized, ready pods into its `status.readyPods` (written only on change).
+
+    Called on every event of a pod labelled with a Function and Version (activators claim, specialize
+    and delete them). Returns the count, or None when the label names no Version."""
+    try:
+        number = int(version_label)
+    except ValueError:
+        number = 0
+    if number < 1:
+        log.warning("pod labelled %s=%r in %s: not a Version number; ignored", labels.VERSION, version_label, namespace)
+        return None
+    name = version_name(function, number)
+    version = await kube.get_custom("versions", namespace, name)
+    if version is None:
+        return None
+    selector = f"{labels.FUNCTION}={function},{labels.VERSION}={number},{labels.STATE}={labels.STATE_SPECIALIZED}"
+    ready = sum(1 for pod in await kube.list_pods(namespace, label_selector=selector) if pod_ready(pod))
+    if (version.get("status") or {}).get("readyPods", 0) != ready:
+        await kube.patch_custom_status("versions", namespace, name, {"readyPods": ready})
+    return ready
 
 
 # SecurityPolicy
