@@ -4,8 +4,14 @@ Settings come from the environment the chart sets, each overridable by a flag:
 `EMBER_ACTIVATOR_PORT` (`--port`, default 8080), `EMBER_ACTIVATOR_HOST` (`--host`, default
 0.0.0.0), `EMBER_NAMESPACES` (`--namespace`; one namespace: the pod source and the catalog work
 per namespace), `EMBER_DEFAULT_POLICY` (the SecurityPolicy name Functions without a reference use,
-as in the operator), `POD_NAME` (the claim holder), `EMBER_LOG_LEVEL`. The API server is reached
-in-cluster when `KUBERNETES_SERVICE_HOST` is set, else through `KUBECONFIG` (or ~/.kube/config).
+as in the operator), `POD_NAME` (the claim holder), `EMBER_ACTIVATOR_LEASE_S` (`--lease-s`, default
+15: the holder Lease's duration; see `ember.pods.kubernetes`), `EMBER_LOG_LEVEL`. The API server is
+reached in-cluster when `KUBERNETES_SERVICE_HOST` is set, else through `KUBECONFIG` (or ~/.kube/config).
+
+The holder names this activator's claims and its Lease, so it must be unique among the activators
+of a namespace: the pod name in a pod (the chart sets `POD_NAME`), else `<host name>-<pid>` (two
+processes on one host never share it), folded into a DNS label by `holder_name`. A restarted
+container keeps its pod name and so finds, and deletes, the pods its previous run left.
 
 Generic pool sizes are the operator's (`EMBER_POOL_SIZE` is read by it); the activator claims
 from the pools and never resizes them. SIGTERM/SIGINT: readiness off, the listener closes,
@@ -34,12 +40,14 @@ from ember.activator import keys
 from ember.activator.app import make_app
 from ember.activator.catalog import Catalog
 from ember.activator.config import ActivatorConfig
-from ember.pods.kubernetes import KubernetesPodSource
+from ember.pods.base import PodSourceError
+from ember.pods.kubernetes import KubernetesPodSource, holder_name
 
 log = logging.getLogger("ember.activator")
 
 DEFAULT_PORT = 8080
 DEFAULT_HOST = "0.0.0.0"  # a pod's listener; the Service fronts it
+DEFAULT_LEASE_S = 15.0
 
 
 class SettingsError(ValueError):
@@ -64,7 +72,18 @@ def parse_args(argv: list[str], env: Mapping[str, str]) -> argparse.Namespace:
     parser.add_argument("--port", default=env.get("EMBER_ACTIVATOR_PORT", str(DEFAULT_PORT)))
     parser.add_argument("--namespace", default=None, help="the namespace to serve (default: EMBER_NAMESPACES)")
     parser.add_argument("--log-level", default=env.get("EMBER_LOG_LEVEL", "INFO"))
+    parser.add_argument("--lease-s", default=env.get("EMBER_ACTIVATOR_LEASE_S", str(DEFAULT_LEASE_S)))
     args = parser.parse_args(argv)
+    try:
+        args.lease_s = float(args.lease_s)
+    except ValueError:
+        raise SettingsError(
+            f"lease duration {args.lease_s!r} (EMBER_ACTIVATOR_LEASE_S or --lease-s) is not a number"
+        ) from None
+    if not 3 <= args.lease_s <= 3600:
+        raise SettingsError(
+            f"lease duration {args.lease_s} (EMBER_ACTIVATOR_LEASE_S or --lease-s) must be 3-3600 seconds"
+        )
     try:
         args.port = int(args.port)
     except ValueError:
@@ -73,9 +92,15 @@ def parse_args(argv: list[str], env: Mapping[str, str]) -> argparse.Namespace:
         raise SettingsError(f"port {args.port} (EMBER_ACTIVATOR_PORT or --port) must be 0-65535")
     if args.namespace is None:
         args.namespace = namespace_of(env.get("EMBER_NAMESPACES", ""))
-    args.holder = env.get("POD_NAME") or socket.gethostname()
+    args.holder = holder_of_process(env, hostname=socket.gethostname(), pid=os.getpid())
     args.default_policy = env.get("EMBER_DEFAULT_POLICY") or "default"
     return args
+
+
+def holder_of_process(env: Mapping[str, str], *, hostname: str, pid: int) -> str:
+    """This activator's claim holder: its pod name in a pod, `<host>-<pid>` elsewhere (see the docstring)."""
+    pod_name = env.get("POD_NAME", "").strip()
+    return holder_name(pod_name or f"{hostname}-{pid}")
 
 
 async def load_api_config() -> kclient.Configuration:
@@ -94,7 +119,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
     """Run until `stop` is set."""
     configuration = await load_api_config()
     async with kclient.ApiClient(configuration) as api:
-        source = KubernetesPodSource(api, namespace=args.namespace, holder=args.holder)
+        source = KubernetesPodSource(api, namespace=args.namespace, holder=args.holder, lease_duration_s=args.lease_s)
         app = make_app(source, ActivatorConfig(default_namespace=args.namespace, warm_pool_size=0))
         catalog = Catalog(
             api,
@@ -112,7 +137,11 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
             await site.start()
             bound = runner.addresses[0][1] if runner.addresses else args.port
             # One line tests and people can read the port from (port 0 picks a free one).
-            print(f"ember activator: listening on http://{args.host}:{bound} namespace={args.namespace}", flush=True)
+            print(
+                f"ember activator: listening on http://{args.host}:{bound} namespace={args.namespace} "
+                f"holder={args.holder}",
+                flush=True,
+            )
             await stop.wait()
             log.info("stopping: draining invocations, releasing pods")
         finally:
@@ -146,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigException as err:
         print(f"ember activator: no Kubernetes configuration: {err}", file=sys.stderr)
         return 2
+    except PodSourceError as err:  # e.g. the Lease cannot be created: RBAC without coordination.k8s.io
+        print(f"ember activator: cannot start the pod source: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -15,18 +15,56 @@ Function and Version, mark it `specialized` (which makes it an endpoint) and mak
 controller owner (so it goes with the Version). Egress is already limited before any code runs:
 the pool's NetworkPolicy selects the pod from its start. Code kept in the Version's ConfigMap is
 read from there, so a pod gets the snapshot the Version was made with. Release: delete the pod.
+
+More than one activator (replicas of the chart's Deployment, or host processes) share a namespace.
+Each one claims under its own *holder* name (`ember.run/claimed-by`, a DNS label: the pod name in
+a cluster, `<host>-<pid>` on a host; see `holder_name`) and routes only to the pods it specialized
+itself. Pods outlive the activator that claimed them unless something deletes them, so:
+
+- Each activator holds a coordination.k8s.io/v1 Lease `ember-activator-<holder>` in the namespace
+  (labelled `ember.run/component=activator`), renewed every `lease_duration_s / 3`. It is created
+  before the first claim, so a claimed pod's holder always had a Lease; a graceful close deletes it.
+- Every activator sweeps every `lease_duration_s / 3`: it lists the activator Leases and deletes
+  the claimed and specialized pods whose holder's Lease is *dead*, then the dead Leases themselves
+  (with a resourceVersion precondition, so a Lease renewed meanwhile stays). Dead means: not
+  renewed (its resourceVersion unchanged), or missing, for the Lease's duration as measured by the
+  sweeper's own monotonic clock since it last saw a change (`HolderLiveness`). Like client-go's
+  leader election, no machine's `renewTime` is compared with another machine's clock; the price is
+  that a sweeper needs one lease duration of watching before it deletes anything after it starts.
+  A pod with no or a malformed holder label counts as one whose Lease is missing. The sweep is
+  level-based and idempotent: several activators deleting the same pod is harmless.
+- On start, before its first claim, an activator deletes the pods still claimed by its own holder
+  name: a previous incarnation's (a restarted container keeps its pod name), which it cannot route
+  to because it never knew them.
+- Independently, pods left `claimed` longer than `stale_claim_s` are deleted whoever holds them
+  (`sweep_stale_claims`): a live activator that lost a claim mid-specialize never releases it.
+
+So an activator that dies without closing (crash, SIGKILL, node loss) loses its pods to the others
+within about one lease duration plus two sweep periods of its last renewal. An activator that
+cannot renew for a lease duration (partitioned from the API server) is treated as dead: its pods
+are deleted under it, its routing sees them go, and it recreates its Lease when it can.
+
+Scaling is per activator: each replica runs its own autoscaler per Version over the invocations it
+receives and keeps the pods it claimed. Demand-driven pod counts add up (the Service spreads the
+load, each replica scales for its share), but the bounds do not: with N replicas serving a
+Version, each keeps the Version's `minScale` warm, so N x minScale pods in all, and each may grow
+to `maxScale`. `minScale` is a per-activator floor; a user wanting M warm pods in total sets
+minScale to ceil(M / N).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import random
+import re
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import replace
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -54,7 +92,121 @@ log = logging.getLogger(__name__)
 
 CLAIMED_BY = f"{labels.PREFIX}/claimed-by"
 CLAIMED_AT = f"{labels.PREFIX}/claimed-at"
+LEASE_PREFIX = "ember-activator-"
+LEASE_COMPONENT = "activator"
 Obj = dict[str, Any]
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_NOT_DNS = re.compile(r"[^a-z0-9-]+")
+
+
+def holder_name(raw: str) -> str:
+    """`raw` as a claim holder: a DNS label (a valid label value and Lease name part), unique per `raw`.
+
+    A pod name is usually one already and is kept as it is; anything else (an FQDN host name, a
+    253-character pod name) is folded to lower case and `-`, cut, and suffixed with a hash of `raw`
+    so that two different names never fold to the same holder.
+    """
+    if _DNS_LABEL.match(raw):
+        return raw
+    folded = _NOT_DNS.sub("-", raw.lower()).strip("-")
+    digest = hashlib.sha256(raw.encode()).hexdigest()[:8]
+    return f"{folded[:54].rstrip('-')}-{digest}".lstrip("-")
+
+
+def lease_name(holder: str) -> str:
+    """The Lease an activator with this holder name keeps alive."""
+    return f"{LEASE_PREFIX}{holder}"
+
+
+def holder_of(pod: Mapping[str, Any]) -> str:
+    """The `claimed-by` holder of a pod; "" when missing or not a string (no Lease can match it)."""
+    value = ((pod.get("metadata") or {}).get("labels") or {}).get(CLAIMED_BY)
+    return value if isinstance(value, str) else ""
+
+
+@dataclass(frozen=True, slots=True)
+class ObservedLease:
+    """What the sweep needs of an activator Lease: its name, its version (a renewal changes it), its term."""
+
+    name: str
+    resource_version: str
+    duration_s: float
+
+
+def parse_lease(obj: Mapping[str, Any], *, default_duration_s: float) -> ObservedLease | None:
+    """An activator Lease as the sweep sees it; None when it has no name or resourceVersion."""
+    meta = obj.get("metadata") or {}
+    name, version = meta.get("name"), meta.get("resourceVersion")
+    if not isinstance(name, str) or not isinstance(version, str):
+        return None
+    seconds = (obj.get("spec") or {}).get("leaseDurationSeconds")
+    duration_s = default_duration_s
+    if isinstance(seconds, int) and not isinstance(seconds, bool) and seconds > 0:
+        duration_s = float(seconds)
+    return ObservedLease(name=name, resource_version=version, duration_s=duration_s)
+
+
+class HolderLiveness:
+    """Which Leases went unrenewed (or missing) for their whole duration, by this process's clock.
+
+    `observe` is called once per sweep with the Leases that exist and the Lease names that pods'
+    holders need; a Lease is seen renewed whenever its resourceVersion changes (or it appears or
+    disappears), and dead once `duration_s` has passed on `now` (monotonic seconds) since then.
+    Only Lease names seen in the last call are remembered.
+    """
+
+    def __init__(self, *, own: str, missing_duration_s: float) -> None:
+        self._own = own
+        self._missing_duration_s = missing_duration_s
+        self._seen: dict[str, tuple[str | None, float]] = {}
+
+    def observe(self, now: float, leases: Iterable[ObservedLease], wanted: Collection[str]) -> set[str]:
+        """Record this sweep's view; return the dead Lease names (never this process's own)."""
+        existing = {lease.name: lease for lease in leases}
+        dead = set()
+        seen: dict[str, tuple[str | None, float]] = {}
+        for name in existing.keys() | set(wanted):
+            if name == self._own:
+                continue
+            lease = existing.get(name)
+            marker = lease.resource_version if lease is not None else None
+            previous = self._seen.get(name)
+            since = previous[1] if previous is not None and previous[0] == marker else now
+            seen[name] = (marker, since)
+            duration = lease.duration_s if lease is not None else self._missing_duration_s
+            if now - since >= duration:
+                dead.add(name)
+        self._seen = seen
+        return dead
+
+
+def pods_of_dead_holders(pods: Iterable[Mapping[str, Any]], dead: Collection[str], *, own: str) -> list[str]:
+    """Names of claimed or specialized pods, not being deleted, whose holder's Lease is in `dead`."""
+    out = []
+    for pod in pods:
+        meta = pod.get("metadata") or {}
+        state = (meta.get("labels") or {}).get(labels.STATE)
+        if state not in (labels.STATE_CLAIMED, labels.STATE_SPECIALIZED) or meta.get("deletionTimestamp"):
+            continue
+        holder = holder_of(pod)
+        if holder != own and lease_name(holder) in dead and isinstance(meta.get("name"), str):
+            out.append(meta["name"])
+    return sorted(out)
+
+
+@dataclass(frozen=True, slots=True)
+class _HeldLease:
+    """This process's own Lease: the resourceVersion it last wrote, and what a renewal keeps."""
+
+    version: str
+    acquired: str  # MicroTime
+    transitions: int
+
+
+def _micro_time(at: datetime) -> str:
+    """A Kubernetes MicroTime (RFC 3339, microseconds, UTC)."""
+    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def pool_id_of(pool: PoolKey) -> str:
@@ -92,13 +244,27 @@ class KubernetesPodSource:
         claim_timeout_s: float = 60.0,
         specialize_timeout_s: float = 120.0,
         stale_claim_s: float = 300.0,
+        lease_duration_s: float = 15.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if holder != holder_name(holder):
+            raise ValueError(
+                f"holder {holder!r} must be a DNS label (lower case, digits, '-', at most 63); see holder_name"
+            )
+        if lease_duration_s < 1:
+            raise ValueError(f"lease_duration_s ({lease_duration_s}) must be at least 1")
         self.namespace = namespace
         self.holder = holder
         self._api: Any = api
         self._core: Any = client.CoreV1Api(api)
         self._apps: Any = client.AppsV1Api(api)
         self._custom: Any = client.CustomObjectsApi(api)
+        self._coordination: Any = client.CoordinationV1Api(api)
+        self._lease_duration_s = lease_duration_s
+        self._lease_name = lease_name(holder)
+        self._lease: _HeldLease | None = None  # as this process last wrote it
+        self._liveness = HolderLiveness(own=self._lease_name, missing_duration_s=lease_duration_s)
+        self._clock = clock
         self._agent_port = agent_port
         self._claim_timeout_s = claim_timeout_s
         self._specialize_timeout_s = specialize_timeout_s
@@ -109,7 +275,9 @@ class KubernetesPodSource:
         self._versions: dict[VersionKey, tuple[str, Any]] = {}
         self._changed = asyncio.Condition()
         self._synced = asyncio.Event()
+        self._starting: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._renewer: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
@@ -117,21 +285,33 @@ class KubernetesPodSource:
     # -- lifecycle
 
     async def start(self) -> None:
-        """List the namespace's Ember pods and keep following them."""
-        if self._watcher is None:
-            self._watcher = asyncio.create_task(self._follow(), name=f"ember-pods-{self.namespace}")
-            self._sweeper = asyncio.create_task(self._sweep_forever(), name=f"ember-sweep-{self.namespace}")
+        """Hold this activator's Lease, list the namespace's Ember pods and keep following them.
+
+        Every caller (claim and watch call it too) waits for the one start: no claim happens before
+        the Lease exists and the previous incarnation's pods are gone.
+        """
+        if self._starting is None:
+            self._starting = asyncio.create_task(self._start_once(), name=f"ember-start-{self.namespace}")
+        await asyncio.shield(self._starting)
+
+    async def _start_once(self) -> None:
+        await self.renew_lease()
+        self._watcher = asyncio.create_task(self._follow(), name=f"ember-pods-{self.namespace}")
         await self._synced.wait()
+        await self._delete_previous_incarnations_pods()
+        self._renewer = asyncio.create_task(self._renew_forever(), name=f"ember-lease-{self.namespace}")
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name=f"ember-sweep-{self.namespace}")
 
     async def close(self) -> None:
-        """Stop watching. Pods stay: they belong to pools and Versions, not to this process."""
+        """Stop watching and give up the Lease. Pods stay: the activator released its own before."""
         self._closed = True
-        for task in (self._watcher, self._sweeper):
+        for task in (self._starting, self._renewer, self._sweeper, self._watcher):
             if task is not None:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                with contextlib.suppress(asyncio.CancelledError, Exception):  # a failed start raised to its callers
                     await task
-        self._watcher = self._sweeper = None
+        self._starting = self._watcher = self._renewer = self._sweeper = None
+        await self._drop_lease()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -402,8 +582,7 @@ class KubernetesPodSource:
             if not current - claimed_at <= self._stale_claim_s:  # NaN (no stamp) counts as stale
                 stale.append(meta["name"])
         for name in stale:
-            with contextlib.suppress(ApiException):
-                await self._core.delete_namespaced_pod(name, self.namespace, grace_period_seconds=1)
+            await self._delete_pod(name)
             log.warning(
                 "namespace=%s pod=%s deleted: claimed over %.0fs ago and never specialized",
                 self.namespace,
@@ -412,10 +591,201 @@ class KubernetesPodSource:
             )
         return stale
 
+    # -- the holder's Lease and the sweeps (see the module docstring)
+
+    @property
+    def sweep_period_s(self) -> float:
+        """How often the Lease is renewed and the sweeps run."""
+        return self._lease_duration_s / 3
+
+    def _lease_body(self, held: _HeldLease, *, version: str | None) -> Obj:
+        metadata: Obj = {
+            "name": self._lease_name,
+            "namespace": self.namespace,
+            "labels": {labels.MANAGED_BY: labels.MANAGER, labels.COMPONENT: LEASE_COMPONENT},
+        }
+        if version is not None:
+            metadata["resourceVersion"] = version
+        return {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": metadata,
+            "spec": {
+                "holderIdentity": self.holder,
+                "leaseDurationSeconds": max(1, round(self._lease_duration_s)),
+                "acquireTime": held.acquired,
+                "renewTime": _micro_time(datetime.now(UTC)),
+                "leaseTransitions": held.transitions,
+            },
+        }
+
+    async def renew_lease(self) -> None:
+        """Create or renew this activator's Lease; raises `PoolUnavailable` when the API server refuses.
+
+        A renewal replaces the Lease under the resourceVersion this process last wrote. A conflict
+        means another writer: a previous incarnation (taken over) or, wrongly, a second process with
+        the same holder name, which is logged because the two would delete each other's pods.
+        """
+        held = self._lease
+        if held is not None:
+            try:
+                written = await self._coordination.replace_namespaced_lease(
+                    self._lease_name, self.namespace, self._lease_body(held, version=held.version)
+                )
+            except ApiException as err:
+                if err.status not in (404, 409):
+                    raise PoolUnavailable(
+                        f"Lease {self.namespace}/{self._lease_name}: renewal failed with {err.status} {err.reason}"
+                    ) from err
+                if err.status == 409:
+                    log.error(
+                        "namespace=%s lease=%s was written by another process: is holder %s used twice?",
+                        self.namespace,
+                        self._lease_name,
+                        self.holder,
+                    )
+                self._lease = None
+            else:
+                self._lease = replace(held, version=str(written.metadata.resource_version))
+                return
+        await self._acquire_lease()
+
+    async def _acquire_lease(self) -> None:
+        """Create the Lease, or take over the one a previous incarnation (same holder) left."""
+        held = _HeldLease(version="", acquired=_micro_time(datetime.now(UTC)), transitions=0)
+        try:
+            written = await self._coordination.create_namespaced_lease(
+                self.namespace, self._lease_body(held, version=None)
+            )
+        except ApiException as err:
+            if err.status != 409:
+                raise PoolUnavailable(
+                    f"Lease {self.namespace}/{self._lease_name}: create failed with {err.status} {err.reason}"
+                ) from err
+            try:
+                current = await self._coordination.read_namespaced_lease(self._lease_name, self.namespace)
+                spec = current.spec
+                held = replace(held, transitions=(spec.lease_transitions or 0) + 1 if spec is not None else 1)
+                written = await self._coordination.replace_namespaced_lease(
+                    self._lease_name, self.namespace, self._lease_body(held, version=current.metadata.resource_version)
+                )
+            except ApiException as again:
+                raise PoolUnavailable(
+                    f"Lease {self.namespace}/{self._lease_name}: take-over failed with {again.status} {again.reason}"
+                ) from again
+        self._lease = replace(held, version=str(written.metadata.resource_version))
+
+    async def _drop_lease(self) -> None:
+        """Delete this process's Lease (if it is still the one it wrote), so nobody waits for it to expire."""
+        if self._lease is None:
+            return
+        version = self._lease.version
+        self._lease = None
+        try:
+            await self._coordination.delete_namespaced_lease(
+                self._lease_name,
+                self.namespace,
+                body=client.V1DeleteOptions(preconditions=client.V1Preconditions(resource_version=version)),
+            )
+        except ApiException as err:
+            if err.status not in (404, 409):
+                log.warning("namespace=%s lease=%s delete failed: %s", self.namespace, self._lease_name, err.status)
+        except (aiohttp.ClientError, TimeoutError) as err:
+            log.warning("namespace=%s lease=%s delete failed: %s", self.namespace, self._lease_name, err)
+
+    async def _delete_previous_incarnations_pods(self) -> None:
+        """Delete pods claimed under this holder name before this process started: nothing routes to them."""
+        mine = [
+            pod["metadata"]["name"]
+            for pod in self._pods.values()
+            if holder_of(pod) == self.holder
+            and (pod["metadata"].get("labels") or {}).get(labels.STATE)
+            in (labels.STATE_CLAIMED, labels.STATE_SPECIALIZED)
+        ]
+        for name in mine:
+            await self._delete_pod(name)
+        if mine:
+            log.warning(
+                "namespace=%s holder=%s deleted %d pods of a previous incarnation: %s",
+                self.namespace,
+                self.holder,
+                len(mine),
+                ",".join(sorted(mine)),
+            )
+
+    async def sweep_dead_holders(self) -> list[str]:
+        """Delete pods whose holder's Lease is dead, then the dead Leases; the pods deleted.
+
+        The Leases are listed before the pod cache is read: a pod claimed after the list shows a
+        holder whose Lease looks missing, which `HolderLiveness` forgives for a whole lease duration.
+        """
+        selector = f"{labels.MANAGED_BY}={labels.MANAGER},{labels.COMPONENT}={LEASE_COMPONENT}"
+        try:
+            listed = await self._coordination.list_namespaced_lease(self.namespace, label_selector=selector)
+        except ApiException as err:
+            log.warning("namespace=%s listing activator leases failed: %s %s", self.namespace, err.status, err.reason)
+            return []
+        plain = self._api.sanitize_for_serialization(listed).get("items") or []
+        leases = [
+            lease
+            for lease in (parse_lease(item, default_duration_s=self._lease_duration_s) for item in plain)
+            if lease is not None
+        ]
+        pods = list(self._pods.values())
+        wanted = {lease_name(holder_of(pod)) for pod in pods}
+        dead = self._liveness.observe(self._clock(), leases, wanted)
+        if not dead:
+            return []
+        doomed = pods_of_dead_holders(pods, dead, own=self.holder)
+        for name in doomed:
+            await self._delete_pod(name)
+        if doomed:
+            log.warning(
+                "namespace=%s deleted %d pods of activators without a live lease: %s",
+                self.namespace,
+                len(doomed),
+                ",".join(doomed),
+            )
+        for lease in leases:
+            if lease.name in dead:
+                with contextlib.suppress(ApiException):  # 404: gone already; 409: renewed meanwhile
+                    await self._coordination.delete_namespaced_lease(
+                        lease.name,
+                        self.namespace,
+                        body=client.V1DeleteOptions(
+                            preconditions=client.V1Preconditions(resource_version=lease.resource_version)
+                        ),
+                    )
+                log.info(
+                    "namespace=%s lease=%s deleted: not renewed for %.0fs", self.namespace, lease.name, lease.duration_s
+                )
+        return doomed
+
+    async def _delete_pod(self, name: str) -> None:
+        try:
+            await self._core.delete_namespaced_pod(name, self.namespace, grace_period_seconds=1)
+        except ApiException as err:
+            if err.status != 404:
+                log.warning("namespace=%s pod=%s delete failed: %s %s", self.namespace, name, err.status, err.reason)
+
+    async def _renew_forever(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self.sweep_period_s)
+            try:
+                await self.renew_lease()
+            except (PoolUnavailable, aiohttp.ClientError, TimeoutError) as err:
+                log.warning("namespace=%s lease=%s not renewed: %s", self.namespace, self._lease_name, err)
+
     async def _sweep_forever(self) -> None:
         while not self._closed:
-            await asyncio.sleep(max(1.0, self._stale_claim_s / 4))
-            await self.sweep_stale_claims()
+            await asyncio.sleep(self.sweep_period_s)
+            try:
+                await self.sweep_dead_holders()
+                await self.sweep_stale_claims()
+            except (aiohttp.ClientError, TimeoutError) as err:
+                log.warning("namespace=%s sweep interrupted: %s", self.namespace, err)
+            except Exception:
+                log.exception("namespace=%s sweep failed", self.namespace)
 
     async def _follow(self) -> None:
         """List, then watch, the namespace's Ember pods; relist when the watch expires (410)."""
