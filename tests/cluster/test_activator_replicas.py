@@ -1,0 +1,290 @@
+"""Cluster tier: two activators on one namespace share its pools, and one's crash is cleaned up by the other.
+
+The operator and two activators (`python -m ember.activator_main`, holders `act-a` and `act-b`, a 6 s
+holder Lease) run as host processes against the real cluster; function pods are real gVisor pods.
+200 invocations at concurrency 8, half through each activator, all succeed; pods were claimed by both
+holders; no pod ever ran more invocations at once than the Function's concurrency (the handler keeps
+a per-pod in-flight count in the pod's /tmp, shared by the agent's worker processes). Then `act-a` is
+SIGKILLed: `act-b`'s sweep deletes `act-a`'s pods within the lease duration and two sweep periods,
+while clients of `act-b` keep invoking with no failure. Lease and sweep logic against the API server
+alone is tests/apiserver/test_activator_leases.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from kubernetes import client
+
+from tests.apiserver.operator_harness import Ember, OperatorProcess, condition, eventually
+
+ROOT = Path(__file__).resolve().parents[2]
+LEASE_S = 6.0
+SWEEP_S = LEASE_S / 3
+CONCURRENCY = 2
+# Each invocation counts itself in and out of a file in the pod's /tmp under flock: the peak is the
+# most invocations that pod ever ran at once (workers are processes, so a file, not a global).
+CODE = """\
+import fcntl, socket, time
+
+PATH = "/tmp/ember-in-flight"
+
+
+def _add(delta):
+    with open(PATH, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        now, peak = (int(x) for x in (f.read().split() or ["0", "0"]))
+        now += delta
+        peak = max(peak, now)
+        f.seek(0)
+        f.truncate()
+        f.write(f"{now} {peak}")
+        return peak
+
+
+def handler(event, context):
+    peak = _add(1)
+    try:
+        time.sleep(event.get("sleep_s", 0.05))
+    finally:
+        _add(-1)
+    return {"pod": socket.gethostname(), "peak": peak}
+"""
+SPEC: dict[str, Any] = {
+    "runtime": "python3.12",
+    "handler": "main.handler",
+    "code": {"inline": CODE},
+    "concurrency": CONCURRENCY,
+}
+
+
+class Activator:
+    """`python -m ember.activator_main` on 127.0.0.1 and a free port with a given holder; stopped by pid."""
+
+    def __init__(self, kubeconfig: Path, ns: str, holder: str, log: Path) -> None:
+        self.kubeconfig = kubeconfig
+        self.ns = ns
+        self.holder = holder
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "PYTHONUNBUFFERED": "1",
+            "POD_NAME": self.holder,
+            "EMBER_ACTIVATOR_LEASE_S": str(LEASE_S),
+        }
+        env.pop("KUBERNETES_SERVICE_HOST", None)
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "ember.activator_main",
+                    "--host=127.0.0.1",
+                    "--port=0",
+                    f"--namespace={self.ns}",
+                ],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            found = re.search(r"listening on (http://127\.0\.0\.1:\d+)", self.log.read_text(errors="replace"))
+            if found:
+                self.url = found.group(1)
+                return
+            assert self.proc.poll() is None, f"{self.holder} exited with {self.proc.returncode}:\n{self.log_tail()}"
+            time.sleep(0.1)
+        raise AssertionError(f"{self.holder} did not listen within {timeout_s:.0f}s:\n{self.log_tail()}")
+
+    def kill(self) -> None:
+        """SIGKILL: no release of pods, no Lease deleted - a crash or a lost node."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 30 s."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.kill(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
+
+
+@pytest.fixture
+def pool_operator(
+    kubeconfig: Path, ember_ns: Ember, runtime_images: list[str], tmp_path: Path
+) -> Iterator[OperatorProcess]:
+    """The operator with a pool of 4 warm pods: both activators find capacity without waiting for refills."""
+    assert "localhost/ember-runtime-python3.12:dev" in runtime_images
+    proc = OperatorProcess(
+        kubeconfig,
+        ember_ns.ns,
+        tmp_path / "operator.log",
+        EMBER_IMAGE_REGISTRY="localhost",
+        EMBER_IMAGE_TAG="dev",
+        EMBER_IMAGE_PULL_POLICY="Never",
+        EMBER_POOL_SIZE="4",
+    )
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+        print(f"--- operator log ---\n{proc.log_tail()}")
+
+
+@pytest.fixture
+def activators(
+    kubeconfig: Path, ember_ns: Ember, pool_operator: OperatorProcess, tmp_path: Path
+) -> Iterator[tuple[Activator, Activator]]:
+    pair = tuple(
+        Activator(kubeconfig, ember_ns.ns, holder, tmp_path / f"{holder}.log") for holder in ("act-a", "act-b")
+    )
+    try:
+        for activator in pair:
+            activator.start()
+        yield pair  # type: ignore[misc]
+    finally:
+        for activator in pair:
+            activator.stop()
+            print(f"--- {activator.holder} log ---\n{activator.log_tail()}")
+
+
+Outcome = tuple[int, str, Any]
+
+
+async def _invoke(http: aiohttp.ClientSession, url: str, ns: str) -> Outcome:
+    async with http.post(f"{url}/v1/namespaces/{ns}/functions/hello/invoke", data=json.dumps({})) as rsp:
+        body = await rsp.read()
+        error = rsp.headers.get("X-Ember-Function-Error", "")
+        return rsp.status, error, json.loads(body) if rsp.status == 200 else body.decode(errors="replace")
+
+
+async def _clients(url: str, ns: str, *, clients: int, calls: int | None, stop: asyncio.Event | None) -> list[Outcome]:
+    """`clients` concurrent callers of one activator, each making `calls` calls or calling until `stop`."""
+    outcomes: list[Outcome] = []
+
+    async def one() -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+            made = 0
+            while (calls is None or made < calls) and (stop is None or not stop.is_set()):
+                outcomes.append(await _invoke(http, url, ns))
+                made += 1
+
+    await asyncio.gather(*(one() for _ in range(clients)))
+    return outcomes
+
+
+def _failures(outcomes: list[Outcome]) -> list[Outcome]:
+    return [o for o in outcomes if o[0] != 200 or o[1]]
+
+
+def _ready_generic(ember: Ember) -> int:
+    pods = ember.core.list_namespaced_pod(ember.ns, label_selector="ember.run/state=generic")
+    return sum(
+        1
+        for p in pods.items
+        if p.metadata.deletion_timestamp is None
+        and any(c.type == "Ready" and c.status == "True" for c in (p.status.conditions or []))
+    )
+
+
+def _leases(ember: Ember) -> list[Any]:
+    return list(client.CoordinationV1Api(ember.core.api_client).list_namespaced_lease(ember.ns).items)
+
+
+def _live_pods_of(ember: Ember, holder: str) -> set[str]:
+    pods = ember.core.list_namespaced_pod(ember.ns, label_selector=f"ember.run/claimed-by={holder}")
+    return {p.metadata.name for p in pods.items if p.metadata.deletion_timestamp is None}
+
+
+async def test_two_activators_share_the_pools_and_a_killed_ones_pods_are_swept(
+    ember_ns: Ember, activators: tuple[Activator, Activator]
+) -> None:
+    ember = ember_ns
+    one, two = activators
+    ember.create("functions", {"kind": "Function", "metadata": {"name": "hello"}, "spec": SPEC})
+    eventually(
+        lambda: condition(ember.get("functions", "hello"), "Ready").get("status") == "True",
+        timeout_s=60,
+        what="Function Ready",
+    )
+    eventually(lambda: _ready_generic(ember) == 4, timeout_s=240, what="4 ready generic pods in gVisor")
+
+    # 200 invocations at concurrency 8: 4 clients x 25 calls through each activator.
+    outcomes = await asyncio.gather(*(_clients(a.url, ember.ns, clients=4, calls=25, stop=None) for a in activators))
+    every = [*outcomes[0], *outcomes[1]]
+    assert len(every) == 200
+    assert _failures(every) == []
+    peaks: dict[str, int] = {}
+    for _, _, body in every:
+        peaks[body["pod"]] = max(peaks.get(body["pod"], 0), body["peak"])
+    assert max(peaks.values()) <= CONCURRENCY, peaks
+
+    pods = ember.core.list_namespaced_pod(ember.ns, label_selector="ember.run/function=hello").items
+    holders = {p.metadata.labels.get("ember.run/claimed-by") for p in pods}
+    assert holders == {"act-a", "act-b"}, holders
+    assert {p.metadata.name for p in pods} >= set(peaks)
+    assert {lease.spec.holder_identity for lease in _leases(ember)} == {"act-a", "act-b"}
+
+    # SIGKILL act-a while act-b keeps serving; act-a's pods go within the lease and two sweep periods.
+    orphans = _live_pods_of(ember, "act-a")
+    survivors = _live_pods_of(ember, "act-b")
+    assert orphans
+    assert survivors
+    stop = asyncio.Event()
+    load = asyncio.create_task(_clients(two.url, ember.ns, clients=4, calls=None, stop=stop))
+    try:
+        await asyncio.sleep(1.0)
+        one.kill()
+        killed_at = time.monotonic()
+        bound_s = LEASE_S + 2 * SWEEP_S + 5.0  # + deletion and watch latency
+        for _ in range(int(bound_s / 0.2)):
+            # the client calls of the load run on this loop: the API calls go to a thread
+            if not await asyncio.to_thread(_live_pods_of, ember, "act-a") & orphans:
+                break
+            await asyncio.sleep(0.2)
+        swept_after_s = time.monotonic() - killed_at
+        left = await asyncio.to_thread(_live_pods_of, ember, "act-a") & orphans
+        assert not left, f"pods of the killed activator still there after {swept_after_s:.1f}s: {left}"
+        print(f"act-a's {len(orphans)} pods deleted {swept_after_s:.1f}s after SIGKILL (lease {LEASE_S:.0f}s)")
+        await asyncio.sleep(2 * SWEEP_S)  # a couple more sweeps while act-b serves
+    finally:
+        stop.set()
+        served = await load
+    assert served, "act-b served nothing during the sweep"
+    assert _failures(served) == []
+    assert max(body["peak"] for _, _, body in served) <= CONCURRENCY
+    assert survivors <= _live_pods_of(ember, "act-b"), "the live activator's pods must stay"
+    eventually(
+        lambda: "act-a" not in {lease.spec.holder_identity for lease in _leases(ember)},
+        timeout_s=LEASE_S + 3 * SWEEP_S,
+        what="act-a's expired Lease deleted",
+    )
