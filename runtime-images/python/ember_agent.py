@@ -10,15 +10,17 @@ Processes:
 
 * agent (this file's ``main``): HTTP/1.1 server, one thread per connection; the main thread only
   waits for signals (SIGTERM: drain and exit; SIGCHLD: reap, also as PID 1).
-* template: forked by the agent at start as a standby; on ``POST /v1/specialize`` it puts the code
-  in place, imports the user module, resolves the handler and then only forks workers.  A failed
-  load kills it: the agent stays generic and clean.
-* blank worker: forked by the standby template before any code exists.  On specialize the template
-  puts the code in place and passes it the spec; the blank worker imports the module, reports the
-  result (the specialize answer) and becomes the first worker, so specialize + first invoke forks
-  nothing (a fork costs ~15-25 ms under gVisor).  Only then does the template import the module
-  too (for the workers it forks later); its init output is dropped (the blank worker's is logged).
-  Should the template's own import fail after all, it exits and is reloaded on the next fork.
+* template: forked by the agent at start as a standby.  It forks the blank worker and waits.
+  Once the blank worker has loaded the code, the template imports it too (its init output is
+  dropped) and then only forks workers; the agent sends it the spec after the first invocation
+  (or when a worker or a hook needs it first), so that the cold start does not share the CPU with
+  a second import.  A failed load kills it: the agent stays generic and clean.
+* blank worker: forked by the standby template before any code exists; it makes the code
+  directory and warms up.  On specialize the agent sends it the spec directly: it puts the code in
+  place (fetching/unpacking in a short-lived child), imports the module, answers the agent
+  (LOAD_OK with its pid: the specialize answer) and becomes the first worker, so specialize + first
+  invoke fork nothing and pass through no third process (under gVisor a fork costs ~10-25 ms and
+  every hop between processes ~0.5 ms).
 * workers: forked from the template (code already imported, so a new worker is ready in ~1 ms);
   each runs one invocation at a time.  The agent talks to a worker over a socketpair with
   length-prefixed frames, and kills it (timeout, exit, out of memory) and asks the template for a
@@ -353,6 +355,43 @@ def log_agent(msg):
     _write_fd(2, (f"ember-agent: {msg}\n").encode("utf-8", "replace"))
 
 
+_TRACE = os.environ.get("EMBER_AGENT_TRACE") == "1"
+_trace_path = ""
+_marks = []
+
+
+def _mark(step):
+    """With EMBER_AGENT_TRACE=1: note a step of specialize or invoke with the wall clock (one
+    clock for every process of a sandbox), for profiling the cold start.  Notes stay in memory
+    until _flush_marks() (any syscall on the measured path, even a write to a file, would cost
+    about as much as a step); the agent copies them to stderr when it shuts down."""
+    if _TRACE:
+        _marks.append((step, time.time_ns()))
+
+
+def _flush_marks():
+    if _marks:
+        data = b"".join(b"%d %s %d\n" % (os.getpid(), step.encode(), ns) for step, ns in _marks)
+        _marks.clear()
+        fd = os.open(_trace_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+
+
+def _dump_trace():
+    if _TRACE and _trace_path:
+        try:
+            _flush_marks()
+            with open(_trace_path, "rb") as f:
+                for line in f:
+                    _write_fd(2, b"ember-agent: trace " + line)
+            os.unlink(_trace_path)
+        except OSError:
+            pass
+
+
 def prefix_lines(rid, data):
     """Each line of `data` as b'<rid>\\t<line>\\n' (what the agent writes to its stdout)."""
     pre = rid.encode() + b"\t"
@@ -365,6 +404,7 @@ def prefix_lines(rid, data):
 # ---------------------------------------------------------------------------------------------
 # Agent state
 
+_thread_state = _thread._local()  # per connection thread: a log line to write after the answer
 _lock = _thread.allocate_lock()  # guards the fields of _S
 _spec_lock = _thread.allocate_lock()  # one specialize/freeze/thaw at a time
 
@@ -449,10 +489,12 @@ class _Worker:
 
 
 class _Template:
-    def __init__(self, pid, sock, blank=None):
+    def __init__(self, pid, sock, blank, dest):
         self.pid = pid
         self.sock = sock
         self.blank = blank  # _Worker: the blank worker this (standby) template forked
+        self.dest = dest  # the code directory of this attempt (the blank worker makes it)
+        self.load_frame = None  # the spec, until it is sent (see _ensure_template_loaded)
         self.send_lock = _thread.allocate_lock()
         self.reply = None
         self.reply_ready = _thread.allocate_lock()
@@ -631,6 +673,7 @@ def _specialize(body):
         except ValueError as e:
             return 422, {"errorType": "Runtime.MalformedHandlerName", "errorMessage": str(e)}
         t0 = time.perf_counter()
+        _mark("a.validated")
         tmpl, w, err = _start_template(spec)
         if err is not None:
             return 422, err
@@ -643,17 +686,14 @@ def _specialize(body):
                 _S.concurrency = spec["concurrency"]
             _S.idle.append(w)
             _S.state = "specialized"
-        _thread.start_new_thread(_reader_thread, (tmpl,))
         dur = (time.perf_counter() - t0) * 1000
-        log_agent(
-            "specialized {}/{}:{} handler={} codeHash={} in {:.1f} ms".format(
-                spec["function"]["namespace"],
-                spec["function"]["name"],
-                spec["function"]["version"],
-                spec["handler"],
-                spec["codeHash"],
-                dur,
-            )
+        _thread_state.note = "specialized {}/{}:{} handler={} codeHash={} in {:.1f} ms".format(
+            spec["function"]["namespace"],
+            spec["function"]["name"],
+            spec["function"]["version"],
+            spec["handler"],
+            spec["codeHash"],
+            dur,
         )
         return 200, {"state": "specialized", "codeHash": spec["codeHash"], "durationMs": round(dur, 3)}
 
@@ -661,7 +701,6 @@ def _specialize(body):
 def _code_base():
     if not _S.code_base:
         _S.code_base = os.path.join(os.environ.get("TMPDIR") or "/tmp", f"ember-agent-{os.getpid()}")
-    os.makedirs(_S.code_base, mode=0o700, exist_ok=True)
     return _S.code_base
 
 
@@ -690,8 +729,11 @@ def _fork_standby():
 
     The agent forks one at start, before any thread exists, so the happy specialize path forks
     nothing from the multi-threaded agent (and costs no fork).  The standby forks a blank worker
-    that talks to the agent over (wa, wb).  After a failed specialization the used one is dead and
-    a new one is forked (under _fork_lock)."""
+    that talks to the agent over (wa, wb) and makes the code directory of the next attempt.
+    After a failed specialization the used one is dead and a new one is forked (under
+    _fork_lock)."""
+    _S.attempt += 1
+    dest = os.path.join(_code_base(), f"v{_S.attempt}")
     a, b = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
     wa, wb = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
     with _fork_lock:
@@ -701,14 +743,14 @@ def _fork_standby():
             _in_child_close_agent_fds(keep=(b, wb))
             a.detach()
             wa.detach()
-            _standby_main(b, wb)
+            _standby_main(b, wb, dest)
         finally:
             os._exit(70)
     b.close()
     wb.close()
     _OPEN_SOCKS.add(a)
     _OPEN_SOCKS.add(wa)
-    return _Template(pid, a, _Worker(None, wa))
+    return _Template(pid, a, _Worker(None, wa), dest)
 
 
 def _replenish_standby():
@@ -720,34 +762,28 @@ def _replenish_standby():
 
 
 def _start_template(spec):
-    """Hand the spec to the standby template and wait for it to load the code.
+    """Hand the spec to the standby's blank worker and wait for it to load the code.
 
-    -> (_Template, first _Worker, None) or (None, None, error).  The first worker is the standby's
-    blank worker, which loads the code itself: no fork on the specialize + first invoke path."""
-    _S.attempt += 1
-    try:
-        dest = os.path.join(_code_base(), f"v{_S.attempt}")
-        os.makedirs(dest, exist_ok=True)
-    except OSError as e:
-        return (
-            None,
-            None,
-            {"errorType": "Runtime.CodeDirError", "errorMessage": f"cannot create the code directory: {e}"},
-        )
+    -> (_Template, first _Worker, None) or (None, None, error).  The blank worker puts the code in
+    place, imports it and answers the agent directly: it is the first worker, so specialize and
+    the first invoke fork nothing and pass through no other process.  The template loads the code
+    later (_ensure_template_loaded), off the cold start."""
     tmpl, _S.standby = _S.standby, None
     if tmpl is None or tmpl.dead:
         tmpl = _fork_standby()
-    a, pid = tmpl.sock, tmpl.pid
     w, tmpl.blank = tmpl.blank, None
+    dest = tmpl.dest
+    sock = w.sock
+    _mark("a.to_blank")
     try:
-        a.sendall(frame(T_SPEC, jbytes({"spec": spec, "dest": dest})))
+        sock.sendall(frame(T_SPEC, jbytes({"spec": spec, "dest": dest})))
     except OSError:
-        pass  # a dead standby: reading the answer below reports it
-    a.settimeout(spec["initTimeoutSeconds"])
+        pass  # a dead blank worker: reading the answer below reports it
+    _mark("a.spec_sent")
+    sock.settimeout(spec["initTimeoutSeconds"])
     try:
-        typ, payload = FrameReader(a).read()
+        typ, payload = w.reader.read()
     except TimeoutError:
-        tmpl.kill()
         err = {
             "errorType": "Runtime.InitTimeout",
             "errorMessage": "loading the code took longer than {:g}s (initTimeoutSeconds)".format(
@@ -755,26 +791,60 @@ def _start_template(spec):
             ),
         }
     except (EOFError, OSError):
-        tmpl.kill()
-        st = _wait_status(_S.child_status, pid, 2.0)
         err = {
             "errorType": "Runtime.ExitError",
-            "errorMessage": "{} while loading module for handler {!r}".format(describe_status(st), spec["handler"]),
+            "errorMessage": "{} while loading module for handler {!r}".format(
+                describe_status(_blank_status(tmpl)), spec["handler"]
+            ),
         }
     else:
         if typ == T_LOAD_OK:
-            a.settimeout(None)
-            # the blank worker: its pid comes with HELLO, once it has imported the code too
+            _mark("a.load_ok")
+            sock.settimeout(None)
+            w.pid = struct.unpack("!i", payload)[0]
+            code_path = spec["code"].get("path", dest)
+            slim = {k: v for k, v in spec.items() if k != "code"}
+            tmpl.load_frame = frame(T_SPEC, jbytes({"spec": slim, "path": code_path}))
             with _lock:
                 _S.n_workers += 1
                 _S.all_workers.add(w)
             return tmpl, w, None
-        tmpl.kill()
         err = json_loads(payload)
+    tmpl.kill()  # its process group: the blank worker too, while it is loading
     w.kill()
     _rmtree(dest)
     _thread.start_new_thread(_replenish_standby, ())
     return None, None, err
+
+
+def _blank_status(tmpl):
+    """The wait status of a standby's blank worker that died while loading (its parent, the
+    standby template, reaps it and tells), or None."""
+    try:
+        tmpl.sock.settimeout(2.0)
+        tmpl.sock.sendall(frame(T_EXIT))
+        typ, payload = FrameReader(tmpl.sock).read()
+    except (EOFError, OSError):
+        return None
+    return _PIDST.unpack(payload)[1] if typ == T_EXIT else None
+
+
+def _ensure_template_loaded(tmpl):
+    """Send the template its spec once: it imports the code then (for the workers it forks later
+    and for its freeze/thaw hooks).  Deferred from specialize to after the first invocation, or to
+    the first moment a worker or a hook needs it, so that the cold start does not share the CPU
+    with a second import.  Messages to the template keep their order: the spec goes first."""
+    if tmpl.load_frame is None:
+        return
+    with tmpl.send_lock:
+        data, tmpl.load_frame = tmpl.load_frame, None
+        if data is None:
+            return
+        try:
+            tmpl.sock.sendall(data)
+        except OSError:
+            tmpl.dead = True
+    _thread.start_new_thread(_reader_thread, (tmpl,))
 
 
 def _in_child_close_agent_fds(keep):
@@ -820,6 +890,7 @@ def _spawn_worker(allow_restart=True):
         if tmpl.dead and attempt == 0:
             _restart_template(tmpl)
             continue
+        _ensure_template_loaded(tmpl)
         a, b = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
             with tmpl.send_lock:
@@ -862,7 +933,7 @@ def _restart_template(old):
         with _lock:
             _S.template = tmpl
             _S.idle.append(w)
-        _thread.start_new_thread(_reader_thread, (tmpl,))
+        _ensure_template_loaded(tmpl)
 
 
 def _discard_worker(w):
@@ -997,6 +1068,7 @@ def _run1(holder, rid, deadline, body, tail, t0, timeout_ms, memory):
             continue
         try:
             w.sock.sendall(_HDR.pack(len(payload) + len(body), T_INVOKE) + payload + body)
+            _mark("a.inv_sent")
             break
         except OSError:  # an idle worker died between invocations: use a fresh one
             _discard_worker(w)
@@ -1028,6 +1100,10 @@ def _run1(holder, rid, deadline, body, tail, t0, timeout_ms, memory):
                 True,
             )
         except (EOFError, OSError):
+            with _lock:
+                tmpl = _S.template
+            if tmpl is not None:
+                _ensure_template_loaded(tmpl)
             st = _wait_status(_S.worker_exits, w.pid)
             _discard_worker(w)
             msg = f"RequestId: {rid} Error: {describe_status(st)}"
@@ -1051,6 +1127,7 @@ def _run1(holder, rid, deadline, body, tail, t0, timeout_ms, memory):
             continue
         if typ != T_RESULT:  # T_HELLO of a worker the template pre-forked
             continue
+        _mark("a.result")
         st, dur, cpu, rss = _RES.unpack_from(data)
         out = data[_RES.size :]
         if st == ST_OK:
@@ -1120,6 +1197,7 @@ def _hooks(kind):
                 }
             )
     if tmpl is not None and not tmpl.dead:
+        _ensure_template_loaded(tmpl)
         with tmpl.send_lock:
             tmpl.sock.sendall(bytes([kind]))
         if tmpl.reply_ready.acquire(timeout=HOOK_TIMEOUT_S):
@@ -1285,6 +1363,7 @@ def _serve_conn(sock):
                     return
             head = bytes(buf[:i])
             del buf[: i + 4]
+            _mark("a.head")
             method, path, version, headers = parse_head(head)
             conn_hdr = headers.get("connection", "").lower()
             keep = ("close" not in conn_hdr) if version == "HTTP/1.1" else ("keep-alive" in conn_hdr)
@@ -1312,6 +1391,7 @@ def _serve_conn(sock):
             if n and headers.get("expect", "").lower() == "100-continue" and len(buf) < n:
                 sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
             body = conn.read_chunked(limit) if n < 0 else conn.read_exact(n) if n else b""
+            _mark("a.body")
             # --- dispatch
             want = _ROUTES.get(path)
             replace = False
@@ -1336,12 +1416,15 @@ def _serve_conn(sock):
                     extra = b"Allow: %s\r\n" % want.encode()
             if not keep:
                 _respond(sock, status, out, extra, close=True)
+                _after_response(path)
                 return
             if version == "HTTP/1.0":
                 extra += b"Connection: keep-alive\r\n"
             _respond(sock, status, out, extra)
+            _mark("a.replied")
             if replace:
                 _prefork_replacement()
+            _after_response(path)
     except HTTPError as e:  # protocol-level: answer and close, the stream can't be trusted
         try:
             _respond(sock, e.status, jbytes({"errorType": e.error_type, "errorMessage": e.message}), close=True)
@@ -1375,6 +1458,18 @@ def _serve_conn(sock):
             sock.close()
         except OSError:
             pass
+
+
+def _after_response(path):
+    """Work kept off the answer: the log line of a specialization; once the first invocation is
+    answered, the template loads the code (see _ensure_template_loaded)."""
+    note = getattr(_thread_state, "note", None)
+    if note is not None:
+        _thread_state.note = None
+        log_agent(note)
+    tmpl = _S.template
+    if path == "/v1/invoke" and tmpl is not None and tmpl.load_frame is not None:
+        _ensure_template_loaded(tmpl)
 
 
 def _accept_loop(lsock, family):
@@ -1432,15 +1527,35 @@ def _shutdown():
             tmpl.kill()
     if _S.own_code_base and _S.code_base:  # a temp dir the agent made itself (not a mounted volume)
         _rmtree(_S.code_base)
+    _dump_trace()
     os._exit(0)
+
+
+_SITE_DIRS = []  # the interpreter's site-packages folders that exist (set by _prewarm)
+_NODENAME = ""
 
 
 def _prewarm():
     """In the standby template: pay first-use costs before the spec arrives.  The first compile()
-    initialises the AST types (0.7 ms on 3.11, ~4 ms on 3.12); workers use resource and select."""
+    initialises the AST types (0.7 ms on 3.11, ~4 ms on 3.12); workers use resource and select.
+    Under gVisor every file-system call on the specialize path costs tens to hundreds of µs, so
+    what does not depend on the spec is looked up here."""
+    global _NODENAME
     compile("pass", "<prewarm>", "exec")
     for name in ("resource", "select", "binascii"):
         __import__(name)
+    ver = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    _SITE_DIRS[:] = [
+        p
+        for p in (
+            os.path.join(sys.prefix, "lib", "python" + ver, "site-packages"),
+            os.path.join(sys.prefix, "local", "lib", "python" + ver, "dist-packages"),
+            f"/usr/local/lib/python{ver}/dist-packages",
+            os.path.join(sys.prefix, "lib", "python3", "dist-packages"),
+        )
+        if os.path.isdir(p)
+    ]
+    _NODENAME = os.uname().nodename
 
 
 def _prefault():
@@ -1453,8 +1568,11 @@ def _prefault():
 
 
 def main():
-    global _S
+    global _S, _trace_path
     _S = _State()
+    if _TRACE:
+        _trace_path = os.path.join(os.environ.get("TMPDIR") or "/tmp", f"ember-agent-trace-{os.getpid()}")
+        _mark("a.start")
     host = os.environ.get("EMBER_AGENT_HOST") or "0.0.0.0"
     port = _env_int("EMBER_AGENT_PORT", 8080, 0, 65535)
     family = _socket.AF_INET6 if ":" in host else _socket.AF_INET
@@ -1840,9 +1958,16 @@ def _materialize(code, modname, dest):
         return dest
     fname = code.get("filename") or module_file
     path = os.path.join(dest, fname)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(code["inline"])
+    if "/" in fname:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    data = code["inline"].encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
     return dest
 
 
@@ -1855,39 +1980,31 @@ def _listing(path):
     return ", ".join(names[:20]) + (", ..." if len(names) > 20 else "") if names else "(empty)"
 
 
-def _load(spec, dest, code_path=None, code_ready=None):
+def _load(spec, dest, code_path=None):
     """Import the user module and resolve the handler.  -> handler callable.
 
-    The template passes `dest` (the code is put in place there, then `code_ready(path)` is called);
-    the blank worker passes the `code_path` the template made."""
+    The blank worker passes `dest` (the code is put in place there); the template passes the
+    `code_path` the blank worker loaded from."""
     handler = spec["handler"]
     modname, attr = parse_handler(handler)
     if code_path is None:
         code_path = _materialize(spec["code"], modname, dest)
-    if code_ready is not None:
-        code_ready(code_path)
+        _mark("x.written")
+    _mark("x.ready")
     os.environ.update(spec["env"])
     try:
         os.chdir(code_path)
     except OSError:
         pass
+    _mark("x.chdir")
     agent_dir = os.path.dirname(os.path.abspath(__file__))
-    ver = f"{sys.version_info[0]}.{sys.version_info[1]}"
-    site = [
-        p
-        for p in (
-            os.path.join(sys.prefix, "lib", "python" + ver, "site-packages"),
-            os.path.join(sys.prefix, "local", "lib", "python" + ver, "dist-packages"),
-            f"/usr/local/lib/python{ver}/dist-packages",
-            os.path.join(sys.prefix, "lib", "python3", "dist-packages"),
-        )
-        if os.path.isdir(p)
-    ]
-    sys.path[:] = [code_path] + [p for p in sys.path if p and os.path.abspath(p) != agent_dir] + site
+    sys.path[:] = [code_path] + [p for p in sys.path if p and os.path.abspath(p) != agent_dir] + _SITE_DIRS
     sys.argv = [os.path.join(code_path, modname.replace(".", "/") + ".py")]
+    _mark("x.paths")
     try:
         __import__(modname)
         mod = sys.modules[modname]
+        _mark("x.imported")
     except SyntaxError as e:
         where = (
             os.path.relpath(e.filename, code_path) if e.filename and e.filename.startswith(code_path) else e.filename
@@ -1937,62 +2054,89 @@ def _kill_quietly(pid):
         pass
 
 
-def _vm_size_kib():
+def _vm_size_kib(statm=-1):
+    """The address space of this process (VmSize); from `statm`, an open /proc/self/statm of this
+    process, in one read."""
     try:
+        if statm >= 0:
+            return int(os.pread(statm, 64, 0).split()[0]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
         with open("/proc/self/status", "rb") as f:
             for line in f:
                 if line.startswith(b"VmSize:"):
                     return int(line.split()[1])
-    except (OSError, ValueError):
+    except (OSError, ValueError, IndexError):
         pass
     return 0
 
 
-def _standby_main(ctl, wsock):
+def _standby_main(ctl, wsock, dest):
     """Standby template: warm up, fork the blank worker (on `wsock`, the agent's first worker),
-    wait for the spec, load it.
+    then wait for the agent: the spec to load once the blank worker has loaded it, or a request
+    for the blank worker's exit status (it died while loading).
 
     The standby leads its own process group at once, so killing the template's group also kills
     the blank worker while that is still loading (it leaves the group when it starts serving)."""
     os.setpgid(0, 0)
+    _marks.clear()  # the agent's
+    _mark("t.start")
     _prewarm()
-    tp, tw = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
     blank_pid = os.fork()
     if blank_pid == 0:
         try:
             ctl.close()
-            tp.close()
-            _blank_main(tw, wsock)
+            _blank_main(wsock, dest)
         finally:
             os._exit(70)
-    tw.close()
     wsock.close()
     _prefault()
     try:
-        _typ, payload = FrameReader(ctl).read()
+        typ, payload = FrameReader(ctl).read()
     except (EOFError, OSError):
         os._exit(0)  # the agent is gone: nothing to do (the blank worker exits on EOF)
+    if typ == T_EXIT:
+        _, status = os.waitpid(blank_pid, 0)
+        ctl.sendall(frame(T_EXIT, _PIDST.pack(blank_pid, status)))
+        os._exit(0)
+    _mark("t.spec")
     req = json_loads(payload)
-    _template_main(ctl, tp, blank_pid, req["spec"], req["dest"])
+    _template_main(ctl, blank_pid, req["spec"], req["path"])
 
 
-def _blank_main(chan, wsock):
-    """Blank worker: wait for the spec from the template (sent once the code is in place), import
-    the module, report LOAD_OK or LOAD_ERR to the template (which relays it to the agent) and serve
-    as a worker."""
+def _blank_main(chan, dest):
+    """Blank worker: make the code directory, warm up, wait for the spec from the agent, put the
+    code in place, import it, answer LOAD_OK (with its pid) or LOAD_ERR, and serve as a worker."""
+    _marks.clear()  # the template's
+    _mark("b.start")
+    pid = os.getpid()
+    try:
+        os.makedirs(os.path.dirname(dest), mode=0o700, exist_ok=True)
+        os.makedirs(dest, exist_ok=True)
+        dest_error = None
+    except OSError as e:
+        dest_error = e
     _prefault()
     sys.stdout = LogStream(1, "<stdout>")
     sys.stderr = LogStream(2, "<stderr>")
     _install_runtime_modules()
+    # warm the invoke path up (first calls touch pages the template shares: faults, costly in gVisor)
+    json_dumps(json_loads(b'{"a":[1]}'))
+    LambdaContext(("f", "1", "arn", "128", "g", "s"), "warm-up", 0).get_remaining_time_in_millis()
+    try:
+        statm = os.open("/proc/self/statm", os.O_RDONLY)
+    except OSError:
+        statm = -1
     try:
         _typ, payload = FrameReader(chan).read()
     except (EOFError, OSError):
         os._exit(0)
+    _mark("b.spec")
     req = json_loads(payload)
     spec = req["spec"]
     sys.dont_write_bytecode = True
     try:
-        handler = _load(spec, None, req["path"])
+        if dest_error is not None and "path" not in spec["code"]:
+            raise LoadError("Runtime.CodeDirError", f"cannot create the code directory: {dest_error}")
+        handler = _load(spec, dest)
     except LoadError as e:
         _SINK.flush()
         chan.sendall(
@@ -2007,15 +2151,15 @@ def _blank_main(chan, wsock):
         os._exit(0)
     _SINK.flush()
     info = _fn_info(spec)
-    base_vm = _vm_size_kib()
-    # warm the invoke path up (first calls touch pages the template shares: faults, costly in gVisor)
-    json_dumps(json_loads(b'{"a":[1]}'))
-    LambdaContext(info, "warm-up", 0).get_remaining_time_in_millis()
+    base_vm = _vm_size_kib(statm)
+    if statm >= 0:
+        os.close(statm)
+    _mark("b.info")
     try:
-        chan.sendall(frame(T_LOAD_OK))
-        chan.close()
-        _worker_main(wsock.detach(), handler, info, spec["memoryMiB"], base_vm)
-    except OSError:  # the template or the agent is gone
+        chan.sendall(frame(T_LOAD_OK, struct.pack("!i", pid)))
+        _mark("b.sent")
+        _worker_main(chan.detach(), handler, info, spec["memoryMiB"], base_vm, hello=False)
+    except OSError:  # the agent is gone
         os._exit(0)
 
 
@@ -2028,60 +2172,27 @@ def _fn_info(spec):
         "arn:ember:lambda:{}:{}:function:{}:{}".format("local", fn["namespace"], fn["name"], fn["version"]),
         str(spec["memoryMiB"]),
         "/ember/{}/{}".format(fn["namespace"], fn["name"]),
-        "{}/[{}]{}".format(time.strftime("%Y/%m/%d", time.gmtime()), fn["version"], os.uname().nodename),
+        "{}/[{}]{}".format(time.strftime("%Y/%m/%d", time.gmtime()), fn["version"], _NODENAME or os.uname().nodename),
     )
 
 
-def _template_main(ctl, blank_chan, blank_pid, spec, dest):
+def _template_main(ctl, blank_pid, spec, code_path):
+    """The template, once the blank worker serves: import the code again (its output is dropped:
+    the blank worker's was logged), then fork workers on request, run hooks and report worker
+    exits.  A failed import here ends the template; the agent loads the code in a new one when
+    it needs a worker."""
     sys.dont_write_bytecode = True  # one compile per pod; skip writing __pycache__
     sys.stdout = LogStream(1, "<stdout>")
     sys.stderr = LogStream(2, "<stderr>")
     _install_runtime_modules()
-
-    def code_ready(code_path):
-        """The code is in place: the blank worker loads it first, and its result is the answer."""
-        slim = {k: v for k, v in spec.items() if k != "code"}
-        try:
-            blank_chan.sendall(frame(T_SPEC, jbytes({"spec": slim, "path": code_path})))
-            typ, payload = FrameReader(blank_chan).read()
-        except (EOFError, OSError):
-            _, st = os.waitpid(blank_pid, 0)
-            raise LoadError(
-                "Runtime.ExitError",
-                "{} while loading module for handler {!r}".format(describe_status(st), spec["handler"]),
-            ) from None
-        blank_chan.close()
-        if typ != T_LOAD_OK:
-            ctl.sendall(frame(T_LOAD_ERR, payload))
-            os._exit(0)
-        ctl.sendall(frame(T_LOAD_OK, b""))
-        _SINK.discard = True  # the blank worker's init output was logged; don't log it twice
-
+    _SINK.discard = True
     try:
-        handler = _load(spec, dest, None, code_ready)
-    except LoadError as e:
-        if _SINK.discard:  # the blank worker loaded this and serves; this template can't fork more
-            os._exit(1)
-        _kill_quietly(blank_pid)
-        _SINK.flush()
-        ctl.sendall(
-            frame(T_LOAD_ERR, jbytes({"errorType": e.error_type, "errorMessage": e.message, "stackTrace": e.stack}))
-        )
-        os._exit(0)
-    except BaseException as e:
-        if _SINK.discard:
-            os._exit(1)
-        _kill_quietly(blank_pid)
-        _SINK.flush()
-        ctl.sendall(
-            frame(
-                T_LOAD_ERR,
-                jbytes({"errorType": "Runtime.InitError", "errorMessage": f"{type(e).__name__}: {e}"}),
-            )
-        )
-        os._exit(0)
+        handler = _load(spec, None, code_path)
+    except BaseException:
+        os._exit(1)
     _SINK.flush()
     _SINK.discard = False  # freeze/thaw hook output is logged
+    _flush_marks()
     import resource  # noqa: F401  (workers use it for measurements and the memory limit)
 
     info = _fn_info(spec)
@@ -2097,6 +2208,7 @@ def _template_main(ctl, blank_chan, blank_pid, spec, dest):
         pid = os.fork()
         if pid == 0:
             try:
+                _marks.clear()  # the template's
                 _signal.set_wakeup_fd(-1)
                 _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
                 os.close(wake_r)
@@ -2109,8 +2221,6 @@ def _template_main(ctl, blank_chan, blank_pid, spec, dest):
         os.close(fd)
         return pid
 
-    # LOAD_OK went out from code_ready; the first worker is the blank worker (the agent learns its
-    # pid from its HELLO frame).
     # Serve: fork workers on request, run hooks, report exits of workers.
     import select
 
@@ -2177,7 +2287,7 @@ def _error_body(e, rid, skip_dirs):
     }
 
 
-def _worker_main(fd, handler, info, memory_mib, base_vm_kib):
+def _worker_main(fd, handler, info, memory_mib, base_vm_kib, hello=True):
     import resource
 
     os.setpgid(0, 0)
@@ -2192,7 +2302,8 @@ def _worker_main(fd, handler, info, memory_mib, base_vm_kib):
     _SINK.lock = _thread.allocate_lock()  # a user thread may have held it at fork time
     _SINK.pending = ""
     send = _SINK.send
-    send(frame(T_HELLO, struct.pack("!i", os.getpid())))
+    if hello:  # (the blank worker's pid came with its LOAD_OK)
+        send(frame(T_HELLO, struct.pack("!i", os.getpid())))
     reader = FrameReader(sock)
     getrusage = resource.getrusage
     perf = time.perf_counter
@@ -2205,6 +2316,7 @@ def _worker_main(fd, handler, info, memory_mib, base_vm_kib):
             typ, payload = reader.read()
         except (EOFError, OSError):
             os._exit(0)
+        _mark("w.recv")
         if typ != T_INVOKE:
             if typ in (T_FREEZE, T_THAW):
                 send(frame(T_HOOK, jbytes(_run_hooks(typ))))
@@ -2287,6 +2399,8 @@ def _worker_main(fd, handler, info, memory_mib, base_vm_kib):
             result = event = ctx = None
             _SINK.flush()
             send(_HDR.pack(_RES.size + len(out), T_RESULT) + _RES.pack(status, dur, cpu, getrusage(0).ru_maxrss) + out)
+            _mark("w.sent")
+            _flush_marks()
             if exiting:
                 os._exit(0)
         except MemoryError:
