@@ -59,6 +59,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import random
 import re
 import time
@@ -125,6 +126,10 @@ def holder_of(pod: Mapping[str, Any]) -> str:
     return value if isinstance(value, str) else ""
 
 
+def _state_of(pod: Mapping[str, Any]) -> Any:
+    return ((pod.get("metadata") or {}).get("labels") or {}).get(labels.STATE)
+
+
 @dataclass(frozen=True, slots=True)
 class ObservedLease:
     """What the sweep needs of an activator Lease: its name, its version (a renewal changes it), its term."""
@@ -186,8 +191,7 @@ def pods_of_dead_holders(pods: Iterable[Mapping[str, Any]], dead: Collection[str
     out = []
     for pod in pods:
         meta = pod.get("metadata") or {}
-        state = (meta.get("labels") or {}).get(labels.STATE)
-        if state not in (labels.STATE_CLAIMED, labels.STATE_SPECIALIZED) or meta.get("deletionTimestamp"):
+        if _state_of(pod) not in (labels.STATE_CLAIMED, labels.STATE_SPECIALIZED) or meta.get("deletionTimestamp"):
             continue
         holder = holder_of(pod)
         if holder != own and lease_name(holder) in dead and isinstance(meta.get("name"), str):
@@ -612,7 +616,7 @@ class KubernetesPodSource:
             "metadata": metadata,
             "spec": {
                 "holderIdentity": self.holder,
-                "leaseDurationSeconds": max(1, round(self._lease_duration_s)),
+                "leaseDurationSeconds": math.ceil(self._lease_duration_s),
                 "acquireTime": held.acquired,
                 "renewTime": _micro_time(datetime.now(UTC)),
                 "leaseTransitions": held.transitions,
@@ -698,9 +702,7 @@ class KubernetesPodSource:
         mine = [
             pod["metadata"]["name"]
             for pod in self._pods.values()
-            if holder_of(pod) == self.holder
-            and (pod["metadata"].get("labels") or {}).get(labels.STATE)
-            in (labels.STATE_CLAIMED, labels.STATE_SPECIALIZED)
+            if holder_of(pod) == self.holder and _state_of(pod) in (labels.STATE_CLAIMED, labels.STATE_SPECIALIZED)
         ]
         for name in mine:
             await self._delete_pod(name)
@@ -732,7 +734,8 @@ class KubernetesPodSource:
             if lease is not None
         ]
         pods = list(self._pods.values())
-        wanted = {lease_name(holder_of(pod)) for pod in pods}
+        held = (labels.STATE_CLAIMED, labels.STATE_SPECIALIZED)
+        wanted = {lease_name(holder_of(pod)) for pod in pods if _state_of(pod) in held}
         dead = self._liveness.observe(self._clock(), leases, wanted)
         if not dead:
             return []
@@ -775,6 +778,8 @@ class KubernetesPodSource:
                 await self.renew_lease()
             except (PoolUnavailable, aiohttp.ClientError, TimeoutError) as err:
                 log.warning("namespace=%s lease=%s not renewed: %s", self.namespace, self._lease_name, err)
+            except Exception:  # the loop must outlive any fault: without it the others delete our pods
+                log.exception("namespace=%s lease=%s renewal crashed", self.namespace, self._lease_name)
 
     async def _sweep_forever(self) -> None:
         while not self._closed:
