@@ -5,6 +5,10 @@ each Version's concurrency, asks its `Autoscaler` for a pod count, and starts or
 through the `PodSource`. A Version still loading wants at least its initial target (its
 predecessor's size), becomes Ready when it has that, and only then takes "latest" traffic.
 Pods the source reports gone leave routing here; busy pods are drained, never cut.
+
+With several activator replicas each runs this loop over its own invocations and its own pods, so
+a Version's `minScale` and `maxScale` bound each replica, not the sum (N replicas keep N x minScale
+warm); the Kubernetes pod source's docstring says how pods of a replica that died are reclaimed.
 """
 
 from __future__ import annotations
