@@ -105,8 +105,8 @@ def holder_name(raw: str) -> str:
     """`raw` as a claim holder: a DNS label (a valid label value and Lease name part), unique per `raw`.
 
     A pod name is usually one already and is kept as it is; anything else (an FQDN host name, a
-    253-character pod name) is folded to lower case and `-`, cut, and suffixed with a hash of `raw`
-    so that two different names never fold to the same holder.
+    253-character pod name) is folded to lower case and `-`, cut, and suffixed with 32 bits of a
+    hash of `raw`, so that names that fold alike (`Host_1`, `host.1`) still get different holders.
     """
     if _DNS_LABEL.match(raw):
         return raw
