@@ -61,6 +61,11 @@ from ember.pods.base import (
 log = logging.getLogger(__name__)
 
 LISTENING_PREFIX = b"EMBER_AGENT_LISTENING port="
+# A claim's refill waits for the claimed pod's cold start (see `LocalPodSource._refill_after`):
+# until this long after its specialize ends (its first invocations follow at once), or at most
+# REFILL_DEFER_MAX_S when no specialize follows the claim.
+REFILL_GRACE_S = 0.025
+REFILL_DEFER_MAX_S = 1.0
 RUNTIME_IMAGES = Path(__file__).resolve().parents[3] / "runtime-images"
 
 
@@ -198,6 +203,7 @@ class _Process:
     state: str = "starting"  # starting, warm, claimed, specialized, stopping, dead
     monitor: asyncio.Task[None] | None = None
     started_at: float = field(default_factory=time.monotonic)
+    refill_due: asyncio.TimerHandle | None = None
 
 
 @dataclass
@@ -242,11 +248,12 @@ class LocalPodSource:
         state = self._pool(pool)
         while state.warm:
             process = state.warm.popleft()
-            self._refill(pool)
             if process.proc.returncode is None:
+                self._refill_after(process)
                 return self._claimed(process, ClaimKind.POOL_HIT)
+            self._refill(pool)
         process = await self._start(pool)
-        self._refill(pool)
+        self._refill_after(process)
         return self._claimed(process, ClaimKind.POOL_MISS)
 
     async def specialize(self, pod: PodHandle, request: SpecializeRequest) -> PodHandle:
@@ -261,6 +268,8 @@ class LocalPodSource:
                 status = response.status
         except (aiohttp.ClientError, TimeoutError) as err:
             raise PodGone(f"pod {pod.id} at {pod.address}: specialize request failed: {err}") from err
+        finally:
+            self._refill_soon(process)
         if status != 200:
             error_type, message = _error_of(body)
             raise SpecializeFailed(pod.id, status, error_type, message)
@@ -330,6 +339,31 @@ class LocalPodSource:
         process.state = "claimed"
         process.handle = PodHandle(id=process.id, address=process.address, pool=process.pool, claim=kind)
         return process.handle
+
+    def _refill_after(self, process: _Process) -> None:
+        """Refill the pool of a claimed pod once that pod's cold start is over: `REFILL_GRACE_S`
+        after its specialize ends (time for the first invocations, which follow at once), at
+        once when it is gone, at the latest `REFILL_DEFER_MAX_S` after the claim.
+
+        Starting a sandbox costs a few hundred ms of CPU; begun at the claim, it competes with
+        the very cold start it replaces the pod for (on a 2-core machine that was about a third
+        of a warm-pool cold start). The pool is short of one pod for some ms longer instead.
+        """
+        process.refill_due = asyncio.get_running_loop().call_later(REFILL_DEFER_MAX_S, self._refill_now, process)
+
+    def _refill_soon(self, process: _Process) -> None:
+        """The claimed pod's specialize ended: its refill starts `REFILL_GRACE_S` from now."""
+        due = process.refill_due
+        if due is not None:
+            due.cancel()
+            process.refill_due = asyncio.get_running_loop().call_later(REFILL_GRACE_S, self._refill_now, process)
+
+    def _refill_now(self, process: _Process) -> None:
+        due, process.refill_due = process.refill_due, None
+        if due is not None:
+            due.cancel()
+            if not self._closed:
+                self._refill(process.pool)
 
     def _refill(self, key: PoolKey) -> None:
         pool = self._pool(key)
@@ -438,6 +472,7 @@ class LocalPodSource:
         await self._forget(process)
 
     async def _forget(self, process: _Process) -> None:
+        self._refill_now(process)
         previous = process.state
         process.state = "dead"
         self._processes.pop(process.id, None)
