@@ -8,7 +8,7 @@ import sys
 import time
 
 from . import images, runsc_bench
-from .build import ensure_gvisor, ensure_kubernetes
+from .build import ensure_coredns, ensure_gvisor, ensure_kubernetes
 from .cluster import Cluster, build_runtime_images
 from .procs import ClusterError
 
@@ -17,6 +17,7 @@ def _build() -> None:
     started = time.monotonic()
     ensure_kubernetes()
     ensure_gvisor()
+    ensure_coredns()
     images.ensure_pause_image()
     images.ensure_base_image()
     for image in build_runtime_images():

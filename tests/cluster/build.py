@@ -9,6 +9,10 @@ generated from that tag's own go.mod. Binaries are static (`CGO_ENABLED=0`), `-t
 gVisor: `runsc` and `containerd-shim-runsc-v1` from the `gvisor.dev/gvisor` module (its `go` branch,
 pinned as pseudo-versions; the shim from an older commit, patched, see `_patch_shim_oom_score`).
 
+CoreDNS: a release of `github.com/coredns/coredns`, built the way its documentation describes for a custom
+plugin set: a `main` that imports `coremain` and only the plugins the cluster's Corefile uses (no `forward`,
+so the cluster's DNS cannot send a query off this machine), which also keeps the build small.
+
 Every step is skipped when its output exists, so a warm `build` costs a few `stat` calls; outputs are
 written under a temporary name and renamed, so an interrupted build never leaves a half binary.
 """
@@ -16,6 +20,7 @@ written under a temporary name and renamed, so an interrupted build never leaves
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -26,17 +31,22 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .paths import (
+    COREDNS_VERSION,
     GVISOR_SHIM_VERSION,
     GVISOR_VERSION,
     KUBERNETES_VERSION,
     build_dir,
+    coredns_bin_dir,
     gvisor_bin_dir,
     gvisor_shim_dir,
     kube_bin_dir,
 )
 from .procs import ClusterError
 
-KUBE_BINARIES = ("kube-apiserver", "kubelet", "kube-scheduler", "kube-controller-manager", "kubectl")
+KUBE_BINARIES = ("kube-apiserver", "kubelet", "kube-scheduler", "kube-controller-manager", "kube-proxy", "kubectl")
+# The CoreDNS plugins compiled in: exactly what `templates/Corefile` uses. Order does not matter here
+# (CoreDNS orders plugins by its own directive list, `dnsserver.Directives`).
+COREDNS_PLUGINS = ("bind", "errors", "health", "ready", "kubernetes")
 GO_BUILD_JOBS = os.environ.get("EMBER_GO_BUILD_JOBS", "2")
 
 
@@ -237,3 +247,39 @@ def ensure_gvisor() -> dict[str, Path]:
             work = _gvisor_workdir(f"gvisor-shim-{GVISOR_SHIM_VERSION}", GVISOR_SHIM_VERSION, patch_shim=True)
             _go_build_static(work, "gvisor.dev/gvisor/shim", paths["containerd-shim-runsc-v1"])
     return paths
+
+
+def _coredns_main(plugins: Iterable[str]) -> str:
+    imports = "".join(f'\t_ "github.com/coredns/coredns/plugin/{name}"\n' for name in sorted(plugins))
+    return (
+        "// Package main is CoreDNS with only the plugins the Ember test cluster uses.\n"
+        "package main\n\n"
+        f'import (\n\t"github.com/coredns/coredns/coremain"\n\n{imports})\n\n'
+        "func main() { coremain.Run() }\n"
+    )
+
+
+def coredns_plugin_set(plugins: Iterable[str] = COREDNS_PLUGINS) -> str:
+    return hashlib.sha256(",".join(sorted(plugins)).encode()).hexdigest()[:8]
+
+
+def ensure_coredns(plugins: Iterable[str] = COREDNS_PLUGINS) -> Path:
+    """Build CoreDNS `COREDNS_VERSION` with `plugins` into `~/.cache/ember/coredns-<version>-<plugin set>/`."""
+    plugins = tuple(plugins)
+    out = coredns_bin_dir(coredns_plugin_set(plugins)) / "coredns"
+    if out.exists():
+        return out
+    with _locked("coredns"):
+        if out.exists():
+            return out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        work = build_dir() / out.parent.name
+        work.mkdir(parents=True, exist_ok=True)
+        if not (work / "go.mod").exists():
+            (work / "main.go").write_text(_coredns_main(plugins))
+            (work / "go.mod.tmp").write_text(
+                f"module ember.test/corednsbuild\n\ngo 1.25.0\n\nrequire github.com/coredns/coredns {COREDNS_VERSION}\n"
+            )
+            (work / "go.mod.tmp").rename(work / "go.mod")
+        _go_build_static(work, ".", out)
+    return out

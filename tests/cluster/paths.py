@@ -12,6 +12,8 @@ KUBERNETES_VERSION = "1.34.12"
 # library, because later shims answer `start` with JSON bootstrap parameters containerd 1.6 cannot read.
 GVISOR_VERSION = "v0.0.0-20260905035102-160fafc42237"
 GVISOR_SHIM_VERSION = "v0.0.0-20240916094835-a174eb65023f"
+# CoreDNS, the cluster's DNS (a release of `github.com/coredns/coredns`, built with only the plugins it uses).
+COREDNS_VERSION = "v1.14.7"
 DEBIAN_SUITE = "bookworm"
 PAUSE_IMAGE = "registry.k8s.io/pause:3.10.1"
 BASE_IMAGE = "localhost/ember-base:bookworm"
@@ -37,6 +39,11 @@ def gvisor_bin_dir() -> Path:
 def gvisor_shim_dir() -> Path:
     """The shim's own directory: containerd finds `containerd-shim-runsc-v1` on its PATH."""
     return cache_root() / f"gvisor-shim-{GVISOR_SHIM_VERSION}-eperm-oom"
+
+
+def coredns_bin_dir(plugin_set: str) -> Path:
+    """Where the CoreDNS build with the plugin set named `plugin_set` (a digest of its plugin list) is kept."""
+    return cache_root() / f"coredns-{COREDNS_VERSION}-{plugin_set}"
 
 
 def build_dir() -> Path:
