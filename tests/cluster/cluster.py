@@ -22,9 +22,21 @@ from typing import Any
 from . import images, procs
 from .build import ensure_gvisor, ensure_kubernetes
 from .controlplane import ControlPlane, Ports, free_port
-from .node import NODE_NAME, Node
+from .node import NODE_IP, NODE_NAME, POD_CIDR, Node
 from .paths import REPO_ROOT, StateLayout, cluster_state_dir
+from .services import ServiceNetwork, ServicePorts
 
+# Every long-running process of a cluster, by the name its pid file and log carry.
+PROCESSES = (
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "containerd",
+    "kubelet",
+    "kube-proxy",
+    "coredns",
+)
 RUNTIME_CLASS = {
     "apiVersion": "node.k8s.io/v1",
     "kind": "RuntimeClass",
@@ -38,16 +50,23 @@ class ClusterPorts:
     control_plane: Ports
     kubelet: int
     kubelet_healthz: int
+    services: ServicePorts
 
     @classmethod
     def free(cls) -> ClusterPorts:
-        return cls(control_plane=Ports.free(), kubelet=free_port(), kubelet_healthz=free_port())
+        return cls(
+            control_plane=Ports.free(), kubelet=free_port(), kubelet_healthz=free_port(), services=ServicePorts.free()
+        )
 
     @classmethod
     def load(cls, path: Path) -> ClusterPorts:
         raw = json.loads(path.read_text())
         return cls(
-            control_plane=Ports(**raw["control_plane"]), kubelet=raw["kubelet"], kubelet_healthz=raw["kubelet_healthz"]
+            control_plane=Ports(**raw["control_plane"]),
+            kubelet=raw["kubelet"],
+            kubelet_healthz=raw["kubelet_healthz"],
+            # A record from before kube-proxy and CoreDNS: such a cluster is never healthy, so any ports do.
+            services=ServicePorts(**raw["services"]) if "services" in raw else ServicePorts.free(),
         )
 
 
@@ -61,7 +80,17 @@ class Cluster:
 
     def _wire(self, ports: ClusterPorts) -> None:
         self.ports = ports
-        self.control_plane = ControlPlane(state=self.state, ports=ports.control_plane, with_controllers=True)
+        self.control_plane = ControlPlane(
+            state=self.state, ports=ports.control_plane, with_controllers=True, address=NODE_IP
+        )
+        self.services = ServiceNetwork(
+            state=self.state,
+            control_plane=self.control_plane,
+            ports=ports.services,
+            node_ip=NODE_IP,
+            node_name=NODE_NAME,
+            pod_cidr=POD_CIDR,
+        )
         self.node = Node(
             state=self.state,
             control_plane=self.control_plane,
@@ -111,13 +140,12 @@ class Cluster:
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def healthy(self) -> bool:
-        names = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "containerd", "kubelet")
-        if not self._record.exists() or not all(procs.running(self.state, n) for n in names):
+        if not self._record.exists() or not all(procs.running(self.state, n) for n in PROCESSES):
             return False
         if not self.kubeconfig.exists():
             return False
         self.control_plane._prepare_pki()
-        if not self.control_plane.apiserver_ready():
+        if not self.control_plane.apiserver_ready() or not self.services.healthy():
             return False
         api = self.api_client()
         try:
@@ -167,7 +195,9 @@ class Cluster:
         self.state.root.mkdir(parents=True, exist_ok=True)
         self._record.write_text(json.dumps(asdict(self.ports), indent=2))
         try:
+            self.node.ensure_bridge()  # the API server listens on the node IP, the bridge's address
             self.control_plane.start()
+            self.services.start()
             self.node.start()
             api = self.api_client()
             try:
@@ -176,6 +206,7 @@ class Cluster:
                 self._ensure_runtime_class(api)
             finally:
                 api.close()
+            self.services.wait_ready()
         except BaseException:
             self.down()
             raise
@@ -212,13 +243,13 @@ class Cluster:
         procs.stop(self.state, "kube-controller-manager")
         procs.stop(self.state, "kube-scheduler")
         self._delete_all_pods()
+        self.services.stop()
         self.node.stop()
         self.control_plane.stop()
 
     def status(self) -> dict[str, object]:
-        names = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "containerd", "kubelet")
         report: dict[str, object] = {
-            n: procs.recorded_pid(self.state, n) if procs.running(self.state, n) else None for n in names
+            n: procs.recorded_pid(self.state, n) if procs.running(self.state, n) else None for n in PROCESSES
         }
         report["healthy"] = self.healthy()
         report["kubeconfig"] = str(self.kubeconfig)

@@ -4,10 +4,15 @@
 same class serves the `apiserver` tier (etcd + API server only, on free ports, in a temporary directory)
 and the `cluster` tier (everything, under the cluster state directory). Health is checked the way
 kubeadm does: etcd's `/health`, then the API server's `/readyz`, then each controller's `/healthz`.
+
+The API server serves on `address`: loopback for the `apiserver` tier; for the `cluster` tier the node IP
+(the pod bridge's address), so pods reach it through the `kubernetes` Service, whose endpoints the API
+server publishes as `address:port` (a loopback address is never published: pods cannot reach it).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import shutil
 import socket
@@ -22,6 +27,7 @@ from .paths import StateLayout, kube_bin_dir
 
 SERVICE_CIDR = "10.96.0.0/16"
 KUBERNETES_SERVICE_IP = "10.96.0.1"
+CLUSTER_DOMAIN = "cluster.local"
 ADMIN = pki.ClientIdentity(name="admin", user="ember-admin", groups=("system:masters",))
 CONTROLLER_MANAGER = pki.ClientIdentity(name="controller-manager", user="system:kube-controller-manager")
 SCHEDULER = pki.ClientIdentity(name="scheduler", user="system:kube-scheduler")
@@ -78,11 +84,17 @@ class ControlPlane:
     state: StateLayout
     ports: Ports
     with_controllers: bool = True
+    # Where the API server listens and what it advertises; must be a local address when `start()` runs.
+    address: str = "127.0.0.1"
     started: list[procs.Proc] = field(default_factory=list)
 
     @property
     def server(self) -> str:
-        return f"https://127.0.0.1:{self.ports.apiserver}"
+        return f"https://{self.address}:{self.ports.apiserver}"
+
+    @property
+    def _loopback(self) -> bool:
+        return ipaddress.ip_address(self.address).is_loopback
 
     @property
     def kubeconfig(self) -> Path:
@@ -101,9 +113,9 @@ class ControlPlane:
                 "kubernetes",
                 "kubernetes.default",
                 "kubernetes.default.svc",
-                "kubernetes.default.svc.cluster.local",
+                f"kubernetes.default.svc.{CLUSTER_DOMAIN}",
             ),
-            ips=("127.0.0.1", KUBERNETES_SERVICE_IP),
+            ips=tuple(dict.fromkeys(("127.0.0.1", KUBERNETES_SERVICE_IP, self.address))),
         )
         self.sa = pki.ensure_service_account_keys(pki_dir)
         self.kubelet_client = pki.ensure_client_cert(self.ca, pki_dir, APISERVER_KUBELET_CLIENT)
@@ -177,10 +189,11 @@ class ControlPlane:
             [
                 kube_binary("kube-apiserver"),
                 f"--etcd-servers=http://127.0.0.1:{self.ports.etcd_client}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
-                # Pods reach no loopback address, and the Endpoints API rejects one, so publish none.
-                "--endpoint-reconciler-type=none",
+                f"--bind-address={self.address}",
+                f"--advertise-address={self.address}",
+                # The `kubernetes` Service's endpoint: pods reach no loopback address (and the Endpoints API
+                # rejects one), so the apiserver tier publishes none; the cluster tier publishes the node IP.
+                f"--endpoint-reconciler-type={'none' if self._loopback else 'lease'}",
                 f"--secure-port={self.ports.apiserver}",
                 f"--tls-cert-file={self.serving.cert}",
                 f"--tls-private-key-file={self.serving.key}",
@@ -188,7 +201,7 @@ class ControlPlane:
                 f"--kubelet-client-certificate={self.kubelet_client.cert}",
                 f"--kubelet-client-key={self.kubelet_client.key}",
                 "--kubelet-preferred-address-types=InternalIP,Hostname",
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                f"--service-account-issuer=https://kubernetes.default.svc.{CLUSTER_DOMAIN}",
                 f"--service-account-key-file={self.sa.cert}",
                 f"--service-account-signing-key-file={self.sa.key}",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",

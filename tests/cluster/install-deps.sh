@@ -9,7 +9,7 @@ PACKAGES=(
   etcd-server                                # etcd 3.4 under kube-apiserver
   containerd runc                            # the node's CRI runtime and OCI runtime
   containernetworking-plugins                # CNI bridge, host-local, loopback
-  iptables conntrack ethtool socat iproute2  # what the kubelet expects on a node
+  iptables conntrack ethtool socat iproute2  # what the kubelet and kube-proxy (iptables mode) expect
   buildah debootstrap                        # images without Docker or a registry
   runsc                                      # Debian's gVisor (ptrace only), measured against the built one
   bubblewrap                                 # local mode's second sandbox, tested in the local tier
@@ -28,6 +28,12 @@ if [ "${#missing[@]}" -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
     || { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; }
+fi
+
+# kube-proxy's Service NAT between pods on one bridge needs bridged traffic to pass iptables (br_netfilter).
+if [ ! -e /proc/sys/net/bridge/bridge-nf-call-iptables ]; then
+  modprobe br_netfilter 2>/dev/null || echo "install-deps: warning: br_netfilter is not loaded and could not be" \
+    "loaded; Services between pods will not work" >&2
 fi
 
 # Stop the machine-wide services if an init system started them (no-op without systemd).

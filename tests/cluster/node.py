@@ -3,7 +3,9 @@
 containerd runs on a private socket with its state under the cluster directory and its root (images,
 snapshots) under the cache, so imported images survive `down`/`up`. Pod networking is the CNI bridge
 `ember0` with host-local addresses from 10.244.0.0/24: the bridge owns only that subnet (no masquerade,
-no default route), so the machine's own networking is untouched.
+no default route), so the machine's own networking is untouched. Pods (and the host) route the service
+CIDR into the bridge, where kube-proxy's rules take it (see `services`); pods resolve names through the
+cluster DNS Service (`services.DNS_SERVICE_IP`, domain `cluster.local`).
 
 gVisor: the RuntimeClass `gvisor` selects containerd's runtime `runsc`, served by gVisor's own
 `containerd-shim-runsc-v1` (see `build.ensure_gvisor` for which commit and why) running the current
@@ -31,8 +33,9 @@ from pathlib import Path
 
 from . import images, pki, procs
 from .build import ensure_gvisor
-from .controlplane import ControlPlane, kube_binary
+from .controlplane import CLUSTER_DOMAIN, SERVICE_CIDR, ControlPlane, kube_binary
 from .paths import PAUSE_IMAGE, TEMPLATES_DIR, StateLayout, cache_root
+from .services import DNS_SERVICE_IP
 
 NODE_NAME = "ember-node"
 POD_CIDR = "10.244.0.0/16"
@@ -118,7 +121,14 @@ class Node:
         )
         (self.state.root / "containerd.toml").write_text(toml)
         (self.cni_conf_dir / "10-ember.conflist").write_text(
-            _render("cni.conflist", bridge=BRIDGE, ipam_dir=self.ipam_dir, pod_subnet=POD_SUBNET, pod_cidr=POD_CIDR)
+            _render(
+                "cni.conflist",
+                bridge=BRIDGE,
+                ipam_dir=self.ipam_dir,
+                pod_subnet=POD_SUBNET,
+                pod_cidr=POD_CIDR,
+                service_cidr=SERVICE_CIDR,
+            )
         )
         (self.state.root / "kubelet.yaml").write_text(
             _render(
@@ -129,6 +139,8 @@ class Node:
                 client_ca=self.control_plane.ca.cert,
                 containerd_socket=self.containerd_socket,
                 root_dir=self.kubelet_dir,
+                cluster_dns=DNS_SERVICE_IP,
+                cluster_domain=CLUSTER_DOMAIN,
             )
         )
         self.control_plane.write_client_kubeconfig(KUBELET, self.state.root / "kubelet.kubeconfig")
@@ -184,6 +196,7 @@ class Node:
         procs.wait_for("kubelet /healthz", self._kubelet_healthy, timeout_s=60, proc=proc, interval_s=0.2)
 
     def ensure_bridge(self) -> None:
+        """The bridge with the node IP (the API server listens there, so this comes first) and its routes."""
         links = subprocess.run(["ip", "-o", "link", "show", BRIDGE], capture_output=True, check=False)
         if links.returncode != 0:
             procs.run(["ip", "link", "add", BRIDGE, "type", "bridge"])
@@ -191,6 +204,17 @@ class Node:
         if f" {NODE_IP}/" not in addresses:
             procs.run(["ip", "addr", "add", f"{NODE_IP}/{POD_SUBNET.split('/')[1]}", "dev", BRIDGE])
         procs.run(["ip", "link", "set", BRIDGE, "up"])
+        # Service IPs the host connects to go into the bridge, never out of the machine's default route,
+        # whether or not kube-proxy has rules for them yet (the route goes with the bridge).
+        procs.run(["ip", "route", "replace", SERVICE_CIDR, "dev", BRIDGE, "src", NODE_IP])
+        # Replies from one pod to another that reached it through a Service IP are bridged, not routed: they
+        # must pass iptables so conntrack undoes the Service DNAT. (Both settings are per network namespace.)
+        for sysctl in ("net/bridge/bridge-nf-call-iptables", "net/ipv4/ip_forward"):
+            path = Path("/proc/sys") / sysctl
+            if not path.exists():
+                raise procs.ClusterError(f"{path} is missing: is the br_netfilter module loaded?")
+            if path.read_text().strip() != "1":
+                path.write_text("1\n")
 
     def start(self) -> None:
         self.ensure_bridge()

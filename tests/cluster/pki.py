@@ -137,13 +137,28 @@ def _issue(
     return out
 
 
+def _alt_names(cert_path: Path) -> tuple[set[str], set[ipaddress.IPv4Address | ipaddress.IPv6Address]]:
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return set(), set()
+    return set(sans.get_values_for_type(x509.DNSName)), set(sans.get_values_for_type(x509.IPAddress))
+
+
 def ensure_serving_cert(
     ca: CertPair, directory: Path, name: str, *, dns_names: tuple[str, ...], ips: tuple[str, ...]
 ) -> CertPair:
-    """A TLS server certificate for `name`, valid for the given DNS names and IP addresses."""
+    """A TLS server certificate for `name`, valid for the given DNS names and IP addresses.
+
+    A certificate kept from an earlier run is reissued if its names differ (the addresses served changed).
+    """
+    out = CertPair(cert=directory / f"{name}.crt", key=directory / f"{name}.key")
+    if out.cert.exists() and _alt_names(out.cert) != (set(dns_names), {ipaddress.ip_address(ip) for ip in ips}):
+        out.cert.unlink()
     return _issue(
         ca,
-        CertPair(cert=directory / f"{name}.crt", key=directory / f"{name}.key"),
+        out,
         subject=_subject(name),
         usages=[ExtendedKeyUsageOID.SERVER_AUTH],
         dns_names=dns_names,
