@@ -1,5 +1,7 @@
 """Smoke tests of the cluster tier itself: Ember's CRDs and CEL rules on the real API server, pods under
-runc and under gVisor on the real node, and pod-to-pod networking over the CNI bridge.
+runc and under gVisor on the real node, pod-to-pod networking over the CNI bridge, and what pods need of a
+real cluster: cluster DNS, ClusterIP Services (kube-proxy) and the API server through the `kubernetes`
+Service with their service-account token.
 
 What Ember does on the cluster (operator, activator, functions in pods) is tested elsewhere in this tier;
 this module proves the tier is real, so that those tests can trust it.
@@ -8,6 +10,7 @@ this module proves the tier is real, so that those tests can trust it.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import time
 from collections.abc import Callable
@@ -201,9 +204,135 @@ def test_pod_reaches_another_pods_ip(
 def test_cluster_processes_are_ours(cluster: Any) -> None:
     """Every control-plane and node process is recorded by pid, so teardown can stop exactly those."""
     from tests.cluster import procs
+    from tests.cluster.cluster import PROCESSES
 
-    for name in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "containerd", "kubelet"):
+    assert {"kube-proxy", "coredns"} <= set(PROCESSES)
+    for name in PROCESSES:
         pid = procs.recorded_pid(cluster.state, name)
         assert pid is not None, f"{name} has no pid file"
         assert procs.pid_alive(pid), f"{name} (pid {pid}) is not running"
         assert os.path.basename(os.readlink(f"/proc/{pid}/exe")).startswith(name.split("-")[0])
+
+
+# -- Services, DNS and the API server from pods ----------------------------------------------------------
+
+RUNTIMES = [pytest.param(None, id="runc"), pytest.param("gvisor", id="gvisor")]
+
+# Run in a pod: resolve the API server's Service name, then call it over HTTPS as the pod's service account
+# (CA and token from the mounted service-account volume). /version is public; a SelfSubjectReview answers
+# with the user the token authenticated as, so it proves the token was sent and accepted.
+_API_PROBE = """
+import json, os, socket, ssl, urllib.request
+sa = "/var/run/secrets/kubernetes.io/serviceaccount"
+host = "kubernetes.default.svc.cluster.local"
+ctx = ssl.create_default_context(cafile=sa + "/ca.crt")
+token = open(sa + "/token").read().strip()
+def call(method, path, body=None):
+    data = json.dumps(body).encode() if body else None
+    headers = {"Authorization": "Bearer " + token, "Content-Type": "application/json"}
+    request = urllib.request.Request("https://" + host + path, data=data, method=method, headers=headers)
+    with urllib.request.urlopen(request, context=ctx, timeout=10) as response:
+        return json.load(response)
+review = {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}
+print(json.dumps({
+    "address": socket.getaddrinfo(host, 443, socket.AF_INET, socket.SOCK_STREAM)[0][4][0],
+    "env": os.environ.get("KUBERNETES_SERVICE_HOST"),
+    "version": call("GET", "/version")["gitVersion"],
+    "user": call("POST", "/apis/authentication.k8s.io/v1/selfsubjectreviews", review)["status"]["userInfo"]["username"],
+    "resolv_conf": open("/etc/resolv.conf").read(),
+}))
+"""
+
+# Run in a pod: the IPv4 address a name resolves to, or None if it does not resolve.
+_RESOLVE = """
+import json, socket, sys
+try:
+    print(json.dumps(socket.getaddrinfo(sys.argv[1], 80, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]))
+except socket.gaierror:
+    print(json.dumps(None))
+"""
+
+
+def _service_account_ready(core: client.CoreV1Api, namespace: str) -> None:
+    def exists() -> bool:
+        try:
+            core.read_namespaced_service_account("default", namespace)
+        except ApiException:
+            return False
+        return True
+
+    _wait(f"service account {namespace}/default", exists, timeout_s=30)
+
+
+def _json_exec(kubectl: Kubectl, namespace: str, pod: str, script: str, *args: str) -> Any:
+    return json.loads(_exec(kubectl, namespace, pod, "python3", "-c", script, *args))
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_pod_reaches_the_api_server_by_service_name_with_its_token(
+    api_client: Any, smoke_image: str, namespace: str, kubectl: Kubectl, runtime: str | None
+) -> None:
+    core = client.CoreV1Api(api_client)
+    _service_account_ready(core, namespace)
+    _running_pod(core, namespace, _pod("api-client", smoke_image, runtime_class=runtime))
+    seen = _json_exec(kubectl, namespace, "api-client", _API_PROBE)
+    assert seen["address"] == seen["env"] == "10.96.0.1"
+    assert seen["version"] == "v1.34.12"
+    assert seen["user"] == f"system:serviceaccount:{namespace}:default"
+    resolv_conf = seen["resolv_conf"].split("\n")
+    assert "nameserver 10.96.0.10" in resolv_conf, resolv_conf
+    assert f"search {namespace}.svc.cluster.local svc.cluster.local cluster.local" in resolv_conf, resolv_conf
+    # The Service's endpoint is the API server on the node IP, not a loopback address.
+    slices = client.DiscoveryV1Api(api_client).list_namespaced_endpoint_slice(
+        "default", label_selector="kubernetes.io/service-name=kubernetes"
+    )
+    assert [a for s in slices.items for e in s.endpoints for a in e.addresses] == ["10.244.0.1"]
+
+
+@pytest.mark.parametrize(
+    ("server_runtime", "client_runtime"),
+    [pytest.param(None, "gvisor", id="gvisor-to-runc"), pytest.param("gvisor", None, id="runc-to-gvisor")],
+)
+def test_pod_reaches_a_pod_through_a_cluster_ip_service_by_dns_name(
+    api_client: Any,
+    smoke_image: str,
+    namespace: str,
+    kubectl: Kubectl,
+    server_runtime: str | None,
+    client_runtime: str | None,
+) -> None:
+    core = client.CoreV1Api(api_client)
+    _service_account_ready(core, namespace)
+    service = core.create_namespaced_service(
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "web"},
+            "spec": {"selector": {"app": "server"}, "ports": [{"port": 80, "targetPort": 8080}]},
+        },
+    )
+    cluster_ip = service.spec.cluster_ip
+    assert cluster_ip.startswith("10.96."), cluster_ip
+    _running_pod(core, namespace, _pod("server", smoke_image, runtime_class=server_runtime))
+    client_pod = _running_pod(core, namespace, _pod("client", smoke_image, runtime_class=client_runtime))
+
+    fqdn = f"web.{namespace}.svc.cluster.local"
+    for name in (fqdn, f"web.{namespace}.svc", "web"):  # the last two through the pod's search list
+        assert _json_exec(kubectl, namespace, "client", _RESOLVE, name) == cluster_ip, name
+    assert _json_exec(kubectl, namespace, "client", _RESOLVE, f"absent.{namespace}.svc.cluster.local") is None
+
+    def fetch(pod: str, url: str) -> bool:
+        result = kubectl("exec", "-n", namespace, pod, "--", "python3", "-c", _FETCH, url)
+        return result.stdout.strip() == "200"
+
+    # kube-proxy programs the Service once its endpoint is ready: retry briefly, then it must answer.
+    _wait(f"client to reach http://{fqdn}/", lambda: fetch("client", f"http://{fqdn}/"), timeout_s=30)
+    assert fetch("client", "http://web/")
+    # The server sees the client's own pod IP: Service traffic between pods is not masqueraded, so the
+    # reply is bridged straight back and must have passed conntrack to be un-NATed.
+    log = kubectl("logs", "-n", namespace, "server").stdout
+    from_client = [line for line in log.splitlines() if line.startswith(f"{client_pod.status.pod_ip} - - ")]
+    assert any('"GET / HTTP/1.1" 200' in line for line in from_client), log
+    # A pod reaching itself through its own Service (hairpin: kube-proxy masquerades that case).
+    assert fetch("server", "http://web/"), "the server pod could not reach itself through its Service"
