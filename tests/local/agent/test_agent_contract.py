@@ -851,6 +851,55 @@ def test_first_worker_imported_the_code_itself(agent, lang):
 
 
 @pytest.mark.parametrize("lang", ["python"])
+def test_inline_module_looks_the_same_imported_from_memory(agent, lang):
+    # The blank worker executes single-file inline code from the bytes it wrote; the template
+    # (which forks later workers) uses `import`. Either way the module must look the same.
+    src = (
+        "# -*- coding: latin-1 -*-\n"
+        "import os, sys, time\n"
+        "WORD = 'caf\u00e9'\n\n"
+        "def handler(e, c):\n"
+        "    time.sleep(e.get('sleep', 0))\n"
+        "    me = sys.modules[__name__]\n"
+        "    return {'name': __name__, 'package': __package__, 'word': WORD,\n"
+        "            'file': __file__, 'cwd': os.getcwd(), 'origin': __spec__.origin, 'cached': __cached__,\n"
+        "            'loader': type(__loader__).__name__, 'spec_loader': type(__spec__.loader).__name__,\n"
+        "            'initializing': getattr(__spec__, '_initializing', None), 'is_module': me.handler is handler,\n"
+        "            'source': open(__file__, 'rb').read().decode('latin-1') == __loader__.get_source(__name__),\n"
+        "            'attrs': sorted(k for k in vars(me) if k.startswith('__'))}\n"
+    )
+    r = agent.specialize(spec(src, timeoutSeconds=1))
+    assert r.status == 200, r
+    first = agent.invoke({}).json()
+    assert first["word"] == "caf\u00c3\u00a9"  # the UTF-8 bytes read as latin-1: the coding cookie applies
+    assert os.path.dirname(first["file"]) == first["cwd"]
+    assert first["origin"] == first["file"]
+    assert first["loader"] == first["spec_loader"] == "SourceFileLoader"
+    assert first["source"]
+    assert first["is_module"]
+    assert first["initializing"] is False
+    r = agent.invoke({"sleep": 5}, headers={"X-Ember-Timeout-Ms": "100"})
+    assert r.json()["errorType"] == "Sandbox.Timedout", r
+    assert agent.invoke({}).json() == first  # a worker forked from the template, which used `import`
+
+
+@pytest.mark.parametrize("lang", ["python"])
+def test_concurrent_invokes_right_after_specialize_get_workers(agent, lang):
+    # The template gets its spec only when a second worker is needed; the request for that
+    # worker follows the spec on the same socket at once.
+    src = "import time\n\ndef handler(e, c):\n    time.sleep(0.3)\n    return 'ok'\n"
+    assert agent.specialize(spec(src, concurrency=4, timeoutSeconds=5)).status == 200
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(agent.invoke({}, fresh=True))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.status for r in results] == [200] * 4, results
+    assert all(r.json() == "ok" for r in results)
+
+
+@pytest.mark.parametrize("lang", ["python"])
 def test_init_timeout_leaves_no_loading_process(agent, code, lang):
     slow = "import time\ntime.sleep(30)\n\ndef handler(e, c):\n    return 1\n"
     r = agent.specialize(spec(slow, initTimeoutSeconds=1))
