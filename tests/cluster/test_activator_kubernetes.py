@@ -11,8 +11,6 @@ to it with no failed request. SIGTERM then stops the activator cleanly and relea
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
 import re
 import signal
@@ -24,19 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import boto3
 import pytest
-from botocore.config import Config
 
 from tests.apiserver.operator_harness import Ember, OperatorProcess, condition, eventually
+from tests.cluster.scenarios import code, invoke, invoke_via_boto3, roll_under_load
 
 ROOT = Path(__file__).resolve().parents[2]
-CODE_V1 = "def handler(event, context):\n    return {'version': 1, 'hello': event.get('name', 'world')}\n"
-CODE_V2 = "def handler(event, context):\n    return {'version': 2, 'hello': event.get('name', 'world')}\n"
 SPEC: dict[str, Any] = {
     "runtime": "python3.12",
     "handler": "main.handler",
-    "code": {"inline": CODE_V1},
+    "code": {"inline": code(1)},
     "concurrency": 8,  # one pod takes the four clients: the test does not wait on pool refills mid-load
 }
 
@@ -123,19 +118,6 @@ def _ready_generic(ember: Ember) -> int:
     )
 
 
-async def _invoke(http: aiohttp.ClientSession, url: str, ns: str, name: str) -> tuple[int, str, str, Any]:
-    async with http.post(
-        f"{url}/v1/namespaces/{ns}/functions/{name}/invoke", data=json.dumps({"name": "ember"})
-    ) as rsp:
-        body = await rsp.read()
-        return (
-            rsp.status,
-            rsp.headers.get("X-Ember-Executed-Version", ""),
-            rsp.headers.get("X-Ember-Function-Error", ""),
-            json.loads(body) if rsp.status == 200 else body.decode(errors="replace"),
-        )
-
-
 async def test_activator_follows_operator_versions_and_rolls_under_load(
     ember_ns: Ember, activator: ActivatorProcess
 ) -> None:
@@ -150,7 +132,7 @@ async def test_activator_follows_operator_versions_and_rolls_under_load(
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=90)) as http:
         # Ember API: the first call claims and specializes a warm pod with the operator's Version 1.
-        status, version, error, body = await _invoke(http, activator.url, ember.ns, "hello")
+        status, version, error, body = await invoke(http, activator.url, ember.ns, "hello")
         assert (status, version, error) == (200, "1", ""), body
         assert body == {"version": 1, "hello": "ember"}
         async with http.get(f"{activator.url}/readyz") as rsp:
@@ -161,67 +143,10 @@ async def test_activator_follows_operator_versions_and_rolls_under_load(
         async with http.post(f"{activator.url}/v1/namespaces/{ember.ns}/functions/nope/invoke", data="{}") as rsp:
             assert rsp.status == 404
 
-        # boto3's Lambda client, unchanged, against the activator.
-        lam = boto3.client(
-            "lambda",
-            endpoint_url=activator.url,
-            region_name="us-east-1",
-            aws_access_key_id="ember",
-            aws_secret_access_key="ember",
-            config=Config(retries={"max_attempts": 0}),
-        )
-        out = await asyncio.to_thread(
-            lam.invoke, FunctionName=f"{ember.ns}/hello", Payload=json.dumps({"name": "boto3"}).encode()
-        )
-        assert out["StatusCode"] == 200
-        assert out["ExecutedVersion"] == "1"
-        assert "FunctionError" not in out
-        assert json.loads(out["Payload"].read()) == {"version": 1, "hello": "boto3"}
-        with pytest.raises(lam.exceptions.ResourceNotFoundException):
-            await asyncio.to_thread(lam.invoke, FunctionName=f"{ember.ns}/nope", Payload=b"{}")
-
-        # The pool refilled after the claim: Version 2 will find a warm pod.
-        eventually(lambda: _ready_generic(ember) == 2, timeout_s=240, what="pool refilled to 2")
-
-        # Edit the code under a light steady load: 4 clients, bounded by count and by time.
-        results: list[tuple[int, str, str, Any]] = []
-        stop = asyncio.Event()
-
-        async def client() -> None:
-            streak = 0
-            for _ in range(3000):
-                result = await _invoke(http, activator.url, ember.ns, "hello")
-                results.append(result)
-                streak = streak + 1 if result[1] == "2" else 0
-                if stop.is_set() or streak >= 20:
-                    return
-
-        clients = [asyncio.create_task(client()) for _ in range(4)]
-        await asyncio.sleep(1.0)
-        before = len(results)
-        ember.custom.patch_namespaced_custom_object(
-            "ember.run", "v1alpha1", ember.ns, "functions", "hello", {"spec": {"code": {"inline": CODE_V2}}}
-        )
-        try:
-            async with asyncio.timeout(240):
-                await asyncio.gather(*clients)
-        except TimeoutError:
-            stop.set()
-            await asyncio.gather(*clients, return_exceptions=True)
-            raise AssertionError(
-                f"traffic did not move to Version 2 within 240 s; versions seen: "
-                f"{sorted({r[1] for r in results})}; activator:\n{activator.log_tail()}"
-            ) from None
-
-    failed = [r for r in results if r[0] != 200 or r[2]]
-    assert failed == [], f"{len(failed)} of {len(results)} failed, e.g. {failed[:3]}"
-    assert before > 0  # the load was running before the edit
-    seen = [r[1] for r in results]
-    assert set(seen) == {"1", "2"}
-    # Once Version 2 took the traffic it kept it, and each answer came from the Version it names.
-    first_v2 = seen.index("2")
-    assert all(v == "2" for v in seen[first_v2 + 8 :]), seen[first_v2:]
-    assert all(r[3]["version"] == int(r[1]) for r in results)
+    await invoke_via_boto3(activator.url, f"{ember.ns}/hello", expect_version="1")
+    # The pool refilled after the claim: Version 2 will find a warm pod.
+    eventually(lambda: _ready_generic(ember) == 2, timeout_s=240, what="pool refilled to 2")
+    await roll_under_load(ember, activator.url, "hello")
     assert set(ember.versions("hello")) == {1, 2}
 
     # Graceful shutdown: SIGTERM drains, releases the activator's specialized pods and exits 0.

@@ -1,35 +1,45 @@
-"""Cluster tier: `helm install` of charts/ember with the operator image built from Dockerfile.operator.
+"""Cluster tier: Ember installed with `helm install`, running as pods, used as a user would.
 
-The image is built offline (a wheelhouse made on this machine), the chart installs, and the
-operator pod starts on the chart's ServiceAccount with restricted pod security (uid 65532,
-read-only root) and stays alive (kopf's liveness endpoint).
+The operator and activator images are built offline (a wheelhouse made on this machine) from
+Dockerfile.operator and Dockerfile.activator and imported into the node. The chart installs into a
+namespace of this module's own, with two activator replicas behind the activator Service and the
+operator watching only that namespace (other tests run their own operators elsewhere). Pods reach
+the API server through the `kubernetes` Service and each other through Services and cluster DNS
+(kube-proxy and CoreDNS of the test cluster).
 
-Not covered here, and why: this test cluster's API server listens on 127.0.0.1 only and pods have
-no route beyond the pod network (no kube-proxy, no DNS), so a pod cannot reach the API server:
-the in-cluster operator cannot reconcile, and the activator Service does not route. The same
-operator code reconciling on this cluster (as a host process) is test_operator_pods.py. The
-activator has no Kubernetes entry point yet, so `helm test` (which invokes through it) is not run.
+Then, as a user would: the pods run with restricted security on the chart's ServiceAccounts;
+`helm test` deploys a hello Function and invokes it by the activator's DNS name from a pod; a
+Function applied with the API is invoked through the activator Service (Ember API and boto3) in a
+gVisor pod, edited under load with no failed request, and deleted with everything it owned; both
+activator replicas served; `helm uninstall` stops every Ember pod.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from kubernetes import client
 
-from tests.apiserver.operator_harness import eventually
+from tests.apiserver.operator_harness import Ember, apply_crds, condition, eventually
 from tests.cluster import images
 from tests.cluster.cluster import Cluster
+from tests.cluster.scenarios import code, invoke_via_boto3, roll_under_load
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "ember"
 OPERATOR_IMAGE = "localhost/ember-operator:dev"
+ACTIVATOR_IMAGE = "localhost/ember-activator:dev"
+RELEASE = "ember"
+PIP_WHEEL = (sys.executable, "-m", "pip", "wheel", "-q")
 
 
 def image_context(dest: Path) -> Path:
@@ -52,17 +62,7 @@ def image_context(dest: Path) -> Path:
     ).stdout
     (dest / "requirements.txt").write_text(deps)
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "-q",
-            "--wheel-dir",
-            str(dest / "wheels"),
-            "-r",
-            str(dest / "requirements.txt"),
-        ],
+        [*PIP_WHEEL, "--wheel-dir", str(dest / "wheels"), "-r", str(dest / "requirements.txt")],
         check=True,
         timeout=900,
     )
@@ -70,11 +70,14 @@ def image_context(dest: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def operator_image(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> str:
+def ember_images(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     context = image_context(tmp_path_factory.mktemp("image-context"))
-    built = images.build_image(context, OPERATOR_IMAGE, dockerfile=context / "Dockerfile.operator", context=context)
-    cluster.node.import_images([built])
-    return OPERATOR_IMAGE
+    built = [
+        images.build_image(context, tag, dockerfile=context / f"Dockerfile.{component}", context=context)
+        for component, tag in (("operator", OPERATOR_IMAGE), ("activator", ACTIVATOR_IMAGE))
+    ]
+    cluster.node.import_images(built)
+    return [b.tag for b in built]
 
 
 @pytest.fixture(scope="module")
@@ -85,60 +88,214 @@ def helm() -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-@pytest.fixture
-def release(
-    helm: str, kubeconfig: Path, api_client: Any, operator_image: str, runtime_images: list[str], tmp_path: Path
-) -> Iterator[str]:
-    env = {"KUBECONFIG": str(kubeconfig), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    values = ["--set", "image.registry=localhost", "--set", "image.tag=dev", "--set", "image.pullPolicy=Never"]
-    values += ["--set", "activator.replicas=1", "--set", "runtimes.poolSize=2"]
-    out = subprocess.run(
-        [helm, "install", "ember", str(CHART), "-n", "ember-system", "--create-namespace", *values],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-    try:
-        yield "ember-system"
-    finally:
-        subprocess.run([helm, "uninstall", "ember", "-n", "ember-system"], capture_output=True, env=env, timeout=300)
-        client.CoreV1Api(api_client).delete_namespace("ember-system")
-        eventually(
-            lambda: (
-                "ember-system" not in {n.metadata.name for n in client.CoreV1Api(api_client).list_namespace().items}
-            ),
-            timeout_s=120,
-            what="ember-system deleted",
+class Helm:
+    """The real `helm` binary against the session's cluster, in the release's namespace."""
+
+    def __init__(self, binary: str, kubeconfig: Path, namespace: str, home: Path) -> None:
+        self.binary = binary
+        self.namespace = namespace
+        self.env = {"KUBECONFIG": str(kubeconfig), "PATH": "/usr/bin:/bin", "HOME": str(home)}
+
+    def __call__(self, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [self.binary, *args, "-n", self.namespace],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=timeout_s,
+            check=False,
         )
 
 
-def _available(apps: client.AppsV1Api, namespace: str, name: str) -> bool:
+def _available(apps: client.AppsV1Api, namespace: str, name: str, replicas: int) -> bool:
     status = apps.read_namespaced_deployment(name, namespace).status
-    return bool(status.available_replicas)
+    return (status.available_replicas or 0) >= replicas
 
 
-def test_helm_install_runs_the_operator_image_with_restricted_security(
-    release: str, api_client: Any, kubeconfig: Path
-) -> None:
-    apps = client.AppsV1Api(api_client)
-    eventually(lambda: _available(apps, release, "ember-operator"), timeout_s=180, what="operator available")
+@pytest.fixture(scope="module")
+def release(
+    helm: str,
+    kubeconfig: Path,
+    api_client: Any,
+    ember_images: list[str],
+    runtime_images: list[str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Helm]:
+    """`helm install` into a fresh namespace; uninstalled (and the namespace deleted) afterwards."""
+    core, apps = client.CoreV1Api(api_client), client.AppsV1Api(api_client)
+    apply_crds(api_client)  # the chart's copy is the same (a unit test checks): helm keeps CRDs that exist
+    ns = f"ember-helm-{uuid.uuid4().hex[:6]}"
+    core.create_namespace({"metadata": {"name": ns}})
+    run = Helm(helm, kubeconfig, ns, tmp_path_factory.mktemp("helm-home"))
+    values = {
+        "image.registry": "localhost",
+        "image.tag": "dev",
+        "image.pullPolicy": "Never",
+        "activator.replicas": "2",
+        "runtimes.poolSize": "2",
+        "operator.watchNamespaces[0]": ns,
+        "operator.logLevel": "DEBUG",
+    }
+    sets = [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
+    try:
+        out = run("install", RELEASE, str(CHART), *sets)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert f"helm test {RELEASE} -n {ns}" in out.stdout  # NOTES.txt
+        assert f"/v1/namespaces/{ns}/functions/hello/invoke" in out.stdout  # the activator's namespace
+        for name, replicas in ((f"{RELEASE}-operator", 1), (f"{RELEASE}-activator", 2)):
+            eventually(
+                lambda name=name, replicas=replicas: _available(apps, ns, name, replicas),
+                timeout_s=240,
+                what=f"{name} available",
+            )
+        yield run
+    finally:
+        for pod in core.list_namespaced_pod(ns, label_selector="app.kubernetes.io/instance=ember").items:
+            log = core.read_namespaced_pod_log(pod.metadata.name, ns, tail_lines=40)
+            print(f"--- {pod.metadata.name} ---\n{log}")
+        out = run("uninstall", RELEASE, "--wait", "--timeout", "3m")
+        print(out.stdout + out.stderr)
+        core.delete_namespace(ns)
+        eventually(
+            lambda: ns not in {n.metadata.name for n in core.list_namespace().items},
+            timeout_s=180,
+            what=f"{ns} deleted",
+        )
+
+
+def _pods(core: client.CoreV1Api, ns: str, component: str) -> list[Any]:
+    return list(core.list_namespaced_pod(ns, label_selector=f"app.kubernetes.io/name=ember-{component}").items)
+
+
+def test_operator_and_activator_pods_run_restricted_on_the_charts_accounts(release: Helm, api_client: Any) -> None:
     core = client.CoreV1Api(api_client)
-    (pod,) = core.list_namespaced_pod(release, label_selector="app.kubernetes.io/name=ember-operator").items
-    container = pod.spec.containers[0]
-    assert container.image == OPERATOR_IMAGE
-    assert pod.spec.service_account_name == "ember-operator"
-    assert pod.spec.security_context.run_as_non_root is True
-    assert container.security_context.read_only_root_filesystem is True
-    assert container.security_context.capabilities.drop == ["ALL"]
+    for component, image, replicas in (("operator", OPERATOR_IMAGE, 1), ("activator", ACTIVATOR_IMAGE, 2)):
+        pods = _pods(core, release.namespace, component)
+        assert len(pods) == replicas, [p.metadata.name for p in pods]
+        for pod in pods:
+            container = pod.spec.containers[0]
+            assert container.image == image
+            assert pod.spec.service_account_name == f"{RELEASE}-{component}"
+            assert pod.spec.security_context.run_as_non_root is True
+            assert container.security_context.read_only_root_filesystem is True
+            assert container.security_context.capabilities.drop == ["ALL"]
+            assert pod.status.container_statuses[0].restart_count == 0, pod.metadata.name
+    (operator,) = _pods(core, release.namespace, "operator")
     log = eventually(
         lambda: (
-            (text := core.read_namespaced_pod_log(pod.metadata.name, release)) and "operator started" in text and text
+            (text := core.read_namespaced_pod_log(operator.metadata.name, release.namespace))
+            and "operator started" in text
+            and text
         ),
         timeout_s=60,
         what="the operator's start-up log line",
     )
-    assert "keep_versions=3" in log
-    restarts = core.read_namespaced_pod(pod.metadata.name, release).status.container_statuses[0].restart_count
-    assert restarts == 0
+    assert "keep_versions=3" in log, log[-2000:]
+
+
+def test_helm_test_invokes_hello_through_the_activator_service(release: Helm) -> None:
+    # The invoke pod exits 0 only on {"hello": "helm"} from the activator's DNS name; helm reports each
+    # hook's phase. (No --logs: helm would ask for logs of the Function hook too, which is no pod.)
+    out = release("test", RELEASE, "--timeout", "5m", timeout_s=360)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"TEST SUITE:     {RELEASE}-test-invoke" in out.stdout, out.stdout
+    assert "Phase:          Succeeded" in out.stdout, out.stdout
+
+
+async def test_function_lifecycle_through_the_in_cluster_activator(release: Helm, api_client: Any) -> None:
+    core = client.CoreV1Api(api_client)
+    ember = Ember(api_client, release.namespace)
+    service = core.read_namespaced_service(f"{RELEASE}-activator", release.namespace)
+    url = f"http://{service.spec.cluster_ip}:{service.spec.ports[0].port}"
+
+    ember.create(
+        "functions",
+        {
+            "kind": "Function",
+            "metadata": {"name": "hello"},
+            "spec": {
+                "runtime": "python3.12",
+                "handler": "main.handler",
+                "code": {"inline": code(1)},
+                "concurrency": 8,
+            },
+        },
+    )
+    fn = eventually(
+        lambda: (f := ember.get("functions", "hello")) and condition(f, "Ready").get("status") == "True" and f,
+        timeout_s=120,
+        what="Function Ready",
+    )
+    assert fn["status"]["url"].startswith(f"http://{RELEASE}-activator.{release.namespace}.svc")
+
+    # Fresh connections (the Service balances per connection): both replicas take some.
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(force_close=True), timeout=aiohttp.ClientTimeout(total=120)
+    ) as http:
+        for _ in range(24):
+            async with http.post(
+                f"{url}/v1/namespaces/{release.namespace}/functions/hello/invoke", data=json.dumps({"name": "svc"})
+            ) as rsp:
+                assert rsp.status == 200, await rsp.text()
+                assert await rsp.json() == {"version": 1, "hello": "svc"}
+    served = {}
+    for pod in _pods(core, release.namespace, "activator"):
+        metrics = await _metrics(f"http://{pod.status.pod_ip}:8080/metrics")
+        served[pod.metadata.name] = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("ember_invocations_total{") and 'function="' in line
+        )
+    assert len(served) == 2, served
+    assert all(n > 0 for n in served.values()), served
+
+    # The function's pods run in gVisor (the pool's RuntimeClass), claimed by the activator pods.
+    pods = core.list_namespaced_pod(release.namespace, label_selector="ember.run/function=hello").items
+    assert pods
+    assert all(p.spec.runtime_class_name == "gvisor" for p in pods)
+    holders = {p.metadata.labels.get("ember.run/claimed-by") for p in pods}
+    # The in-cluster operator counts them into the Version's status.
+    eventually(
+        lambda: (ember.get("versions", "hello-v1") or {}).get("status", {}).get("readyPods") == len(pods),
+        timeout_s=30,
+        what=f"hello-v1 status.readyPods == {len(pods)}",
+    )
+    assert holders <= set(served), (holders, served)
+
+    await invoke_via_boto3(url, f"{release.namespace}/hello", expect_version="1")
+    await roll_under_load(ember, url, "hello")
+
+    ember.custom.delete_namespaced_custom_object("ember.run", "v1alpha1", release.namespace, "functions", "hello")
+    eventually(
+        lambda: (
+            not ember.versions("hello")
+            and not core.list_namespaced_pod(release.namespace, label_selector="ember.run/function=hello").items
+            and not [c for c in ember.configmap_names() if "hello" in c]
+        ),
+        timeout_s=120,
+        what="Versions, pods and ConfigMaps of hello collected",
+    )
+
+
+async def _metrics(url: str) -> str:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http, http.get(url) as rsp:
+        assert rsp.status == 200
+        return await rsp.text()
+
+
+def test_zz_helm_uninstall_stops_every_ember_pod(release: Helm, api_client: Any) -> None:
+    """Last in the module (by name): uninstall, then nothing of Ember's runs in the namespace."""
+    core = client.CoreV1Api(api_client)
+    out = release("uninstall", RELEASE, "--wait", "--timeout", "3m", timeout_s=240)
+    assert out.returncode == 0, out.stdout + out.stderr
+    eventually(
+        lambda: (
+            not [
+                p.metadata.name
+                for p in core.list_namespaced_pod(release.namespace).items
+                if p.metadata.labels and p.metadata.labels.get("app.kubernetes.io/instance") == RELEASE
+            ]
+        ),
+        timeout_s=120,
+        what="operator and activator pods gone",
+    )

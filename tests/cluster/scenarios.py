@@ -1,0 +1,108 @@
+"""User scenarios shared by the cluster tests: they run against any activator URL (host process or Service).
+
+`invoke_via_boto3` calls a Function with boto3's Lambda client, unchanged. `roll_under_load` edits a
+Function's code while four clients keep invoking and checks that traffic moved to the new Version
+with no failed request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+import boto3
+import pytest
+from botocore.config import Config
+
+from tests.apiserver.operator_harness import Ember
+
+Result = tuple[int, str, str, Any]
+
+
+def code(version: int) -> str:
+    """The hello handler of a numbered code revision (it answers with its revision)."""
+    return f"def handler(event, context):\n    return {{'version': {version}, 'hello': event.get('name', 'world')}}\n"
+
+
+async def invoke(http: aiohttp.ClientSession, url: str, ns: str, name: str) -> Result:
+    """One Ember API call: (status, executed Version, function error header, JSON body or text)."""
+    async with http.post(
+        f"{url}/v1/namespaces/{ns}/functions/{name}/invoke", data=json.dumps({"name": "ember"})
+    ) as rsp:
+        body = await rsp.read()
+        return (
+            rsp.status,
+            rsp.headers.get("X-Ember-Executed-Version", ""),
+            rsp.headers.get("X-Ember-Function-Error", ""),
+            json.loads(body) if rsp.status == 200 else body.decode(errors="replace"),
+        )
+
+
+async def invoke_via_boto3(url: str, function_name: str, *, expect_version: str) -> None:
+    """boto3's Lambda client against the activator: a RequestResponse call and a 404 for an unknown name."""
+    lam = boto3.client(
+        "lambda",
+        endpoint_url=url,
+        region_name="us-east-1",
+        aws_access_key_id="ember",
+        aws_secret_access_key="ember",
+        config=Config(retries={"max_attempts": 0}),
+    )
+    payload = json.dumps({"name": "boto3"}).encode()
+    out = await asyncio.to_thread(lam.invoke, FunctionName=function_name, Payload=payload)
+    assert out["StatusCode"] == 200
+    assert out["ExecutedVersion"] == expect_version
+    assert "FunctionError" not in out
+    assert json.loads(out["Payload"].read())["hello"] == "boto3"
+    with pytest.raises(lam.exceptions.ResourceNotFoundException):
+        await asyncio.to_thread(lam.invoke, FunctionName=f"{function_name}-nope", Payload=b"{}")
+
+
+async def roll_under_load(ember: Ember, url: str, name: str, *, to_version: int = 2, timeout_s: float = 240) -> None:
+    """Edit `name`'s code to revision `to_version` while 4 clients invoke; 0 failures, traffic moves.
+
+    `name` must be at revision `to_version - 1` (see `code`). The load is bounded by count (3000
+    calls per client) and time (`timeout_s`); each client stops after 20 answers in a row from the
+    new Version."""
+    new = str(to_version)
+    streams: list[list[Result]] = [[] for _ in range(4)]
+    stop = asyncio.Event()
+
+    async def client(results: list[Result]) -> None:
+        # a session per client: its calls go over one kept-alive connection, so to one activator
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=90)) as http:
+            streak = 0
+            for _ in range(3000):
+                result = await invoke(http, url, ember.ns, name)
+                results.append(result)
+                streak = streak + 1 if result[1] == new else 0
+                if stop.is_set() or streak >= 20:
+                    return
+
+    clients = [asyncio.create_task(client(results)) for results in streams]
+    await asyncio.sleep(1.0)
+    before = sum(map(len, streams))
+    ember.patch("functions", name, {"spec": {"code": {"inline": code(to_version)}}})
+    try:
+        async with asyncio.timeout(timeout_s):
+            await asyncio.gather(*clients)
+    except TimeoutError:
+        stop.set()
+        await asyncio.gather(*clients, return_exceptions=True)
+        seen_all = sorted({r[1] for results in streams for r in results})
+        raise AssertionError(
+            f"traffic did not move to Version {new} within {timeout_s:.0f} s; versions seen: {seen_all}"
+        ) from None
+
+    results = [r for stream in streams for r in stream]
+    failed = [r for r in results if r[0] != 200 or r[2]]
+    assert failed == [], f"{len(failed)} of {len(results)} failed, e.g. {failed[:3]}"
+    assert before > 0  # the load was running before the edit
+    assert {r[1] for r in results} == {str(to_version - 1), new}
+    assert all(r[3]["version"] == int(r[1]) for r in results)  # each answer came from the Version it names
+    # Once the new Version took a client's traffic (one activator's) it kept it.
+    for stream in streams:
+        seen = [r[1] for r in stream]
+        assert seen[seen.index(new) :] == [new] * (len(seen) - seen.index(new)), seen
