@@ -36,8 +36,9 @@ itself. Pods outlive the activator that claimed them unless something deletes th
 - On start, before its first claim, an activator deletes the pods still claimed by its own holder
   name: a previous incarnation's (a restarted container keeps its pod name), which it cannot route
   to because it never knew them.
-- Independently, pods left `claimed` longer than `stale_claim_s` are deleted whoever holds them
-  (`sweep_stale_claims`): a live activator that lost a claim mid-specialize never releases it.
+- Independently, every `stale_claim_s / 4`, pods left `claimed` longer than `stale_claim_s` are
+  deleted whoever holds them (`sweep_stale_claims`): a live activator that lost a claim
+  mid-specialize never releases it.
 
 So an activator that dies without closing (crash, SIGKILL, node loss) loses its pods to the others
 within about one lease duration plus two sweep periods of its last renewal. An activator that
@@ -782,11 +783,15 @@ class KubernetesPodSource:
                 log.exception("namespace=%s lease=%s renewal crashed", self.namespace, self._lease_name)
 
     async def _sweep_forever(self) -> None:
+        stale_period_s = max(1.0, self._stale_claim_s / 4)
+        last_stale = self._clock()
         while not self._closed:
             await asyncio.sleep(self.sweep_period_s)
             try:
                 await self.sweep_dead_holders()
-                await self.sweep_stale_claims()
+                if self._clock() - last_stale >= stale_period_s:
+                    last_stale = self._clock()
+                    await self.sweep_stale_claims()
             except (aiohttp.ClientError, TimeoutError) as err:
                 log.warning("namespace=%s sweep interrupted: %s", self.namespace, err)
             except Exception:
