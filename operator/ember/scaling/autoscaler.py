@@ -14,7 +14,16 @@ with `record`, and asks `decide` how many specialized pods it should have. The d
 - **keep-alive**: a lower figure only takes effect once it has been enough for
   `keepAliveSeconds` (scale-down delay), and after `keepAliveSeconds` without any request the
   Version goes to `minScale`, which may be zero;
-- always within `[minScale, maxScale]`.
+- always within this activator replica's share of `[minScale, maxScale]` (`replica_bounds`).
+
+The bounds are a Function's, but each of N activator replicas scales its own pods for the
+invocations it receives (the Service spreads them evenly), so each replica keeps a Version within
+`ceil(minScale / N)` and `ceil(maxScale / N)`. Rounding up keeps every replica able to serve (a
+replica whose share were 0 would turn all its invocations away) and keeps at least `minScale`
+warm in all; the price is that the replicas together may run up to N - 1 pods more than `maxScale`
+when it is not a multiple of N. Splitting the remainder by replica rank would hold `maxScale`
+exactly only while every replica agrees on the ranks, give replicas equal load unequal capacity,
+and still need a share of 1 each when `maxScale < N`.
 
 Samples are bucketed by `granularity_s`; a window's average divides by the buckets the
 window spans since the first sample, missing buckets counting as zero concurrency.
@@ -28,6 +37,37 @@ from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import TypeVar
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """The pod counts one activator replica keeps a Version within."""
+
+    min_scale: int
+    max_scale: int
+
+
+def replica_share(total: int, replicas: int) -> int:
+    """One of `replicas` activator replicas' part of a Function-wide pod count: ceil(total / replicas)."""
+    if replicas < 1:
+        raise ValueError(f"replicas ({replicas}) must be at least 1")
+    if total < 0:
+        raise ValueError(f"total ({total}) must not be negative")
+    return -(-total // replicas)
+
+
+def replica_bounds(*, min_scale: int, max_scale: int, replicas: int) -> Bounds:
+    """A replica's `[minScale, maxScale]` when `replicas` share a Version (see the module docstring)."""
+    return Bounds(replica_share(min_scale, replicas), replica_share(max_scale, replicas))
+
+
+def initial_target(*, min_scale: int, max_scale: int, serving: int, replicas: int) -> int:
+    """Pods a new Version loads on one replica before it is Ready: the predecessor's (`serving`), at least 1.
+
+    Within the replica's bounds, so a new Version never starts above its share of `maxScale`.
+    """
+    bounds = replica_bounds(min_scale=min_scale, max_scale=max_scale, replicas=replicas)
+    return min(bounds.max_scale, max(1, bounds.min_scale, serving))
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +100,10 @@ class ScalingParams:
             raise ValueError(f"panic_threshold ({self.panic_threshold}) must be at least 1 (100 %)")
         if self.keep_alive_s < 0:
             raise ValueError(f"keep_alive_s ({self.keep_alive_s}) must not be negative")
+
+    def bounds(self, replicas: int) -> Bounds:
+        """This replica's `[min_scale, max_scale]` when `replicas` activator replicas share the Version."""
+        return replica_bounds(min_scale=self.min_scale, max_scale=self.max_scale, replicas=replicas)
 
     @property
     def target_per_pod(self) -> float:
@@ -151,9 +195,14 @@ class Autoscaler:
         """Ask for at least `count` pods for the keep-alive (a new Version prewarmed to its predecessor's size)."""
         self._recent.append((now, count))
 
-    def decide(self, now: float, *, ready_pods: int, demand_now: float = 0.0) -> Decision:
-        """Desired pod count now; `demand_now` is what is in flight plus queued at this moment."""
+    def decide(self, now: float, *, ready_pods: int, demand_now: float = 0.0, replicas: int = 1) -> Decision:
+        """Desired pod count now; `demand_now` is what is in flight plus queued at this moment.
+
+        `ready_pods` and `demand_now` are this replica's, one of `replicas` activator replicas
+        serving the Version: the result is within this replica's share of the bounds.
+        """
         p = self.params
+        bounds = p.bounds(replicas)
         first = self._first_sample_at if self._first_sample_at is not None else now
         stable = self._stable.average(now, first)
         panic_avg = self._panic.average(now, first)
@@ -190,7 +239,7 @@ class Autoscaler:
         idle = self.idle_for(now)
         if idle >= p.keep_alive_s and demand_now == 0:
             self._recent.clear()
-            desired = p.min_scale
+            desired = bounds.min_scale
             return Decision(desired, in_panic, stable, panic_avg, f"idle {idle:.1f}s >= keepAlive")
 
         if want == 0 and idle < p.keep_alive_s:
@@ -201,9 +250,9 @@ class Autoscaler:
         held = max(w for _, w in self._recent)
         if held > want:
             reason += ", scale-down delayed by keepAlive"
-        desired = min(p.max_scale, max(p.min_scale, held))
-        if desired == p.max_scale and held > p.max_scale:
-            reason += ", capped at maxScale"
+        desired = min(bounds.max_scale, max(bounds.min_scale, held))
+        if desired == bounds.max_scale and held > bounds.max_scale:
+            reason += ", capped at maxScale" if replicas == 1 else f", capped at maxScale / {replicas} replicas"
         return Decision(desired, in_panic, stable, panic_avg, reason)
 
 
@@ -220,3 +269,14 @@ def pods_to_release(idle_since: Mapping[K, float], busy: AbstractSet[K], surplus
         return []
     candidates = sorted((since, pod) for pod, since in idle_since.items() if pod not in busy)
     return [pod for _, pod in candidates[:surplus]]
+
+
+def pods_to_drain(in_flight: Mapping[K, int], count: int) -> list[K]:
+    """Which busy pods to take out of routing when `count` must go now: fewest invocations in flight first.
+
+    Used when a Version is above what it may have (its maxScale share shrank, or it must have none);
+    the drained pods finish what they run, so the ones closest to idle free their slot soonest.
+    """
+    if count <= 0:
+        return []
+    return [pod for _, pod in sorted((n, pod) for pod, n in in_flight.items())[:count]]
