@@ -102,3 +102,14 @@ def test_cpu_follows_memory(memory: int, cpu: int) -> None:
 def test_negative_replicas_rejected() -> None:
     with pytest.raises(ValueError, match="replicas must not be negative"):
         pool_deployment(_pool(replicas=-1))
+
+
+@pytest.mark.parametrize(
+    ("memory", "request_m", "limit_m"),
+    [pytest.param(128, 72, 1000, id="share-bursts-to-one-cpu"), pytest.param(3538, 2000, 2000, id="share-above-burst")],
+)
+def test_cpu_request_is_the_share_and_the_limit_allows_a_burst(memory: int, request_m: int, limit_m: int) -> None:
+    pool = _pool(SecurityPolicySpec(), memory_mib=memory)
+    (container,) = pool_deployment(pool)["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["requests"] == {"memory": f"{memory}Mi", "cpu": f"{request_m}m"}
+    assert container["resources"]["limits"] == {"memory": f"{memory}Mi", "cpu": f"{limit_m}m"}
