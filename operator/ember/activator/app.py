@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
@@ -25,14 +25,20 @@ from ember.activator.scaler import Scaler
 from ember.pods.base import PodSource
 
 
-def make_app(source: PodSource, config: ActivatorConfig | None = None) -> web.Application:
-    """A ready-to-run activator over `source`; the caller owns (and closes) the source."""
+def make_app(
+    source: PodSource, config: ActivatorConfig | None = None, *, replicas: Callable[[], int] = lambda: 1
+) -> web.Application:
+    """A ready-to-run activator over `source`; the caller owns (and closes) the source.
+
+    `replicas` counts the live activators sharing the Functions (this one included): each keeps a
+    Version within its share of `minScale` and `maxScale` (see `ember.activator.scaler`).
+    """
     config = config or ActivatorConfig()
     metrics = Metrics()
     pokes: list[Scaler] = []
-    registry = Registry(config, metrics, on_queue=lambda: pokes[0].poke())
+    registry = Registry(config, metrics, on_queue=lambda: pokes[0].poke(), replicas=replicas)
     client = AgentClient()
-    scaler = Scaler(registry, source, config, metrics, client)
+    scaler = Scaler(registry, source, config, metrics, client, replicas=replicas)
     pokes.append(scaler)
     invoker = Invoker(registry, client, scaler)
     async_invocations = AsyncInvocations(invoker, depth=config.async_queue_depth, workers=config.async_workers)

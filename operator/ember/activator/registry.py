@@ -38,7 +38,7 @@ from ember.api.security_policy import SecurityPolicySpec
 from ember.api.version import code_hash
 from ember.pods.base import PodId, PoolKey, SpecializeRequest, VersionKey
 from ember.pods.payload import PayloadError, path_digest, pool_key, specialize_request
-from ember.scaling.autoscaler import Autoscaler, ScalingParams
+from ember.scaling.autoscaler import Autoscaler, ScalingParams, initial_target
 
 log = logging.getLogger(__name__)
 
@@ -215,11 +215,13 @@ class Registry:
         *,
         clock: Callable[[], float] = time.monotonic,
         on_queue: Callable[[], None] = lambda: None,
+        replicas: Callable[[], int] = lambda: 1,
     ) -> None:
         self.config = config
         self.metrics = metrics
         self.clock = clock
         self.on_queue = on_queue
+        self.replicas = replicas  # live activator replicas sharing the Functions' bounds (see Scaler)
         self._functions: dict[tuple[str, str], FunctionState] = {}
         self._removed: list[FunctionState] = []
         self._random = random.Random()
@@ -348,7 +350,12 @@ class Registry:
             metrics=self.metrics,
             now=self.clock(),
             on_queue=self.on_queue,
-            initial_target=min(spec.scaling.max_scale, max(1, spec.scaling.min_scale, serving)),
+            initial_target=initial_target(
+                min_scale=spec.scaling.min_scale,
+                max_scale=spec.scaling.max_scale,
+                serving=serving,
+                replicas=max(1, self.replicas()),
+            ),
         )
         vs.autoscaler.hold(self.clock(), vs.initial_target)
         fs.versions[number] = vs

@@ -6,9 +6,17 @@ through the `PodSource`. A Version still loading wants at least its initial targ
 predecessor's size), becomes Ready when it has that, and only then takes "latest" traffic.
 Pods the source reports gone leave routing here; busy pods are drained, never cut.
 
-With several activator replicas each runs this loop over its own invocations and its own pods, so
-a Version's `minScale` and `maxScale` bound each replica, not the sum (N replicas keep N x minScale
-warm); the Kubernetes pod source's docstring says how pods of a replica that died are reclaimed.
+With several activator replicas each runs this loop over its own invocations and its own pods.
+A Version's `minScale` and `maxScale` are the Function's, so each replica keeps it within its share
+(`ember.scaling.autoscaler.replica_bounds`): with N live replicas (the injected `replicas` count,
+read once per step; the Kubernetes pod source counts live activator Leases), ceil(minScale / N)
+and ceil(maxScale / N). Together they keep at least `minScale` warm and run at most `maxScale`,
+or up to N - 1 more when it is not a multiple of N. A replica's throttler then admits its share:
+pods x concurrency in flight, plus its queue, and turns the rest away with 429. When N changes (a
+replica joins, or one's Lease is gone or dead), the next step moves every Version to its new
+share: pods over a smaller `maxScale` share leave routing at once, idle ones first, and busy ones
+finish their invocations before they are released; a bigger share grows with demand as usual. The
+Kubernetes pod source's docstring says how pods of a replica that died are reclaimed.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from ember.activator.metrics import Metrics
 from ember.activator.registry import Phase, Registry, VersionState
 from ember.activator.throttler import PodSlots
 from ember.pods.base import PodGone, PodHandle, PodSource, PodSourceError, PoolKey, SpecializeFailed
-from ember.scaling.autoscaler import pods_to_release
+from ember.scaling.autoscaler import pods_to_drain, pods_to_release
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +51,7 @@ class Scaler:
         client: AgentClient,
         *,
         clock: Callable[[], float] = time.monotonic,
+        replicas: Callable[[], int] = lambda: 1,
     ) -> None:
         self._registry = registry
         self._source = source
@@ -50,6 +59,7 @@ class Scaler:
         self._metrics = metrics
         self._client = client
         self._clock = clock
+        self._replicas = replicas
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._pools: set[PoolKey] = set()
@@ -74,30 +84,32 @@ class Scaler:
     async def step(self) -> None:
         """One pass over every Version."""
         now = self._clock()
+        replicas = max(1, self._replicas())
         for vs in self._registry.all_versions():
             await self._ensure_pool(vs.pool)
-            self._step_version(vs, now)
+            self._step_version(vs, now, replicas)
 
     async def _ensure_pool(self, pool: PoolKey) -> None:
         if pool not in self._pools and self._config.warm_pool_size > 0:
             self._pools.add(pool)
             await self._source.ensure_pool(pool, self._config.warm_pool_size)
 
-    def _step_version(self, vs: VersionState, now: float) -> None:
+    def _step_version(self, vs: VersionState, now: float, replicas: int) -> None:
         self._forget_lost_pods(vs)
         throttler = vs.throttler
         demand = throttler.in_flight + throttler.queued
         vs.autoscaler.record(now, demand)
+        bounds = vs.autoscaler.params.bounds(replicas)
         fs = vs.fs
         if fs.removed or vs.phase is Phase.FAILED:
             desired = 0
         elif vs.key.number not in fs.referenced() and now - vs.last_qualified_at > vs.autoscaler.params.keep_alive_s:
-            desired = 0 if demand == 0 else max(1, -(-demand // vs.spec.concurrency))
+            desired = 0 if demand == 0 else min(bounds.max_scale, max(1, -(-demand // vs.spec.concurrency)))
         else:
-            decision = vs.autoscaler.decide(now, ready_pods=vs.ready_pods, demand_now=demand)
+            decision = vs.autoscaler.decide(now, ready_pods=vs.ready_pods, demand_now=demand, replicas=replicas)
             desired = decision.desired
             if vs.phase is Phase.LOADING:
-                desired = max(desired, vs.initial_target)
+                desired = max(desired, min(vs.initial_target, bounds.max_scale))
         have = vs.ready_pods + vs.starting
         if desired > have and vs.request is not None and not self._closing:
             for _ in range(desired - have):
@@ -105,12 +117,13 @@ class Scaler:
         elif desired < vs.ready_pods:
             idle = {pid: slot.idle_since for pid, slot in vs.pods.items() if slot.in_flight == 0}
             busy = {pid for pid, slot in vs.pods.items() if slot.in_flight > 0}
-            surplus = vs.ready_pods - desired
-            chosen = pods_to_release(idle, busy, surplus)
+            chosen = pods_to_release(idle, busy, vs.ready_pods - desired)
             for pid in chosen:
                 self._retire(vs, vs.pods[pid])
-            # still too many: drain busy ones (no new invocations; released once idle)
-            for pid in list(busy)[: max(0, surplus - len(chosen))] if desired == 0 else []:
+            # Still above what must not be exceeded (nothing, or this replica's maxScale share): drain
+            # busy ones too, fewest in flight first; they take no new invocations and go once idle.
+            ceiling = 0 if desired == 0 else bounds.max_scale
+            for pid in pods_to_drain({pid: vs.pods[pid].in_flight for pid in busy}, vs.ready_pods - ceiling):
                 self._retire(vs, vs.pods[pid])
         for pid, slot in list(vs.draining.items()):
             if slot.in_flight == 0:
