@@ -11,7 +11,9 @@ reached in-cluster when `KUBERNETES_SERVICE_HOST` is set, else through `KUBECONF
 The holder names this activator's claims and its Lease, so it must be unique among the activators
 of a namespace: the pod name in a pod (the chart sets `POD_NAME`), else `<host name>-<pid>` (two
 processes on one host never share it), folded into a DNS label by `holder_name`. A restarted
-container keeps its pod name and so finds, and deletes, the pods its previous run left.
+container keeps its pod name and so finds, and deletes, the pods its previous run left. The
+pod source's count of live activator Leases (`live_replicas`) is what the scaler divides each
+Function's `minScale` and `maxScale` by.
 
 Generic pool sizes are the operator's (`EMBER_POOL_SIZE` is read by it); the activator claims
 from the pools and never resizes them. SIGTERM/SIGINT: readiness off, the listener closes,
@@ -120,7 +122,11 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
     configuration = await load_api_config()
     async with kclient.ApiClient(configuration) as api:
         source = KubernetesPodSource(api, namespace=args.namespace, holder=args.holder, lease_duration_s=args.lease_s)
-        app = make_app(source, ActivatorConfig(default_namespace=args.namespace, warm_pool_size=0))
+        app = make_app(
+            source,
+            ActivatorConfig(default_namespace=args.namespace, warm_pool_size=0),
+            replicas=source.live_replicas,
+        )
         catalog = Catalog(
             api,
             app[keys.REGISTRY],

@@ -4,7 +4,8 @@ Pods are Pod objects created here with the labels activators give them (no kubel
 and none is needed: the sweep reads labels and deletes). Leases are the pod sources' own, or made by
 hand to stand for an activator that died. The sweeper's monotonic clock is injected so that expiry
 is decided at exact instants; everything else (Lease create, renew with resourceVersion, take-over,
-delete with preconditions, pod watch and deletes) is the real API server's. The pure verdict is
+delete with preconditions, pod watch and deletes) is the real API server's. The live-replica count the
+scaler divides a Function's bounds by is read off the same Leases. The pure verdict is
 tests/unit/pods/test_kubernetes_leases.py; two activator processes on real pods are tests/cluster.
 """
 
@@ -258,3 +259,30 @@ async def test_start_fails_naming_the_lease_when_it_cannot_be_created(api: aclie
             await source.start()
     finally:
         await source.close()
+
+
+async def test_live_replicas_count_the_live_leases_from_start_and_follow_joins_deaths_and_closes(
+    api: aclient.ApiClient, ember: Ember, leases: client.CoordinationV1Api
+) -> None:
+    ns = ember.ns
+    _dead_lease(leases, ns, "act-crashed", duration_s=5)
+    clock = FakeClock()
+    one = KubernetesPodSource(api, namespace=ns, holder="act-one", lease_duration_s=60, clock=clock)
+    two = KubernetesPodSource(api, namespace=ns, holder="act-two", lease_duration_s=60)
+    try:
+        await one.start()
+        assert one.live_replicas() == 2, "counted at start, before any claim: itself and a Lease not yet seen dead"
+        await two.start()
+        assert two.live_replicas() == 3
+        await one.sweep_dead_holders()
+        assert one.live_replicas() == 3
+        clock.now += 5
+        await two.renew_lease()
+        await one.sweep_dead_holders()
+        assert one.live_replicas() == 2, "the crashed activator's Lease is dead"
+        await two.close()
+        await one.sweep_dead_holders()
+        assert one.live_replicas() == 1, "a closed activator deleted its Lease"
+    finally:
+        await two.close()
+        await one.close()

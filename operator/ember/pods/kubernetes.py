@@ -47,10 +47,12 @@ are deleted under it, its routing sees them go, and it recreates its Lease when 
 
 Scaling is per activator: each replica runs its own autoscaler per Version over the invocations it
 receives and keeps the pods it claimed. Demand-driven pod counts add up (the Service spreads the
-load, each replica scales for its share), but the bounds do not: with N replicas serving a
-Version, each keeps the Version's `minScale` warm, so N x minScale pods in all, and each may grow
-to `maxScale`. `minScale` is a per-activator floor; a user wanting M warm pods in total sets
-minScale to ceil(M / N).
+load, each replica scales for its share), and so do the bounds: `live_replicas` counts the live
+activator Leases of the namespace (this one's included) as of the last sweep, and with N of them
+each replica keeps a Version within ceil(minScale / N) and ceil(maxScale / N)
+(`ember.scaling.autoscaler.replica_bounds`). A Lease counts until it is deleted (a graceful close)
+or seen dead, so after a crash the survivors keep their smaller shares for about a lease duration,
+and a replica that just started counts every Lease it finds until it has watched them that long.
 """
 
 from __future__ import annotations
@@ -187,6 +189,11 @@ class HolderLiveness:
         return dead
 
 
+def count_live_replicas(leases: Iterable[ObservedLease], dead: Collection[str], *, own: str) -> int:
+    """Activators sharing the namespace: the Leases not seen dead, and this process's own (at least 1)."""
+    return len({lease.name for lease in leases if lease.name not in dead} | {own})
+
+
 def pods_of_dead_holders(pods: Iterable[Mapping[str, Any]], dead: Collection[str], *, own: str) -> list[str]:
     """Names of claimed or specialized pods, not being deleted, whose holder's Lease is in `dead`."""
     out = []
@@ -269,6 +276,7 @@ class KubernetesPodSource:
         self._lease_name = lease_name(holder)
         self._lease: _HeldLease | None = None  # as this process last wrote it
         self._liveness = HolderLiveness(own=self._lease_name, missing_duration_s=lease_duration_s)
+        self._live_replicas = 1  # as of the last sweep
         self._clock = clock
         self._agent_port = agent_port
         self._claim_timeout_s = claim_timeout_s
@@ -304,6 +312,9 @@ class KubernetesPodSource:
         self._watcher = asyncio.create_task(self._follow(), name=f"ember-pods-{self.namespace}")
         await self._synced.wait()
         await self._delete_previous_incarnations_pods()
+        # The first sweep deletes nothing (every Lease is new to it) but counts the replicas before any claim.
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            await self.sweep_dead_holders()
         self._renewer = asyncio.create_task(self._renew_forever(), name=f"ember-lease-{self.namespace}")
         self._sweeper = asyncio.create_task(self._sweep_forever(), name=f"ember-sweep-{self.namespace}")
 
@@ -598,6 +609,10 @@ class KubernetesPodSource:
 
     # -- the holder's Lease and the sweeps (see the module docstring)
 
+    def live_replicas(self) -> int:
+        """Live activators sharing this namespace, this one included, as of the last sweep; at least 1."""
+        return self._live_replicas
+
     @property
     def sweep_period_s(self) -> float:
         """How often the Lease is renewed and the sweeps run."""
@@ -717,7 +732,7 @@ class KubernetesPodSource:
             )
 
     async def sweep_dead_holders(self) -> list[str]:
-        """Delete pods whose holder's Lease is dead, then the dead Leases; the pods deleted.
+        """Delete pods whose holder's Lease is dead, then the dead Leases; the pods deleted. Counts `live_replicas`.
 
         The Leases are listed before the pod cache is read: a pod claimed after the list shows a
         holder whose Lease looks missing, which `HolderLiveness` forgives for a whole lease duration.
@@ -738,6 +753,7 @@ class KubernetesPodSource:
         held = (labels.STATE_CLAIMED, labels.STATE_SPECIALIZED)
         wanted = {lease_name(holder_of(pod)) for pod in pods if _state_of(pod) in held}
         dead = self._liveness.observe(self._clock(), leases, wanted)
+        self._live_replicas = count_live_replicas(leases, dead, own=self._lease_name)
         if not dead:
             return []
         doomed = pods_of_dead_holders(pods, dead, own=self.holder)

@@ -12,12 +12,14 @@ from typing import Any, cast
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from kubernetes_asyncio.client import ApiClient, Configuration
 
 from ember.pods.kubernetes import (
     CLAIMED_BY,
     HolderLiveness,
     KubernetesPodSource,
     ObservedLease,
+    count_live_replicas,
     holder_name,
     holder_of,
     lease_name,
@@ -188,3 +190,26 @@ def test_pods_of_dead_holders_are_claimed_or_specialized_ones_of_those_holders_o
 def test_a_source_refuses_a_holder_that_is_not_a_dns_label(holder: str) -> None:
     with pytest.raises(ValueError, match="must be a DNS label"):
         KubernetesPodSource(cast(Any, None), namespace="team", holder=holder)
+
+
+@pytest.mark.parametrize(
+    ("listed", "dead", "count"),
+    [
+        pytest.param([], set(), 1, id="own-lease-not-listed-yet"),
+        pytest.param(["me"], set(), 1, id="alone"),
+        pytest.param(["me", "other"], set(), 2, id="two"),
+        pytest.param(["other", "third"], set(), 3, id="own-deleted-under-it-still-counts"),
+        pytest.param(["me", "other", "crashed"], {"crashed"}, 2, id="dead-lease-not-counted"),
+        pytest.param(["me", "other"], {"gone"}, 2, id="missing-holder-not-counted"),
+    ],
+)
+def test_live_replicas_are_the_leases_not_seen_dead_and_this_ones_own(
+    listed: list[str], dead: set[str], count: int
+) -> None:
+    leases = [_lease(name, "1") for name in listed]
+    assert count_live_replicas(leases, {lease_name(n) for n in dead}, own=lease_name("me")) == count
+
+
+async def test_a_source_counts_itself_alone_before_its_first_sweep() -> None:
+    async with ApiClient(Configuration()) as api:  # never called: nothing started
+        assert KubernetesPodSource(api, namespace="team", holder="me").live_replicas() == 1
