@@ -6,8 +6,11 @@ holder Lease) run as host processes against the real cluster; function pods are 
 holders; no pod ever ran more invocations at once than the Function's concurrency (the handler keeps
 a per-pod in-flight count in the pod's /tmp, shared by the agent's worker processes). Then `act-a` is
 SIGKILLed: `act-b`'s sweep deletes `act-a`'s pods within the lease duration and two sweep periods,
-while clients of `act-b` keep invoking with no failure. Lease and sweep logic against the API server
-alone is tests/apiserver/test_activator_leases.py.
+while clients of `act-b` keep invoking with no failure. A Function with maxScale 2 (concurrency 1) under a
+burst through both activators never has more than 2 specialized pods in all (each activator keeps its
+share, ceil(2 / 2) = 1), and what does not fit in a pod and its activator's queue gets 429, never a 5xx.
+Lease and sweep logic against the API server alone is tests/apiserver/test_activator_leases.py; the
+share arithmetic and the scaler's use of it are tests/unit.
 """
 
 from __future__ import annotations
@@ -288,3 +291,81 @@ async def test_two_activators_share_the_pools_and_a_killed_ones_pods_are_swept(
         timeout_s=LEASE_S + 3 * SWEEP_S,
         what="act-a's expired Lease deleted",
     )
+
+
+CAPPED_MAX_SCALE = 2
+QUEUE_DEPTH = 200  # the activator's default per Version: one pod busy plus this many queued, then 429
+CAPPED_SPEC: dict[str, Any] = {
+    "runtime": "python3.12",
+    "handler": "main.handler",
+    "code": {
+        "inline": "import socket, time\n\ndef handler(event, context):\n    time.sleep(0.02)\n"
+        "    return {'pod': socket.gethostname()}\n"
+    },
+    "concurrency": 1,
+    "scaling": {"maxScale": CAPPED_MAX_SCALE},
+}
+
+
+def _function_pods(ember: Ember, function: str) -> dict[str, str]:
+    """Specialized pods of a Function that are not being deleted, by name, with their holder."""
+    pods = ember.core.list_namespaced_pod(ember.ns, label_selector=f"ember.run/function={function}").items
+    return {
+        p.metadata.name: p.metadata.labels.get("ember.run/claimed-by", "")
+        for p in pods
+        if p.metadata.deletion_timestamp is None
+    }
+
+
+async def _burst(url: str, ns: str, calls: int) -> list[int]:
+    """`calls` invocations of `capped` at once through one activator; their statuses."""
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as http:
+
+        async def one() -> int:
+            async with http.post(f"{url}/v1/namespaces/{ns}/functions/capped/invoke", data=b"{}") as rsp:
+                await rsp.read()
+                return rsp.status
+
+        return list(await asyncio.gather(*(one() for _ in range(calls))))
+
+
+async def test_max_scale_holds_across_two_activators_and_excess_load_is_throttled(
+    ember_ns: Ember, activators: tuple[Activator, Activator]
+) -> None:
+    ember = ember_ns
+    ember.create("functions", {"kind": "Function", "metadata": {"name": "capped"}, "spec": CAPPED_SPEC})
+    eventually(
+        lambda: condition(ember.get("functions", "capped"), "Ready").get("status") == "True",
+        timeout_s=60,
+        what="Function Ready",
+    )
+    eventually(lambda: _ready_generic(ember) >= CAPPED_MAX_SCALE, timeout_s=240, what="ready generic pods in gVisor")
+    for activator in activators:  # each loads the Version on its first pod
+        assert await _burst(activator.url, ember.ns, 1) == [200], activator.log_tail()
+
+    # More than one pod and a full queue at once through each activator, while the pods are counted.
+    peak: dict[str, str] = {}
+    done = asyncio.Event()
+
+    async def count() -> None:
+        while not done.is_set():
+            pods = await asyncio.to_thread(_function_pods, ember, "capped")
+            if len(pods) > len(peak):
+                peak.clear()
+                peak.update(pods)
+            await asyncio.sleep(0.2)
+
+    counter = asyncio.create_task(count())
+    try:
+        statuses = await asyncio.gather(*(_burst(a.url, ember.ns, QUEUE_DEPTH + 60) for a in activators))
+        await asyncio.sleep(2.0)  # a scaling step or two after the burst: no late pods either
+    finally:
+        done.set()
+        await counter
+    assert 0 < len(peak) <= CAPPED_MAX_SCALE, f"specialized pods at the peak: {peak}"
+    for activator, seen in zip(activators, statuses, strict=True):
+        tally = {status: seen.count(status) for status in set(seen)}
+        assert set(tally) == {200, 429}, f"{activator.holder}: {tally}\n{activator.log_tail()}"
+        print(f"{activator.holder}: {tally}")
+    print(f"peak specialized pods {len(peak)}: {peak}")
