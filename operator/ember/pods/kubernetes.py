@@ -696,22 +696,39 @@ class KubernetesPodSource:
         self._lease = replace(held, version=str(written.metadata.resource_version))
 
     async def _drop_lease(self) -> None:
-        """Delete this process's Lease (if it is still the one it wrote), so nobody waits for it to expire."""
+        """Delete this process's Lease (if it is still the one it wrote), so nobody waits for it to expire.
+
+        A renewal cancelled by `close` may have reached the API server after all: then the Lease is
+        newer than the version this process knows (409), and it is read again and deleted if it
+        still names this holder."""
         if self._lease is None:
             return
-        version = self._lease.version
+        version: str | None = self._lease.version
         self._lease = None
-        try:
-            await self._coordination.delete_namespaced_lease(
-                self._lease_name,
-                self.namespace,
-                body=client.V1DeleteOptions(preconditions=client.V1Preconditions(resource_version=version)),
-            )
-        except ApiException as err:
-            if err.status not in (404, 409):
-                log.warning("namespace=%s lease=%s delete failed: %s", self.namespace, self._lease_name, err.status)
-        except (aiohttp.ClientError, TimeoutError) as err:
-            log.warning("namespace=%s lease=%s delete failed: %s", self.namespace, self._lease_name, err)
+        for _attempt in range(2):
+            try:
+                await self._coordination.delete_namespaced_lease(
+                    self._lease_name,
+                    self.namespace,
+                    body=client.V1DeleteOptions(preconditions=client.V1Preconditions(resource_version=version)),
+                )
+                return
+            except ApiException as err:
+                if err.status == 404:
+                    return
+                if err.status != 409:
+                    log.warning("namespace=%s lease=%s delete failed: %s", self.namespace, self._lease_name, err.status)
+                    return
+            except (aiohttp.ClientError, TimeoutError) as err:
+                log.warning("namespace=%s lease=%s delete failed: %s", self.namespace, self._lease_name, err)
+                return
+            try:
+                current = await self._coordination.read_namespaced_lease(self._lease_name, self.namespace)
+            except (ApiException, aiohttp.ClientError, TimeoutError):
+                return
+            if current.spec is None or current.spec.holder_identity != self.holder:
+                return
+            version = current.metadata.resource_version
 
     async def _delete_previous_incarnations_pods(self) -> None:
         """Delete pods claimed under this holder name before this process started: nothing routes to them."""
