@@ -192,7 +192,11 @@ async def test_specialize_owns_the_pod_by_the_version_loads_code_and_release_del
         request = specialize_request(world.key, stale, world.hash)
         specialized = await source.specialize(handle, request)
         assert specialized.version == world.key
+        # This source routes to it at once; the relabel making it the Version's follows off the cold path.
+        assert [e.id for e in source.endpoints(world.key)] == [handle.id]
 
+        # The source's event loop runs the relabel meanwhile: wait without blocking it.
+        await asyncio.wait_for(asyncio.gather(*source._background), timeout=10)
         pod = ember.core.read_namespaced_pod(handle.id, ember.ns)
         assert pod.metadata.labels["ember.run/state"] == "specialized"
         assert pod.metadata.labels["ember.run/function"] == "hello"
