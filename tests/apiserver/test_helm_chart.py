@@ -9,6 +9,7 @@ tier: the chart's Deployments get no pods; `helm test` and invocation are the cl
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -188,6 +189,11 @@ async def test_activator_pod_source_works_with_exactly_the_charts_rbac(
             handle = await source.claim(world.pool)
             handle = await source.specialize(handle, specialize_request(world.key, world.fn.spec, world.hash))
             assert handle.version == world.key
+            # The relabel (labels, owner reference) runs in the background; the chart must allow it too.
+            await asyncio.wait_for(asyncio.gather(*source._background), timeout=10)
+            pod = ember.core.read_namespaced_pod(handle.id, ember.ns)
+            assert pod.metadata.labels["ember.run/state"] == "specialized"
+            assert pod.metadata.owner_references[0].kind == "Version"
             await source.release(handle)
             ember.apps.create_namespaced_deployment(ember.ns, pool_deployment(world.pool_spec))
             await source.ensure_pool(world.pool, 3)

@@ -12,6 +12,7 @@ The pool runs runtime-images/python3.12 (built and imported by the `runtime_imag
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -107,8 +108,11 @@ async def test_function_to_gvisor_pool_claim_specialize_invoke_and_collection(
             assert rsp.status == 200
             assert await rsp.json() == {"hello": "gvisor"}
 
+        # The relabel making the pod the Version's runs in the background, off the cold path.
+        await asyncio.wait_for(asyncio.gather(*source._background), timeout=30)
         pod = ember.core.read_namespaced_pod(handle.id, ember.ns)
         assert pod.metadata.owner_references[0].kind == "Version"
+        assert pod.metadata.labels["ember.run/state"] == "specialized"
         # The claimed pod left the Deployment: its ReplicaSet starts a replacement.
         eventually(lambda: len(_ready_generic(ember, pool_id)) == 2, timeout_s=240, what="pool refilled")
         assert handle.id not in {p.metadata.name for p in _ready_generic(ember, pool_id)}

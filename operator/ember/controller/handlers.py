@@ -11,6 +11,8 @@ another's handler to run again.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import dataclasses
 import datetime as dt
 import logging
@@ -171,7 +173,11 @@ def _register_nudges(registry: kopf.OperatorRegistry) -> None:
 
 
 def _register_pod_counts(registry: kopf.OperatorRegistry) -> None:
-    """Pods of a Version (claimed and specialized by activators) are counted into its status.readyPods."""
+    """Pods of a Version (claimed and specialized by activators) are counted into its status.readyPods.
+
+    kopf runs the handlers of different pods concurrently; one lock per Version orders the counts,
+    so an older count never lands after a newer one."""
+    locks: collections.defaultdict[tuple[str, str, str], asyncio.Lock] = collections.defaultdict(asyncio.Lock)
 
     @kopf.on.event(
         "", "v1", "pods", registry=registry, labels={labels.FUNCTION: kopf.PRESENT, labels.VERSION: kopf.PRESENT}
@@ -180,10 +186,10 @@ def _register_pod_counts(registry: kopf.OperatorRegistry) -> None:
         pod_labels = body.get("metadata", {}).get("labels") or {}
         if namespace is None:
             return
+        function, version = pod_labels[labels.FUNCTION], pod_labels[labels.VERSION]
         try:
-            await reconcile.report_version_pods(
-                memo.kube, namespace, pod_labels[labels.FUNCTION], pod_labels[labels.VERSION]
-            )
+            async with locks[(namespace, function, version)]:
+                await reconcile.report_version_pods(memo.kube, namespace, function, version)
         except KubeError as err:
             log.warning("pod=%s/%s: Version pods not counted: %s", namespace, body["metadata"].get("name"), err)
 

@@ -418,7 +418,8 @@ class KubernetesPodSource:
     async def _mark_specialized(self, handle: PodHandle, owner_uid: str) -> None:
         """Label a specialized pod with its Function and Version and make the Version its owner.
 
-        If that fails the pod is released: a pod nobody else can see as the Version's is not kept."""
+        Retried while the API server is busy. If it still fails the pod leaves this source's
+        endpoints: the scaler drains it (invocations in flight finish) and then releases it."""
         version = handle.version
         assert version is not None
         patch = {
@@ -435,23 +436,40 @@ class KubernetesPodSource:
                         "name": version_name(version.function, version.number),
                         "uid": owner_uid,
                         "controller": True,
-                        "blockOwnerDeletion": True,
+                        # blocking the owner's deletion needs update on versions/finalizers where
+                        # OwnerReferencesPermissionEnforcement is on; pods go with the Version anyway
+                        "blockOwnerDeletion": False,
                     }
                 ],
             }
         }
         started = time.perf_counter()
-        try:
-            await self._patch_pod(handle.id, patch)
-        except (PodGone, aiohttp.ClientError, TimeoutError) as err:
-            if handle.id not in self._handles:
-                return  # released meanwhile
-            log.warning("pod=%s version=%s not relabelled (%s); releasing it", handle.id, version, err)
-            with contextlib.suppress(PodGone, aiohttp.ClientError, TimeoutError):
-                await self.release(handle)
-        else:
-            log.debug(
-                "pod=%s version=%s relabelled ms=%.1f", handle.id, version, (time.perf_counter() - started) * 1000
+        error = ""
+        for delay in (0.2, 0.5, 1.0, None):
+            try:
+                self._store(await self._merge_patch_pod(handle.id, patch))
+            except ApiException as err:
+                error = f"{err.status} {err.reason}"
+                if err.status == 404 or (err.status != 429 and (err.status or 0) < 500):
+                    break  # gone, or refused for good
+            except (aiohttp.ClientError, TimeoutError, ValueError) as err:
+                error = f"{type(err).__name__}: {err}"
+            except Exception as err:  # the pod must not stay half-specialized because of a fault here
+                log.exception("pod=%s version=%s relabel crashed", handle.id, version)
+                error = f"{type(err).__name__}: {err}"
+                break
+            else:
+                log.debug(
+                    "pod=%s version=%s relabelled ms=%.1f", handle.id, version, (time.perf_counter() - started) * 1000
+                )
+                await self._notify()
+                return
+            if delay is None or handle.id not in self._handles:
+                break
+            await asyncio.sleep(delay)
+        if self._handles.pop(handle.id, None) is not None:
+            log.warning(
+                "pod=%s version=%s not relabelled (%s); it leaves routing and goes when idle", handle.id, version, error
             )
         await self._notify()
 
@@ -552,14 +570,24 @@ class KubernetesPodSource:
             if err.status in (404, 409):
                 return None
             raise PoolUnavailable(f"pod {name}: claim failed with {err.status} {err.reason}") from err
-        self._pods[name] = plain
+        self._store(plain)
         return plain
 
-    async def _patch_pod(self, name: str, patch: Obj) -> None:
+    def _store(self, pod: Obj) -> None:
+        """Put a pod the API server returned into the cache, unless the watch already knows better.
+
+        A reply can arrive after a newer watch event: a pod deleted meanwhile stays out, and an
+        older resourceVersion does not replace a newer one."""
+        name = pod["metadata"]["name"]
+        cached = self._pods.get(name)
+        if cached is None:
+            return
         try:
-            self._pods[name] = await self._merge_patch_pod(name, patch)
-        except ApiException as err:
-            raise PodGone(f"pod {name}: patch failed with {err.status} {err.reason}") from err
+            if int(pod["metadata"]["resourceVersion"]) < int(cached["metadata"]["resourceVersion"]):
+                return
+        except (KeyError, TypeError, ValueError):
+            pass  # resourceVersions are opaque in general; these are the API server's integers
+        self._pods[name] = pod
 
     async def _merge_patch_pod(self, name: str, patch: Obj) -> Obj:
         """Merge-patch a pod; the API server's JSON as a dict (`ApiException` on an error status).
@@ -648,6 +676,11 @@ class KubernetesPodSource:
         """How often the Lease is renewed and the sweeps run."""
         return self._lease_duration_s / 3
 
+    @property
+    def _lease_call_s(self) -> float:
+        """Limit of one Lease call: a renewal stuck on a dead connection must not outlast the Lease."""
+        return max(1.0, self.sweep_period_s)
+
     def _lease_body(self, held: _HeldLease, *, version: str | None) -> Obj:
         metadata: Obj = {
             "name": self._lease_name,
@@ -680,7 +713,10 @@ class KubernetesPodSource:
         if held is not None:
             try:
                 written = await self._coordination.replace_namespaced_lease(
-                    self._lease_name, self.namespace, self._lease_body(held, version=held.version)
+                    self._lease_name,
+                    self.namespace,
+                    self._lease_body(held, version=held.version),
+                    _request_timeout=self._lease_call_s,
                 )
             except ApiException as err:
                 if err.status not in (404, 409):
@@ -705,7 +741,7 @@ class KubernetesPodSource:
         held = _HeldLease(version="", acquired=_micro_time(datetime.now(UTC)), transitions=0)
         try:
             written = await self._coordination.create_namespaced_lease(
-                self.namespace, self._lease_body(held, version=None)
+                self.namespace, self._lease_body(held, version=None), _request_timeout=self._lease_call_s
             )
         except ApiException as err:
             if err.status != 409:
@@ -713,11 +749,16 @@ class KubernetesPodSource:
                     f"Lease {self.namespace}/{self._lease_name}: create failed with {err.status} {err.reason}"
                 ) from err
             try:
-                current = await self._coordination.read_namespaced_lease(self._lease_name, self.namespace)
+                current = await self._coordination.read_namespaced_lease(
+                    self._lease_name, self.namespace, _request_timeout=self._lease_call_s
+                )
                 spec = current.spec
                 held = replace(held, transitions=(spec.lease_transitions or 0) + 1 if spec is not None else 1)
                 written = await self._coordination.replace_namespaced_lease(
-                    self._lease_name, self.namespace, self._lease_body(held, version=current.metadata.resource_version)
+                    self._lease_name,
+                    self.namespace,
+                    self._lease_body(held, version=current.metadata.resource_version),
+                    _request_timeout=self._lease_call_s,
                 )
             except ApiException as again:
                 raise PoolUnavailable(
@@ -741,6 +782,7 @@ class KubernetesPodSource:
                     self._lease_name,
                     self.namespace,
                     body=client.V1DeleteOptions(preconditions=client.V1Preconditions(resource_version=version)),
+                    _request_timeout=self._lease_call_s,
                 )
                 return
             except ApiException as err:
@@ -753,7 +795,9 @@ class KubernetesPodSource:
                 log.warning("namespace=%s lease=%s delete failed: %s", self.namespace, self._lease_name, err)
                 return
             try:
-                current = await self._coordination.read_namespaced_lease(self._lease_name, self.namespace)
+                current = await self._coordination.read_namespaced_lease(
+                    self._lease_name, self.namespace, _request_timeout=self._lease_call_s
+                )
             except (ApiException, aiohttp.ClientError, TimeoutError):
                 return
             if current.spec is None or current.spec.holder_identity != self.holder:
@@ -786,7 +830,9 @@ class KubernetesPodSource:
         """
         selector = f"{labels.MANAGED_BY}={labels.MANAGER},{labels.COMPONENT}={LEASE_COMPONENT}"
         try:
-            listed = await self._coordination.list_namespaced_lease(self.namespace, label_selector=selector)
+            listed = await self._coordination.list_namespaced_lease(
+                self.namespace, label_selector=selector, _request_timeout=self._lease_call_s
+            )
         except ApiException as err:
             log.warning("namespace=%s listing activator leases failed: %s %s", self.namespace, err.status, err.reason)
             return []
@@ -822,6 +868,7 @@ class KubernetesPodSource:
                         body=client.V1DeleteOptions(
                             preconditions=client.V1Preconditions(resource_version=lease.resource_version)
                         ),
+                        _request_timeout=self._lease_call_s,
                     )
                 log.info(
                     "namespace=%s lease=%s deleted: not renewed for %.0fs", self.namespace, lease.name, lease.duration_s
