@@ -12,9 +12,11 @@ Processes:
   waits for signals (SIGTERM: drain and exit; SIGCHLD: reap, also as PID 1).
 * template: forked by the agent at start as a standby.  It forks the blank worker and waits.
   Once the blank worker has loaded the code, the template imports it too (its init output is
-  dropped) and then only forks workers; the agent sends it the spec after the first invocation
-  (or when a worker or a hook needs it first), so that the cold start does not share the CPU with
-  a second import.  A failed load kills it: the agent stays generic and clean.
+  dropped), answers LOAD_OK or LOAD_ERR and then only forks workers; the agent sends it the spec
+  after the first invocation (or when a worker or a hook needs it first), so that the cold start
+  does not share the CPU with a second import.  Whoever needs it waits for that answer (up to
+  initTimeoutSeconds).  It reports the blank worker's exit also while it imports.  A failed load
+  kills it: the agent stays generic and clean.
 * blank worker: forked by the standby template before any code exists; it makes the code
   directory and warms up.  On specialize the agent sends it the spec directly: it puts the code in
   place (fetching/unpacking in a short-lived child), imports the module, answers the agent
@@ -50,6 +52,7 @@ MAX_OTHER_BODY_BYTES = 1024 * 1024
 MAX_DRAIN_BYTES = 64 * 1024 * 1024  # an announced too-large body up to this size is read and dropped
 LOG_TAIL_BYTES = 4096
 HOOK_TIMEOUT_S = 10.0
+WORKER_START_TIMEOUT_S = 10.0  # from the request to a loaded template to the new worker's HELLO
 DEFAULT_TIMEOUT_S = 3.0
 DEFAULT_MEMORY_MIB = 128
 DEFAULT_INIT_TIMEOUT_S = 10.0
@@ -514,7 +517,13 @@ class _Template:
         self.blank = blank  # _Worker: the blank worker this (standby) template forked
         self.dest = dest  # the code directory of this attempt (the blank worker makes it)
         self.load_frame = None  # the spec, until it is sent (see _ensure_template_loaded)
+        self.init_timeout = DEFAULT_INIT_TIMEOUT_S
+        self.load_deadline = 0.0  # monotonic: when its import must have finished
+        self.load_result = None  # {} once it reported LOAD_OK, else the error of its load
+        self.load_done = _thread.allocate_lock()  # released once load_result is set
+        self.load_done.acquire()
         self.send_lock = _thread.allocate_lock()
+        self.hook_seq = 0  # the hook request whose reply is awaited (under _lock)
         self.reply = None
         self.reply_ready = _thread.allocate_lock()
         self.reply_ready.acquire()
@@ -542,21 +551,59 @@ def _reader_thread(tmpl):
             typ, payload = reader.read()
         except (EOFError, OSError):
             tmpl.dead = True
-            if tmpl.reply_ready.locked():
-                tmpl.reply = {"errorType": "Runtime.ExitError", "errorMessage": "template process exited"}
-                tmpl.reply_ready.release()
+            _template_load_finished(
+                tmpl, {"errorType": "Runtime.ExitError", "errorMessage": "the template process exited while loading"}
+            )
+            with _lock:
+                if tmpl.reply_ready.locked():
+                    tmpl.reply = {"errorType": "Runtime.ExitError", "errorMessage": "template process exited"}
+                    tmpl.reply_ready.release()
             return
-        if typ == T_EXIT:
+        if typ == T_LOAD_OK:
+            _template_load_finished(tmpl, {})
+        elif typ == T_LOAD_ERR:
+            _template_load_finished(tmpl, json_loads(payload))
+        elif typ == T_EXIT:
             pid, status = _PIDST.unpack(payload)
             with _lock:
                 ex = _S.worker_exits
                 ex[pid] = status
                 while len(ex) > 256:
                     del ex[next(iter(ex))]
-        elif typ == T_HOOK:
-            tmpl.reply = json_loads(payload)
-            if tmpl.reply_ready.locked():
-                tmpl.reply_ready.release()
+        elif typ == T_HOOK:  # the reply to hook request `seq`; a late one (given up on) is dropped
+            (seq,) = struct.unpack_from("!I", payload)
+            with _lock:
+                if seq == tmpl.hook_seq and tmpl.reply_ready.locked():
+                    tmpl.reply = json_loads(payload[4:])
+                    tmpl.reply_ready.release()
+
+
+def _template_load_finished(tmpl, result):
+    """Note the outcome of the template's import ({} when it loaded), once."""
+    with _lock:
+        if tmpl.load_result is not None:
+            return
+        tmpl.load_result = result
+    tmpl.load_done.release()
+
+
+def _await_template_load(tmpl):
+    """Have the template import the code (if it has not yet) and wait for that, up to
+    initTimeoutSeconds from when it started.  -> None once it loaded, else the error dict of its
+    load (it failed, the template died, or it took too long: then the template is killed)."""
+    _ensure_template_loaded(tmpl)
+    if tmpl.load_done.acquire(timeout=max(0.0, tmpl.load_deadline - time.monotonic())):
+        tmpl.load_done.release()
+    else:
+        _template_load_finished(
+            tmpl,
+            {
+                "errorType": "Runtime.InitTimeout",
+                "errorMessage": f"the template's import took longer than {tmpl.init_timeout:g}s (initTimeoutSeconds)",
+            },
+        )
+        tmpl.kill()
+    return tmpl.load_result or None
 
 
 def _wait_status(table, pid, timeout=0.5):
@@ -824,6 +871,7 @@ def _start_template(spec):
             code_path = spec["code"].get("path", dest)
             slim = {k: v for k, v in spec.items() if k != "code"}
             tmpl.load_frame = frame(T_SPEC, jbytes({"spec": slim, "path": code_path}))
+            tmpl.init_timeout = spec["initTimeoutSeconds"]
             with _lock:
                 _S.n_workers += 1
                 _S.all_workers.add(w)
@@ -856,9 +904,10 @@ def _ensure_template_loaded(tmpl):
     if tmpl.load_frame is None:
         return
     with tmpl.send_lock:
-        data, tmpl.load_frame = tmpl.load_frame, None
-        if data is None:
+        if tmpl.load_frame is None:
             return
+        tmpl.load_deadline = time.monotonic() + tmpl.init_timeout  # set before load_frame is cleared
+        data, tmpl.load_frame = tmpl.load_frame, None
         try:
             tmpl.sock.sendall(data)
         except OSError:
@@ -909,13 +958,27 @@ def _spawn_worker(allow_restart=True):
         if tmpl.dead and attempt == 0:
             _restart_template(tmpl)
             continue
-        _ensure_template_loaded(tmpl)
+        # the template forks workers once it has imported the code (which may take up to
+        # initTimeoutSeconds): wait for that first, then a worker says hello at once
+        load_err = _await_template_load(tmpl)
+        if load_err is not None:
+            tmpl.dead = True
+            if attempt == 0 and load_err.get("errorType") != "Runtime.InitTimeout":
+                _restart_template(tmpl)
+                continue
+            raise HTTPError(
+                502,
+                "Runtime.WorkerUnavailable",
+                "could not start a worker process: the template process could not load the code: {}: {}".format(
+                    load_err.get("errorType"), load_err.get("errorMessage")
+                ),
+            )
         a, b = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
             with tmpl.send_lock:
                 _send_fd(tmpl.sock, b"F", b.fileno())
             b.close()
-            a.settimeout(10.0)
+            a.settimeout(WORKER_START_TIMEOUT_S)
             typ, payload = FrameReader(a).read()
             if typ != T_HELLO:
                 raise EOFError
@@ -1215,10 +1278,18 @@ def _hooks(kind):
                     "errorMessage": f"{label} hooks did not finish in {HOOK_TIMEOUT_S:g}s",
                 }
             )
-    if tmpl is not None and not tmpl.dead:
-        _ensure_template_loaded(tmpl)
-        with tmpl.send_lock:
-            tmpl.sock.sendall(bytes([kind]))
+    # the template runs its hooks once it has imported the code (a failed load ends it: no hooks)
+    if tmpl is not None and not tmpl.dead and _await_template_load(tmpl) is None:
+        with _lock:
+            tmpl.hook_seq += 1
+            seq = tmpl.hook_seq
+            tmpl.reply = None
+            tmpl.reply_ready.acquire(False)  # a reply that came after its request was given up on
+        try:
+            with tmpl.send_lock:
+                tmpl.sock.sendall(bytes([kind]) + struct.pack("!I", seq))
+        except OSError:
+            pass  # the template is gone: the reader thread answers
         if tmpl.reply_ready.acquire(timeout=HOOK_TIMEOUT_S):
             r = tmpl.reply or {}
             if r.get("errorType"):
@@ -2287,9 +2358,30 @@ def _fn_info(spec):
 
 def _template_main(ctl, blank_pid, spec, code_path):
     """The template, once the blank worker serves: import the code again (its output is dropped:
-    the blank worker's was logged), then fork workers on request, run hooks and report worker
-    exits.  A failed import here ends the template; the agent loads the code in a new one when
-    it needs a worker."""
+    the blank worker's was logged), answer LOAD_OK or LOAD_ERR, then fork workers on request, run
+    hooks and report worker exits.  A failed import here ends the template; the agent loads the
+    code in a new one when it needs a worker.
+
+    The blank worker (the first worker) is this process's child: its exit is reported at once,
+    also while the import runs (which may take up to initTimeoutSeconds)."""
+    blank = [blank_pid]
+
+    def reap_blank(*_args):  # only that pid: the import may wait for children of its own
+        if blank[0]:
+            try:
+                pid, status = os.waitpid(blank[0], os.WNOHANG)
+            except ChildProcessError:
+                pid, status = blank[0], None
+            if pid:
+                blank[0] = 0
+                if status is not None:
+                    try:
+                        ctl.sendall(frame(T_EXIT, _PIDST.pack(pid, status)))
+                    except OSError:
+                        pass
+
+    _signal.signal(_signal.SIGCHLD, reap_blank)
+    reap_blank()  # it may have exited already
     sys.dont_write_bytecode = True  # one compile per pod; skip writing __pycache__
     sys.stdout = LogStream(1, "<stdout>")
     sys.stderr = LogStream(2, "<stderr>")
@@ -2297,7 +2389,17 @@ def _template_main(ctl, blank_pid, spec, code_path):
     _SINK.discard = True
     try:
         handler = _load(spec, None, code_path)
-    except BaseException:
+    except BaseException as e:
+        _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
+        err = (
+            {"errorType": e.error_type, "errorMessage": e.message}
+            if isinstance(e, LoadError)
+            else {"errorType": "Runtime.InitError", "errorMessage": f"{type(e).__name__}: {e}"}
+        )
+        try:
+            ctl.sendall(frame(T_LOAD_ERR, jbytes(err)))
+        except OSError:
+            pass
         os._exit(1)
     _SINK.flush()
     _SINK.discard = False  # freeze/thaw hook output is logged
@@ -2310,8 +2412,9 @@ def _template_main(ctl, blank_pid, spec, code_path):
     os.set_blocking(wake_w, False)
     _signal.set_wakeup_fd(wake_w)
     _signal.signal(_signal.SIGCHLD, lambda *a: None)
-    os.write(wake_w, b"\0")  # reap a blank worker that already exited (before the handler existed)
-    workers = {blank_pid}
+    os.write(wake_w, b"\0")  # reap what exited before this handler existed
+    workers = {blank[0]} if blank[0] else set()
+    ctl.sendall(frame(T_LOAD_OK))
 
     def fork_worker(fd):
         pid = os.fork()
@@ -2378,9 +2481,13 @@ def _template_main(ctl, blank_pid, spec, code_path):
                 if fds:
                     fork_worker(fds[0])
             elif msg in (bytes([T_FREEZE]), bytes([T_THAW])):
+                try:
+                    seq = _recv_exact(ctl, 4)  # the request's number: the reply carries it
+                except (EOFError, OSError):
+                    continue  # the agent is gone: the next read says so
                 _SINK.label = b"freeze" if msg[0] == T_FREEZE else b"thaw"
                 res = _run_hooks(msg[0])
-                ctl.sendall(frame(T_HOOK, jbytes(res)))
+                ctl.sendall(frame(T_HOOK, seq + jbytes(res)))
 
 
 def _error_body(e, rid, skip_dirs):
