@@ -145,10 +145,11 @@ async def test_throttling_is_too_many_requests() -> None:
         warm = await _call(client, FunctionName="busy", Payload=b"{}")
         assert warm["StatusCode"] == 200
         first = asyncio.create_task(_call(client, FunctionName="busy", Payload=b"{}"))
-        for _ in range(200):  # until the first invocation holds the only slot
+        for _ in range(1000):  # until the first invocation holds the only slot (boto3 runs in a thread)
             if version.throttler.in_flight == 1:
                 break
             await asyncio.sleep(0.01)
+        assert version.throttler.in_flight == 1, "the first invocation never took the slot"
         with pytest.raises(client.exceptions.TooManyRequestsException) as info:
             await _call(client, FunctionName="busy", Payload=b"{}")
         assert info.value.response["ResponseMetadata"]["HTTPHeaders"]["retry-after"] == "1"
