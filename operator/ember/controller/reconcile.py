@@ -195,6 +195,7 @@ async def _ensure_pool(
             replicas=settings.pool_size_for(fn.spec.runtime),
             image_pull_policy=settings.image_pull_policy,
             run_as_user=settings.run_as_user,
+            cpu_burst_millicores=settings.pool_cpu_burst_millicores,
         )
         desired = pool_deployment(wanted)
         spec_hash = _digest(desired["spec"]["template"])

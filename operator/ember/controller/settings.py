@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ember.api.function import RUNTIMES
+from ember.resources.pool import BURST_CPU_MILLICORES
 
 
 class SettingsError(ValueError):
@@ -27,6 +28,7 @@ class Settings:
     default_policy_name: str = "default"
     run_as_user: int = 65532
     image_pull_policy: str = "IfNotPresent"
+    pool_cpu_burst_millicores: int = BURST_CPU_MILLICORES
 
     def image_for(self, runtime: str) -> str:
         """Runtime image: an override, else <registry>/ember-runtime-<runtime>:<tag> (runtime-images/<runtime>/)."""
@@ -93,4 +95,7 @@ def from_env(env: Mapping[str, str]) -> Settings:
         default_policy_name=env.get("EMBER_DEFAULT_POLICY") or _DEFAULTS.default_policy_name,
         run_as_user=_int(env, "EMBER_RUN_AS_USER", _DEFAULTS.run_as_user, minimum=1),
         image_pull_policy=env.get("EMBER_IMAGE_PULL_POLICY") or _DEFAULTS.image_pull_policy,
+        pool_cpu_burst_millicores=_int(
+            env, "EMBER_POOL_CPU_BURST_MILLICORES", _DEFAULTS.pool_cpu_burst_millicores, minimum=0
+        ),
     )

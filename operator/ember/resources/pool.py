@@ -25,9 +25,10 @@ CODE_DIR: Final = "/var/ember/code"
 # Lambda gives one vCPU per 1769 MB; a pool's CPU request follows its memory the same way.
 MIB_PER_CPU: Final = 1769
 MIN_CPU_MILLICORES: Final = 50
-# The CPU limit lets a pod burst above its share up to one CPU. A limit at the share throttles the
-# sandbox itself (gVisor's Sentry runs in the pod's cgroup): with 128 MiB (72m) a warm invoke took
-# 24.9 ms p50 against 2.2 ms at 339m, and loading code was throttled the same way.
+# The CPU limit lets a pod burst above its share, to one CPU by default. A limit at the share
+# throttles the sandbox itself (gVisor's Sentry runs in the pod's cgroup): with 128 MiB (72m) a warm
+# invoke took 24.9 ms p50 against 2.2 ms at 339m, and loading code was throttled the same way.
+# A burst of 0 puts the limit at the share (Guaranteed QoS; quotas on limits.cpu last longer).
 BURST_CPU_MILLICORES: Final = 1000
 
 
@@ -44,6 +45,7 @@ class PoolSpec:
     replicas: int
     image_pull_policy: str = "IfNotPresent"
     run_as_user: int = 65532
+    cpu_burst_millicores: int = BURST_CPU_MILLICORES
 
     @property
     def sandbox(self) -> str:
@@ -87,7 +89,7 @@ def cpu_millicores(memory_mib: int) -> int:
 def _container(spec: PoolSpec) -> dict[str, Any]:
     share = cpu_millicores(spec.memory_mib)
     requests = {"memory": f"{spec.memory_mib}Mi", "cpu": f"{share}m"}
-    limits = {"memory": f"{spec.memory_mib}Mi", "cpu": f"{max(share, BURST_CPU_MILLICORES)}m"}
+    limits = {"memory": f"{spec.memory_mib}Mi", "cpu": f"{max(share, spec.cpu_burst_millicores)}m"}
     return {
         "name": "agent",
         "image": spec.image,

@@ -26,8 +26,10 @@ def test_overrides() -> None:
             "EMBER_POOL_SIZES": "python3.12=4, nodejs20=0",
             "EMBER_NAMESPACES": "a, b,",
             "EMBER_ACTIVATOR_URL": "http://act:9/",
+            "EMBER_POOL_CPU_BURST_MILLICORES": "0",
         }
     )
+    assert settings.pool_cpu_burst_millicores == 0
     assert settings.keep_versions == 5
     assert settings.image_for("python3.11") == "registry.example/e/ember-runtime-python3.11:1.0"
     assert settings.image_for("nodejs20") == "img/node:20"
@@ -48,6 +50,11 @@ def test_overrides() -> None:
         pytest.param({"EMBER_POOL_SIZES": "nodejs20=x"}, "nodejs20='x' is not a non-negative", id="size-nan"),
         pytest.param({"EMBER_RUNTIME_IMAGES": "python3.12="}, "is not runtime=value", id="empty-image"),
         pytest.param({"EMBER_RUN_AS_USER": "0"}, "EMBER_RUN_AS_USER=0 must be at least 1", id="root"),
+        pytest.param(
+            {"EMBER_POOL_CPU_BURST_MILLICORES": "-5"},
+            "EMBER_POOL_CPU_BURST_MILLICORES=-5 must be at least 0",
+            id="burst-negative",
+        ),
     ],
 )
 def test_bad_values_are_named(env: dict[str, str], message: str) -> None:

@@ -113,3 +113,10 @@ def test_cpu_request_is_the_share_and_the_limit_allows_a_burst(memory: int, requ
     (container,) = pool_deployment(pool)["spec"]["template"]["spec"]["containers"]
     assert container["resources"]["requests"] == {"memory": f"{memory}Mi", "cpu": f"{request_m}m"}
     assert container["resources"]["limits"] == {"memory": f"{memory}Mi", "cpu": f"{limit_m}m"}
+
+
+def test_no_burst_puts_the_cpu_limit_at_the_share() -> None:
+    (container,) = pool_deployment(_pool(SecurityPolicySpec(), memory_mib=128, cpu_burst_millicores=0))["spec"][
+        "template"
+    ]["spec"]["containers"]
+    assert container["resources"]["limits"]["cpu"] == container["resources"]["requests"]["cpu"] == "72m"
