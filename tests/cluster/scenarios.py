@@ -1,5 +1,7 @@
 """User scenarios shared by the cluster tests: they run against any activator URL (host process or Service).
 
+`ActivatorProcess` runs the activator in Kubernetes mode as a host process against the cluster.
+
 `invoke_via_boto3` calls a Function with boto3's Lambda client, unchanged. `roll_under_load` edits a
 Function's code while four clients keep invoking and checks that traffic moved to the new Version
 with no failed request.
@@ -9,6 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -18,7 +28,82 @@ from botocore.config import Config
 
 from tests.apiserver.operator_harness import Ember
 
+ROOT = Path(__file__).resolve().parents[2]
 Result = tuple[int, str, str, Any]
+
+
+class ActivatorProcess:
+    """`python -m ember.activator_main` on 127.0.0.1 and a free port, as claim holder `holder`; stopped by pid."""
+
+    def __init__(
+        self, kubeconfig: Path, ns: str, log: Path, *, holder: str = "test-act", env: Mapping[str, str] | None = None
+    ) -> None:
+        self.kubeconfig = kubeconfig
+        self.ns = ns
+        self.log = log
+        self.holder = holder
+        self.env = dict(env or {})
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "PYTHONUNBUFFERED": "1",
+            "POD_NAME": self.holder,
+            **self.env,
+        }
+        env.pop("KUBERNETES_SERVICE_HOST", None)
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "ember.activator_main",
+                    "--host=127.0.0.1",
+                    "--port=0",
+                    f"--namespace={self.ns}",
+                ],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            found = re.search(r"listening on (http://127\.0\.0\.1:\d+)", self.log.read_text(errors="replace"))
+            if found:
+                self.url = found.group(1)
+                return
+            assert self.proc.poll() is None, f"{self.holder} exited with {self.proc.returncode}:\n{self.log_tail()}"
+            time.sleep(0.1)
+        raise AssertionError(f"{self.holder} did not listen within {timeout_s:.0f}s:\n{self.log_tail()}")
+
+    def kill(self) -> None:
+        """SIGKILL: no release of pods, no Lease deleted - a crash or a lost node."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> int | None:
+        """SIGTERM (graceful: drain, release pods), then SIGKILL after 30 s; the exit code (None if killed)."""
+        if self.proc is None:
+            return None
+        code = self.proc.poll()
+        if code is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                code = self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                code = None
+        self.proc = None
+        return code
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
 
 
 def code(version: int) -> str:

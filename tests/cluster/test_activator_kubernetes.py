@@ -11,12 +11,6 @@ to it with no failed request. SIGTERM then stops the activator cleanly and relea
 
 from __future__ import annotations
 
-import os
-import re
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,74 +19,14 @@ import aiohttp
 import pytest
 
 from tests.apiserver.operator_harness import Ember, OperatorProcess, condition, eventually
-from tests.cluster.scenarios import code, invoke, invoke_via_boto3, roll_under_load
+from tests.cluster.scenarios import ActivatorProcess, code, invoke, invoke_via_boto3, roll_under_load
 
-ROOT = Path(__file__).resolve().parents[2]
 SPEC: dict[str, Any] = {
     "runtime": "python3.12",
     "handler": "main.handler",
     "code": {"inline": code(1)},
     "concurrency": 8,  # one pod takes the four clients: the test does not wait on pool refills mid-load
 }
-
-
-class ActivatorProcess:
-    """`python -m ember.activator_main` on 127.0.0.1 and a free port, stopped by pid."""
-
-    def __init__(self, kubeconfig: Path, ns: str, log: Path) -> None:
-        self.kubeconfig = kubeconfig
-        self.ns = ns
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.url = ""
-
-    def start(self, timeout_s: float = 60.0) -> None:
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1", "POD_NAME": "test-act"}
-        env.pop("KUBERNETES_SERVICE_HOST", None)
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "ember.activator_main",
-                    "--host=127.0.0.1",
-                    "--port=0",
-                    f"--namespace={self.ns}",
-                ],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            found = re.search(r"listening on (http://127\.0\.0\.1:\d+)", self.log.read_text(errors="replace"))
-            if found:
-                self.url = found.group(1)
-                return
-            assert self.proc.poll() is None, f"activator exited with {self.proc.returncode}:\n{self.log_tail()}"
-            time.sleep(0.1)
-        raise AssertionError(f"activator did not listen within {timeout_s:.0f}s:\n{self.log_tail()}")
-
-    def stop(self) -> int | None:
-        """SIGTERM (graceful: drain, release pods), then SIGKILL after 30 s; the exit code."""
-        if self.proc is None:
-            return None
-        code = self.proc.poll()
-        if code is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                code = self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-                code = None
-        self.proc = None
-        return code
-
-    def log_tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
 
 
 @pytest.fixture

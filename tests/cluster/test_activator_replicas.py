@@ -17,11 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import re
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,8 +27,8 @@ import pytest
 from kubernetes import client
 
 from tests.apiserver.operator_harness import Ember, OperatorProcess, condition, eventually
+from tests.cluster.scenarios import ActivatorProcess as Activator
 
-ROOT = Path(__file__).resolve().parents[2]
 LEASE_S = 6.0
 SWEEP_S = LEASE_S / 3
 CONCURRENCY = 2
@@ -74,72 +69,6 @@ SPEC: dict[str, Any] = {
 }
 
 
-class Activator:
-    """`python -m ember.activator_main` on 127.0.0.1 and a free port with a given holder; stopped by pid."""
-
-    def __init__(self, kubeconfig: Path, ns: str, holder: str, log: Path) -> None:
-        self.kubeconfig = kubeconfig
-        self.ns = ns
-        self.holder = holder
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.url = ""
-
-    def start(self, timeout_s: float = 60.0) -> None:
-        env = {
-            **os.environ,
-            "KUBECONFIG": str(self.kubeconfig),
-            "PYTHONUNBUFFERED": "1",
-            "POD_NAME": self.holder,
-            "EMBER_ACTIVATOR_LEASE_S": str(LEASE_S),
-        }
-        env.pop("KUBERNETES_SERVICE_HOST", None)
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "ember.activator_main",
-                    "--host=127.0.0.1",
-                    "--port=0",
-                    f"--namespace={self.ns}",
-                ],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            found = re.search(r"listening on (http://127\.0\.0\.1:\d+)", self.log.read_text(errors="replace"))
-            if found:
-                self.url = found.group(1)
-                return
-            assert self.proc.poll() is None, f"{self.holder} exited with {self.proc.returncode}:\n{self.log_tail()}"
-            time.sleep(0.1)
-        raise AssertionError(f"{self.holder} did not listen within {timeout_s:.0f}s:\n{self.log_tail()}")
-
-    def kill(self) -> None:
-        """SIGKILL: no release of pods, no Lease deleted - a crash or a lost node."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL after 30 s."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.kill(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.kill()
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
-
-
 @pytest.fixture
 def pool_operator(
     kubeconfig: Path, ember_ns: Ember, runtime_images: list[str], tmp_path: Path
@@ -168,7 +97,14 @@ def activators(
     kubeconfig: Path, ember_ns: Ember, pool_operator: OperatorProcess, tmp_path: Path
 ) -> Iterator[tuple[Activator, Activator]]:
     pair = tuple(
-        Activator(kubeconfig, ember_ns.ns, holder, tmp_path / f"{holder}.log") for holder in ("act-a", "act-b")
+        Activator(
+            kubeconfig,
+            ember_ns.ns,
+            tmp_path / f"{holder}.log",
+            holder=holder,
+            env={"EMBER_ACTIVATOR_LEASE_S": str(LEASE_S)},
+        )
+        for holder in ("act-a", "act-b")
     )
     try:
         for activator in pair:
