@@ -113,8 +113,14 @@ def ember_ns(api_client: Any) -> Iterator[harness.Ember]:
 
 
 @pytest.fixture
+def pool_size() -> int:
+    """Warm generic pods per pool of the `operator` fixture; a test module overrides it when it needs more."""
+    return 2
+
+
+@pytest.fixture
 def operator(
-    kubeconfig: Path, ember_ns: harness.Ember, runtime_images: list[str], tmp_path: Path
+    kubeconfig: Path, ember_ns: harness.Ember, runtime_images: list[str], tmp_path: Path, pool_size: int
 ) -> Iterator[harness.OperatorProcess]:
     """The operator as a host process watching the test's namespace, with the cluster's local images."""
     assert "localhost/ember-runtime-python3.12:dev" in runtime_images
@@ -125,7 +131,7 @@ def operator(
         EMBER_IMAGE_REGISTRY="localhost",
         EMBER_IMAGE_TAG="dev",
         EMBER_IMAGE_PULL_POLICY="Never",
-        EMBER_POOL_SIZE="2",
+        EMBER_POOL_SIZE=str(pool_size),
     )
     proc.start()
     try:

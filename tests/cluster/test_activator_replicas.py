@@ -70,31 +70,14 @@ SPEC: dict[str, Any] = {
 
 
 @pytest.fixture
-def pool_operator(
-    kubeconfig: Path, ember_ns: Ember, runtime_images: list[str], tmp_path: Path
-) -> Iterator[OperatorProcess]:
-    """The operator with a pool of 4 warm pods: both activators find capacity without waiting for refills."""
-    assert "localhost/ember-runtime-python3.12:dev" in runtime_images
-    proc = OperatorProcess(
-        kubeconfig,
-        ember_ns.ns,
-        tmp_path / "operator.log",
-        EMBER_IMAGE_REGISTRY="localhost",
-        EMBER_IMAGE_TAG="dev",
-        EMBER_IMAGE_PULL_POLICY="Never",
-        EMBER_POOL_SIZE="4",
-    )
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
-        print(f"--- operator log ---\n{proc.log_tail()}")
+def pool_size() -> int:
+    """A pool of 4 warm pods: both activators find capacity without waiting for refills."""
+    return 4
 
 
 @pytest.fixture
 def activators(
-    kubeconfig: Path, ember_ns: Ember, pool_operator: OperatorProcess, tmp_path: Path
+    kubeconfig: Path, ember_ns: Ember, operator: OperatorProcess, tmp_path: Path
 ) -> Iterator[tuple[Activator, Activator]]:
     pair = tuple(
         Activator(
