@@ -1,0 +1,165 @@
+"""Spec fields Ember accepts but does not act on yet: the one list every surface reports from.
+
+Issue #10, item 6 ("no silent fields"): a field that validates and then does nothing is a
+defect unless the user is told. The operator turns this list into a Function's or
+SecurityPolicy's `Unsupported` condition and a Warning Event; `ember validate` and `ember dev`
+print it. When a capability lands, delete its entry here; tests/unit/api/test_unsupported.py
+then asks for its fields to be classified as implemented (every leaf field of the models must be
+in one list or the other, so a new field cannot slip in silently either).
+
+Each entry is a field path as the manifest spells it, a predicate for "the manifest sets it",
+and the modes where it has no effect. Most entries do nothing anywhere, and are reported when
+set to something other than the default (a user who writes the default gets what the default
+promises). Some work in a cluster but not in local mode (README, Local mode): egress is enforced
+by a NetworkPolicy in a cluster and not at all by `ember dev`, whose agents share the host
+network; local pods get the sandbox and filesystem this machine offers, not the policy's. For
+those, the default is not honoured locally either, so writing the field at all is reported.
+
+Pure: no I/O; the callers decide where the words go.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Final, Generic, TypeVar
+
+from pydantic import BaseModel
+
+from ember.api.function import AsyncConfig, Freeze, FunctionSpec, State
+from ember.api.security_policy import Filesystem, Limits, SecurityPolicySpec
+
+
+class Mode(enum.Enum):
+    """Where a spec is served: by the operator and activators in a cluster, or by `ember dev`."""
+
+    CLUSTER = "cluster"
+    LOCAL = "local"
+
+
+EVERYWHERE: Final = frozenset(Mode)
+LOCAL_ONLY: Final = frozenset({Mode.LOCAL})
+
+SpecT = TypeVar("SpecT", FunctionSpec, SecurityPolicySpec)
+
+
+@dataclass(frozen=True, slots=True)
+class Gap(Generic[SpecT]):
+    """One accepted field without effect: its path, when a spec sets it, and where it does nothing."""
+
+    path: str
+    is_set: Callable[[SpecT], bool]
+    modes: frozenset[Mode] = EVERYWHERE
+
+
+def _written(model: BaseModel | None, field: str) -> bool:
+    """The manifest wrote the field (even with its default value)."""
+    return model is not None and field in model.model_fields_set
+
+
+_ASYNC = AsyncConfig()
+_LIMITS = Limits()
+_FILESYSTEM = Filesystem()
+
+FUNCTION_GAPS: Final[tuple[Gap[FunctionSpec], ...]] = (
+    # The pool's CPU follows memory (resources/pool.py cpu_millicores); the field is read nowhere.
+    Gap("spec.resources.cpuMillicores", lambda s: s.resources.cpu_millicores is not None),
+    # No right-sizing recommender exists (VersionStatus.recommendation is never written).
+    Gap("spec.resources.autoResize", lambda s: s.resources.auto_resize),
+    # No predictor: the autoscaler (scaling/autoscaler.py) only reacts to observed concurrency.
+    Gap("spec.scaling.predictive", lambda s: s.scaling.predictive),
+    # The activator serves only its invoke and Lambda APIs (activator/app.py); no route matching.
+    Gap("spec.http.routes", lambda s: s.http is not None and bool(s.http.routes)),
+    # ember/sources/ is empty: no queue is polled.
+    Gap("spec.eventSources", lambda s: bool(s.event_sources)),
+    # activator/async_invoke.py honours maxRetries only: no event age, no destinations.
+    Gap("spec.async.maxEventAgeSeconds", lambda s: s.async_.max_event_age_seconds != _ASYNC.max_event_age_seconds),
+    Gap("spec.async.onSuccess", lambda s: s.async_.on_success is not None),
+    Gap("spec.async.onFailure", lambda s: s.async_.on_failure is not None),
+    # Only hashed into the Version (api/version.py VERSIONED_FIELDS); no volume, no store.
+    Gap("spec.state", lambda s: s.state is not None and s.state != State()),
+    # Only hashed into the Version; no second sandbox, no mediated calls.
+    Gap("spec.portions", lambda s: bool(s.portions)),
+    # Only hashed into the Version; the agents have freeze/thaw hooks but nothing calls them.
+    Gap("spec.freeze", lambda s: s.freeze != Freeze()),
+)
+
+POLICY_GAPS: Final[tuple[Gap[SecurityPolicySpec], ...]] = (
+    # No credential-injecting proxy exists.
+    Gap("spec.services", lambda s: bool(s.services)),
+    # Nothing compares a Function's memoryMiB or timeoutSeconds with these, or limits processes.
+    Gap("spec.limits.maxMemoryMiB", lambda s: s.limits.max_memory_mib != _LIMITS.max_memory_mib),
+    Gap("spec.limits.maxTimeoutSeconds", lambda s: s.limits.max_timeout_seconds != _LIMITS.max_timeout_seconds),
+    Gap("spec.limits.pids", lambda s: s.limits.pids != _LIMITS.pids),
+    # Only part of the policy hash (pods under different policies never share a pool anyway);
+    # no level changes how a pod is isolated.
+    Gap("spec.trustLevel", lambda s: s.trust_level != "untrusted"),
+    # Local mode: the sandbox is whatever this machine offers (pods/local.py detect_sandbox).
+    Gap("spec.sandbox", lambda s: s.sandbox != "gvisor", LOCAL_ONLY),
+    Gap("spec.runtimeClassName", lambda s: s.runtime_class_name is not None, LOCAL_ONLY),
+    # Local mode: agents use the host network (pods/local.py), so even `mode: none` is not enforced.
+    Gap("spec.egress", lambda s: _written(s, "egress") or s.egress.mode != "none", LOCAL_ONLY),
+    # Local mode: runsc gives a writable overlay, bwrap a read-only root, both an unsized /tmp.
+    Gap(
+        "spec.filesystem.readOnlyRoot",
+        lambda s: _written(s.filesystem, "read_only_root") or s.filesystem.read_only_root != _FILESYSTEM.read_only_root,
+        LOCAL_ONLY,
+    ),
+    Gap(
+        "spec.filesystem.tmpSizeMiB",
+        lambda s: _written(s.filesystem, "tmp_size_mib") or s.filesystem.tmp_size_mib != _FILESYSTEM.tmp_size_mib,
+        LOCAL_ONLY,
+    ),
+)
+
+
+def _paths(gaps: Sequence[Gap[SpecT]], spec: SpecT, mode: Mode) -> tuple[str, ...]:
+    return tuple(gap.path for gap in gaps if mode in gap.modes and gap.is_set(spec))
+
+
+def unsupported_function_fields(spec: FunctionSpec, mode: Mode = Mode.CLUSTER) -> tuple[str, ...]:
+    """Paths of the fields this Function spec sets that have no effect in `mode`, in list order."""
+    return _paths(FUNCTION_GAPS, spec, mode)
+
+
+def unsupported_policy_fields(spec: SecurityPolicySpec, mode: Mode = Mode.CLUSTER) -> tuple[str, ...]:
+    """Paths of the fields this SecurityPolicy spec sets that have no effect in `mode`, in list order."""
+    return _paths(POLICY_GAPS, spec, mode)
+
+
+def unsupported_fields(spec: FunctionSpec | SecurityPolicySpec, mode: Mode = Mode.CLUSTER) -> tuple[str, ...]:
+    """`unsupported_function_fields` or `unsupported_policy_fields`, by the spec's type."""
+    if isinstance(spec, FunctionSpec):
+        return unsupported_function_fields(spec, mode)
+    return unsupported_policy_fields(spec, mode)
+
+
+def _agreeing(fields: Sequence[str]) -> tuple[str, str, str]:
+    """The fields joined, and the verb and pronoun that agree with their number."""
+    if len(fields) == 1:
+        return fields[0], "is", "it has"
+    return ", ".join(fields), "are", "they have"
+
+
+def not_implemented_message(fields: Sequence[str]) -> str:
+    """The sentence for fields without effect in a cluster: the `Unsupported` condition's message."""
+    joined, verb, pronoun = _agreeing(fields)
+    return f"{joined} {verb} accepted but not implemented yet; {pronoun} no effect"
+
+
+def local_message(fields: Sequence[str]) -> str:
+    """The sentence for fields that work in a cluster but have no effect in local mode."""
+    joined, verb, pronoun = _agreeing(fields)
+    return f"{joined} {verb} accepted but not implemented in local mode (ember dev); {pronoun} no effect there"
+
+
+def unsupported_warning(spec: FunctionSpec | SecurityPolicySpec) -> str | None:
+    """One line for `ember validate` and `ember dev`: the fields without effect anywhere, then those
+    without effect in local mode only; None when every field the spec sets does something."""
+    everywhere = unsupported_fields(spec, Mode.CLUSTER)
+    local = [path for path in unsupported_fields(spec, Mode.LOCAL) if path not in everywhere]
+    parts = [not_implemented_message(everywhere)] if everywhere else []
+    if local:
+        parts.append(local_message(local))
+    return "; ".join(parts) or None
