@@ -20,6 +20,8 @@ VERSION_READY: Final = "VersionReady"
 POLICY_RESOLVED: Final = "PolicyResolved"
 CODE_READY: Final = "CodeReady"
 EGRESS_ENFORCED: Final = "EgressEnforced"
+# Fields the spec sets that have no effect yet (ember.api.unsupported). Informational: never part of Ready.
+UNSUPPORTED: Final = "Unsupported"
 
 # Conditions each kind's Ready is derived from.
 FUNCTION_DEPENDENTS: Final = (POLICY_RESOLVED, VERSION_READY)
@@ -46,6 +48,8 @@ class Reason:
     HOSTS_NOT_ENFORCEABLE: Final = "HostRulesNotEnforceable"
     ENFORCED: Final = "Enforced"
     NOT_OWNED: Final = "NotOwned"
+    FIELDS_NOT_IMPLEMENTED: Final = "FieldsNotImplemented"
+    ALL_SUPPORTED: Final = "AllSupported"
 
 
 # Reasons that no retry fixes: the spec (or what it points to) must change.
