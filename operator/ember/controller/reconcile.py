@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from ember.api.common import Condition, ConditionStatus
 from ember.api.function import Function, FunctionSpec, ObjectRef
 from ember.api.security_policy import SecurityPolicySpec
+from ember.api.unsupported import not_implemented_message, unsupported_function_fields, unsupported_policy_fields
 from ember.api.version import Version, code_hash, version_name
 from ember.controller.kube import Conflict, Kube, Obj
 from ember.controller.settings import Settings
@@ -103,6 +104,39 @@ def _status_changed(old: Sequence[Condition], new: Sequence[Condition], type_: s
     if after is not None and (before is None or before.status != after.status):
         return after
     return None
+
+
+def _mark_unsupported(
+    conditions: Sequence[Condition],
+    fields: Sequence[str],
+    body: Obj,
+    record: Recorder,
+    *,
+    generation: int | None,
+    now: dt.datetime,
+) -> list[Condition]:
+    """`Unsupported`: the fields the spec sets that have no effect yet (issue #10: no silent fields).
+
+    Informational, never part of Ready. A Warning Event when it turns True or names other fields,
+    a Normal one when the last such field is gone; none while nothing changes."""
+    old = cond.find(conditions, cond.UNSUPPORTED)
+    if not fields:
+        if old is not None and old.status == "True":
+            record(body, type="Normal", reason=cond.Reason.ALL_SUPPORTED, message="Every field set is implemented.")
+        return cond.mark_false(
+            conditions,
+            cond.UNSUPPORTED,
+            cond.Reason.ALL_SUPPORTED,
+            "Every field set is implemented.",
+            generation=generation,
+            now=now,
+        )
+    message = not_implemented_message(fields) + "."
+    if old is None or old.status != "True" or old.message != message:
+        record(body, type="Warning", reason=cond.Reason.FIELDS_NOT_IMPLEMENTED, message=message)
+    return cond.mark_true(
+        conditions, cond.UNSUPPORTED, cond.Reason.FIELDS_NOT_IMPLEMENTED, message, generation=generation, now=now
+    )
 
 
 def _function_owner(fn: Function) -> dict[str, Any]:
@@ -419,6 +453,9 @@ async def reconcile_function(
                 now=now,
             )
 
+    conditions = _mark_unsupported(
+        conditions, unsupported_function_fields(fn.spec), body, record, generation=generation, now=now
+    )
     conditions = cond.with_ready(conditions, cond.FUNCTION_DEPENDENTS, generation=generation, now=now)
     for type_ in (cond.READY, cond.POLICY_RESOLVED, cond.EGRESS_ENFORCED):
         changed = _status_changed(old_conditions, conditions, type_)
@@ -589,6 +626,9 @@ async def reconcile_security_policy(
         message=policy.message,
         generation=generation,
         now=now,
+    )
+    conditions = _mark_unsupported(
+        conditions, unsupported_policy_fields(spec), body, record, generation=generation, now=now
     )
     conditions = cond.with_ready(conditions, (cond.POLICY_RESOLVED,), generation=generation, now=now)
     changed = _status_changed(old_conditions, conditions, cond.READY)

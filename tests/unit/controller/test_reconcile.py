@@ -373,3 +373,93 @@ async def test_security_policy_status_and_functions_nudged() -> None:
     assert _conditions(status)["Ready"] == ("False", "RuntimeClassMissing")
     assert len(status["policyHash"]) == 64
     assert kube.writes == ["annotate functions/hello"]
+
+
+# Unsupported: fields accepted but not implemented yet (issue #10); informational, never part of Ready.
+
+
+class _Warnings:
+    """Events with their messages, for the Unsupported cases."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, str]] = []
+
+    def __call__(self, obj: Any, *, type: str, reason: str, message: str) -> None:
+        self.seen.append((type, reason, message))
+
+    def of(self, reason: str) -> list[tuple[str, str, str]]:
+        return [event for event in self.seen if event[1] == reason]
+
+
+def _condition(status: Obj, type_: str) -> Obj:
+    return next(c for c in status["conditions"] if c["type"] == type_)
+
+
+async def test_function_setting_unimplemented_fields_is_told_once_without_losing_ready() -> None:
+    kube = FakeKube()
+    fn = kube.add("functions", _fn_body(freeze={"enabled": True}, http={"routes": [{"path": "/greet"}]}))
+    recorder = _Warnings()
+    first = await reconcile_function(cast(Any, kube), SETTINGS, fn, now=NOW, record=recorder)
+    message = "spec.http.routes, spec.freeze are accepted but not implemented yet; they have no effect."
+    assert _condition(first, "Unsupported") | {"lastTransitionTime": None} == {
+        "type": "Unsupported",
+        "status": "True",
+        "reason": "FieldsNotImplemented",
+        "message": message,
+        "lastTransitionTime": None,
+        "observedGeneration": 1,
+    }
+    assert recorder.of("FieldsNotImplemented") == [("Warning", "FieldsNotImplemented", message)]
+
+    version = kube.custom[("versions", NS, "hello-v1")]
+    version["status"] = {"conditions": [{"type": "Ready", "status": "True", "reason": "Ready"}]}
+    fn["status"] = first
+    recorder = _Warnings()
+    second = await reconcile_function(cast(Any, kube), SETTINGS, fn, now=NOW, record=recorder)
+    assert _conditions(second)["Ready"] == ("True", "Ready")
+    assert _conditions(second)["Unsupported"] == ("True", "FieldsNotImplemented")
+    assert recorder.of("FieldsNotImplemented") == []
+
+
+async def test_function_is_told_again_when_the_fields_change_and_when_they_are_gone() -> None:
+    kube = FakeKube()
+    fn = kube.add("functions", _fn_body(freeze={"enabled": True}))
+    fn["status"] = await reconcile_function(cast(Any, kube), SETTINGS, fn, now=NOW, record=_Warnings())
+
+    fn["spec"]["scaling"] = {"predictive": True}
+    recorder = _Warnings()
+    fn["status"] = await reconcile_function(cast(Any, kube), SETTINGS, fn, now=NOW, record=recorder)
+    assert [m for _, _, m in recorder.of("FieldsNotImplemented")] == [
+        "spec.scaling.predictive, spec.freeze are accepted but not implemented yet; they have no effect."
+    ]
+
+    del fn["spec"]["scaling"], fn["spec"]["freeze"]
+    recorder = _Warnings()
+    status = await reconcile_function(cast(Any, kube), SETTINGS, fn, now=NOW, record=recorder)
+    assert _conditions(status)["Unsupported"] == ("False", "AllSupported")
+    assert [(t, r) for t, r, _ in recorder.seen if r in ("AllSupported", "FieldsNotImplemented")] == [
+        ("Normal", "AllSupported")
+    ]
+
+
+async def test_function_without_unimplemented_fields_is_all_supported_without_an_event() -> None:
+    kube = FakeKube()
+    fn = kube.add("functions", _fn_body(freeze={"enabled": False}))
+    recorder = _Warnings()
+    status = await reconcile_function(cast(Any, kube), SETTINGS, fn, now=NOW, record=recorder)
+    assert _conditions(status)["Unsupported"] == ("False", "AllSupported")
+    assert recorder.of("AllSupported") == []
+
+
+async def test_security_policy_setting_unimplemented_fields_is_told() -> None:
+    kube = FakeKube()
+    policy = kube.add(
+        "securitypolicies",
+        {"metadata": {"name": "p", "namespace": NS}, "spec": {"trustLevel": "trusted", "limits": {"pids": 64}}},
+    )
+    recorder = _Warnings()
+    status = await reconcile_security_policy(cast(Any, kube), SETTINGS, policy, now=NOW, record=recorder)
+    message = "spec.limits.pids, spec.trustLevel are accepted but not implemented yet; they have no effect."
+    assert _condition(status, "Unsupported")["message"] == message
+    assert _conditions(status)["Ready"] == ("True", "Ready")
+    assert recorder.of("FieldsNotImplemented") == [("Warning", "FieldsNotImplemented", message)]
