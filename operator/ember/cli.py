@@ -13,7 +13,7 @@ USAGE = """usage: ember <command> [args]
 commands:
   dev [DIR]        run Ember locally: activator + sandboxed agents, functions from DIR (default examples/)
   invoke NAME      invoke a function of a running `ember dev` (see `ember invoke --help`)
-  validate PATH..  check Function/Version/SecurityPolicy manifests, one line per problem
+  validate PATH..  check Function/Version/SecurityPolicy manifests, one line per problem or warning
   crds             write the CRDs generated from the API models (default into crds/)
   version          print Ember's version
 """
@@ -45,22 +45,28 @@ def _crds(argv: list[str]) -> int:
 
 
 def _validate(argv: list[str]) -> int:
-    from ember.api.manifests import ManifestError, load_manifests
+    from ember.api.manifests import ManifestError, load_sourced_manifests, unsupported_fields_warning
 
-    parser = argparse.ArgumentParser(prog="ember validate", description="Validate Ember manifests.")
+    parser = argparse.ArgumentParser(
+        prog="ember validate",
+        description="Validate Ember manifests. Fields accepted but not implemented yet are warnings (exit 0).",
+    )
     parser.add_argument("paths", nargs="+", type=Path, help="files or directories")
     args = parser.parse_args(argv)
     failed = False
     for path in args.paths:
         try:
-            resources = load_manifests(path)
+            resources = load_sourced_manifests(path)
         except ManifestError as err:
             failed = True
             for problem in err.problems:
                 print(problem, file=sys.stderr)
             continue
-        for resource in resources:
+        for source, resource in resources:
             print(f"ok  {resource.KIND} {resource.metadata.namespace}/{resource.metadata.name}")
+            warning = unsupported_fields_warning(source, resource)
+            if warning is not None:
+                print(f"warning: {warning}", file=sys.stderr)
     return 1 if failed else 0
 
 

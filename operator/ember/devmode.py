@@ -4,8 +4,10 @@
 the activator (default 127.0.0.1:8080), prints each function's invoke URL and a curl line,
 and watches DIR: an edited Function becomes a new Version while the old one keeps serving
 until the new one is ready; a file with mistakes is reported (one line per problem) and the
-functions it defined keep running as they were. Ctrl-C stops every agent process; a second
-Ctrl-C exits at once.
+functions it defined keep running as they were. A manifest that sets fields without effect here
+(not implemented yet, or not in local mode, such as egress) gets a warning line naming them,
+printed again only when what it says changes. Ctrl-C stops every agent process; a second Ctrl-C
+exits at once.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from ember.activator.app import make_app
 from ember.activator.config import ActivatorConfig
 from ember.activator.registry import Registry
 from ember.api.function import Function
-from ember.api.manifests import ManifestError, load_manifests, manifest_files
+from ember.api.manifests import ManifestError, load_sourced_manifests, manifest_files, unsupported_fields_warning
 from ember.api.security_policy import SecurityPolicy, SecurityPolicySpec
 from ember.pods.local import LocalPodSource, detect_sandbox
 
@@ -55,23 +57,32 @@ class Workspace:
 
     root: Path
     by_file: dict[Path, list[Function | SecurityPolicy]] = field(default_factory=dict)
+    warned: set[str] = field(default_factory=set)
 
     def reload(self, report: Callable[[str], None]) -> None:
         """Re-read every manifest file; files with problems keep what they defined before."""
         files = manifest_files(self.root) if self.root.exists() else []
         fresh: dict[Path, list[Function | SecurityPolicy]] = {}
+        warnings: set[str] = set()
         for file in files:
             try:
-                resources = load_manifests(file)
+                sourced = load_sourced_manifests(file)
             except ManifestError as err:
                 for problem in err.problems:
                     report(f"error: {problem}")
                 if file in self.by_file:
                     report(f"note: {file}: keeping its previous definitions until it is fixed")
                     fresh[file] = self.by_file[file]
+                    warnings.update(w for w in self.warned if w.startswith((f"{file}: ", f"{file}#")))
                 continue
-            fresh[file] = [r for r in resources if isinstance(r, Function | SecurityPolicy)]
-        self.by_file = fresh
+            fresh[file] = [r for _, r in sourced if isinstance(r, Function | SecurityPolicy)]
+            for source, resource in sourced:
+                warning = unsupported_fields_warning(source, resource)
+                if warning is not None:
+                    warnings.add(str(warning))
+        for line in sorted(warnings - self.warned):
+            report(f"warning: {line}")
+        self.by_file, self.warned = fresh, warnings
 
     def functions(self) -> list[tuple[Function, Path]]:
         return [(r, f.parent) for f, rs in self.by_file.items() for r in rs if isinstance(r, Function)]

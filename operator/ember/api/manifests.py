@@ -2,7 +2,8 @@
 
 Used by `ember validate`, by local mode (`ember dev`) and by tests. Each problem names the
 file, the document, the field path in the manifest's own (camelCase) spelling, and what is
-allowed there, so a user can fix every mistake after one run.
+allowed there, so a user can fix every mistake after one run. A valid manifest that sets fields
+Ember does not implement yet gets a warning naming them (`unsupported_fields_warning`), not an error.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from ember.api.common import API_VERSION, Resource
 from ember.api.function import Function
 from ember.api.security_policy import SecurityPolicy
+from ember.api.unsupported import unsupported_warning
 from ember.api.version import Version
 
 KINDS: dict[str, type[Resource]] = {m.KIND: m for m in (Function, Version, SecurityPolicy)}
@@ -141,10 +143,15 @@ def load_manifests(path: Path | str) -> list[Resource]:
     Files under a directory that hold no Ember resource (other apiVersions) are skipped, so
     Ember manifests can live beside other Kubernetes objects.
     """
+    return [resource for _, resource in load_sourced_manifests(path)]
+
+
+def load_sourced_manifests(path: Path | str) -> list[tuple[str, Resource]]:
+    """`load_manifests`, each resource with where it came from (`file`, or `file#n` in a multi-document file)."""
     root = Path(path)
     if not root.exists():
         raise ManifestError([Problem(str(root), "", "no such file or directory")])
-    resources: list[Resource] = []
+    resources: list[tuple[str, Resource]] = []
     problems: list[Problem] = []
     seen: dict[tuple[str, str, str], str] = {}
     for file in manifest_files(root):
@@ -172,7 +179,18 @@ def load_manifests(path: Path | str) -> list[Resource]:
                 )
                 continue
             seen[key] = source
-            resources.append(resource)
+            resources.append((source, resource))
     if problems:
         raise ManifestError(problems)
     return resources
+
+
+def unsupported_fields_warning(source: str, resource: Resource) -> Problem | None:
+    """A warning naming the fields a Function or SecurityPolicy sets that have no effect yet
+    (ember.api.unsupported: anywhere, then in local mode only); None when there are none."""
+    if not isinstance(resource, Function | SecurityPolicy):
+        return None  # a Version's spec is the operator's copy of its Function's
+    text = unsupported_warning(resource.spec)
+    if text is None:
+        return None
+    return Problem(source, "", f"{resource.KIND} {resource.metadata.namespace}/{resource.metadata.name}: {text}")

@@ -1,0 +1,102 @@
+"""`ember validate` and `ember dev` name the fields a manifest sets that have no effect (issue #10).
+
+Real CLI processes on real files. What is on the list is the unit tier's
+(tests/unit/api/test_unsupported.py); the operator's condition and event are the apiserver tier's
+(tests/apiserver/test_operator_unsupported.py).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+FROZEN = """
+apiVersion: ember.run/v1alpha1
+kind: Function
+metadata:
+  name: frozen
+spec:
+  runtime: python3.11
+  handler: main.handler
+  code:
+    inline: |
+      def handler(event, context):
+          return "hi"
+  freeze: {enabled: true, idleSeconds: 60}
+"""
+
+POLICY = """
+apiVersion: ember.run/v1alpha1
+kind: SecurityPolicy
+metadata:
+  name: offline
+spec:
+  egress: {mode: none}
+"""
+
+
+def _ember(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ember.cli", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_validate_warns_about_freeze_and_still_succeeds(tmp_path: Path) -> None:
+    (tmp_path / "frozen.yaml").write_text(FROZEN)
+    result = _ember("validate", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["ok  Function default/frozen"]
+    assert result.stderr.splitlines() == [
+        f"warning: {tmp_path / 'frozen.yaml'}: Function default/frozen: spec.freeze is accepted but not "
+        "implemented yet; it has no effect"
+    ]
+
+
+def test_validate_names_local_mode_gaps_and_keeps_errors_failing(tmp_path: Path) -> None:
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    (tmp_path / "broken.yaml").write_text(FROZEN.replace("handler: main.handler", "handler: nodot"))
+    result = _ember("validate", str(tmp_path / "policy.yaml"), str(tmp_path / "broken.yaml"))
+    assert result.returncode == 1
+    assert (
+        f"warning: {tmp_path / 'policy.yaml'}: SecurityPolicy default/offline: spec.egress is accepted but not "
+        "implemented in local mode (ember dev); it has no effect there"
+    ) in result.stderr.splitlines()
+    assert "spec.handler" in result.stderr
+    assert "frozen: spec.freeze" not in result.stderr, "an invalid manifest gets its errors, not warnings"
+
+
+def test_dev_warns_once_per_manifest(tmp_path: Path) -> None:
+    (tmp_path / "frozen.yaml").write_text(FROZEN)
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ember.cli", "dev", str(tmp_path), "--port", "0", "--no-watch", "--warm-pool", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any("activator on" in line for line in lines):
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line.rstrip("\n"))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    warnings = [line for line in lines if line.startswith("ember dev: warning: ")]
+    assert warnings == [
+        f"ember dev: warning: {tmp_path / 'frozen.yaml'}: Function default/frozen: spec.freeze is accepted but not "
+        "implemented yet; it has no effect",
+        f"ember dev: warning: {tmp_path / 'policy.yaml'}: SecurityPolicy default/offline: spec.egress is accepted but "
+        "not implemented in local mode (ember dev); it has no effect there",
+    ], "\n".join(lines)
