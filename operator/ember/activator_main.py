@@ -3,8 +3,7 @@
 Settings come from the environment the chart sets, each overridable by a flag:
 `EMBER_ACTIVATOR_PORT` (`--port`, default 8080), `EMBER_ACTIVATOR_HOST` (`--host`, default
 0.0.0.0), `EMBER_NAMESPACES` (`--namespace`; one namespace: the pod source and the catalog work
-per namespace), `EMBER_DEFAULT_POLICY` (the SecurityPolicy name Functions without a reference use,
-as in the operator), `POD_NAME` (the claim holder), `EMBER_ACTIVATOR_LEASE_S` (`--lease-s`, default
+per namespace), `POD_NAME` (the claim holder), `EMBER_ACTIVATOR_LEASE_S` (`--lease-s`, default
 15: the holder Lease's duration; see `ember.pods.kubernetes`), `EMBER_LOG_LEVEL`. The API server is
 reached in-cluster when `KUBERNETES_SERVICE_HOST` is set, else through `KUBECONFIG` (or ~/.kube/config).
 
@@ -95,7 +94,6 @@ def parse_args(argv: list[str], env: Mapping[str, str]) -> argparse.Namespace:
     if args.namespace is None:
         args.namespace = namespace_of(env.get("EMBER_NAMESPACES", ""))
     args.holder = holder_of_process(env, hostname=socket.gethostname(), pid=os.getpid())
-    args.default_policy = env.get("EMBER_DEFAULT_POLICY") or "default"
     return args
 
 
@@ -131,7 +129,6 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
             api,
             app[keys.REGISTRY],
             namespace=args.namespace,
-            default_policy=args.default_policy,
             on_change=app[keys.SCALER].poke,
         )
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=30.0)

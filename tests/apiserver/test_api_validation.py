@@ -15,6 +15,7 @@ from kubernetes.client.exceptions import ApiException
 from tests.apiserver.operator_harness import Ember, crds, ember, hello_function, ns
 
 from ember.api.function import Function
+from ember.api.security_policy import DEFAULT_POLICY
 from ember.api.version import code_hash
 from ember.resources.version import build_version
 
@@ -116,7 +117,10 @@ def test_valid_twin_is_accepted(ember: Ember, plural: str, body: dict[str, Any])
 def test_version_spec_is_immutable(ember: Ember) -> None:
     fn = ember.create("functions", copy.deepcopy(GOOD_FUNCTION))
     model = Function.model_validate({k: fn[k] for k in ("apiVersion", "kind", "metadata", "spec")})
-    version = ember.create("versions", build_version(model, number=1, code_hash=code_hash(model.spec)))
+    version = ember.create(
+        "versions",
+        build_version(model, number=1, code_hash=code_hash(model.spec, DEFAULT_POLICY), policy=DEFAULT_POLICY),
+    )
     with pytest.raises(ApiException) as caught:
         ember.patch("versions", version["metadata"]["name"], {"spec": {"number": 2}})
     assert "a Version's spec is immutable" in _rejection(caught.value)

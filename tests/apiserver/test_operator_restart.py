@@ -19,6 +19,7 @@ from tests.apiserver.operator_harness import (
 )
 
 from ember.api.function import Function
+from ember.api.security_policy import DEFAULT_POLICY
 from ember.api.version import code_hash
 from ember.resources.version import build_version
 
@@ -29,7 +30,10 @@ def test_crash_after_creating_a_version_is_finished_on_restart(ember: Ember, kub
     # The state a crash leaves between "Version created" and "ConfigMap and status written".
     fn = ember.create("functions", hello_function())
     model = Function.model_validate({k: fn[k] for k in ("apiVersion", "kind", "metadata", "spec")})
-    ember.create("versions", build_version(model, number=1, code_hash=code_hash(model.spec)))
+    ember.create(
+        "versions",
+        build_version(model, number=1, code_hash=code_hash(model.spec, DEFAULT_POLICY), policy=DEFAULT_POLICY),
+    )
 
     operator = OperatorProcess(kubeconfig, ember.ns, tmp_path / "operator.log")
     operator.start()
@@ -70,7 +74,9 @@ def test_sigkill_during_a_burst_of_changes_converges(ember: Ember, kubeconfig: P
         versions = ember.versions("hello")
         newest = versions[max(versions)]
         model = Function.model_validate({k: fn[k] for k in ("apiVersion", "kind", "metadata", "spec")})
-        assert newest["spec"]["codeHash"] == code_hash(model.spec), "the newest Version runs the current spec"
+        assert newest["spec"]["codeHash"] == code_hash(model.spec, DEFAULT_POLICY), (
+            "the newest Version runs the current spec"
+        )
         assert newest["spec"]["function"]["code"]["inline"].endswith("return 6\n")
         hashes = [v["spec"]["codeHash"] for v in versions.values()]
         assert len(set(hashes)) == len(hashes), "no duplicate Versions of one content"

@@ -26,7 +26,7 @@ from kubernetes_asyncio import config as aconfig
 from tests.apiserver.operator_harness import Ember, crds, ember, eventually, hello_function, ns
 
 from ember.api.function import Function
-from ember.api.security_policy import SecurityPolicySpec
+from ember.api.security_policy import DEFAULT_POLICY, SecurityPolicySpec
 from ember.api.version import Version, code_hash
 from ember.pods.base import PodHandle, PoolUnavailable, SpecializeFailed, VersionKey
 from ember.pods.kubernetes import CLAIMED_AT, CLAIMED_BY, KubernetesPodSource
@@ -98,8 +98,8 @@ class World:
         ember.core.create_namespaced_service_account(ember.ns, {"metadata": {"name": "default"}})
         fn_body = ember.create("functions", hello_function(code={"inline": CODE}))
         self.fn = Function.model_validate({k: fn_body[k] for k in ("apiVersion", "kind", "metadata", "spec")})
-        self.hash = code_hash(self.fn.spec)
-        stored = ember.create("versions", build_version(self.fn, number=1, code_hash=self.hash))
+        self.hash = code_hash(self.fn.spec, DEFAULT_POLICY)
+        stored = ember.create("versions", build_version(self.fn, number=1, code_hash=self.hash, policy=DEFAULT_POLICY))
         self.version = Version.model_validate({k: stored[k] for k in ("apiVersion", "kind", "metadata", "spec")})
         files = version_files(self.fn.spec, None)
         assert files is not None

@@ -1,14 +1,14 @@
-"""The activator's view of the cluster: the Functions, Versions and SecurityPolicies the operator keeps.
+"""The activator's view of the cluster: the Functions and Versions the operator keeps.
 
 In a cluster the operator numbers the Versions; the activator only follows them. `Catalog`
-lists, then watches, the three kinds in one namespace (kubernetes_asyncio; a watch that
-expires with 410 Gone is re-listed), keeps the raw objects, and after every change applies the
-whole picture to the `Registry` (level-based: the result depends only on what is stored, not
-on the order of events). The picture is computed by the pure `plan`: each valid Function with
-its valid Versions (those that name it and are owned by its uid, so leftovers of an earlier
-Function of the same name are ignored) and the pool each Version's pods come from, resolved
-the way the operator resolves it (the referenced SecurityPolicy, else the namespace's default
-one, else the built-in default).
+lists, then watches, both kinds in one namespace (kubernetes_asyncio; a watch that expires with
+410 Gone is re-listed), keeps the raw objects, and after every change applies the whole picture
+to the `Registry` (level-based: the result depends only on what is stored, not on the order of
+events). The picture is computed by the pure `plan`: each valid Function with its valid Versions
+(those that name it and are owned by its uid, so leftovers of an earlier Function of the same
+name are ignored) and the pool each Version's pods come from. A Version carries the
+SecurityPolicy it was made under (`spec.policy`), so the activator resolves no policy itself: a
+policy edit reaches it as a new Version from the operator.
 """
 
 from __future__ import annotations
@@ -29,16 +29,15 @@ from ember.activator.errors import FunctionNotFound
 from ember.activator.registry import Registry
 from ember.api.common import GROUP, VERSION
 from ember.api.function import Function
-from ember.api.security_policy import SecurityPolicySpec
 from ember.api.version import Version
 from ember.pods.base import PoolKey
-from ember.pods.payload import DEFAULT_POLICY, pool_key
+from ember.pods.payload import pool_key
 
 log = logging.getLogger(__name__)
 
 Obj = dict[str, Any]
 Key = tuple[str, str]  # (namespace, name)
-PLURALS: tuple[str, ...] = ("functions", "versions", "securitypolicies")
+PLURALS: tuple[str, ...] = ("functions", "versions")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +56,6 @@ class FunctionPlan:
 
     function: Function
     versions: tuple[VersionPlan, ...]
-    problem: str = ""  # why its Versions are not served (e.g. a missing SecurityPolicy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,32 +80,9 @@ def _where(plural: str, obj: Mapping[str, Any]) -> str:
     return f"{plural} {meta.get('namespace', '?')}/{meta.get('name', '?')}"
 
 
-def resolve_policy(
-    function: Function, policies: Mapping[Key, SecurityPolicySpec], default_policy: str
-) -> SecurityPolicySpec | None:
-    """The Function's SecurityPolicy as the operator resolves it; None when the one it names is missing."""
-    namespace = function.metadata.namespace
-    ref = function.spec.security_policy_ref
-    if ref is not None:
-        return policies.get((namespace, ref.name))
-    return policies.get((namespace, default_policy), DEFAULT_POLICY)
-
-
-def plan(
-    functions: Mapping[Key, Obj],
-    versions: Mapping[Key, Obj],
-    policies: Mapping[Key, Obj],
-    *,
-    default_policy: str = "default",
-) -> Plan:
+def plan(functions: Mapping[Key, Obj], versions: Mapping[Key, Obj]) -> Plan:
     """What the registry should hold for these stored objects (pure: no I/O, no clock)."""
     problems: list[str] = []
-    parsed_policies: dict[Key, SecurityPolicySpec] = {}
-    for key, obj in policies.items():
-        try:
-            parsed_policies[key] = SecurityPolicySpec.model_validate(obj.get("spec") or {})
-        except ValidationError as err:
-            problems.append(f"{_where('securitypolicies', obj)}: invalid, skipped: {err.error_count()} error(s)")
     parsed: dict[Key, Function] = {}
     for key, obj in functions.items():
         try:
@@ -131,16 +106,11 @@ def plan(
         owned[fkey].append(version)
     out: dict[Key, FunctionPlan] = {}
     for key, fn in parsed.items():
-        policy = resolve_policy(fn, parsed_policies, default_policy)
-        if policy is None:
-            ref = fn.spec.security_policy_ref
-            problem = f"SecurityPolicy {ref.name if ref else '?'!r} (spec.securityPolicyRef) does not exist"
-            out[key] = FunctionPlan(fn, (), problem)
-            continue
         seen: dict[int, VersionPlan] = {}
         for version in owned[key]:
             number = version.spec.number
-            seen[number] = VersionPlan(number, version.spec.code_hash, version, pool_key(version.spec.function, policy))
+            pool = pool_key(version.spec.function, version.spec.policy)
+            seen[number] = VersionPlan(number, version.spec.code_hash, version, pool)
         out[key] = FunctionPlan(fn, tuple(seen[n] for n in sorted(seen)))
     return Plan(out, tuple(problems))
 
@@ -157,8 +127,6 @@ def apply_plan(registry: Registry, wanted: Plan) -> list[str]:
             made = registry.apply_version(namespace, name, vp.number, vp.code_hash, vp.version.spec.function, vp.pool)
             if made is not None:
                 changes.append(f"Version {vp.number} of {namespace}/{name}: loading")
-        if fp.problem:
-            continue  # Versions unknown for now (e.g. a missing policy) are not Versions deleted
         planned = {vp.number for vp in fp.versions}
         known = registry.get(namespace, name).versions
         for number in sorted(set(known) - planned):
@@ -180,14 +148,12 @@ class Catalog:
         registry: Registry,
         *,
         namespace: str,
-        default_policy: str = "default",
         on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self.namespace = namespace
         self._api: Any = api
         self._custom: Any = client.CustomObjectsApi(api)
         self._registry = registry
-        self._default_policy = default_policy
         self._on_change = on_change
         self._objects: dict[str, dict[Key, Obj]] = {plural: {} for plural in PLURALS}
         self._synced = {plural: asyncio.Event() for plural in PLURALS}
@@ -216,16 +182,8 @@ class Catalog:
         """Apply what is stored now to the registry (once every kind has been listed)."""
         if not all(event.is_set() for event in self._synced.values()):
             return
-        wanted = plan(
-            self._objects["functions"],
-            self._objects["versions"],
-            self._objects["securitypolicies"],
-            default_policy=self._default_policy,
-        )
-        for problem in (
-            *wanted.problems,
-            *(f"{k[0]}/{k[1]}: {f.problem}" for k, f in wanted.functions.items() if f.problem),
-        ):
+        wanted = plan(self._objects["functions"], self._objects["versions"])
+        for problem in wanted.problems:
             if problem not in self._reported:
                 self._reported.add(problem)
                 log.warning("catalog namespace=%s %s", self.namespace, problem)

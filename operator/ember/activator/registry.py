@@ -34,7 +34,7 @@ from ember.activator.metrics import Metrics
 from ember.activator.throttler import PodSlots, Throttler
 from ember.activator.traffic import AliasTarget, Split, latest_serving, resolve
 from ember.api.function import Function, FunctionSpec
-from ember.api.security_policy import SecurityPolicySpec
+from ember.api.security_policy import DEFAULT_POLICY, SecurityPolicySpec
 from ember.api.version import code_hash
 from ember.pods.base import PodId, PoolKey, SpecializeRequest, VersionKey
 from ember.pods.payload import PayloadError, path_digest, pool_key, specialize_request
@@ -266,9 +266,9 @@ class Registry:
         fs = self.follow(function)
         spec = function.spec
         pool = pool_key(spec, policy)
-        digest = code_hash(spec, path_digest(spec, base_dir))
+        digest = code_hash(spec, policy or DEFAULT_POLICY, path_digest(spec, base_dir))
         current = fs.versions.get(fs.latest_number)
-        if current is not None and current.code_hash == digest and current.pool == pool:
+        if current is not None and current.code_hash == digest:
             return None  # scaling, traffic or aliases changed: no new Version
         number = fs.latest_number + 1
         key = VersionKey(fs.namespace, fs.name, number)

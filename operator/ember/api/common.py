@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -16,6 +18,12 @@ API_VERSION = f"{GROUP}/{VERSION}"
 # Kubernetes caps at 63 characters; 40 leaves room for the suffixes.
 NAME_MAX_LENGTH = 40
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+def content_digest(value: Any) -> str:
+    """SHA-256 (hex) of a JSON value in canonical form: equal for equal content, whatever the key order."""
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(canonical).hexdigest()
 
 
 class Model(BaseModel):

@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
-from ember.api.common import DNS_LABEL_PATTERN, Model, PrinterColumn, Resource, Status, cel, validations
+from ember.api.common import DNS_LABEL_PATTERN, Model, PrinterColumn, Resource, Status, cel, content_digest, validations
 from ember.api.function import KeyRef
 
 Sandbox = Literal["gvisor", "kata", "none"]
@@ -145,6 +145,14 @@ class SecurityPolicySpec(Model):
     def runtime_class(self) -> str | None:
         """The RuntimeClass pods under this policy use (None: the cluster default, runc)."""
         return self.runtime_class_name or RUNTIME_CLASS_BY_SANDBOX[self.sandbox]
+
+
+DEFAULT_POLICY = SecurityPolicySpec()  # what a Function runs under when no SecurityPolicy applies: gVisor, no egress
+
+
+def policy_hash(policy: SecurityPolicySpec) -> str:
+    """Content hash of a policy (hex): pods are shared only between Functions under equal policies."""
+    return content_digest(policy.model_dump(by_alias=True, mode="json"))
 
 
 class SecurityPolicyStatus(Status):

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import ClassVar, Literal
 
 from pydantic import ConfigDict, Field
 
-from ember.api.common import DNS_LABEL_PATTERN, Model, PrinterColumn, Resource, Status, cel, validations
+from ember.api.common import (
+    DNS_LABEL_PATTERN,
+    Model,
+    PrinterColumn,
+    Resource,
+    Status,
+    cel,
+    content_digest,
+    validations,
+)
 from ember.api.function import FunctionSpec
+from ember.api.security_policy import SecurityPolicySpec, policy_hash
 
 Phase = Literal["Pending", "Loading", "Ready", "Failed", "Retired"]
 
@@ -31,19 +39,21 @@ VERSIONED_FIELDS: tuple[str, ...] = (
 )
 
 
-def code_hash(spec: FunctionSpec, resolved_code_digest: str | None = None) -> str:
-    """Content hash of what a Version runs: `sha256:<hex>`, equal for equal effective specs.
+def code_hash(spec: FunctionSpec, policy: SecurityPolicySpec, resolved_code_digest: str | None = None) -> str:
+    """Content hash of what a Version runs and under which policy: `sha256:<hex>`, equal for equal content.
 
-    `resolved_code_digest` is the digest of code the spec only points to (a ConfigMap or a
-    local path); the caller reads it, since the bytes live outside the spec. Inline code and
-    url + sha256 are already content in the spec.
+    The effective SecurityPolicy is part of it, so a policy edit makes a new Version that rolls out
+    like any other change (the old one serves, under its old pool, until the new one is ready).
+    `resolved_code_digest` is the digest of code the spec only points to (a ConfigMap or a local
+    path); the caller reads it, since the bytes live outside the spec. Inline code and url + sha256
+    are already content in the spec.
     """
     wire = spec.model_dump(by_alias=True, exclude_none=True, mode="json")
     content = {name: wire[name] for name in VERSIONED_FIELDS if name in wire}
+    content["policy"] = policy_hash(policy)
     if resolved_code_digest is not None:
         content["resolvedCode"] = resolved_code_digest
-    canonical = json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
-    return "sha256:" + hashlib.sha256(canonical).hexdigest()
+    return "sha256:" + content_digest(content)
 
 
 def version_name(function_name: str, number: int) -> str:
@@ -60,6 +70,16 @@ class VersionSpec(Model):
     number: int = Field(ge=1, description="Version number, 1, 2, 3... per Function.")
     code_hash: str = Field(pattern=r"^sha256:[0-9a-f]{64}$", description="Content hash of code and config.")
     function: FunctionSpec = Field(description="Frozen copy of the Function's effective spec.")
+    policy: SecurityPolicySpec = Field(
+        description="Frozen copy of the SecurityPolicy the Version runs under (the Function's, else the "
+        "namespace's default, else the built-in default); part of the content hash."
+    )
+    policy_name: str | None = Field(
+        default=None,
+        pattern=DNS_LABEL_PATTERN,
+        max_length=253,
+        description="Name of the SecurityPolicy copied into policy (absent: the built-in default).",
+    )
 
 
 class ResourceRecommendation(Model):

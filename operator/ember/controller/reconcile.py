@@ -14,7 +14,6 @@ Function's handler; so do code ConfigMaps, RuntimeClasses and deleted pools (see
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -30,7 +29,6 @@ from ember.api.unsupported import not_implemented_message, unsupported_function_
 from ember.api.version import Version, code_hash, version_name
 from ember.controller.kube import Conflict, Kube, Obj
 from ember.controller.settings import Settings
-from ember.pods.payload import DEFAULT_POLICY, policy_hash
 from ember.resources import conditions as cond
 from ember.resources import labels
 from ember.resources.code import (
@@ -41,9 +39,11 @@ from ember.resources.code import (
     files_from_configmap,
     version_files,
 )
+from ember.resources.meta import pod_ready
 from ember.resources.network_policy import function_network_policy, pool_network_policy
+from ember.resources.policy import choose_policy, policy_name_for
 from ember.resources.pool import PoolSpec, pool_deployment
-from ember.resources.retention import versions_to_delete
+from ember.resources.retention import referenced_versions, versions_to_delete
 from ember.resources.version import build_version, plan_version
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class PolicyResolution:
 
 
 def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+    return content_digest(obj)[:16]
 
 
 def _conditions_of(status: Mapping[str, Any] | None) -> list[Condition]:
@@ -145,27 +145,21 @@ def _function_owner(fn: Function) -> dict[str, Any]:
 
 
 async def resolve_policy(kube: Kube, settings: Settings, namespace: str, ref: ObjectRef | None) -> PolicyResolution:
-    """The referenced SecurityPolicy, the namespace's default one, or the built-in default (gVisor, no egress)."""
-    name: str | None = ref.name if ref is not None else settings.default_policy_name
-    assert name is not None
-    body = await kube.get_custom("securitypolicies", namespace, name)
-    if body is None:
-        if ref is not None:
-            return PolicyResolution(
-                None,
-                name,
-                "False",
-                cond.Reason.POLICY_MISSING,
-                f"SecurityPolicy {name!r} (spec.securityPolicyRef) does not exist in namespace {namespace!r}.",
-            )
-        spec, name = DEFAULT_POLICY, None
-    else:
+    """The Function's SecurityPolicy (`ember.resources.policy`), checked for a usable RuntimeClass."""
+    lookup = policy_name_for(ref, settings.default_policy_name)
+    body = await kube.get_custom("securitypolicies", namespace, lookup)
+    found: SecurityPolicySpec | None = None
+    if body is not None:
         try:
-            spec = SecurityPolicySpec.model_validate(body.get("spec") or {})
+            found = SecurityPolicySpec.model_validate(body.get("spec") or {})
         except ValidationError as err:
             return PolicyResolution(
-                None, name, "False", cond.Reason.POLICY_INVALID, f"SecurityPolicy {name!r} is invalid: {err}"
+                None, lookup, "False", cond.Reason.POLICY_INVALID, f"SecurityPolicy {lookup!r} is invalid: {err}"
             )
+    choice = choose_policy(namespace=namespace, ref=ref, default_name=settings.default_policy_name, found=found)
+    if choice.spec is None:
+        return PolicyResolution(None, choice.name, "False", cond.Reason.POLICY_MISSING, choice.problem)
+    spec, name = choice.spec, choice.name
     which = f"SecurityPolicy {name!r}" if name else "the built-in default policy"
     runtime_class = spec.runtime_class
     if runtime_class is not None and not await kube.runtime_class_exists(runtime_class):
@@ -212,63 +206,51 @@ def _parse_versions(items: Sequence[Obj], fn: Function) -> tuple[list[tuple[Vers
     return owned, foreign
 
 
-async def _ensure_pool(
-    kube: Kube, settings: Settings, fn: Function, policy: SecurityPolicySpec | None, record: Recorder, fn_body: Obj
-) -> str | None:
-    """The Function's pool exists and lists it as an owner; other pools drop it (and go when unowned)."""
+def _pool_of(settings: Settings, version: Version) -> PoolSpec:
+    """The generic pool a Version's pods come from: its runtime and size, under its frozen policy."""
+    spec = version.spec.function
+    return PoolSpec(
+        namespace=version.metadata.namespace,
+        runtime=spec.runtime,
+        memory_mib=spec.resources.memory_mib,
+        policy=version.spec.policy,
+        policy_hash=policy_hash(version.spec.policy),
+        image=settings.image_for(spec.runtime),
+        replicas=settings.pool_size_for(spec.runtime),
+        image_pull_policy=settings.image_pull_policy,
+        run_as_user=settings.run_as_user,
+        cpu_burst_millicores=settings.pool_cpu_burst_millicores,
+    )
+
+
+async def _ensure_pools(
+    kube: Kube, settings: Settings, fn: Function, serving: Sequence[Version], record: Recorder, fn_body: Obj
+) -> None:
+    """The pools of the Versions that serve (or are about to) exist and list the Function as an owner.
+
+    A Version keeps the pool of the policy and size it was made with, so while a new Version (a
+    policy or memory edit) loads, the old one can still claim pods from its own pool. Pools whose
+    sandbox has no RuntimeClass are not made (their pods could never start); other pools drop the
+    Function as an owner and are deleted when no Function owns them.
+    """
     ns, uid = fn.metadata.namespace, fn.metadata.uid
-    wanted: PoolSpec | None = None
-    if policy is not None:
-        wanted = PoolSpec(
-            namespace=ns,
-            runtime=fn.spec.runtime,
-            memory_mib=fn.spec.resources.memory_mib,
-            policy=policy,
-            policy_hash=policy_hash(policy),
-            image=settings.image_for(fn.spec.runtime),
-            replicas=settings.pool_size_for(fn.spec.runtime),
-            image_pull_policy=settings.image_pull_policy,
-            run_as_user=settings.run_as_user,
-            cpu_burst_millicores=settings.pool_cpu_burst_millicores,
-        )
-        desired = pool_deployment(wanted)
-        spec_hash = _digest(desired["spec"]["template"])
-        desired["metadata"]["annotations"][SPEC_HASH_ANNOTATION] = spec_hash
-        actual = await kube.get_deployment(ns, wanted.name)
-        if actual is None:
-            desired["metadata"]["ownerReferences"] = [_function_owner(fn)]
-            await kube.create_deployment(desired)
-            record(
-                fn_body,
-                type="Normal",
-                reason="PoolCreated",
-                message=f"Created warm pool {wanted.name} ({fn.spec.runtime}, {wanted.sandbox}, "
-                f"{wanted.memory_mib}Mi) with {wanted.replicas} generic pods.",
-            )
-        else:
-            owners = actual["metadata"].get("ownerReferences") or []
-            changed = False
-            if not any(o.get("uid") == uid for o in owners):
-                actual["metadata"]["ownerReferences"] = [*owners, _function_owner(fn)]
-                changed = True
-            if actual["metadata"].get("annotations", {}).get(SPEC_HASH_ANNOTATION) != spec_hash:
-                # Replicas stay as they are: the activator and the predictor resize pools.
-                actual["spec"]["template"] = desired["spec"]["template"]
-                actual["metadata"].setdefault("annotations", {}).update(desired["metadata"]["annotations"])
-                changed = True
-            if changed:
-                actual.pop("status", None)
-                await kube.replace_deployment(actual)
-        stored = await kube.get_deployment(ns, wanted.name)
-        if stored is not None:
-            await _ensure_pool_network_policy(kube, wanted, policy, stored["metadata"].get("uid"))
-    keep = wanted.name if wanted is not None else None
+    wanted: dict[str, PoolSpec] = {}
+    runtime_classes: dict[str, bool] = {}
+    for version in serving:
+        pool = _pool_of(settings, version)
+        runtime_class = pool.policy.runtime_class
+        if runtime_class is not None and runtime_class not in runtime_classes:
+            runtime_classes[runtime_class] = await kube.runtime_class_exists(runtime_class)
+        if runtime_class is None or runtime_classes[runtime_class]:
+            wanted.setdefault(pool.name, pool)
+    for pool in wanted.values():
+        await _ensure_pool(kube, fn, pool, record, fn_body)
     pools = await kube.list_deployments(
         ns, label_selector=f"{labels.COMPONENT}=pool,{labels.MANAGED_BY}={labels.MANAGER}"
     )
-    for pool in pools:
-        meta = pool["metadata"]
-        if meta["name"] == keep:
+    for deployment in pools:
+        meta = deployment["metadata"]
+        if meta["name"] in wanted:
             continue
         owners = meta.get("ownerReferences") or []
         rest = [o for o in owners if o.get("uid") != uid]
@@ -276,8 +258,8 @@ async def _ensure_pool(
             continue
         if rest:
             meta["ownerReferences"] = rest
-            pool.pop("status", None)
-            await kube.replace_deployment(pool)
+            deployment.pop("status", None)
+            await kube.replace_deployment(deployment)
         else:
             await kube.delete_deployment(ns, meta["name"])
             await kube.delete_network_policy(ns, meta["name"])
@@ -285,9 +267,42 @@ async def _ensure_pool(
                 fn_body,
                 type="Normal",
                 reason="PoolDeleted",
-                message=f"Deleted warm pool {meta['name']}: no Function uses it any more.",
+                message=f"Deleted warm pool {meta['name']}: no Version of a Function uses it any more.",
             )
-    return wanted.id if wanted is not None else None
+
+
+async def _ensure_pool(kube: Kube, fn: Function, wanted: PoolSpec, record: Recorder, fn_body: Obj) -> None:
+    """One pool Deployment exists, lists the Function as an owner and runs the wanted template."""
+    desired = pool_deployment(wanted)
+    spec_hash = _digest(desired["spec"]["template"])
+    desired["metadata"]["annotations"][SPEC_HASH_ANNOTATION] = spec_hash
+    actual = await kube.get_deployment(wanted.namespace, wanted.name)
+    if actual is None:
+        desired["metadata"]["ownerReferences"] = [_function_owner(fn)]
+        await kube.create_deployment(desired)
+        record(
+            fn_body,
+            type="Normal",
+            reason="PoolCreated",
+            message=f"Created warm pool {wanted.name} ({wanted.runtime}, {wanted.sandbox}, "
+            f"{wanted.memory_mib}Mi) with {wanted.replicas} generic pods.",
+        )
+    else:
+        owners = actual["metadata"].get("ownerReferences") or []
+        changed = False
+        if not any(o.get("uid") == fn.metadata.uid for o in owners):
+            actual["metadata"]["ownerReferences"] = [*owners, _function_owner(fn)]
+            changed = True
+        if actual["metadata"].get("annotations", {}).get(SPEC_HASH_ANNOTATION) != spec_hash:
+            actual["spec"]["template"] = desired["spec"]["template"]
+            actual["metadata"].setdefault("annotations", {}).update(desired["metadata"]["annotations"])
+            changed = True
+        if changed:
+            actual.pop("status", None)
+            await kube.replace_deployment(actual)
+    stored = await kube.get_deployment(wanted.namespace, wanted.name)
+    if stored is not None:
+        await _ensure_pool_network_policy(kube, wanted, wanted.policy, stored["metadata"].get("uid"))
 
 
 async def _ensure_pool_network_policy(
@@ -376,35 +391,47 @@ async def reconcile_function(
     for item in foreign:
         # Left by an earlier Function of this name; garbage collection would take them too.
         await kube.delete_custom("versions", ns, item["metadata"]["name"])
+    versions = {v.spec.number: v for v, _ in owned}
     by_number = {v.spec.number: status for v, status in owned}
+    # Ready means stored *and* loaded by a pod (see reconcile_version): only such a Version serves.
     ready_numbers = [n for n, st in by_number.items() if cond.is_true(_conditions_of(st), cond.READY)]
     ready_version = max(ready_numbers, default=None)
 
     created = False
+    latest: int | None = max(by_number, default=None)
     try:
         digest = await _read_code_digest(kube, fn)
     except CodeError as err:
         conditions = cond.mark_false(
             conditions, cond.VERSION_READY, cond.Reason.CODE_MISSING, str(err), generation=generation, now=now
         )
-        latest: int | None = max(by_number, default=None)
     else:
-        plan = plan_version(
-            [v for v, _ in owned], code_hash(fn.spec, digest), last_number=old_status.get("latestVersion")
-        )
-        if plan.create is not None:
-            new_body = build_version(fn, number=plan.create, code_hash=code_hash(fn.spec, digest))
-            await kube.create_custom("versions", new_body)
-            created = True
-            record(
-                body,
-                type="Normal",
-                reason="VersionCreated",
-                message=f"Created Version {plan.create} ({new_body['metadata']['name']}) "
-                "for a change of code or config.",
+        if policy.spec is None:
+            # No policy to freeze into a Version: none is made until it resolves (PolicyResolved says why).
+            status_, reason, message = (
+                _version_ready_condition(latest, False, by_number, ready_version)
+                if latest is not None
+                else ("Unknown", cond.Reason.VERSION_LOADING, "No Version yet: waiting for the SecurityPolicy.")
             )
-        latest = plan.latest_after
-        status_, reason, message = _version_ready_condition(latest, created, by_number, ready_version)
+        else:
+            desired_hash = code_hash(fn.spec, policy.spec, digest)
+            plan = plan_version(list(versions.values()), desired_hash, last_number=old_status.get("latestVersion"))
+            if plan.create is not None:
+                new_body = build_version(
+                    fn, number=plan.create, code_hash=desired_hash, policy=policy.spec, policy_name=policy.name
+                )
+                await kube.create_custom("versions", new_body)
+                versions[plan.create] = Version.model_validate(new_body)
+                created = True
+                record(
+                    body,
+                    type="Normal",
+                    reason="VersionCreated",
+                    message=f"Created Version {plan.create} ({new_body['metadata']['name']}) "
+                    "for a change of code, config or SecurityPolicy.",
+                )
+            latest = plan.latest_after
+            status_, reason, message = _version_ready_condition(latest, created, by_number, ready_version)
         conditions = cond.set_condition(
             conditions,
             type_=cond.VERSION_READY,
@@ -415,22 +442,21 @@ async def reconcile_function(
             now=now,
         )
 
-    existing_numbers = [*by_number, *([latest] if created and latest is not None else [])]
-    for number in versions_to_delete(
-        fn.spec, existing_numbers, keep_last=settings.keep_versions, ready_version=ready_version
-    ):
+    for number in versions_to_delete(fn.spec, versions, keep_last=settings.keep_versions, ready_version=ready_version):
         version_name = f"{name}-v{number}"
         await kube.delete_custom("versions", ns, version_name)
         await kube.delete_configmap(ns, code_configmap_name(version_name))
+        versions.pop(number)
         record(
             body,
             type="Normal",
             reason="VersionDeleted",
-            message=f"Deleted Version {number}: no traffic or alias references it and it is older than the "
-            f"last {settings.keep_versions}.",
+            message=f"Deleted Version {number}: no traffic or alias references it, it is not the ready one, "
+            f"and it is older than the last {settings.keep_versions}.",
         )
 
-    await _ensure_pool(kube, settings, fn, policy.spec if policy.usable else None, record, body)
+    serving = referenced_versions(fn.spec, ready_version=ready_version) | ({latest} if latest is not None else set())
+    await _ensure_pools(kube, settings, fn, [versions[n] for n in sorted(serving) if n in versions], record, body)
     if policy.usable and policy.spec is not None:
         hosts = await _ensure_network_policy(kube, fn, policy.spec)
         if hosts:
@@ -494,7 +520,7 @@ async def _ensure_code(kube: Kube, version: Version) -> tuple[ConditionStatus, s
             if source is None:
                 return "False", cond.Reason.CODE_MISSING, f"ConfigMap {ref.name!r} with the code does not exist."
             referenced = files_from_configmap(source, key=ref.key)
-            if code_hash(spec, referenced.digest()) != version.spec.code_hash:
+            if code_hash(spec, version.spec.policy, referenced.digest()) != version.spec.code_hash:
                 return (
                     "False",
                     cond.Reason.VERSION_FAILED,
@@ -541,6 +567,22 @@ async def reconcile_version(
         generation=generation,
         now=now,
     )
+    annotations = version.metadata.annotations or {}
+    loaded_status, loaded_reason, loaded_message = cond.version_loaded(
+        code_hash=version.spec.code_hash,
+        loaded_mark=annotations.get(labels.LOADED_ANNOTATION),
+        load_error=_load_error(annotations.get(labels.LOAD_ERROR_ANNOTATION)),
+        ready_pods=int(old_status.get("readyPods") or 0),
+    )
+    conditions = cond.set_condition(
+        conditions,
+        type_=cond.LOADED,
+        status=loaded_status,
+        reason=loaded_reason,
+        message=loaded_message,
+        generation=generation,
+        now=now,
+    )
     conditions = cond.with_ready(conditions, cond.VERSION_DEPENDENTS, generation=generation, now=now)
     if code_status == "False" and code_reason in cond.PERMANENT_REASONS:
         conditions = cond.mark_false(conditions, cond.READY, code_reason, code_message, generation=generation, now=now)
@@ -567,12 +609,15 @@ async def reconcile_version(
     }
 
 
-def pod_ready(pod: Obj) -> bool:
-    """A pod that is not being deleted and whose Ready condition is True."""
-    if pod.get("metadata", {}).get("deletionTimestamp"):
-        return False
-    conditions = (pod.get("status") or {}).get("conditions") or []
-    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+def _load_error(raw: str | None) -> dict[str, Any] | None:
+    """The activator's load-error mark (`labels.LOAD_ERROR_ANNOTATION`), or None when absent or unreadable."""
+    if not raw:
+        return None
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        return {"codeHash": None, "message": raw}
+    return parsed if isinstance(parsed, dict) else None
 
 
 async def report_version_pods(kube: Kube, namespace: str, function: str, version_label: str) -> int | None:
@@ -595,6 +640,11 @@ async def report_version_pods(kube: Kube, namespace: str, function: str, version
     ready = sum(1 for pod in await kube.list_pods(namespace, label_selector=selector) if pod_ready(pod))
     if (version.get("status") or {}).get("readyPods", 0) != ready:
         await kube.patch_custom_status("versions", namespace, name, {"readyPods": ready})
+    code_hash_ = (version.get("spec") or {}).get("codeHash")
+    annotations = version.get("metadata", {}).get("annotations") or {}
+    if ready > 0 and code_hash_ and annotations.get(labels.LOADED_ANNOTATION) != code_hash_:
+        # The lasting evidence that the code loads; the annotation makes kopf reconcile the Version.
+        await kube.annotate_custom("versions", namespace, name, {labels.LOADED_ANNOTATION: code_hash_})
     return ready
 
 

@@ -134,6 +134,12 @@ class PodSource(Protocol):
         """Keep `size` generic pods warm in the pool (0 lets it drain)."""
         ...
 
+    async def report_load_failure(self, version: VersionKey, *, code_hash: str, message: str) -> None:
+        """Make a Version's failed load visible where its status lives (the API server; nowhere locally).
+
+        Loads that succeed need no report: the Version's specialized pods are the evidence."""
+        ...
+
     async def close(self) -> None:
         """Stop every pod this source started."""
         ...

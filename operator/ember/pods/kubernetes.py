@@ -90,6 +90,7 @@ from ember.pods.base import (
 )
 from ember.resources import labels
 from ember.resources.code import agent_code_payload, code_configmap_name, files_from_configmap
+from ember.resources.meta import pod_ready
 from ember.resources.pool import AGENT_PORT, pool_id, pool_name
 
 log = logging.getLogger(__name__)
@@ -227,10 +228,8 @@ def pool_id_of(pool: PoolKey) -> str:
 
 
 def _ready(pod: Obj) -> bool:
-    if pod["metadata"].get("deletionTimestamp") or not (pod.get("status") or {}).get("podIP"):
-        return False
-    conditions = (pod.get("status") or {}).get("conditions") or []
-    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+    """Ready and reachable: the activator routes to the pod's IP."""
+    return pod_ready(pod) and bool((pod.get("status") or {}).get("podIP"))
 
 
 def _error_of(body: bytes) -> tuple[str, str]:
@@ -541,6 +540,20 @@ class KubernetesPodSource:
             raise PoolUnavailable(f"pool {pool}: scaling failed with {err.status} {err.reason}") from err
 
     # -- internals
+
+    async def report_load_failure(self, version: VersionKey, *, code_hash: str, message: str) -> None:
+        """Annotate the Version with its load error (`labels.LOAD_ERROR_ANNOTATION`); the operator reads it.
+
+        Best effort: a failed write is logged, and the next failed load of the Version writes again."""
+        mark = json.dumps({"codeHash": code_hash, "message": message[: labels.LOAD_ERROR_MAX_CHARS]})
+        patch = {"metadata": {"annotations": {labels.LOAD_ERROR_ANNOTATION: mark}}}
+        name = version_name(version.function, version.number)
+        try:
+            await self._custom.patch_namespaced_custom_object(
+                GROUP, VERSION, version.namespace, "versions", name, patch, _content_type="application/merge-patch+json"
+            )
+        except (ApiException, aiohttp.ClientError, TimeoutError) as err:
+            log.warning("load failure not reported version=%s error=%s", version, err)
 
     def _handle(
         self, pod: Obj, pool: PoolKey | None, kind: ClaimKind, *, version: VersionKey | None = None

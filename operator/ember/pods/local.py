@@ -311,6 +311,9 @@ class LocalPodSource:
             self._spawn(self._stop(state.warm.pop()))
         self._refill(pool)
 
+    async def report_load_failure(self, version: VersionKey, *, code_hash: str, message: str) -> None:
+        """Nothing to write: in local mode the activator's own Version state is the only status."""
+
     async def close(self) -> None:
         self._closed = True
         for task in list(self._tasks):

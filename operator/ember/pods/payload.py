@@ -9,26 +9,17 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import json
 import zipfile
 from pathlib import Path
 from typing import Any
 
 from ember.api.function import FunctionSpec
-from ember.api.security_policy import SecurityPolicySpec
+from ember.api.security_policy import DEFAULT_POLICY, SecurityPolicySpec, policy_hash
 from ember.pods.base import PoolKey, SpecializeRequest, VersionKey
-
-DEFAULT_POLICY = SecurityPolicySpec()
 
 
 class PayloadError(ValueError):
     """A Version's code cannot be given to an agent by this pod source."""
-
-
-def policy_hash(policy: SecurityPolicySpec) -> str:
-    """Content hash of a policy: pods are shared only between Functions under equal policies."""
-    canonical = json.dumps(policy.model_dump(by_alias=True, mode="json"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def pool_key(spec: FunctionSpec, policy: SecurityPolicySpec | None) -> PoolKey:

@@ -9,8 +9,8 @@ A condition keeps its `lastTransitionTime` while its status does not change.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
-from typing import Final
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
 
 from ember.api.common import Condition, ConditionStatus
 from ember.api.version import Phase
@@ -48,12 +48,17 @@ class Reason:
     HOSTS_NOT_ENFORCEABLE: Final = "HostRulesNotEnforceable"
     ENFORCED: Final = "Enforced"
     NOT_OWNED: Final = "NotOwned"
+    LOADED: Final = "Loaded"
+    NOT_LOADED: Final = "NotLoadedYet"
+    LOAD_FAILED: Final = "LoadFailed"
     FIELDS_NOT_IMPLEMENTED: Final = "FieldsNotImplemented"
     ALL_SUPPORTED: Final = "AllSupported"
 
 
 # Reasons that no retry fixes: the spec (or what it points to) must change.
-PERMANENT_REASONS: Final = frozenset({Reason.INVALID_SPEC, Reason.VERSION_FAILED, Reason.NOT_OWNED})
+PERMANENT_REASONS: Final = frozenset(
+    {Reason.INVALID_SPEC, Reason.VERSION_FAILED, Reason.NOT_OWNED, Reason.LOAD_FAILED}
+)
 
 
 def find(conditions: Sequence[Condition], type_: str) -> Condition | None:
@@ -165,3 +170,18 @@ def version_phase(conditions: Sequence[Condition]) -> Phase:
     if is_true(conditions, CODE_READY):
         return "Loading"
     return "Pending"
+
+
+def version_loaded(
+    *, code_hash: str, loaded_mark: str | None, load_error: Mapping[str, Any] | None, ready_pods: int
+) -> tuple[ConditionStatus, str, str]:
+    """The Version's Loaded condition from the evidence on it (status, reason, message).
+
+    A pod that loaded the code (a ready specialized pod now, or the operator's `loaded` mark that
+    outlives it when the Version scales to zero) wins over a reported load error: a Version whose
+    code loaded once is not failed. A load error counts only for this Version's code hash."""
+    if ready_pods > 0 or loaded_mark == code_hash:
+        return "True", Reason.LOADED, f"Loaded by a pod ({ready_pods} ready now)."
+    if load_error is not None and load_error.get("codeHash") == code_hash:
+        return "False", Reason.LOAD_FAILED, f"The code failed to load: {load_error.get('message') or 'no message'}"
+    return "Unknown", Reason.NOT_LOADED, "No pod has loaded the code yet (an activator loads a new Version at once)."

@@ -24,3 +24,11 @@ STATE_SPECIALIZED: Final = "specialized"
 CODE_HASH_ANNOTATION: Final = f"{PREFIX}/code-hash"
 POLICY_HASH_ANNOTATION: Final = f"{PREFIX}/policy-hash"
 POOL_KEY_ANNOTATION: Final = f"{PREFIX}/pool-key"
+# Written on a Version by an activator whose pod could not load its code (JSON: codeHash, message);
+# the operator folds it into the Version's Loaded condition. Successful loads need no mark: the
+# Version's specialized pods are the evidence.
+LOAD_ERROR_ANNOTATION: Final = f"{PREFIX}/load-error"
+LOAD_ERROR_MAX_CHARS: Final = 1024
+# Written on a Version by the operator once a pod has loaded its code (value: the code hash), so
+# the Version stays Loaded after its pods are gone (scaled to zero).
+LOADED_ANNOTATION: Final = f"{PREFIX}/loaded"

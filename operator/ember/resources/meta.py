@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from ember.api.common import API_VERSION
@@ -29,3 +30,11 @@ def owner_reference(*, kind: str, name: str, uid: str | None, api_version: str =
 def managed_labels(**extra: str) -> dict[str, str]:
     """`managed-by` plus the given labels."""
     return {labels.MANAGED_BY: labels.MANAGER, **extra}
+
+
+def pod_ready(pod: Mapping[str, Any]) -> bool:
+    """A pod that is not being deleted and whose Ready condition is True (as a kubelet reports it)."""
+    if (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return False
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ember.api.function import Function
+from ember.api.security_policy import SecurityPolicySpec
 from ember.api.version import Version, version_name
 from ember.resources import labels
 from ember.resources.meta import managed_labels, owner_reference
@@ -47,8 +48,13 @@ def version_labels(function_name: str, number: int) -> dict[str, str]:
     return managed_labels(**{labels.FUNCTION: function_name, labels.VERSION: str(number)})
 
 
-def build_version(fn: Function, *, number: int, code_hash: str) -> dict[str, Any]:
-    """The Version object for a Function's spec: numbered, content-hashed, owned by the Function."""
+def build_version(
+    fn: Function, *, number: int, code_hash: str, policy: SecurityPolicySpec, policy_name: str | None = None
+) -> dict[str, Any]:
+    """The Version object for a Function's spec under its policy: numbered, content-hashed, owned by the Function.
+
+    The policy is frozen into the Version, as the spec is: the Version's pods run under it (and come
+    from its pool) whatever happens to the SecurityPolicy object later; an edit makes a new Version."""
     if number < 1:
         raise ValueError(f"Version number must be at least 1 (got {number})")
     name = version_name(fn.metadata.name, number)
@@ -67,6 +73,8 @@ def build_version(fn: Function, *, number: int, code_hash: str) -> dict[str, Any
             "number": number,
             "codeHash": code_hash,
             "function": fn.spec.to_wire(),
+            "policy": policy.to_wire(),
+            **({"policyName": policy_name} if policy_name is not None else {}),
         },
     }
     # The model checks what the CRD would (hash format, name patterns) before any API call.

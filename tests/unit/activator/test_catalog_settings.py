@@ -8,16 +8,15 @@ from ember.activator_main import DEFAULT_PORT, SettingsError, namespace_of, pars
 
 
 def test_chart_environment_is_honoured() -> None:
-    env = {"EMBER_ACTIVATOR_PORT": "9090", "EMBER_NAMESPACES": "team", "POD_NAME": "act-1", "EMBER_DEFAULT_POLICY": "p"}
+    env = {"EMBER_ACTIVATOR_PORT": "9090", "EMBER_NAMESPACES": "team", "POD_NAME": "act-1"}
     args = parse_args([], env)
-    assert (args.port, args.namespace, args.holder, args.default_policy) == (9090, "team", "act-1", "p")
+    assert (args.port, args.namespace, args.holder) == (9090, "team", "act-1")
     assert args.host == "0.0.0.0"
 
 
 def test_flags_override_the_environment() -> None:
     args = parse_args(["--port", "0", "--namespace", "other", "--host", "127.0.0.1"], {"EMBER_NAMESPACES": "team"})
     assert (args.port, args.namespace, args.host) == (0, "other", "127.0.0.1")
-    assert args.default_policy == "default"
     assert parse_args([], {"EMBER_NAMESPACES": " team "}).port == DEFAULT_PORT
 
 

@@ -13,10 +13,13 @@ from typing import Any, cast
 import pytest
 
 from ember.api.function import Function
+from ember.api.security_policy import DEFAULT_POLICY
 from ember.api.version import code_hash
 from ember.controller.kube import KubeError
 from ember.controller.reconcile import reconcile_function, reconcile_security_policy, reconcile_version
 from ember.controller.settings import Settings
+from ember.resources.labels import LOAD_ERROR_ANNOTATION as LOAD_ERROR
+from ember.resources.labels import LOADED_ANNOTATION
 from ember.resources.version import build_version
 from tests.unit.controller.fake_kube import FakeKube
 
@@ -51,7 +54,7 @@ def _fn_body(**spec: Any) -> Obj:
 
 def _with_version(kube: FakeKube, fn: Obj, number: int, *, ready: bool, spec: Obj | None = None) -> None:
     model = Function.model_validate({**fn, "spec": spec or fn["spec"]})
-    body = build_version(model, number=number, code_hash=code_hash(model.spec))
+    body = build_version(model, number=number, code_hash=code_hash(model.spec, DEFAULT_POLICY), policy=DEFAULT_POLICY)
     if ready:
         body["status"] = {"conditions": [{"type": "Ready", "status": "True", "reason": "Ready"}]}
     kube.add("versions", body)
@@ -187,11 +190,11 @@ def _policy(**spec: Any) -> Setup:
         pytest.param(
             {"securityPolicyRef": {"name": "missing"}},
             _nothing,
-            ["create versions/hello-v1"],
+            [],  # no policy to freeze into a Version: none is made until it exists
             {"Ready": ("False", "SecurityPolicyMissing"), "PolicyResolved": ("False", "SecurityPolicyMissing")},
-            1,
             None,
-            ["VersionCreated", "SecurityPolicyMissing", "SecurityPolicyMissing"],
+            None,
+            ["SecurityPolicyMissing", "SecurityPolicyMissing"],
             id="missing-policy",
         ),
         pytest.param(
@@ -222,11 +225,11 @@ def _policy(**spec: Any) -> Setup:
         pytest.param(
             {"code": {"configMapRef": {"name": "absent"}}},
             _nothing,
-            ["create deployment/", "create networkpolicy/pool", "create networkpolicy/ember-fn-hello"],
+            ["create networkpolicy/ember-fn-hello"],  # pools serve Versions: none yet
             {"VersionReady": ("False", "CodeMissing"), "Ready": ("False", "CodeMissing")},
             None,
             None,
-            ["PoolCreated", "CodeMissing", "Resolved", "Enforced"],
+            ["CodeMissing", "Resolved", "Enforced"],
             id="missing-code-configmap",
         ),
     ],
@@ -320,15 +323,107 @@ def _version(kube: FakeKube, **spec: Any) -> Obj:
     return kube.custom[("versions", NS, "hello-v1")]
 
 
-async def test_version_stores_code_and_becomes_ready() -> None:
+async def test_version_stores_code_then_is_ready_once_a_pod_loaded_it() -> None:
     kube = FakeKube()
     version = _version(kube)
     status = await reconcile_version(cast(Any, kube), SETTINGS, version, now=NOW, record=Events())
     assert kube.configmaps[(NS, "hello-v1-code")]["data"] == {"main.py": "x = 1\n"}
     assert _conditions(status)["CodeReady"] == ("True", "CodeStored")
+    assert _conditions(status)["Loaded"] == ("Unknown", "NotLoadedYet")
+    assert _conditions(status)["Ready"] == ("Unknown", "NotLoadedYet")
+    assert status["phase"] == "Loading"
+    assert "annotate functions/hello" in kube.writes
+    # What the operator writes once it counts a ready specialized pod: stays Ready at zero pods.
+    version["status"] = status
+    version["metadata"].setdefault("annotations", {})[LOADED_ANNOTATION] = version["spec"]["codeHash"]
+    status = await reconcile_version(cast(Any, kube), SETTINGS, version, now=NOW, record=Events())
+    assert _conditions(status)["Loaded"] == ("True", "Loaded")
     assert _conditions(status)["Ready"] == ("True", "Ready")
     assert status["phase"] == "Ready"
-    assert "annotate functions/hello" in kube.writes
+
+
+@pytest.mark.parametrize(
+    ("annotations", "ready_pods", "loaded", "phase"),
+    [
+        pytest.param({}, 0, ("Unknown", "NotLoadedYet"), "Loading", id="not-loaded-yet"),
+        pytest.param({}, 2, ("True", "Loaded"), "Ready", id="ready-pods"),
+        pytest.param(
+            {LOAD_ERROR: '{"codeHash": "$hash", "message": "ImportError: no numpy"}'},
+            0,
+            ("False", "LoadFailed"),
+            "Failed",
+            id="load-error",
+        ),
+        pytest.param(
+            {LOAD_ERROR: '{"codeHash": "sha256:other", "message": "x"}'},
+            0,
+            ("Unknown", "NotLoadedYet"),
+            "Loading",
+            id="load-error-of-other-code-ignored",
+        ),
+        pytest.param(
+            {LOAD_ERROR: '{"codeHash": "$hash", "message": "flaky"}'},
+            1,
+            ("True", "Loaded"),
+            "Ready",
+            id="a-pod-that-loaded-wins",
+        ),
+        pytest.param({LOAD_ERROR: "not json"}, 0, ("Unknown", "NotLoadedYet"), "Loading", id="garbled-mark"),
+    ],
+)
+async def test_version_loaded_condition_from_the_evidence(
+    annotations: dict[str, str], ready_pods: int, loaded: tuple[str, str], phase: str
+) -> None:
+    kube = FakeKube()
+    version = _version(kube)
+    digest = version["spec"]["codeHash"]
+    version["metadata"]["annotations"] = {k: v.replace("$hash", digest) for k, v in annotations.items()}
+    version["status"] = {"readyPods": ready_pods}
+    status = await reconcile_version(cast(Any, kube), SETTINGS, version, now=NOW, record=Events())
+    assert _conditions(status)["Loaded"] == loaded
+    assert status["phase"] == phase
+    if loaded[1] == "LoadFailed":
+        ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+        assert "ImportError: no numpy" in ready["message"], "the import error reaches kubectl describe"
+
+
+async def test_three_bad_edits_in_a_row_never_delete_the_serving_version() -> None:
+    # keep_versions=2 here: v1 loaded and serves; v2, v3 and v4 failed to load. Only v1 is Ready.
+    kube = FakeKube()
+    fn = kube.add("functions", _fn_body(code={"inline": "v = 5\n"}))
+    _with_version(kube, fn, 1, ready=True, spec={**fn["spec"], "code": {"inline": "v = 1\n"}})
+    for n in (2, 3, 4):
+        _with_version(kube, fn, n, ready=False, spec={**fn["spec"], "code": {"inline": f"import nope{n}\n"}})
+        kube.custom[("versions", NS, f"hello-v{n}")]["status"] = {
+            "conditions": [{"type": "Ready", "status": "False", "reason": "LoadFailed", "message": "ImportError"}]
+        }
+    status = await reconcile_function(cast(Any, kube), SETTINGS, fn, now=NOW, record=Events())
+    assert ("versions", NS, "hello-v1") in kube.custom, "the Version that serves stays"
+    assert status["readyVersion"] == 1
+    assert status["latestVersion"] == 5
+    deleted = sorted(w for w in kube.writes if w.startswith("delete versions/"))
+    assert deleted == ["delete versions/hello-v2", "delete versions/hello-v3"]
+
+
+async def test_policy_edit_is_a_new_version_and_the_serving_one_keeps_its_pool() -> None:
+    kube = FakeKube()
+    kube.add("securitypolicies", {"metadata": {"name": "p", "namespace": NS}, "spec": {}})
+    fn = kube.add("functions", _fn_body(securityPolicyRef={"name": "p"}))
+    await reconcile_function(cast(Any, kube), SETTINGS, fn, now=NOW, record=Events())
+    v1 = kube.custom[("versions", NS, "hello-v1")]
+    v1["status"] = {"conditions": [{"type": "Ready", "status": "True", "reason": "Ready"}]}
+    (old_pool,) = kube.deployments
+    kube.custom[("securitypolicies", NS, "p")]["spec"] = {"filesystem": {"tmpSizeMiB": 32}}
+    status = await reconcile_function(cast(Any, kube), SETTINGS, fn, now=NOW, record=Events())
+    v2 = kube.custom[("versions", NS, "hello-v2")]
+    assert v2["spec"]["policy"]["filesystem"]["tmpSizeMiB"] == 32
+    assert v2["spec"]["policyName"] == "p"
+    assert v2["spec"]["codeHash"] != v1["spec"]["codeHash"]
+    assert (status["latestVersion"], status["readyVersion"]) == (2, 1)
+    assert len(kube.deployments) == 2 and old_pool in kube.deployments, "v1 serves from its pool while v2 loads"
+    v2["status"] = {"conditions": [{"type": "Ready", "status": "True", "reason": "Ready"}]}
+    await reconcile_function(cast(Any, kube), SETTINGS, fn, now=NOW, record=Events())
+    assert old_pool not in kube.deployments, "the old pool goes once the new Version is ready"
 
 
 async def test_version_with_url_code_needs_no_configmap() -> None:
@@ -345,7 +440,10 @@ async def test_version_whose_configmap_changed_fails() -> None:
     fn = kube.add("functions", _fn_body(code={"configMapRef": {"name": "src"}}))
     model = Function.model_validate(fn)
     digest = "sha256:" + "0" * 64
-    kube.add("versions", build_version(model, number=1, code_hash=code_hash(model.spec, digest)))
+    kube.add(
+        "versions",
+        build_version(model, number=1, code_hash=code_hash(model.spec, DEFAULT_POLICY, digest), policy=DEFAULT_POLICY),
+    )
     version = kube.custom[("versions", NS, "hello-v1")]
     status = await reconcile_version(cast(Any, kube), SETTINGS, version, now=NOW, record=Events())
     assert _conditions(status)["Ready"] == ("False", "VersionFailed")

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from ember.api.function import Function, FunctionSpec
+from ember.api.security_policy import DEFAULT_POLICY
 from ember.api.version import Version
 from ember.resources.code import (
     CONFIGMAP_MAX_BYTES,
@@ -31,7 +32,9 @@ def _spec(**extra: Any) -> FunctionSpec:
 
 
 def _stored_version(**extra: Any) -> Version:
-    body = build_version(Function.model_validate(function_body(**extra)), number=2, code_hash=HASH)
+    body = build_version(
+        Function.model_validate(function_body(**extra)), number=2, code_hash=HASH, policy=DEFAULT_POLICY
+    )
     body["metadata"]["uid"] = "v-uid"
     return Version.model_validate(body)
 

@@ -71,7 +71,9 @@ def test_version_phase_loading_when_code_is_there_but_not_ready() -> None:
     [
         pytest.param({}, None, "Pending", id="nothing-known"),
         pytest.param({"CodeReady": "Unknown"}, None, "Pending", id="code-unknown"),
-        pytest.param({"CodeReady": "True"}, None, "Ready", id="ready"),
+        pytest.param({"CodeReady": "True"}, None, "Loading", id="stored-not-loaded"),
+        pytest.param({"CodeReady": "True", "Loaded": "True"}, None, "Ready", id="ready"),
+        pytest.param({"CodeReady": "True", "Loaded": "False"}, "LoadFailed", "Failed", id="load-failed"),
         pytest.param({"CodeReady": "False"}, "InvalidSpec", "Failed", id="permanent-failure"),
         pytest.param({"CodeReady": "False"}, "CodeMissing", "Pending", id="transient-failure"),
     ],

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from ember.api.function import Function
+from ember.api.security_policy import DEFAULT_POLICY
 from ember.api.version import Version, code_hash
 from ember.resources.meta import MissingUid
 from ember.resources.version import build_version, plan_version
@@ -18,7 +19,7 @@ H2 = "sha256:" + "2" * 64
 
 def _version(number: int, hash_: str) -> Version:
     fn = Function.model_validate(function_body())
-    return Version.model_validate(build_version(fn, number=number, code_hash=hash_))
+    return Version.model_validate(build_version(fn, number=number, code_hash=hash_, policy=DEFAULT_POLICY))
 
 
 @pytest.mark.parametrize(
@@ -43,8 +44,8 @@ def test_plan_version(
 
 def test_build_version_is_owned_labelled_and_valid(make_function: Any) -> None:
     fn = make_function(name="hello")
-    digest = code_hash(fn.spec)
-    body = build_version(fn, number=3, code_hash=digest)
+    digest = code_hash(fn.spec, DEFAULT_POLICY)
+    body = build_version(fn, number=3, code_hash=digest, policy=DEFAULT_POLICY)
     assert body["metadata"]["name"] == "hello-v3"
     assert body["metadata"]["namespace"] == "ns1"
     assert body["metadata"]["labels"]["ember.run/function"] == "hello"
@@ -73,4 +74,4 @@ def test_build_version_is_owned_labelled_and_valid(make_function: Any) -> None:
 def test_build_version_rejects_bad_input(uid: str | None, number: int, hash_: str, error: type[Exception]) -> None:
     fn = Function.model_validate(function_body(uid=uid))
     with pytest.raises(error):
-        build_version(fn, number=number, code_hash=hash_)
+        build_version(fn, number=number, code_hash=hash_, policy=DEFAULT_POLICY)
