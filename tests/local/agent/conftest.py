@@ -27,7 +27,20 @@ import pytest
 from agent_code import CODE
 
 ROOT = Path(__file__).resolve().parents[3]
-PY_AGENT = ROOT / "runtime-images" / "python" / "agent.py"
+PY_SOURCE_AGENT = ROOT / "runtime-images" / "python" / "agent.py"  # runs the ember_agent package itself
+
+
+def _python_agent_build() -> Path:
+    """The one-file build of the Python agent (runtime-images/python/bundle.py), which images and
+    local mode run; made once per change of the agent's sources."""
+    bundle = ROOT / "runtime-images" / "python" / "bundle.py"
+    done = subprocess.run([sys.executable, "-S", "-E", str(bundle), "--cached"], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{bundle} --cached failed: {done.stderr.strip()}")
+    return Path(done.stdout.strip())
+
+
+PY_AGENT = _python_agent_build()
 NODE_AGENT = ROOT / "runtime-images" / "nodejs" / "agent.js"
 NODE = shutil.which("node")
 

@@ -1,0 +1,101 @@
+"""The agent process from start to exit: listen, fork the standby, serve; the main thread then only
+waits for signals (SIGCHLD: reap, also as PID 1; SIGTERM/SIGINT: drain and exit).
+"""
+
+# contextlib.suppress would cost an import (functools, collections) on the start path:
+# ruff: noqa: SIM105
+
+import _signal
+import _socket
+import _thread
+import os
+import time
+
+from .config import _env_int
+from .output import _dump_trace, _start_trace, _write_fd
+from .server import _accept_loop, _start_spare
+from .state import _OPEN_SOCKS, _S, _lock
+from .supervisor import _fork_standby, _rmtree
+
+
+def main():
+    _S.configure()
+    _start_trace()
+    host = os.environ.get("EMBER_AGENT_HOST") or "0.0.0.0"
+    port = _env_int("EMBER_AGENT_PORT", 8080, 0, 65535)
+    family = _socket.AF_INET6 if ":" in host else _socket.AF_INET
+    lsock = _socket.socket(family, _socket.SOCK_STREAM)
+    lsock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+    try:
+        lsock.bind((host, port))
+    except OSError as e:
+        raise SystemExit(f"ember-agent: cannot listen on {host}:{port}: {e}") from None
+    lsock.listen(1024)
+    _OPEN_SOCKS.add(lsock)
+    port = lsock.getsockname()[1]
+    # Signals are handled synchronously by the main thread (sigwaitinfo); block them before any
+    # thread starts so every thread inherits the mask and none of them takes a signal.
+    sigs = {_signal.SIGTERM, _signal.SIGINT, _signal.SIGCHLD}
+    _signal.pthread_sigmask(_signal.SIG_BLOCK, sigs)
+    # Python 3.12 warns about fork() in a multi-threaded process; the template is forked from a
+    # connection thread on purpose (and closes everything it inherited), so silence that here.
+    import _warnings
+
+    _warnings.filters.insert(0, ("ignore", None, DeprecationWarning, None, 0))
+    if hasattr(_warnings, "_filters_mutated"):
+        _warnings._filters_mutated()
+    _signal.signal(_signal.SIGPIPE, _signal.SIG_IGN)
+    _S.standby = _fork_standby()  # before any thread starts
+    _start_spare()
+    _thread.start_new_thread(_accept_loop, (lsock, family))
+    _write_fd(1, b"EMBER_AGENT_LISTENING port=%d\n" % port)
+    while True:
+        info = _signal.sigwaitinfo(sigs)
+        if info.si_signo == _signal.SIGCHLD:
+            _reap()
+        else:
+            try:
+                lsock.close()
+            except OSError:
+                pass
+            _shutdown()
+
+
+def _reap():
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        except InterruptedError:
+            continue
+        if pid == 0:
+            return
+        with _lock:
+            cs = _S.child_status
+            cs[pid] = status
+            while len(cs) > 256:
+                del cs[next(iter(cs))]
+
+
+def _shutdown():
+    _S.shutting_down = True
+    grace = _S.shutdown_grace
+    end = time.monotonic() + grace
+    while time.monotonic() < end:
+        with _lock:
+            if not _S.in_flight:
+                break
+        time.sleep(0.01)
+    with _lock:
+        workers = list(_S.all_workers)
+        tmpls = [_S.template, _S.standby]
+    for w in workers:
+        w.kill()
+    for tmpl in tmpls:
+        if tmpl is not None:
+            tmpl.kill()
+    if _S.own_code_base and _S.code_base:  # a temp dir the agent made itself (not a mounted volume)
+        _rmtree(_S.code_base)
+    _dump_trace()
+    os._exit(0)
