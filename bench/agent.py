@@ -1,4 +1,4 @@
-"""Benchmark of the runtime agents (runtime-images/python/agent.py, runtime-images/nodejs/agent.js).
+"""Benchmark of the runtime agents (runtime-images/python/ember_agent, runtime-images/nodejs/agent.js).
 
     python bench/agent.py [--runs 15] [--invokes 3000] [--python PATH] [--node PATH] [--runsc PATH]
 
@@ -11,7 +11,9 @@ from a warm pool: specialize of the hello module plus the first invoke on a gene
 second, warm invoke as baseline).  With --runsc (e.g. /usr/bin/runsc) the cold start of the Python
 agent is also measured inside gVisor (`runsc --rootless --network=host do`), with
 `runsc do python -S -E -c pass` as baseline.  Medians over --runs fresh agent processes.
-Everything runs on 127.0.0.1.
+The Python agent runs as its one-file build (runtime-images/python/bundle.py), as images and
+local mode run it; two baselines show what that build saves: `import ember_agent` of the build and
+of the package.  Everything runs on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PY_AGENT = ROOT / "runtime-images" / "python" / "agent.py"
+PY_DIR = ROOT / "runtime-images" / "python"
 NODE_AGENT = ROOT / "runtime-images" / "nodejs" / "agent.js"
 
 PY_HELLO = "def handler(event, context):\n    return {'hello': event.get('name', 'world')}\n"
@@ -352,6 +354,16 @@ def bare_call_ms(lang: str, cmd: list[str]) -> float:
     return float(out.strip())
 
 
+def python_agent_build(python: str) -> Path:
+    """The one-file build of the Python agent, made (and compiled) by the interpreter that runs it."""
+    done = subprocess.run(
+        [python, "-S", "-E", str(PY_DIR / "bundle.py"), "--cached"], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"bench: building the Python agent failed: {done.stderr.strip()}")
+    return Path(done.stdout.strip())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=15)
@@ -364,11 +376,13 @@ def main() -> None:
     pyver = subprocess.run(
         [py, "-c", "import sys; print(sys.version.split()[0])"], capture_output=True, text=True, check=True
     ).stdout.strip()
+    py_agent = python_agent_build(py)
+    import_agent = "import sys; sys.path.insert(0, sys.argv[1]); import ember_agent"
     with tempfile.TemporaryDirectory() as tmp:
         cols: dict[str, dict[str, str]] = {}
         col = bench_lang(
             "python",
-            [py, "-S", "-E", str(PY_AGENT)],
+            [py, "-S", "-E", str(py_agent)],
             args.runs,
             args.invokes,
             tmp,
@@ -376,13 +390,15 @@ def main() -> None:
                 "python -S -E -c pass": [py, "-S", "-E", "-c", "pass"],
                 "python -c pass": [py, "-c", "pass"],
                 "python -S -E -c '<stdlib imports>'": [py, "-S", "-E", "-c", PY_STDLIB_IMPORTS],
+                "import ember_agent, one-file build": [py, "-S", "-E", "-c", import_agent, str(py_agent.parent)],
+                "import ember_agent, package": [py, "-S", "-E", "-c", import_agent, str(PY_DIR)],
             },
         )
         cols[f"python {pyver}"] = col
         if args.runsc:
             runsc = [args.runsc, "--rootless", "--network=host", "do"]
             cols[f"python {pyver} in gVisor"] = bench_cold(
-                [*runsc, py, "-S", "-E", str(PY_AGENT)], args.runs, tmp, [*runsc, py, "-S", "-E", "-c", "pass"]
+                [*runsc, py, "-S", "-E", str(py_agent)], args.runs, tmp, [*runsc, py, "-S", "-E", "-c", "pass"]
             )
         if args.node:
             nodever = subprocess.run(
