@@ -37,10 +37,24 @@ def plan_version(existing: Sequence[Version], desired_hash: str, *, last_number:
     newest Version object was deleted by hand.
     """
     newest = max(existing, key=lambda v: v.spec.number, default=None)
-    if newest is not None and newest.spec.code_hash == desired_hash:
-        return VersionPlan(create=None, latest=newest.spec.number)
-    highest = max([v.spec.number for v in existing] + [last_number or 0])
-    return VersionPlan(create=highest + 1, latest=newest.spec.number if newest else None)
+    return plan_next_version(
+        desired_hash,
+        newest_number=newest.spec.number if newest is not None else None,
+        newest_hash=newest.spec.code_hash if newest is not None else None,
+        last_number=last_number,
+    )
+
+
+def plan_next_version(
+    desired_hash: str, *, newest_number: int | None, newest_hash: str | None, last_number: int | None = None
+) -> VersionPlan:
+    """`plan_version` from the newest Version's number and hash alone (what local mode's activator keeps).
+
+    The next number is one past both the newest Version and `last_number`, so none is reused.
+    """
+    if newest_number is not None and newest_hash == desired_hash:
+        return VersionPlan(create=None, latest=newest_number)
+    return VersionPlan(create=max(newest_number or 0, last_number or 0) + 1, latest=newest_number)
 
 
 def version_labels(function_name: str, number: int) -> dict[str, str]:
