@@ -1,7 +1,9 @@
 """The activator's aiohttp application: an app factory that wires the parts, and their lifecycle.
 
 `make_app` builds everything from a `PodSource` and an `ActivatorConfig`; functions are
-given to `app[keys.REGISTRY].apply(...)` before or while it runs. The cleanup context owns the
+given to `app[keys.REGISTRY].apply(...)` before or while it runs. The parts depend one way:
+the scaler reads the registry, the invoker routes through it, and both the registry's
+throttlers and the invoker wake the scaling loop through one `Wakeup` made first. The cleanup context owns the
 background work and stops it in order: readiness off, scaling loop cancelled, async workers
 cancelled, every pod released, then the agent client closed.
 """
@@ -22,6 +24,7 @@ from ember.activator.invoke import Invoker
 from ember.activator.metrics import Metrics
 from ember.activator.registry import Registry
 from ember.activator.scaler import Scaler
+from ember.activator.wake import Wakeup
 from ember.pods.base import PodSource
 
 
@@ -35,14 +38,13 @@ def make_app(
     """
     config = config or ActivatorConfig()
     metrics = Metrics()
-    pokes: list[Scaler] = []
-    registry = Registry(config, metrics, on_queue=lambda: pokes[0].poke(), replicas=replicas)
+    wakeup = Wakeup()
+    registry = Registry(config, metrics, wake=wakeup, replicas=replicas)
     client = AgentClient()
-    scaler = Scaler(registry, source, config, metrics, client, replicas=replicas)
-    pokes.append(scaler)
-    invoker = Invoker(registry, client, scaler)
+    scaler = Scaler(registry, source, config, metrics, client, replicas=replicas, wakeup=wakeup)
+    invoker = Invoker(registry, client, wakeup)
     async_invocations = AsyncInvocations(invoker, depth=config.async_queue_depth, workers=config.async_workers)
-    metrics.watch_state(registry, lambda: {str(k): v for k, v in source.warm_pods().items()})
+    metrics.watch_state(registry.gauges, lambda: {str(k): v for k, v in source.warm_pods().items()})
 
     app = web.Application(client_max_size=config.max_body_bytes + 1)
     app[keys.CONFIG] = config

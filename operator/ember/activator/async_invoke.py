@@ -20,7 +20,7 @@ from typing import Any
 
 from ember.activator.errors import ActivatorError, Throttled
 from ember.activator.invoke import Invoker
-from ember.activator.registry import VersionState
+from ember.activator.version_state import VersionState
 
 log = logging.getLogger(__name__)
 

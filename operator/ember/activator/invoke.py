@@ -3,7 +3,9 @@
 Both the Ember and the Lambda handlers call `Invoker.invoke` with a resolved Version; they
 only differ in how they parse requests and shape replies. A pod that cannot be reached is
 taken out of routing and the invocation retried once on another (it was never delivered);
-a pod that dies while running it gives an `Unhandled` function error, as in Lambda.
+a pod that dies while running it gives an `Unhandled` function error, as in Lambda. The
+invoker does not know the scaler: it tells the Version (`VersionState.pod_lost`) and pokes the
+injected `Wake` so that the scaling loop replaces the pod without waiting for its tick.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from dataclasses import dataclass
 
 from ember.activator.agent_client import AgentClient, AgentLost, AgentReply, AgentUnreachable
 from ember.activator.errors import ActivatorError, InvalidContent, PayloadTooLarge, PodFailed, Throttled
-from ember.activator.registry import Registry, VersionState
-from ember.activator.scaler import Scaler
+from ember.activator.registry import Registry
+from ember.activator.throttler import PodSlots
+from ember.activator.version_state import VersionState
+from ember.activator.wake import Wake
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +48,15 @@ def _error_body(error_type: str, message: str) -> bytes:
 class Invoker:
     """Runs invocations against the registry's Versions."""
 
-    def __init__(self, registry: Registry, client: AgentClient, scaler: Scaler) -> None:
+    def __init__(self, registry: Registry, client: AgentClient, wake: Wake) -> None:
         self.registry = registry
         self._client = client
-        self._scaler = scaler
+        self._wake = wake
 
     def resolve(self, namespace: str, name: str, qualifier: str | None) -> VersionState:
         """The Version that serves; FunctionNotFound / NotReady name what is missing."""
         vs = self.registry.route(namespace, name, qualifier)
-        now = time.monotonic()
-        vs.autoscaler.mark_active(now)
-        if qualifier:
-            vs.last_qualified_at = now
+        vs.mark_requested(time.monotonic(), qualified=bool(qualifier))
         return vs
 
     async def invoke(self, vs: VersionState, body: bytes, *, request_id: str, log_tail: bool = False) -> Result:
@@ -84,12 +85,10 @@ class Invoker:
                 log.warning(
                     "pod unreachable function=%s pod=%s attempt=%d error=%s", vs.fs.label, pod.handle.id, attempt, err
                 )
-                self._scaler.pod_lost(vs, pod)
-                self._client.forget(pod.address)
+                self._pod_lost(vs, pod)
                 continue
             except AgentLost as err:
-                self._scaler.pod_lost(vs, pod)
-                self._client.forget(pod.address)
+                self._pod_lost(vs, pod)
                 return _unhandled("Runtime.ExitError", f"the function's sandbox stopped during the invocation: {err}")
             except TimeoutError:
                 return _unhandled("Sandbox.Timedout", f"no reply within {vs.timeout_s:g} s")
@@ -99,7 +98,8 @@ class Invoker:
             if status == 200:
                 return reply
             if status == 503 and attempt == 1:  # agent not specialized: restarted under us
-                self._scaler.pod_lost(vs, pod)
+                vs.pod_lost(pod)
+                self._wake.poke()
                 continue
             message = _agent_message(reply.body)
             if status == 400:
@@ -110,6 +110,11 @@ class Invoker:
                 raise Throttled(f"{vs.fs.label}: pod refused the invocation: {message}")
             raise PodFailed(f"{vs.fs.label}: pod answered {status}: {message}")
         raise PodFailed(f"{vs.fs.label}: no reachable pod after a retry")
+
+    def _pod_lost(self, vs: VersionState, pod: PodSlots) -> None:
+        vs.pod_lost(pod)
+        self._wake.poke()
+        self._client.forget(pod.address)
 
 
 def _agent_message(body: bytes) -> str:

@@ -2,23 +2,35 @@
 
 Counters and histograms are updated on the hot path through label children cached per
 Version; gauges (in flight, queued, pods by state, warm pool) are read at scrape time by a
-collector, so invocations pay nothing for them.
+collector, so invocations pay nothing for them. The collector is given a function that lists
+each Version's `VersionGauges` (the registry's `gauges`), so this module knows no activator state.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from ember.activator.registry import Registry
-
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
 COLD_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
+
+
+@dataclass(frozen=True, slots=True)
+class VersionGauges:
+    """One Version's gauges at scrape time."""
+
+    function: str
+    version: str
+    in_flight: int
+    queued: int
+    ready: int
+    starting: int
+    draining: int
+    phase: str
 
 
 class Metrics:
@@ -60,14 +72,18 @@ class Metrics:
             registry=self.registry,
         )
 
-    def watch_state(self, registry: Registry, warm_pods: Callable[[], Mapping[str, int]]) -> None:
-        """Export gauges read from the live registry and pod source at scrape time."""
-        self.registry.register(_StateCollector(registry, warm_pods))
+    def watch_state(
+        self, versions: Callable[[], Iterable[VersionGauges]], warm_pods: Callable[[], Mapping[str, int]]
+    ) -> None:
+        """Export gauges read at scrape time from the live Versions and the pod source's warm pools."""
+        self.registry.register(_StateCollector(versions, warm_pods))
 
 
 class _StateCollector(Collector):
-    def __init__(self, registry: Registry, warm_pods: Callable[[], Mapping[str, int]]) -> None:
-        self._registry = registry
+    def __init__(
+        self, versions: Callable[[], Iterable[VersionGauges]], warm_pods: Callable[[], Mapping[str, int]]
+    ) -> None:
+        self._versions = versions
         self._warm = warm_pods
 
     def collect(self) -> Iterable[Metric]:
@@ -83,15 +99,14 @@ class _StateCollector(Collector):
         phase = GaugeMetricFamily(
             "ember_version_phase", "1 for the phase each Version is in.", labels=["function", "version", "phase"]
         )
-        for fs in self._registry.functions():
-            for vs in fs.versions.values():
-                labels = [fs.label, str(vs.key.number)]
-                in_flight.add_metric(labels, vs.throttler.in_flight)
-                queued.add_metric(labels, vs.throttler.queued)
-                pods.add_metric([*labels, "ready"], len(vs.throttler.pods))
-                pods.add_metric([*labels, "starting"], vs.starting)
-                pods.add_metric([*labels, "draining"], len(vs.draining))
-                phase.add_metric([*labels, vs.phase.value], 1)
+        for v in self._versions():
+            labels = [v.function, v.version]
+            in_flight.add_metric(labels, v.in_flight)
+            queued.add_metric(labels, v.queued)
+            pods.add_metric([*labels, "ready"], v.ready)
+            pods.add_metric([*labels, "starting"], v.starting)
+            pods.add_metric([*labels, "draining"], v.draining)
+            phase.add_metric([*labels, v.phase], 1)
         warm = GaugeMetricFamily("ember_pool_pods", "Warm generic pods by pool.", labels=["pool"])
         for pool, count in self._warm().items():
             warm.add_metric([pool], count)

@@ -1,12 +1,16 @@
 """Functions and their Versions as the activator knows them, and which Version serves a request.
 
-`Registry.apply` takes a Function as it is now (from files in local mode, from the API server
-in a cluster): when its code or configuration changed (`ember.api.version.code_hash`) it
-makes a new Version, numbered after the last, in phase Loading. The scaler gives the new
-Version pods; it becomes Ready once it has its initial capacity, and only then does "latest"
-(unqualified traffic) move to it. A Version that fails to load becomes Failed and leaves
-traffic where it was. Versions no longer referenced by latest, `spec.traffic` or an alias
-drain and lose their pods, but can still be invoked by number (they scale from zero).
+`Registry.apply` takes a Function as it is now in local mode (from files): when its code,
+configuration or policy changed (`ember.api.version.code_hash`) it makes a new Version, numbered
+as the operator numbers them (`ember.resources.version.plan_next_version`), in phase Loading.
+Each Version is a `VersionState` (`ember.activator.version_state`), which owns its pods and
+phase; a `FunctionState` is its `Owner` and only keeps what spans Versions: traffic, aliases,
+and which Version "latest" means, cached until a Version tells it its phase changed. The
+scaler gives a new Version pods; it becomes Ready once it has its initial capacity, and only
+then does "latest" (unqualified traffic) move to it. A Version that fails to load becomes
+Failed and leaves traffic where it was. Versions no longer referenced by latest,
+`spec.traffic` or an alias drain and lose their pods, but can still be invoked by number (they
+scale from zero).
 
 In a cluster the operator makes the Versions, so the activator must not number them itself:
 the catalog (`ember.activator.catalog`) calls `follow` with each Function (traffic, aliases and
@@ -19,129 +23,31 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import enum
 import logging
 import random
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from prometheus_client import Counter, Histogram
-
 from ember.activator.config import ActivatorConfig
 from ember.activator.errors import FunctionNotFound, NotReady
-from ember.activator.metrics import Metrics
-from ember.activator.throttler import PodSlots, Throttler
+from ember.activator.metrics import Metrics, VersionGauges
 from ember.activator.traffic import AliasTarget, Split, latest_serving, resolve
+from ember.activator.version_state import Phase, VersionState, scaling_params
+from ember.activator.wake import Asleep, Wake
 from ember.api.function import Function, FunctionSpec
 from ember.api.security_policy import DEFAULT_POLICY, SecurityPolicySpec
 from ember.api.version import code_hash
-from ember.pods.base import PodId, PoolKey, SpecializeRequest, VersionKey
+from ember.pods.base import PoolKey, SpecializeRequest, VersionKey
 from ember.pods.payload import PayloadError, path_digest, pool_key, specialize_request
-from ember.scaling.autoscaler import Autoscaler, ScalingParams, initial_target
+from ember.resources.version import plan_next_version
+from ember.scaling.autoscaler import initial_target
 
 log = logging.getLogger(__name__)
 
 
-class Phase(enum.Enum):
-    """Lifecycle of a Version in the activator."""
-
-    LOADING = "Loading"
-    READY = "Ready"
-    FAILED = "Failed"
-
-
-def scaling_params(spec: FunctionSpec, config: ActivatorConfig) -> ScalingParams:
-    """Autoscaler knobs of a Version: the Function's scaling block plus the activator's windows."""
-    return ScalingParams(
-        concurrency=spec.concurrency,
-        target_utilization=spec.scaling.target_utilization,
-        min_scale=spec.scaling.min_scale,
-        max_scale=spec.scaling.max_scale,
-        keep_alive_s=float(spec.scaling.keep_alive_seconds),
-        stable_window_s=config.stable_window_s,
-        panic_window_s=min(config.panic_window_s, config.stable_window_s),
-        panic_threshold=config.panic_threshold,
-        granularity_s=min(1.0, config.panic_window_s, config.tick_s * 4),
-    )
-
-
-class VersionState:
-    """One Version: its code, pods, queue, autoscaler and phase."""
-
-    def __init__(
-        self,
-        *,
-        fs: FunctionState,
-        number: int,
-        spec: FunctionSpec,
-        digest: str,
-        request: SpecializeRequest | None,
-        pool: PoolKey,
-        config: ActivatorConfig,
-        metrics: Metrics,
-        now: float,
-        on_queue: Callable[[], None],
-        initial_target: int,
-    ) -> None:
-        self.fs = fs
-        self.key = VersionKey(fs.namespace, fs.name, number)
-        self.spec = spec
-        self.code_hash = digest
-        self.request = request
-        self.pool = pool
-        self._phase = Phase.LOADING
-        self.message = ""
-        self.created_at = now
-        self.last_qualified_at = -1e18
-        self.initial_target = initial_target
-        self.starting = 0
-        self.failures = 0
-        self.pods: dict[PodId, PodSlots] = {}
-        self.draining: dict[PodId, PodSlots] = {}
-        self.timeout_s = spec.timeout_seconds + config.agent_timeout_margin_s
-        self.label = str(number)
-        self.throttler = Throttler(
-            name=f"{fs.label}@{number}",
-            queue_depth=config.queue_depth,
-            queue_timeout_s=config.queue_timeout_s,
-            retry_after_s=config.retry_after_s,
-            on_queue=on_queue,
-        )
-        self.autoscaler = Autoscaler(scaling_params(spec, config), now=now)
-        self._metrics = metrics
-        self._outcomes: dict[str, Counter] = {}
-        self.duration: Histogram = metrics.duration.labels(fs.label, self.label)
-
-    def count(self, outcome: str) -> None:
-        """Count one invocation outcome (label child cached: this is on the hot path)."""
-        child = self._outcomes.get(outcome)
-        if child is None:
-            child = self._outcomes[outcome] = self._metrics.invocations.labels(self.fs.label, self.label, outcome)
-        child.inc()
-
-    @property
-    def phase(self) -> Phase:
-        return self._phase
-
-    @phase.setter
-    def phase(self, phase: Phase) -> None:
-        self._phase = phase
-        self.fs.forget_latest()  # "latest" may now mean another Version
-
-    @property
-    def ready_pods(self) -> int:
-        return len(self.throttler.pods)
-
-    def mark_failed(self, message: str) -> None:
-        self.phase = Phase.FAILED
-        self.message = message
-        self.throttler.fail_waiters(NotReady(f"{self.fs.label} Version {self.key.number} failed to load: {message}"))
-        log.error("version failed function=%s version=%d reason=%s", self.fs.label, self.key.number, message)
-
-
 class FunctionState:
-    """One Function: its latest spec and every Version made of it."""
+    """One Function: its latest spec and every Version made of it (the `Owner` of each)."""
 
     def __init__(self, namespace: str, name: str) -> None:
         self.namespace = namespace
@@ -156,7 +62,20 @@ class FunctionState:
         self._known: dict[int, bool] = {}
         self._latest: int | None = None  # cached: every invocation asks; phases change rarely
 
-    def forget_latest(self) -> None:
+    def take(self, spec: FunctionSpec, config: ActivatorConfig) -> None:
+        """The Function's spec as it is now: traffic, aliases and scaling (its code is the Versions')."""
+        self.spec = spec
+        self.traffic = tuple(Split(t.version, t.percent) for t in spec.traffic)
+        self.aliases = {
+            alias: AliasTarget(a.version, a.additional_version, a.additional_weight or 0)
+            for alias, a in spec.aliases.items()
+        }
+        for vs in self.versions.values():  # scaling may have changed; a Version keeps its concurrency
+            vs.autoscaler.params = dataclasses.replace(scaling_params(spec, config), concurrency=vs.spec.concurrency)
+        self._latest = None
+
+    def phase_changed(self) -> None:
+        """One of its Versions became Ready or Failed: "latest" is worked out again at the next ask."""
         self._latest = None
 
     def latest(self) -> int:
@@ -214,13 +133,13 @@ class Registry:
         metrics: Metrics,
         *,
         clock: Callable[[], float] = time.monotonic,
-        on_queue: Callable[[], None] = lambda: None,
+        wake: Wake | None = None,
         replicas: Callable[[], int] = lambda: 1,
     ) -> None:
         self.config = config
         self.metrics = metrics
         self.clock = clock
-        self.on_queue = on_queue
+        self._wake: Wake = wake or Asleep()  # an invocation queued on one of the Versions
         self.replicas = replicas  # live activator replicas sharing the Functions' bounds (see Scaler)
         self._functions: dict[tuple[str, str], FunctionState] = {}
         self._removed: list[FunctionState] = []
@@ -245,18 +164,7 @@ class Registry:
         fs = self._functions.get((namespace, name))
         if fs is None or fs.removed:
             fs = self._functions[(namespace, name)] = FunctionState(namespace, name)
-        spec = function.spec
-        fs.spec = spec
-        fs.traffic = tuple(Split(t.version, t.percent) for t in spec.traffic)
-        fs.aliases = {
-            alias: AliasTarget(a.version, a.additional_version, a.additional_weight or 0)
-            for alias, a in spec.aliases.items()
-        }
-        for vs in fs.versions.values():  # scaling may have changed; a Version keeps its concurrency
-            vs.autoscaler.params = dataclasses.replace(
-                scaling_params(spec, self.config), concurrency=vs.spec.concurrency
-            )
-        fs.forget_latest()
+        fs.take(function.spec, self.config)
         return fs
 
     def apply(
@@ -267,10 +175,16 @@ class Registry:
         spec = function.spec
         pool = pool_key(spec, policy)
         digest = code_hash(spec, policy or DEFAULT_POLICY, path_digest(spec, base_dir))
-        current = fs.versions.get(fs.latest_number)
-        if current is not None and current.code_hash == digest:
+        newest = fs.versions.get(fs.latest_number)
+        plan = plan_next_version(
+            digest,
+            newest_number=newest.key.number if newest is not None else None,
+            newest_hash=newest.code_hash if newest is not None else None,
+            last_number=fs.latest_number,
+        )
+        if plan.create is None:
             return None  # scaling, traffic or aliases changed: no new Version
-        number = fs.latest_number + 1
+        number = plan.create
         key = VersionKey(fs.namespace, fs.name, number)
         request: SpecializeRequest | None
         problem = ""
@@ -318,9 +232,9 @@ class Registry:
         vs = fs.versions.get(number) if fs is not None else None
         if fs is None or vs is None:
             return False
-        if vs.pods or vs.draining or vs.starting or number in fs.referenced():
+        if vs.holds_pods or number in fs.referenced():
             return False
-        vs.throttler.fail_waiters(FunctionNotFound(f"function {fs.label} Version {number} was deleted"))
+        vs.fail_waiters(FunctionNotFound(f"function {fs.label} Version {number} was deleted"))
         del fs.versions[number]
         fs._reindex()
         log.info("version forgotten function=%s version=%d", fs.label, number)
@@ -340,7 +254,7 @@ class Registry:
         with contextlib.suppress(NotReady, KeyError):
             serving = fs.versions[fs.latest()].ready_pods
         vs = VersionState(
-            fs=fs,
+            owner=fs,
             number=number,
             spec=spec,
             digest=digest,
@@ -349,7 +263,7 @@ class Registry:
             config=self.config,
             metrics=self.metrics,
             now=self.clock(),
-            on_queue=self.on_queue,
+            wake=self._wake,
             initial_target=initial_target(
                 min_scale=spec.scaling.min_scale,
                 max_scale=spec.scaling.max_scale,
@@ -363,7 +277,6 @@ class Registry:
         fs._reindex()
         if request is None:
             vs.mark_failed(problem)
-            self.metrics.version_failures.labels(fs.label).inc()
         log.info("version created function=%s version=%d hash=%s", fs.label, number, digest[:19])
         return vs
 
@@ -374,15 +287,17 @@ class Registry:
             fs.removed = True
             self._removed.append(fs)
             for vs in fs.versions.values():
-                vs.throttler.fail_waiters(FunctionNotFound(f"function {fs.label} was removed"))
+                vs.fail_waiters(FunctionNotFound(f"function {fs.label} was removed"))
         return fs
 
     def all_versions(self) -> list[VersionState]:
         """Versions of live and of removed Functions (the latter until their pods are released)."""
-        self._removed = [
-            fs for fs in self._removed if any(v.pods or v.draining or v.starting for v in fs.versions.values())
-        ]
+        self._removed = [fs for fs in self._removed if any(v.holds_pods for v in fs.versions.values())]
         return [vs for fs in (*self._functions.values(), *self._removed) for vs in fs.versions.values()]
+
+    def gauges(self) -> list[VersionGauges]:
+        """Every live Function's Versions as /metrics shows them."""
+        return [vs.gauges() for fs in self._functions.values() for vs in fs.versions.values()]
 
 
 def cluster_specialize_request(key: VersionKey, spec: FunctionSpec, digest: str) -> SpecializeRequest:

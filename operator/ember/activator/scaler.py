@@ -1,10 +1,16 @@
-"""Turns autoscaler decisions into pods: claim + specialize on demand, release when idle.
+"""Turns scaling decisions into pods: claim + specialize on demand, release when idle.
 
-One loop for the activator: every `tick_s` (and at once when an invocation queues) it samples
-each Version's concurrency, asks its `Autoscaler` for a pod count, and starts or releases pods
-through the `PodSource`. A Version still loading wants at least its initial target (its
-predecessor's size), becomes Ready when it has that, and only then takes "latest" traffic.
-Pods the source reports gone leave routing here; busy pods are drained, never cut.
+One loop for the activator: every `tick_s` (and at once when something pokes the shared
+`Wakeup`: an invocation queued, a pod found unreachable, a Version became Ready) it samples each
+Version's concurrency, asks the pure decisions of `ember.scaling.step` (fed by the Version's
+`Autoscaler`) how many pods it should have and which ones go, and carries them out through the
+`PodSource` and the Version's own transitions (`ember.activator.version_state`): it never
+writes a Version's pods or phase itself. A Version still loading wants at least its initial
+target (its predecessor's size), becomes Ready when it has that, and only then takes "latest"
+traffic. Pods the source reports gone leave routing; busy pods are drained, never cut. When a
+Version's code is bad (the agent refused it), the failure is also reported to the pod source
+(`report_load_failure`: the Version object's annotation in a cluster) in a task of its own, so a
+slow API server never holds up the loop.
 
 With several activator replicas each runs this loop over its own invocations and its own pods.
 A Version's `minScale` and `maxScale` are the Function's, so each replica keeps it within its share
@@ -31,12 +37,22 @@ from typing import Any
 from ember.activator.agent_client import AgentClient
 from ember.activator.config import ActivatorConfig
 from ember.activator.metrics import Metrics
-from ember.activator.registry import Phase, Registry, VersionState
-from ember.activator.throttler import PodSlots
+from ember.activator.registry import Registry
+from ember.activator.version_state import Phase, VersionState
+from ember.activator.wake import Wakeup
 from ember.pods.base import PodGone, PodHandle, PodSource, PodSourceError, PoolKey, SpecializeFailed
-from ember.scaling.autoscaler import pods_to_drain, pods_to_release
+from ember.scaling.step import PodLoad, Regime, desired_pods, plan_pods, regime
 
 log = logging.getLogger(__name__)
+
+
+class _StartFailed(Exception):
+    """A pod start ended without a pod (whatever it had was released)."""
+
+    def __init__(self, message: str, *, code_error: bool) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code_error = code_error
 
 
 class Scaler:
@@ -52,6 +68,7 @@ class Scaler:
         *,
         clock: Callable[[], float] = time.monotonic,
         replicas: Callable[[], int] = lambda: 1,
+        wakeup: Wakeup | None = None,
     ) -> None:
         self._registry = registry
         self._source = source
@@ -60,14 +77,14 @@ class Scaler:
         self._client = client
         self._clock = clock
         self._replicas = replicas
-        self._wake = asyncio.Event()
+        self._wakeup = wakeup or Wakeup()
         self._tasks: set[asyncio.Task[None]] = set()
         self._pools: set[PoolKey] = set()
         self._closing = False
 
     def poke(self) -> None:
-        """Decide now rather than at the next tick (an invocation is waiting)."""
-        self._wake.set()
+        """Decide now rather than at the next tick."""
+        self._wakeup.poke()
 
     async def run(self) -> None:
         """The scaling loop; cancel it to stop."""
@@ -76,10 +93,7 @@ class Scaler:
                 await self.step()
             except Exception:
                 log.exception("scaling step failed")
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._config.tick_s):
-                    await self._wake.wait()
-            self._wake.clear()
+            await self._wakeup.wait(self._config.tick_s)
 
     async def step(self) -> None:
         """One pass over every Version."""
@@ -96,67 +110,54 @@ class Scaler:
 
     def _step_version(self, vs: VersionState, now: float, replicas: int) -> None:
         self._forget_lost_pods(vs)
-        throttler = vs.throttler
-        demand = throttler.in_flight + throttler.queued
+        demand = vs.in_flight + vs.queued
         vs.autoscaler.record(now, demand)
-        bounds = vs.autoscaler.params.bounds(replicas)
-        fs = vs.fs
-        if fs.removed or vs.phase is Phase.FAILED:
-            desired = 0
-        elif vs.key.number not in fs.referenced() and now - vs.last_qualified_at > vs.autoscaler.params.keep_alive_s:
-            desired = 0 if demand == 0 else min(bounds.max_scale, max(1, -(-demand // vs.spec.concurrency)))
-        else:
+        params = vs.autoscaler.params
+        bounds = params.bounds(replicas)
+        how = regime(
+            serves=not vs.fs.removed and vs.phase is not Phase.FAILED,
+            referenced=vs.key.number in vs.fs.referenced(),
+            since_qualified_s=now - vs.last_qualified_at,
+            keep_alive_s=params.keep_alive_s,
+        )
+        autoscaled = 0
+        if how is Regime.AUTOSCALED:
             decision = vs.autoscaler.decide(now, ready_pods=vs.ready_pods, demand_now=demand, replicas=replicas)
-            desired = decision.desired
-            if vs.phase is Phase.LOADING:
-                desired = max(desired, min(vs.initial_target, bounds.max_scale))
-        have = vs.ready_pods + vs.starting
-        if desired > have and vs.request is not None and not self._closing:
-            for _ in range(desired - have):
-                self._spawn(self._start_pod(vs))
-        elif desired < vs.ready_pods:
-            idle = {pid: slot.idle_since for pid, slot in vs.pods.items() if slot.in_flight == 0}
-            busy = {pid for pid, slot in vs.pods.items() if slot.in_flight > 0}
-            chosen = pods_to_release(idle, busy, vs.ready_pods - desired)
-            for pid in chosen:
-                self._retire(vs, vs.pods[pid])
-            # Still above what must not be exceeded (nothing, or this replica's maxScale share): drain
-            # busy ones too, fewest in flight first; they take no new invocations and go once idle.
-            ceiling = 0 if desired == 0 else bounds.max_scale
-            for pid in pods_to_drain({pid: vs.pods[pid].in_flight for pid in busy}, vs.ready_pods - ceiling):
-                self._retire(vs, vs.pods[pid])
-        for pid, slot in list(vs.draining.items()):
-            if slot.in_flight == 0:
-                del vs.draining[pid]
-                self._spawn(self._release(slot.handle))
+            autoscaled = decision.desired
+        desired = desired_pods(
+            how,
+            demand=demand,
+            concurrency=vs.spec.concurrency,
+            bounds=bounds,
+            autoscaled=autoscaled,
+            loading=vs.phase is Phase.LOADING,
+            initial_target=vs.initial_target,
+        )
+        serving = {pod.handle.id: pod for pod in vs.serving}
+        plan = plan_pods(
+            desired=desired,
+            serving={pid: PodLoad(pod.in_flight, pod.idle_since) for pid, pod in serving.items()},
+            starting=vs.starting,
+            can_start=vs.request is not None and not self._closing,
+            max_scale=bounds.max_scale,
+        )
+        for _ in range(plan.start):
+            self._spawn(self._start_pod(vs))
+        for pid in plan.retire:
+            vs.drain(serving[pid])
+        for handle in vs.take_drained_idle():
+            self._spawn(self._release(handle))
 
     def _forget_lost_pods(self, vs: VersionState) -> None:
-        if not vs.pods:
+        serving = vs.serving
+        if not serving:
             return
         alive = {p.id for p in self._source.endpoints(vs.key)}
-        for pid, slot in list(vs.pods.items()):
-            if pid not in alive:
-                log.warning("pod lost function=%s version=%d pod=%s", vs.fs.label, vs.key.number, pid)
-                self.pod_lost(vs, slot)
-
-    def pod_lost(self, vs: VersionState, slot: PodSlots) -> None:
-        """A pod is gone (reported by the source, or unreachable): stop routing to it."""
-        if vs.pods.pop(slot.handle.id, None) is not None:
-            vs.throttler.remove_pod(slot)
-            vs.draining[slot.handle.id] = slot
-            self.poke()
-
-    def _retire(self, vs: VersionState, slot: PodSlots) -> None:
-        vs.pods.pop(slot.handle.id, None)
-        vs.throttler.remove_pod(slot)
-        vs.draining[slot.handle.id] = slot
-        log.info(
-            "pod released function=%s version=%d pod=%s in_flight=%d",
-            vs.fs.label,
-            vs.key.number,
-            slot.handle.id,
-            slot.in_flight,
-        )
+        for pod in serving:
+            if pod.handle.id not in alive:
+                log.warning("pod lost function=%s version=%d pod=%s", vs.fs.label, vs.key.number, pod.handle.id)
+                vs.pod_lost(pod)
+                self.poke()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -171,53 +172,31 @@ class Scaler:
             log.warning("release failed pod=%s error=%s", handle.id, err)
 
     async def _start_pod(self, vs: VersionState) -> None:
-        assert vs.request is not None
-        vs.starting += 1
+        vs.pod_starting()
         started = time.perf_counter()
-        handle: PodHandle | None = None
         try:
-            handle = await self._source.claim(vs.pool)
-            # the first invocation's connection is opened while the code loads
-            connecting = asyncio.create_task(self._client.preconnect(handle.address))
-            try:
-                handle = await self._source.specialize(handle, vs.request)
-            finally:
-                with contextlib.suppress(Exception):
-                    await connecting
-        except SpecializeFailed as err:
-            if handle is not None:
-                await self._release(handle)
-            if err.is_code_error:
-                if vs.phase is not Phase.FAILED:
-                    vs.mark_failed(f"{err.error_type}: {err.message}")
-                    self._metrics.version_failures.labels(vs.fs.label).inc()
-                return
-            self._load_failure(vs, str(err))
+            handle = await self._claim_and_specialize(vs)
+        except _StartFailed as failed:
+            attempts = self._config.load_attempts
+            failed_now = vs.pod_start_failed(failed.message, code_error=failed.code_error, max_attempts=attempts)
+            if failed_now and failed.code_error:  # where the Version's status lives, without holding up the loop
+                self._spawn(self._report_load_failure(vs, failed.message))
             return
-        except (PodSourceError, PodGone, OSError) as err:
-            if handle is not None:
-                await self._release(handle)
-            self._load_failure(vs, str(err))
-            return
-        except Exception as err:
-            log.exception("pod start crashed function=%s version=%d", vs.fs.label, vs.key.number)
-            if handle is not None:
-                await self._release(handle)
-            self._load_failure(vs, f"{type(err).__name__}: {err}")
-            return
-        finally:
-            vs.starting -= 1
+        except BaseException:
+            vs.pod_start_cancelled()
+            raise
         kind = handle.claim.value
         elapsed = time.perf_counter() - started
         self._metrics.cold_starts.labels(vs.fs.label, kind).inc()
         self._metrics.cold_start_duration.labels(kind).observe(elapsed)
-        if vs.phase is Phase.FAILED or vs.fs.removed or self._closing:
+        if self._closing:
+            vs.pod_start_cancelled()
             await self._release(handle)
             return
-        slot = PodSlots(handle, now=self._clock())
-        vs.pods[handle.id] = slot
-        vs.throttler.add_pod(slot)
-        vs.failures = 0
+        loading = vs.phase is Phase.LOADING
+        if vs.pod_ready(handle, self._clock()) is None:  # failed or removed meanwhile
+            await self._release(handle)
+            return
         log.info(
             "pod ready function=%s version=%d pod=%s kind=%s ms=%.1f",
             vs.fs.label,
@@ -226,23 +205,42 @@ class Scaler:
             kind,
             elapsed * 1000,
         )
-        if vs.phase is Phase.LOADING and (vs.ready_pods >= vs.initial_target or vs.starting == 0):
-            vs.phase = Phase.READY
-            log.info("version ready function=%s version=%d pods=%d", vs.fs.label, vs.key.number, vs.ready_pods)
-            self.poke()
+        if loading and vs.phase is Phase.READY:
+            self.poke()  # "latest" moved: its predecessor may drain now
 
-    def _load_failure(self, vs: VersionState, message: str) -> None:
-        vs.failures += 1
-        log.warning(
-            "pod start failed function=%s version=%d attempt=%d error=%s",
-            vs.fs.label,
-            vs.key.number,
-            vs.failures,
-            message,
-        )
-        if vs.phase is Phase.LOADING and vs.ready_pods == 0 and vs.failures >= self._config.load_attempts:
-            vs.mark_failed(message)
-            self._metrics.version_failures.labels(vs.fs.label).inc()
+    async def _claim_and_specialize(self, vs: VersionState) -> PodHandle:
+        """A pod specialized for the Version; raises `_StartFailed` after releasing whatever it had."""
+        assert vs.request is not None, "pod_starting refuses a Version without code"
+        handle: PodHandle | None = None
+        try:
+            handle = await self._source.claim(vs.pool)
+            # the first invocation's connection is opened while the code loads
+            connecting = asyncio.create_task(self._client.preconnect(handle.address))
+            try:
+                return await self._source.specialize(handle, vs.request)
+            finally:
+                with contextlib.suppress(Exception):
+                    await connecting
+        except SpecializeFailed as err:
+            failure = (
+                _StartFailed(f"{err.error_type}: {err.message}", code_error=True)
+                if err.is_code_error
+                else _StartFailed(str(err), code_error=False)
+            )
+        except (PodSourceError, PodGone, OSError) as err:
+            failure = _StartFailed(str(err), code_error=False)
+        except Exception as err:
+            log.exception("pod start crashed function=%s version=%d", vs.fs.label, vs.key.number)
+            failure = _StartFailed(f"{type(err).__name__}: {err}", code_error=False)
+        if handle is not None:
+            await self._release(handle)
+        raise failure
+
+    async def _report_load_failure(self, vs: VersionState, message: str) -> None:
+        try:
+            await self._source.report_load_failure(vs.key, code_hash=vs.code_hash, message=message)
+        except Exception as err:  # the Version failed here either way; the report is best effort
+            log.warning("load failure not reported function=%s version=%d error=%s", vs.fs.label, vs.key.number, err)
 
     async def close(self) -> None:
         """Stop starting pods, then release every pod of every Version."""
@@ -250,11 +248,5 @@ class Scaler:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        releases = []
-        for vs in self._registry.all_versions():
-            for slot in [*vs.pods.values(), *vs.draining.values()]:
-                vs.throttler.remove_pod(slot)
-                releases.append(self._release(slot.handle))
-            vs.pods.clear()
-            vs.draining.clear()
+        releases = [self._release(handle) for vs in self._registry.all_versions() for handle in vs.take_all()]
         await asyncio.gather(*releases, return_exceptions=True)

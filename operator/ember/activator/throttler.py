@@ -9,6 +9,10 @@ and a slot is never both free and wanted.
 
 All of this runs on the event loop: there MUST be NO await between checking a slot and
 taking it.
+
+The throttler routes over the pods it is given; it does not own them. Its Version
+(`ember.activator.version_state.VersionState`) adds and removes pods, and keeps the draining
+ones; an invocation that has to wait pokes the scaling loop (`wake`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections.abc import Callable
 
 from ember.activator.balancer import least_in_flight
 from ember.activator.errors import CapacityTimeout, Throttled
+from ember.activator.wake import Asleep, Wake
 from ember.pods.base import PodHandle
 
 
@@ -49,14 +54,14 @@ class Throttler:
         queue_depth: int,
         queue_timeout_s: float,
         retry_after_s: int = 1,
-        on_queue: Callable[[], None] = lambda: None,
+        wake: Wake | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
         self.queue_depth = queue_depth
         self.queue_timeout_s = queue_timeout_s
         self.retry_after_s = retry_after_s
-        self._on_queue = on_queue
+        self._wake: Wake = wake or Asleep()
         self._clock = clock
         self.pods: list[PodSlots] = []
         self._waiters: deque[asyncio.Future[PodSlots]] = deque()
@@ -94,7 +99,7 @@ class Throttler:
             )
         waiter: asyncio.Future[PodSlots] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
-        self._on_queue()
+        self._wake.poke()
         try:
             async with asyncio.timeout(self.queue_timeout_s):
                 return await waiter

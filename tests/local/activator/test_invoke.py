@@ -17,7 +17,7 @@ import time
 
 import aiohttp
 
-from ember.activator.registry import Phase
+from ember.activator.version_state import Phase
 
 from .helpers import FAST, Activator, function, run_activator
 
@@ -87,7 +87,7 @@ async def test_edit_during_steady_load_rolls_to_new_version_with_zero_failures(a
     await asyncio.gather(*clients)
     assert failures == []
     old = activator.registry.get("default", "roll").versions[1]
-    await _wait_for(lambda: not old.pods and not old.draining, 10, "Version 1 to drain")
+    await _wait_for(lambda: not old.serving and not old.draining, 10, "Version 1 to drain")
     status, headers, body = await _invoke(activator, "roll", {})
     assert (status, headers["X-Ember-Executed-Version"], json.loads(body)["version"]) == (200, "2", "2")
 

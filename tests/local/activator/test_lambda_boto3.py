@@ -16,7 +16,7 @@ import botocore.config
 import botocore.exceptions
 import pytest
 
-from ember.activator.registry import Phase
+from ember.activator.version_state import Phase
 
 from .helpers import Activator, function, run_activator
 

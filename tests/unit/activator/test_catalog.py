@@ -14,7 +14,8 @@ from ember.activator.catalog import Plan, apply_plan, plan
 from ember.activator.config import ActivatorConfig
 from ember.activator.errors import FunctionNotFound
 from ember.activator.metrics import Metrics
-from ember.activator.registry import Phase, Registry, cluster_specialize_request
+from ember.activator.registry import Registry, cluster_specialize_request
+from ember.activator.version_state import Phase
 from ember.api.function import Function, FunctionSpec
 from ember.api.security_policy import DEFAULT_POLICY, SecurityPolicySpec, policy_hash
 from ember.api.version import code_hash
@@ -147,11 +148,11 @@ def test_apply_plan_takes_versions_from_the_api_and_never_mints(registry: Regist
 def test_apply_plan_keeps_traffic_where_it_is_until_the_new_version_is_ready(registry: Registry) -> None:
     apply_plan(registry, plan(_keyed(_function()), _keyed(_version(1))))
     fs = registry.get(NS, "hello")
-    fs.versions[1].phase = Phase.READY
+    fs.versions[1].mark_ready()
     versions = _keyed(_version(1), _version(2, code={"inline": "x = 2"}))
     apply_plan(registry, plan(_keyed(_function(code={"inline": "x = 2"})), versions))
     assert registry.route(NS, "hello", None).key.number == 1
-    fs.versions[2].phase = Phase.READY
+    fs.versions[2].mark_ready()
     assert registry.route(NS, "hello", None).key.number == 2
 
 
@@ -209,11 +210,11 @@ def test_versions_the_operator_deleted_are_forgotten_once_unreferenced_and_idle(
     fn = _keyed(_function(**v2))
     apply_plan(registry, plan(fn, _keyed(_version(1), _version(2, **v2))))
     fs = registry.get(NS, "hello")
-    fs.versions[2].phase = Phase.READY
-    fs.versions[1].starting = 1  # still getting a pod: kept until it has none
+    fs.versions[2].mark_ready()
+    fs.versions[1].pod_starting()  # still getting a pod: kept until it has none
     assert apply_plan(registry, plan(fn, _keyed(_version(2, **v2)))) == []
     assert set(fs.versions) == {1, 2}
-    fs.versions[1].starting = 0
+    fs.versions[1].pod_start_cancelled()
     changes = apply_plan(registry, plan(fn, _keyed(_version(2, **v2))))
     assert changes == [f"Version 1 of {NS}/hello: deleted by the operator, forgotten"]
     assert set(fs.versions) == {2}

@@ -10,7 +10,8 @@ import pytest
 from ember.activator.config import ActivatorConfig
 from ember.activator.errors import FunctionNotFound, NotReady
 from ember.activator.metrics import Metrics
-from ember.activator.registry import Phase, Registry
+from ember.activator.registry import Registry
+from ember.activator.version_state import Phase
 from ember.api.function import Function
 from ember.api.security_policy import SecurityPolicySpec
 
@@ -59,13 +60,13 @@ def test_latest_stays_on_ready_version_until_the_new_one_is_ready(registry: Regi
     v1 = registry.apply(_fn())
     assert v1 is not None
     assert registry.route("default", "f", None) is v1  # never ready yet: the loading one queues
-    v1.phase = Phase.READY
+    v1.mark_ready()
     v2 = registry.apply(_fn("def handler(e, c): return 2"))
     assert v2 is not None
     assert v2.initial_target >= 1
     assert registry.route("default", "f", None) is v1
     assert registry.get("default", "f").referenced() == {1, 2}
-    v2.phase = Phase.READY
+    v2.mark_ready()
     assert registry.route("default", "f", None) is v2
     assert registry.get("default", "f").referenced() == {2}
 
@@ -73,7 +74,7 @@ def test_latest_stays_on_ready_version_until_the_new_one_is_ready(registry: Regi
 def test_failed_version_leaves_traffic_and_is_named(registry: Registry) -> None:
     v1 = registry.apply(_fn())
     assert v1 is not None
-    v1.phase = Phase.READY
+    v1.mark_ready()
     v2 = registry.apply(_fn("def handler(e, c): return 2"))
     assert v2 is not None
     v2.mark_failed("ImportError: no module named x")

@@ -1,124 +1,20 @@
 """The scaler keeps a Version within this replica's share of minScale and maxScale, for N = 1, 2, 3 replicas.
 
 Pure scaling logic: a fake pod source whose claims and specializations succeed at once, a fake clock,
-the real Registry, Throttler and Autoscaler. Real agents and pods are tests/local/activator; two
-activators on a real cluster are tests/cluster/test_activator_replicas.py.
+the real Registry, VersionState, Throttler and Autoscaler (tests/unit/activator/fakes.py). Real agents
+and pods are tests/local/activator; two activators on a real cluster are tests/cluster/test_activator_replicas.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import replace
-from typing import Any, cast
 
 import pytest
 
-from ember.activator.agent_client import AgentClient
-from ember.activator.config import ActivatorConfig
 from ember.activator.errors import Throttled
-from ember.activator.metrics import Metrics
-from ember.activator.registry import Phase, Registry, VersionState
-from ember.activator.scaler import Scaler
 from ember.activator.throttler import PodSlots
-from ember.api.function import Function
-from ember.pods.base import ClaimKind, PodHandle, PodId, PodSource, PoolKey, SpecializeRequest, VersionKey
-
-QUEUE_DEPTH = 4
-
-
-class FakePods:
-    """Every claim and specialization succeeds at once; releases are recorded."""
-
-    def __init__(self) -> None:
-        self.live: dict[PodId, PodHandle] = {}
-        self.released: list[PodId] = []
-        self._claims = 0
-
-    async def claim(self, pool: PoolKey) -> PodHandle:
-        self._claims += 1
-        return PodHandle(PodId(f"pod-{self._claims}"), f"10.0.0.{self._claims}:8000", pool, ClaimKind.POOL_HIT)
-
-    async def specialize(self, pod: PodHandle, request: SpecializeRequest) -> PodHandle:
-        handle = replace(pod, version=request.version, concurrency=request.concurrency)
-        self.live[handle.id] = handle
-        return handle
-
-    async def release(self, pod: PodHandle) -> None:
-        self.live.pop(pod.id, None)
-        self.released.append(pod.id)
-
-    def endpoints(self, version: VersionKey) -> Sequence[PodHandle]:
-        return [h for h in self.live.values() if h.version == version]
-
-    async def watch(self, version: VersionKey) -> AsyncIterator[Sequence[PodHandle]]:
-        yield self.endpoints(version)
-
-    def warm_pods(self) -> Mapping[PoolKey, int]:
-        return {}
-
-    async def ensure_pool(self, pool: PoolKey, size: int) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
-
-class FakeAgents:
-    async def preconnect(self, address: str) -> None:
-        return None
-
-    def forget(self, address: str) -> None:
-        return None
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class World:
-    """A registry and scaler over fake pods, with the live replica count settable."""
-
-    def __init__(self, replicas: int) -> None:
-        self.replicas = replicas
-        self.clock = Clock()
-        self.pods = FakePods()
-        config = ActivatorConfig(queue_depth=QUEUE_DEPTH, warm_pool_size=0)
-        metrics = Metrics()
-        self.registry = Registry(config, metrics, clock=self.clock, replicas=lambda: self.replicas)
-        self.scaler = Scaler(
-            self.registry,
-            cast(PodSource, self.pods),
-            config,
-            metrics,
-            cast(AgentClient, FakeAgents()),
-            clock=self.clock,
-            replicas=lambda: self.replicas,
-        )
-
-    def function(self, **scaling: int) -> VersionState:
-        spec: dict[str, Any] = {
-            "runtime": "python3.12",
-            "handler": "main.handler",
-            "code": {"inline": "def handler(e, c): return 1"},
-            "concurrency": 1,
-            "scaling": scaling,
-        }
-        vs = self.registry.apply(Function.model_validate({"metadata": {"name": "f"}, "spec": spec}))
-        assert vs is not None
-        return vs
-
-    async def step(self) -> None:
-        """One scaling step, then every pod start or release it spawned runs to its end."""
-        self.clock.now += 0.25
-        await self.scaler.step()
-        while self.scaler._tasks:
-            await asyncio.gather(*self.scaler._tasks)
-
+from ember.activator.version_state import Phase, VersionState
+from tests.unit.activator.fakes import QUEUE_DEPTH, World
 
 REPLICAS = [pytest.param(1, id="N=1"), pytest.param(2, id="N=2"), pytest.param(3, id="N=3")]
 
@@ -199,7 +95,7 @@ async def test_a_replica_joining_drains_busy_surplus_pods_without_cutting_their_
     assert len(vs.draining) == 2
     assert vs.throttler.in_flight == 4, "their invocations run on"
     assert world.pods.released == []
-    drained = [s for s in slots if s.handle.id in vs.draining]
+    drained = [s for s in slots if s in vs.draining]
     for slot in drained:
         vs.throttler.release(slot)
     await world.step()
