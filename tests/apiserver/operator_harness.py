@@ -185,6 +185,32 @@ class Ember:
         items = self.apps.list_namespaced_deployment(self.ns, label_selector="ember.run/component=pool").items
         return {d.metadata.name: d for d in items}
 
+    def version_pod(self, name: str, *, function: str, version: str, state: str, ready: bool) -> None:
+        """A pod as an activator leaves it (labels) and a kubelet reports it (status), written by hand.
+
+        No controller-manager or kubelet runs in this tier, so the namespace's default
+        ServiceAccount is made here and the pod's status is written through the status subresource."""
+        with contextlib.suppress(ApiException):  # 409: made by an earlier call
+            self.core.create_namespaced_service_account(self.ns, {"metadata": {"name": "default"}})
+        labels = {"ember.run/function": function, "ember.run/version": version, "ember.run/state": state}
+        body = {
+            "metadata": {"name": name, "labels": labels},
+            "spec": {"containers": [{"name": "agent", "image": "localhost/ember-runtime-python3.12:dev"}]},
+        }
+        self.core.create_namespaced_pod(self.ns, body)
+        condition_ = {"type": "Ready", "status": "True" if ready else "False"}
+        self.core.patch_namespaced_pod_status(
+            name, self.ns, {"status": {"phase": "Running", "conditions": [condition_]}}
+        )
+
+    def serve(self, function: str, number: int) -> None:
+        """What an activator and a kubelet do once a pod has loaded a Version: a ready specialized pod.
+
+        A Version is Ready only when stored *and* loaded; this is the evidence the operator reads."""
+        self.version_pod(
+            f"{function}-v{number}-pod", function=function, version=str(number), state="specialized", ready=True
+        )
+
     def events(self, involved: str) -> list[Any]:
         items = self.core.list_namespaced_event(self.ns).items
         return [e for e in items if e.involved_object.name == involved]

@@ -118,9 +118,12 @@ def test_operator_works_with_exactly_the_charts_rbac(
     operator.start()
     try:
         ember.create("functions", hello_function())
+        ember.serve("hello", 1)
         eventually(lambda: ready_function(ember, "hello"), what="hello Ready under the chart's RBAC")
         ember.patch("functions", "hello", {"spec": {"code": {"inline": "def handler(e, c):\n    return 2\n"}}})
         ember.patch("functions", "hello", {"spec": {"code": {"inline": "def handler(e, c):\n    return 3\n"}}})
+        eventually(lambda: 3 in ember.versions("hello"), what="Version 3")
+        ember.serve("hello", 3)  # Version 1, the loaded one, stays until a newer one is loaded
         eventually(lambda: set(ember.versions("hello")) == {2, 3}, what="Versions created and collected")
         assert len(ember.pools()) == 1
         fn = ember.get("functions", "hello")

@@ -3,7 +3,10 @@
 Runs `python -m ember.operator_main` as a subprocess (kopf, kubernetes_asyncio) against the
 session's etcd + kube-apiserver. No kube-controller-manager runs in this tier, so nothing is
 garbage-collected by owner references and Deployments get no pods: these tests check what the
-operator itself creates, keeps and deletes; pods, GC and invocation are the cluster tier's.
+operator itself creates, keeps and deletes; pods, GC and invocation are the cluster tier's. A
+Version is Ready only once a pod has loaded it: `Ember.serve` writes the specialized, ready pod an
+activator and a kubelet would leave (or the load-error mark an activator writes, through the real
+`KubernetesPodSource.report_load_failure`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ def test_function_gets_a_version_code_configmap_pool_and_ready_conditions(
     ember: Ember, operator: OperatorProcess
 ) -> None:
     ember.create("functions", hello_function())
+    version = eventually(lambda: ember.get("versions", "hello-v1"), what="Version 1")
+    assert condition(version, "Loaded").get("status") in (None, "Unknown"), "not Ready before a pod loaded it"
+    assert condition(ember.get("functions", "hello"), "Ready").get("status") != "True"
+    ember.serve("hello", 1)
     fn = eventually(lambda: ready_function(ember, "hello"), what="Function hello Ready")
     status = fn["status"]
     assert (status["latestVersion"], status["readyVersion"]) == (1, 1)
@@ -54,6 +61,9 @@ def test_function_gets_a_version_code_configmap_pool_and_ready_conditions(
     assert (owner["kind"], owner["uid"], owner["controller"]) == ("Function", fn["metadata"]["uid"], True)
     assert version["status"]["phase"] == "Ready"
     assert condition(version, "CodeReady")["reason"] == "CodeStored"
+    assert condition(version, "Loaded")["reason"] == "Loaded"
+    assert version["metadata"]["annotations"]["ember.run/loaded"] == version["spec"]["codeHash"]
+    assert version["spec"]["policy"]["sandbox"] == "gvisor", "the built-in default policy is frozen into it"
 
     cm = ember.core.read_namespaced_config_map("hello-v1-code", ember.ns)
     assert cm.immutable is True
@@ -89,6 +99,7 @@ def test_versions_follow_code_and_config_changes_not_scaling_or_metadata(
     ember: Ember, operator: OperatorProcess
 ) -> None:
     ember.create("functions", hello_function())
+    ember.serve("hello", 1)
     eventually(lambda: ready_function(ember, "hello"), what="hello Ready")
 
     scaled = ember.patch("functions", "hello", {"spec": {"scaling": {"maxScale": 3, "minScale": 1}}})
@@ -102,6 +113,8 @@ def test_versions_follow_code_and_config_changes_not_scaling_or_metadata(
     ember.patch("functions", "hello", {"spec": {"env": {"GREETING": "hey"}}})
     eventually(lambda: set(ember.versions("hello")) == {1, 2}, what="Version 2 after an env change")
     ember.patch("functions", "hello", {"spec": {"code": {"inline": "def handler(e, c):\n    return 2\n"}}})
+    eventually(lambda: 3 in ember.versions("hello"), what="Version 3 after a code change")
+    ember.serve("hello", 3)
     fn = eventually(
         lambda: (f := ready_function(ember, "hello")) and f["status"]["latestVersion"] == 3 and f,
         what="Version 3 ready",
@@ -112,6 +125,7 @@ def test_versions_follow_code_and_config_changes_not_scaling_or_metadata(
 
 def test_retention_keeps_referenced_and_last_n_and_collects_the_rest(ember: Ember, operator: OperatorProcess) -> None:
     ember.create("functions", hello_function())
+    ember.serve("hello", 1)
     eventually(lambda: ready_function(ember, "hello"), what="hello Ready")
     ember.patch("functions", "hello", {"spec": {"traffic": [{"version": 1, "percent": 100}]}})
     for n in range(2, 5):
@@ -122,7 +136,11 @@ def test_retention_keeps_referenced_and_last_n_and_collects_the_rest(ember: Embe
     eventually(lambda: "hello-v2-code" not in ember.configmap_names(), what="code of Version 2 deleted")
     assert {"hello-v1-code", "hello-v3-code", "hello-v4-code"} <= ember.configmap_names()
 
+    # Version 1 is also the only one loaded so far (the ready one): it stays until another is.
     ember.patch("functions", "hello", {"spec": {"traffic": None, "aliases": {"stable": {"version": 3}}}})
+    eventually(lambda: ember.get("functions", "hello")["status"].get("readyVersion") == 1, what="v1 the ready one")
+    assert 1 in ember.versions("hello")
+    ember.serve("hello", 4)
     eventually(lambda: set(ember.versions("hello")) == {3, 4}, what="unpinned Version 1 collected")
     assert any(e.reason == "VersionDeleted" for e in ember.events("hello"))
 
@@ -139,9 +157,13 @@ def test_missing_policy_then_created_resolves(ember: Ember, operator: OperatorPr
     assert "'strict'" in condition(fn, "PolicyResolved")["message"]
     assert condition(fn, "Ready")["status"] == "False"
     assert ember.pools() == {}
-    assert fn["status"]["latestVersion"] == 1  # code is snapshotted even while the policy is missing
+    assert fn["status"].get("latestVersion") is None, "a Version freezes its policy: none until it exists"
+    assert ember.versions("hello") == {}
 
     ember.create("securitypolicies", {"kind": "SecurityPolicy", "metadata": {"name": "strict"}, "spec": {}})
+    eventually(lambda: 1 in ember.versions("hello"), what="Version 1 once the policy exists")
+    assert ember.versions("hello")[1]["spec"]["policyName"] == "strict"
+    ember.serve("hello", 1)
     eventually(lambda: ready_function(ember, "hello"), what="hello Ready once the policy exists")
     assert len(ember.pools()) == 1
 
@@ -172,15 +194,20 @@ def test_missing_runtime_class_is_a_clear_condition_not_stuck_pods(
     node = client.NodeV1Api(crds)
     node.create_runtime_class({"metadata": {"name": runtime_class}, "handler": "kata"})
     try:
+        eventually(lambda: ember.pools(), what="the pool once the RuntimeClass exists")
+        ember.serve("hello", 1)
         eventually(lambda: ready_function(ember, "hello"), what="Ready once the RuntimeClass exists")
         assert ember.pools()[next(iter(ember.pools()))].spec.template.spec.runtime_class_name == runtime_class
     finally:
         node.delete_runtime_class(runtime_class)
 
 
-def test_policy_change_rerolls_the_pool_and_network_policy(ember: Ember, operator: OperatorProcess) -> None:
+def test_policy_edit_is_a_new_version_and_the_old_pool_goes_once_it_is_ready(
+    ember: Ember, operator: OperatorProcess
+) -> None:
     ember.create("securitypolicies", {"kind": "SecurityPolicy", "metadata": {"name": "p"}, "spec": {}})
     ember.create("functions", hello_function(securityPolicyRef={"name": "p"}))
+    ember.serve("hello", 1)
     eventually(lambda: ready_function(ember, "hello"), what="hello Ready")
     (old_pool,) = ember.pools()
 
@@ -196,8 +223,16 @@ def test_policy_change_rerolls_the_pool_and_network_policy(ember: Ember, operato
             }
         },
     )
+    v2 = eventually(lambda: ember.versions("hello").get(2), what="Version 2 for the policy edit")
+    assert v2["spec"]["policy"]["egress"]["mode"] == "allowList"
+    assert ember.versions("hello")[1]["spec"]["policy"]["egress"]["mode"] == "none", "Version 1 keeps its policy"
     eventually(lambda: set(ember.pools()) - {old_pool}, what="a new pool for the new policy hash")
-    eventually(lambda: old_pool not in ember.pools(), what="the old pool deleted")
+    assert old_pool in ember.pools(), "Version 1 serves, from its own pool, while Version 2 loads"
+    fn = ember.get("functions", "hello")
+    assert (fn["status"]["latestVersion"], fn["status"]["readyVersion"]) == (2, 1)
+
+    ember.serve("hello", 2)
+    eventually(lambda: old_pool not in ember.pools(), what="the old pool deleted once Version 2 is ready")
     policies = {n.metadata.name for n in ember.net.list_namespaced_network_policy(ember.ns).items}
     assert old_pool not in policies, "the old pool's NetworkPolicy goes with it"
     (new_pool,) = ember.pools()
@@ -213,7 +248,6 @@ def test_policy_change_rerolls_the_pool_and_network_policy(ember: Ember, operato
     (rule,) = netpol.spec.egress
     assert rule.to[0].ip_block.cidr == "10.0.0.0/8"
     assert rule.ports[0].port == 443
-    assert set(ember.versions("hello")) == {1}, "a policy change re-rolls pools, not Versions"
 
 
 def test_configmap_code_is_snapshotted_and_a_change_makes_a_version(ember: Ember, operator: OperatorProcess) -> None:
@@ -221,6 +255,7 @@ def test_configmap_code_is_snapshotted_and_a_change_makes_a_version(ember: Ember
         ember.ns, {"metadata": {"name": "src"}, "data": {"main.py": "def handler(e, c):\n    return 1\n"}}
     )
     ember.create("functions", hello_function(code={"configMapRef": {"name": "src"}}))
+    ember.serve("hello", 1)
     eventually(lambda: ready_function(ember, "hello"), what="hello Ready")
     snap = ember.core.read_namespaced_config_map("hello-v1-code", ember.ns)
     assert snap.data == {"main.py": "def handler(e, c):\n    return 1\n"}
@@ -243,17 +278,6 @@ def test_missing_code_configmap_is_reported(ember: Ember, operator: OperatorProc
     assert ember.versions("hello") == {}
 
 
-def _version_pod(ember: Ember, name: str, *, version: str, state: str, ready: bool) -> None:
-    labels = {"ember.run/function": "hello", "ember.run/version": version, "ember.run/state": state}
-    body = {
-        "metadata": {"name": name, "labels": labels},
-        "spec": {"containers": [{"name": "agent", "image": "localhost/ember-runtime-python3.12:dev"}]},
-    }
-    ember.core.create_namespaced_pod(ember.ns, body)
-    condition_ = {"type": "Ready", "status": "True" if ready else "False"}
-    ember.core.patch_namespaced_pod_status(name, ember.ns, {"status": {"phase": "Running", "conditions": [condition_]}})
-
-
 def _ready_pods(ember: Ember, version: str) -> int | None:
     status = (ember.get("versions", version) or {}).get("status") or {}
     return status.get("readyPods")
@@ -261,16 +285,14 @@ def _ready_pods(ember: Ember, version: str) -> int | None:
 
 def test_version_status_counts_its_ready_specialized_pods(ember: Ember, operator: OperatorProcess) -> None:
     ember.create("functions", hello_function())
-    eventually(lambda: ready_function(ember, "hello"), what="hello Ready")
-    # No controller-manager in this tier: pods need the namespace's default ServiceAccount made by hand.
-    ember.core.create_namespaced_service_account(ember.ns, {"metadata": {"name": "default"}})
+    eventually(lambda: ember.get("versions", "hello-v1"), what="Version 1")
     # What activators make: specialized pods of Version 1, one not ready yet, one only claimed.
-    _version_pod(ember, "hello-a", version="1", state="specialized", ready=True)
-    _version_pod(ember, "hello-b", version="1", state="specialized", ready=False)
-    _version_pod(ember, "hello-c", version="1", state="claimed", ready=True)
+    ember.version_pod("hello-a", function="hello", version="1", state="specialized", ready=True)
+    ember.version_pod("hello-b", function="hello", version="1", state="specialized", ready=False)
+    ember.version_pod("hello-c", function="hello", version="1", state="claimed", ready=True)
     # Bad labels from elsewhere are ignored, not fatal: no such Version, and no Version number at all.
-    _version_pod(ember, "hello-x", version="7", state="specialized", ready=True)
-    _version_pod(ember, "hello-y", version="one", state="specialized", ready=True)
+    ember.version_pod("hello-x", function="hello", version="7", state="specialized", ready=True)
+    ember.version_pod("hello-y", function="hello", version="one", state="specialized", ready=True)
     eventually(lambda: _ready_pods(ember, "hello-v1") == 1, what="readyPods 1")
 
     ember.core.patch_namespaced_pod_status(
@@ -281,6 +303,8 @@ def test_version_status_counts_its_ready_specialized_pods(ember: Ember, operator
     ember.core.delete_namespaced_pod("hello-a", ember.ns, grace_period_seconds=0)
     ember.core.delete_namespaced_pod("hello-b", ember.ns, grace_period_seconds=0)
     eventually(lambda: _ready_pods(ember, "hello-v1") == 0, what="readyPods 0 after the pods are deleted")
-    assert ember.get("versions", "hello-v1")["status"]["phase"] == "Ready"  # the operator's own fields stay
+    # Loaded once is loaded: a Version scaled to zero stays Ready (the operator's loaded mark).
+    assert ember.get("versions", "hello-v1")["status"]["phase"] == "Ready"
+    assert ready_function(ember, "hello") is not None
     assert "not a Version number" in operator.log_tail(200)
     assert operator.alive()

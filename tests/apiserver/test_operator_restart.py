@@ -38,6 +38,8 @@ def test_crash_after_creating_a_version_is_finished_on_restart(ember: Ember, kub
     operator = OperatorProcess(kubeconfig, ember.ns, tmp_path / "operator.log")
     operator.start()
     try:
+        eventually(lambda: "hello-v1-code" in ember.configmap_names(), what="code stored after restart")
+        ember.serve("hello", 1)
         done = eventually(lambda: ready_function(ember, "hello"), what="Ready after restart")
         assert set(ember.versions("hello")) == {1}, "the existing Version is adopted, not duplicated"
         assert done["status"]["latestVersion"] == 1
@@ -61,16 +63,18 @@ def test_sigkill_during_a_burst_of_changes_converges(ember: Ember, kubeconfig: P
         assert not operator.alive()
         operator.start()
 
-        fn = eventually(
+        converged = eventually(
             lambda: (
-                (f := ready_function(ember, "hello"))
-                and f["status"]["latestVersion"] == max(ember.versions("hello"))
+                (f := ember.get("functions", "hello"))
+                and (f.get("status") or {}).get("latestVersion") == max(ember.versions("hello"))
                 and len(ember.versions("hello")) == 2
                 and f
             ),
             timeout_s=60,
             what="convergence after SIGKILL",
         )
+        ember.serve("hello", converged["status"]["latestVersion"])
+        fn = eventually(lambda: ready_function(ember, "hello"), what="the newest Version Ready once loaded")
         versions = ember.versions("hello")
         newest = versions[max(versions)]
         model = Function.model_validate({k: fn[k] for k in ("apiVersion", "kind", "metadata", "spec")})

@@ -568,11 +568,12 @@ async def reconcile_version(
         now=now,
     )
     annotations = version.metadata.annotations or {}
+    ready_pods = await _count_ready_pods(kube, ns, version.spec.function_name, version.spec.number)
     loaded_status, loaded_reason, loaded_message = cond.version_loaded(
         code_hash=version.spec.code_hash,
         loaded_mark=annotations.get(labels.LOADED_ANNOTATION),
         load_error=_load_error(annotations.get(labels.LOAD_ERROR_ANNOTATION)),
-        ready_pods=int(old_status.get("readyPods") or 0),
+        ready_pods=ready_pods,
     )
     conditions = cond.set_condition(
         conditions,
@@ -595,18 +596,23 @@ async def reconcile_version(
             reason=changed.reason,
             message=changed.message,
         )
+    status = {
+        "observedGeneration": generation,
+        "conditions": _wire_conditions(conditions),
+        "phase": phase,
+        "readyPods": ready_pods,
+    }
     if old_status.get("phase") != phase:
+        # The Function's reconcile reads this status: it must be stored before the Function is nudged
+        # (kopf writes the returned status only after the handler, which would race the nudge).
+        await kube.patch_custom_status("versions", ns, version.metadata.name, status)
         await kube.annotate_custom(
             "functions",
             ns,
             version.spec.function_name,
             {VERSION_TRANSITION_ANNOTATION: f"{version.spec.number}:{phase}"},
         )
-    return {
-        "observedGeneration": generation,
-        "conditions": _wire_conditions(conditions),
-        "phase": phase,
-    }
+    return status
 
 
 def _load_error(raw: str | None) -> dict[str, Any] | None:
@@ -618,6 +624,12 @@ def _load_error(raw: str | None) -> dict[str, Any] | None:
     except ValueError:
         return {"codeHash": None, "message": raw}
     return parsed if isinstance(parsed, dict) else None
+
+
+async def _count_ready_pods(kube: Kube, namespace: str, function: str, number: int) -> int:
+    """A Version's specialized pods that are ready (activators specialize them, kubelets report Ready)."""
+    selector = f"{labels.FUNCTION}={function},{labels.VERSION}={number},{labels.STATE}={labels.STATE_SPECIALIZED}"
+    return sum(1 for pod in await kube.list_pods(namespace, label_selector=selector) if pod_ready(pod))
 
 
 async def report_version_pods(kube: Kube, namespace: str, function: str, version_label: str) -> int | None:
@@ -636,8 +648,7 @@ async def report_version_pods(kube: Kube, namespace: str, function: str, version
     version = await kube.get_custom("versions", namespace, name)
     if version is None:
         return None
-    selector = f"{labels.FUNCTION}={function},{labels.VERSION}={number},{labels.STATE}={labels.STATE_SPECIALIZED}"
-    ready = sum(1 for pod in await kube.list_pods(namespace, label_selector=selector) if pod_ready(pod))
+    ready = await _count_ready_pods(kube, namespace, function, number)
     if (version.get("status") or {}).get("readyPods", 0) != ready:
         await kube.patch_custom_status("versions", namespace, name, {"readyPods": ready})
     code_hash_ = (version.get("spec") or {}).get("codeHash")

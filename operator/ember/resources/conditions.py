@@ -56,9 +56,7 @@ class Reason:
 
 
 # Reasons that no retry fixes: the spec (or what it points to) must change.
-PERMANENT_REASONS: Final = frozenset(
-    {Reason.INVALID_SPEC, Reason.VERSION_FAILED, Reason.NOT_OWNED, Reason.LOAD_FAILED}
-)
+PERMANENT_REASONS: Final = frozenset({Reason.INVALID_SPEC, Reason.VERSION_FAILED, Reason.NOT_OWNED, Reason.LOAD_FAILED})
 
 
 def find(conditions: Sequence[Condition], type_: str) -> Condition | None:

@@ -24,6 +24,7 @@ class FakeKube:
     deployments: dict[tuple[str, str], Obj] = field(default_factory=dict)
     network_policies: dict[tuple[str, str], Obj] = field(default_factory=dict)
     runtime_classes: set[str] = field(default_factory=lambda: {"gvisor"})
+    pods: dict[tuple[str, str], Obj] = field(default_factory=dict)
     writes: list[str] = field(default_factory=list)
     fail: dict[str, KubeError] = field(default_factory=dict)
     _rv: int = 0
@@ -55,6 +56,15 @@ class FakeKube:
             if p == plural and ns == namespace and wanted.items() <= o["metadata"].get("labels", {}).items()
         ]
 
+    async def list_pods(self, namespace: str, *, label_selector: str = "") -> list[Obj]:
+        self._check("list_pods")
+        wanted = dict(part.split("=", 1) for part in label_selector.split(",") if part)
+        return [
+            copy.deepcopy(o)
+            for (ns, _), o in sorted(self.pods.items())
+            if ns == namespace and wanted.items() <= o["metadata"].get("labels", {}).items()
+        ]
+
     async def get_custom(self, plural: str, namespace: str, name: str) -> Obj | None:
         self._check("get_custom")
         found = self.custom.get((plural, namespace, name))
@@ -79,6 +89,13 @@ class FakeKube:
         found = self.custom.get((plural, namespace, name))
         if found:
             found["metadata"].setdefault("annotations", {}).update(annotations)
+
+    async def patch_custom_status(self, plural: str, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        self._check("patch_custom_status")
+        self.writes.append(f"status {plural}/{name}")
+        found = self.custom.get((plural, namespace, name))
+        if found:
+            found.setdefault("status", {}).update(copy.deepcopy(dict(status)))
 
     async def get_configmap(self, namespace: str, name: str) -> Obj | None:
         self._check("get_configmap")

@@ -342,6 +342,14 @@ async def test_version_stores_code_then_is_ready_once_a_pod_loaded_it() -> None:
     assert status["phase"] == "Ready"
 
 
+def _specialized_pod(name: str, *, ready: bool) -> Obj:
+    labels = {"ember.run/function": "hello", "ember.run/version": "1", "ember.run/state": "specialized"}
+    return {
+        "metadata": {"name": name, "labels": labels},
+        "status": {"conditions": [{"type": "Ready", "status": "True" if ready else "False"}]},
+    }
+
+
 @pytest.mark.parametrize(
     ("annotations", "ready_pods", "loaded", "phase"),
     [
@@ -378,10 +386,13 @@ async def test_version_loaded_condition_from_the_evidence(
     version = _version(kube)
     digest = version["spec"]["codeHash"]
     version["metadata"]["annotations"] = {k: v.replace("$hash", digest) for k, v in annotations.items()}
-    version["status"] = {"readyPods": ready_pods}
+    for i in range(ready_pods):
+        kube.pods[(NS, f"p{i}")] = _specialized_pod(f"p{i}", ready=True)
+    kube.pods[(NS, "not-ready")] = _specialized_pod("not-ready", ready=False)  # never counts
     status = await reconcile_version(cast(Any, kube), SETTINGS, version, now=NOW, record=Events())
     assert _conditions(status)["Loaded"] == loaded
     assert status["phase"] == phase
+    assert status["readyPods"] == ready_pods
     if loaded[1] == "LoadFailed":
         ready = next(c for c in status["conditions"] if c["type"] == "Ready")
         assert "ImportError: no numpy" in ready["message"], "the import error reaches kubectl describe"
@@ -420,7 +431,8 @@ async def test_policy_edit_is_a_new_version_and_the_serving_one_keeps_its_pool()
     assert v2["spec"]["policyName"] == "p"
     assert v2["spec"]["codeHash"] != v1["spec"]["codeHash"]
     assert (status["latestVersion"], status["readyVersion"]) == (2, 1)
-    assert len(kube.deployments) == 2 and old_pool in kube.deployments, "v1 serves from its pool while v2 loads"
+    assert len(kube.deployments) == 2
+    assert old_pool in kube.deployments, "v1 serves from its pool while v2 loads"
     v2["status"] = {"conditions": [{"type": "Ready", "status": "True", "reason": "Ready"}]}
     await reconcile_function(cast(Any, kube), SETTINGS, fn, now=NOW, record=Events())
     assert old_pool not in kube.deployments, "the old pool goes once the new Version is ready"
