@@ -14,8 +14,9 @@ container keeps its pod name and so finds, and deletes, the pods its previous ru
 pod source's count of live activator Leases (`live_replicas`) is what the scaler divides each
 Function's `minScale` and `maxScale` by.
 
-Generic pool sizes are the operator's (`EMBER_POOL_SIZE` is read by it); the activator claims
-from the pools and never resizes them. SIGTERM/SIGINT: readiness off, the listener closes,
+Generic pool sizes are the operator's: the activator claims from the pools and publishes how many
+pods it claimed per pool (on its Lease); the operator resizes the pools from that and its floor
+(`EMBER_POOL_SIZE`). SIGTERM/SIGINT: readiness off, the listener closes,
 in-flight invocations finish, the activator's pods are released, the watches and the pod source
 stop.
 """

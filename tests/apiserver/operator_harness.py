@@ -152,6 +152,7 @@ class Ember:
         self.core = client.CoreV1Api(api)
         self.apps = client.AppsV1Api(api)
         self.net = client.NetworkingV1Api(api)
+        self.coordination = client.CoordinationV1Api(api)
 
     def create(self, plural: str, body: dict[str, Any]) -> dict[str, Any]:
         body.setdefault("apiVersion", f"{GROUP}/{VERSION}")

@@ -36,7 +36,6 @@ from tests.apiserver.test_pods_kubernetes import World, agents
 
 from ember.pods.kubernetes import KubernetesPodSource
 from ember.pods.payload import specialize_request
-from ember.resources.pool import pool_deployment
 
 __all__ = ["agents", "crds", "ember", "ns"]
 CHART = ROOT / "charts" / "ember"
@@ -198,9 +197,7 @@ async def test_activator_pod_source_works_with_exactly_the_charts_rbac(
             assert pod.metadata.labels["ember.run/state"] == "specialized"
             assert pod.metadata.owner_references[0].kind == "Version"
             await source.release(handle)
-            ember.apps.create_namespaced_deployment(ember.ns, pool_deployment(world.pool_spec))
-            await source.ensure_pool(world.pool, 3)
-            assert ember.apps.read_namespaced_deployment(world.pool_spec.name, ember.ns).spec.replicas == 3
+            await source.renew_lease()  # publishes the claim as pool demand, under the chart's RBAC
         finally:
             await source.close()
     assert handle.id not in {p.metadata.name for p in ember.core.list_namespaced_pod(ember.ns).items}

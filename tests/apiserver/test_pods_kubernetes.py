@@ -258,16 +258,20 @@ def _bad() -> Any:
     return Code(inline="def handler(event, context):\n    return (\n")
 
 
-async def test_ensure_pool_scales_the_operators_deployment(api: aclient.ApiClient, world: World, ember: Ember) -> None:
-    source = KubernetesPodSource(api, namespace=ember.ns, holder="a")
+async def test_claims_are_published_on_the_lease_as_pool_demand(
+    api: aclient.ApiClient, world: World, ember: Ember, agents: int
+) -> None:
+    # Pool size is the operator's; the activator only says how many pods it claimed per pool.
+    world.add_generic_pods()
+    source = KubernetesPodSource(api, namespace=ember.ns, holder="a", agent_port=agents)
     try:
-        with pytest.raises(PoolUnavailable, match="does not exist"):
-            await source.ensure_pool(world.pool, 2)
-        ember.apps.create_namespaced_deployment(ember.ns, pool_deployment(world.pool_spec))
-        await source.ensure_pool(world.pool, 3)
-        assert ember.apps.read_namespaced_deployment(world.pool_spec.name, ember.ns).spec.replicas == 3
-        with pytest.raises(ValueError, match="must not be negative"):
-            await source.ensure_pool(world.pool, -1)
+        await source.start()
+        handle = await source.claim(world.pool)
+        await source.renew_lease()
+        lease = ember.coordination.read_namespaced_lease("ember-activator-a", ember.ns)
+        published = json.loads(lease.metadata.annotations["ember.run/pool-demand"])
+        assert published == {world.pool_spec.id: 1}
+        await source.release(handle)
     finally:
         await source.close()
 

@@ -23,7 +23,7 @@ from typing import Any, cast
 import kopf
 
 from ember.api.common import GROUP, VERSION
-from ember.controller import reconcile
+from ember.controller import pool_size, reconcile
 from ember.controller.kube import Kube, KubeError, Obj, connect
 from ember.controller.settings import Settings
 from ember.resources import labels
@@ -107,6 +107,7 @@ def register(registry: kopf.OperatorRegistry, config: Settings) -> None:
         _register_kind(registry, config, plural, reconciler)
     _register_nudges(registry)
     _register_pod_counts(registry)
+    _register_pool_sizes(registry, config)
 
     @kopf.on.delete(GROUP, VERSION, "securitypolicies", registry=registry, optional=True)
     async def policy_deleted(body: Any, memo: Any, **_: Any) -> None:
@@ -192,6 +193,24 @@ def _register_pod_counts(registry: kopf.OperatorRegistry) -> None:
                 await reconcile.report_version_pods(memo.kube, namespace, function, version)
         except KubeError as err:
             log.warning("pod=%s/%s: Version pods not counted: %s", namespace, body["metadata"].get("name"), err)
+
+
+def _register_pool_sizes(registry: kopf.OperatorRegistry, config: Settings) -> None:
+    """Pool size is the operator's: every activator Lease event resizes the namespace's pools
+    (`ember.controller.pool_size`). One lock per namespace: a resize computed from an older listing
+    never lands after a newer one."""
+    locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
+    lease_labels = {labels.COMPONENT: "activator", labels.MANAGED_BY: labels.MANAGER}
+
+    @kopf.on.event("coordination.k8s.io", "v1", "leases", registry=registry, labels=lease_labels)
+    async def activator_lease_changed(*, namespace: str | None, memo: Any, **_: Any) -> None:
+        if namespace is None:
+            return
+        try:
+            async with locks[namespace]:
+                await pool_size.reconcile_pool_sizes(memo.kube, config, namespace, now=_now())
+        except KubeError as err:
+            log.warning("namespace=%s pools not resized: %s", namespace, err)
 
 
 async def _nudge(memo: Any, namespace: str, function: str, token: str) -> None:

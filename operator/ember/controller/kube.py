@@ -56,6 +56,7 @@ class Kube:
         self._apps: Any = client.AppsV1Api(api)
         self._net: Any = client.NetworkingV1Api(api)
         self._node: Any = client.NodeV1Api(api)
+        self._coordination: Any = client.CoordinationV1Api(api)
 
     async def close(self) -> None:
         """Close the HTTP session."""
@@ -207,6 +208,25 @@ class Kube:
             await self._apps.replace_namespaced_deployment(name, ns, body)
         except ApiException as err:
             raise _fail(f"replace deployment {ns}/{name}", err) from err
+
+    async def scale_deployment(self, namespace: str, name: str, replicas: int) -> None:
+        """Set a Deployment's replicas (its scale subresource); a missing Deployment is fine."""
+        try:
+            await self._apps.patch_namespaced_deployment_scale(name, namespace, {"spec": {"replicas": replicas}})
+        except ApiException as err:
+            if err.status == 404:
+                return
+            raise _fail(f"scale deployment {namespace}/{name}", err) from err
+
+    # Leases (read only: each activator holds one and publishes its pool demand on it).
+
+    async def list_leases(self, namespace: str, *, label_selector: str) -> list[Obj]:
+        """Leases of a namespace matching a label selector."""
+        try:
+            found = await self._coordination.list_namespaced_lease(namespace, label_selector=label_selector)
+        except ApiException as err:
+            raise _fail(f"list leases {namespace} ({label_selector})", err) from err
+        return [self._plain(item) for item in found.items]
 
     async def delete_deployment(self, namespace: str, name: str) -> bool:
         """Delete a Deployment and its pods; False when it was already gone."""

@@ -23,6 +23,7 @@ class Settings:
     runtime_images: Mapping[str, str] = field(default_factory=dict)
     pool_sizes: Mapping[str, int] = field(default_factory=dict)
     default_pool_size: int = 1
+    max_pool_size: int = 20  # ceiling of a pool's replicas, however many claims the activators report
     activator_url: str = "http://ember-activator.ember-system.svc:8080"
     namespaces: tuple[str, ...] = ()
     default_policy_name: str = "default"
@@ -35,7 +36,7 @@ class Settings:
         return self.runtime_images.get(runtime) or f"{self.image_registry}/ember-runtime-{runtime}:{self.image_tag}"
 
     def pool_size_for(self, runtime: str) -> int:
-        """Generic pods a new pool of this runtime starts with."""
+        """Generic pods a pool of this runtime keeps at least (its floor; demand adds to it)."""
         return self.pool_sizes.get(runtime, self.default_pool_size)
 
     def function_url(self, namespace: str, name: str) -> str:
@@ -90,6 +91,7 @@ def from_env(env: Mapping[str, str]) -> Settings:
         runtime_images=_pairs(env, "EMBER_RUNTIME_IMAGES"),
         pool_sizes=sizes,
         default_pool_size=_int(env, "EMBER_POOL_SIZE", _DEFAULTS.default_pool_size, minimum=0),
+        max_pool_size=_int(env, "EMBER_POOL_MAX_SIZE", _DEFAULTS.max_pool_size, minimum=0),
         activator_url=env.get("EMBER_ACTIVATOR_URL") or _DEFAULTS.activator_url,
         namespaces=namespaces,
         default_policy_name=env.get("EMBER_DEFAULT_POLICY") or _DEFAULTS.default_policy_name,

@@ -24,6 +24,9 @@ itself. Pods outlive the activator that claimed them unless something deletes th
 - Each activator holds a coordination.k8s.io/v1 Lease `ember-activator-<holder>` in the namespace
   (labelled `ember.run/component=activator`), renewed every `lease_duration_s / 3`. It is created
   before the first claim, so a claimed pod's holder always had a Lease; a graceful close deletes it.
+  Every renewal also publishes the activator's claims per pool over the last minute
+  (`ember.run/pool-demand`, `ember.scaling.pool_demand`): the operator, which owns pool size, keeps
+  that many spare generic pods on top of each pool's floor.
 - Every activator sweeps every `lease_duration_s / 3`: it lists the activator Leases and deletes
   the claimed and specialized pods whose holder's Lease is *dead*, then the dead Leases themselves
   (with a resourceVersion precondition, so a Lease renewed meanwhile stays). Dead means: not
@@ -91,7 +94,8 @@ from ember.pods.base import (
 from ember.resources import labels
 from ember.resources.code import agent_code_payload, code_configmap_name, files_from_configmap
 from ember.resources.meta import pod_ready
-from ember.resources.pool import AGENT_PORT, pool_id, pool_name
+from ember.resources.pool import AGENT_PORT, pool_id
+from ember.scaling.pool_demand import ClaimRate, encode_demand
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +272,6 @@ class KubernetesPodSource:
         self.holder = holder
         self._api: Any = api
         self._core: Any = client.CoreV1Api(api)
-        self._apps: Any = client.AppsV1Api(api)
         self._custom: Any = client.CustomObjectsApi(api)
         self._coordination: Any = client.CoordinationV1Api(api)
         self._lease_duration_s = lease_duration_s
@@ -276,6 +279,7 @@ class KubernetesPodSource:
         self._lease: _HeldLease | None = None  # as this process last wrote it
         self._liveness = HolderLiveness(own=self._lease_name, missing_duration_s=lease_duration_s)
         self._live_replicas = 1  # as of the last sweep
+        self._claim_rate = ClaimRate()
         self._clock = clock
         self._agent_port = agent_port
         self._claim_timeout_s = claim_timeout_s
@@ -342,6 +346,7 @@ class KubernetesPodSource:
         await self.start()
         wanted = pool_id_of(pool)
         self._pool_keys[wanted] = pool
+        self._claim_rate.record(wanted, self._clock())  # published on the Lease: the operator sizes pools
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._claim_timeout_s
         kind = ClaimKind.POOL_HIT
@@ -524,20 +529,15 @@ class KubernetesPodSource:
         return counts
 
     async def ensure_pool(self, pool: PoolKey, size: int) -> None:
-        """Scale the pool's Deployment (made by the operator) to `size` generic pods."""
+        """Nothing to do: pool size is the operator's (`ember.controller.pool_size`), from this source's
+        published claims (`pool_demand`) and its floor. Remembers the pool for `warm_pods`."""
         if size < 0:
             raise ValueError(f"pool size ({size}) must not be negative")
         self._pool_keys[pool_id_of(pool)] = pool
-        name = pool_name(pool_id_of(pool))
-        try:
-            await self._apps.patch_namespaced_deployment_scale(name, self.namespace, {"spec": {"replicas": size}})
-        except ApiException as err:
-            if err.status == 404:
-                raise PoolUnavailable(
-                    f"pool {pool}: Deployment {self.namespace}/{name} does not exist (yet); the operator makes it "
-                    "for each Function that uses the pool"
-                ) from err
-            raise PoolUnavailable(f"pool {pool}: scaling failed with {err.status} {err.reason}") from err
+
+    def pool_demand(self) -> dict[str, int]:
+        """Claims per pool id over the last minute, as published on this activator's Lease."""
+        return self._claim_rate.demand(self._clock())
 
     # -- internals
 
@@ -699,6 +699,7 @@ class KubernetesPodSource:
             "name": self._lease_name,
             "namespace": self.namespace,
             "labels": {labels.MANAGED_BY: labels.MANAGER, labels.COMPONENT: LEASE_COMPONENT},
+            "annotations": {labels.POOL_DEMAND_ANNOTATION: encode_demand(self.pool_demand())},
         }
         if version is not None:
             metadata["resourceVersion"] = version

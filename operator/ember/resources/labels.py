@@ -32,3 +32,6 @@ LOAD_ERROR_MAX_CHARS: Final = 1024
 # Written on a Version by the operator once a pod has loaded its code (value: the code hash), so
 # the Version stays Loaded after its pods are gone (scaled to zero).
 LOADED_ANNOTATION: Final = f"{PREFIX}/loaded"
+# On each activator's Lease: the claims it made per pool over the last minute (JSON, pool id ->
+# count, `ember.scaling.pool_demand`); the operator sizes the pools from the sum.
+POOL_DEMAND_ANNOTATION: Final = f"{PREFIX}/pool-demand"

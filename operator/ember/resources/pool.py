@@ -160,7 +160,7 @@ def pool_deployment(spec: PoolSpec) -> dict[str, Any]:
         "metadata": {
             "name": spec.name,
             "namespace": spec.namespace,
-            "labels": managed_labels(**{labels.POOL: spec.id, labels.COMPONENT: "pool"}),
+            "labels": managed_labels(**{labels.POOL: spec.id, labels.COMPONENT: "pool", labels.RUNTIME: spec.runtime}),
             "annotations": dict(annotations),
         },
         "spec": {

@@ -25,6 +25,7 @@ class FakeKube:
     network_policies: dict[tuple[str, str], Obj] = field(default_factory=dict)
     runtime_classes: set[str] = field(default_factory=lambda: {"gvisor"})
     pods: dict[tuple[str, str], Obj] = field(default_factory=dict)
+    leases: list[Obj] = field(default_factory=list)
     writes: list[str] = field(default_factory=list)
     fail: dict[str, KubeError] = field(default_factory=dict)
     _rv: int = 0
@@ -139,6 +140,22 @@ class FakeKube:
             raise Conflict("replace deployment", 409, "Conflict")
         self.writes.append(f"replace deployment/{key[1]}")
         self.deployments[key] = self._stored(body)
+
+    async def scale_deployment(self, namespace: str, name: str, replicas: int) -> None:
+        self._check("scale_deployment")
+        self.writes.append(f"scale deployment/{name}={replicas}")
+        found = self.deployments.get((namespace, name))
+        if found:
+            found["spec"]["replicas"] = replicas
+
+    async def list_leases(self, namespace: str, *, label_selector: str) -> list[Obj]:
+        self._check("list_leases")
+        wanted = dict(part.split("=", 1) for part in label_selector.split(",") if part)
+        return [
+            copy.deepcopy(o)
+            for o in self.leases
+            if o["metadata"].get("namespace") == namespace and wanted.items() <= o["metadata"].get("labels", {}).items()
+        ]
 
     async def delete_deployment(self, namespace: str, name: str) -> bool:
         self._check("delete_deployment")
