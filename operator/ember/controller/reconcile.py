@@ -22,9 +22,9 @@ from typing import Any, Literal, Protocol
 
 from pydantic import ValidationError
 
-from ember.api.common import Condition, ConditionStatus
+from ember.api.common import Condition, ConditionStatus, content_digest
 from ember.api.function import Function, FunctionSpec, ObjectRef
-from ember.api.security_policy import SecurityPolicySpec
+from ember.api.security_policy import SecurityPolicySpec, policy_hash
 from ember.api.unsupported import not_implemented_message, unsupported_function_fields, unsupported_policy_fields
 from ember.api.version import Version, code_hash, version_name
 from ember.controller.kube import Conflict, Kube, Obj

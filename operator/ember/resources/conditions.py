@@ -20,14 +20,16 @@ VERSION_READY: Final = "VersionReady"
 POLICY_RESOLVED: Final = "PolicyResolved"
 CODE_READY: Final = "CodeReady"
 EGRESS_ENFORCED: Final = "EgressEnforced"
+LOADED: Final = "Loaded"
 # Fields the spec sets that have no effect yet (ember.api.unsupported). Informational: never part of Ready.
 UNSUPPORTED: Final = "Unsupported"
 
 # Conditions each kind's Ready is derived from.
 FUNCTION_DEPENDENTS: Final = (POLICY_RESOLVED, VERSION_READY)
-# A Version is an immutable snapshot: it is ready when its code is; whether its pods can run now
-# (policy, RuntimeClass) is live state and belongs to the Function's PolicyResolved.
-VERSION_DEPENDENTS: Final = (CODE_READY,)
+# A Version is ready when its code is stored and a pod has loaded it (an activator specialized one):
+# one meaning of Ready for retention, `readyVersion` and `kubectl get versions`. Whether its pods
+# can run now (policy, RuntimeClass) is live state and belongs to the Function's PolicyResolved.
+VERSION_DEPENDENTS: Final = (CODE_READY, LOADED)
 
 
 class Reason:
