@@ -39,6 +39,7 @@ from ember.api.function import Function
 from ember.api.manifests import ManifestError, load_sourced_manifests, manifest_files, unsupported_fields_warning
 from ember.api.security_policy import SecurityPolicy, SecurityPolicySpec
 from ember.pods.local import LocalPodSource, detect_sandbox
+from ember.resources.policy import choose_policy, policy_name_for
 
 log = logging.getLogger("ember.dev")
 
@@ -91,6 +92,9 @@ class Workspace:
         return {r.key: r.spec for rs in self.by_file.values() for r in rs if isinstance(r, SecurityPolicy)}
 
 
+DEFAULT_POLICY_NAME = "default"  # as the operator's EMBER_DEFAULT_POLICY defaults to
+
+
 def sync_registry(registry: Registry, workspace: Workspace, report: Callable[[str], None]) -> list[Function]:
     """Apply the workspace to the registry: new Versions for changed functions, removal of deleted ones."""
     policies = workspace.policies()
@@ -98,17 +102,20 @@ def sync_registry(registry: Registry, workspace: Workspace, report: Callable[[st
     changed: list[Function] = []
     for fn, base_dir in workspace.functions():
         wanted.add(fn.key)
-        policy = None
         ref = fn.spec.security_policy_ref
-        if ref is not None:
-            policy = policies.get((fn.metadata.namespace, ref.name))
-            if policy is None:
-                report(
-                    f"error: Function {fn.metadata.namespace}/{fn.metadata.name}: spec.securityPolicyRef.name"
-                    f" {ref.name!r} names no SecurityPolicy in {workspace.root}; the function is not (re)loaded"
-                )
-                continue
-        version = registry.apply(fn, policy=policy, base_dir=base_dir)
+        # The operator's rule: the referenced policy, else the namespace's "default" one, else the built-in.
+        lookup = (fn.metadata.namespace, policy_name_for(ref, DEFAULT_POLICY_NAME))
+        choice = choose_policy(
+            namespace=fn.metadata.namespace, ref=ref, default_name=DEFAULT_POLICY_NAME, found=policies.get(lookup)
+        )
+        if choice.spec is None:
+            assert ref is not None
+            report(
+                f"error: Function {fn.metadata.namespace}/{fn.metadata.name}: spec.securityPolicyRef.name"
+                f" {ref.name!r} names no SecurityPolicy in {workspace.root}; the function is not (re)loaded"
+            )
+            continue
+        version = registry.apply(fn, policy=choice.spec, base_dir=base_dir)
         if version is not None:
             changed.append(fn)
             report(f"Version {version.key.number} of {fn.metadata.namespace}/{fn.metadata.name}: loading")
