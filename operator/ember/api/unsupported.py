@@ -71,7 +71,7 @@ FUNCTION_GAPS: Final[tuple[Gap[FunctionSpec], ...]] = (
     Gap("spec.scaling.predictive", lambda s: s.scaling.predictive),
     # The activator serves only its invoke and Lambda APIs (activator/app.py); no route matching.
     Gap("spec.http.routes", lambda s: s.http is not None and bool(s.http.routes)),
-    # ember/sources/ is empty: no queue is polled.
+    # nothing polls a queue yet.
     Gap("spec.eventSources", lambda s: bool(s.event_sources)),
     # activator/async_invoke.py honours maxRetries only: no event age, no destinations.
     Gap("spec.async.maxEventAgeSeconds", lambda s: s.async_.max_event_age_seconds != _ASYNC.max_event_age_seconds),
