@@ -1,7 +1,7 @@
 """Asynchronous invocations (Lambda's `Event` type), held in memory in this version.
 
-`submit` checks the function and qualifier at once (a 404 is immediate), queues the event
-(bounded; a full queue throttles) and returns its request id for a 202. Workers run queued
+`dispatch` resolves the function and qualifier first (a 404 is immediate); `submit` queues
+the event (bounded; a full queue throttles) for the API's 202. Workers run queued
 events through the same `Invoker`, retrying a failed attempt up to the Function's
 `spec.async.maxRetries` with backoff. The last outcomes are kept for `GET
 /v1/invocations/{id}`. Durable queues come with the event-source work; a restart loses what

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
+from typing import TypeVar
 
 from aiohttp import web
 
@@ -11,6 +13,7 @@ from ember.activator.errors import BadRequest, InvalidContent, PayloadTooLarge
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 EMPTY_EVENT = b"{}"
+T = TypeVar("T")
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -35,7 +38,7 @@ def require_json(body: bytes) -> None:
         raise InvalidContent(f"could not parse the request body as JSON: {err}") from None
 
 
-def choice(value: str | None, header: str, allowed: dict[str, str], default: str) -> str:
+def choice(value: str | None, header: str, allowed: Mapping[str, T], default: T) -> T:
     """A header's value mapped through `allowed` (case-insensitive keys); BadRequest naming the choices."""
     if value is None or value == "":
         return default

@@ -17,73 +17,83 @@ import json
 from aiohttp import web
 
 from ember.activator import keys
-from ember.activator.edge import choice, read_body, request_id, require_json
+from ember.activator.dispatch import LAMBDA_INVOCATION_TYPES, LOG_TAIL, HeaderNames, InvocationType, dispatch
+from ember.activator.edge import choice, request_id
 from ember.activator.errors import ActivatorError, FunctionNotFound, Throttled
-from ember.activator.invoke import new_request_id
+from ember.activator.invoke import Result, new_request_id
+from ember.activator.version_state import VersionState
 
 INVOCATION_TYPES = {
-    "sync": "sync",
-    "requestresponse": "sync",
-    "async": "async",
-    "event": "async",
-    "dry-run": "dry-run",
-    "dryrun": "dry-run",
+    **LAMBDA_INVOCATION_TYPES,
+    "sync": InvocationType.SYNC,
+    "async": InvocationType.ASYNC,
+    "dry-run": InvocationType.DRY_RUN,
 }
-LOG_TYPES = {"none": "none", "tail": "tail"}
+HEADERS = HeaderNames(
+    request_id="X-Ember-Request-Id",
+    executed_version="X-Ember-Executed-Version",
+    function_error="X-Ember-Function-Error",
+    log_result="X-Ember-Log-Result",
+    duration_ms="X-Ember-Duration-Ms",
+)
 
 
 def error_response(err: ActivatorError, rid: str | None = None) -> web.Response:
     headers = {"Content-Type": "application/json"}
     if rid:
-        headers["X-Ember-Request-Id"] = rid
+        headers[HEADERS.request_id] = rid
     if isinstance(err, Throttled):
         headers["Retry-After"] = str(err.retry_after_s)
     body = json.dumps({"errorType": err.error_type, "errorMessage": err.message})
     return web.Response(status=err.status, text=body, headers=headers)
 
 
+class _Replies:
+    """The Ember API's replies: `X-Ember-*` headers; a sync reply's body is the agent's, as is."""
+
+    def ran(self, result: Result) -> web.Response:
+        return web.Response(status=200, body=result.reply.body, headers=HEADERS.sync(result))
+
+    def queued(self, vs: VersionState, request_id: str) -> web.Response:
+        return web.Response(
+            status=202,
+            text=json.dumps({"requestId": request_id, "version": vs.key.number}),
+            headers={
+                "Content-Type": "application/json",
+                HEADERS.request_id: request_id,
+                HEADERS.executed_version: vs.label,
+            },
+        )
+
+    def checked(self, vs: VersionState, request_id: str) -> web.Response:
+        return web.Response(status=204, headers={HEADERS.request_id: request_id, HEADERS.executed_version: vs.label})
+
+
+REPLIES = _Replies()
+
+
 async def invoke(request: web.Request) -> web.Response:
-    invoker = request.app[keys.INVOKER]
-    config = request.app[keys.CONFIG]
     rid: str | None = None
     try:
         headers = request.headers
         rid = request_id(headers.get("X-Ember-Request-Id"), "X-Ember-Request-Id", new_request_id())
-        kind = choice(headers.get("X-Ember-Invocation-Type"), "X-Ember-Invocation-Type", INVOCATION_TYPES, "sync")
-        log_tail = choice(headers.get("X-Ember-Log-Type"), "X-Ember-Log-Type", LOG_TYPES, "none") == "tail"
-        body = await read_body(request, config.max_body_bytes)
+        kind = choice(
+            headers.get("X-Ember-Invocation-Type"), "X-Ember-Invocation-Type", INVOCATION_TYPES, InvocationType.SYNC
+        )
+        log_tail = choice(headers.get("X-Ember-Log-Type"), "X-Ember-Log-Type", LOG_TAIL, False)
         info = request.match_info
-        vs = invoker.resolve(info["namespace"], info["name"], request.query.get("qualifier"))
-        if kind == "dry-run":
-            return web.Response(status=204, headers={"X-Ember-Executed-Version": vs.label, "X-Ember-Request-Id": rid})
-        if kind == "async":
-            require_json(body)
-            request.app[keys.ASYNC].submit(vs, body, rid)
-            return web.Response(
-                status=202,
-                text=json.dumps({"requestId": rid, "version": vs.key.number}),
-                headers={
-                    "Content-Type": "application/json",
-                    "X-Ember-Request-Id": rid,
-                    "X-Ember-Executed-Version": vs.label,
-                },
-            )
-        result = await invoker.invoke(vs, body, request_id=rid, log_tail=log_tail)
+        return await dispatch(
+            request,
+            REPLIES,
+            kind,
+            namespace=info["namespace"],
+            name=info["name"],
+            qualifier=request.query.get("qualifier"),
+            request_id=rid,
+            log_tail=log_tail,
+        )
     except ActivatorError as err:
         return error_response(err, rid)
-    reply = result.reply
-    out = {
-        "Content-Type": "application/json",
-        "X-Ember-Executed-Version": result.version.label,
-        "X-Ember-Request-Id": rid,
-    }
-    if reply.function_error:
-        out["X-Ember-Function-Error"] = reply.function_error
-    if reply.log_result:
-        out["X-Ember-Log-Result"] = reply.log_result
-    if reply.duration_ms:
-        out["X-Ember-Duration-Ms"] = reply.duration_ms
-    return web.Response(status=200, body=reply.body, headers=out)
 
 
 async def invocation_status(request: web.Request) -> web.Response:

@@ -1,7 +1,7 @@
 """One invocation, in order: Version → pod slot → agent → reply; shared by every API.
 
-Both the Ember and the Lambda handlers call `Invoker.invoke` with a resolved Version; they
-only differ in how they parse requests and shape replies. A pod that cannot be reached is
+Every API reaches it through `dispatch` (a sync invocation) and the async workers call it
+for each queued event, always with a resolved Version. A pod that cannot be reached is
 taken out of routing and the invocation retried once on another (it was never delivered);
 a pod that dies while running it gives an `Unhandled` function error, as in Lambda. The
 invoker does not know the scaler: it tells the Version (`VersionState.pod_lost`) and pokes the

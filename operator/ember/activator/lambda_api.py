@@ -29,9 +29,11 @@ from urllib.parse import unquote
 from aiohttp import web
 
 from ember.activator import keys
-from ember.activator.edge import choice, read_body, require_json
+from ember.activator.dispatch import LAMBDA_INVOCATION_TYPES, LOG_TAIL, HeaderNames, InvocationType, dispatch
+from ember.activator.edge import choice
 from ember.activator.errors import ActivatorError, BadRequest, Throttled
-from ember.activator.invoke import new_request_id
+from ember.activator.invoke import Result, new_request_id
+from ember.activator.version_state import VersionState
 
 _NAME = r"[a-z0-9](?:[-a-z0-9]{0,38}[a-z0-9])?"
 _QUALIFIER = r"(?:\$LATEST|[0-9]+|[a-z][a-z0-9-]{0,62})"
@@ -39,8 +41,12 @@ _ARN = re.compile(
     rf"^arn:[a-z-]+:lambda:[a-z0-9-]*:(?P<ns>{_NAME}):function:(?P<name>{_NAME})(?::(?P<q>{_QUALIFIER}))?$"
 )
 _PLAIN = re.compile(rf"^(?:(?P<ns>{_NAME})/)?(?P<name>{_NAME})(?::(?P<q>{_QUALIFIER}))?$")
-INVOCATION_TYPES = {"requestresponse": "sync", "event": "async", "dryrun": "dry-run"}
-LOG_TYPES = {"none": "none", "tail": "tail"}
+HEADERS = HeaderNames(
+    request_id="x-amzn-RequestId",
+    executed_version="X-Amz-Executed-Version",
+    function_error="X-Amz-Function-Error",
+    log_result="X-Amz-Log-Result",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +77,7 @@ def parse_function_name(raw: str, qualifier: str | None, default_namespace: str)
 
 def lambda_error(err: ActivatorError, rid: str) -> web.Response:
     body: dict[str, object] = {"Type": "User", "message": err.message}
-    headers = {"x-amzn-ErrorType": err.error_type, "x-amzn-RequestId": rid, "Content-Type": "application/json"}
+    headers = {"x-amzn-ErrorType": err.error_type, HEADERS.request_id: rid, "Content-Type": "application/json"}
     if isinstance(err, Throttled):
         headers["Retry-After"] = str(err.retry_after_s)
         body["retryAfterSeconds"] = str(err.retry_after_s)
@@ -81,35 +87,47 @@ def lambda_error(err: ActivatorError, rid: str) -> web.Response:
     return web.Response(status=err.status, text=json.dumps(body), headers=headers)
 
 
+class _Replies:
+    """Lambda's replies: `X-Amz-*` and `x-amzn-RequestId` headers; async and dry-run have no body."""
+
+    def ran(self, result: Result) -> web.Response:
+        return web.Response(status=200, body=result.reply.body, headers=HEADERS.sync(result))
+
+    def queued(self, vs: VersionState, request_id: str) -> web.Response:
+        return web.Response(status=202, headers={HEADERS.request_id: request_id, HEADERS.executed_version: vs.label})
+
+    def checked(self, vs: VersionState, request_id: str) -> web.Response:
+        return web.Response(status=204, headers={HEADERS.request_id: request_id, HEADERS.executed_version: vs.label})
+
+
+REPLIES = _Replies()
+
+
 async def invoke(request: web.Request) -> web.Response:
-    invoker = request.app[keys.INVOKER]
-    config = request.app[keys.CONFIG]
     rid = new_request_id()
     try:
         headers = request.headers
-        kind = choice(headers.get("X-Amz-Invocation-Type"), "X-Amz-Invocation-Type", INVOCATION_TYPES, "sync")
-        log_tail = choice(headers.get("X-Amz-Log-Type"), "X-Amz-Log-Type", LOG_TYPES, "none") == "tail"
-        target = parse_function_name(
-            request.match_info["function_name"], request.query.get("Qualifier"), config.default_namespace
+        kind = choice(
+            headers.get("X-Amz-Invocation-Type"), "X-Amz-Invocation-Type", LAMBDA_INVOCATION_TYPES, InvocationType.SYNC
         )
-        body = await read_body(request, config.max_body_bytes)
-        vs = invoker.resolve(target.namespace, target.name, target.qualifier)
-        if kind == "dry-run":
-            return web.Response(status=204, headers={"x-amzn-RequestId": rid, "X-Amz-Executed-Version": vs.label})
-        if kind == "async":
-            require_json(body)
-            request.app[keys.ASYNC].submit(vs, body, rid)
-            return web.Response(status=202, headers={"x-amzn-RequestId": rid, "X-Amz-Executed-Version": vs.label})
-        result = await invoker.invoke(vs, body, request_id=rid, log_tail=log_tail)
+        log_tail = choice(headers.get("X-Amz-Log-Type"), "X-Amz-Log-Type", LOG_TAIL, False)
+        target = parse_function_name(
+            request.match_info["function_name"],
+            request.query.get("Qualifier"),
+            request.app[keys.CONFIG].default_namespace,
+        )
+        return await dispatch(
+            request,
+            REPLIES,
+            kind,
+            namespace=target.namespace,
+            name=target.name,
+            qualifier=target.qualifier,
+            request_id=rid,
+            log_tail=log_tail,
+        )
     except ActivatorError as err:
         return lambda_error(err, rid)
-    reply = result.reply
-    out = {"Content-Type": "application/json", "x-amzn-RequestId": rid, "X-Amz-Executed-Version": result.version.label}
-    if reply.function_error:
-        out["X-Amz-Function-Error"] = reply.function_error
-    if reply.log_result:
-        out["X-Amz-Log-Result"] = reply.log_result
-    return web.Response(status=200, body=reply.body, headers=out)
 
 
 def add_routes(app: web.Application) -> None:
