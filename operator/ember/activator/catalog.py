@@ -32,10 +32,10 @@ from ember.api.function import Function
 from ember.api.version import Version
 from ember.pods.base import PoolKey
 from ember.pods.payload import pool_key
+from ember.resources.objects import Obj
 
 log = logging.getLogger(__name__)
 
-Obj = dict[str, Any]
 Key = tuple[str, str]  # (namespace, name)
 PLURALS: tuple[str, ...] = ("functions", "versions")
 

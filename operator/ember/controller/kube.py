@@ -15,8 +15,7 @@ from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from ember.api.common import GROUP, VERSION
-
-Obj = dict[str, Any]
+from ember.resources.objects import Obj as Obj  # re-exported: handlers, pool_size and reconcile import it from here
 
 
 class KubeError(Exception):

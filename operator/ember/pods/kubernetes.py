@@ -94,6 +94,7 @@ from ember.pods.base import (
 from ember.resources import labels
 from ember.resources.code import agent_code_payload, code_configmap_name, files_from_configmap
 from ember.resources.meta import pod_ready
+from ember.resources.objects import Obj
 from ember.resources.pool import AGENT_PORT, pool_id
 from ember.scaling.pool_demand import ClaimRate, encode_demand
 
@@ -103,7 +104,6 @@ CLAIMED_BY = f"{labels.PREFIX}/claimed-by"
 CLAIMED_AT = f"{labels.PREFIX}/claimed-at"
 LEASE_PREFIX = "ember-activator-"
 LEASE_COMPONENT = "activator"
-Obj = dict[str, Any]
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _NOT_DNS = re.compile(r"[^a-z0-9-]+")
