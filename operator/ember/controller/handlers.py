@@ -23,9 +23,13 @@ from typing import Any, cast
 import kopf
 
 from ember.api.common import GROUP, VERSION
-from ember.controller import pool_size, reconcile
+from ember.controller import pool_size
+from ember.controller.function import reconcile_function
 from ember.controller.kube import Kube, KubeError, Obj, connect
+from ember.controller.policy import notify_functions, reconcile_security_policy
 from ember.controller.settings import Settings
+from ember.controller.status import EventType
+from ember.controller.version import reconcile_version, report_version_pods
 from ember.resources import labels
 
 log = logging.getLogger(__name__)
@@ -36,7 +40,7 @@ NUDGE_ANNOTATION = f"{labels.PREFIX}/nudge"
 Reconciler = Callable[..., Awaitable[dict[str, Any]]]
 
 
-def record_event(obj: Mapping[str, Any], *, type: reconcile.EventType, reason: str, message: str) -> None:
+def record_event(obj: Mapping[str, Any], *, type: EventType, reason: str, message: str) -> None:
     """A Kubernetes Event on the object (posted by kopf in the background)."""
     kopf.event(kopf.Body(cast(Any, dict(obj))), type=type, reason=reason, message=message)
 
@@ -100,9 +104,9 @@ def register(registry: kopf.OperatorRegistry, config: Settings) -> None:
             await kube.close()
 
     for plural, reconciler in (
-        ("functions", reconcile.reconcile_function),
-        ("versions", reconcile.reconcile_version),
-        ("securitypolicies", reconcile.reconcile_security_policy),
+        ("functions", reconcile_function),
+        ("versions", reconcile_version),
+        ("securitypolicies", reconcile_security_policy),
     ):
         _register_kind(registry, config, plural, reconciler)
     _register_nudges(registry)
@@ -113,7 +117,7 @@ def register(registry: kopf.OperatorRegistry, config: Settings) -> None:
     async def policy_deleted(body: Any, memo: Any, **_: Any) -> None:
         meta = body.get("metadata", {})
         try:
-            await reconcile.notify_functions(memo.kube, config, meta["namespace"], meta["name"], "deleted")
+            await notify_functions(memo.kube, config, meta["namespace"], meta["name"], "deleted")
         except KubeError as err:
             log.warning("policy=%s/%s deleted, functions not notified: %s", meta["namespace"], meta["name"], err)
 
@@ -190,7 +194,7 @@ def _register_pod_counts(registry: kopf.OperatorRegistry) -> None:
         function, version = pod_labels[labels.FUNCTION], pod_labels[labels.VERSION]
         try:
             async with locks[(namespace, function, version)]:
-                await reconcile.report_version_pods(memo.kube, namespace, function, version)
+                await report_version_pods(memo.kube, namespace, function, version)
         except KubeError as err:
             log.warning("pod=%s/%s: Version pods not counted: %s", namespace, body["metadata"].get("name"), err)
 

@@ -15,9 +15,11 @@ import pytest
 from ember.api.function import Function
 from ember.api.security_policy import DEFAULT_POLICY
 from ember.api.version import code_hash
+from ember.controller.function import reconcile_function
 from ember.controller.kube import KubeError
-from ember.controller.reconcile import reconcile_function, reconcile_security_policy, reconcile_version
+from ember.controller.policy import reconcile_security_policy
 from ember.controller.settings import Settings
+from ember.controller.version import reconcile_version
 from ember.resources.labels import LOAD_ERROR_ANNOTATION as LOAD_ERROR
 from ember.resources.labels import LOADED_ANNOTATION
 from ember.resources.version import build_version

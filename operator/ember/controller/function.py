@@ -1,0 +1,251 @@
+"""Functions: from the whole Function to its Versions, retention, pools, NetworkPolicy and conditions.
+
+A change of code, configuration or SecurityPolicy is a new, numbered Version
+(`ember.resources.version.plan_version`); scaling, traffic, aliases and triggers are not.
+Versions that traffic or aliases reference, the ready one and the last `keep_versions` stay; the
+rest are deleted with their code. The pools of the Versions that serve (and of the newest, so it
+can load) exist (`pools`). Status: `PolicyResolved`, `VersionReady`, `EgressEnforced`,
+`Unsupported`, and `Ready` from the first two; `readyVersion` is the newest Ready Version.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from ember.api.common import ConditionStatus
+from ember.api.function import Function
+from ember.api.security_policy import SecurityPolicySpec
+from ember.api.unsupported import unsupported_function_fields
+from ember.api.version import Version, code_hash
+from ember.controller.children import SPEC_HASH_ANNOTATION, spec_digest
+from ember.controller.kube import Kube, Obj
+from ember.controller.policy import resolve_policy
+from ember.controller.pools import ensure_pools
+from ember.controller.settings import Settings
+from ember.controller.status import (
+    Recorder,
+    conditions_of,
+    mark_unsupported,
+    resource_of,
+    status_changed,
+    wire_conditions,
+)
+from ember.resources import conditions as cond
+from ember.resources import labels
+from ember.resources.code import CodeError, code_configmap_name, files_from_configmap
+from ember.resources.network_policy import function_network_policy
+from ember.resources.retention import referenced_versions, versions_to_delete
+from ember.resources.version import build_version, plan_version
+
+log = logging.getLogger(__name__)
+
+
+async def _read_code_digest(kube: Kube, fn: Function) -> str | None:
+    ref = fn.spec.code.config_map_ref
+    if ref is None:
+        return None
+    cm = await kube.get_configmap(fn.metadata.namespace, ref.name)
+    if cm is None:
+        raise CodeError(f"spec.code.configMapRef: ConfigMap {ref.name!r} does not exist in {fn.metadata.namespace!r}")
+    return files_from_configmap(cm, key=ref.key).digest()
+
+
+def _parse_versions(items: Sequence[Obj], fn: Function) -> tuple[list[tuple[Version, Obj]], list[Obj]]:
+    """Versions owned by this Function (with their status), and leftovers of an earlier Function of the name."""
+    owned: list[tuple[Version, Obj]] = []
+    foreign: list[Obj] = []
+    for item in items:
+        owners = item.get("metadata", {}).get("ownerReferences", [])
+        if not any(o.get("uid") == fn.metadata.uid for o in owners):
+            foreign.append(item)
+            continue
+        try:
+            owned.append((Version.model_validate(resource_of(item)), item.get("status") or {}))
+        except ValidationError:
+            log.warning("version=%s is not a valid Version; ignored", item.get("metadata", {}).get("name"))
+    return owned, foreign
+
+
+async def _ensure_network_policy(kube: Kube, fn: Function, policy: SecurityPolicySpec) -> tuple[str, ...]:
+    plan = function_network_policy(
+        function_name=fn.metadata.name,
+        namespace=fn.metadata.namespace,
+        function_uid=fn.metadata.uid,
+        egress=policy.egress,
+    )
+    desired = plan.network_policy
+    spec_hash = spec_digest(desired["spec"])
+    desired["metadata"]["annotations"] = {SPEC_HASH_ANNOTATION: spec_hash}
+    actual = await kube.get_network_policy(fn.metadata.namespace, desired["metadata"]["name"])
+    if actual is None:
+        await kube.create_network_policy(desired)
+    elif (actual["metadata"].get("annotations") or {}).get(SPEC_HASH_ANNOTATION) != spec_hash:
+        desired["metadata"]["resourceVersion"] = actual["metadata"]["resourceVersion"]
+        await kube.replace_network_policy(desired)
+    return plan.unenforced_hosts
+
+
+def _version_ready_condition(
+    latest: int, created: bool, by_number: Mapping[int, Obj], ready_version: int | None
+) -> tuple[ConditionStatus, str, str]:
+    serving = f" Version {ready_version} serves meanwhile." if ready_version and ready_version != latest else ""
+    if created:
+        return "Unknown", cond.Reason.VERSION_LOADING, f"Version {latest} was created and is loading.{serving}"
+    ready = cond.find(conditions_of(by_number.get(latest)), cond.READY)
+    if ready is not None and ready.status == "True":
+        return "True", cond.Reason.READY, f"Version {latest} is ready."
+    if ready is not None and ready.status == "False" and ready.reason in cond.PERMANENT_REASONS:
+        return "False", cond.Reason.VERSION_FAILED, f"Version {latest} failed: {ready.message}{serving}"
+    detail = f" ({ready.message})" if ready is not None and ready.message else ""
+    return "Unknown", cond.Reason.VERSION_LOADING, f"Version {latest} is loading{detail}.{serving}"
+
+
+async def reconcile_function(
+    kube: Kube, settings: Settings, body: Obj, *, now: dt.datetime, record: Recorder
+) -> dict[str, Any]:
+    """Converge one Function: its Versions, pool, NetworkPolicy; returns its new status."""
+    meta = body.get("metadata", {})
+    generation = meta.get("generation")
+    old_status = body.get("status") or {}
+    old_conditions = conditions_of(old_status)
+    try:
+        fn = Function.model_validate(resource_of(body))
+    except ValidationError as err:
+        conditions = cond.mark_false(
+            old_conditions, cond.READY, cond.Reason.INVALID_SPEC, f"Invalid spec: {err}", generation=generation, now=now
+        )
+        if status_changed(old_conditions, conditions, cond.READY):
+            record(body, type="Warning", reason=cond.Reason.INVALID_SPEC, message=f"Invalid spec: {err}")
+        return {"observedGeneration": generation, "conditions": wire_conditions(conditions)}
+
+    ns, name = fn.metadata.namespace, fn.metadata.name
+    conditions = list(old_conditions)
+    policy = await resolve_policy(kube, settings, ns, fn.spec.security_policy_ref)
+    conditions = cond.set_condition(
+        conditions,
+        type_=cond.POLICY_RESOLVED,
+        status=policy.status,
+        reason=policy.reason,
+        message=policy.message,
+        generation=generation,
+        now=now,
+    )
+
+    items = await kube.list_custom("versions", ns, label_selector=f"{labels.FUNCTION}={name}")
+    owned, foreign = _parse_versions(items, fn)
+    for item in foreign:
+        # Left by an earlier Function of this name; garbage collection would take them too.
+        await kube.delete_custom("versions", ns, item["metadata"]["name"])
+    versions = {v.spec.number: v for v, _ in owned}
+    by_number = {v.spec.number: status for v, status in owned}
+    # Ready means stored *and* loaded by a pod (see reconcile_version): only such a Version serves.
+    ready_numbers = [n for n, st in by_number.items() if cond.is_true(conditions_of(st), cond.READY)]
+    ready_version = max(ready_numbers, default=None)
+
+    created = False
+    latest: int | None = max(by_number, default=None)
+    try:
+        digest = await _read_code_digest(kube, fn)
+    except CodeError as err:
+        conditions = cond.mark_false(
+            conditions, cond.VERSION_READY, cond.Reason.CODE_MISSING, str(err), generation=generation, now=now
+        )
+    else:
+        if policy.spec is None:
+            # No policy to freeze into a Version: none is made until it resolves (PolicyResolved says why).
+            status_, reason, message = (
+                _version_ready_condition(latest, False, by_number, ready_version)
+                if latest is not None
+                else ("Unknown", cond.Reason.VERSION_LOADING, "No Version yet: waiting for the SecurityPolicy.")
+            )
+        else:
+            desired_hash = code_hash(fn.spec, policy.spec, digest)
+            plan = plan_version(list(versions.values()), desired_hash, last_number=old_status.get("latestVersion"))
+            if plan.create is not None:
+                new_body = build_version(
+                    fn, number=plan.create, code_hash=desired_hash, policy=policy.spec, policy_name=policy.name
+                )
+                await kube.create_custom("versions", new_body)
+                versions[plan.create] = Version.model_validate(new_body)
+                created = True
+                record(
+                    body,
+                    type="Normal",
+                    reason="VersionCreated",
+                    message=f"Created Version {plan.create} ({new_body['metadata']['name']}) "
+                    "for a change of code, config or SecurityPolicy.",
+                )
+            latest = plan.latest_after
+            status_, reason, message = _version_ready_condition(latest, created, by_number, ready_version)
+        conditions = cond.set_condition(
+            conditions,
+            type_=cond.VERSION_READY,
+            status=status_,
+            reason=reason,
+            message=message,
+            generation=generation,
+            now=now,
+        )
+
+    for number in versions_to_delete(fn.spec, versions, keep_last=settings.keep_versions, ready_version=ready_version):
+        version_name = f"{name}-v{number}"
+        await kube.delete_custom("versions", ns, version_name)
+        await kube.delete_configmap(ns, code_configmap_name(version_name))
+        versions.pop(number)
+        record(
+            body,
+            type="Normal",
+            reason="VersionDeleted",
+            message=f"Deleted Version {number}: no traffic or alias references it, it is not the ready one, "
+            f"and it is older than the last {settings.keep_versions}.",
+        )
+
+    serving = referenced_versions(fn.spec, ready_version=ready_version) | ({latest} if latest is not None else set())
+    await ensure_pools(kube, settings, fn, [versions[n] for n in sorted(serving) if n in versions], record, body)
+    if policy.usable and policy.spec is not None:
+        hosts = await _ensure_network_policy(kube, fn, policy.spec)
+        if hosts:
+            conditions = cond.mark_false(
+                conditions,
+                cond.EGRESS_ENFORCED,
+                cond.Reason.HOSTS_NOT_ENFORCEABLE,
+                f"Egress to host names ({', '.join(hosts)}) cannot be expressed in a NetworkPolicy and stays denied; "
+                "allow their CIDRs instead.",
+                generation=generation,
+                now=now,
+            )
+        else:
+            conditions = cond.mark_true(
+                conditions,
+                cond.EGRESS_ENFORCED,
+                cond.Reason.ENFORCED,
+                "Egress is limited by a NetworkPolicy.",
+                generation=generation,
+                now=now,
+            )
+
+    conditions = mark_unsupported(
+        conditions, unsupported_function_fields(fn.spec), body, record, generation=generation, now=now
+    )
+    conditions = cond.with_ready(conditions, cond.FUNCTION_DEPENDENTS, generation=generation, now=now)
+    for type_ in (cond.READY, cond.POLICY_RESOLVED, cond.EGRESS_ENFORCED):
+        changed = status_changed(old_conditions, conditions, type_)
+        if changed is not None and (changed.status != "Unknown"):
+            record(
+                body,
+                type="Normal" if changed.status == "True" else "Warning",
+                reason=changed.reason,
+                message=changed.message,
+            )
+    return {
+        "observedGeneration": generation,
+        "conditions": wire_conditions(conditions),
+        "latestVersion": latest,
+        "readyVersion": ready_version,
+        "url": settings.function_url(ns, name),
+    }
