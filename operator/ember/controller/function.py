@@ -22,7 +22,7 @@ from ember.api.function import Function
 from ember.api.security_policy import SecurityPolicySpec
 from ember.api.unsupported import unsupported_function_fields
 from ember.api.version import Version, code_hash
-from ember.controller.children import SPEC_HASH_ANNOTATION, spec_digest
+from ember.controller.children import ensure_child, network_policies
 from ember.controller.kube import Kube, Obj
 from ember.controller.policy import resolve_policy
 from ember.controller.pools import ensure_pools
@@ -72,21 +72,14 @@ def _parse_versions(items: Sequence[Obj], fn: Function) -> tuple[list[tuple[Vers
 
 
 async def _ensure_network_policy(kube: Kube, fn: Function, policy: SecurityPolicySpec) -> tuple[str, ...]:
+    """The NetworkPolicy limiting the egress of every pod of the Function; the host rules it cannot express."""
     plan = function_network_policy(
         function_name=fn.metadata.name,
         namespace=fn.metadata.namespace,
         function_uid=fn.metadata.uid,
         egress=policy.egress,
     )
-    desired = plan.network_policy
-    spec_hash = spec_digest(desired["spec"])
-    desired["metadata"]["annotations"] = {SPEC_HASH_ANNOTATION: spec_hash}
-    actual = await kube.get_network_policy(fn.metadata.namespace, desired["metadata"]["name"])
-    if actual is None:
-        await kube.create_network_policy(desired)
-    elif (actual["metadata"].get("annotations") or {}).get(SPEC_HASH_ANNOTATION) != spec_hash:
-        desired["metadata"]["resourceVersion"] = actual["metadata"]["resourceVersion"]
-        await kube.replace_network_policy(desired)
+    await ensure_child(network_policies(kube), plan.network_policy)
     return plan.unenforced_hosts
 
 

@@ -7,13 +7,14 @@ last owner drops it. Replicas are not set here after creation: `pool_size` owns 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
 from ember.api.function import Function
 from ember.api.security_policy import SecurityPolicySpec, policy_hash
 from ember.api.version import Version
-from ember.controller.children import SPEC_HASH_ANNOTATION, spec_digest
+from ember.controller.children import Outcome, deployments, ensure_child, network_policies
 from ember.controller.kube import Kube, Obj
 from ember.controller.settings import Settings
 from ember.controller.status import Recorder
@@ -92,15 +93,26 @@ async def ensure_pools(
             )
 
 
+def _keep_replicas(actual: Obj, desired: Obj) -> Obj:
+    """A stale pool: the wanted template and annotations, the owners it has plus the wanted ones.
+
+    Its replicas stay as stored: `pool_size` owns them."""
+    body = copy.deepcopy(actual)
+    meta = body["metadata"]
+    owners = meta.get("ownerReferences") or []
+    have = {o.get("uid") for o in owners}
+    meta["ownerReferences"] = [*owners, *(o for o in desired["metadata"]["ownerReferences"] if o["uid"] not in have)]
+    meta.setdefault("annotations", {}).update(desired["metadata"]["annotations"])
+    body["spec"]["template"] = desired["spec"]["template"]
+    return body
+
+
 async def _ensure_pool(kube: Kube, fn: Function, wanted: PoolSpec, record: Recorder, fn_body: Obj) -> None:
     """One pool Deployment exists, lists the Function as an owner and runs the wanted template."""
     desired = pool_deployment(wanted)
-    spec_hash = spec_digest(desired["spec"]["template"])
-    desired["metadata"]["annotations"][SPEC_HASH_ANNOTATION] = spec_hash
-    actual = await kube.get_deployment(wanted.namespace, wanted.name)
-    if actual is None:
-        desired["metadata"]["ownerReferences"] = [_function_owner(fn)]
-        await kube.create_deployment(desired)
+    desired["metadata"]["ownerReferences"] = [_function_owner(fn)]
+    pool = await ensure_child(deployments(kube), desired, compared=desired["spec"]["template"], merge=_keep_replicas)
+    if pool.outcome is Outcome.CREATED:
         record(
             fn_body,
             type="Normal",
@@ -108,35 +120,14 @@ async def _ensure_pool(kube: Kube, fn: Function, wanted: PoolSpec, record: Recor
             message=f"Created warm pool {wanted.name} ({wanted.runtime}, {wanted.sandbox}, "
             f"{wanted.memory_mib}Mi) with {wanted.replicas} generic pods.",
         )
-    else:
-        owners = actual["metadata"].get("ownerReferences") or []
-        changed = False
-        if not any(o.get("uid") == fn.metadata.uid for o in owners):
-            actual["metadata"]["ownerReferences"] = [*owners, _function_owner(fn)]
-            changed = True
-        if actual["metadata"].get("annotations", {}).get(SPEC_HASH_ANNOTATION) != spec_hash:
-            actual["spec"]["template"] = desired["spec"]["template"]
-            actual["metadata"].setdefault("annotations", {}).update(desired["metadata"]["annotations"])
-            changed = True
-        if changed:
-            actual.pop("status", None)
-            await kube.replace_deployment(actual)
-    stored = await kube.get_deployment(wanted.namespace, wanted.name)
-    if stored is not None:
-        await _ensure_pool_network_policy(kube, wanted, wanted.policy, stored["metadata"].get("uid"))
+    if pool.uid is not None:
+        await _ensure_pool_network_policy(kube, wanted, wanted.policy, pool.uid)
 
 
 async def _ensure_pool_network_policy(
-    kube: Kube, pool: PoolSpec, policy: SecurityPolicySpec, deployment_uid: str | None
+    kube: Kube, pool: PoolSpec, policy: SecurityPolicySpec, deployment_uid: str
 ) -> None:
     desired = pool_network_policy(
         pool_id=pool.id, namespace=pool.namespace, owner_uid=deployment_uid, egress=policy.egress
     ).network_policy
-    spec_hash = spec_digest(desired["spec"])
-    desired["metadata"]["annotations"] = {SPEC_HASH_ANNOTATION: spec_hash}
-    actual = await kube.get_network_policy(pool.namespace, desired["metadata"]["name"])
-    if actual is None:
-        await kube.create_network_policy(desired)
-    elif (actual["metadata"].get("annotations") or {}).get(SPEC_HASH_ANNOTATION) != spec_hash:
-        desired["metadata"]["resourceVersion"] = actual["metadata"]["resourceVersion"]
-        await kube.replace_network_policy(desired)
+    await ensure_child(network_policies(kube), desired)
