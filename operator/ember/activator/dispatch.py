@@ -37,13 +37,14 @@ class InvocationType(enum.Enum):
     DRY_RUN = "dry-run"
 
 
+# The members again as module globals, for the hot path: `InvocationType.SYNC` is a class
+# attribute lookup through the Enum metaclass, ~0.3 µs on Python 3.11, twice per request.
+SYNC, ASYNC, DRY_RUN = InvocationType.SYNC, InvocationType.ASYNC, InvocationType.DRY_RUN
+
+
 # Lambda's names of the invocation types and log types (header values, case-insensitive); the
 # Ember API accepts these and a few of its own.
-LAMBDA_INVOCATION_TYPES = {
-    "requestresponse": InvocationType.SYNC,
-    "event": InvocationType.ASYNC,
-    "dryrun": InvocationType.DRY_RUN,
-}
+LAMBDA_INVOCATION_TYPES = {"requestresponse": SYNC, "event": ASYNC, "dryrun": DRY_RUN}
 LOG_TAIL = {"none": False, "tail": True}
 
 
@@ -106,9 +107,9 @@ async def dispatch(
     body = await read_body(request, app[keys.CONFIG].max_body_bytes)
     invoker = app[keys.INVOKER]
     vs = invoker.resolve(namespace, name, qualifier)
-    if kind is InvocationType.SYNC:
+    if kind is SYNC:
         return replies.ran(await invoker.invoke(vs, body, request_id=request_id, log_tail=log_tail))
-    if kind is InvocationType.ASYNC:
+    if kind is ASYNC:
         require_json(body)
         app[keys.ASYNC].submit(vs, body, request_id)
         return replies.queued(vs, request_id)

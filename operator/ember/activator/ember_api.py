@@ -17,7 +17,7 @@ import json
 from aiohttp import web
 
 from ember.activator import keys
-from ember.activator.dispatch import LAMBDA_INVOCATION_TYPES, LOG_TAIL, HeaderNames, InvocationType, dispatch
+from ember.activator.dispatch import ASYNC, DRY_RUN, LAMBDA_INVOCATION_TYPES, LOG_TAIL, SYNC, HeaderNames, dispatch
 from ember.activator.edge import choice, request_id
 from ember.activator.errors import ActivatorError, FunctionNotFound, Throttled
 from ember.activator.invoke import Result, new_request_id
@@ -25,9 +25,9 @@ from ember.activator.version_state import VersionState
 
 INVOCATION_TYPES = {
     **LAMBDA_INVOCATION_TYPES,
-    "sync": InvocationType.SYNC,
-    "async": InvocationType.ASYNC,
-    "dry-run": InvocationType.DRY_RUN,
+    "sync": SYNC,
+    "async": ASYNC,
+    "dry-run": DRY_RUN,
 }
 HEADERS = HeaderNames(
     request_id="X-Ember-Request-Id",
@@ -77,9 +77,7 @@ async def invoke(request: web.Request) -> web.Response:
     try:
         headers = request.headers
         rid = request_id(headers.get("X-Ember-Request-Id"), "X-Ember-Request-Id", new_request_id())
-        kind = choice(
-            headers.get("X-Ember-Invocation-Type"), "X-Ember-Invocation-Type", INVOCATION_TYPES, InvocationType.SYNC
-        )
+        kind = choice(headers.get("X-Ember-Invocation-Type"), "X-Ember-Invocation-Type", INVOCATION_TYPES, SYNC)
         log_tail = choice(headers.get("X-Ember-Log-Type"), "X-Ember-Log-Type", LOG_TAIL, False)
         info = request.match_info
         return await dispatch(

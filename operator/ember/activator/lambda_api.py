@@ -29,7 +29,7 @@ from urllib.parse import unquote
 from aiohttp import web
 
 from ember.activator import keys
-from ember.activator.dispatch import LAMBDA_INVOCATION_TYPES, LOG_TAIL, HeaderNames, InvocationType, dispatch
+from ember.activator.dispatch import LAMBDA_INVOCATION_TYPES, LOG_TAIL, SYNC, HeaderNames, dispatch
 from ember.activator.edge import choice
 from ember.activator.errors import ActivatorError, BadRequest, Throttled
 from ember.activator.invoke import Result, new_request_id
@@ -107,9 +107,7 @@ async def invoke(request: web.Request) -> web.Response:
     rid = new_request_id()
     try:
         headers = request.headers
-        kind = choice(
-            headers.get("X-Amz-Invocation-Type"), "X-Amz-Invocation-Type", LAMBDA_INVOCATION_TYPES, InvocationType.SYNC
-        )
+        kind = choice(headers.get("X-Amz-Invocation-Type"), "X-Amz-Invocation-Type", LAMBDA_INVOCATION_TYPES, SYNC)
         log_tail = choice(headers.get("X-Amz-Log-Type"), "X-Amz-Log-Type", LOG_TAIL, False)
         target = parse_function_name(
             request.match_info["function_name"],
