@@ -93,7 +93,7 @@ async def main() -> None:
         def ready_generic() -> int:
             return sum(
                 1
-                for p in source._pods.values()
+                for p in source.cached_pods.values()
                 if p["metadata"]["labels"].get("ember.run/pool") == pid
                 and p["metadata"]["labels"].get("ember.run/state") == "generic"
                 and any(
@@ -116,7 +116,7 @@ async def main() -> None:
         async def settled() -> None:
             """The pool full and no pod shutting down: nothing else competes for the node's CPU."""
             await wait_generic(4)
-            while any(p["metadata"].get("deletionTimestamp") for p in source._pods.values()):  # noqa: ASYNC110 (polls the watch cache)
+            while any(p["metadata"].get("deletionTimestamp") for p in source.cached_pods.values()):  # noqa: ASYNC110 (polls the watch cache)
                 await asyncio.sleep(0.05)
             await asyncio.sleep(0.5)
 
@@ -160,14 +160,14 @@ async def main() -> None:
         name = f"ember-pool-{pid}"
         for _ in range(5):
             await wait_generic(4)
-            before = {n for n in source._pods}
+            before = {n for n in source.cached_pods}
             replicas = apps.read_namespaced_deployment(name, ns).spec.replicas
             t0 = time.perf_counter()
             await source.ensure_pool(key, replicas + 1)
             while True:
                 new = [
                     p
-                    for n, p in source._pods.items()
+                    for n, p in source.cached_pods.items()
                     if n not in before
                     and any(
                         c.get("type") == "Ready" and c.get("status") == "True"

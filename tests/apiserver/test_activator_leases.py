@@ -94,10 +94,10 @@ def _lease_names(leases: client.CoordinationV1Api, ns: str) -> set[str]:
 
 async def _cached(source: KubernetesPodSource, names: set[str]) -> None:
     for _ in range(100):
-        if names <= set(source._pods):
+        if names <= set(source.cached_pods):
             return
         await asyncio.sleep(0.1)
-    raise AssertionError(f"pods {sorted(names - set(source._pods))} never reached the source's cache")
+    raise AssertionError(f"pods {sorted(names - set(source.cached_pods))} never reached the source's cache")
 
 
 async def test_start_creates_the_lease_renewal_updates_it_and_close_deletes_it(

@@ -305,7 +305,7 @@ async def test_claims_never_specialized_are_swept_after_the_ttl(
         other = second if handle.id == first else first
         ember.core.patch_namespaced_pod(other, ember.ns, {"metadata": {"labels": {"ember.run/state": "claimed"}}})
         for _ in range(100):  # the watch (on this event loop) brings the relabel into the cache
-            if source._pods[other]["metadata"]["labels"]["ember.run/state"] == "claimed":
+            if source.cached_pods[other]["metadata"]["labels"]["ember.run/state"] == "claimed":
                 break
             await asyncio.sleep(0.1)
         assert await source.sweep_stale_claims(now=claimed_at + 30) == [other]

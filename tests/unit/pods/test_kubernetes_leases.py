@@ -14,10 +14,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from kubernetes_asyncio.client import ApiClient, Configuration
 
-from ember.pods.kubernetes import (
+from ember.pods.kubernetes import KubernetesPodSource
+from ember.pods.kubernetes.leases import (
     CLAIMED_BY,
     HolderLiveness,
-    KubernetesPodSource,
     ObservedLease,
     count_live_replicas,
     holder_name,

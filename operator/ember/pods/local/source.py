@@ -6,37 +6,19 @@ of agent processes that listen but hold no code; `claim` takes one (a pool hit) 
 exits is dropped from the pool (and replaced) or from its Version's endpoints (watchers hear).
 `close` stops every process by pid: SIGTERM, then SIGKILL after a grace period.
 
-Sandboxes, best first (`EMBER_SANDBOX=runsc|bwrap|none` forces one):
-
-- **runsc** (gVisor; `EMBER_RUNSC` names the binary, else PATH): `runsc --rootless
-  --network=host do`. The sandbox gets gVisor's own kernel (syscalls never reach the host
-  kernel directly) and a read-only view of the host filesystem with a private writable
-  overlay. `runsc do` without `--network=host` gives the sandbox its own network namespace,
-  which it wires with a veth pair and iptables NAT on a 192.168.10.0/24 address per sandbox:
-  that needs iptables, puts every sandbox on the same fixed address, and uses a private range
-  this machine must not send traffic to. With `--network=host` the sandboxed agent binds a
-  port on the host's loopback (gVisor's hostinet), which the activator reaches like any local
-  process, so local mode does not isolate the network (a cluster enforces the
-  SecurityPolicy's egress with NetworkPolicy instead). `EMBER_RUNSC_FLAGS` adds flags (e.g.
-  `--platform=systrap` for a newer runsc).
-- **bwrap** (bubblewrap): new user, mount, pid, ipc and uts namespaces, read-only root,
-  private /tmp, host network (for the same reason).
-- **none**: a plain child process, with a loud warning: the function is not isolated.
+The sandbox each process runs in is chosen in `ember.pods.local.sandbox`; the agent command per
+runtime comes from `ember.pods.local.runtimes`; one process and its state is `ember.pods.local.process`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import itertools
 import json
 import logging
 import os
-import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
@@ -57,170 +39,23 @@ from ember.pods.base import (
     SpecializeRequest,
     VersionKey,
 )
+from ember.pods.local.process import AgentProcess, read_port
+from ember.pods.local.runtimes import RUNTIME_IMAGES, agent_command
+from ember.pods.local.sandbox import SandboxChoice, detect_sandbox, sandboxed
 
 log = logging.getLogger(__name__)
 
-LISTENING_PREFIX = b"EMBER_AGENT_LISTENING port="
 # A claim's refill waits for the claimed pod's cold start (see `LocalPodSource._refill_after`):
 # until this long after its specialize ends (its first invocations follow at once), or at most
 # REFILL_DEFER_MAX_S when no specialize follows the claim.
 REFILL_GRACE_S = 0.025
 REFILL_DEFER_MAX_S = 1.0
-RUNTIME_IMAGES = Path(__file__).resolve().parents[3] / "runtime-images"
-
-
-class Sandbox(enum.Enum):
-    """How agent processes are isolated."""
-
-    RUNSC = "runsc"
-    BWRAP = "bwrap"
-    NONE = "none"
-
-
-@dataclass(frozen=True, slots=True)
-class SandboxChoice:
-    """The sandbox in use, the binary that provides it, and why (for `ember dev`'s banner)."""
-
-    kind: Sandbox
-    binary: str | None
-    note: str
-
-    @property
-    def isolated(self) -> bool:
-        return self.kind is not Sandbox.NONE
-
-
-def detect_sandbox(env: Mapping[str, str] | None = None) -> SandboxChoice:
-    """The best sandbox available here (see the module docstring)."""
-    env = os.environ if env is None else env
-    forced = env.get("EMBER_SANDBOX", "").strip().lower()
-    if forced and forced not in {s.value for s in Sandbox}:
-        raise ValueError(f"EMBER_SANDBOX={forced!r}: must be one of runsc, bwrap, none")
-    runsc = env.get("EMBER_RUNSC") or shutil.which("runsc")
-    bwrap = shutil.which("bwrap")
-    if forced in ("", "runsc") and runsc:
-        if not os.access(runsc, os.X_OK):
-            raise ValueError(f"EMBER_RUNSC={runsc!r} is not an executable file")
-        return SandboxChoice(Sandbox.RUNSC, runsc, f"gVisor ({runsc}, host network)")
-    if forced == "runsc":
-        raise ValueError("EMBER_SANDBOX=runsc but runsc is not installed (apt-get install runsc, or set EMBER_RUNSC)")
-    if forced in ("", "bwrap") and bwrap:
-        return SandboxChoice(Sandbox.BWRAP, bwrap, f"bubblewrap ({bwrap}); install runsc for gVisor")
-    if forced == "bwrap":
-        raise ValueError("EMBER_SANDBOX=bwrap but bwrap is not installed (apt-get install bubblewrap)")
-    return SandboxChoice(
-        Sandbox.NONE, None, "NONE: functions run as plain processes, NOT ISOLATED (install runsc or bubblewrap)"
-    )
-
-
-def _python_for(version: str) -> str:
-    """The real interpreter binary for python3.X (pyenv shims resolved: sandboxes run it directly)."""
-    candidate = shutil.which(f"python{version}")
-    if candidate is not None and "/shims/" in candidate:
-        # a pyenv shim picks the interpreter by the current directory; find the binary itself
-        root = Path(os.environ.get("PYENV_ROOT") or Path(candidate).parents[1])
-        installed = sorted(root.glob(f"versions/{version}*/bin/python{version}"))
-        candidate = str(installed[-1]) if installed else None
-    if candidate is None:
-        if f"{sys.version_info[0]}.{sys.version_info[1]}" == version:
-            return sys.executable
-        raise PoolUnavailable(f"runtime python{version} is not installed on this machine")
-    try:
-        resolved = subprocess.run(
-            [candidate, "-c", "import sys; print(sys.executable)"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError) as err:
-        raise PoolUnavailable(f"runtime python{version} ({candidate}) does not start: {err}") from err
-    # The agent runs with -S -E on the standard library alone, so a virtualenv's interpreter is
-    # replaced by the binary it links to: a sandbox then needs no view of the virtualenv.
-    return os.path.realpath(resolved or candidate)
-
-
-def agent_command(runtime: str, runtime_images: Path = RUNTIME_IMAGES) -> list[str]:
-    """The command line of a generic agent for a runtime."""
-    if runtime.startswith("python"):
-        # the agent package's one-file build, as images run it (importing the package module by
-        # module would cost every start ~2 ms, ~48 ms under gVisor): see runtime-images/python/bundle.py
-        bundle = runtime_images / "python" / "bundle.py"
-        if not bundle.is_file():
-            raise PoolUnavailable(f"the Python agent is missing: {bundle}")
-        python = _python_for(runtime.removeprefix("python"))
-        try:
-            built = subprocess.run(
-                [python, "-S", "-E", str(bundle), "--cached"], capture_output=True, text=True, timeout=60, check=True
-            )
-        except subprocess.CalledProcessError as err:
-            raise PoolUnavailable(f"building the Python agent failed: {err.stderr.strip()}") from err
-        except (OSError, subprocess.SubprocessError) as err:
-            raise PoolUnavailable(f"building the Python agent failed: {err}") from err
-        return [python, "-S", "-E", built.stdout.strip()]
-    if runtime.startswith("nodejs"):
-        agent = runtime_images / "nodejs" / "agent.js"
-        node = shutil.which("node")
-        if not agent.is_file() or node is None:
-            raise PoolUnavailable(f"runtime {runtime} needs node and {agent}")
-        return [node, str(agent)]
-    raise PoolUnavailable(f"runtime {runtime!r} has no local agent")
-
-
-def sandboxed(choice: SandboxChoice, command: list[str], env: Mapping[str, str] | None = None) -> list[str]:
-    """Wrap an agent command line in the chosen sandbox."""
-    env = os.environ if env is None else env
-    if choice.kind is Sandbox.RUNSC:
-        assert choice.binary is not None
-        extra = env.get("EMBER_RUNSC_FLAGS", "").split()
-        return [choice.binary, "--rootless", "--network=host", *extra, "do", *command]
-    if choice.kind is Sandbox.BWRAP:
-        assert choice.binary is not None
-        # the private /tmp hides the host's; an interpreter or agent living there is bound back
-        keep = sorted({str(root) for p in command if (root := _tmp_root(Path(p))) is not None})
-        binds = [arg for path in keep for arg in ("--ro-bind", path, path)]
-        return [
-            choice.binary,
-            "--ro-bind", "/", "/",
-            "--dev", "/dev",
-            "--proc", "/proc",
-            "--tmpfs", "/tmp",
-            *binds,
-            "--unshare-all",
-            "--share-net",
-            "--die-with-parent",
-            "--new-session",
-            "--",
-            *command,
-        ]  # fmt: skip
-    return list(command)
-
-
-def _tmp_root(path: Path) -> Path | None:
-    """The top folder under /tmp holding `path` (e.g. /tmp/clone for /tmp/clone/x/y), or None."""
-    parts = path.resolve().parts if path.is_absolute() else ()
-    if len(parts) > 2 and parts[1] == "tmp":
-        return Path("/", "tmp", parts[2])
-    return None
-
-
-@dataclass(eq=False)
-class _Process:
-    id: PodId
-    pool: PoolKey
-    proc: asyncio.subprocess.Process
-    address: str = ""
-    handle: PodHandle | None = None
-    state: str = "starting"  # starting, warm, claimed, specialized, stopping, dead
-    monitor: asyncio.Task[None] | None = None
-    started_at: float = field(default_factory=time.monotonic)
-    refill_due: asyncio.TimerHandle | None = None
 
 
 @dataclass
 class _Pool:
     target: int = 0
-    warm: deque[_Process] = field(default_factory=deque)
+    warm: deque[AgentProcess] = field(default_factory=deque)
     starting: int = 0
 
 
@@ -244,7 +79,7 @@ class LocalPodSource:
         self._stop_grace_s = stop_grace_s
         self._commands: dict[str, list[str]] = {}
         self._pools: dict[PoolKey, _Pool] = {}
-        self._processes: dict[PodId, _Process] = {}
+        self._processes: dict[PodId, AgentProcess] = {}
         self._by_version: dict[VersionKey, dict[PodId, PodHandle]] = {}
         self._changed = asyncio.Condition()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -349,12 +184,12 @@ class LocalPodSource:
             pool = self._pools[key] = _Pool()
         return pool
 
-    def _claimed(self, process: _Process, kind: ClaimKind) -> PodHandle:
+    def _claimed(self, process: AgentProcess, kind: ClaimKind) -> PodHandle:
         process.state = "claimed"
         process.handle = PodHandle(id=process.id, address=process.address, pool=process.pool, claim=kind)
         return process.handle
 
-    def _refill_after(self, process: _Process) -> None:
+    def _refill_after(self, process: AgentProcess) -> None:
         """Refill the pool of a claimed pod once that pod's cold start is over: `REFILL_GRACE_S`
         after its specialize ends (time for the first invocations, which follow at once), at
         once when it is gone, at the latest `REFILL_DEFER_MAX_S` after the claim.
@@ -365,14 +200,14 @@ class LocalPodSource:
         """
         process.refill_due = asyncio.get_running_loop().call_later(REFILL_DEFER_MAX_S, self._refill_now, process)
 
-    def _refill_soon(self, process: _Process) -> None:
+    def _refill_soon(self, process: AgentProcess) -> None:
         """The claimed pod's specialize ended: its refill starts `REFILL_GRACE_S` from now."""
         due = process.refill_due
         if due is not None:
             due.cancel()
             process.refill_due = asyncio.get_running_loop().call_later(REFILL_GRACE_S, self._refill_now, process)
 
-    def _refill_now(self, process: _Process) -> None:
+    def _refill_now(self, process: AgentProcess) -> None:
         due, process.refill_due = process.refill_due, None
         if due is not None:
             due.cancel()
@@ -405,7 +240,7 @@ class LocalPodSource:
         process.state = "warm"
         pool.warm.append(process)
 
-    async def _healthy(self, process: _Process) -> bool:
+    async def _healthy(self, process: AgentProcess) -> bool:
         """Check a new agent over a connection the session keeps for `specialize`.
 
         Inside gVisor a new connection costs the agent an accept and a thread (tens of ms
@@ -428,7 +263,7 @@ class LocalPodSource:
             command = self._commands[runtime] = sandboxed(self.sandbox, agent)
         return command
 
-    async def _start(self, key: PoolKey) -> _Process:
+    async def _start(self, key: PoolKey) -> AgentProcess:
         if self._closed:
             raise PoolUnavailable("the local pod source is closed")
         command = await self._command(key.runtime)
@@ -451,11 +286,11 @@ class LocalPodSource:
                 )
             except OSError as err:
                 raise PoolUnavailable(f"cannot start {command[0]}: {err}") from err
-            process = _Process(pod_id, key, proc)
+            process = AgentProcess(pod_id, key, proc)
             self._processes[pod_id] = process
             try:
                 async with asyncio.timeout(self._start_timeout_s):
-                    port = await _read_port(proc)
+                    port = await read_port(proc)
             except (TimeoutError, PoolUnavailable) as err:
                 await self._stop(process)
                 raise PoolUnavailable(f"agent {pod_id} ({' '.join(command)}) did not start: {err}") from err
@@ -471,7 +306,7 @@ class LocalPodSource:
         )
         return process
 
-    async def _watch_process(self, process: _Process) -> None:
+    async def _watch_process(self, process: AgentProcess) -> None:
         """Forward the agent's output to the log, and notice when it exits."""
         stream = process.proc.stdout
         assert stream is not None
@@ -485,7 +320,7 @@ class LocalPodSource:
             log.warning("pod exited pod=%s pid=%d code=%s state=%s", process.id, process.proc.pid, code, process.state)
         await self._forget(process)
 
-    async def _forget(self, process: _Process) -> None:
+    async def _forget(self, process: AgentProcess) -> None:
         self._refill_now(process)
         previous = process.state
         process.state = "dead"
@@ -502,7 +337,7 @@ class LocalPodSource:
                     self._by_version.pop(process.handle.version, None)
                 await self._notify()
 
-    async def _stop(self, process: _Process) -> None:
+    async def _stop(self, process: AgentProcess) -> None:
         if process.state == "dead":
             return
         process.state = "stopping"
@@ -537,21 +372,6 @@ class LocalPodSource:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120))
         return self._session
-
-
-async def _read_port(proc: asyncio.subprocess.Process) -> int:
-    stream = proc.stdout
-    assert stream is not None
-    seen: list[bytes] = []
-    while True:
-        line = await stream.readline()
-        if not line:
-            code = await proc.wait()
-            tail = b"".join(seen[-5:]).decode(errors="replace").strip()
-            raise PoolUnavailable(f"exited with code {code} before listening: {tail or 'no output'}")
-        if line.startswith(LISTENING_PREFIX):
-            return int(line[len(LISTENING_PREFIX) :].strip())
-        seen.append(line)
 
 
 def _error_of(body: bytes) -> tuple[str, str]:

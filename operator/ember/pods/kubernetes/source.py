@@ -2,7 +2,7 @@
 
 Pods come from the per-namespace pool Deployments the operator keeps (`ember.resources.pool`),
 labelled `ember.run/pool=<id>` and `ember.run/state=generic`. One watch over the namespace's
-Ember pods (kubernetes_asyncio) keeps a cache; every read here is from that cache.
+Ember pods keeps a cache (`ember.pods.kubernetes.cache`); every read here is from that cache.
 
 Claim: pick a ready generic pod of the pool and PATCH its `ember.run/state` to `claimed` with
 the pod's `metadata.resourceVersion` as a precondition. Two activators racing for one pod cannot
@@ -13,65 +13,23 @@ replacement - the pool refills itself.
 Specialize: POST the Version's code to the agent, then in one PATCH label the pod with its
 Function and Version, mark it `specialized` (which makes it an endpoint) and make the Version its
 controller owner (so it goes with the Version). Egress is already limited before any code runs:
-the pool's NetworkPolicy selects the pod from its start. Code kept in the Version's ConfigMap is
-read from there, so a pod gets the snapshot the Version was made with. Release: delete the pod.
+the pool's NetworkPolicy selects the pod from its start. The Version's uid and code are read once
+(`ember.pods.kubernetes.code`). Release: delete the pod.
 
-More than one activator (replicas of the chart's Deployment, or host processes) share a namespace.
-Each one claims under its own *holder* name (`ember.run/claimed-by`, a DNS label: the pod name in
-a cluster, `<host>-<pid>` on a host; see `holder_name`) and routes only to the pods it specialized
-itself. Pods outlive the activator that claimed them unless something deletes them, so:
-
-- Each activator holds a coordination.k8s.io/v1 Lease `ember-activator-<holder>` in the namespace
-  (labelled `ember.run/component=activator`), renewed every `lease_duration_s / 3`. It is created
-  before the first claim, so a claimed pod's holder always had a Lease; a graceful close deletes it.
-  Every renewal also publishes the activator's claims per pool over the last minute
-  (`ember.run/pool-demand`, `ember.scaling.pool_demand`): the operator, which owns pool size, keeps
-  that many spare generic pods on top of each pool's floor.
-- Every activator sweeps every `lease_duration_s / 3`: it lists the activator Leases and deletes
-  the claimed and specialized pods whose holder's Lease is *dead*, then the dead Leases themselves
-  (with a resourceVersion precondition, so a Lease renewed meanwhile stays). Dead means: not
-  renewed (its resourceVersion unchanged), or missing, for the Lease's duration as measured by the
-  sweeper's own monotonic clock since it last saw a change (`HolderLiveness`). Like client-go's
-  leader election, no machine's `renewTime` is compared with another machine's clock; the price is
-  that a sweeper needs one lease duration of watching before it deletes anything after it starts.
-  A pod with no or a malformed holder label counts as one whose Lease is missing. The sweep is
-  level-based and idempotent: several activators deleting the same pod is harmless.
-- On start, before its first claim, an activator deletes the pods still claimed by its own holder
-  name: a previous incarnation's (a restarted container keeps its pod name), which it cannot route
-  to because it never knew them.
-- Independently, every `stale_claim_s / 4`, pods left `claimed` longer than `stale_claim_s` are
-  deleted whoever holds them (`sweep_stale_claims`): a live activator that lost a claim
-  mid-specialize never releases it.
-
-So an activator that dies without closing (crash, SIGKILL, node loss) loses its pods to the others
-within about one lease duration plus two sweep periods of its last renewal. An activator that
-cannot renew for a lease duration (partitioned from the API server) is treated as dead: its pods
-are deleted under it, its routing sees them go, and it recreates its Lease when it can.
-
-Scaling is per activator: each replica runs its own autoscaler per Version over the invocations it
-receives and keeps the pods it claimed. Demand-driven pod counts add up (the Service spreads the
-load, each replica scales for its share), and so do the bounds: `live_replicas` counts the live
-activator Leases of the namespace (this one's included) as of the last sweep, and with N of them
-each replica keeps a Version within ceil(minScale / N) and ceil(maxScale / N)
-(`ember.scaling.autoscaler.replica_bounds`). A Lease counts until it is deleted (a graceful close)
-or seen dead, so after a crash the survivors keep their smaller shares for about a lease duration,
-and a replica that just started counts every Lease it finds until it has watched them that long.
+Several activators share a namespace; each claims under its own holder name and keeps a Lease, and
+the pods of activators whose Lease died are swept: see `ember.pods.kubernetes.leases`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
-import math
 import random
-import re
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -91,139 +49,23 @@ from ember.pods.base import (
     SpecializeRequest,
     VersionKey,
 )
+from ember.pods.kubernetes.cache import Obj, PodCache, state_of
+from ember.pods.kubernetes.code import VersionCode
+from ember.pods.kubernetes.leases import (
+    CLAIMED_AT,
+    CLAIMED_BY,
+    HELD_STATES,
+    ActivatorLease,
+    holder_name,
+    holder_of,
+    pods_of_dead_holders,
+)
 from ember.resources import labels
-from ember.resources.code import agent_code_payload, code_configmap_name, files_from_configmap
 from ember.resources.meta import pod_ready
-from ember.resources.objects import Obj
 from ember.resources.pool import AGENT_PORT, pool_id
-from ember.scaling.pool_demand import ClaimRate, encode_demand
+from ember.scaling.pool_demand import ClaimRate
 
 log = logging.getLogger(__name__)
-
-CLAIMED_BY = f"{labels.PREFIX}/claimed-by"
-CLAIMED_AT = f"{labels.PREFIX}/claimed-at"
-LEASE_PREFIX = "ember-activator-"
-LEASE_COMPONENT = "activator"
-
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_NOT_DNS = re.compile(r"[^a-z0-9-]+")
-
-
-def holder_name(raw: str) -> str:
-    """`raw` as a claim holder: a DNS label (a valid label value and Lease name part), unique per `raw`.
-
-    A pod name is usually one already and is kept as it is; anything else (an FQDN host name, a
-    253-character pod name) is folded to lower case and `-`, cut, and suffixed with 32 bits of a
-    hash of `raw`, so that names that fold alike (`Host_1`, `host.1`) still get different holders.
-    """
-    if _DNS_LABEL.match(raw):
-        return raw
-    folded = _NOT_DNS.sub("-", raw.lower()).strip("-")
-    digest = hashlib.sha256(raw.encode()).hexdigest()[:8]
-    return f"{folded[:54].rstrip('-')}-{digest}".lstrip("-")
-
-
-def lease_name(holder: str) -> str:
-    """The Lease an activator with this holder name keeps alive."""
-    return f"{LEASE_PREFIX}{holder}"
-
-
-def holder_of(pod: Mapping[str, Any]) -> str:
-    """The `claimed-by` holder of a pod; "" when missing or not a string (no Lease can match it)."""
-    value = ((pod.get("metadata") or {}).get("labels") or {}).get(CLAIMED_BY)
-    return value if isinstance(value, str) else ""
-
-
-def _state_of(pod: Mapping[str, Any]) -> Any:
-    return ((pod.get("metadata") or {}).get("labels") or {}).get(labels.STATE)
-
-
-@dataclass(frozen=True, slots=True)
-class ObservedLease:
-    """What the sweep needs of an activator Lease: its name, its version (a renewal changes it), its term."""
-
-    name: str
-    resource_version: str
-    duration_s: float
-
-
-def parse_lease(obj: Mapping[str, Any], *, default_duration_s: float) -> ObservedLease | None:
-    """An activator Lease as the sweep sees it; None when it has no name or resourceVersion."""
-    meta = obj.get("metadata") or {}
-    name, version = meta.get("name"), meta.get("resourceVersion")
-    if not isinstance(name, str) or not isinstance(version, str):
-        return None
-    seconds = (obj.get("spec") or {}).get("leaseDurationSeconds")
-    duration_s = default_duration_s
-    if isinstance(seconds, int) and not isinstance(seconds, bool) and seconds > 0:
-        duration_s = float(seconds)
-    return ObservedLease(name=name, resource_version=version, duration_s=duration_s)
-
-
-class HolderLiveness:
-    """Which Leases went unrenewed (or missing) for their whole duration, by this process's clock.
-
-    `observe` is called once per sweep with the Leases that exist and the Lease names that pods'
-    holders need; a Lease is seen renewed whenever its resourceVersion changes (or it appears or
-    disappears), and dead once `duration_s` has passed on `now` (monotonic seconds) since then.
-    Only Lease names seen in the last call are remembered.
-    """
-
-    def __init__(self, *, own: str, missing_duration_s: float) -> None:
-        self._own = own
-        self._missing_duration_s = missing_duration_s
-        self._seen: dict[str, tuple[str | None, float]] = {}
-
-    def observe(self, now: float, leases: Iterable[ObservedLease], wanted: Collection[str]) -> set[str]:
-        """Record this sweep's view; return the dead Lease names (never this process's own)."""
-        existing = {lease.name: lease for lease in leases}
-        dead = set()
-        seen: dict[str, tuple[str | None, float]] = {}
-        for name in existing.keys() | set(wanted):
-            if name == self._own:
-                continue
-            lease = existing.get(name)
-            marker = lease.resource_version if lease is not None else None
-            previous = self._seen.get(name)
-            since = previous[1] if previous is not None and previous[0] == marker else now
-            seen[name] = (marker, since)
-            duration = lease.duration_s if lease is not None else self._missing_duration_s
-            if now - since >= duration:
-                dead.add(name)
-        self._seen = seen
-        return dead
-
-
-def count_live_replicas(leases: Iterable[ObservedLease], dead: Collection[str], *, own: str) -> int:
-    """Activators sharing the namespace: the Leases not seen dead, and this process's own (at least 1)."""
-    return len({lease.name for lease in leases if lease.name not in dead} | {own})
-
-
-def pods_of_dead_holders(pods: Iterable[Mapping[str, Any]], dead: Collection[str], *, own: str) -> list[str]:
-    """Names of claimed or specialized pods, not being deleted, whose holder's Lease is in `dead`."""
-    out = []
-    for pod in pods:
-        meta = pod.get("metadata") or {}
-        if _state_of(pod) not in (labels.STATE_CLAIMED, labels.STATE_SPECIALIZED) or meta.get("deletionTimestamp"):
-            continue
-        holder = holder_of(pod)
-        if holder != own and lease_name(holder) in dead and isinstance(meta.get("name"), str):
-            out.append(meta["name"])
-    return sorted(out)
-
-
-@dataclass(frozen=True, slots=True)
-class _HeldLease:
-    """This process's own Lease: the resourceVersion it last wrote, and what a renewal keeps."""
-
-    version: str
-    acquired: str  # MicroTime
-    transitions: int
-
-
-def _micro_time(at: datetime) -> str:
-    """A Kubernetes MicroTime (RFC 3339, microseconds, UTC)."""
-    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def pool_id_of(pool: PoolKey) -> str:
@@ -274,21 +116,19 @@ class KubernetesPodSource:
         self._core: Any = client.CoreV1Api(api)
         self._custom: Any = client.CustomObjectsApi(api)
         self._coordination: Any = client.CoordinationV1Api(api)
-        self._lease_duration_s = lease_duration_s
-        self._lease_name = lease_name(holder)
-        self._lease: _HeldLease | None = None  # as this process last wrote it
-        self._liveness = HolderLiveness(own=self._lease_name, missing_duration_s=lease_duration_s)
-        self._live_replicas = 1  # as of the last sweep
+        self._lease = ActivatorLease(
+            api, self._coordination, namespace=namespace, holder=holder, duration_s=lease_duration_s, clock=clock
+        )
         self._claim_rate = ClaimRate()
         self._clock = clock
         self._agent_port = agent_port
         self._claim_timeout_s = claim_timeout_s
         self._specialize_timeout_s = specialize_timeout_s
         self._stale_claim_s = stale_claim_s
-        self._pods: dict[str, Obj] = {}
+        self._cache = PodCache()
         self._handles: dict[str, PodHandle] = {}
         self._pool_keys: dict[str, PoolKey] = {}  # pool label value -> key, for pools asked for here
-        self._versions: dict[VersionKey, tuple[str, Any]] = {}
+        self._version_code = VersionCode(api, core=self._core, custom=self._custom)
         self._changed = asyncio.Condition()
         self._synced = asyncio.Event()
         self._starting: asyncio.Task[None] | None = None
@@ -298,6 +138,11 @@ class KubernetesPodSource:
         self._background: set[asyncio.Task[None]] = set()  # relabels of specialized pods
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
+
+    @property
+    def cached_pods(self) -> Mapping[str, Obj]:
+        """The namespace's Ember pods by name, as the watch last saw them (read-only)."""
+        return self._cache.view
 
     # -- lifecycle
 
@@ -333,7 +178,7 @@ class KubernetesPodSource:
                 with contextlib.suppress(asyncio.CancelledError, Exception):  # a failed start raised to its callers
                     await task
         self._starting = self._watcher = self._renewer = self._sweeper = None
-        await self._drop_lease()
+        await self._lease.drop()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -354,7 +199,7 @@ class KubernetesPodSource:
         while not self._closed:
             candidates = [
                 pod
-                for pod in self._pods.values()
+                for pod in self._cache.values()
                 if pod["metadata"].get("labels", {}).get(labels.POOL) == wanted
                 and pod["metadata"].get("labels", {}).get(labels.STATE) == labels.STATE_GENERIC
                 and _ready(pod)
@@ -392,8 +237,8 @@ class KubernetesPodSource:
         relabelling after the code is loaded opens nothing.
         """
         version = request.version
-        owner_uid, code = await self._version_facts(version, request.payload.get("code"))
-        payload = {**request.payload, "code": code}
+        facts = await self._version_code.facts(version, request.payload.get("code"))
+        payload = {**request.payload, "code": facts.code}
         session = self._http()
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -413,7 +258,7 @@ class KubernetesPodSource:
         self._handles[pod.id] = handle
         # The activator routes to its own handles at once; the relabel that makes the pod the
         # Version's (owner reference, labels for everyone else) follows off the cold path.
-        task = asyncio.create_task(self._mark_specialized(handle, owner_uid))
+        task = asyncio.create_task(self._mark_specialized(handle, facts.uid))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         log.debug("pod=%s version=%s specialized agent_ms=%.1f", pod.id, version, agent_s * 1000)
@@ -451,7 +296,7 @@ class KubernetesPodSource:
         error = ""
         for delay in (0.2, 0.5, 1.0, None):
             try:
-                self._store(await self._merge_patch_pod(handle.id, patch))
+                self._cache.store(await self._merge_patch_pod(handle.id, patch))
             except ApiException as err:
                 error = f"{err.status} {err.reason}"
                 if err.status == 404 or (err.status != 429 and (err.status or 0) < 500):
@@ -491,7 +336,7 @@ class KubernetesPodSource:
         if version.namespace != self.namespace:
             return []
         out: list[PodHandle] = []
-        for pod in self._pods.values():
+        for pod in self._cache.values():
             pod_labels = pod["metadata"].get("labels", {})
             name = pod["metadata"]["name"]
             known = self._handles.get(name)
@@ -521,7 +366,7 @@ class KubernetesPodSource:
     def warm_pods(self) -> Mapping[PoolKey, int]:
         """Ready generic pods per pool this source has claimed from or sized (for metrics)."""
         counts = dict.fromkeys(self._pool_keys.values(), 0)
-        for pod in self._pods.values():
+        for pod in self._cache.values():
             pod_labels = pod["metadata"].get("labels", {})
             key = self._pool_keys.get(pod_labels.get(labels.POOL, ""))
             if key is not None and pod_labels.get(labels.STATE) == labels.STATE_GENERIC and _ready(pod):
@@ -583,24 +428,8 @@ class KubernetesPodSource:
             if err.status in (404, 409):
                 return None
             raise PoolUnavailable(f"pod {name}: claim failed with {err.status} {err.reason}") from err
-        self._store(plain)
+        self._cache.store(plain)
         return plain
-
-    def _store(self, pod: Obj) -> None:
-        """Put a pod the API server returned into the cache, unless the watch already knows better.
-
-        A reply can arrive after a newer watch event: a pod deleted meanwhile stays out, and an
-        older resourceVersion does not replace a newer one."""
-        name = pod["metadata"]["name"]
-        cached = self._pods.get(name)
-        if cached is None:
-            return
-        try:
-            if int(pod["metadata"]["resourceVersion"]) < int(cached["metadata"]["resourceVersion"]):
-                return
-        except (KeyError, TypeError, ValueError):
-            pass  # resourceVersions are opaque in general; these are the API server's integers
-        self._pods[name] = pod
 
     async def _merge_patch_pod(self, name: str, patch: Obj) -> Obj:
         """Merge-patch a pod; the API server's JSON as a dict (`ApiException` on an error status).
@@ -615,31 +444,6 @@ class KubernetesPodSource:
                 raise ApiException(status=response.status, reason=response.reason)
         pod: Obj = json.loads(data)
         return pod
-
-    async def _version_facts(self, version: VersionKey, given: Any) -> tuple[str, Any]:
-        """(uid, agent code payload) of a Version, read once: a Version and its code never change."""
-        cached = self._versions.get(version)
-        if cached is not None:
-            return cached
-        name = version_name(version.function, version.number)
-        try:
-            owner = await self._custom.get_namespaced_custom_object(GROUP, VERSION, version.namespace, "versions", name)
-        except ApiException as err:
-            raise PodGone(f"Version {version} cannot be read ({err.status} {err.reason})") from err
-        facts = (str(owner["metadata"]["uid"]), await self._code_for(version, given))
-        self._versions[version] = facts
-        return facts
-
-    async def _code_for(self, version: VersionKey, given: Any) -> Any:
-        """The Version's snapshotted code from its ConfigMap; the request's own code for url code."""
-        cm_name = code_configmap_name(version_name(version.function, version.number))
-        try:
-            cm = await self._core.read_namespaced_config_map(cm_name, version.namespace)
-        except ApiException as err:
-            if err.status == 404 and given is not None:
-                return given
-            raise PodGone(f"Version {version}: code ConfigMap {cm_name} cannot be read ({err.status})") from err
-        return agent_code_payload(files_from_configmap(self._api.sanitize_for_serialization(cm), key=None))
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -658,7 +462,7 @@ class KubernetesPodSource:
         """
         current = time.time() if now is None else now
         stale = []
-        for pod in list(self._pods.values()):
+        for pod in list(self._cache.values()):
             meta = pod["metadata"]
             if meta.get("labels", {}).get(labels.STATE) != labels.STATE_CLAIMED or meta.get("deletionTimestamp"):
                 continue
@@ -682,148 +486,23 @@ class KubernetesPodSource:
 
     def live_replicas(self) -> int:
         """Live activators sharing this namespace, this one included, as of the last sweep; at least 1."""
-        return self._live_replicas
+        return self._lease.live_replicas
 
     @property
     def sweep_period_s(self) -> float:
         """How often the Lease is renewed and the sweeps run."""
-        return self._lease_duration_s / 3
-
-    @property
-    def _lease_call_s(self) -> float:
-        """Limit of one Lease call: a renewal stuck on a dead connection must not outlast the Lease."""
-        return max(1.0, self.sweep_period_s)
-
-    def _lease_body(self, held: _HeldLease, *, version: str | None) -> Obj:
-        metadata: Obj = {
-            "name": self._lease_name,
-            "namespace": self.namespace,
-            "labels": {labels.MANAGED_BY: labels.MANAGER, labels.COMPONENT: LEASE_COMPONENT},
-            "annotations": {labels.POOL_DEMAND_ANNOTATION: encode_demand(self.pool_demand())},
-        }
-        if version is not None:
-            metadata["resourceVersion"] = version
-        return {
-            "apiVersion": "coordination.k8s.io/v1",
-            "kind": "Lease",
-            "metadata": metadata,
-            "spec": {
-                "holderIdentity": self.holder,
-                "leaseDurationSeconds": math.ceil(self._lease_duration_s),
-                "acquireTime": held.acquired,
-                "renewTime": _micro_time(datetime.now(UTC)),
-                "leaseTransitions": held.transitions,
-            },
-        }
+        return self._lease.period_s
 
     async def renew_lease(self) -> None:
-        """Create or renew this activator's Lease; raises `PoolUnavailable` when the API server refuses.
-
-        A renewal replaces the Lease under the resourceVersion this process last wrote. A conflict
-        means another writer: a previous incarnation (taken over) or, wrongly, a second process with
-        the same holder name, which is logged because the two would delete each other's pods.
-        """
-        held = self._lease
-        if held is not None:
-            try:
-                written = await self._coordination.replace_namespaced_lease(
-                    self._lease_name,
-                    self.namespace,
-                    self._lease_body(held, version=held.version),
-                    _request_timeout=self._lease_call_s,
-                )
-            except ApiException as err:
-                if err.status not in (404, 409):
-                    raise PoolUnavailable(
-                        f"Lease {self.namespace}/{self._lease_name}: renewal failed with {err.status} {err.reason}"
-                    ) from err
-                if err.status == 409:
-                    log.error(
-                        "namespace=%s lease=%s was written by another process: is holder %s used twice?",
-                        self.namespace,
-                        self._lease_name,
-                        self.holder,
-                    )
-                self._lease = None
-            else:
-                self._lease = replace(held, version=str(written.metadata.resource_version))
-                return
-        await self._acquire_lease()
-
-    async def _acquire_lease(self) -> None:
-        """Create the Lease, or take over the one a previous incarnation (same holder) left."""
-        held = _HeldLease(version="", acquired=_micro_time(datetime.now(UTC)), transitions=0)
-        try:
-            written = await self._coordination.create_namespaced_lease(
-                self.namespace, self._lease_body(held, version=None), _request_timeout=self._lease_call_s
-            )
-        except ApiException as err:
-            if err.status != 409:
-                raise PoolUnavailable(
-                    f"Lease {self.namespace}/{self._lease_name}: create failed with {err.status} {err.reason}"
-                ) from err
-            try:
-                current = await self._coordination.read_namespaced_lease(
-                    self._lease_name, self.namespace, _request_timeout=self._lease_call_s
-                )
-                spec = current.spec
-                held = replace(held, transitions=(spec.lease_transitions or 0) + 1 if spec is not None else 1)
-                written = await self._coordination.replace_namespaced_lease(
-                    self._lease_name,
-                    self.namespace,
-                    self._lease_body(held, version=current.metadata.resource_version),
-                    _request_timeout=self._lease_call_s,
-                )
-            except ApiException as again:
-                raise PoolUnavailable(
-                    f"Lease {self.namespace}/{self._lease_name}: take-over failed with {again.status} {again.reason}"
-                ) from again
-        self._lease = replace(held, version=str(written.metadata.resource_version))
-
-    async def _drop_lease(self) -> None:
-        """Delete this process's Lease (if it is still the one it wrote), so nobody waits for it to expire.
-
-        A renewal cancelled by `close` may have reached the API server after all: then the Lease is
-        newer than the version this process knows (409), and it is read again and deleted if it
-        still names this holder."""
-        if self._lease is None:
-            return
-        version: str | None = self._lease.version
-        self._lease = None
-        for _attempt in range(2):
-            try:
-                await self._coordination.delete_namespaced_lease(
-                    self._lease_name,
-                    self.namespace,
-                    body=client.V1DeleteOptions(preconditions=client.V1Preconditions(resource_version=version)),
-                    _request_timeout=self._lease_call_s,
-                )
-                return
-            except ApiException as err:
-                if err.status == 404:
-                    return
-                if err.status != 409:
-                    log.warning("namespace=%s lease=%s delete failed: %s", self.namespace, self._lease_name, err.status)
-                    return
-            except (aiohttp.ClientError, TimeoutError) as err:
-                log.warning("namespace=%s lease=%s delete failed: %s", self.namespace, self._lease_name, err)
-                return
-            try:
-                current = await self._coordination.read_namespaced_lease(
-                    self._lease_name, self.namespace, _request_timeout=self._lease_call_s
-                )
-            except (ApiException, aiohttp.ClientError, TimeoutError):
-                return
-            if current.spec is None or current.spec.holder_identity != self.holder:
-                return
-            version = current.metadata.resource_version
+        """Create or renew this activator's Lease with its `pool_demand`; `PoolUnavailable` when refused."""
+        await self._lease.renew(self.pool_demand())
 
     async def _delete_previous_incarnations_pods(self) -> None:
         """Delete pods claimed under this holder name before this process started: nothing routes to them."""
         mine = [
             pod["metadata"]["name"]
-            for pod in self._pods.values()
-            if holder_of(pod) == self.holder and _state_of(pod) in (labels.STATE_CLAIMED, labels.STATE_SPECIALIZED)
+            for pod in self._cache.values()
+            if holder_of(pod) == self.holder and state_of(pod) in HELD_STATES
         ]
         for name in mine:
             await self._delete_pod(name)
@@ -842,25 +521,11 @@ class KubernetesPodSource:
         The Leases are listed before the pod cache is read: a pod claimed after the list shows a
         holder whose Lease looks missing, which `HolderLiveness` forgives for a whole lease duration.
         """
-        selector = f"{labels.MANAGED_BY}={labels.MANAGER},{labels.COMPONENT}={LEASE_COMPONENT}"
-        try:
-            listed = await self._coordination.list_namespaced_lease(
-                self.namespace, label_selector=selector, _request_timeout=self._lease_call_s
-            )
-        except ApiException as err:
-            log.warning("namespace=%s listing activator leases failed: %s %s", self.namespace, err.status, err.reason)
+        leases = await self._lease.list_activator_leases()
+        if leases is None:
             return []
-        plain = self._api.sanitize_for_serialization(listed).get("items") or []
-        leases = [
-            lease
-            for lease in (parse_lease(item, default_duration_s=self._lease_duration_s) for item in plain)
-            if lease is not None
-        ]
-        pods = list(self._pods.values())
-        held = (labels.STATE_CLAIMED, labels.STATE_SPECIALIZED)
-        wanted = {lease_name(holder_of(pod)) for pod in pods if _state_of(pod) in held}
-        dead = self._liveness.observe(self._clock(), leases, wanted)
-        self._live_replicas = count_live_replicas(leases, dead, own=self._lease_name)
+        pods = list(self._cache.values())
+        dead = self._lease.observe(leases, pods)
         if not dead:
             return []
         doomed = pods_of_dead_holders(pods, dead, own=self.holder)
@@ -873,20 +538,7 @@ class KubernetesPodSource:
                 len(doomed),
                 ",".join(doomed),
             )
-        for lease in leases:
-            if lease.name in dead:
-                with contextlib.suppress(ApiException):  # 404: gone already; 409: renewed meanwhile
-                    await self._coordination.delete_namespaced_lease(
-                        lease.name,
-                        self.namespace,
-                        body=client.V1DeleteOptions(
-                            preconditions=client.V1Preconditions(resource_version=lease.resource_version)
-                        ),
-                        _request_timeout=self._lease_call_s,
-                    )
-                log.info(
-                    "namespace=%s lease=%s deleted: not renewed for %.0fs", self.namespace, lease.name, lease.duration_s
-                )
+        await self._lease.delete_dead(leases, dead)
         return doomed
 
     async def _delete_pod(self, name: str) -> None:
@@ -902,9 +554,9 @@ class KubernetesPodSource:
             try:
                 await self.renew_lease()
             except (PoolUnavailable, aiohttp.ClientError, TimeoutError) as err:
-                log.warning("namespace=%s lease=%s not renewed: %s", self.namespace, self._lease_name, err)
+                log.warning("namespace=%s lease=%s not renewed: %s", self.namespace, self._lease.name, err)
             except Exception:  # the loop must outlive any fault: without it the others delete our pods
-                log.exception("namespace=%s lease=%s renewal crashed", self.namespace, self._lease_name)
+                log.exception("namespace=%s lease=%s renewal crashed", self.namespace, self._lease.name)
 
     async def _sweep_forever(self) -> None:
         stale_period_s = max(1.0, self._stale_claim_s / 4)
@@ -927,7 +579,7 @@ class KubernetesPodSource:
         while not self._closed:
             try:
                 listed = await self._core.list_namespaced_pod(self.namespace, label_selector=selector)
-                self._pods = {p.metadata.name: self._api.sanitize_for_serialization(p) for p in listed.items}
+                self._cache.replace(self._api.sanitize_for_serialization(p) for p in listed.items)
                 self._synced.set()
                 await self._notify()
                 stream = watch.Watch(return_type="object")  # plain dicts: no model classes per event
@@ -943,10 +595,10 @@ class KubernetesPodSource:
                     pod = event["raw_object"]
                     name = pod["metadata"]["name"]
                     if event["type"] == "DELETED":
-                        self._pods.pop(name, None)
+                        self._cache.remove(name)
                         self._handles.pop(name, None)
                     else:
-                        self._pods[name] = pod
+                        self._cache.put(pod)
                     await self._notify()
             except asyncio.CancelledError:
                 raise

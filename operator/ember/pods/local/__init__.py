@@ -1,0 +1,12 @@
+"""Local pods: runtime-agent processes on this machine, each in a gVisor sandbox when possible.
+
+`source` is the pod source (pools, claim, specialize, release); `process` is one agent process;
+`sandbox` picks runsc, bwrap or none and wraps a command line in it; `runtimes` builds the agent's
+command line per runtime.
+"""
+
+from ember.pods.local.runtimes import agent_command
+from ember.pods.local.sandbox import Sandbox, SandboxChoice, detect_sandbox, sandboxed
+from ember.pods.local.source import LocalPodSource
+
+__all__ = ["LocalPodSource", "Sandbox", "SandboxChoice", "agent_command", "detect_sandbox", "sandboxed"]
