@@ -127,8 +127,10 @@ async def test_throttling_is_too_many_requests() -> None:
 
     config = FAST.__class__(**{**{f: getattr(FAST, f) for f in FAST.__dataclass_fields__}, "queue_depth": 0})
     async with run_activator(config) as act:
-        slow = "import time\ndef handler(event, context):\n    time.sleep(1.0)\n    return 1\n"
-        act.registry.apply(function("busy", slow, scaling={"maxScale": 1}))
+        # The first call holds the only slot for 3 s: long enough for the second boto3 call
+        # (a thread, a connection) to arrive while it is held, even on a loaded machine.
+        slow = "import time\ndef handler(event, context):\n    time.sleep(3.0)\n    return 1\n"
+        act.registry.apply(function("busy", slow, timeoutSeconds=10, scaling={"maxScale": 1}))
         client = boto3.client(
             "lambda",
             endpoint_url=act.url,
