@@ -15,7 +15,7 @@ from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from ember.api.common import GROUP, VERSION
-from ember.resources.objects import Obj as Obj  # re-exported: handlers, pool_size and reconcile import it from here
+from ember.resources.objects import Obj as Obj  # re-exported: the controller's modules import it from here
 
 
 class KubeError(Exception):
