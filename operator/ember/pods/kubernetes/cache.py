@@ -4,6 +4,11 @@
 `ember.run/managed-by=ember` (kubernetes_asyncio, plain dicts) and feeds every event here; every
 read of the source is from this cache. Replies to the source's own PATCHes are stored too, unless
 the watch already knows better (`store`).
+
+A claim must not cost a walk over every pod of the namespace (hundreds, across every pool), so the
+cache keeps an index by (`ember.run/pool`, `ember.run/state`), updated by every write here, and a
+claim reads only its pool's generic pods (`claimable`). Readiness is not in the index key: it
+changes without a label change, so it is checked on the few pods the index returns.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ember.resources import labels
+from ember.resources.meta import pod_ready
 
 Obj = dict[str, Any]
 
@@ -22,11 +28,22 @@ def state_of(pod: Mapping[str, Any]) -> Any:
     return ((pod.get("metadata") or {}).get("labels") or {}).get(labels.STATE)
 
 
+def ready(pod: Obj) -> bool:
+    """Ready and reachable: the activator routes to the pod's IP."""
+    return pod_ready(pod) and bool((pod.get("status") or {}).get("podIP"))
+
+
+def _index_key(pod: Obj) -> tuple[Any, Any]:
+    pod_labels = pod["metadata"].get("labels") or {}
+    return pod_labels.get(labels.POOL), pod_labels.get(labels.STATE)
+
+
 class PodCache:
-    """Pods by name."""
+    """Pods by name, and by (pool, state)."""
 
     def __init__(self) -> None:
         self._pods: dict[str, Obj] = {}
+        self._by_pool_state: dict[tuple[Any, Any], dict[str, Obj]] = {}
 
     @property
     def view(self) -> Mapping[str, Obj]:
@@ -45,17 +62,38 @@ class PodCache:
     def values(self) -> Iterable[Obj]:
         return self._pods.values()
 
+    def in_pool(self, pool_id: str, state: str) -> Iterable[Obj]:
+        """The pods labelled with this pool and state (a live view: copy it before awaiting)."""
+        return self._by_pool_state.get((pool_id, state), {}).values()
+
+    def claimable(self, pool_id: str) -> list[Obj]:
+        """The ready generic pods of a pool."""
+        return [pod for pod in self.in_pool(pool_id, labels.STATE_GENERIC) if ready(pod)]
+
     def replace(self, pods: Iterable[Obj]) -> None:
         """Forget every pod and keep `pods` (a fresh list)."""
-        self._pods = {pod["metadata"]["name"]: pod for pod in pods}
+        self._pods = {}
+        self._by_pool_state = {}
+        for pod in pods:
+            self.put(pod)
 
     def put(self, pod: Obj) -> None:
         """A pod the watch saw added or modified."""
-        self._pods[pod["metadata"]["name"]] = pod
+        name = pod["metadata"]["name"]
+        self.remove(name)
+        self._pods[name] = pod
+        self._by_pool_state.setdefault(_index_key(pod), {})[name] = pod
 
     def remove(self, name: str) -> None:
         """A pod the watch saw deleted."""
-        self._pods.pop(name, None)
+        old = self._pods.pop(name, None)
+        if old is None:
+            return
+        key = _index_key(old)
+        bucket = self._by_pool_state[key]
+        del bucket[name]
+        if not bucket:
+            del self._by_pool_state[key]
 
     def store(self, pod: Obj) -> None:
         """Put a pod the API server returned into the cache, unless the watch already knows better.
@@ -71,4 +109,4 @@ class PodCache:
                 return
         except (KeyError, TypeError, ValueError):
             pass  # resourceVersions are opaque in general; these are the API server's integers
-        self._pods[name] = pod
+        self.put(pod)

@@ -49,7 +49,7 @@ from ember.pods.base import (
     SpecializeRequest,
     VersionKey,
 )
-from ember.pods.kubernetes.cache import Obj, PodCache, state_of
+from ember.pods.kubernetes.cache import Obj, PodCache, ready, state_of
 from ember.pods.kubernetes.code import VersionCode
 from ember.pods.kubernetes.leases import (
     CLAIMED_AT,
@@ -61,7 +61,6 @@ from ember.pods.kubernetes.leases import (
     pods_of_dead_holders,
 )
 from ember.resources import labels
-from ember.resources.meta import pod_ready
 from ember.resources.pool import AGENT_PORT, pool_id
 from ember.scaling.pool_demand import ClaimRate
 
@@ -71,11 +70,6 @@ log = logging.getLogger(__name__)
 def pool_id_of(pool: PoolKey) -> str:
     """The `ember.run/pool` label value of a pool key."""
     return pool_id(runtime=pool.runtime, sandbox=pool.sandbox, memory_mib=pool.memory_mib, policy_hash=pool.policy_hash)
-
-
-def _ready(pod: Obj) -> bool:
-    """Ready and reachable: the activator routes to the pod's IP."""
-    return pod_ready(pod) and bool((pod.get("status") or {}).get("podIP"))
 
 
 def _error_of(body: bytes) -> tuple[str, str]:
@@ -199,11 +193,8 @@ class KubernetesPodSource:
         while not self._closed:
             candidates = [
                 pod
-                for pod in self._cache.values()
-                if pod["metadata"].get("labels", {}).get(labels.POOL) == wanted
-                and pod["metadata"].get("labels", {}).get(labels.STATE) == labels.STATE_GENERIC
-                and _ready(pod)
-                and (pod["metadata"]["name"], pod["metadata"]["resourceVersion"]) not in tried
+                for pod in self._cache.claimable(wanted)
+                if (pod["metadata"]["name"], pod["metadata"]["resourceVersion"]) not in tried
             ]
             # Spread activators over the pool, so that they rarely race for the same pod.
             random.shuffle(candidates)
@@ -340,13 +331,13 @@ class KubernetesPodSource:
             pod_labels = pod["metadata"].get("labels", {})
             name = pod["metadata"]["name"]
             known = self._handles.get(name)
-            if known is not None and known.version == version and _ready(pod):
+            if known is not None and known.version == version and ready(pod):
                 out.append(known)  # specialized here (its relabel may still be on its way)
             elif (
                 pod_labels.get(labels.STATE) == labels.STATE_SPECIALIZED
                 and pod_labels.get(labels.FUNCTION) == version.function
                 and pod_labels.get(labels.VERSION) == str(version.number)
-                and _ready(pod)
+                and ready(pod)
             ):
                 out.append(self._handle(pod, None, ClaimKind.POOL_HIT, version=version))
         return sorted(out, key=lambda h: h.id)
@@ -366,11 +357,8 @@ class KubernetesPodSource:
     def warm_pods(self) -> Mapping[PoolKey, int]:
         """Ready generic pods per pool this source has claimed from or sized (for metrics)."""
         counts = dict.fromkeys(self._pool_keys.values(), 0)
-        for pod in self._cache.values():
-            pod_labels = pod["metadata"].get("labels", {})
-            key = self._pool_keys.get(pod_labels.get(labels.POOL, ""))
-            if key is not None and pod_labels.get(labels.STATE) == labels.STATE_GENERIC and _ready(pod):
-                counts[key] += 1
+        for wanted, key in self._pool_keys.items():
+            counts[key] += len(self._cache.claimable(wanted))
         return counts
 
     async def ensure_pool(self, pool: PoolKey, size: int) -> None:
