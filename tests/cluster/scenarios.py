@@ -4,7 +4,8 @@
 
 `invoke_via_boto3` calls a Function with boto3's Lambda client, unchanged. `roll_under_load` edits a
 Function's code while four clients keep invoking and checks that traffic moved to the new Version
-with no failed request.
+with no failed request. `edit_under_load` does the same for any edit that makes a new Version (a
+SecurityPolicy's, say), whatever the code answers.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -191,3 +192,52 @@ async def roll_under_load(ember: Ember, url: str, name: str, *, to_version: int 
     for stream in streams:
         seen = [r[1] for r in stream]
         assert seen[seen.index(new) :] == [new] * (len(seen) - seen.index(new)), seen
+
+
+async def edit_under_load(
+    url: str, ns: str, name: str, edit: Callable[[], object], *, old: str, new: str, timeout_s: float = 240
+) -> list[list[Result]]:
+    """Make `edit` while 4 clients invoke `name` on Version `old`: 0 failures, and traffic ends on `new`.
+
+    For edits that make a new Version of the same code (a SecurityPolicy, memory, env), so only the
+    executed Version is checked, not what the code answers. Bounded like `roll_under_load`: 3000 calls
+    per client and `timeout_s`; each client stops after 20 answers in a row from `new`. Returns each
+    client's results in order, for the caller's own checks.
+    """
+    streams: list[list[Result]] = [[] for _ in range(4)]
+    stop = asyncio.Event()
+
+    async def client(results: list[Result]) -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=90)) as http:
+            streak = 0
+            for _ in range(3000):
+                result = await invoke(http, url, ns, name)
+                results.append(result)
+                streak = streak + 1 if result[1] == new else 0
+                if stop.is_set() or streak >= 20:
+                    return
+
+    clients = [asyncio.create_task(client(results)) for results in streams]
+    await asyncio.sleep(1.0)
+    await asyncio.to_thread(edit)  # the clients keep invoking meanwhile
+    try:
+        async with asyncio.timeout(timeout_s):
+            await asyncio.gather(*clients)
+    except TimeoutError:
+        stop.set()
+        await asyncio.gather(*clients, return_exceptions=True)
+        seen_all = sorted({r[1] for results in streams for r in results})
+        raise AssertionError(
+            f"traffic did not move to Version {new} within {timeout_s:.0f} s; versions seen: {seen_all}"
+        ) from None
+
+    results = [r for stream in streams for r in stream]
+    failed = [r for r in results if r[0] != 200 or r[2]]
+    assert failed == [], f"{len(failed)} of {len(results)} failed, e.g. {failed[:3]}"
+    assert all(stream and stream[0][1] == old for stream in streams), "the load ran on the old Version before the edit"
+    assert {r[1] for r in results} == {old, new}
+    for stream in streams:  # once the new Version took a client's traffic it kept it, to the end
+        seen = [r[1] for r in stream]
+        moved = seen.index(new)
+        assert seen[moved:] == [new] * (len(seen) - moved), seen
+    return streams
