@@ -19,8 +19,7 @@ from typing import Any
 
 from ember.resources import labels
 from ember.resources.meta import pod_ready
-
-Obj = dict[str, Any]
+from ember.resources.objects import Obj as Obj  # re-exported: leases.py and source.py import it from here
 
 
 def state_of(pod: Mapping[str, Any]) -> Any:
