@@ -18,6 +18,7 @@ import time
 import aiohttp
 
 from ember.activator.version_state import Phase
+from ember.pods.local.process import ProcessState
 
 from .helpers import FAST, Activator, function, run_activator
 
@@ -169,8 +170,7 @@ async def test_dead_pod_is_replaced_and_invocations_keep_working(activator: Acti
     version = activator.registry.get("default", "fragile").versions[1]
     # Usually one pod; the autoscaler may have started a second (1 in flight over a target of 0.7 per pod).
     pod = activator.source.endpoints(version.key)[0]
-    process = activator.source._processes[pod.id]
-    os.kill(process.proc.pid, signal.SIGKILL)
+    os.kill(activator.source.pods()[pod.id].pid, signal.SIGKILL)
     await _wait_for(lambda: pod not in activator.source.endpoints(version.key), 10, "the dead pod to be noticed")
     status, _, body = await _invoke(activator, "fragile", {"name": "again"})
     assert (status, json.loads(body)["hello"]) == (200, "again")
@@ -184,9 +184,9 @@ async def test_dead_warm_pod_is_replaced_in_the_pool(activator: Activator) -> No
     await _invoke(activator, "pooled", {})
     pool = activator.registry.get("default", "pooled").versions[1].pool
     await _wait_for(lambda: activator.source.warm_pods().get(pool, 0) == 2, 30, "a full warm pool")
-    victim = activator.source._pools[pool].warm[0]
-    os.kill(victim.proc.pid, signal.SIGKILL)
-    await _wait_for(lambda: victim.state == "dead", 10, "the dead warm pod to be noticed")
+    victim = next(p for p in activator.source.pods().values() if p.pool == pool and p.state is ProcessState.WARM)
+    os.kill(victim.pid, signal.SIGKILL)
+    await _wait_for(lambda: victim.id not in activator.source.pods(), 10, "the dead warm pod to be noticed")
     await _wait_for(lambda: activator.source.warm_pods().get(pool, 0) == 2, 30, "the pool to refill")
 
 

@@ -124,7 +124,7 @@ async def test_watch_reports_added_and_lost_pods(source: LocalPodSource) -> None
     watcher = asyncio.create_task(watch())
     pod = await source.specialize(await source.claim(POOL), _request(PROBE))  # type: ignore[arg-type]
     await _until(lambda: 1 in seen)
-    os.kill(source._processes[pod.id].proc.pid, 9)
+    os.kill(source.pods()[pod.id].pid, 9)
     await asyncio.wait_for(watcher, 10)
     assert seen[0] == 0
     assert seen[-2:] == [1, 0]

@@ -1,14 +1,47 @@
-"""One local pod: an agent process, the pool it was started for, and where it is in its life."""
+"""One local pod: an agent process, the pool it was started for, and where it is in its life.
+
+A process goes STARTING -> GENERIC -> (WARM ->) CLAIMED -> SPECIALIZED, and from any of these to
+STOPPING (this source stops it) and DEAD (seen exit, forgotten). A pool refill health-checks a
+GENERIC process and makes it WARM; a claim on an empty pool takes a GENERIC one straight away.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import time
 from dataclasses import dataclass, field
 
 from ember.pods.base import PodHandle, PodId, PoolKey, PoolUnavailable
 
 LISTENING_PREFIX = b"EMBER_AGENT_LISTENING port="
+
+
+class ProcessState(enum.Enum):
+    """Where an agent process is in its life (see the module docstring)."""
+
+    STARTING = "starting"  # spawned; its port not yet known
+    GENERIC = "generic"  # listening, holding no code, not yet in a pool
+    WARM = "warm"  # healthy and waiting in its pool
+    CLAIMED = "claimed"  # handed out by a claim
+    SPECIALIZED = "specialized"  # its Version's code loaded: an endpoint
+    STOPPING = "stopping"  # being stopped by this source
+    DEAD = "dead"  # exited and forgotten
+
+    @property
+    def ending(self) -> bool:
+        """Stopped on purpose, or gone: an exit now is no surprise."""
+        return self in (ProcessState.STOPPING, ProcessState.DEAD)
+
+
+@dataclass(frozen=True, slots=True)
+class LocalPod:
+    """A read-only view of one agent process (for tests and tools)."""
+
+    id: PodId
+    pool: PoolKey
+    pid: int
+    state: ProcessState
 
 
 @dataclass(eq=False)
@@ -20,10 +53,14 @@ class AgentProcess:
     proc: asyncio.subprocess.Process
     address: str = ""
     handle: PodHandle | None = None
-    state: str = "starting"  # starting, warm, claimed, specialized, stopping, dead
+    state: ProcessState = ProcessState.STARTING
     monitor: asyncio.Task[None] | None = None
     started_at: float = field(default_factory=time.monotonic)
     refill_due: asyncio.TimerHandle | None = None
+
+    def view(self) -> LocalPod:
+        """This process as it is now, read-only."""
+        return LocalPod(id=self.id, pool=self.pool, pid=self.proc.pid, state=self.state)
 
 
 async def read_port(proc: asyncio.subprocess.Process) -> int:

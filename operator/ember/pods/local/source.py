@@ -39,7 +39,7 @@ from ember.pods.base import (
     SpecializeRequest,
     VersionKey,
 )
-from ember.pods.local.process import AgentProcess, read_port
+from ember.pods.local.process import AgentProcess, LocalPod, ProcessState, read_port
 from ember.pods.local.runtimes import RUNTIME_IMAGES, agent_command
 from ember.pods.local.sandbox import SandboxChoice, detect_sandbox, sandboxed
 
@@ -121,7 +121,7 @@ class LocalPodSource:
             raise SpecializeFailed(pod.id, status, error_type, message)
         handle = replace(pod, version=request.version, concurrency=request.concurrency)
         process.handle = handle
-        process.state = "specialized"
+        process.state = ProcessState.SPECIALIZED
         self._by_version.setdefault(request.version, {})[pod.id] = handle
         await self._notify()
         return handle
@@ -174,6 +174,10 @@ class LocalPodSource:
 
     # -- processes
 
+    def pods(self) -> dict[PodId, LocalPod]:
+        """Every process this source started and has not yet seen exit, as read-only views."""
+        return {pod_id: process.view() for pod_id, process in self._processes.items()}
+
     def running_pids(self) -> list[int]:
         """Pids of every process this source started and has not yet seen exit."""
         return [p.proc.pid for p in self._processes.values() if p.proc.returncode is None]
@@ -185,7 +189,7 @@ class LocalPodSource:
         return pool
 
     def _claimed(self, process: AgentProcess, kind: ClaimKind) -> PodHandle:
-        process.state = "claimed"
+        process.state = ProcessState.CLAIMED
         process.handle = PodHandle(id=process.id, address=process.address, pool=process.pool, claim=kind)
         return process.handle
 
@@ -237,7 +241,7 @@ class LocalPodSource:
             await self._stop(process)
             self._refill(key)
             return
-        process.state = "warm"
+        process.state = ProcessState.WARM
         pool.warm.append(process)
 
     async def _healthy(self, process: AgentProcess) -> bool:
@@ -295,7 +299,7 @@ class LocalPodSource:
                 await self._stop(process)
                 raise PoolUnavailable(f"agent {pod_id} ({' '.join(command)}) did not start: {err}") from err
         process.address = f"127.0.0.1:{port}"
-        process.state = "generic"
+        process.state = ProcessState.GENERIC
         process.monitor = asyncio.create_task(self._watch_process(process), name=f"ember-pod-{pod_id}")
         log.debug(
             "pod started pod=%s pid=%d address=%s ms=%.0f",
@@ -316,19 +320,21 @@ class LocalPodSource:
                 break
             log.info("pod=%s %s", process.id, line.decode(errors="replace").rstrip())
         code = await process.proc.wait()
-        if process.state not in ("stopping", "dead"):
-            log.warning("pod exited pod=%s pid=%d code=%s state=%s", process.id, process.proc.pid, code, process.state)
+        if not process.state.ending:
+            log.warning(
+                "pod exited pod=%s pid=%d code=%s state=%s", process.id, process.proc.pid, code, process.state.value
+            )
         await self._forget(process)
 
     async def _forget(self, process: AgentProcess) -> None:
         self._refill_now(process)
         previous = process.state
-        process.state = "dead"
+        process.state = ProcessState.DEAD
         self._processes.pop(process.id, None)
         pool = self._pools.get(process.pool)
         if pool is not None and process in pool.warm:
             pool.warm.remove(process)
-            if previous == "warm":
+            if previous is ProcessState.WARM:
                 self._refill(process.pool)
         if process.handle is not None and process.handle.version is not None:
             pods = self._by_version.get(process.handle.version, {})
@@ -338,9 +344,9 @@ class LocalPodSource:
                 await self._notify()
 
     async def _stop(self, process: AgentProcess) -> None:
-        if process.state == "dead":
+        if process.state is ProcessState.DEAD:
             return
-        process.state = "stopping"
+        process.state = ProcessState.STOPPING
         proc = process.proc
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
