@@ -21,6 +21,7 @@ commands:
 
 def _crds(argv: list[str]) -> int:
     from ember.api import crd
+    from ember.files import write_crds
 
     parser = argparse.ArgumentParser(prog="ember crds", description="Generate CRD YAML from the API models.")
     parser.add_argument("--output", "-o", type=Path, default=Path("crds"), help="directory (default: crds)")
@@ -39,13 +40,14 @@ def _crds(argv: list[str]) -> int:
         for path in stale:
             print(f"{path}: differs from the models; run `ember crds`", file=sys.stderr)
         return 1 if stale else 0
-    for path in crd.write_all(args.output):
+    for path in write_crds(args.output):
         print(path)
     return 0
 
 
 def _validate(argv: list[str]) -> int:
-    from ember.api.manifests import ManifestError, load_sourced_manifests, unsupported_fields_warning
+    from ember.api.manifests import ManifestError, unsupported_fields_warning
+    from ember.files import load_sourced_manifests
 
     parser = argparse.ArgumentParser(
         prog="ember validate",

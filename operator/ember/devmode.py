@@ -36,8 +36,9 @@ from ember.activator.app import make_app
 from ember.activator.config import ActivatorConfig
 from ember.activator.registry import Registry
 from ember.api.function import Function
-from ember.api.manifests import ManifestError, load_sourced_manifests, manifest_files, unsupported_fields_warning
+from ember.api.manifests import ManifestError, unsupported_fields_warning
 from ember.api.security_policy import SecurityPolicy, SecurityPolicySpec
+from ember.files import load_sourced_manifests, manifest_files
 from ember.pods.local import LocalPodSource, detect_sandbox
 from ember.resources.policy import choose_policy, policy_name_for
 

@@ -7,7 +7,6 @@ no titles), so this module rewrites it. CEL rules ride along in `x-kubernetes-va
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -137,14 +136,3 @@ def render(model: type[Resource]) -> str:
 
 def file_name(model: type[Resource]) -> str:
     return f"{GROUP}_{model.PLURAL}.yaml"
-
-
-def write_all(directory: Path) -> list[Path]:
-    """Write every CRD into directory; returns the files written."""
-    directory.mkdir(parents=True, exist_ok=True)
-    written = []
-    for model in RESOURCES:
-        path = directory / file_name(model)
-        path.write_text(render(model))
-        written.append(path)
-    return written

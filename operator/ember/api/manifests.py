@@ -1,4 +1,4 @@
-"""Reading Ember manifests from YAML files, with one clear error per problem.
+"""Parsing Ember manifests (YAML text), with one clear error per problem. No file I/O: `ember.files` reads them.
 
 Used by `ember validate`, by local mode (`ember dev`) and by tests. Each problem names the
 file, the document, the field path in the manifest's own (camelCase) spelling, and what is
@@ -8,9 +8,8 @@ Ember does not implement yet gets a warning naming them (`unsupported_fields_war
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -23,7 +22,6 @@ from ember.api.unsupported import unsupported_warning
 from ember.api.version import Version
 
 KINDS: dict[str, type[Resource]] = {m.KIND: m for m in (Function, Version, SecurityPolicy)}
-MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,49 +118,34 @@ def parse_resource(document: Any, source: str = "<manifest>") -> Resource:
         raise ManifestError(_problems_from(err, model, source)) from err
 
 
-def _documents(path: Path) -> Iterator[tuple[str, Any]]:
+def parse_documents(text: str, source: str) -> list[tuple[str, Any]]:
+    """The YAML documents of one manifest text, each with where it came from (`source`, or `source#n`)."""
     try:
-        loaded = list(yaml.safe_load_all(path.read_text()))
+        loaded = list(yaml.safe_load_all(text))
     except yaml.YAMLError as err:
-        raise ManifestError([Problem(str(path), "", f"not valid YAML: {err}")]) from err
+        raise ManifestError([Problem(source, "", f"not valid YAML: {err}")]) from err
     documents = [d for d in loaded if d is not None]
-    for index, document in enumerate(documents):
-        yield (f"{path}#{index + 1}" if len(documents) > 1 else str(path)), document
+    return [((f"{source}#{i + 1}" if len(documents) > 1 else source), d) for i, d in enumerate(documents)]
 
 
-def manifest_files(path: Path) -> list[Path]:
-    """The manifest files at path: the file itself, or every YAML/JSON file below a directory."""
-    if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.suffix in MANIFEST_SUFFIXES and p.is_file())
-    return [path]
+def parse_manifests(texts: Iterable[tuple[str, str]], *, only_ember: bool) -> list[tuple[str, Resource]]:
+    """Every Ember resource in (source, text) pairs; ManifestError lists all problems at once.
 
-
-def load_manifests(path: Path | str) -> list[Resource]:
-    """Every Ember resource in a file or directory; ManifestError lists all problems at once.
-
-    Files under a directory that hold no Ember resource (other apiVersions) are skipped, so
-    Ember manifests can live beside other Kubernetes objects.
+    With `only_ember`, documents of other apiVersions are skipped (Ember manifests may live
+    beside other Kubernetes objects); a resource defined twice is a problem at the second place.
     """
-    return [resource for _, resource in load_sourced_manifests(path)]
-
-
-def load_sourced_manifests(path: Path | str) -> list[tuple[str, Resource]]:
-    """`load_manifests`, each resource with where it came from (`file`, or `file#n` in a multi-document file)."""
-    root = Path(path)
-    if not root.exists():
-        raise ManifestError([Problem(str(root), "", "no such file or directory")])
     resources: list[tuple[str, Resource]] = []
     problems: list[Problem] = []
     seen: dict[tuple[str, str, str], str] = {}
-    for file in manifest_files(root):
+    for file_source, text in texts:
         try:
-            documents = list(_documents(file))
+            documents = parse_documents(text, file_source)
         except ManifestError as err:
             problems.extend(err.problems)
             continue
         for source, document in documents:
             if (
-                root.is_dir()
+                only_ember
                 and isinstance(document, dict)
                 and not str(document.get("apiVersion", "")).startswith("ember.run/")
             ):

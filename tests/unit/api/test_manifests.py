@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from ember.api import Function, SecurityPolicy
-from ember.api.manifests import ManifestError, load_manifests, parse_resource
+from ember.api.manifests import ManifestError, parse_resource
+from ember.files import load_manifests
 
 ROOT = Path(__file__).parents[3]
 BAD = Path(__file__).parent / "bad"

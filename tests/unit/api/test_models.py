@@ -8,9 +8,9 @@ import pytest
 from pydantic import ValidationError
 
 from ember.api import Function, SecurityPolicy, Version, code_hash
-from ember.api.manifests import load_manifests
 from ember.api.security_policy import DEFAULT_POLICY, SecurityPolicySpec
 from ember.api.version import version_name
+from ember.files import load_manifests
 
 ROOT = Path(__file__).parents[3]
 

@@ -19,7 +19,6 @@ import pytest
 from pydantic import BaseModel
 
 from ember.api.function import FunctionSpec
-from ember.api.manifests import load_manifests
 from ember.api.security_policy import SecurityPolicySpec
 from ember.api.unsupported import (
     FUNCTION_GAPS,
@@ -33,6 +32,7 @@ from ember.api.unsupported import (
     unsupported_policy_fields,
     unsupported_warning,
 )
+from ember.files import load_manifests
 
 ROOT = Path(__file__).resolve().parents[3]
 BASE_FUNCTION: dict[str, Any] = {"runtime": "python3.12", "handler": "main.handler", "code": {"inline": "x = 1\n"}}
