@@ -1,11 +1,20 @@
-"""Writing one child object the way every reconciler does: get it, create it if missing, replace it if stale.
+"""Writing one child object the way every reconciler does (Knative's child pattern), in one place.
 
-`ensure_child` is the one place that does this for the objects a Function leads to (pool
-Deployments, their NetworkPolicies, the Function's NetworkPolicy). Whether a stored child is
-current is told by a hash of the part of it Ember decides (`SPEC_HASH_ANNOTATION`), not by
-comparing it with the desired object: the API server adds defaults, which would make every
-comparison differ. A kind whose stored object carries fields another owner sets (a pool's
-replicas, set by `pool_size`) passes a `Merge` that keeps them.
+`ensure_child` gets the child; creates it if missing, with the owner references and labels the
+builder put on it; if it exists but is not Ember's, leaves it untouched and reports `NOT_OWNED`
+(the reconciler turns that into `Ready=False, reason=NotOwned` naming it, and a Warning Event);
+else replaces it when stale. It serves every object a Function leads to: pool Deployments, their
+NetworkPolicies, the Function's NetworkPolicy.
+
+Ours means: labelled `app.kubernetes.io/managed-by: ember-operator`, and no controller owner
+reference other than the one the builder wants (same group, kind and name). A controller of the
+wanted kind and name but another uid is a predecessor that was deleted (names are unique in a
+namespace), whose garbage collection has not run yet: the child is adopted, not refused.
+
+Whether a stored child is current is told by a hash of the part of it Ember decides
+(`SPEC_HASH_ANNOTATION`), not by comparing it with the desired object: the API server adds
+defaults, which would make every comparison differ. A kind whose stored object carries fields
+another owner sets (a pool's replicas, set by `pool_size`) passes a `Merge` that keeps them.
 """
 
 from __future__ import annotations
@@ -65,24 +74,54 @@ class Outcome(enum.Enum):
     CREATED = "created"
     REPLACED = "replaced"
     UNCHANGED = "unchanged"
+    NOT_OWNED = "not-owned"
 
 
 @dataclass(frozen=True, slots=True)
 class Child:
-    """A child after `ensure_child`: what was done, and its uid (to own grandchildren)."""
+    """A child after `ensure_child`: what was done, its uid (to own grandchildren), and for
+    `NOT_OWNED` a sentence for people naming it and saying why it is not Ember's."""
 
     kind: str
     name: str
     outcome: Outcome
     uid: str | None
+    problem: str = ""
 
 
 def _owner_uids(obj: Obj) -> set[str]:
     return {str(o.get("uid")) for o in (obj.get("metadata") or {}).get("ownerReferences") or []}
 
 
+def _controller(obj: Obj) -> tuple[str, str, str] | None:
+    """(API group, kind, name) of an object's controller owner reference, if it has one."""
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller"):
+            group = str(ref.get("apiVersion", "")).rpartition("/")[0]
+            return group, str(ref.get("kind", "")), str(ref.get("name", ""))
+    return None
+
+
+def not_ours(kind: str, actual: Obj, *, controller: tuple[str, str, str] | None) -> str | None:
+    """Why a stored child is not Ember's to change (a sentence naming it), or None when it is.
+
+    `controller` is the (API group, kind, name) of the controller Ember gives it, or None when
+    Ember gives it none (a pool, owned by every Function that uses it)."""
+    meta = actual.get("metadata") or {}
+    what = f"{kind} {meta.get('name')}"
+    advice = "Ember leaves it untouched; once it is deleted, Ember makes its own on the next reconcile."
+    if (meta.get("labels") or {}).get(labels.MANAGED_BY) != labels.MANAGER:
+        return f"{what} exists and is not Ember's (no label {labels.MANAGED_BY}={labels.MANAGER}). {advice}"
+    found = _controller(actual)
+    if found is not None and found != controller:
+        _, owner_kind, owner_name = found
+        return f"{what} exists and is not Ember's (it is controlled by {owner_kind} {owner_name}). {advice}"
+    return None
+
+
 async def ensure_child(api: ChildKind, desired: Obj, *, compared: Any = None, merge: Merge = take_desired) -> Child:
-    """Make the stored child match `desired`: create it if missing, replace it when stale.
+    """Make the stored child match `desired`: create it if missing, replace it when stale, and
+    leave it alone (`NOT_OWNED`) when it is not Ember's.
 
     `compared` is the part of `desired` whose change needs a replace (default: its spec); its hash
     goes into `SPEC_HASH_ANNOTATION`. A stored child is stale when that hash differs or it lacks
@@ -101,6 +140,9 @@ async def ensure_child(api: ChildKind, desired: Obj, *, compared: Any = None, me
         return Child(api.kind, name, Outcome.CREATED, (stored or {}).get("metadata", {}).get("uid"))
     actual_meta = actual["metadata"]
     uid = actual_meta.get("uid")
+    problem = not_ours(api.kind, actual, controller=_controller(desired))
+    if problem is not None:
+        return Child(api.kind, name, Outcome.NOT_OWNED, uid, problem)
     current = (actual_meta.get("annotations") or {}).get(SPEC_HASH_ANNOTATION) == spec_hash
     if current and _owner_uids(desired) <= _owner_uids(actual):
         return Child(api.kind, name, Outcome.UNCHANGED, uid)

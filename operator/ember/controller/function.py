@@ -4,8 +4,10 @@ A change of code, configuration or SecurityPolicy is a new, numbered Version
 (`ember.resources.version.plan_version`); scaling, traffic, aliases and triggers are not.
 Versions that traffic or aliases reference, the ready one and the last `keep_versions` stay; the
 rest are deleted with their code. The pools of the Versions that serve (and of the newest, so it
-can load) exist (`pools`). Status: `PolicyResolved`, `VersionReady`, `EgressEnforced`,
-`Unsupported`, and `Ready` from the first two; `readyVersion` is the newest Ready Version.
+can load) exist (`pools`), and so does the Function's NetworkPolicy. Status: `PolicyResolved`,
+`VersionReady`, `EgressEnforced`, `Unsupported`, and `Ready` from the first two, except that a
+child Ember wants but may not touch (`children.Outcome.NOT_OWNED`) makes it `False, NotOwned`,
+naming the child; `readyVersion` is the newest Ready Version.
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ember.api.common import ConditionStatus
+from ember.api.common import Condition, ConditionStatus
 from ember.api.function import Function
 from ember.api.security_policy import SecurityPolicySpec
 from ember.api.unsupported import unsupported_function_fields
 from ember.api.version import Version, code_hash
-from ember.controller.children import ensure_child, network_policies
+from ember.controller.children import Child, Outcome, ensure_child, network_policies
 from ember.controller.kube import Kube, Obj
 from ember.controller.policy import resolve_policy
 from ember.controller.pools import ensure_pools
@@ -71,7 +73,7 @@ def _parse_versions(items: Sequence[Obj], fn: Function) -> tuple[list[tuple[Vers
     return owned, foreign
 
 
-async def _ensure_network_policy(kube: Kube, fn: Function, policy: SecurityPolicySpec) -> tuple[str, ...]:
+async def _ensure_network_policy(kube: Kube, fn: Function, policy: SecurityPolicySpec) -> tuple[Child, tuple[str, ...]]:
     """The NetworkPolicy limiting the egress of every pod of the Function; the host rules it cannot express."""
     plan = function_network_policy(
         function_name=fn.metadata.name,
@@ -79,8 +81,7 @@ async def _ensure_network_policy(kube: Kube, fn: Function, policy: SecurityPolic
         function_uid=fn.metadata.uid,
         egress=policy.egress,
     )
-    await ensure_child(network_policies(kube), plan.network_policy)
-    return plan.unenforced_hosts
+    return await ensure_child(network_policies(kube), plan.network_policy), plan.unenforced_hosts
 
 
 def _version_ready_condition(
@@ -96,6 +97,27 @@ def _version_ready_condition(
         return "False", cond.Reason.VERSION_FAILED, f"Version {latest} failed: {ready.message}{serving}"
     detail = f" ({ready.message})" if ready is not None and ready.message else ""
     return "Unknown", cond.Reason.VERSION_LOADING, f"Version {latest} is loading{detail}.{serving}"
+
+
+def _mark_not_owned(
+    old_conditions: Sequence[Condition],
+    conditions: Sequence[Condition],
+    not_owned: Sequence[Child],
+    body: Obj,
+    record: Recorder,
+    *,
+    generation: int | None,
+    now: dt.datetime,
+) -> list[Condition]:
+    """`Ready=False, reason=NotOwned` naming the children that exist but are not Ember's (as Knative).
+
+    Whatever else Ready would say, a child Ember may not touch needs a person first. A Warning
+    Event whenever the set of such children changes, including from another False reason."""
+    message = " ".join(child.problem for child in not_owned)
+    before = cond.find(old_conditions, cond.READY)
+    if before is None or (before.status, before.reason, before.message) != ("False", cond.Reason.NOT_OWNED, message):
+        record(body, type="Warning", reason=cond.Reason.NOT_OWNED, message=message)
+    return cond.mark_false(conditions, cond.READY, cond.Reason.NOT_OWNED, message, generation=generation, now=now)
 
 
 async def reconcile_function(
@@ -199,10 +221,22 @@ async def reconcile_function(
         )
 
     serving = referenced_versions(fn.spec, ready_version=ready_version) | ({latest} if latest is not None else set())
-    await ensure_pools(kube, settings, fn, [versions[n] for n in sorted(serving) if n in versions], record, body)
+    not_owned = await ensure_pools(
+        kube, settings, fn, [versions[n] for n in sorted(serving) if n in versions], record, body
+    )
     if policy.usable and policy.spec is not None:
-        hosts = await _ensure_network_policy(kube, fn, policy.spec)
-        if hosts:
+        network_policy, hosts = await _ensure_network_policy(kube, fn, policy.spec)
+        if network_policy.outcome is Outcome.NOT_OWNED:
+            not_owned.append(network_policy)
+            conditions = cond.mark_false(
+                conditions,
+                cond.EGRESS_ENFORCED,
+                cond.Reason.NOT_OWNED,
+                network_policy.problem,
+                generation=generation,
+                now=now,
+            )
+        elif hosts:
             conditions = cond.mark_false(
                 conditions,
                 cond.EGRESS_ENFORCED,
@@ -226,7 +260,13 @@ async def reconcile_function(
         conditions, unsupported_function_fields(fn.spec), body, record, generation=generation, now=now
     )
     conditions = cond.with_ready(conditions, cond.FUNCTION_DEPENDENTS, generation=generation, now=now)
-    for type_ in (cond.READY, cond.POLICY_RESOLVED, cond.EGRESS_ENFORCED):
+    transitions: tuple[str, ...] = (cond.READY, cond.POLICY_RESOLVED, cond.EGRESS_ENFORCED)
+    if not_owned:
+        conditions = _mark_not_owned(
+            old_conditions, conditions, not_owned, body, record, generation=generation, now=now
+        )
+        transitions = (cond.POLICY_RESOLVED, cond.EGRESS_ENFORCED)
+    for type_ in transitions:
         changed = status_changed(old_conditions, conditions, type_)
         if changed is not None and (changed.status != "Unknown"):
             record(

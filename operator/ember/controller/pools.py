@@ -2,7 +2,9 @@
 
 A pool is keyed by (runtime, sandbox, size, policy hash) and shared by every Function whose
 serving Versions need it: each such Function is a (non-controller) owner, and a pool goes when its
-last owner drops it. Replicas are not set here after creation: `pool_size` owns them.
+last owner drops it. Replicas are not set here after creation: `pool_size` owns them. A pool
+or pool NetworkPolicy of the wanted name that is not Ember's is left untouched and returned, for
+the Function to report (`children`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 from ember.api.function import Function
 from ember.api.security_policy import SecurityPolicySpec, policy_hash
 from ember.api.version import Version
-from ember.controller.children import Outcome, deployments, ensure_child, network_policies
+from ember.controller.children import Child, Outcome, deployments, ensure_child, network_policies, not_ours
 from ember.controller.kube import Kube, Obj
 from ember.controller.settings import Settings
 from ember.controller.status import Recorder
@@ -47,13 +49,14 @@ def _pool_of(settings: Settings, version: Version) -> PoolSpec:
 
 async def ensure_pools(
     kube: Kube, settings: Settings, fn: Function, serving: Sequence[Version], record: Recorder, fn_body: Obj
-) -> None:
+) -> list[Child]:
     """The pools of the Versions that serve (or are about to) exist and list the Function as an owner.
 
     A Version keeps the pool of the policy and size it was made with, so while a new Version (a
     policy or memory edit) loads, the old one can still claim pods from its own pool. Pools whose
     sandbox has no RuntimeClass are not made (their pods could never start); other pools drop the
-    Function as an owner and are deleted when no Function owns them.
+    Function as an owner and are deleted when no Function owns them. Returns the pools and pool
+    NetworkPolicies that exist but are not Ember's (`children.Outcome.NOT_OWNED`), left untouched.
     """
     ns, uid = fn.metadata.namespace, fn.metadata.uid
     wanted: dict[str, PoolSpec] = {}
@@ -65,8 +68,9 @@ async def ensure_pools(
             runtime_classes[runtime_class] = await kube.runtime_class_exists(runtime_class)
         if runtime_class is None or runtime_classes[runtime_class]:
             wanted.setdefault(pool.name, pool)
+    not_owned: list[Child] = []
     for pool in wanted.values():
-        await _ensure_pool(kube, fn, pool, record, fn_body)
+        not_owned += await _ensure_pool(kube, fn, pool, record, fn_body)
     pools = await kube.list_deployments(
         ns, label_selector=f"{labels.COMPONENT}=pool,{labels.MANAGED_BY}={labels.MANAGER}"
     )
@@ -84,13 +88,21 @@ async def ensure_pools(
             await kube.replace_deployment(deployment)
         else:
             await kube.delete_deployment(ns, meta["name"])
-            await kube.delete_network_policy(ns, meta["name"])
+            await _delete_pool_network_policy(kube, ns, meta["name"])
             record(
                 fn_body,
                 type="Normal",
                 reason="PoolDeleted",
                 message=f"Deleted warm pool {meta['name']}: no Version of a Function uses it any more.",
             )
+    return not_owned
+
+
+async def _delete_pool_network_policy(kube: Kube, namespace: str, name: str) -> None:
+    """A deleted pool's NetworkPolicy goes too, unless it is not Ember's."""
+    found = await kube.get_network_policy(namespace, name)
+    if found is not None and not_ours("NetworkPolicy", found, controller=("apps", "Deployment", name)) is None:
+        await kube.delete_network_policy(namespace, name)
 
 
 def _keep_replicas(actual: Obj, desired: Obj) -> Obj:
@@ -107,8 +119,9 @@ def _keep_replicas(actual: Obj, desired: Obj) -> Obj:
     return body
 
 
-async def _ensure_pool(kube: Kube, fn: Function, wanted: PoolSpec, record: Recorder, fn_body: Obj) -> None:
-    """One pool Deployment exists, lists the Function as an owner and runs the wanted template."""
+async def _ensure_pool(kube: Kube, fn: Function, wanted: PoolSpec, record: Recorder, fn_body: Obj) -> list[Child]:
+    """One pool Deployment exists, lists the Function as an owner and runs the wanted template, and
+    its NetworkPolicy exists; returns those of the two that are not Ember's."""
     desired = pool_deployment(wanted)
     desired["metadata"]["ownerReferences"] = [_function_owner(fn)]
     pool = await ensure_child(deployments(kube), desired, compared=desired["spec"]["template"], merge=_keep_replicas)
@@ -120,14 +133,18 @@ async def _ensure_pool(kube: Kube, fn: Function, wanted: PoolSpec, record: Recor
             message=f"Created warm pool {wanted.name} ({wanted.runtime}, {wanted.sandbox}, "
             f"{wanted.memory_mib}Mi) with {wanted.replicas} generic pods.",
         )
-    if pool.uid is not None:
-        await _ensure_pool_network_policy(kube, wanted, wanted.policy, pool.uid)
+    if pool.outcome is Outcome.NOT_OWNED:
+        return [pool]  # not Ember's pool: its pods get no NetworkPolicy of Ember's either
+    if pool.uid is None:
+        return []  # deleted right after it was made; its deletion nudges the Function
+    network_policy = await _ensure_pool_network_policy(kube, wanted, wanted.policy, pool.uid)
+    return [network_policy] if network_policy.outcome is Outcome.NOT_OWNED else []
 
 
 async def _ensure_pool_network_policy(
     kube: Kube, pool: PoolSpec, policy: SecurityPolicySpec, deployment_uid: str
-) -> None:
+) -> Child:
     desired = pool_network_policy(
         pool_id=pool.id, namespace=pool.namespace, owner_uid=deployment_uid, egress=policy.egress
     ).network_policy
-    await ensure_child(network_policies(kube), desired)
+    return await ensure_child(network_policies(kube), desired)

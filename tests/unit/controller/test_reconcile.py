@@ -6,6 +6,7 @@ kube-apiserver are in tests/apiserver/test_operator_*.py.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 from collections.abc import Callable
 from typing import Any, cast
@@ -13,7 +14,7 @@ from typing import Any, cast
 import pytest
 
 from ember.api.function import Function
-from ember.api.security_policy import DEFAULT_POLICY
+from ember.api.security_policy import DEFAULT_POLICY, policy_hash
 from ember.api.version import code_hash
 from ember.controller.function import reconcile_function
 from ember.controller.kube import KubeError
@@ -22,6 +23,7 @@ from ember.controller.settings import Settings
 from ember.controller.version import reconcile_version
 from ember.resources.labels import LOAD_ERROR_ANNOTATION as LOAD_ERROR
 from ember.resources.labels import LOADED_ANNOTATION
+from ember.resources.pool import pool_id, pool_name
 from ember.resources.version import build_version
 from tests.unit.controller.fake_kube import FakeKube
 
@@ -102,6 +104,51 @@ def _foreign_version(kube: FakeKube, fn: Obj) -> None:
 
 def _no_runtime_class(kube: FakeKube, fn: Obj) -> None:
     kube.runtime_classes.clear()
+
+
+# The pool `_fn_body` needs under the built-in default policy.
+POOL = pool_name(
+    pool_id(runtime="python3.12", sandbox="gvisor", memory_mib=128, policy_hash=policy_hash(DEFAULT_POLICY))
+)
+
+
+def _foreign(name: str, **metadata: Any) -> Obj:
+    """An object someone else made, under a name Ember wants."""
+    return {"metadata": {"name": name, "namespace": NS, **metadata}, "spec": {"theirs": True}}
+
+
+def _foreign_pool(kube: FakeKube, fn: Obj) -> None:
+    kube.deployments[(NS, POOL)] = kube._stored(_foreign(POOL, labels={"app": "mine"}))
+
+
+def _foreign_pool_network_policy(kube: FakeKube, fn: Obj) -> None:
+    kube.network_policies[(NS, POOL)] = kube._stored(_foreign(POOL))
+
+
+def _foreign_network_policy(kube: FakeKube, fn: Obj) -> None:
+    kube.network_policies[(NS, "ember-fn-hello")] = kube._stored(_foreign("ember-fn-hello"))
+
+
+def _network_policy_controlled_by_another(kube: FakeKube, fn: Obj) -> None:
+    controller = {"apiVersion": "example.com/v1", "kind": "Tenant", "name": "t", "uid": "u", "controller": True}
+    body = _foreign(
+        "ember-fn-hello", labels={"app.kubernetes.io/managed-by": "ember-operator"}, ownerReferences=[controller]
+    )
+    kube.network_policies[(NS, "ember-fn-hello")] = kube._stored(body)
+
+
+def _network_policy_of_an_earlier_hello(kube: FakeKube, fn: Obj) -> None:
+    controller = {
+        "apiVersion": "ember.run/v1alpha1",
+        "kind": "Function",
+        "name": "hello",
+        "uid": "uid-of-an-earlier-hello",
+        "controller": True,
+    }
+    body = _foreign(
+        "ember-fn-hello", labels={"app.kubernetes.io/managed-by": "ember-operator"}, ownerReferences=[controller]
+    )
+    kube.network_policies[(NS, "ember-fn-hello")] = kube._stored(body)
 
 
 def _policy(**spec: Any) -> Setup:
@@ -234,6 +281,61 @@ def _policy(**spec: Any) -> Setup:
             ["CodeMissing", "Resolved", "Enforced"],
             id="missing-code-configmap",
         ),
+        pytest.param(
+            {},
+            _foreign_pool,
+            ["create versions/hello-v1", "create networkpolicy/ember-fn-hello"],  # nor the pool's NetworkPolicy
+            {"Ready": ("False", "NotOwned"), "VersionReady": ("Unknown", "VersionLoading")},
+            1,
+            None,
+            ["VersionCreated", "NotOwned", "Resolved", "Enforced"],
+            id="pool-deployment-not-ours",
+        ),
+        pytest.param(
+            {},
+            _foreign_pool_network_policy,
+            ["create versions/hello-v1", "create deployment/", "create networkpolicy/ember-fn-hello"],
+            {"Ready": ("False", "NotOwned"), "EgressEnforced": ("True", "Enforced")},
+            1,
+            None,
+            ["VersionCreated", "PoolCreated", "NotOwned", "Resolved", "Enforced"],
+            id="pool-network-policy-not-ours",
+        ),
+        pytest.param(
+            {},
+            _foreign_network_policy,
+            ["create versions/hello-v1", "create deployment/", "create networkpolicy/pool"],
+            {"Ready": ("False", "NotOwned"), "EgressEnforced": ("False", "NotOwned")},
+            1,
+            None,
+            ["VersionCreated", "PoolCreated", "NotOwned", "Resolved", "NotOwned"],
+            id="function-network-policy-not-ours",
+        ),
+        pytest.param(
+            {},
+            _network_policy_controlled_by_another,
+            ["create versions/hello-v1", "create deployment/", "create networkpolicy/pool"],
+            {"Ready": ("False", "NotOwned"), "EgressEnforced": ("False", "NotOwned")},
+            1,
+            None,
+            ["VersionCreated", "PoolCreated", "NotOwned", "Resolved", "NotOwned"],
+            id="network-policy-with-another-controller-not-ours",
+        ),
+        pytest.param(
+            {},
+            _network_policy_of_an_earlier_hello,
+            [
+                "create versions/hello-v1",
+                "create deployment/",
+                "create networkpolicy/pool",
+                "replace networkpolicy/ember-fn-hello",
+            ],
+            {"Ready": ("Unknown", "VersionLoading"), "EgressEnforced": ("True", "Enforced")},
+            1,
+            None,
+            ["VersionCreated", "PoolCreated", "Resolved", "Enforced"],
+            id="network-policy-of-a-deleted-function-adopted",
+        ),
     ],
 )
 async def test_reconcile_function(
@@ -272,6 +374,58 @@ async def test_second_run_is_a_no_op() -> None:
     assert {k: v for k, v in second.items() if k != "conditions"} == {
         k: v for k, v in first.items() if k != "conditions"
     }
+
+
+@pytest.mark.parametrize(
+    ("setup", "store", "name"),
+    [
+        pytest.param(_foreign_pool, "deployments", POOL, id="pool-deployment"),
+        pytest.param(_foreign_network_policy, "network_policies", "ember-fn-hello", id="function-network-policy"),
+    ],
+)
+async def test_a_child_that_is_not_ours_is_left_alone_named_and_taken_once_gone(
+    setup: Setup, store: str, name: str
+) -> None:
+    kube = FakeKube()
+    fn = kube.add("functions", _fn_body())
+    setup(kube, fn)
+    children: dict[tuple[str, str], Obj] = getattr(kube, store)
+    before = copy.deepcopy(children[(NS, name)])
+    recorder = _Warnings()
+    fn["status"] = await reconcile_function(cast(Any, kube), SETTINGS, fn, now=NOW, record=recorder)
+    assert children[(NS, name)] == before, "untouched"
+    ready = _condition(fn["status"], "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "NotOwned")
+    assert name in ready["message"]
+    assert "app.kubernetes.io/managed-by=ember-operator" in ready["message"]
+    assert recorder.of("NotOwned")[0] == ("Warning", "NotOwned", ready["message"])
+
+    kube.writes.clear()
+    recorder = _Warnings()
+    fn["status"] = await reconcile_function(cast(Any, kube), SETTINGS, fn, now=NOW, record=recorder)
+    assert kube.writes == [], "level-based: nothing new to write"
+    assert recorder.seen == [], "nor to say"
+
+    del children[(NS, name)]
+    fn["status"] = await reconcile_function(cast(Any, kube), SETTINGS, fn, now=NOW, record=Events())
+    assert children[(NS, name)]["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "ember-operator"
+    assert _conditions(fn["status"])["Ready"] == ("Unknown", "VersionLoading")
+
+
+async def test_a_deleted_pool_leaves_a_network_policy_that_is_not_ours() -> None:
+    kube = FakeKube()
+    kube.add("securitypolicies", {"metadata": {"name": "p", "namespace": NS}, "spec": {}})
+    fn = kube.add("functions", _fn_body(securityPolicyRef={"name": "p"}))
+    await reconcile_function(cast(Any, kube), SETTINGS, fn, now=NOW, record=Events())
+    (old_pool,) = kube.deployments
+    kube.network_policies[old_pool] = kube._stored(_foreign(old_pool[1]))
+    kube.custom[("securitypolicies", NS, "p")]["spec"] = {"filesystem": {"tmpSizeMiB": 32}}
+    for v in ("hello-v1", "hello-v2"):
+        await reconcile_function(cast(Any, kube), SETTINGS, fn, now=NOW, record=Events())
+        kube.custom[("versions", NS, v)]["status"] = {"conditions": [{"type": "Ready", "status": "True"}]}
+    await reconcile_function(cast(Any, kube), SETTINGS, fn, now=NOW, record=Events())
+    assert old_pool not in kube.deployments, "the old pool goes once the new Version is ready"
+    assert old_pool in kube.network_policies, "the NetworkPolicy of its name that is not Ember's stays"
 
 
 async def test_two_functions_share_a_pool_and_it_goes_with_the_last() -> None:
