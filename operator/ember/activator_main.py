@@ -4,7 +4,7 @@ Settings come from the environment the chart sets, each overridable by a flag:
 `EMBER_ACTIVATOR_PORT` (`--port`, default 8080), `EMBER_ACTIVATOR_HOST` (`--host`, default
 0.0.0.0), `EMBER_NAMESPACES` (`--namespace`; one namespace: the pod source and the catalog work
 per namespace), `POD_NAME` (the claim holder), `EMBER_ACTIVATOR_LEASE_S` (`--lease-s`, default
-15: the holder Lease's duration; see `ember.pods.kubernetes`), `EMBER_LOG_LEVEL`. The API server is
+15: the holder Lease's duration; see `ember.pods.kubernetes.leases`), `EMBER_LOG_LEVEL`. The API server is
 reached in-cluster when `KUBERNETES_SERVICE_HOST` is set, else through `KUBECONFIG` (or ~/.kube/config).
 
 The holder names this activator's claims and its Lease, so it must be unique among the activators

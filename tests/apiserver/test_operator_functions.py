@@ -228,8 +228,12 @@ def test_policy_edit_is_a_new_version_and_the_old_pool_goes_once_it_is_ready(
     assert ember.versions("hello")[1]["spec"]["policy"]["egress"]["mode"] == "none", "Version 1 keeps its policy"
     eventually(lambda: set(ember.pools()) - {old_pool}, what="a new pool for the new policy hash")
     assert old_pool in ember.pools(), "Version 1 serves, from its own pool, while Version 2 loads"
-    fn = ember.get("functions", "hello")
-    assert (fn["status"]["latestVersion"], fn["status"]["readyVersion"]) == (2, 1)
+    # The status is written after the reconcile that made the pool: poll for it.
+    eventually(
+        lambda: ((ember.get("functions", "hello") or {}).get("status") or {}).get("latestVersion") == 2,
+        what="latestVersion 2",
+    )
+    assert ember.get("functions", "hello")["status"]["readyVersion"] == 1
 
     ember.serve("hello", 2)
     eventually(lambda: old_pool not in ember.pools(), what="the old pool deleted once Version 2 is ready")

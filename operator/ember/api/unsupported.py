@@ -95,10 +95,10 @@ POLICY_GAPS: Final[tuple[Gap[SecurityPolicySpec], ...]] = (
     # Only part of the policy hash (pods under different policies never share a pool anyway);
     # no level changes how a pod is isolated.
     Gap("spec.trustLevel", lambda s: s.trust_level != "untrusted"),
-    # Local mode: the sandbox is whatever this machine offers (pods/local.py detect_sandbox).
+    # Local mode: the sandbox is whatever this machine offers (pods/local/sandbox.py detect_sandbox).
     Gap("spec.sandbox", lambda s: s.sandbox != "gvisor", LOCAL_ONLY),
     Gap("spec.runtimeClassName", lambda s: s.runtime_class_name is not None, LOCAL_ONLY),
-    # Local mode: agents use the host network (pods/local.py), so even `mode: none` is not enforced.
+    # Local mode: agents use the host network (pods/local/sandbox.py), so even `mode: none` is not enforced.
     Gap("spec.egress", lambda s: _written(s, "egress") or s.egress.mode != "none", LOCAL_ONLY),
     # Local mode: runsc gives a writable overlay, bwrap a read-only root, both an unsized /tmp.
     Gap(

@@ -44,13 +44,13 @@ LOUD_ELSEWHERE = "works in one mode; the other rejects it with an error (not sil
 
 IMPLEMENTED: dict[str, str] = {
     # FunctionSpec
-    "spec.runtime": BOTH,  # pods/payload.py pool_key, resources/pool.py image, pods/local.py agent_command
+    "spec.runtime": BOTH,  # pods/payload.py pool_key, resources/pool.py image, pods/local/runtimes.py agent_command
     "spec.handler": BOTH,  # pods/payload.py specialize_request
     "spec.code.inline": BOTH,  # pods/payload.py code_payload, resources/code.py version_files
     "spec.code.filename": BOTH,  # same
     "spec.code.url": BOTH,  # pods/payload.py code_payload (the agent fetches and checks)
     "spec.code.sha256": BOTH,  # same
-    "spec.code.configMapRef.name": LOUD_ELSEWHERE,  # controller/reconcile.py; local: PayloadError, Version Failed
+    "spec.code.configMapRef.name": LOUD_ELSEWHERE,  # controller/function.py; local: PayloadError, Version Failed
     "spec.code.configMapRef.key": LOUD_ELSEWHERE,  # resources/code.py files_from_configmap
     "spec.code.path": LOUD_ELSEWHERE,  # pods/payload.py (local); cluster: resources/code.py CodeError
     "spec.env{}": BOTH,  # pods/payload.py specialize_request
@@ -61,7 +61,7 @@ IMPLEMENTED: dict[str, str] = {
     "spec.scaling.maxScale": BOTH,  # same
     "spec.scaling.keepAliveSeconds": BOTH,  # same
     "spec.scaling.targetUtilization": BOTH,  # same
-    "spec.securityPolicyRef.name": BOTH,  # controller/reconcile.py resolve_policy, devmode.py sync_registry
+    "spec.securityPolicyRef.name": BOTH,  # controller/policy.py resolve_policy, devmode.py sync_registry
     "spec.traffic[].version": BOTH,  # activator/traffic.py, resources/retention.py
     "spec.traffic[].latest": BOTH,  # same
     "spec.traffic[].percent": BOTH,  # same
@@ -71,7 +71,7 @@ IMPLEMENTED: dict[str, str] = {
     "spec.async.maxRetries": BOTH,  # activator/async_invoke.py _attempt
     # SecurityPolicySpec
     "spec.allowUnsandboxed": BOTH,  # api/security_policy.py: the gate on sandbox none (model and CEL)
-    "spec.sandbox": NOT_LOCAL,  # resources/pool.py runtimeClassName; local: pods/local.py detect_sandbox
+    "spec.sandbox": NOT_LOCAL,  # resources/pool.py runtimeClassName; local: pods/local/sandbox.py detect_sandbox
     "spec.runtimeClassName": NOT_LOCAL,  # same
     "spec.egress.mode": NOT_LOCAL,  # resources/network_policy.py; local agents share the host network
     "spec.egress.allow[].cidr": NOT_LOCAL,  # same
