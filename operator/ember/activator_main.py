@@ -4,7 +4,9 @@ Settings come from the environment the chart sets, each overridable by a flag:
 `EMBER_ACTIVATOR_PORT` (`--port`, default 8080), `EMBER_ACTIVATOR_HOST` (`--host`, default
 0.0.0.0), `EMBER_NAMESPACES` (`--namespace`; one namespace: the pod source and the catalog work
 per namespace), `POD_NAME` (the claim holder), `EMBER_ACTIVATOR_LEASE_S` (`--lease-s`, default
-15: the holder Lease's duration; see `ember.pods.kubernetes.leases`), `EMBER_LOG_LEVEL`. The API server is
+15: the holder Lease's duration; see `ember.pods.kubernetes.leases`), `EMBER_POOL_DEMAND_WINDOW_S`
+(`--pool-demand-window-s`, default 60: the window over which claims per pool are published as
+demand; see `ember.scaling.pool_demand`), `EMBER_LOG_LEVEL`. The API server is
 reached in-cluster when `KUBERNETES_SERVICE_HOST` is set, else through `KUBECONFIG` (or ~/.kube/config).
 
 The holder names this activator's claims and its Lease, so it must be unique among the activators
@@ -44,6 +46,7 @@ from ember.activator.catalog import Catalog
 from ember.activator.config import ActivatorConfig
 from ember.pods.base import PodSourceError
 from ember.pods.kubernetes import KubernetesPodSource, holder_name
+from ember.scaling.pool_demand import DEFAULT_WINDOW_S
 
 log = logging.getLogger("ember.activator")
 
@@ -75,7 +78,20 @@ def parse_args(argv: list[str], env: Mapping[str, str]) -> argparse.Namespace:
     parser.add_argument("--namespace", default=None, help="the namespace to serve (default: EMBER_NAMESPACES)")
     parser.add_argument("--log-level", default=env.get("EMBER_LOG_LEVEL", "INFO"))
     parser.add_argument("--lease-s", default=env.get("EMBER_ACTIVATOR_LEASE_S", str(DEFAULT_LEASE_S)))
+    parser.add_argument("--pool-demand-window-s", default=env.get("EMBER_POOL_DEMAND_WINDOW_S", str(DEFAULT_WINDOW_S)))
     args = parser.parse_args(argv)
+    try:
+        args.pool_demand_window_s = float(args.pool_demand_window_s)
+    except ValueError:
+        raise SettingsError(
+            f"pool demand window {args.pool_demand_window_s!r} (EMBER_POOL_DEMAND_WINDOW_S or "
+            "--pool-demand-window-s) is not a number"
+        ) from None
+    if not 1 <= args.pool_demand_window_s <= 3600:
+        raise SettingsError(
+            f"pool demand window {args.pool_demand_window_s} (EMBER_POOL_DEMAND_WINDOW_S or "
+            "--pool-demand-window-s) must be 1-3600 seconds"
+        )
     try:
         args.lease_s = float(args.lease_s)
     except ValueError:
@@ -120,7 +136,13 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
     """Run until `stop` is set."""
     configuration = await load_api_config()
     async with kclient.ApiClient(configuration) as api:
-        source = KubernetesPodSource(api, namespace=args.namespace, holder=args.holder, lease_duration_s=args.lease_s)
+        source = KubernetesPodSource(
+            api,
+            namespace=args.namespace,
+            holder=args.holder,
+            lease_duration_s=args.lease_s,
+            demand_window_s=args.pool_demand_window_s,
+        )
         app = make_app(
             source,
             ActivatorConfig(default_namespace=args.namespace, warm_pool_size=0),

@@ -18,6 +18,7 @@ def test_flags_override_the_environment() -> None:
     args = parse_args(["--port", "0", "--namespace", "other", "--host", "127.0.0.1"], {"EMBER_NAMESPACES": "team"})
     assert (args.port, args.namespace, args.host) == (0, "other", "127.0.0.1")
     assert parse_args([], {"EMBER_NAMESPACES": " team "}).port == DEFAULT_PORT
+    assert parse_args([], {"EMBER_NAMESPACES": "t", "EMBER_POOL_DEMAND_WINDOW_S": "15"}).pool_demand_window_s == 15
 
 
 @pytest.mark.parametrize(
@@ -28,6 +29,8 @@ def test_flags_override_the_environment() -> None:
         (["--port", "-1"], {"EMBER_NAMESPACES": "team"}, "must be 0-65535"),
         ([], {}, "exactly one namespace"),
         ([], {"EMBER_NAMESPACES": "a,b"}, "EMBER_NAMESPACES='a,b'.*exactly one namespace"),
+        ([], {"EMBER_NAMESPACES": "t", "EMBER_POOL_DEMAND_WINDOW_S": "soon"}, "'soon' .*EMBER_POOL_DEMAND_WINDOW_S"),
+        (["--pool-demand-window-s", "0"], {"EMBER_NAMESPACES": "t"}, "window 0.0 .* must be 1-3600 seconds"),
     ],
 )
 def test_bad_settings_name_what_is_wrong(argv: list[str], env: dict[str, str], message: str) -> None:

@@ -62,7 +62,7 @@ from ember.pods.kubernetes.leases import (
 )
 from ember.resources import labels
 from ember.resources.pool import AGENT_PORT, pool_id
-from ember.scaling.pool_demand import ClaimRate
+from ember.scaling.pool_demand import DEFAULT_WINDOW_S, ClaimRate
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ class KubernetesPodSource:
         specialize_timeout_s: float = 120.0,
         stale_claim_s: float = 300.0,
         lease_duration_s: float = 15.0,
+        demand_window_s: float = DEFAULT_WINDOW_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if holder != holder_name(holder):
@@ -113,7 +114,7 @@ class KubernetesPodSource:
         self._lease = ActivatorLease(
             api, self._coordination, namespace=namespace, holder=holder, duration_s=lease_duration_s, clock=clock
         )
-        self._claim_rate = ClaimRate()
+        self._claim_rate = ClaimRate(window_s=demand_window_s)
         self._clock = clock
         self._agent_port = agent_port
         self._claim_timeout_s = claim_timeout_s
