@@ -3,6 +3,11 @@
 A process goes STARTING -> GENERIC -> (WARM ->) CLAIMED -> SPECIALIZED, and from any of these to
 STOPPING (this source stops it) and DEAD (seen exit, forgotten). A pool refill health-checks a
 GENERIC process and makes it WARM; a claim on an empty pool takes a GENERIC one straight away.
+
+An agent process starts with `agent_environment`: `AGENT_ENV` and its own settings, never the
+environment of the process running `ember dev` (a function sees the agent's environment and
+its own `env`; DESIGN.md, Trust boundaries). `ember.pods.local.sandbox` enforces the same at
+the sandbox's entry, whatever environment the caller passes.
 """
 
 from __future__ import annotations
@@ -10,11 +15,39 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from ember.pods.base import PodHandle, PodId, PoolKey, PoolUnavailable
 
 LISTENING_PREFIX = b"EMBER_AGENT_LISTENING port="
+
+# The whole environment an agent starts with, besides its settings: nothing here is a secret,
+# and nothing names the host (HOME is the sandbox's private /tmp).
+AGENT_ENV: Mapping[str, str] = MappingProxyType(
+    {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": "/tmp"}
+)
+# The settings the agents read (runtime-images/CONTRACT.md, Configuration); no other variable
+# reaches an agent. None is a secret: the agents pass their environment on to function code.
+AGENT_SETTINGS = (
+    "EMBER_AGENT_HOST",
+    "EMBER_AGENT_PORT",
+    "EMBER_AGENT_CONCURRENCY",
+    "EMBER_AGENT_MAX_PAYLOAD_BYTES",
+    "EMBER_AGENT_CODE_DIR",
+    "EMBER_AGENT_MAX_CODE_BYTES",
+    "EMBER_AGENT_SHUTDOWN_GRACE_SECONDS",
+    "EMBER_AGENT_TRACE",
+)
+
+
+def agent_environment(settings: Mapping[str, str]) -> dict[str, str]:
+    """The environment of a new agent process: `AGENT_ENV` and `settings` (`AGENT_SETTINGS` only)."""
+    unknown = sorted(set(settings) - set(AGENT_SETTINGS))
+    if unknown:
+        raise ValueError(f"not an agent setting: {', '.join(unknown)} (allowed: {', '.join(AGENT_SETTINGS)})")
+    return {**AGENT_ENV, **settings}
 
 
 class ProcessState(enum.Enum):
