@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from ember import __version__
 
@@ -47,6 +49,7 @@ def _crds(argv: list[str]) -> int:
 
 def _validate(argv: list[str]) -> int:
     from ember.api.manifests import ManifestError, unsupported_fields_warning
+    from ember.api.security_policy import SecurityPolicy
     from ember.files import load_sourced_manifests
 
     parser = argparse.ArgumentParser(
@@ -64,12 +67,37 @@ def _validate(argv: list[str]) -> int:
             for problem in err.problems:
                 print(problem, file=sys.stderr)
             continue
+        policies = {r.key: r.spec for _, r in resources if isinstance(r, SecurityPolicy)}
         for source, resource in resources:
-            print(f"ok  {resource.KIND} {resource.metadata.namespace}/{resource.metadata.name}")
+            where = f"{resource.KIND} {resource.metadata.namespace}/{resource.metadata.name}"
+            over = _over_limits(resource, policies)
+            if over:
+                failed = True
+                for sentence in over:
+                    print(f"{source}: {where}: {sentence}", file=sys.stderr)
+                continue
+            print(f"ok  {where}")
             warning = unsupported_fields_warning(source, resource)
             if warning is not None:
                 print(f"warning: {warning}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _over_limits(resource: object, policies: Mapping[tuple[str, str], Any]) -> list[str]:
+    """A Function's asks beyond the limits of its policy, when that policy is among the manifests checked
+    (or it has none: the namespace's `default` one, else the built-in default); a policy kept elsewhere
+    (the cluster) cannot be checked here."""
+    from ember.api.function import Function
+    from ember.resources.policy import DEFAULT_POLICY_NAME, choose_policy, limit_violations, policy_name_for
+
+    if not isinstance(resource, Function):
+        return []
+    ns, ref = resource.metadata.namespace, resource.spec.security_policy_ref
+    found = policies.get((ns, policy_name_for(ref, DEFAULT_POLICY_NAME)))
+    choice = choose_policy(namespace=ns, ref=ref, default_name=DEFAULT_POLICY_NAME, found=found)
+    if choice.spec is None:
+        return []
+    return limit_violations(resource.spec, choice.spec, policy_name=choice.name)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,7 +40,7 @@ from ember.api.manifests import ManifestError, unsupported_fields_warning
 from ember.api.security_policy import SecurityPolicy, SecurityPolicySpec
 from ember.files import load_sourced_manifests, manifest_files
 from ember.pods.local import LocalPodSource, detect_sandbox
-from ember.resources.policy import choose_policy, policy_name_for
+from ember.resources.policy import DEFAULT_POLICY_NAME, choose_policy, limit_violations, policy_name_for
 
 log = logging.getLogger("ember.dev")
 
@@ -93,9 +93,6 @@ class Workspace:
         return {r.key: r.spec for rs in self.by_file.values() for r in rs if isinstance(r, SecurityPolicy)}
 
 
-DEFAULT_POLICY_NAME = "default"  # as the operator's EMBER_DEFAULT_POLICY defaults to
-
-
 def sync_registry(registry: Registry, workspace: Workspace, report: Callable[[str], None]) -> list[Function]:
     """Apply the workspace to the registry: new Versions for changed functions, removal of deleted ones."""
     policies = workspace.policies()
@@ -115,6 +112,11 @@ def sync_registry(registry: Registry, workspace: Workspace, report: Callable[[st
                 f"error: Function {fn.metadata.namespace}/{fn.metadata.name}: spec.securityPolicyRef.name"
                 f" {ref.name!r} names no SecurityPolicy in {workspace.root}; the function is not (re)loaded"
             )
+            continue
+        over_limits = limit_violations(fn.spec, choice.spec, policy_name=choice.name)
+        if over_limits:
+            for problem in over_limits:
+                report(f"error: Function {fn.metadata.namespace}/{fn.metadata.name}: {problem}; not (re)loaded")
             continue
         version = registry.apply(fn, policy=choice.spec, base_dir=base_dir)
         if version is not None:

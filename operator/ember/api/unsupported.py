@@ -88,9 +88,7 @@ FUNCTION_GAPS: Final[tuple[Gap[FunctionSpec], ...]] = (
 POLICY_GAPS: Final[tuple[Gap[SecurityPolicySpec], ...]] = (
     # No credential-injecting proxy exists.
     Gap("spec.services", lambda s: bool(s.services)),
-    # Nothing compares a Function's memoryMiB or timeoutSeconds with these, or limits processes.
-    Gap("spec.limits.maxMemoryMiB", lambda s: s.limits.max_memory_mib != _LIMITS.max_memory_mib),
-    Gap("spec.limits.maxTimeoutSeconds", lambda s: s.limits.max_timeout_seconds != _LIMITS.max_timeout_seconds),
+    # Nothing limits a pod's processes (maxMemoryMiB and maxTimeoutSeconds refuse a Function over them).
     Gap("spec.limits.pids", lambda s: s.limits.pids != _LIMITS.pids),
     # Only part of the policy hash (pods under different policies never share a pool anyway);
     # no level changes how a pod is isolated.

@@ -5,7 +5,8 @@ A change of code, configuration or SecurityPolicy is a new, numbered Version
 Versions that traffic or aliases reference, the ready one and the last `keep_versions` stay; the
 rest are deleted with their code. The pools of the Versions that serve (and of the newest, so it
 can load) exist (`pools`), and so does the Function's NetworkPolicy. Status: `PolicyResolved`,
-`VersionReady`, `EgressEnforced`, `Unsupported`, and `Ready` from the first two, except that a
+`VersionReady`, `EgressEnforced`, `Unsupported`, and `Ready` from the first two (a spec beyond its
+policy's `limits` is `PolicyResolved=False, ExceedsPolicyLimits` and mints no Version), except that a
 child Ember wants but may not touch (`children.Outcome.NOT_OWNED`) makes it `False, NotOwned`,
 naming the child; `readyVersion` is the newest Ready Version.
 """
@@ -41,6 +42,7 @@ from ember.resources import conditions as cond
 from ember.resources import labels
 from ember.resources.code import CodeError, code_configmap_name, files_from_configmap
 from ember.resources.network_policy import function_network_policy
+from ember.resources.policy import limit_violations
 from ember.resources.retention import referenced_versions, versions_to_delete
 from ember.resources.version import build_version, plan_version
 
@@ -141,12 +143,13 @@ async def reconcile_function(
     ns, name = fn.metadata.namespace, fn.metadata.name
     conditions = list(old_conditions)
     policy = await resolve_policy(kube, settings, ns, fn.spec.security_policy_ref)
+    over_limits = limit_violations(fn.spec, policy.spec, policy_name=policy.name) if policy.spec is not None else []
     conditions = cond.set_condition(
         conditions,
         type_=cond.POLICY_RESOLVED,
-        status=policy.status,
-        reason=policy.reason,
-        message=policy.message,
+        status="False" if over_limits else policy.status,
+        reason=cond.Reason.EXCEEDS_LIMITS if over_limits else policy.reason,
+        message=("; ".join(over_limits) + ". No Version is made of this spec.") if over_limits else policy.message,
         generation=generation,
         now=now,
     )
@@ -171,12 +174,13 @@ async def reconcile_function(
             conditions, cond.VERSION_READY, cond.Reason.CODE_MISSING, str(err), generation=generation, now=now
         )
     else:
-        if policy.spec is None:
-            # No policy to freeze into a Version: none is made until it resolves (PolicyResolved says why).
+        if policy.spec is None or over_limits:
+            # No policy to freeze into a Version, or a spec beyond its limits: none is made until that
+            # changes (PolicyResolved says why); the Version that serves keeps serving.
             status_, reason, message = (
                 _version_ready_condition(latest, False, by_number, ready_version)
                 if latest is not None
-                else ("Unknown", cond.Reason.VERSION_LOADING, "No Version yet: waiting for the SecurityPolicy.")
+                else ("Unknown", cond.Reason.VERSION_LOADING, "No Version yet: PolicyResolved says why.")
             )
         else:
             desired_hash = code_hash(fn.spec, policy.spec, digest)

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ember.api.function import RUNTIMES
+from ember.resources.policy import DEFAULT_POLICY_NAME
 from ember.resources.pool import BURST_CPU_MILLICORES
 
 
@@ -26,7 +27,7 @@ class Settings:
     max_pool_size: int = 20  # ceiling of a pool's replicas, however many claims the activators report
     activator_url: str = "http://ember-activator.ember-system.svc:8080"
     namespaces: tuple[str, ...] = ()
-    default_policy_name: str = "default"
+    default_policy_name: str = DEFAULT_POLICY_NAME
     run_as_user: int = 65532
     image_pull_policy: str = "IfNotPresent"
     pool_cpu_burst_millicores: int = BURST_CPU_MILLICORES

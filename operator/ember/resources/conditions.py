@@ -41,6 +41,7 @@ class Reason:
     POLICY_MISSING: Final = "SecurityPolicyMissing"
     POLICY_INVALID: Final = "SecurityPolicyInvalid"
     RUNTIME_CLASS_MISSING: Final = "RuntimeClassMissing"
+    EXCEEDS_LIMITS: Final = "ExceedsPolicyLimits"
     RESOLVED: Final = "Resolved"
     CODE_STORED: Final = "CodeStored"
     CODE_BY_URL: Final = "CodeByUrl"

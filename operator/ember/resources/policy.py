@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ember.api.function import ObjectRef
+from ember.api.function import FunctionSpec, ObjectRef
 from ember.api.security_policy import DEFAULT_POLICY, SecurityPolicySpec
+
+DEFAULT_POLICY_NAME = "default"  # the operator's EMBER_DEFAULT_POLICY default; local mode always uses it
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,3 +45,24 @@ def choose_policy(
             f"SecurityPolicy {name!r} (spec.securityPolicyRef) does not exist in namespace {namespace!r}.",
         )
     return PolicyChoice(None, DEFAULT_POLICY)
+
+
+def limit_violations(spec: FunctionSpec, policy: SecurityPolicySpec, *, policy_name: str | None) -> list[str]:
+    """What a Function asks for beyond its policy's `limits`, one sentence each (empty: within them).
+
+    A Function over its limits is refused in both modes: no Version is made of it, and the
+    Version that serves keeps serving."""
+    which = f"SecurityPolicy {policy_name!r}" if policy_name else "the built-in default policy"
+    limits = policy.limits
+    problems: list[str] = []
+    if spec.resources.memory_mib > limits.max_memory_mib:
+        problems.append(
+            f"spec.resources.memoryMiB ({spec.resources.memory_mib}) exceeds limits.maxMemoryMiB "
+            f"({limits.max_memory_mib}) of {which}"
+        )
+    if spec.timeout_seconds > limits.max_timeout_seconds:
+        problems.append(
+            f"spec.timeoutSeconds ({spec.timeout_seconds}) exceeds limits.maxTimeoutSeconds "
+            f"({limits.max_timeout_seconds}) of {which}"
+        )
+    return problems

@@ -594,6 +594,32 @@ async def test_policy_edit_is_a_new_version_and_the_serving_one_keeps_its_pool()
     assert old_pool not in kube.deployments, "the old pool goes once the new Version is ready"
 
 
+async def test_a_spec_over_its_policy_limits_mints_no_version_and_the_serving_one_stays() -> None:
+    kube = FakeKube()
+    kube.add(
+        "securitypolicies", {"metadata": {"name": "p", "namespace": NS}, "spec": {"limits": {"maxMemoryMiB": 256}}}
+    )
+    fn = kube.add("functions", _fn_body(securityPolicyRef={"name": "p"}, resources={"memoryMiB": 256}))
+    await reconcile_function(cast(Any, kube), SETTINGS, fn, now=NOW, record=Events())
+    kube.custom[("versions", NS, "hello-v1")]["status"] = {
+        "conditions": [{"type": "Ready", "status": "True", "reason": "Ready"}]
+    }
+    fn["spec"]["resources"] = {"memoryMiB": 1024}
+    recorder = Events()
+    status = await reconcile_function(cast(Any, kube), SETTINGS, fn, now=NOW, record=recorder)
+    assert ("versions", NS, "hello-v2") not in kube.custom, "no Version of a spec over the limits"
+    assert (status["latestVersion"], status["readyVersion"]) == (1, 1)
+    resolved = next(c for c in status["conditions"] if c["type"] == "PolicyResolved")
+    assert (resolved["status"], resolved["reason"]) == ("False", "ExceedsPolicyLimits")
+    assert (
+        "spec.resources.memoryMiB (1024) exceeds limits.maxMemoryMiB (256) of SecurityPolicy 'p'"
+        in (resolved["message"])
+    )
+    assert _conditions(status)["Ready"] == ("False", "ExceedsPolicyLimits")
+    assert ("hello", "Warning", "ExceedsPolicyLimits") in recorder.seen
+    assert len(kube.deployments) == 1, "the serving Version keeps its pool"
+
+
 async def test_version_with_url_code_needs_no_configmap() -> None:
     kube = FakeKube()
     version = _version(kube, code={"url": "https://example.invalid/c.zip", "sha256": "a" * 64})
