@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import socket
 import statistics
@@ -49,6 +50,9 @@ JS_STDLIB = (
 # a tiny keep-alive HTTP client (raw socket: measures the agent, not a client library)
 
 
+AUTH = f"Authorization: Bearer {secrets.token_urlsafe(32)}\r\n"  # as the activator sends (CONTRACT.md)
+
+
 class Client:
     def __init__(self, port: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port))
@@ -56,7 +60,8 @@ class Client:
         self.buf = b""
 
     def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
-        head = f"{method} {path} HTTP/1.1\r\nHost: a\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        # every agent request but a bare /healthz carries the token the first specialize bound
+        head = f"{method} {path} HTTP/1.1\r\nHost: a\r\n{AUTH}Content-Length: {len(body)}\r\n\r\n".encode()
         self.sock.sendall(head + body)
         while b"\r\n\r\n" not in self.buf:
             self._fill()

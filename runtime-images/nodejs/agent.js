@@ -63,6 +63,7 @@ function main() {
     pending: null, // { claimed, p }: a replacement worker being loaded
     busy: false, // a specialize/freeze/thaw is running
     shuttingDown: false,
+    token: null, // Buffer: the bearer token bound by the first specialize (see Authentication)
   };
 
   const logAgent = (msg) => process.stderr.write(`ember-agent: ${msg}\n`);
@@ -628,6 +629,40 @@ function main() {
   }
 
   // ---------------------------------------------------------------------------------------------
+  // Authentication (CONTRACT.md): the first specialize binds its bearer token; every later request
+  // but a bare GET /healthz must carry it, else 401.  The token stays in this thread: it is read
+  // from a request header and never put in the spec or a message to a worker.  Node cannot keep it
+  // from function code as the Python agent does (PR_SET_DUMPABLE=0, code in other processes): the
+  // workers are threads of this process and may read /proc/self/mem, so a function can learn its
+  // own pod's token, which opens its own agent only (each pod has its own token).
+
+  const MIN_TOKEN_CHARS = 16;
+  const MAX_TOKEN_CHARS = 512;
+  const unauthorized = (msg = 'this agent answers only the client that specialized it') => new HTTPError(401, 'Unauthorized', msg);
+
+  function presentedToken(headers) {
+    const value = headers.authorization;
+    if (typeof value !== 'string' || value.slice(0, 7).toLowerCase() !== 'bearer ') return null;
+    return Buffer.from(value.slice(7).replace(/^ +| +$/g, ''), 'latin1');
+  }
+
+  function sameToken(token, bound) {
+    return bound !== null && token !== null && token.length === bound.length && crypto.timingSafeEqual(token, bound);
+  }
+
+  function authorize(headers, binding) {
+    const token = presentedToken(headers);
+    if (token === null) throw unauthorized();
+    if (S.token === null && binding) {
+      if (token.length < MIN_TOKEN_CHARS || token.length > MAX_TOKEN_CHARS) {
+        throw unauthorized(`the bearer token must be ${MIN_TOKEN_CHARS} to ${MAX_TOKEN_CHARS} characters`);
+      }
+      S.token = token; // one thread: the first specialize to get here wins
+    }
+    if (!sameToken(token, S.token)) throw unauthorized();
+  }
+
+  // ---------------------------------------------------------------------------------------------
   // HTTP
 
   const ROUTES = { '/healthz': 'GET', '/v1/specialize': 'POST', '/v1/invoke': 'POST', '/v1/freeze': 'POST', '/v1/thaw': 'POST' };
@@ -677,12 +712,16 @@ function main() {
         send(res, 405, { errorType: 'MethodNotAllowed', errorMessage: `${req.method} ${urlPath}: use ${want}` }, { Allow: want });
         return;
       }
+      if (urlPath !== '/healthz') authorize(req.headers, urlPath === '/v1/specialize');
       if (urlPath === '/v1/invoke') {
         const r = await invoke(req.headers, body);
         replace = r.replace;
         send(res, r.status, r.body, r.headers);
       } else if (urlPath === '/healthz') {
-        send(res, 200, { state: S.frozen ? 'frozen' : S.state, runtime: RUNTIME, codeHash: S.codeHash, inFlight: S.inFlight, concurrency: S.concurrency });
+        const state = S.frozen ? 'frozen' : S.state;
+        // liveness for anyone; what the pod runs only for the client holding its token
+        if (!sameToken(presentedToken(req.headers), S.token)) send(res, 200, { state, runtime: RUNTIME });
+        else send(res, 200, { state, runtime: RUNTIME, codeHash: S.codeHash, inFlight: S.inFlight, concurrency: S.concurrency });
       } else if (urlPath === '/v1/specialize') {
         const [status, obj] = await specialize(body);
         send(res, status, obj);
@@ -696,7 +735,8 @@ function main() {
         // the client sees the 413 and the connection stays usable; otherwise close.
         const cl = Number(req.headers['content-length']);
         const close = e.status === 413 && !(cl <= 64 * 1024 * 1024 && !req.headers.expect);
-        send(res, e.status, { errorType: e.errorType, errorMessage: e.message }, {}, close);
+        const extra = e.status === 401 ? { 'WWW-Authenticate': 'Bearer' } : {};
+        send(res, e.status, { errorType: e.errorType, errorMessage: e.message }, extra, close);
         if (close) req.on('data', () => {});
       } else {
         logAgent(`internal error: ${e && e.stack}`);

@@ -47,6 +47,7 @@ forked children
 ``worker``                a worker's invoke loop and LambdaContext
 ``template``              standby template, blank worker, template (never return into agent code)
 the agent process
+``auth``                  the bearer token the first specialize binds; making the agent non-dumpable
 ``supervisor``            forking and talking to the standby, the template and the workers
 ``specialize``            POST /v1/specialize
 ``invoke``                POST /v1/invoke

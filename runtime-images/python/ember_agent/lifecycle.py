@@ -9,17 +9,23 @@ import _signal
 import _socket
 import _thread
 import os
+import sys
 import time
 
+from .auth import _make_undumpable
 from .config import _env_int
 from .output import _dump_trace, _start_trace, _write_fd
 from .server import _accept_loop, _start_spare
 from .state import _OPEN_SOCKS, _S, _lock
 from .supervisor import _fork_standby, _rmtree
+from .template import _standby_main
 
 
 def main():
     _S.configure()
+    if sys.argv[1:2] == ["--standby"]:  # a standby exec'd by _fork_standby: none of the agent's memory
+        _exec_standby_main(sys.argv[2:])
+    _S.entry = os.path.abspath(sys.argv[0])
     _start_trace()
     host = os.environ.get("EMBER_AGENT_HOST") or "0.0.0.0"
     port = _env_int("EMBER_AGENT_PORT", 8080, 0, 65535)
@@ -46,6 +52,7 @@ def main():
         _warnings._filters_mutated()
     _signal.signal(_signal.SIGPIPE, _signal.SIG_IGN)
     _S.standby = _fork_standby()  # before any thread starts
+    _thread.start_new_thread(_make_undumpable, ())  # the agent only: the standby stays dumpable
     _start_spare()
     _thread.start_new_thread(_accept_loop, (lsock, family))
     _write_fd(1, b"EMBER_AGENT_LISTENING port=%d\n" % port)
@@ -59,6 +66,16 @@ def main():
             except OSError:
                 pass
             _shutdown()
+
+
+def _exec_standby_main(args):
+    ctl_fd, wsock_fd, dest = args
+    ctl = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM, 0, int(ctl_fd))
+    wsock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM, 0, int(wsock_fd))
+    try:
+        _standby_main(ctl, wsock, dest)
+    finally:
+        os._exit(70)
 
 
 def _reap():

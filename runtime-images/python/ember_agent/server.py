@@ -7,6 +7,7 @@ import _socket
 import _thread
 import time
 
+from .auth import _authorize, _authorized
 from .config import MAX_DRAIN_BYTES, MAX_HEAD_BYTES, MAX_OTHER_BODY_BYTES, MAX_SPECIALIZE_BYTES, RUNTIME
 from .errors import HTTPError, bad_request
 from .freeze import _freeze_thaw
@@ -22,6 +23,7 @@ _REASONS = {
     100: b"Continue",
     200: b"OK",
     400: b"Bad Request",
+    401: b"Unauthorized",
     404: b"Not Found",
     405: b"Method Not Allowed",
     409: b"Conflict",
@@ -125,7 +127,10 @@ def _respond(sock, status, body, extra=b"", close=False):
         sock.sendall(body)
 
 
-def _healthz():
+def _healthz(authorized):
+    """Liveness for anyone; what the pod runs only for the client holding its token."""
+    if not authorized:
+        return {"state": "frozen" if _S.frozen else _S.state, "runtime": RUNTIME}
     with _lock:
         return {
             "state": "frozen" if _S.frozen else _S.state,
@@ -195,10 +200,12 @@ def _serve_conn(sock):
                     raise HTTPError(404, "NotFound", f"no route {method} {path}")
                 if method != want:
                     raise HTTPError(405, "MethodNotAllowed", f"{method} {path}: use {want}")
+                if path != "/healthz":
+                    _authorize(headers, path == "/v1/specialize")
                 if path == "/v1/invoke":
                     status, out, extra, replace = _invoke(headers, body)
                 elif path == "/healthz":
-                    status, out, extra = 200, jbytes(_healthz()), b""
+                    status, out, extra = 200, jbytes(_healthz(_authorized(headers))), b""
                 elif path == "/v1/specialize":
                     status, obj = _specialize(body)
                     out, extra = jbytes(obj), b""
@@ -209,6 +216,8 @@ def _serve_conn(sock):
                 status, out, extra = e.status, jbytes({"errorType": e.error_type, "errorMessage": e.message}), b""
                 if e.status == 405:
                     extra = b"Allow: %s\r\n" % want.encode()
+                elif e.status == 401:
+                    extra = b"WWW-Authenticate: Bearer\r\n"
             if not keep:
                 _respond(sock, status, out, extra, close=True)
                 _after_response(path)

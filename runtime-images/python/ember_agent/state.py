@@ -27,6 +27,8 @@ class _State:
         self.worker_exits = {}  # pid -> waitpid status, reported by the template
         self.shutting_down = False
         self.standby = None  # _Template waiting for a spec (generic state only)
+        self.entry = None  # absolute path of the entry script, to exec a standby (supervisor.py)
+        self.token = None  # bytes: the bearer token bound by the first specialize (auth.py)
 
     def configure(self):
         """Read the agent's environment; main() does it first, so an invalid value ends the agent at

@@ -10,6 +10,7 @@ import _socket
 import _thread
 import os
 import struct
+import sys
 import time
 
 from .config import DEFAULT_INIT_TIMEOUT_S, WORKER_START_TIMEOUT_S
@@ -274,6 +275,8 @@ def _fork_standby():
             _in_child_close_agent_fds(keep=(b, wb))
             a.detach()
             wa.detach()
+            if _S.token is not None:
+                _exec_standby(b, wb, dest)
             _standby_main(b, wb, dest)
         finally:
             os._exit(70)
@@ -282,6 +285,20 @@ def _fork_standby():
     _OPEN_SOCKS.add(a)
     _OPEN_SOCKS.add(wa)
     return _Template(pid, a, _Worker(None, wa), dest)
+
+
+def _exec_standby(ctl, wsock, dest):
+    """Become a fresh standby by exec: a child forked once a token is bound holds a copy of the
+    agent's memory (the token, the request heads in this thread's frames and in freed buffers), and
+    its blank worker would run function code.  exec replaces that memory; it costs an interpreter
+    start (~25 ms natively), paid only when a template is restarted or a failed load replaced."""
+    for s in (ctl, wsock):
+        os.set_inheritable(s.fileno(), True)
+    entry = _S.entry
+    os.execv(
+        sys.executable,
+        [sys.executable, "-S", "-E", entry, "--standby", str(ctl.fileno()), str(wsock.fileno()), dest],
+    )
 
 
 def _replenish_standby():

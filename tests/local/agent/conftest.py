@@ -2,17 +2,21 @@
 
 `agent_factory(**env)` starts an agent and returns an `Agent`; every agent started in a test is
 stopped by pid (SIGTERM, then SIGKILL with its process group) when the test ends, pass or fail.
+An `Agent` holds a fresh bearer token, as the activator does per claimed pod, and sends it with
+every request unless told otherwise (`token=None`, or another token).
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import enum
 import hashlib
 import http.client
 import io
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -71,8 +75,16 @@ class Response:
         return f"<Response {self.status} {self.headers} {self.body[:300]!r}>"
 
 
+class _Own(enum.Enum):
+    TOKEN = "the Agent's own token"
+
+
+_OWN_TOKEN = _Own.TOKEN  # the default of request(token=...)
+
+
 class Agent:
     def __init__(self, lang: str, proc: subprocess.Popen, port: int, out_lines: list[str]) -> None:
+        self.token = secrets.token_urlsafe(32)
         self.lang = lang
         self.proc = proc
         self.port = port
@@ -92,12 +104,18 @@ class Agent:
         body: bytes | str | None = None,
         headers: dict[str, str] | None = None,
         fresh: bool = False,
+        token: str | _Own | None = _OWN_TOKEN,
     ) -> Response:
         if isinstance(body, str):
             body = body.encode()
+        headers = dict(headers or {})
+        if token is _OWN_TOKEN:
+            token = self.token
+        if token is not None:
+            headers.setdefault("Authorization", f"Bearer {token}")
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60) if fresh else self.conn()
         try:
-            conn.request(method, path, body=body, headers=headers or {})
+            conn.request(method, path, body=body, headers=headers)
             r = conn.getresponse()
             data = r.read()
             return Response(r.status, {k.lower(): v for k, v in r.getheaders()}, data)
@@ -109,19 +127,29 @@ class Agent:
             if fresh:
                 conn.close()
 
-    def healthz(self) -> dict:
-        r = self.request("GET", "/healthz")
+    def healthz(self, token: str | _Own | None = _OWN_TOKEN) -> dict:
+        r = self.request("GET", "/healthz", token=token)
         assert r.status == 200, r
         return r.json()
 
-    def specialize(self, body: dict) -> Response:
-        return self.request("POST", "/v1/specialize", json.dumps(body), {"Content-Type": "application/json"})
+    def specialize(self, body: dict, token: str | _Own | None = _OWN_TOKEN) -> Response:
+        headers = {"Content-Type": "application/json"}
+        return self.request("POST", "/v1/specialize", json.dumps(body), headers, token=token)
 
     def invoke(
-        self, event=None, raw: bytes | None = None, headers: dict[str, str] | None = None, fresh: bool = False
+        self,
+        event=None,
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        fresh: bool = False,
+        token: str | _Own | None = _OWN_TOKEN,
     ) -> Response:
         data = raw if raw is not None else json.dumps(event if event is not None else {}).encode()
-        return self.request("POST", "/v1/invoke", data, headers, fresh=fresh)
+        return self.request("POST", "/v1/invoke", data, headers, fresh=fresh, token=token)
+
+    def auth_header(self) -> bytes:
+        """The Authorization header line, for requests written by hand."""
+        return f"Authorization: Bearer {self.token}\r\n".encode()
 
     def output(self) -> str:
         return "".join(self.out_lines)
@@ -148,7 +176,10 @@ class Agent:
                 self.proc.wait(timeout=10)
 
 
-def _start(lang: str, env: dict[str, str], tmp: Path) -> Agent:
+def _start(
+    lang: str, env: dict[str, str], tmp: Path, *, command: list[str] | None = None, user: int | None = None
+) -> Agent:
+    """Start an agent (`command`, default `agent_command(lang)`; as `user` and its group if given)."""
     full_env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "TMPDIR": str(tmp),
@@ -156,8 +187,14 @@ def _start(lang: str, env: dict[str, str], tmp: Path) -> Agent:
         "EMBER_AGENT_HOST": "127.0.0.1",
         **env,
     }
+    as_user = {} if user is None else {"user": user, "group": user, "extra_groups": []}
     proc = subprocess.Popen(
-        agent_command(lang), env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp
+        command or agent_command(lang),
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=tmp,
+        **as_user,
     )
     lines: list[str] = []
     first = threading.Event()

@@ -34,6 +34,12 @@ def assert_usable(agent):
     assert r.header("X-Ember-Function-Error") is None
 
 
+def bind_generic(agent, code):
+    """Bind the agent's token and leave it generic: a specialize the agent refuses (422) binds too."""
+    r = agent.specialize(spec(code["hello"], handler="main"))
+    assert r.status == 422, r
+
+
 def assert_generic_then_ok(agent, code):
     assert agent.healthz()["state"] == "generic"
     r = agent.specialize(spec(code["hello"]))
@@ -108,16 +114,22 @@ def code_server():
 # health, specialize
 
 
-def test_healthz_generic(agent, lang):
+def test_healthz_generic(agent, lang, code):
+    h = agent.healthz()
+    assert h == {"state": "generic", "runtime": h["runtime"]}  # no token bound yet: liveness only
+    assert h["runtime"].startswith("python3." if lang == "python" else "nodejs")
+    bind_generic(agent, code)
     h = agent.healthz()
     assert h["state"] == "generic"
     assert h["codeHash"] is None
     assert h["inFlight"] == 0
     assert h["concurrency"] == 1
-    assert h["runtime"].startswith("python3." if lang == "python" else "nodejs")
 
 
-def test_invoke_before_specialize_is_503(agent):
+def test_invoke_before_specialize_is_401_then_503_once_bound(agent, code):
+    r = agent.invoke({})
+    assert r.status == 401, r
+    bind_generic(agent, code)
     r = agent.invoke({})
     assert r.status == 503
     assert r.json()["errorType"] == "NotSpecialized"
@@ -555,6 +567,7 @@ def test_concurrency_two_runs_two_at_once(agent, code):
 
 def test_concurrency_from_environment(agent_factory, code):
     agent = agent_factory(EMBER_AGENT_CONCURRENCY=3)
+    bind_generic(agent, code)
     assert agent.healthz()["concurrency"] == 3
 
 
@@ -619,6 +632,7 @@ def test_freeze_thaw_hooks(agent, code):
 
 
 def test_freeze_generic_agent(agent, code):
+    bind_generic(agent, code)
     assert agent.request("POST", "/v1/freeze").json() == {"state": "frozen"}
     assert agent.request("POST", "/v1/thaw").json() == {"state": "generic"}
     assert_generic_then_ok(agent, code)
@@ -649,7 +663,11 @@ def test_malformed_http_is_400(agent, code):
 def test_pipelined_keep_alive_requests(agent, code):
     specialize_main(agent, code)
     body = b'{"p":1}'
-    req = b"POST /v1/invoke HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    req = b"POST /v1/invoke HTTP/1.1\r\nHost: x\r\n%sContent-Length: %d\r\n\r\n%s" % (
+        agent.auth_header(),
+        len(body),
+        body,
+    )
     last = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     out = raw_http(agent.port, req + req + last)
     assert out.count(b"HTTP/1.1 200") == 3, out
@@ -659,9 +677,9 @@ def test_pipelined_keep_alive_requests(agent, code):
 def test_chunked_request_body(agent, code):
     specialize_main(agent, code)
     req = (
-        b"POST /v1/invoke HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        b"POST /v1/invoke HTTP/1.1\r\nHost: x\r\n%sTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
         b'4\r\n{"c"\r\n4\r\n:42}\r\n0\r\n\r\n'
-    )
+    ) % agent.auth_header()
     out = raw_http(agent.port, req)
     assert out.startswith(b"HTTP/1.1 200"), out
     assert out.endswith(b'{"echo":{"c":42}}')
