@@ -51,6 +51,7 @@ from ember.pods.payload import specialize_request  # noqa: E402
 RUNTIME = "python3.11"
 HELLO = "def handler(event, context):\n    return {'hello': event.get('name', 'world')}\n"
 EVENT = b'{"name":"bench"}'
+AGENT_AUTH_ENV = "EMBER_BENCH_AGENT_AUTH"  # the direct agent's Authorization value, for the subprocesses
 FUNCTION_YAML = f"""
 apiVersion: ember.run/v1alpha1
 kind: Function
@@ -120,8 +121,9 @@ class _Conn(asyncio.Protocol):
 
 class _LoadGen:
     def __init__(self, host: str, port: int, path: str, seconds: float, count: int) -> None:
+        auth = f"Authorization: {os.environ[AGENT_AUTH_ENV]}\r\n" if path == "/v1/invoke" else ""
         self.request = (
-            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n{auth}"
             f"Content-Length: {len(EVENT)}\r\n\r\n"
         ).encode() + EVENT
         self.deadline = time.perf_counter() + seconds
@@ -176,10 +178,11 @@ async def _proxy(port: int, backend: str) -> None:
 
     session = ClientSession(connector=TCPConnector(limit=0))
     url = f"http://{backend}/v1/invoke"
+    headers = {"Content-Type": "application/json", "Authorization": os.environ[AGENT_AUTH_ENV]}
 
     async def forward(request: web.Request) -> web.Response:
         body = await request.read()
-        async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
+        async with session.post(url, data=body, headers=headers) as r:
             return web.Response(status=r.status, body=await r.read(), content_type="application/json")
 
     app = web.Application()
@@ -223,7 +226,8 @@ def free_port() -> int:
 
 
 async def start_agent(source: LocalPodSource, concurrency: int) -> str:
-    """A specialized agent of the bench function, for direct calls."""
+    """A specialized agent of the bench function, for direct calls (with the token the pod source
+    bound, in the environment for the load generator and the proxy: never in their command line)."""
     pool = PoolKey(RUNTIME, "gvisor", 128, "bench")
     handle = await source.claim(pool)
     from ember.api.function import Function
@@ -241,6 +245,7 @@ async def start_agent(source: LocalPodSource, concurrency: int) -> str:
     )
     request = specialize_request(VersionKey("default", "bench", 1), fn.spec, "sha256:" + "0" * 64)
     handle = await source.specialize(handle, request)
+    os.environ[AGENT_AUTH_ENV] = handle.authorization
     return handle.address
 
 
@@ -313,7 +318,8 @@ async def cold_starts(source: LocalPodSource, pool: PoolKey, runs: int, *, warm:
             t1 = time.perf_counter()
             handle = await source.specialize(handle, request)
             t2 = time.perf_counter()
-            async with http.post(f"http://{handle.address}/v1/invoke", data=EVENT) as r:
+            auth = {"Authorization": handle.authorization}
+            async with http.post(f"http://{handle.address}/v1/invoke", data=EVENT, headers=auth) as r:
                 assert r.status == 200, await r.text()
                 await r.read()
             t3 = time.perf_counter()
@@ -355,6 +361,7 @@ async def data_path(sandbox: str, *, n_lat: int, seconds: float, conc: int, roun
         dev = proxy = None
         try:
             direct = await start_agent(source, conc)
+            env[AGENT_AUTH_ENV] = os.environ[AGENT_AUTH_ENV]
             port, pport = free_port(), free_port()
             dev = start_dev(directory, port, env)
             proxy = subprocess.Popen(  # noqa: ASYNC220 - the bench runs one step at a time on purpose

@@ -207,7 +207,11 @@ async def test_specialize_owns_the_pod_by_the_version_loads_code_and_release_del
         endpoints = await asyncio.wait_for(_first_nonempty(source, world.key), timeout=10)
         assert [e.id for e in endpoints] == [handle.id]
         url = f"http://{handle.address}/v1/invoke"
-        async with aiohttp.ClientSession() as http, http.post(url, data=json.dumps({"name": "k8s"})) as rsp:
+        auth = {"Authorization": handle.authorization}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(url, data=json.dumps({"name": "k8s"}), headers=auth) as rsp,
+        ):
             assert rsp.status == 200
             assert await rsp.json() == {"hello": "k8s"}
 

@@ -103,7 +103,11 @@ async def test_function_to_gvisor_pool_claim_specialize_invoke_and_collection(
         handle = await source.specialize(handle, request)
         async with (
             aiohttp.ClientSession() as http,
-            http.post(f"http://{handle.address}/v1/invoke", data=json.dumps({"name": "gvisor"})) as rsp,
+            http.post(
+                f"http://{handle.address}/v1/invoke",
+                data=json.dumps({"name": "gvisor"}),
+                headers={"Authorization": handle.authorization},
+            ) as rsp,
         ):
             assert rsp.status == 200
             assert await rsp.json() == {"hello": "gvisor"}

@@ -5,7 +5,8 @@ than `aiohttp.ClientSession`: the session spent about 250 µs of CPU per request
 activator's profile (request/response objects, header multidicts, stream readers), more than
 the whole server side; this client writes one pre-assembled request and parses one
 Content-Length response, about 20 µs. It only has to speak to our own agents, which answer
-every request with Content-Length and keep connections alive.
+every request with Content-Length and keep connections alive. Each request carries the pod's
+bearer token (CONTRACT.md, Authentication) in a head prefix its `PodSlots` built once.
 
 Connections are kept per pod address and reused (keep-alive); the router never has more
 invocations in flight on a pod than its concurrency, so a pod never has more connections
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from ember.activator.throttler import PodSlots
 
 MAX_HEAD_BYTES = 64 * 1024
+_LOG_TAIL = b"X-Ember-Log-Type: Tail\r\n"
 
 
 class AgentUnreachable(Exception):
@@ -176,11 +178,14 @@ class AgentClient:
     ) -> AgentReply:
         """POST the event to the pod's agent and read the whole reply."""
         address = pod.address
-        tail = "X-Ember-Log-Type: Tail\r\n" if log_tail else ""
-        head = (
-            f"POST /v1/invoke HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\n"
-            f"X-Ember-Request-Id: {request_id}\r\n{tail}Content-Length: {len(body)}\r\n\r\n"
-        ).encode("latin-1")
+        # one join: the pod's fixed head (with its token, `PodSlots.invoke_head`), this request's lines, the body
+        request = b"%sX-Ember-Request-Id: %s\r\n%sContent-Length: %d\r\n\r\n%s" % (
+            pod.invoke_head,
+            request_id.encode("latin-1"),
+            _LOG_TAIL if log_tail else b"",
+            len(body),
+            body,
+        )
         connection = None
         idle = self._idle.get(address)
         while idle:
@@ -193,7 +198,7 @@ class AgentClient:
             connection = await self._connect(address)
         try:
             async with asyncio.timeout(timeout_s):
-                status, headers, payload = await connection.request(head + body)
+                status, headers, payload = await connection.request(request)
         except BaseException:
             # never retried here: the agent may have started the invocation
             connection.close()

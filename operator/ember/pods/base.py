@@ -14,8 +14,9 @@ implementations are `ember.pods.local` (processes) and `ember.pods.kubernetes` (
 from __future__ import annotations
 
 import enum
+import secrets
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NewType, Protocol
 
 PodId = NewType("PodId", str)
@@ -55,7 +56,12 @@ class ClaimKind(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class PodHandle:
-    """A claimed pod: where its agent listens, and the Version it serves once specialized."""
+    """A claimed pod: where its agent listens, the Version it serves once specialized, and the
+    bearer token its agent binds at specialize (CONTRACT.md, Authentication).
+
+    The source makes a fresh `token` per claim (`new_agent_token`); the agent then answers only
+    requests that carry it, so a pod some other client specialized (or bound) first is refused
+    to us and never used: the source discards it and claims another. Never logged (no repr)."""
 
     id: PodId
     address: str  # host:port of the runtime agent
@@ -63,6 +69,21 @@ class PodHandle:
     claim: ClaimKind
     version: VersionKey | None = None
     concurrency: int = 1
+    token: str = field(default="", repr=False)
+
+    @property
+    def authorization(self) -> str:
+        """The `Authorization` header value for this pod's agent."""
+        return f"Bearer {self.token}"
+
+
+def new_agent_token() -> str:
+    """A fresh bearer token for one claimed pod (256 random bits)."""
+    return secrets.token_urlsafe(32)
+
+
+# How many pods a specialize discards, because another client had bound them, before it gives up.
+MAX_BOUND_DISCARDS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,8 +116,22 @@ class SpecializeFailed(PodSourceError):
 
     @property
     def is_code_error(self) -> bool:
-        """True when the code itself is bad (422/400): retrying on another pod will not help."""
-        return self.status in (400, 409, 422)
+        """True when the code itself is bad (422/400): retrying on another pod will not help.
+
+        A 401 or 409 is never one: it means another client bound or specialized the pod first,
+        and the sources discard such a pod and claim another (`BoundByAnotherClient`)."""
+        return self.status in (400, 422)
+
+
+class BoundByAnotherClient(PodSourceError):
+    """Pods kept answering specialize with 401/409: another client had bound them first (every
+    one was discarded). Not the code's fault; the scaler tries again later."""
+
+
+def bound_by_another(status: int) -> bool:
+    """A specialize answer that means the pod is not ours: its agent is bound to another token
+    (401) or was specialized by someone else (409: a claimed generic pod is never ours yet)."""
+    return status in (401, 409)
 
 
 class PodGone(PodSourceError):
@@ -111,7 +146,11 @@ class PodSource(Protocol):
         ...
 
     async def specialize(self, pod: PodHandle, request: SpecializeRequest) -> PodHandle:
-        """Load a Version into a claimed pod; the returned handle carries the Version."""
+        """Load a Version into a claimed pod; the returned handle carries the Version.
+
+        A pod whose agent another client bound first is released, and another pod of the pool is
+        claimed and specialized in its place (the returned handle may name another pod), at most
+        `MAX_BOUND_DISCARDS` times before `BoundByAnotherClient`."""
         ...
 
     async def release(self, pod: PodHandle) -> None:

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from ember.api.function import Function
-from ember.pods.base import ClaimKind, PoolKey, SpecializeFailed, VersionKey
+from ember.pods.base import ClaimKind, PodHandle, PoolKey, SpecializeFailed, VersionKey
 from ember.pods.local import LocalPodSource, Sandbox, detect_sandbox
 from ember.pods.payload import specialize_request
 
@@ -61,8 +61,13 @@ def _not_zombie(pid: int) -> bool:
         return False
 
 
-async def _invoke(address: str) -> dict[str, object]:
-    async with aiohttp.ClientSession() as http, http.post(f"http://{address}/v1/invoke", data=b"{}") as r:
+async def _invoke(pod: PodHandle) -> dict[str, object]:
+    """Invoke a pod's agent directly, with the token its specialize bound (CONTRACT.md)."""
+    auth = {"Authorization": pod.authorization}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"http://{pod.address}/v1/invoke", data=b"{}", headers=auth) as r,
+    ):
         assert r.status == 200
         return dict(await r.json())
 
@@ -89,7 +94,7 @@ async def test_claim_is_a_miss_on_an_empty_pool_then_hits_after_refill(source: L
 
 async def test_specialize_runs_code_inside_the_sandbox(source: LocalPodSource) -> None:
     pod = await source.specialize(await source.claim(POOL), _request(PROBE))  # type: ignore[arg-type]
-    result = await _invoke(pod.address)
+    result = await _invoke(pod)
     if source.sandbox.kind is Sandbox.RUNSC:
         # gVisor's own kernel answers, not the host's
         assert "4.4.0" in str(result["kernel"])
@@ -107,7 +112,9 @@ async def test_bad_code_fails_specialize_and_leaves_the_pod_generic(source: Loca
     assert info.value.is_code_error
     assert info.value.status == 422
     good = await source.specialize(pod, _request("def handler(e, c):\n    return 7\n", 2))  # type: ignore[arg-type]
-    async with aiohttp.ClientSession() as http, http.post(f"http://{good.address}/v1/invoke", data=b"{}") as r:
+    assert good.token == pod.token  # the failed specialize bound it: the same pod, the same token
+    auth = {"Authorization": good.authorization}
+    async with aiohttp.ClientSession() as http, http.post(f"http://{good.address}/v1/invoke", headers=auth) as r:
         assert await r.json() == 7
 
 
@@ -135,7 +142,7 @@ async def test_bubblewrap_sandbox_serves() -> None:
     src = LocalPodSource(sandbox=detect_sandbox({"EMBER_SANDBOX": "bwrap"}))
     try:
         pod = await src.specialize(await src.claim(POOL), _request(PROBE))  # type: ignore[arg-type]
-        result = await _invoke(pod.address)
+        result = await _invoke(pod)
         # bwrap's private /tmp holds only what the agent made (and this checkout, when it lives under
         # /tmp and is bound back so the agent can run), not the host's files
         assert all(str(name).startswith("ember") or name in BOUND_FROM_TMP for name in result["tmp"])  # type: ignore[attr-defined]

@@ -9,7 +9,9 @@ import asyncio
 
 import pytest
 
-from ember.activator.agent_client import AgentLost, _Connection, _parse_head
+from ember.activator.agent_client import AgentClient, AgentLost, _Connection, _parse_head
+from ember.activator.throttler import PodSlots
+from ember.pods.base import ClaimKind, PodHandle, PodId, PoolKey
 
 
 class _Transport(asyncio.Transport):
@@ -91,3 +93,34 @@ async def test_connection_lost_mid_reply_is_agent_lost() -> None:
 def test_parse_head_lowercases_names() -> None:
     (status, headers), length = _parse_head(b"HTTP/1.1 201 Created\r\nX-Ember-Duration-Ms: 1.5\r\nContent-Length: 3")
     assert (status, headers[b"x-ember-duration-ms"], length) == (201, b"1.5", 3)
+
+
+async def test_invoke_sends_the_pods_token_in_the_head_built_once_per_pod() -> None:
+    """Every invocation carries `Authorization: Bearer <the pod's token>` (CONTRACT.md); the
+    fixed part of the head is the pod's, made when its slots were."""
+    handle = PodHandle(
+        id=PodId("p1"),
+        address="10.0.0.7:8080",
+        pool=PoolKey("python3.12", "gvisor", 128, "h"),
+        claim=ClaimKind.POOL_HIT,
+        token="tok-" + "x" * 40,
+    )
+    slots = PodSlots(handle, now=0.0)
+    assert "tok-" not in repr(handle)  # never logged with the handle
+    head = slots.invoke_head
+    client = AgentClient()
+    connection, transport = _connected()
+    client._idle[handle.address] = [connection]
+    invoking = asyncio.ensure_future(
+        client.invoke(slots, b'{"k": 1}', request_id="req-1", timeout_s=5.0, log_tail=True)
+    )
+    await asyncio.sleep(0)
+    connection.data_received(RESPONSE)
+    reply = await invoking
+    assert reply.status == 200
+    assert transport.written == [
+        b"POST /v1/invoke HTTP/1.1\r\nHost: 10.0.0.7:8080\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer tok-" + b"x" * 40 + b"\r\nX-Ember-Request-Id: req-1\r\n"
+        b'X-Ember-Log-Type: Tail\r\nContent-Length: 8\r\n\r\n{"k": 1}'
+    ]
+    assert slots.invoke_head is head

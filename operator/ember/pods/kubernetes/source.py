@@ -39,6 +39,8 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from ember.api.common import API_VERSION, GROUP, VERSION
 from ember.api.version import version_name
 from ember.pods.base import (
+    MAX_BOUND_DISCARDS,
+    BoundByAnotherClient,
     ClaimKind,
     PodGone,
     PodHandle,
@@ -48,6 +50,8 @@ from ember.pods.base import (
     SpecializeFailed,
     SpecializeRequest,
     VersionKey,
+    bound_by_another,
+    new_agent_token,
 )
 from ember.pods.kubernetes.cache import Obj, PodCache, ready, state_of
 from ember.pods.kubernetes.code import VersionCode
@@ -122,6 +126,7 @@ class KubernetesPodSource:
         self._stale_claim_s = stale_claim_s
         self._cache = PodCache()
         self._handles: dict[str, PodHandle] = {}
+        self.discarded_bound = 0  # pods discarded because another client had bound them first
         self._pool_keys: dict[str, PoolKey] = {}  # pool label value -> key, for pools asked for here
         self._version_code = VersionCode(api, core=self._core, custom=self._custom)
         self._changed = asyncio.Condition()
@@ -208,7 +213,7 @@ class KubernetesPodSource:
                     {labels.STATE: labels.STATE_CLAIMED, CLAIMED_BY: self.holder},
                 )
                 if claimed is not None:
-                    return self._handle(claimed, pool, kind)
+                    return replace(self._handle(claimed, pool, kind), token=new_agent_token())
             kind = ClaimKind.POOL_MISS
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -231,20 +236,27 @@ class KubernetesPodSource:
         version = request.version
         facts = await self._version_code.facts(version, request.payload.get("code"))
         payload = {**request.payload, "code": facts.code}
-        session = self._http()
         loop = asyncio.get_running_loop()
         started = loop.time()
-        try:
-            async with session.post(f"http://{pod.address}/v1/specialize", json=payload) as response:
-                body = await response.read()
-                status = response.status
-        except (aiohttp.ClientError, TimeoutError) as err:
-            await self.release(pod)
-            raise PodGone(f"pod {pod.id} at {pod.address}: specialize request failed: {err}") from err
-        if status != 200:
-            await self.release(pod)
-            error_type, message = _error_of(body)
-            raise SpecializeFailed(pod.id, status, error_type, message)
+        discards = 0
+        while True:
+            status, body = await self._post_specialize(pod, payload)
+            if status == 200:
+                break
+            await self.release(pod)  # every failure releases the pod: the caller's release is a no-op
+            if not bound_by_another(status):
+                error_type, message = _error_of(body)
+                raise SpecializeFailed(pod.id, status, error_type, message)
+            # Another client (another pod's code, reaching this one over the pod network where
+            # NetworkPolicy does not stop it) bound the agent first: never use it.
+            self.discarded_bound += 1
+            discards += 1
+            log.warning("pod discarded: bound by another client pod=%s pool=%s status=%d", pod.id, pod.pool, status)
+            if discards >= MAX_BOUND_DISCARDS:
+                raise BoundByAnotherClient(
+                    f"pool {pod.pool}: {discards} pods in a row were bound by another client; all discarded"
+                )
+            pod = await self.claim(pod.pool)
         agent_s = loop.time() - started
         handle = replace(pod, version=version, concurrency=request.concurrency)
         self._handles[pod.id] = handle
@@ -255,6 +267,15 @@ class KubernetesPodSource:
         task.add_done_callback(self._background.discard)
         log.debug("pod=%s version=%s specialized agent_ms=%.1f", pod.id, version, agent_s * 1000)
         return handle
+
+    async def _post_specialize(self, pod: PodHandle, payload: Mapping[str, Any]) -> tuple[int, bytes]:
+        headers = {"Authorization": pod.authorization}
+        try:
+            async with self._http().post(f"http://{pod.address}/v1/specialize", json=payload, headers=headers) as r:
+                return r.status, await r.read()
+        except (aiohttp.ClientError, TimeoutError) as err:
+            await self.release(pod)
+            raise PodGone(f"pod {pod.id} at {pod.address}: specialize request failed: {err}") from err
 
     async def _mark_specialized(self, handle: PodHandle, owner_uid: str) -> None:
         """Label a specialized pod with its Function and Version and make the Version its owner.

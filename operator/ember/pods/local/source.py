@@ -29,6 +29,8 @@ from typing import Any
 import aiohttp
 
 from ember.pods.base import (
+    MAX_BOUND_DISCARDS,
+    BoundByAnotherClient,
     ClaimKind,
     PodGone,
     PodHandle,
@@ -38,6 +40,8 @@ from ember.pods.base import (
     SpecializeFailed,
     SpecializeRequest,
     VersionKey,
+    bound_by_another,
+    new_agent_token,
 )
 from ember.pods.local.process import AgentProcess, LocalPod, ProcessState, read_port
 from ember.pods.local.runtimes import RUNTIME_IMAGES, agent_command
@@ -87,6 +91,7 @@ class LocalPodSource:
         self._starts = asyncio.Semaphore(max_parallel_starts or max(2, os.cpu_count() or 2))
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
+        self.discarded_bound = 0  # pods discarded because another client had bound them first
 
     # -- the PodSource interface
 
@@ -103,28 +108,55 @@ class LocalPodSource:
         return self._claimed(process, ClaimKind.POOL_MISS)
 
     async def specialize(self, pod: PodHandle, request: SpecializeRequest) -> PodHandle:
-        process = self._processes.get(pod.id)
-        if process is None or process.proc.returncode is not None:
-            raise PodGone(f"pod {pod.id} is not running")
-        session = await self._http()
-        url = f"http://{pod.address}/v1/specialize"
+        claimed = pod
         try:
-            async with session.post(url, json=dict(request.payload)) as response:
-                body = await response.read()
-                status = response.status
-        except (aiohttp.ClientError, TimeoutError) as err:
-            raise PodGone(f"pod {pod.id} at {pod.address}: specialize request failed: {err}") from err
-        finally:
-            self._refill_soon(process)
-        if status != 200:
-            error_type, message = _error_of(body)
-            raise SpecializeFailed(pod.id, status, error_type, message)
+            discards = 0
+            while True:
+                status, body = await self._post_specialize(pod, request)
+                if not bound_by_another(status):
+                    break
+                # Another client bound this agent first (function code shares the loopback with
+                # every agent here): it may hold anyone's code under any codeHash. Never use it.
+                self.discarded_bound += 1
+                discards += 1
+                log.warning("pod discarded: bound by another client pod=%s pool=%s status=%d", pod.id, pod.pool, status)
+                await self.release(pod)
+                if discards >= MAX_BOUND_DISCARDS:
+                    raise BoundByAnotherClient(
+                        f"pool {pod.pool}: {discards} pods in a row were bound by another client; all discarded"
+                    )
+                pod = await self.claim(pod.pool)
+            if status != 200:
+                error_type, message = _error_of(body)
+                raise SpecializeFailed(pod.id, status, error_type, message)
+        except BaseException:
+            if pod is not claimed:  # the caller releases the pod it claimed, not its replacement
+                await self.release(pod)
+            raise
+        process = self._processes.get(pod.id)
+        if process is None:
+            raise PodGone(f"pod {pod.id} exited while being specialized")
         handle = replace(pod, version=request.version, concurrency=request.concurrency)
         process.handle = handle
         process.state = ProcessState.SPECIALIZED
         self._by_version.setdefault(request.version, {})[pod.id] = handle
         await self._notify()
         return handle
+
+    async def _post_specialize(self, pod: PodHandle, request: SpecializeRequest) -> tuple[int, bytes]:
+        process = self._processes.get(pod.id)
+        if process is None or process.proc.returncode is not None:
+            raise PodGone(f"pod {pod.id} is not running")
+        session = await self._http()
+        url = f"http://{pod.address}/v1/specialize"
+        headers = {"Authorization": pod.authorization}
+        try:
+            async with session.post(url, json=dict(request.payload), headers=headers) as response:
+                return response.status, await response.read()
+        except (aiohttp.ClientError, TimeoutError) as err:
+            raise PodGone(f"pod {pod.id} at {pod.address}: specialize request failed: {err}") from err
+        finally:
+            self._refill_soon(process)
 
     async def release(self, pod: PodHandle) -> None:
         process = self._processes.get(pod.id)
@@ -190,7 +222,9 @@ class LocalPodSource:
 
     def _claimed(self, process: AgentProcess, kind: ClaimKind) -> PodHandle:
         process.state = ProcessState.CLAIMED
-        process.handle = PodHandle(id=process.id, address=process.address, pool=process.pool, claim=kind)
+        process.handle = PodHandle(
+            id=process.id, address=process.address, pool=process.pool, claim=kind, token=new_agent_token()
+        )
         return process.handle
 
     def _refill_after(self, process: AgentProcess) -> None:
