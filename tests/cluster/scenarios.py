@@ -149,49 +149,18 @@ async def invoke_via_boto3(url: str, function_name: str, *, expect_version: str)
 async def roll_under_load(ember: Ember, url: str, name: str, *, to_version: int = 2, timeout_s: float = 240) -> None:
     """Edit `name`'s code to revision `to_version` while 4 clients invoke; 0 failures, traffic moves.
 
-    `name` must be at revision `to_version - 1` (see `code`). The load is bounded by count (3000
-    calls per client) and time (`timeout_s`); each client stops after 20 answers in a row from the
-    new Version."""
-    new = str(to_version)
-    streams: list[list[Result]] = [[] for _ in range(4)]
-    stop = asyncio.Event()
-
-    async def client(results: list[Result]) -> None:
-        # a session per client: its calls go over one kept-alive connection, so to one activator
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=90)) as http:
-            streak = 0
-            for _ in range(3000):
-                result = await invoke(http, url, ember.ns, name)
-                results.append(result)
-                streak = streak + 1 if result[1] == new else 0
-                if stop.is_set() or streak >= 20:
-                    return
-
-    clients = [asyncio.create_task(client(results)) for results in streams]
-    await asyncio.sleep(1.0)
-    before = sum(map(len, streams))
-    ember.patch("functions", name, {"spec": {"code": {"inline": code(to_version)}}})
-    try:
-        async with asyncio.timeout(timeout_s):
-            await asyncio.gather(*clients)
-    except TimeoutError:
-        stop.set()
-        await asyncio.gather(*clients, return_exceptions=True)
-        seen_all = sorted({r[1] for results in streams for r in results})
-        raise AssertionError(
-            f"traffic did not move to Version {new} within {timeout_s:.0f} s; versions seen: {seen_all}"
-        ) from None
-
-    results = [r for stream in streams for r in stream]
-    failed = [r for r in results if r[0] != 200 or r[2]]
-    assert failed == [], f"{len(failed)} of {len(results)} failed, e.g. {failed[:3]}"
-    assert before > 0  # the load was running before the edit
-    assert {r[1] for r in results} == {str(to_version - 1), new}
-    assert all(r[3]["version"] == int(r[1]) for r in results)  # each answer came from the Version it names
-    # Once the new Version took a client's traffic (one activator's) it kept it.
-    for stream in streams:
-        seen = [r[1] for r in stream]
-        assert seen[seen.index(new) :] == [new] * (len(seen) - seen.index(new)), seen
+    `name` must be at revision `to_version - 1` (see `code`): `edit_under_load`, plus that each
+    answer came from the code of the Version it names."""
+    streams = await edit_under_load(
+        url,
+        ember.ns,
+        name,
+        lambda: ember.patch("functions", name, {"spec": {"code": {"inline": code(to_version)}}}),
+        old=str(to_version - 1),
+        new=str(to_version),
+        timeout_s=timeout_s,
+    )
+    assert all(r[3]["version"] == int(r[1]) for stream in streams for r in stream)
 
 
 async def edit_under_load(
@@ -200,7 +169,7 @@ async def edit_under_load(
     """Make `edit` while 4 clients invoke `name` on Version `old`: 0 failures, and traffic ends on `new`.
 
     For edits that make a new Version of the same code (a SecurityPolicy, memory, env), so only the
-    executed Version is checked, not what the code answers. Bounded like `roll_under_load`: 3000 calls
+    executed Version is checked, not what the code answers (`roll_under_load` adds that). Bounded: 3000 calls
     per client and `timeout_s`; each client stops after 20 answers in a row from `new`. Returns each
     client's results in order, for the caller's own checks.
     """
