@@ -24,13 +24,14 @@ from tests.apiserver.operator_harness import Ember, OperatorProcess, condition, 
 from tests.cluster.scenarios import ActivatorProcess
 
 VICTIM = "def handler(event, context):\n    return {'who': 'victim'}\n"
-ATTACKER = r'''
+ATTACKER = r"""
 import http.client, json, secrets
 
 def call(ip, port, method, path, token):
     conn = http.client.HTTPConnection(ip, port, timeout=5)
     headers = {"Authorization": "Bearer " + token} if token else {}
-    body = json.dumps({"handler": "main.handler", "code": {"inline": "x"}}).encode() if path.endswith("specialize") else b"{}"
+    spec = {"handler": "main.handler", "code": {"inline": "x"}}
+    body = json.dumps(spec).encode() if path.endswith("specialize") else b"{}"
     try:
         conn.request(method, path, body=None if method == "GET" else body, headers=headers)
         r = conn.getresponse()
@@ -46,7 +47,7 @@ def handler(event, context):
         for method, path in (("GET", "/healthz"), ("POST", "/v1/invoke"), ("POST", "/v1/specialize")):
             out.append(call(event["ip"], event["port"], method, path, token))
     return out
-'''
+"""
 
 
 def _function(name: str, code: str) -> dict[str, Any]:
