@@ -7,7 +7,7 @@ pod's IP and agent port (read from the API) and tries `GET /healthz`, `POST /v1/
 stopped by the network (a NetworkPolicy the CNI enforces: the lead's ingress work) or refused by
 the agent (401), and /healthz may say liveness only; never an answer of the victim's code.
 The local tier's version of the attack (pool poisoning included) is
-tests/local/security/test_agent_auth.py.
+tests/local/security/test_hostile_agent_auth.py.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ agents with its own code under that hash, which the activator's idempotent speci
 
 Python only (Node runs code in threads of the agent process, see CONTRACT.md): a template
 restarted after the token is bound holds no copy of it, and a worker of the same uid cannot read
-the agent's memory.  The local end to end attack is tests/local/security/test_agent_auth.py.
+the agent's memory.  The local end to end attack is tests/local/security/test_hostile_agent_auth.py.
 """
 
 from __future__ import annotations
