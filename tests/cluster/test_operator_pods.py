@@ -71,11 +71,13 @@ async def test_function_to_gvisor_pool_claim_specialize_invoke_and_collection(
     ember = ember_ns
     spec = {"runtime": "python3.12", "handler": "main.handler", "code": {"inline": CODE}}
     ember.create("functions", {"kind": "Function", "metadata": {"name": "hello"}, "spec": spec})
+    # Stored, not Ready: a Version is Ready once a pod has loaded it (below).
     eventually(
-        lambda: (f := ember.get("functions", "hello")) and condition(f, "Ready").get("status") == "True" and f,
+        lambda: condition(ember.get("versions", "hello-v1"), "CodeReady").get("status") == "True",
         timeout_s=60,
-        what="Function Ready",
+        what="Version 1 stored",
     )
+    assert condition(ember.get("functions", "hello"), "Ready").get("status") != "True"
     key = pool_key(FunctionSpec.model_validate(spec), SecurityPolicySpec())
     (deployment,) = ember.pools().values()
     pool_id = deployment.metadata.labels["ember.run/pool"]
@@ -117,6 +119,13 @@ async def test_function_to_gvisor_pool_claim_specialize_invoke_and_collection(
         pod = ember.core.read_namespaced_pod(handle.id, ember.ns)
         assert pod.metadata.owner_references[0].kind == "Version"
         assert pod.metadata.labels["ember.run/state"] == "specialized"
+        # A pod loaded Version 1: the operator marks it loaded, and the Function Ready.
+        eventually(
+            lambda: condition(ember.get("functions", "hello"), "Ready").get("status") == "True",
+            timeout_s=60,
+            what="Function Ready once a pod loaded Version 1",
+        )
+        assert condition(ember.get("versions", "hello-v1"), "Loaded")["reason"] == "Loaded"
         # The claimed pod left the Deployment: its ReplicaSet starts a replacement.
         eventually(lambda: len(_ready_generic(ember, pool_id)) == 2, timeout_s=240, what="pool refilled")
         assert handle.id not in {p.metadata.name for p in _ready_generic(ember, pool_id)}

@@ -103,6 +103,8 @@ async def reconcile_version(
         now=now,
     )
     annotations = version.metadata.annotations or {}
+    # Counted here for Loaded only: `status.readyPods` has one writer, report_version_pods (a count
+    # returned from here would land after the handler and could overwrite a newer one).
     ready_pods = await _count_ready_pods(kube, ns, version.spec.function_name, version.spec.number)
     loaded_status, loaded_reason, loaded_message = cond.version_loaded(
         code_hash=version.spec.code_hash,
@@ -135,7 +137,6 @@ async def reconcile_version(
         "observedGeneration": generation,
         "conditions": wire_conditions(conditions),
         "phase": phase,
-        "readyPods": ready_pods,
     }
     if old_status.get("phase") != phase:
         # The Function's reconcile reads this status: it must be stored before the Function is nudged
