@@ -145,3 +145,6 @@ class World:
         await self.scaler.step()
         while self.scaler._tasks:
             await asyncio.gather(*self.scaler._tasks)
+            # The tasks leave the set in their done callbacks, which run on the next loop turn; awaiting
+            # already-done tasks never yields (a busy loop on Python 3.12), so give the loop that turn.
+            await asyncio.sleep(0)
