@@ -254,12 +254,21 @@ async def test_function_lifecycle_through_the_in_cluster_activator(release: Helm
     assert pods
     assert all(p.spec.runtime_class_name == "gvisor" for p in pods)
     holders = {p.metadata.labels.get("ember.run/claimed-by") for p in pods}
-    # The in-cluster operator counts them into the Version's status.
-    eventually(
-        lambda: (ember.get("versions", "hello-v1") or {}).get("status", {}).get("readyPods") == len(pods),
-        timeout_s=30,
-        what=f"hello-v1 status.readyPods == {len(pods)}",
-    )
+
+    # The in-cluster operator counts the specialized, ready ones into the Version's status. The
+    # activators may claim or retire a pod meanwhile: compare with the pods as they are at each look.
+    def counted() -> bool:
+        now = core.list_namespaced_pod(
+            release.namespace, label_selector="ember.run/function=hello,ember.run/version=1"
+        ).items
+        ready = [p for p in now if p.metadata.labels.get("ember.run/state") == "specialized" and _ready(p)]
+        status = (ember.get("versions", "hello-v1") or {}).get("status", {})
+        seen = sorted((p.metadata.name, p.metadata.labels.get("ember.run/state"), _ready(p)) for p in now)
+        assert ready, seen
+        assert status.get("readyPods") == len(ready), (status.get("readyPods"), seen)
+        return True
+
+    eventually(counted, timeout_s=30, what="hello-v1 status.readyPods == its specialized ready pods")
     assert holders <= set(served), (holders, served)
 
     await invoke_via_boto3(url, f"{release.namespace}/hello", expect_version="1")
@@ -275,6 +284,10 @@ async def test_function_lifecycle_through_the_in_cluster_activator(release: Helm
         timeout_s=120,
         what="Versions, pods and ConfigMaps of hello collected",
     )
+
+
+def _ready(pod: Any) -> bool:
+    return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
 
 
 async def _metrics(url: str) -> str:

@@ -177,6 +177,9 @@ def _register_nudges(registry: kopf.OperatorRegistry) -> None:
                 await _nudge(memo, namespace, owner["name"], f"pool/{name}:deleted")
 
 
+COUNT_ATTEMPTS = 4  # a Version's pod count, on an API error: 0.5, 1, 2 s apart
+
+
 def _register_pod_counts(registry: kopf.OperatorRegistry) -> None:
     """Pods of a Version (claimed and specialized by activators) are counted into its status.readyPods.
 
@@ -192,11 +195,24 @@ def _register_pod_counts(registry: kopf.OperatorRegistry) -> None:
         if namespace is None:
             return
         function, version = pod_labels[labels.FUNCTION], pod_labels[labels.VERSION]
-        try:
-            async with locks[(namespace, function, version)]:
-                await report_version_pods(memo.kube, namespace, function, version)
-        except KubeError as err:
-            log.warning("pod=%s/%s: Version pods not counted: %s", namespace, body["metadata"].get("name"), err)
+        # kopf never retries an event handler, and the next pod event may be long in coming: a
+        # failed count is retried here, so a transient API error does not leave readyPods stale.
+        for attempt in range(COUNT_ATTEMPTS):
+            try:
+                async with locks[(namespace, function, version)]:
+                    await report_version_pods(memo.kube, namespace, function, version)
+                return
+            except KubeError as err:
+                log.warning(
+                    "pod=%s/%s: Version pods not counted (attempt %d of %d): %s",
+                    namespace,
+                    body["metadata"].get("name"),
+                    attempt + 1,
+                    COUNT_ATTEMPTS,
+                    err,
+                )
+                if attempt + 1 < COUNT_ATTEMPTS:
+                    await asyncio.sleep(0.5 * 2**attempt)
 
 
 def _register_pool_sizes(registry: kopf.OperatorRegistry, config: Settings) -> None:
