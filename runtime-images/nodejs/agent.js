@@ -761,13 +761,33 @@ function main() {
     const status = err.code === 'HPE_HEADER_OVERFLOW' ? '431 Request Header Fields Too Large' : '400 Bad Request';
     socket.end(`HTTP/1.1 ${status}\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`);
   });
-  const host = process.env.EMBER_AGENT_HOST || '0.0.0.0';
-  const port = envInt('EMBER_AGENT_PORT', 8080, 0, 65535);
-  server.on('error', (e) => { process.stderr.write(`ember-agent: cannot listen on ${host}:${port}: ${e.message}\n`); process.exit(1); });
-  server.listen(port, host, () => {
-    process.stdout.write(`EMBER_AGENT_LISTENING port=${server.address().port}\n`);
+  const onListening = (what) => () => {
+    process.stdout.write(`EMBER_AGENT_LISTENING ${what()}\n`);
     setImmediate(spawnSpare);
-  });
+  };
+  const sockPath = process.env.EMBER_AGENT_SOCKET || '';
+  if (sockPath) {
+    // A Unix socket instead of TCP (EMBER_AGENT_HOST/PORT ignored).  A socket file left at the path
+    // (an agent that was killed) is removed first; any other file is refused, not replaced.  The
+    // file keeps the default mode: the host process that connects may run as another uid.
+    const refuse = (why) => { process.stderr.write(`ember-agent: EMBER_AGENT_SOCKET=${JSON.stringify(sockPath)}${why}\n`); process.exit(2); };
+    if (!path.isAbsolute(sockPath)) refuse(' must be an absolute path');
+    // sun_path is 108 bytes with the final NUL; listen() would silently truncate a longer path
+    if (Buffer.byteLength(sockPath) > 107) refuse(' is longer than 107 bytes, the limit of a Unix socket path');
+    let st = null;
+    try { st = fs.lstatSync(sockPath); } catch (e) { if (e.code !== 'ENOENT') refuse(`: ${e.message}`); }
+    if (st && !st.isSocket()) refuse(' exists and is not a socket; not replacing it');
+    if (st) {
+      try { fs.unlinkSync(sockPath); } catch (e) { if (e.code !== 'ENOENT') refuse(`: cannot remove the old socket: ${e.message}`); }
+    }
+    server.on('error', (e) => { process.stderr.write(`ember-agent: cannot listen on EMBER_AGENT_SOCKET=${JSON.stringify(sockPath)}: ${e.message}\n`); process.exit(1); });
+    server.listen(sockPath, onListening(() => `socket=${sockPath}`)); // server.close() unlinks the file
+  } else {
+    const host = process.env.EMBER_AGENT_HOST || '0.0.0.0';
+    const port = envInt('EMBER_AGENT_PORT', 8080, 0, 65535);
+    server.on('error', (e) => { process.stderr.write(`ember-agent: cannot listen on ${host}:${port}: ${e.message}\n`); process.exit(1); });
+    server.listen(port, host, onListening(() => `port=${server.address().port}`));
+  }
 
   const shutdown = () => {
     if (S.shuttingDown) return;

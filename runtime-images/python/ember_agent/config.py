@@ -14,6 +14,7 @@ WORKER_START_TIMEOUT_S = 10.0  # from the request to a loaded template to the ne
 DEFAULT_TIMEOUT_S = 3.0
 DEFAULT_MEMORY_MIB = 128
 DEFAULT_INIT_TIMEOUT_S = 10.0
+MAX_SOCKET_PATH_BYTES = 107  # sun_path is 108 bytes with the final NUL (Node truncates a longer path)
 
 
 def _env_int(name, default, minimum=0, maximum=1 << 62):

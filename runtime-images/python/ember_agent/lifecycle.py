@@ -1,5 +1,6 @@
-"""The agent process from start to exit: listen, fork the standby, serve; the main thread then only
-waits for signals (SIGCHLD: reap, also as PID 1; SIGTERM/SIGINT: drain and exit).
+"""The agent process from start to exit: listen (TCP, or a Unix socket if EMBER_AGENT_SOCKET is set),
+fork the standby, serve; the main thread then only waits for signals (SIGCHLD: reap, also as
+PID 1; SIGTERM/SIGINT: drain and exit).
 """
 
 # contextlib.suppress would cost an import (functools, collections) on the start path:
@@ -9,11 +10,12 @@ import _signal
 import _socket
 import _thread
 import os
+import stat  # imported by os already: free on the start path
 import sys
 import time
 
 from .auth import _make_undumpable
-from .config import _env_int
+from .config import MAX_SOCKET_PATH_BYTES, _env_int
 from .output import _dump_trace, _start_trace, _write_fd
 from .server import _accept_loop, _start_spare
 from .state import _OPEN_SOCKS, _S, _lock
@@ -27,18 +29,9 @@ def main():
         _exec_standby_main(sys.argv[2:])
     _S.entry = os.path.abspath(sys.argv[0])
     _start_trace()
-    host = os.environ.get("EMBER_AGENT_HOST") or "0.0.0.0"
-    port = _env_int("EMBER_AGENT_PORT", 8080, 0, 65535)
-    family = _socket.AF_INET6 if ":" in host else _socket.AF_INET
-    lsock = _socket.socket(family, _socket.SOCK_STREAM)
-    lsock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
-    try:
-        lsock.bind((host, port))
-    except OSError as e:
-        raise SystemExit(f"ember-agent: cannot listen on {host}:{port}: {e}") from None
-    lsock.listen(1024)
+    sock_path = os.environ.get("EMBER_AGENT_SOCKET") or ""
+    lsock, family, listening = _listen_unix(sock_path) if sock_path else _listen_tcp()
     _OPEN_SOCKS.add(lsock)
-    port = lsock.getsockname()[1]
     # Signals are handled synchronously by the main thread (sigwaitinfo); block them before any
     # thread starts so every thread inherits the mask and none of them takes a signal.
     sigs = {_signal.SIGTERM, _signal.SIGINT, _signal.SIGCHLD}
@@ -55,7 +48,7 @@ def main():
     _thread.start_new_thread(_make_undumpable, ())  # the agent only: the standby stays dumpable
     _start_spare()
     _thread.start_new_thread(_accept_loop, (lsock, family))
-    _write_fd(1, b"EMBER_AGENT_LISTENING port=%d\n" % port)
+    _write_fd(1, b"EMBER_AGENT_LISTENING %s\n" % listening)
     while True:
         info = _signal.sigwaitinfo(sigs)
         if info.si_signo == _signal.SIGCHLD:
@@ -65,7 +58,62 @@ def main():
                 lsock.close()
             except OSError:
                 pass
+            if sock_path:  # as Node's server.close() does: the next agent at this path finds no file
+                try:
+                    os.unlink(sock_path)
+                except OSError:
+                    pass
             _shutdown()
+
+
+def _listen_tcp():
+    """-> (listening socket, family, b"port=<n>") on EMBER_AGENT_HOST:EMBER_AGENT_PORT."""
+    host = os.environ.get("EMBER_AGENT_HOST") or "0.0.0.0"
+    port = _env_int("EMBER_AGENT_PORT", 8080, 0, 65535)
+    family = _socket.AF_INET6 if ":" in host else _socket.AF_INET
+    lsock = _socket.socket(family, _socket.SOCK_STREAM)
+    lsock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+    try:
+        lsock.bind((host, port))
+    except OSError as e:
+        raise SystemExit(f"ember-agent: cannot listen on {host}:{port}: {e}") from None
+    lsock.listen(1024)
+    return lsock, family, b"port=%d" % lsock.getsockname()[1]
+
+
+def _listen_unix(path):
+    """-> (listening socket, AF_UNIX, b"socket=<path>") on EMBER_AGENT_SOCKET.  A socket file left
+    at the path (an agent that was killed) is removed first; any other file is refused, not replaced.
+    The file keeps the default mode: the host process that connects may run as another uid."""
+    if not os.path.isabs(path):
+        raise SystemExit(f"ember-agent: EMBER_AGENT_SOCKET={path!r} must be an absolute path")
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
+        raise SystemExit(
+            f"ember-agent: EMBER_AGENT_SOCKET={path!r} is longer than {MAX_SOCKET_PATH_BYTES} bytes,"
+            " the limit of a Unix socket path"
+        )
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise SystemExit(f"ember-agent: EMBER_AGENT_SOCKET={path!r}: {e}") from None
+    else:
+        if not stat.S_ISSOCK(mode):
+            raise SystemExit(f"ember-agent: EMBER_AGENT_SOCKET={path!r} exists and is not a socket; not replacing it")
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise SystemExit(f"ember-agent: EMBER_AGENT_SOCKET={path!r}: cannot remove the old socket: {e}") from None
+    lsock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        lsock.bind(path)
+    except OSError as e:
+        raise SystemExit(f"ember-agent: cannot listen on EMBER_AGENT_SOCKET={path!r}: {e}") from None
+    lsock.listen(1024)
+    return lsock, _socket.AF_UNIX, b"socket=" + os.fsencode(path)
 
 
 def _exec_standby_main(args):
