@@ -21,6 +21,7 @@ import asyncio
 from dataclasses import dataclass
 
 from ember.activator.throttler import PodSlots
+from ember.pods.base import unix_socket
 
 MAX_HEAD_BYTES = 64 * 1024
 _LOG_TAIL = b"X-Ember-Log-Type: Tail\r\n"
@@ -155,10 +156,14 @@ class AgentClient:
         self._idle.clear()
 
     async def _connect(self, address: str) -> _Connection:
-        host, _, port = address.rpartition(":")
         loop = asyncio.get_running_loop()
         try:
-            _, connection = await loop.create_connection(_Connection, host, int(port))
+            path = unix_socket(address)
+            if path is not None:
+                _, connection = await loop.create_unix_connection(_Connection, path)
+            else:
+                host, _, port = address.rpartition(":")
+                _, connection = await loop.create_connection(_Connection, host, int(port))
         except OSError as err:
             raise AgentUnreachable(f"agent at {address}: {err}") from err
         self._all.add(connection)

@@ -26,22 +26,21 @@ from collections.abc import Callable
 from ember.activator.balancer import least_in_flight
 from ember.activator.errors import CapacityTimeout, Throttled
 from ember.activator.wake import Asleep, Wake
-from ember.pods.base import PodHandle
+from ember.pods.base import PodHandle, http_host
 
 
 class PodSlots:
     """One pod as the router sees it."""
 
-    __slots__ = ("address", "capacity", "draining", "handle", "idle_since", "in_flight", "invoke_head", "url")
+    __slots__ = ("address", "capacity", "draining", "handle", "idle_since", "in_flight", "invoke_head")
 
     def __init__(self, handle: PodHandle, *, now: float) -> None:
         self.handle = handle
         self.address = handle.address
-        self.url = f"http://{handle.address}/v1/invoke"
         # The invoke request's fixed head lines, its agent's token included, built once per pod
         # (`AgentClient.invoke` adds the request id and the length).
         self.invoke_head = (
-            f"POST /v1/invoke HTTP/1.1\r\nHost: {handle.address}\r\nContent-Type: application/json\r\n"
+            f"POST /v1/invoke HTTP/1.1\r\nHost: {http_host(handle.address)}\r\nContent-Type: application/json\r\n"
             f"Authorization: {handle.authorization}\r\n"
         ).encode("latin-1")
         self.capacity = handle.concurrency
