@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "operator"))
 
 from ember.pods.base import PoolKey, VersionKey  # noqa: E402
-from ember.pods.local import LocalPodSource, Sandbox, detect_sandbox  # noqa: E402
+from ember.pods.local import LocalPodSource, Sandbox, agent_session, detect_sandbox  # noqa: E402
 from ember.pods.payload import specialize_request  # noqa: E402
 
 RUNTIME = "python3.11"
@@ -71,6 +71,7 @@ spec:
     keepAliveSeconds: 600
 """
 ACTIVATOR_PATH = "/v1/namespaces/default/functions/bench/invoke"
+AGENT_INVOKE = "http://agent/v1/invoke"  # a local pod's agent, over its socket (`agent_session`)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,10 +121,11 @@ class _Conn(asyncio.Protocol):
 
 
 class _LoadGen:
-    def __init__(self, host: str, port: int, path: str, seconds: float, count: int) -> None:
+    def __init__(self, address: str, path: str, seconds: float, count: int) -> None:
         auth = f"Authorization: {os.environ[AGENT_AUTH_ENV]}\r\n" if path == "/v1/invoke" else ""
+        host = "agent" if address.startswith("unix:") else address
         self.request = (
-            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n{auth}"
+            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{auth}"
             f"Content-Length: {len(EVENT)}\r\n\r\n"
         ).encode() + EVENT
         self.deadline = time.perf_counter() + seconds
@@ -145,13 +147,18 @@ class _LoadGen:
             self.finished.set_result(None)
 
 
-async def _loadgen(host: str, port: int, path: str, seconds: float, concurrency: int, count: int) -> dict[str, Any]:
-    gen = _LoadGen(host, port, path, seconds, count)
+async def _loadgen(address: str, path: str, seconds: float, concurrency: int, count: int) -> dict[str, Any]:
+    """Load on `address`: host:port, or unix:<path> (a local pod's agent)."""
+    gen = _LoadGen(address, path, seconds, count)
     loop = asyncio.get_running_loop()
     gen.open = concurrency
     started = time.perf_counter()
     for _ in range(concurrency):
-        await loop.create_connection(lambda: _Conn(gen), host, port)
+        if address.startswith("unix:"):
+            await loop.create_unix_connection(lambda: _Conn(gen), address[len("unix:") :])
+        else:
+            host, port = address.rsplit(":", 1)
+            await loop.create_connection(lambda: _Conn(gen), host, int(port))
     await gen.finished
     elapsed = time.perf_counter() - started
     return {"ok": len(gen.latencies), "errors": gen.errors, "elapsed": elapsed, "latencies": gen.latencies}
@@ -159,9 +166,8 @@ async def _loadgen(host: str, port: int, path: str, seconds: float, concurrency:
 
 def run_loadgen(address: str, path: str, *, seconds: float, concurrency: int, count: int = 0) -> dict[str, Any]:
     """Run the load generator in a separate process; its result as a dict."""
-    host, port = address.rsplit(":", 1)
     out = subprocess.run(
-        [sys.executable, __file__, "_loadgen", host, port, path, str(seconds), str(concurrency), str(count)],
+        [sys.executable, __file__, "_loadgen", address, path, str(seconds), str(concurrency), str(count)],
         capture_output=True,
         text=True,
         check=True,
@@ -174,10 +180,14 @@ def run_loadgen(address: str, path: str, *, seconds: float, concurrency: int, co
 
 
 async def _proxy(port: int, backend: str) -> None:
-    from aiohttp import ClientSession, TCPConnector, web
+    from aiohttp import ClientSession, TCPConnector, UnixConnector, web
 
-    session = ClientSession(connector=TCPConnector(limit=0))
-    url = f"http://{backend}/v1/invoke"
+    if backend.startswith("unix:"):  # a local pod's agent
+        session = ClientSession(connector=UnixConnector(path=backend[len("unix:") :], limit=0))
+        url = "http://agent/v1/invoke"
+    else:
+        session = ClientSession(connector=TCPConnector(limit=0))
+        url = f"http://{backend}/v1/invoke"
     headers = {"Content-Type": "application/json", "Authorization": os.environ[AGENT_AUTH_ENV]}
 
     async def forward(request: web.Request) -> web.Response:
@@ -294,8 +304,6 @@ class ColdStarts:
 
 async def cold_starts(source: LocalPodSource, pool: PoolKey, runs: int, *, warm: bool) -> ColdStarts:
     """claim + specialize + first invocation, from a warm pool (`warm`) or an empty one."""
-    import aiohttp
-
     from ember.api.function import Function
 
     fn = Function.model_validate(
@@ -307,27 +315,26 @@ async def cold_starts(source: LocalPodSource, pool: PoolKey, runs: int, *, warm:
     request = specialize_request(VersionKey("default", "cold", 1), fn.spec, "sha256:" + "1" * 64)
     out = ColdStarts([], [], [], [])
     await source.ensure_pool(pool, 1 if warm else 0)
-    async with aiohttp.ClientSession() as http:
-        for _ in range(runs):
-            if warm:
-                while not source.warm_pods().get(pool):  # noqa: ASYNC110 - polling the source is the point
-                    await asyncio.sleep(0.02)
-                await asyncio.sleep(0.2)  # let the previous refill settle: measure a quiet claim
-            t0 = time.perf_counter()
-            handle = await source.claim(pool)
-            t1 = time.perf_counter()
-            handle = await source.specialize(handle, request)
-            t2 = time.perf_counter()
-            auth = {"Authorization": handle.authorization}
-            async with http.post(f"http://{handle.address}/v1/invoke", data=EVENT, headers=auth) as r:
-                assert r.status == 200, await r.text()
-                await r.read()
-            t3 = time.perf_counter()
-            await source.release(handle)
-            out.total.append(t3 - t0)
-            out.claim.append(t1 - t0)
-            out.specialize.append(t2 - t1)
-            out.first_invoke.append(t3 - t2)
+    for _ in range(runs):
+        if warm:
+            while not source.warm_pods().get(pool):  # noqa: ASYNC110 - polling the source is the point
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.2)  # let the previous refill settle: measure a quiet claim
+        t0 = time.perf_counter()
+        handle = await source.claim(pool)
+        t1 = time.perf_counter()
+        handle = await source.specialize(handle, request)
+        t2 = time.perf_counter()
+        auth = {"Authorization": handle.authorization}
+        async with agent_session(handle.address) as http, http.post(AGENT_INVOKE, data=EVENT, headers=auth) as r:
+            assert r.status == 200, await r.text()
+            await r.read()
+        t3 = time.perf_counter()
+        await source.release(handle)
+        out.total.append(t3 - t0)
+        out.claim.append(t1 - t0)
+        out.specialize.append(t2 - t1)
+        out.first_invoke.append(t3 - t2)
     await source.ensure_pool(pool, 0)
     return out
 
@@ -579,8 +586,8 @@ async def main(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_loadgen":
-        host, port, path, seconds, concurrency, count = sys.argv[2:8]
-        result = asyncio.run(_loadgen(host, int(port), path, float(seconds), int(concurrency), int(count)))
+        address, path, seconds, concurrency, count = sys.argv[2:7]
+        result = asyncio.run(_loadgen(address, path, float(seconds), int(concurrency), int(count)))
         print(json.dumps(result))
         sys.exit(0)
     if len(sys.argv) > 1 and sys.argv[1] == "_proxy":

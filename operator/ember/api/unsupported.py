@@ -10,10 +10,10 @@ in one list or the other, so a new field cannot slip in silently either).
 Each entry is a field path as the manifest spells it, a predicate for "the manifest sets it",
 and the modes where it has no effect. Most entries do nothing anywhere, and are reported when
 set to something other than the default (a user who writes the default gets what the default
-promises). Some work in a cluster but not in local mode (README, Local mode): egress is enforced
-by a NetworkPolicy in a cluster and not at all by `ember dev`, whose agents share the host
-network; local pods get the sandbox and filesystem this machine offers, not the policy's. For
-those, the default is not honoured locally either, so writing the field at all is reported.
+promises). Some work in a cluster but not in local mode (README, Local mode): an egress
+allow-list is enforced by a NetworkPolicy in a cluster, while `ember dev` gives a sandbox with
+any egress the host's network (egress `none` is enforced in both); local pods get the sandbox
+this machine offers, not the policy's.
 
 Pure: no I/O; the callers decide where the words go.
 """
@@ -28,7 +28,7 @@ from typing import Final, Generic, TypeVar
 from pydantic import BaseModel
 
 from ember.api.function import AsyncConfig, Freeze, FunctionSpec, State
-from ember.api.security_policy import Filesystem, Limits, SecurityPolicySpec
+from ember.api.security_policy import Limits, SecurityPolicySpec
 
 
 class Mode(enum.Enum):
@@ -40,6 +40,7 @@ class Mode(enum.Enum):
 
 EVERYWHERE: Final = frozenset(Mode)
 LOCAL_ONLY: Final = frozenset({Mode.LOCAL})
+CLUSTER_ONLY: Final = frozenset({Mode.CLUSTER})
 
 SpecT = TypeVar("SpecT", FunctionSpec, SecurityPolicySpec)
 
@@ -60,7 +61,6 @@ def _written(model: BaseModel | None, field: str) -> bool:
 
 _ASYNC = AsyncConfig()
 _LIMITS = Limits()
-_FILESYSTEM = Filesystem()
 
 FUNCTION_GAPS: Final[tuple[Gap[FunctionSpec], ...]] = (
     # The pool's CPU follows memory (resources/pool.py cpu_millicores); the field is read nowhere.
@@ -88,27 +88,19 @@ FUNCTION_GAPS: Final[tuple[Gap[FunctionSpec], ...]] = (
 POLICY_GAPS: Final[tuple[Gap[SecurityPolicySpec], ...]] = (
     # No credential-injecting proxy exists.
     Gap("spec.services", lambda s: bool(s.services)),
-    # Nothing limits a pod's processes (maxMemoryMiB and maxTimeoutSeconds refuse a Function over them).
-    Gap("spec.limits.pids", lambda s: s.limits.pids != _LIMITS.pids),
+    # A cluster: nothing limits a pod's processes (the kubelet's podPidsLimit is per node). Local
+    # mode: runsc's pids cgroup is a backstop that follows it (pods/local/sandbox.py runsc_host_tasks);
+    # bwrap has none, and `ember dev`'s banner says so.
+    Gap("spec.limits.pids", lambda s: s.limits.pids != _LIMITS.pids, CLUSTER_ONLY),
     # Only part of the policy hash (pods under different policies never share a pool anyway);
     # no level changes how a pod is isolated.
     Gap("spec.trustLevel", lambda s: s.trust_level != "untrusted"),
     # Local mode: the sandbox is whatever this machine offers (pods/local/sandbox.py detect_sandbox).
     Gap("spec.sandbox", lambda s: s.sandbox != "gvisor", LOCAL_ONLY),
     Gap("spec.runtimeClassName", lambda s: s.runtime_class_name is not None, LOCAL_ONLY),
-    # Local mode: agents use the host network (pods/local/sandbox.py), so even `mode: none` is not enforced.
-    Gap("spec.egress", lambda s: _written(s, "egress") or s.egress.mode != "none", LOCAL_ONLY),
-    # Local mode: runsc gives a writable overlay, bwrap a read-only root, both an unsized /tmp.
-    Gap(
-        "spec.filesystem.readOnlyRoot",
-        lambda s: _written(s.filesystem, "read_only_root") or s.filesystem.read_only_root != _FILESYSTEM.read_only_root,
-        LOCAL_ONLY,
-    ),
-    Gap(
-        "spec.filesystem.tmpSizeMiB",
-        lambda s: _written(s.filesystem, "tmp_size_mib") or s.filesystem.tmp_size_mib != _FILESYSTEM.tmp_size_mib,
-        LOCAL_ONLY,
-    ),
+    # Local mode: egress `none` is a network namespace of the sandbox's own; any allow-list
+    # shares the host's network (pods/local/sandbox.py), so its entries are not enforced there.
+    Gap("spec.egress.allow", lambda s: s.egress.mode == "allowList", LOCAL_ONLY),
 )
 
 

@@ -23,13 +23,28 @@ PodId = NewType("PodId", str)
 
 
 @dataclass(frozen=True, slots=True)
+class Isolation:
+    """What a pool's SecurityPolicy asks of each of its sandboxes, as a local sandbox applies it
+    (`ember.pods.local.sandbox`; a cluster's pool Deployment carries the whole policy instead)."""
+
+    network: bool = False  # False: egress `none`, a network namespace of its own (loopback only)
+    tmp_size_mib: int = 64
+    read_only_root: bool = True
+    pids: int = 256  # the policy's limits.pids (a runsc sandbox's host-task backstop follows it)
+
+
+@dataclass(frozen=True, slots=True)
 class PoolKey:
-    """Pods are interchangeable only within one pool: same runtime, sandbox, size and policy."""
+    """Pods are interchangeable only within one pool: same runtime, sandbox, size and policy.
+
+    `isolation` follows from the policy, which `policy_hash` already names: it is carried for
+    the pod source, not compared."""
 
     runtime: str
     sandbox: str
     memory_mib: int
     policy_hash: str
+    isolation: Isolation = field(default=Isolation(), compare=False)
 
     def __str__(self) -> str:
         return f"{self.runtime}/{self.sandbox}/{self.memory_mib}Mi/{self.policy_hash[:12]}"
@@ -64,7 +79,7 @@ class PodHandle:
     to us and never used: the source discards it and claims another. Never logged (no repr)."""
 
     id: PodId
-    address: str  # host:port of the runtime agent
+    address: str  # host:port of the runtime agent, or unix:<path> of its socket (`unix_socket`)
     pool: PoolKey
     claim: ClaimKind
     version: VersionKey | None = None
@@ -75,6 +90,19 @@ class PodHandle:
     def authorization(self) -> str:
         """The `Authorization` header value for this pod's agent."""
         return f"Bearer {self.token}"
+
+
+UNIX_ADDRESS_PREFIX = "unix:"
+
+
+def unix_socket(address: str) -> str | None:
+    """The socket path of a `unix:<path>` pod address (local sandboxes), None for host:port."""
+    return address[len(UNIX_ADDRESS_PREFIX) :] if address.startswith(UNIX_ADDRESS_PREFIX) else None
+
+
+def http_host(address: str) -> str:
+    """The Host header for requests to the agent at `address` (an agent ignores it)."""
+    return "agent" if unix_socket(address) is not None else address
 
 
 def new_agent_token() -> str:

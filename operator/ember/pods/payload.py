@@ -15,7 +15,7 @@ from typing import Any
 
 from ember.api.function import FunctionSpec
 from ember.api.security_policy import DEFAULT_POLICY, SecurityPolicySpec, policy_hash
-from ember.pods.base import PoolKey, SpecializeRequest, VersionKey
+from ember.pods.base import Isolation, PoolKey, SpecializeRequest, VersionKey
 
 
 class PayloadError(ValueError):
@@ -30,6 +30,12 @@ def pool_key(spec: FunctionSpec, policy: SecurityPolicySpec | None) -> PoolKey:
         sandbox=effective.sandbox,
         memory_mib=spec.resources.memory_mib,
         policy_hash=policy_hash(effective),
+        isolation=Isolation(
+            network=effective.egress.mode != "none",
+            tmp_size_mib=effective.filesystem.tmp_size_mib,
+            read_only_root=effective.filesystem.read_only_root,
+            pids=effective.limits.pids,
+        ),
     )
 
 

@@ -11,12 +11,11 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from ember.api.function import Function
 from ember.pods.base import ClaimKind, PodHandle, PoolKey, SpecializeFailed, VersionKey
-from ember.pods.local import LocalPodSource, Sandbox, detect_sandbox
+from ember.pods.local import LocalPodSource, Sandbox, agent_session, detect_sandbox
 from ember.pods.payload import specialize_request
 
 _HERE = Path(__file__).resolve().parts
@@ -65,8 +64,8 @@ async def _invoke(pod: PodHandle) -> dict[str, object]:
     """Invoke a pod's agent directly, with the token its specialize bound (CONTRACT.md)."""
     auth = {"Authorization": pod.authorization}
     async with (
-        aiohttp.ClientSession() as http,
-        http.post(f"http://{pod.address}/v1/invoke", data=b"{}", headers=auth) as r,
+        agent_session(pod.address) as http,
+        http.post("http://agent/v1/invoke", data=b"{}", headers=auth) as r,
     ):
         assert r.status == 200
         return dict(await r.json())
@@ -97,7 +96,7 @@ async def test_specialize_runs_code_inside_the_sandbox(source: LocalPodSource) -
     result = await _invoke(pod)
     if source.sandbox.kind is Sandbox.RUNSC:
         # gVisor's own kernel answers, not the host's
-        assert "4.4.0" in str(result["kernel"])
+        assert "4.4.0" in str(result["kernel"]) or "gvisor" in str(result["kernel"])  # Debian's, newer ones
         assert os.uname().release not in str(result["kernel"])
     elif source.sandbox.kind is Sandbox.BWRAP:
         assert all(str(name).startswith("ember") for name in result["tmp"])  # type: ignore[attr-defined]
@@ -114,7 +113,7 @@ async def test_bad_code_fails_specialize_and_leaves_the_pod_generic(source: Loca
     good = await source.specialize(pod, _request("def handler(e, c):\n    return 7\n", 2))  # type: ignore[arg-type]
     assert good.token == pod.token  # the failed specialize bound it: the same pod, the same token
     auth = {"Authorization": good.authorization}
-    async with aiohttp.ClientSession() as http, http.post(f"http://{good.address}/v1/invoke", headers=auth) as r:
+    async with agent_session(good.address) as http, http.post("http://agent/v1/invoke", headers=auth) as r:
         assert await r.json() == 7
 
 
@@ -166,10 +165,19 @@ def test_sandbox_choice_follows_the_environment() -> None:
 def test_bubblewrap_binds_back_an_agent_that_lives_under_tmp(tmp_path: object) -> None:
     from pathlib import Path
 
+    from ember.pods.base import Isolation
     from ember.pods.local import SandboxChoice, sandboxed
+    from ember.pods.local.sandbox import PodPlace
 
     agent = Path(str(tmp_path)) / "runtime-images" / "python" / "agent.py"
-    command = sandboxed(SandboxChoice(Sandbox.BWRAP, "/usr/bin/bwrap", ""), ["/usr/bin/python3", str(agent)])
+    command = sandboxed(
+        SandboxChoice(Sandbox.BWRAP, "/usr/bin/bwrap", ""),
+        ["/usr/bin/python3", str(agent)],
+        {},
+        PodPlace(Path(str(tmp_path)) / "pod", "pod"),
+        memory_mib=128,
+        isolation=Isolation(),
+    )
     # Only the agent's own folder, read-only, after the private /tmp: never the whole checkout.
     binds = [command[i : i + 3] for i in range(len(command))]
     assert ["--ro-bind", str(agent.parent), str(agent.parent)] in binds

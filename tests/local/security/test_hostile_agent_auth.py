@@ -1,17 +1,20 @@
 """A hostile function against other functions' agents in local mode (issue #11, first bullet).
 
-In local mode every agent listens on the host's loopback, so function code can reach all of
-them. The attack of #11: read a victim agent's codeHash from its `GET /healthz`, specialize the
-warm generic agents with the attacker's own code under that codeHash and handler, so that the
-victim's next cold start hits the agent's idempotent path ("already specialized with the same
-codeHash and handler: 200") and the victim's calls run the attacker's code; and invoke the
-victim's agents directly, around the activator.
+The attack of #11, found when every agent listened on the host's loopback: read a victim
+agent's codeHash from its `GET /healthz`, specialize the warm generic agents with the attacker's
+own code under that codeHash and handler, so that the victim's next cold start hits the agent's
+idempotent path and the victim's calls run the attacker's code; and invoke the victim's agents
+directly, around the activator. Agents now bind a token at their first specialize (CONTRACT.md,
+Authentication) and listen on a Unix socket in their pod's private folder, never on a TCP port
+(`ember.pods.local.sandbox`): a port scan finds no agent, and a function cannot reach another
+pod's socket.
 
-A real activator over the real `LocalPodSource` (tests/local/activator/helpers.py), in the
-sandbox `ember dev` would pick. The test tells the attacker the agents' ports, read from the
-process list (what a port scan would find); it even hands the attacker the victim's codeHash, as
-if it had leaked elsewhere. The attacker returns everything it saw. A bounded background load
-on the victim runs throughout and must see only the victim's answers.
+A real activator over the real `LocalPodSource` (tests/local/activator/helpers.py), in each
+isolating sandbox this machine has. The test checks that no agent process listens on TCP, then hands
+the attacker the host paths of the victim's and the warm agents' sockets, as if they had leaked,
+and the victim's codeHash; the attacker also tries its own agent's socket without the token.
+It returns everything it saw. A bounded background load on the victim runs throughout and must
+see only the victim's answers.
 
 The agent-level rules (401s, what /healthz says) are tests/local/agent/test_agent_auth.py;
 pod-to-pod on the cluster is tests/cluster/test_agent_auth_cluster.py.
@@ -27,8 +30,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import pytest
 from tests.local.activator.helpers import Activator, function, run_activator
+from tests.local.security.test_sandbox_local import ISOLATED, _use
 
+from ember.pods.local import SandboxChoice
 from ember.pods.local.process import ProcessState
 
 VICTIM = """
@@ -37,39 +43,43 @@ def handler(event, context):
 """
 
 ATTACKER = r"""
-import http.client, json, secrets
+import json, os, secrets, socket
 
 MINE = "def handler(event, context):\n    return {'who': 'attacker', 'n': event.get('n')}\n"
+OWN = os.environ["EMBER_AGENT_SOCKET"]
 
-def call(port, method, path, body=None, token=None):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    headers = {"Content-Type": "application/json"}
+def call(path, method, url, body=None, token=None):
+    data = json.dumps(body).encode() if body is not None else b""
+    head = f"{method} {url} HTTP/1.1\r\nHost: agent\r\nContent-Length: {len(data)}\r\nConnection: close\r\n"
     if token:
-        headers["Authorization"] = "Bearer " + token
+        head += f"Authorization: Bearer {token}\r\n"
     try:
-        conn.request(method, path, body=json.dumps(body).encode() if body is not None else None, headers=headers)
-        r = conn.getresponse()
-        return {"port": port, "status": r.status, "body": r.read().decode(errors="replace")}
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(path)
+            s.sendall(head.encode() + b"\r\n" + data)
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+        return {"path": path, "status": int(reply.split(b" ", 2)[1]), "body": reply.decode(errors="replace")}
     except OSError as e:
-        return {"port": port, "error": repr(e)}
-    finally:
-        conn.close()
+        return {"path": path, "error": repr(e)}
 
 def handler(event, context):
     if event.get("noop"):
         return {"ready": True}
-    seen = {"healthz": [], "poison": [], "respecialize": [], "invoke": []}
-    for port in event["victim_ports"]:
-        seen["healthz"].append(call(port, "GET", "/healthz"))
-    code_hash = event["victim_code_hash"]  # handed over, as if leaked: /healthz no longer says it
+    seen = {"healthz": [], "poison": [], "invoke": [], "own": []}
+    code_hash = event["victim_code_hash"]  # handed over, as if leaked: /healthz never says it
     poison = {"function": {"namespace": "default", "name": "victim", "version": 1},
               "handler": "main.handler", "code": {"inline": MINE}, "codeHash": code_hash}
-    for port in event["generic_ports"]:
-        seen["poison"].append(call(port, "POST", "/v1/specialize", poison, token=secrets.token_urlsafe(32)))
-    for port in event["victim_ports"]:
-        for token in (None, secrets.token_urlsafe(32)):
-            seen["respecialize"].append(call(port, "POST", "/v1/specialize", poison, token=token))
-            seen["invoke"].append(call(port, "POST", "/v1/invoke", {"n": -1}, token=token))
+    for path in event["victim_sockets"]:
+        seen["healthz"].append(call(path, "GET", "/healthz"))
+        seen["invoke"].append(call(path, "POST", "/v1/invoke", {"n": -1}, token=secrets.token_urlsafe(32)))
+    for path in event["generic_sockets"]:
+        seen["poison"].append(call(path, "POST", "/v1/specialize", poison, token=secrets.token_urlsafe(32)))
+    for token in (None, secrets.token_urlsafe(32)):
+        seen["own"].append(call(OWN, "POST", "/v1/specialize", poison, token=token))
+        seen["own"].append(call(OWN, "POST", "/v1/invoke", {"n": -1}, token=token))
     return seen
 """
 
@@ -122,12 +132,13 @@ def _victim_pods(act: Activator) -> list[str]:
     return [s.handle.id for vs in act.registry.all_versions() if vs.fs.name == "victim" for s in vs.serving]
 
 
-def _ports_of(act: Activator, state: ProcessState, ids: list[str] | None = None) -> list[int]:
-    ports: set[int] = set()
-    for pod_id, pod in act.source.pods().items():
-        if pod.state is state and (ids is None or pod_id in ids):
-            ports |= _listening_ports(pod.pid)
-    return sorted(ports)
+def _sockets_of(act: Activator, state: ProcessState, ids: list[str] | None = None) -> list[str]:
+    """The host paths of the agent sockets of the pods in `state` (and `ids`)."""
+    return sorted(
+        pod.address.removeprefix("unix:")
+        for pod_id, pod in act.source.pods().items()
+        if pod.state is state and (ids is None or pod_id in ids)
+    )
 
 
 @contextlib.asynccontextmanager
@@ -167,47 +178,53 @@ async def _warm_pods(act: Activator, n: int, timeout_s: float = 60) -> None:
             await asyncio.sleep(0.05)
 
 
-async def test_a_hostile_function_cannot_poison_the_pool_nor_invoke_another_functions_agent() -> None:
+@pytest.mark.parametrize("choice", ISOLATED)
+async def test_a_hostile_function_cannot_poison_the_pool_nor_invoke_another_functions_agent(
+    choice: SandboxChoice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _use(choice, monkeypatch)
     async with run_activator() as act:
+        assert act.source.sandbox == choice
         act.registry.apply(function("victim", VICTIM))
         assert await _invoke(act, "victim", {"n": 0}) == {"who": "victim", "n": 0}
         act.registry.apply(function("attacker", ATTACKER))
         assert await _invoke(act, "attacker", {"noop": True}) == {"ready": True}
         await _warm_pods(act, 2)  # the pool the victim's next cold start claims from
         (victim_version,) = [vs for vs in act.registry.all_versions() if vs.fs.name == "victim"]
-        victim_ports = _ports_of(act, ProcessState.SPECIALIZED, _victim_pods(act))
-        generic_ports = _ports_of(act, ProcessState.WARM)
-        assert victim_ports, "no victim agent port found"
-        assert len(generic_ports) >= 2, generic_ports
+        victim_sockets = _sockets_of(act, ProcessState.SPECIALIZED, _victim_pods(act))
+        generic_sockets = _sockets_of(act, ProcessState.WARM)
+        assert victim_sockets, "no victim agent found"
+        assert len(generic_sockets) >= 2, generic_sockets
+        # a port scan finds no agent: none of the pods' processes listens on TCP
+        assert {pod_id: _listening_ports(pod.pid) for pod_id, pod in act.source.pods().items()} == {
+            pod_id: set() for pod_id in act.source.pods()
+        }
 
         async with _victim_load(act) as errors:
             seen = await _invoke(
                 act,
                 "attacker",
                 {
-                    "victim_ports": victim_ports,
-                    "generic_ports": generic_ports,
+                    "victim_sockets": victim_sockets,
+                    "generic_sockets": generic_sockets,
                     "victim_code_hash": victim_version.code_hash,
                 },
             )
             # the victim's next cold start: its pods drain (in-flight calls finish), and the pool
-            # holds only agents the attacker bound
+            # holds the agents the attacker tried to bind
             for slots in victim_version.serving:
                 victim_version.drain(slots)
             replies = [await _invoke(act, "victim", {"n": 100 + i}) for i in range(5)]
 
-        # what the attacker saw: liveness only, and 401 for every request to another's agent
-        for probe in seen["healthz"]:
-            assert probe["status"] == 200, probe
-            assert set(json.loads(probe["body"])) == {"state", "runtime"}, probe
-            assert victim_version.code_hash not in probe["body"]
-        assert seen["respecialize"], seen
-        assert seen["invoke"], seen
-        for attempt in seen["respecialize"] + seen["invoke"]:
-            assert attempt.get("status") == 401, attempt
-            assert '"who"' not in attempt["body"]
-        # binding a generic agent works (the first token wins), but the activator never uses it
-        assert [p["status"] for p in seen["poison"]] == [200] * len(generic_ports), seen["poison"]
+        # another pod's socket is not there for the attacker (its sandbox holds only its own)
+        for attempt in seen["healthz"] + seen["invoke"] + seen["poison"]:
+            assert "status" not in attempt, attempt
+            assert "FileNotFoundError" in attempt["error"] or "ConnectionRefused" in attempt["error"], attempt
+        # its own agent refuses it (the activator bound it with a token the code cannot read), or
+        # is not reachable at all (gVisor lets the agent make its host socket, not connect to one)
+        assert len(seen["own"]) == 4, seen["own"]
+        for attempt in seen["own"]:
+            assert attempt.get("status") == 401 or "PermissionError" in attempt.get("error", ""), attempt
         assert replies == [{"who": "victim", "n": 100 + i} for i in range(5)]
-        assert act.source.discarded_bound >= 1  # the victim's cold start met a poisoned pod and discarded it
+        assert act.source.discarded_bound == 0  # no pod was bound by anyone but the activator
         assert errors == []

@@ -11,10 +11,9 @@ What each sandbox is held to (see `ember.pods.local.sandbox`):
   variable of the process running `ember dev` never reaches a function;
 - bwrap: a non-root uid with no capabilities, no new user namespace, read-only and minimal
   binds (no project tree, no /root, no /etc/shadow), writes only to its private /tmp;
-- runsc: a non-root uid with no capabilities (so /etc/shadow and /root are unreadable); with
-  a runsc whose `do` takes `-volume`, a minimal root (no project tree). With an older runsc
-  (Debian's) the sandbox's root is the host's, read-only: the project tree stays readable
-  there, and the test says so instead of skipping.
+- runsc (an OCI bundle, with any runsc, Debian's included): a non-root uid with no
+  capabilities, a minimal root (no project tree, no /root, no /etc/shadow), writes only to its
+  private /tmp.
 """
 
 from __future__ import annotations
@@ -37,7 +36,6 @@ from tests.local.activator.helpers import Activator, run_activator
 
 from ember.api.function import Function
 from ember.pods.local import Sandbox, SandboxChoice, detect_sandbox
-from ember.pods.local.sandbox import runsc_has_volumes
 
 PROJECT = Path(__file__).resolve().parents[3]
 CANARY = "EMBER_TEST_CANARY_" + secrets.token_hex(4).upper()
@@ -96,6 +94,37 @@ def write(path):
         f.write("written by a hostile function\n")
     return path
 
+def raw_socket():
+    import socket
+    socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP).close()
+    return "opened"
+
+def agent_pid():
+    # the agent (which checks the token) is the farthest ancestor running Python (bwrap's own
+    # init is not); the ones between it and this worker are its template and standbys, exec'ed
+    # without its memory
+    pid, found = os.getppid(), None
+    while pid > 0:
+        with open(f"/proc/{pid}/comm") as f:
+            if f.read().startswith("python"):
+                found = pid
+        with open(f"/proc/{pid}/stat") as f:
+            pid = int(f.read().rsplit(")", 1)[1].split()[1])
+    return found
+
+def ptrace_agent():
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    pid = agent_pid()
+    if libc.ptrace(16, pid, None, None) != 0:  # PTRACE_ATTACH
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    libc.ptrace(17, pid, None, None)  # PTRACE_DETACH
+    return pid
+
+def agent_memory():
+    with open(f"/proc/{agent_pid()}/mem", "rb") as f:
+        return len(f.read(1))
+
 def handler(event, context):
     token, project = os.environ["PROBE_TOKEN"], os.environ["PROBE_PROJECT"]
     stdlib = os.path.dirname(os.__file__)
@@ -118,6 +147,10 @@ def handler(event, context):
         "project_listing": attempt(lambda: sorted(os.listdir(project))),
         "project_readme": attempt(lambda: open(os.path.join(project, "README.md")).read()[:10]),
         "examples": attempt(lambda: sorted(os.listdir(os.path.join(project, "examples")))),
+        "agent_pid": attempt(agent_pid),
+        "raw_socket": attempt(raw_socket),
+        "ptrace_agent": attempt(ptrace_agent),
+        "agent_memory": attempt(agent_memory),
     }
 """
 
@@ -234,7 +267,6 @@ async def test_a_hostile_function_has_no_privilege_and_cannot_write_the_host(
         path.unlink()
     assert written == [], f"a sandboxed function wrote on the host: {written}"
 
-    minimal_root = choice.kind is Sandbox.BWRAP or runsc_has_volumes(str(choice.binary))
     assert seen["caps"]["CapEff"] == seen["caps"]["CapPrm"] == "0000000000000000", seen["caps"]
     assert seen["caps"]["CapBnd"] == "0000000000000000", seen["caps"]
     assert seen["caps"]["CapAmb"] in ("0000000000000000", None), seen["caps"]  # Debian's gVisor has no CapAmb
@@ -244,39 +276,25 @@ async def test_a_hostile_function_has_no_privilege_and_cannot_write_the_host(
         assert not seen["unshare"]["ok"], seen["unshare"]
     assert seen["write_tmp"]["ok"], seen["write_tmp"]  # its own /tmp is writable, and private
 
-    if minimal_root or _reachable_by_others(Path(os.__file__)):
-        assert (seen["uid"], seen["euid"], seen["gid"]) == (65534, 65534, 65534), seen
-        # under /tmp the project's path is only the sandbox's private /tmp (the host check holds)
-        attempts = ["write_stdlib", "write_usr", "write_etc"] + ([] if PROJECT.parts[1] == "tmp" else ["write_project"])
-        for attempt in attempts:
-            assert not seen[attempt]["ok"], (attempt, seen[attempt])
-        assert not seen["shadow"]["ok"], seen["shadow"]
-        # /root shows at most the path to an interpreter bound from it (pyenv's), never its files
-        assert not seen["root"]["ok"] or set(seen["root"]["value"]) <= {".pyenv"}, seen["root"]
-    else:
-        # today's exposure with a runsc whose `do` has no -volume (Debian's) and an interpreter
-        # that uid 65534 cannot reach (pyenv under /root): the agent keeps uid 0 with no
-        # capabilities, which keeps root-owned files readable (asserted so that a fix shows);
-        # its writes to root-owned folders land in gVisor's in-memory overlay (the host check)
-        assert seen["uid"] == 0, "fixed? update this test and the README"
-        assert seen["shadow"]["ok"], "fixed? update this test and the README"
-
-    if minimal_root:
-        # the project's path shows only the folders down to the agent's own sources
-        listing = seen["project_listing"]
-        assert not listing["ok"] or [n for n in listing["value"] if token not in n] == ["runtime-images"], listing
-        assert not seen["project_readme"]["ok"], seen["project_readme"]
-        assert not seen["examples"]["ok"], seen["examples"]
-    else:
-        # today's exposure with a runsc whose `do` has no -volume: the host root is the sandbox's
-        # root, read-only, so world-readable files such as the project tree stay readable
-        assert seen["project_readme"]["ok"], "the project became hidden: update this test and the README"
-
-
-def _reachable_by_others(path: Path) -> bool:
-    """Whether uid 65534 could open `path`: readable by others, every folder above it searchable."""
-    real = path.resolve()
-    return bool(real.stat().st_mode & 0o004) and all(p.stat().st_mode & 0o001 for p in real.parents)
+    assert (seen["uid"], seen["euid"], seen["gid"]) == (65534, 65534, 65534), seen
+    # under /tmp the project's path is only the sandbox's private /tmp (the host check holds)
+    attempts = ["write_stdlib", "write_usr", "write_etc"] + ([] if PROJECT.parts[1] == "tmp" else ["write_project"])
+    for attempt in attempts:
+        assert not seen[attempt]["ok"], (attempt, seen[attempt])
+    assert not seen["shadow"]["ok"], seen["shadow"]
+    # /root shows at most the path to an interpreter bound from it (pyenv's), never its files
+    assert not seen["root"]["ok"] or set(seen["root"]["value"]) <= {".pyenv"}, seen["root"]
+    # the project's path shows only the folders down to the agent's own sources
+    listing = seen["project_listing"]
+    assert not listing["ok"] or [n for n in listing["value"] if token not in n] == ["runtime-images"], listing
+    assert not seen["project_readme"]["ok"], seen["project_readme"]
+    assert not seen["examples"]["ok"], seen["examples"]
+    # no raw sockets (no CAP_NET_RAW), and the agent (which holds the token) cannot be traced or read
+    assert not seen["raw_socket"]["ok"], seen["raw_socket"]
+    assert seen["agent_pid"]["ok"], seen["agent_pid"]
+    assert isinstance(seen["agent_pid"]["value"], int), seen["agent_pid"]  # the attacks below aim at a process
+    assert not seen["ptrace_agent"]["ok"], seen["ptrace_agent"]
+    assert not seen["agent_memory"]["ok"], seen["agent_memory"]
 
 
 def test_bwrap_is_refused_where_it_cannot_make_an_unprivileged_user_namespace() -> None:

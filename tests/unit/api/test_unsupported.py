@@ -54,7 +54,7 @@ IMPLEMENTED: dict[str, str] = {
     "spec.code.configMapRef.key": LOUD_ELSEWHERE,  # resources/code.py files_from_configmap
     "spec.code.path": LOUD_ELSEWHERE,  # pods/payload.py (local); cluster: resources/code.py CodeError
     "spec.env{}": BOTH,  # pods/payload.py specialize_request
-    "spec.resources.memoryMiB": BOTH,  # resources/pool.py limits; the agent's per-worker memory limit
+    "spec.resources.memoryMiB": BOTH,  # resources/pool.py limits; pods/local/sandbox.py memory cgroup (runsc)
     "spec.timeoutSeconds": BOTH,  # pods/payload.py; activator/registry.py timeout_s
     "spec.concurrency": BOTH,  # activator/throttler.py capacity, scaling/autoscaler.py
     "spec.scaling.minScale": BOTH,  # activator/registry.py scaling_params
@@ -73,12 +73,12 @@ IMPLEMENTED: dict[str, str] = {
     "spec.allowUnsandboxed": BOTH,  # api/security_policy.py: the gate on sandbox none (model and CEL)
     "spec.sandbox": NOT_LOCAL,  # resources/pool.py runtimeClassName; local: pods/local/sandbox.py detect_sandbox
     "spec.runtimeClassName": NOT_LOCAL,  # same
-    "spec.egress.mode": NOT_LOCAL,  # resources/network_policy.py; local agents share the host network
-    "spec.egress.allow[].cidr": NOT_LOCAL,  # same
+    "spec.egress.mode": BOTH,  # resources/network_policy.py; pods/payload.py Isolation.network (local netns)
+    "spec.egress.allow[].cidr": NOT_LOCAL,  # resources/network_policy.py; local: the host's network
     "spec.egress.allow[].host": NOT_LOCAL,  # denied and reported as EgressEnforced=False in a cluster
     "spec.egress.allow[].ports[]": NOT_LOCAL,  # same
-    "spec.filesystem.readOnlyRoot": NOT_LOCAL,  # resources/pool.py securityContext
-    "spec.filesystem.tmpSizeMiB": NOT_LOCAL,  # resources/pool.py emptyDir sizeLimit
+    "spec.filesystem.readOnlyRoot": BOTH,  # resources/pool.py securityContext; pods/local/sandbox.py root
+    "spec.filesystem.tmpSizeMiB": BOTH,  # resources/pool.py emptyDir sizeLimit; pods/local/sandbox.py tmpfs
     "spec.limits.maxMemoryMiB": BOTH,  # resources/policy.py limit_violations: controller/function.py, devmode, validate
     "spec.limits.maxTimeoutSeconds": BOTH,  # same
 }
@@ -107,9 +107,7 @@ POLICY_SAMPLES: dict[str, dict[str, Any]] = {
     "spec.trustLevel": {"trustLevel": "trusted"},
     "spec.sandbox": {"sandbox": "kata"},
     "spec.runtimeClassName": {"runtimeClassName": "gvisor-systrap"},
-    "spec.egress": {"egress": {"mode": "none"}},
-    "spec.filesystem.readOnlyRoot": {"filesystem": {"readOnlyRoot": True}},
-    "spec.filesystem.tmpSizeMiB": {"filesystem": {"tmpSizeMiB": 16}},
+    "spec.egress.allow": {"egress": {"mode": "allowList", "allow": [{"cidr": "10.0.0.0/8"}]}},
 }
 
 
@@ -223,12 +221,11 @@ def test_a_policy_that_works_in_a_cluster_is_told_only_about_local_mode() -> Non
         }
     )
     assert unsupported_policy_fields(spec, Mode.CLUSTER) == ()
-    assert unsupported_policy_fields(spec, Mode.LOCAL) == (
-        "spec.sandbox",
-        "spec.egress",
-        "spec.filesystem.readOnlyRoot",
-    )
+    assert unsupported_policy_fields(spec, Mode.LOCAL) == ("spec.sandbox", "spec.egress.allow")
     assert unsupported_policy_fields(SecurityPolicySpec(), Mode.LOCAL) == ()
+    # egress `none`, a read-only root and a sized /tmp work in local mode too
+    written = {"egress": {"mode": "none"}, "filesystem": {"readOnlyRoot": True, "tmpSizeMiB": 16}}
+    assert unsupported_policy_fields(SecurityPolicySpec.model_validate(written), Mode.LOCAL) == ()
 
 
 def test_messages_name_every_field_and_agree_in_number() -> None:
@@ -248,10 +245,4 @@ def test_the_examples_are_told_what_they_set_in_vain() -> None:
     warnings = {r.metadata.name: unsupported_warning(r.spec) for r in load_manifests(ROOT / "examples")}
     assert warnings["hello-python"] is None
     assert warnings["greeter"] == "spec.http.routes is accepted but not implemented yet; it has no effect"
-    strict = warnings["strict"]
-    assert strict is not None
-    assert strict.startswith("spec.limits.pids is accepted")
-    assert strict.endswith(
-        "; spec.egress, spec.filesystem.readOnlyRoot, spec.filesystem.tmpSizeMiB are accepted but not implemented "
-        "in local mode (ember dev); they have no effect there"
-    )
+    assert warnings["strict"] == "spec.limits.pids is accepted but not implemented yet; it has no effect"

@@ -7,6 +7,14 @@ command line per runtime.
 
 from ember.pods.local.runtimes import agent_command
 from ember.pods.local.sandbox import Sandbox, SandboxChoice, detect_sandbox, sandboxed
-from ember.pods.local.source import LocalPodSource
+from ember.pods.local.source import LocalPodSource, agent_session
 
-__all__ = ["LocalPodSource", "Sandbox", "SandboxChoice", "agent_command", "detect_sandbox", "sandboxed"]
+__all__ = [
+    "LocalPodSource",
+    "Sandbox",
+    "SandboxChoice",
+    "agent_command",
+    "agent_session",
+    "detect_sandbox",
+    "sandboxed",
+]

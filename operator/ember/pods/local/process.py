@@ -17,11 +17,12 @@ import enum
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 
 from ember.pods.base import PodHandle, PodId, PoolKey, PoolUnavailable
 
-LISTENING_PREFIX = b"EMBER_AGENT_LISTENING port="
+LISTENING_PREFIX = b"EMBER_AGENT_LISTENING "
 
 # The whole environment an agent starts with, besides its settings: nothing here is a secret,
 # and nothing names the host (HOME is the sandbox's private /tmp).
@@ -33,6 +34,7 @@ AGENT_ENV: Mapping[str, str] = MappingProxyType(
 AGENT_SETTINGS = (
     "EMBER_AGENT_HOST",
     "EMBER_AGENT_PORT",
+    "EMBER_AGENT_SOCKET",
     "EMBER_AGENT_CONCURRENCY",
     "EMBER_AGENT_MAX_PAYLOAD_BYTES",
     "EMBER_AGENT_CODE_DIR",
@@ -75,6 +77,7 @@ class LocalPod:
     pool: PoolKey
     pid: int
     state: ProcessState
+    address: str  # unix:<path> of its agent's socket ("" while starting)
 
 
 @dataclass(eq=False)
@@ -90,14 +93,16 @@ class AgentProcess:
     monitor: asyncio.Task[None] | None = None
     started_at: float = field(default_factory=time.monotonic)
     refill_due: asyncio.TimerHandle | None = None
+    place: Path | None = None  # its private folder (socket, bundle), removed when it is gone
 
     def view(self) -> LocalPod:
         """This process as it is now, read-only."""
-        return LocalPod(id=self.id, pool=self.pool, pid=self.proc.pid, state=self.state)
+        return LocalPod(id=self.id, pool=self.pool, pid=self.proc.pid, state=self.state, address=self.address)
 
 
-async def read_port(proc: asyncio.subprocess.Process) -> int:
-    """The port a starting agent prints it listens on; `PoolUnavailable` if it exits first."""
+async def read_listening(proc: asyncio.subprocess.Process) -> str:
+    """What a starting agent prints it listens on (`socket=<path>` or `port=<n>`);
+    `PoolUnavailable` if it exits first."""
     stream = proc.stdout
     assert stream is not None
     seen: list[bytes] = []
@@ -108,5 +113,5 @@ async def read_port(proc: asyncio.subprocess.Process) -> int:
             tail = b"".join(seen[-5:]).decode(errors="replace").strip()
             raise PoolUnavailable(f"exited with code {code} before listening: {tail or 'no output'}")
         if line.startswith(LISTENING_PREFIX):
-            return int(line[len(LISTENING_PREFIX) :].strip())
+            return line[len(LISTENING_PREFIX) :].decode(errors="replace").strip()
         seen.append(line)

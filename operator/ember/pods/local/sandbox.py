@@ -1,36 +1,40 @@
 """Sandboxes for local agent processes: which one this machine has, and the command line in it.
 
-Function code is hostile (DESIGN.md, Trust boundaries). Whatever the sandbox, the command line
-built here starts the agent with a minimal, explicit environment (`ember.pods.local.process.
-AGENT_ENV` plus the agent's own `EMBER_AGENT_*` settings), never the environment of the process
-running `ember dev`. Best first (`EMBER_SANDBOX=runsc|bwrap|none` forces one):
+Function code is hostile (DESIGN.md, Trust boundaries). Whatever the sandbox, an agent starts
+with a minimal, explicit environment (`ember.pods.local.process.AGENT_ENV` plus its own
+`EMBER_AGENT_*` settings), never the environment of the process running `ember dev`, and
+listens on a Unix socket in its pod's private folder (`PodPlace`), never on a TCP port: only
+this process reaches it, not other functions (which share the host's loopback when their policy
+allows egress). Per pod, the pool's `Isolation` (from its SecurityPolicy) decides the network,
+the size of /tmp and whether the root is read-only. Best first (`EMBER_SANDBOX=runsc|bwrap|none`
+forces one):
 
-- **runsc** (gVisor; `EMBER_RUNSC` names the binary, else PATH): `runsc --rootless
-  --network=host do`. The sandbox gets gVisor's own kernel (syscalls never reach the host
-  kernel directly) and a private in-memory overlay on every mount, so nothing it writes reaches
-  the host. `runsc do` runs its command as root with every capability (gVisor's); the command
-  here first becomes uid/gid 65534 with no capabilities and no_new_privs (`setpriv`). When the
-  runsc's `do` takes `-volume` (newer gVisor; Debian's 2022 runsc does not), its root is a
-  minimal skeleton (`_skeleton`) with read-only-in-effect volumes of /usr, a few /etc files and
-  the agent's own interpreter and code only: no project tree, no /root, no /etc/shadow. With an
-  older runsc the root is the host's, read-only: the uid keeps /etc/shadow and /root out, but
-  world-readable files (the project tree, the other functions' manifests) stay readable; and
-  when the interpreter itself lives where uid 65534 cannot reach it (pyenv under /root), the
-  agent stays uid 0 with no capabilities, which does not keep those out (a warning says so).
-  `runsc do` without `--network=host` gives the sandbox its own network namespace, wired with a
-  veth pair and iptables NAT on a fixed 192.168.10.0/24 address per sandbox: that needs
-  iptables and uses a private range this machine must not send traffic to. With
-  `--network=host` the agent binds a port on the host's loopback (gVisor's hostinet), so local
-  mode does not isolate the network (a cluster enforces the SecurityPolicy's egress with
-  NetworkPolicy instead). `EMBER_RUNSC_FLAGS` adds flags (e.g. `--platform=systrap`).
+- **runsc** (gVisor; `EMBER_RUNSC` names the binary, else PATH): `runsc run` on an OCI bundle
+  written per pod (`_oci_config`), which every runsc has (Debian's 2022 one included). The
+  sandbox gets gVisor's own kernel (syscalls never reach the host kernel directly) and runs the
+  agent as uid/gid 65534 with no capabilities and no_new_privs. Its root is a minimal skeleton
+  (`_skeleton`: the merged-/usr symlinks) with read-only binds of /usr, a few /etc files and
+  the agent's own interpreter and code only: no project tree, no /root, no /etc/shadow, no
+  other function's files. /tmp is a tmpfs of the policy's `tmpSizeMiB`; the root is read-only
+  with `readOnlyRoot`, else a private in-memory overlay. The pod's memory (`memoryMiB`) bounds
+  the sandbox as a whole, gVisor's own kernel and every process in it, through the memory
+  cgroup runsc makes (as in a cluster, where the Sentry runs in the pod's cgroup): past it the
+  sandbox is killed, and its invocations fail with the reason. The pids cgroup bounds its host
+  tasks by `limits.pids` (`runsc_host_tasks`, a backstop against fork bombs rather than an exact
+  count). runsc makes cgroups only when run as root (the banner says when it cannot). Egress `none` gives the sandbox
+  its own network stack with loopback only (`--network=none`): no connection leaves it. Any
+  other egress shares the host's network (`--network=host`, gVisor's hostinet): the allow-list
+  is not enforced locally (`ember.api.unsupported` says so). `--host-uds=create` lets the agent
+  make its socket in the pod's folder, the one writable bind. `EMBER_RUNSC_FLAGS` adds flags
+  (e.g. `--platform=systrap`).
 - **bwrap** (bubblewrap), only unprivileged: a new user namespace mapped to uid/gid 65534,
   every capability dropped, no further user namespaces (`--disable-userns`, bubblewrap 0.8+),
-  new pid, ipc, uts and cgroup namespaces, its own session, killed with its parent. The root is
-  empty but for read-only binds of /usr (and the merged-/usr symlinks), a few /etc files and
-  the agent's own interpreter and code, a private tmpfs /tmp (the only writable path), /dev
-  and /proc; host network (for
-  the reason above). bwrap is refused when it cannot make that user namespace here (probed
-  once); it never runs privileged.
+  new pid, ipc, uts and cgroup namespaces (and network, for egress `none`), its own session,
+  killed with its parent. The root is empty but for read-only binds of /usr (and the
+  merged-/usr symlinks), a few /etc files, the agent's own interpreter and code and the pod's
+  socket folder; a private tmpfs /tmp of `tmpSizeMiB`, /dev and /proc; read-only with
+  `readOnlyRoot`. No memory bound for the sandbox as a whole (bwrap makes no cgroup). bwrap is
+  refused when it cannot make that user namespace here (probed once); it never runs privileged.
 - **none**: a plain child process, with a loud warning: the function is not isolated.
 """
 
@@ -38,16 +42,18 @@ from __future__ import annotations
 
 import enum
 import functools
+import json
 import logging
 import os
-import shlex
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ember.pods.local.process import AGENT_ENV, AGENT_SETTINGS
+from ember.pods.base import Isolation
+from ember.pods.local.process import AGENT_ENV, agent_environment
 
 log = logging.getLogger(__name__)
 
@@ -89,16 +95,17 @@ def detect_sandbox(env: Mapping[str, str] | None = None) -> SandboxChoice:
     if forced in ("", "runsc") and runsc:
         if not os.access(runsc, os.X_OK):
             raise ValueError(f"EMBER_RUNSC={runsc!r} is not an executable file")
-        if shutil.which("setpriv") is None:
-            raise ValueError("runsc needs setpriv (util-linux) to run agents as a non-root user")
-        return SandboxChoice(Sandbox.RUNSC, runsc, f"gVisor ({runsc}, host network)")
+        # runsc makes the sandbox's memory cgroup only where it may (as root, here)
+        bound = "" if os.geteuid() == 0 else "; not root, so memoryMiB does not bound the sandbox as a whole"
+        return SandboxChoice(Sandbox.RUNSC, runsc, f"gVisor ({runsc}{bound})")
     if forced == "runsc":
         raise ValueError("EMBER_SANDBOX=runsc but runsc is not installed (apt-get install runsc, or set EMBER_RUNSC)")
     refused = ""
     if forced in ("", "bwrap") and bwrap:
         refused = _bwrap_problem(bwrap)
         if not refused:
-            return SandboxChoice(Sandbox.BWRAP, bwrap, f"bubblewrap ({bwrap}); install runsc for gVisor")
+            note = f"bubblewrap ({bwrap}; no memory or process bound per sandbox); install runsc for gVisor"
+            return SandboxChoice(Sandbox.BWRAP, bwrap, note)
         if forced == "bwrap":
             raise ValueError(f"EMBER_SANDBOX=bwrap but {refused}")
     if forced == "bwrap":
@@ -111,75 +118,140 @@ def detect_sandbox(env: Mapping[str, str] | None = None) -> SandboxChoice:
     )
 
 
-def sandboxed(choice: SandboxChoice, command: list[str], env: Mapping[str, str] | None = None) -> list[str]:
-    """Wrap an agent command line in the chosen sandbox, with the agent's minimal environment."""
+@dataclass(frozen=True, slots=True)
+class PodPlace:
+    """One pod's private folder on the host (mode 0700, removed with the pod) and its name.
+
+    `run/` in it holds the agent's socket; it is the only host folder a sandbox may write."""
+
+    root: Path
+    name: str
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def socket(self) -> Path:
+        """The agent's socket, as this process connects to it."""
+        return self.run_dir / "agent.sock"
+
+
+SANDBOX_RUN_DIR = "/run/ember"  # where a sandbox sees its pod's run/ folder
+
+
+def agent_socket(choice: SandboxChoice, place: PodPlace) -> str:
+    """The agent's `EMBER_AGENT_SOCKET`, as the agent inside the sandbox names it."""
+    return str(place.socket) if choice.kind is Sandbox.NONE else f"{SANDBOX_RUN_DIR}/{place.socket.name}"
+
+
+def sandboxed(
+    choice: SandboxChoice,
+    command: list[str],
+    settings: Mapping[str, str],
+    place: PodPlace,
+    *,
+    memory_mib: int,
+    isolation: Isolation,
+    env: Mapping[str, str] | None = None,
+) -> list[str]:
+    """The command line of one pod: `command` in the chosen sandbox with the agent's minimal
+    environment (`agent_environment(settings)`), isolated as `isolation` says.
+
+    Makes the pod's folders (and, for runsc, writes its OCI bundle there)."""
     env = os.environ if env is None else env
+    environment = agent_environment(settings)
+    place.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    place.run_dir.mkdir(exist_ok=True)
     if choice.kind is Sandbox.RUNSC:
         assert choice.binary is not None
-        extra = env.get("EMBER_RUNSC_FLAGS", "").split()
-        do = _runsc_do(choice.binary, command)
-        return _clean_env([choice.binary, "--rootless", "--network=host", *extra, "do", *do])
+        # uid 65534 in gVisor makes the socket here; the pod folder above keeps others out
+        place.run_dir.chmod(0o777)
+        config = _oci_config(command, environment, place, memory_mib=memory_mib, isolation=isolation)
+        (place.root / "config.json").write_text(json.dumps(config))
+        network = "host" if isolation.network else "none"
+        overlay = "none" if isolation.read_only_root else "root:memory"
+        flags = [f"--root={place.root / 'state'}", "--rootless", f"--network={network}", "--host-uds=create"]
+        flags += [f"--overlay2={overlay}", *env.get("EMBER_RUNSC_FLAGS", "").split()]
+        return _clean_env([choice.binary, *flags, "run", "--bundle", str(place.root), place.name], AGENT_ENV)
     if choice.kind is Sandbox.BWRAP:
         assert choice.binary is not None
-        return _clean_env(_bwrap(choice.binary, command))
-    return _clean_env(list(command))
-
-
-def runsc_has_volumes(binary: str) -> bool:
-    """Whether this runsc's `do` takes `-volume` (and so can run on a minimal root)."""
-    return _runsc_do_help(binary).count("-volume") > 0
+        return _clean_env(_bwrap(choice.binary, command, place, isolation), environment)
+    return _clean_env(list(command), environment)
 
 
 # -- the environment
 
 
-def _clean_env(command: list[str]) -> list[str]:
-    """`command` started with only `AGENT_ENV` and the agent's own settings that are set.
+def _clean_env(command: list[str], environment: Mapping[str, str]) -> list[str]:
+    """`command` started with exactly `environment`, whatever environment it is started with.
 
     The caller's environment is whatever the process running `ember dev` has (tokens, cloud
-    credentials); `runsc do` hands its own environment to the sandboxed process. So the sandbox
-    binary itself starts from an empty environment: `sh` keeps each `EMBER_AGENT_*` setting the
-    agent reads (`AGENT_SETTINGS`) that is set, `env -i` drops everything else. Values pass as
-    they are (quoted expansions); costs one `sh` and one `env` exec per agent start (~1 ms).
-    """
-    keep = " ".join(f'${{{name}+"{name}=${name}"}}' for name in AGENT_SETTINGS)
-    base = " ".join(shlex.quote(f"{k}={v}") for k, v in AGENT_ENV.items())
-    script = f'exec {shlex.quote(_which("env"))} -i {base} {keep} "$@"'
-    return ["/bin/sh", "-c", script, "ember-agent", *command]
+    credentials); `env -i` drops all of it. runsc itself gets `AGENT_ENV`: the OCI bundle holds
+    the agent's."""
+    return [_which("env"), "-i", *(f"{k}={v}" for k, v in environment.items()), *command]
 
 
 # -- runsc
 
 
-def _runsc_do(binary: str, command: list[str]) -> list[str]:
-    """`runsc do`'s flags and command: a minimal root when it can, and a non-root uid."""
-    flags = ["-cwd", "/tmp"]
-    user = [_which("setpriv"), f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_UID}", "--clear-groups"]
-    if runsc_has_volumes(binary):
-        flags = ["-root", str(_skeleton()), *flags]
-        for path in _host_paths(command):
-            if not (path.is_symlink() and path.parent == Path("/")):  # the skeleton has /bin -> usr/bin
-                flags += ["-volume", f"{path}:{path}"]
-    elif not all(_reachable_by_others(Path(p)) for p in command if p.startswith("/")):
-        # the host's root is the sandbox's, and uid 65534 could not start the interpreter
-        log.warning(
-            "runsc %s has no `do -volume`: agent %s runs as uid 0 without capabilities, so files only root "
-            "may read (/etc/shadow, /root) are readable by functions; use a newer runsc (EMBER_RUNSC)",
-            binary,
-            command[0],
-        )
-        user = [_which("setpriv")]
-    drop = ["--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--no-new-privs"]
-    return [*flags, *user, *drop, "--", *command]
+# gVisor's own threads, and the host tasks behind each process in it (under ptrace a stub
+# process and the Sentry's threads that drive it): measured on Debian's runsc, a sandbox needs
+# about 40 host tasks to boot and 4 to 6 more per process forked in it.
+RUNSC_OWN_TASKS = 64
+RUNSC_TASKS_PER_PROCESS = 8
 
 
-@functools.cache
-def _runsc_do_help(binary: str) -> str:
-    try:
-        done = subprocess.run([binary, "do", "--help"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return done.stdout + done.stderr
+def runsc_host_tasks(isolation: Isolation) -> int:
+    """The pids cgroup bound of a runsc sandbox: a backstop that follows `limits.pids`, not a
+    count of its processes (the Sentry's threads count too). A fork bomb reaches it and gets the
+    sandbox killed, instead of filling the host's process table."""
+    return RUNSC_OWN_TASKS + RUNSC_TASKS_PER_PROCESS * isolation.pids
+
+
+def _oci_config(
+    command: list[str], environment: Mapping[str, str], place: PodPlace, *, memory_mib: int, isolation: Isolation
+) -> dict[str, Any]:
+    """The OCI runtime spec of one runsc pod (see the module docstring)."""
+    mounts: list[dict[str, Any]] = [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {
+            "destination": "/tmp",
+            "type": "tmpfs",
+            "source": "tmpfs",
+            "options": ["nosuid", "nodev", "mode=1777", f"size={isolation.tmp_size_mib}m"],
+        },
+    ]
+    for path in _host_paths(command):
+        if not (path.is_symlink() and path.parent == Path("/")):  # the skeleton has /bin -> usr/bin
+            mounts.append({"destination": str(path), "type": "bind", "source": str(path), "options": ["rbind", "ro"]})
+    mounts.append({"destination": SANDBOX_RUN_DIR, "type": "bind", "source": str(place.run_dir), "options": ["rbind"]})
+    namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
+    if not isolation.network:
+        namespaces.append({"type": "network"})
+    no_caps: dict[str, list[str]] = {k: [] for k in ("bounding", "effective", "inheritable", "permitted", "ambient")}
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": False,
+            "user": {"uid": SANDBOX_UID, "gid": SANDBOX_UID},
+            "args": command,
+            "env": [f"{k}={v}" for k, v in environment.items()],
+            "cwd": "/tmp",
+            "noNewPrivileges": True,
+            "capabilities": no_caps,
+        },
+        "root": {"path": str(_skeleton()), "readonly": isolation.read_only_root},
+        "hostname": "ember",
+        "mounts": mounts,
+        "linux": {
+            "namespaces": namespaces,
+            "resources": {
+                "memory": {"limit": memory_mib * 1024 * 1024},
+                "pids": {"limit": runsc_host_tasks(isolation)},
+            },
+        },
+    }
 
 
 def _skeleton() -> Path:
@@ -204,7 +276,7 @@ def _skeleton() -> Path:
 # -- bwrap
 
 
-def _bwrap(binary: str, command: list[str]) -> list[str]:
+def _bwrap(binary: str, command: list[str], place: PodPlace | None, isolation: Isolation) -> list[str]:
     args = [
         binary,
         "--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
@@ -212,15 +284,21 @@ def _bwrap(binary: str, command: list[str]) -> list[str]:
         "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
         "--die-with-parent", "--new-session",
     ]  # fmt: skip
+    if not isolation.network:
+        args.append("--unshare-net")
     if _bwrap_disables_userns(binary):
         args.append("--disable-userns")
-    args += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--chdir", "/tmp"]
+    args += ["--dev", "/dev", "--proc", "/proc"]
+    args += ["--size", str(isolation.tmp_size_mib * 1024 * 1024), "--tmpfs", "/tmp", "--chdir", "/tmp"]
     for path in _host_paths(command):
         if path.is_symlink() and path.parent == Path("/"):
             args += ["--symlink", os.readlink(path), str(path)]
         else:
             args += ["--ro-bind", str(path), str(path)]
-    args += ["--remount-ro", "/"]  # the root bwrap built the binds on: its /tmp stays writable
+    if place is not None:
+        args += ["--bind", str(place.run_dir), SANDBOX_RUN_DIR]
+    if isolation.read_only_root:
+        args += ["--remount-ro", "/"]  # the root bwrap built the binds on: its /tmp stays writable
     return [*args, "--", *command]
 
 
@@ -238,7 +316,8 @@ def _bwrap_problem(binary: str) -> str:
     """Why bwrap cannot sandbox unprivileged here, or "" (runs the real sandbox once, on `true`)."""
     true = shutil.which("true") or "/usr/bin/true"
     try:
-        done = subprocess.run(_bwrap(binary, [true]), capture_output=True, text=True, timeout=30, env=AGENT_ENV)
+        probe = _bwrap(binary, [true], None, Isolation())
+        done = subprocess.run(probe, capture_output=True, text=True, timeout=30, env=AGENT_ENV)
     except (OSError, subprocess.SubprocessError) as err:
         return f"bwrap does not start: {err}"
     if done.returncode != 0:
@@ -273,17 +352,6 @@ def _host_paths(command: Sequence[str]) -> list[Path]:
             continue
         paths.append(path)
     return paths
-
-
-def _reachable_by_others(path: Path) -> bool:
-    """Whether a user who owns nothing can reach and read `path` (every folder above it searchable)."""
-    resolved = Path(os.path.realpath(path))
-    try:
-        if not resolved.stat().st_mode & 0o004:
-            return False
-        return all(parent.stat().st_mode & 0o001 for parent in resolved.parents)
-    except OSError:
-        return False
 
 
 def _which(name: str) -> str:

@@ -18,7 +18,9 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
@@ -42,10 +44,11 @@ from ember.pods.base import (
     VersionKey,
     bound_by_another,
     new_agent_token,
+    unix_socket,
 )
-from ember.pods.local.process import AgentProcess, LocalPod, ProcessState, read_port
+from ember.pods.local.process import AGENT_SETTINGS, AgentProcess, LocalPod, ProcessState, read_listening
 from ember.pods.local.runtimes import RUNTIME_IMAGES, agent_command
-from ember.pods.local.sandbox import SandboxChoice, detect_sandbox, sandboxed
+from ember.pods.local.sandbox import PodPlace, SandboxChoice, agent_socket, detect_sandbox, sandboxed
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,10 @@ class LocalPodSource:
         self._start_timeout_s = start_timeout_s
         self._stop_grace_s = stop_grace_s
         self._commands: dict[str, list[str]] = {}
+        # Every pod's private folder (its agent's socket, its OCI bundle) lives under this one,
+        # made here with mode 0700 and removed by `close`.
+        self._places = Path(tempfile.mkdtemp(prefix="ember-pods-"))
+        self._sessions: dict[PodId, aiohttp.ClientSession] = {}
         self._pools: dict[PoolKey, _Pool] = {}
         self._processes: dict[PodId, AgentProcess] = {}
         self._by_version: dict[VersionKey, dict[PodId, PodHandle]] = {}
@@ -89,7 +96,6 @@ class LocalPodSource:
         self._tasks: set[asyncio.Task[None]] = set()
         self._ids = itertools.count(1)
         self._starts = asyncio.Semaphore(max_parallel_starts or max(2, os.cpu_count() or 2))
-        self._session: aiohttp.ClientSession | None = None
         self._closed = False
         self.discarded_bound = 0  # pods discarded because another client had bound them first
 
@@ -147,8 +153,8 @@ class LocalPodSource:
         process = self._processes.get(pod.id)
         if process is None or process.proc.returncode is not None:
             raise PodGone(f"pod {pod.id} is not running")
-        session = await self._http()
-        url = f"http://{pod.address}/v1/specialize"
+        session = self._http(process)
+        url = "http://agent/v1/specialize"
         headers = {"Authorization": pod.authorization}
         try:
             async with session.post(url, json=dict(request.payload), headers=headers) as response:
@@ -198,9 +204,10 @@ class LocalPodSource:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(self._stop(p) for p in list(self._processes.values())), return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in list(self._sessions.values()):
+            await session.close()
+        self._sessions.clear()
+        await asyncio.to_thread(shutil.rmtree, self._places, True)
         async with self._changed:
             self._changed.notify_all()
 
@@ -284,34 +291,34 @@ class LocalPodSource:
         Inside gVisor a new connection costs the agent an accept and a thread (tens of ms
         under ptrace); doing it here, before the pod is claimed, keeps it off the cold start.
         """
-        session = await self._http()
+        session = self._http(process)
         try:
-            async with session.get(f"http://{process.address}/healthz") as response:
+            async with session.get("http://agent/healthz") as response:
                 state = (await response.json()).get("state")
         except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError) as err:
             log.warning("new pod failed its health check pod=%s error=%s", process.id, err)
             return False
         return response.status == 200 and state == "generic"
 
-    async def _command(self, runtime: str) -> list[str]:
+    async def _agent_command(self, runtime: str) -> list[str]:
         command = self._commands.get(runtime)
         if command is None:
             # resolving the interpreter runs it once: keep that off the event loop
-            agent = await asyncio.to_thread(agent_command, runtime, self._runtime_images)
-            command = self._commands[runtime] = sandboxed(self.sandbox, agent)
+            command = self._commands[runtime] = await asyncio.to_thread(agent_command, runtime, self._runtime_images)
         return command
 
     async def _start(self, key: PoolKey) -> AgentProcess:
         if self._closed:
             raise PoolUnavailable("the local pod source is closed")
-        command = await self._command(key.runtime)
+        agent = await self._agent_command(key.runtime)
         pod_id = PodId(f"local-{os.getpid()}-{next(self._ids)}")
-        env = {
-            **os.environ,
-            "EMBER_AGENT_HOST": "127.0.0.1",
-            "EMBER_AGENT_PORT": "0",
-            "EMBER_AGENT_CONCURRENCY": "1",
-        }
+        place = PodPlace(self._places / pod_id, pod_id)
+        # The agent settings this process was started with (tuning, tracing), then the pod's own.
+        settings = {k: v for k in AGENT_SETTINGS if (v := os.environ.get(k)) is not None}
+        settings.update(EMBER_AGENT_SOCKET=agent_socket(self.sandbox, place), EMBER_AGENT_CONCURRENCY="1")
+        for name in ("EMBER_AGENT_HOST", "EMBER_AGENT_PORT"):
+            settings.pop(name, None)
+        command = sandboxed(self.sandbox, agent, settings, place, memory_mib=key.memory_mib, isolation=key.isolation)
         async with self._starts:
             try:
                 proc = await asyncio.create_subprocess_exec(
@@ -319,20 +326,19 @@ class LocalPodSource:
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.STDOUT,
-                    env=env,
                     start_new_session=True,
                 )
             except OSError as err:
                 raise PoolUnavailable(f"cannot start {command[0]}: {err}") from err
-            process = AgentProcess(pod_id, key, proc)
+            process = AgentProcess(pod_id, key, proc, place=place.root)
             self._processes[pod_id] = process
             try:
                 async with asyncio.timeout(self._start_timeout_s):
-                    port = await read_port(proc)
+                    await read_listening(proc)
             except (TimeoutError, PoolUnavailable) as err:
                 await self._stop(process)
                 raise PoolUnavailable(f"agent {pod_id} ({' '.join(command)}) did not start: {err}") from err
-        process.address = f"127.0.0.1:{port}"
+        process.address = f"unix:{place.socket}"
         process.state = ProcessState.GENERIC
         process.monitor = asyncio.create_task(self._watch_process(process), name=f"ember-pod-{pod_id}")
         log.debug(
@@ -365,6 +371,11 @@ class LocalPodSource:
         previous = process.state
         process.state = ProcessState.DEAD
         self._processes.pop(process.id, None)
+        session = self._sessions.pop(process.id, None)
+        if session is not None:
+            await session.close()
+        if process.place is not None:
+            shutil.rmtree(process.place, ignore_errors=True)
         pool = self._pools.get(process.pool)
         if pool is not None and process in pool.warm:
             pool.warm.remove(process)
@@ -408,10 +419,24 @@ class LocalPodSource:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120))
-        return self._session
+    def _http(self, process: AgentProcess) -> aiohttp.ClientSession:
+        """The session of one pod's agent (over its socket): its health check's connection is
+        kept for its specialize."""
+        session = self._sessions.get(process.id)
+        if session is None:
+            session = self._sessions[process.id] = agent_session(process.address)
+        return session
+
+
+def agent_session(address: str, *, timeout_s: float = 120) -> aiohttp.ClientSession:
+    """An HTTP session to the agent of a local pod at `address` (`unix:<path>`): its URLs are
+    `http://agent/...`. For this source, and for tests and benchmarks that call an agent directly."""
+    path = unix_socket(address)
+    if path is None:
+        raise ValueError(f"not a local pod's address: {address!r}")
+    return aiohttp.ClientSession(
+        connector=aiohttp.UnixConnector(path=path), timeout=aiohttp.ClientTimeout(total=timeout_s)
+    )
 
 
 def _error_of(body: bytes) -> tuple[str, str]:

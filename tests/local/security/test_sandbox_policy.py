@@ -1,0 +1,250 @@
+"""A local sandbox enforces its pool's SecurityPolicy (issue #11, Policy enforcement, local mode).
+
+A real activator over the real `LocalPodSource`, in each isolating sandbox this machine has
+(each runsc binary, bwrap), with functions that try to get past their policy and return what
+happened. A bounded background load on another function runs during each attack and must see
+no error. What each sandbox enforces is `ember.pods.local.sandbox`'s docstring:
+
+- egress `none`: the sandbox has a network of its own, with loopback only: a server the test
+  starts on the host's loopback and the activator's own port are unreachable; a policy that
+  allows egress shares the host's network (the allow-list itself is not enforced locally, and
+  `ember validate` says so);
+- `filesystem.tmpSizeMiB`: /tmp is that big, no bigger;
+- `limits.pids` (runsc): a backstop on the sandbox's host tasks follows it
+  (`runsc_host_tasks`): a fork bomb gets the sandbox killed, not the host's process table filled;
+- `resources.memoryMiB` (runsc): the sandbox as a whole, gVisor's kernel and every process in
+  it, stays within it: many processes that together allocate past it get the sandbox killed,
+  the invocation fails with the reason, and the function's next invocation gets a fresh pod.
+  bwrap makes no cgroup (its limit is the agent's per-worker one), so it is not held to this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from tests.local.activator.helpers import Activator, run_activator
+from tests.local.security.test_sandbox_local import ISOLATED, _use, background_load
+
+from ember.api.function import Function
+from ember.api.security_policy import SecurityPolicySpec
+from ember.pods.local import Sandbox, SandboxChoice
+
+CONNECT = """
+import json, socket
+
+def attempt(host, port):
+    try:
+        with socket.create_connection((host, port), timeout=3) as s:
+            s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+            return {"ok": True, "got": s.recv(64).decode(errors="replace")}
+    except OSError as e:
+        return {"ok": False, "error": repr(e)}
+
+def handler(event, context):
+    return {name: attempt(*target) for name, target in event.items()}
+"""
+
+FILL_TMP = """
+import errno, os
+
+def handler(event, context):
+    written = 0
+    chunk = b"x" * (1 << 20)
+    try:
+        with open("/tmp/fill", "wb") as f:
+            while written < event["mib"]:
+                f.write(chunk)
+                f.flush()
+                written += 1
+    except OSError as e:
+        return {"written_mib": written, "error": errno.errorcode.get(e.errno, str(e.errno))}
+    finally:
+        if os.path.exists("/tmp/fill"):
+            os.unlink("/tmp/fill")
+    return {"written_mib": written, "error": None}
+"""
+
+MANY_PROCESSES = """
+import os, time
+
+def handler(event, context):
+    if event.get("noop"):
+        return {"pid": os.getpid()}
+    children = []
+    for _ in range(event["processes"]):
+        pid = os.fork()
+        if pid == 0:
+            block = bytearray(event["mib_each"] << 20)
+            for i in range(0, len(block), 4096):
+                block[i] = 1
+            time.sleep(10)
+            os._exit(0)
+        children.append(pid)
+    for pid in children:
+        os.waitpid(pid, 0)
+    return {"survived": True}
+"""
+
+
+FORK_BOMB = """
+import os, time
+
+def handler(event, context):
+    if event.get("noop"):
+        return {"pid": os.getpid()}
+    forked = 0
+    try:
+        while forked < event["processes"]:
+            if os.fork() == 0:
+                time.sleep(30)
+                os._exit(0)
+            forked += 1
+    except OSError as e:
+        return {"forked": forked, "error": str(e)}
+    return {"forked": forked, "error": None}
+"""
+
+
+def _function(name: str, code: str, *, memory_mib: int = 128) -> Function:
+    spec = {
+        "runtime": "python3.11",
+        "handler": "main.handler",
+        "code": {"inline": code},
+        "resources": {"memoryMiB": memory_mib},
+        "timeoutSeconds": 60,
+    }
+    return Function.model_validate({"metadata": {"name": name}, "spec": spec})
+
+
+def _policy(**spec: Any) -> SecurityPolicySpec:
+    return SecurityPolicySpec.model_validate(spec)
+
+
+async def _call(act: Activator, name: str, event: object) -> tuple[int, dict[str, str], str]:
+    async with act.http.post(act.invoke_url(name), data=json.dumps(event).encode()) as response:
+        return response.status, dict(response.headers), await response.text()
+
+
+async def _result(act: Activator, name: str, event: object) -> dict[str, Any]:
+    status, headers, text = await _call(act, name, event)
+    assert status == 200, text
+    assert "X-Ember-Function-Error" not in headers, text
+    return dict(json.loads(text))
+
+
+def _pods_of(act: Activator, name: str) -> set[str]:
+    return {s.handle.id for vs in act.registry.all_versions() if vs.fs.name == name for s in vs.serving}
+
+
+@contextlib.contextmanager
+def _host_server() -> Iterator[int]:
+    """A TCP server on the host's loopback that answers every connection; its port."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    server.settimeout(0.2)
+    stop = False
+
+    def serve() -> None:
+        while not stop:
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.sendall(b"HTTP/1.0 200 OK\r\n\r\nhost")
+
+    loop = asyncio.get_running_loop()
+    thread = loop.run_in_executor(None, serve)
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop = True
+        del thread
+        server.close()
+
+
+@pytest.mark.parametrize("choice", ISOLATED)
+async def test_egress_none_reaches_nothing_and_an_egress_policy_reaches_the_host(
+    choice: SandboxChoice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _use(choice, monkeypatch)
+    with _host_server() as port:
+        async with run_activator() as act, background_load(act) as errors:
+            activator_port = int(act.url.rsplit(":", 1)[1].split("/")[0])
+            targets = {"host_server": ["127.0.0.1", port], "activator": ["127.0.0.1", activator_port]}
+            act.registry.apply(_function("closed", CONNECT), policy=_policy())
+            closed = await _result(act, "closed", targets)
+            open_policy = _policy(egress={"mode": "allowList", "allow": [{"cidr": "127.0.0.1/32"}]})
+            act.registry.apply(_function("open", CONNECT), policy=open_policy)
+            opened = await _result(act, "open", targets)
+    assert errors == []
+    assert not closed["host_server"]["ok"], closed
+    assert not closed["activator"]["ok"], closed
+    # the control: the same code under a policy that allows egress reaches the same server
+    assert opened["host_server"] == {"ok": True, "got": "HTTP/1.0 200 OK\r\n\r\nhost"}, opened
+
+
+@pytest.mark.parametrize("choice", ISOLATED)
+async def test_tmp_is_as_big_as_the_policy_says(choice: SandboxChoice, monkeypatch: pytest.MonkeyPatch) -> None:
+    _use(choice, monkeypatch)
+    async with run_activator() as act, background_load(act) as errors:
+        act.registry.apply(_function("filler", FILL_TMP), policy=_policy(filesystem={"tmpSizeMiB": 16}))
+        small = await _result(act, "filler", {"mib": 64})
+        act.registry.apply(_function("roomy", FILL_TMP), policy=_policy(filesystem={"tmpSizeMiB": 128}))
+        roomy = await _result(act, "roomy", {"mib": 64})
+    assert errors == []
+    assert small["error"] == "ENOSPC", small
+    assert 8 <= small["written_mib"] < 16, small  # the agent's own files share the 16 MiB
+    assert roomy == {"written_mib": 64, "error": None}
+
+
+@pytest.mark.parametrize("choice", [p for p in ISOLATED if p.values[0].kind is Sandbox.RUNSC])
+async def test_memory_bounds_the_whole_sandbox_not_one_process(
+    choice: SandboxChoice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _use(choice, monkeypatch)
+    async with run_activator() as act, background_load(act) as errors:
+        act.registry.apply(_function("greedy", MANY_PROCESSES, memory_mib=256))
+        await _result(act, "greedy", {"noop": True})
+        before = _pods_of(act, "greedy")
+        # each child alone fits in 256 MiB; together (4 x 100 MiB) they do not
+        status, headers, text = await _call(act, "greedy", {"processes": 4, "mib_each": 100})
+        again = await _result(act, "greedy", {"noop": True})
+        after = _pods_of(act, "greedy")
+        # within the bound, the same code runs to the end
+        fits = await _result(act, "greedy", {"processes": 1, "mib_each": 64})
+    assert errors == []
+    assert "survived" not in text, (status, text)
+    # reported as the function's error, as Lambda reports a runtime killed for its memory
+    assert (status, headers.get("X-Ember-Function-Error")) == (200, "Unhandled"), (status, headers, text)
+    error = json.loads(text)
+    assert error["errorType"] == "Runtime.ExitError", error
+    assert "sandbox stopped during the invocation" in error["errorMessage"], error
+    assert "pid" in again, again
+    assert before, before
+    assert before - after, (before, after)  # the killed sandbox is gone (another pod serves)
+    assert fits == {"survived": True}
+
+
+@pytest.mark.parametrize("choice", [p for p in ISOLATED if p.values[0].kind is Sandbox.RUNSC])
+async def test_a_fork_bomb_gets_its_sandbox_killed(choice: SandboxChoice, monkeypatch: pytest.MonkeyPatch) -> None:
+    _use(choice, monkeypatch)
+    async with run_activator() as act, background_load(act) as errors:
+        act.registry.apply(_function("bomb", FORK_BOMB, memory_mib=1024), policy=_policy(limits={"pids": 64}))
+        await _result(act, "bomb", {"noop": True})
+        before = _pods_of(act, "bomb")
+        status, headers, text = await _call(act, "bomb", {"processes": 5000})
+        again = await _result(act, "bomb", {"noop": True})
+        after = _pods_of(act, "bomb")
+    assert errors == []
+    assert (status, headers.get("X-Ember-Function-Error")) == (200, "Unhandled"), (status, headers, text)
+    assert json.loads(text)["errorType"] == "Runtime.ExitError", text
+    assert "pid" in again, again
+    assert before - after, (before, after)
