@@ -84,6 +84,14 @@ def test_function_gets_a_version_code_configmap_pool_and_ready_conditions(
     pool_netpol = ember.net.read_namespaced_network_policy(pool.metadata.name, ember.ns)
     assert pool_netpol.spec.pod_selector.match_labels == {"ember.run/pool": pool.metadata.labels["ember.run/pool"]}
     assert pool_netpol.metadata.owner_references[0].uid == pool.metadata.uid
+    # the pool's agents take connections from the activator pods only, on the agent's port
+    assert pool_netpol.spec.policy_types == ["Ingress", "Egress"]
+    (ingress,) = pool_netpol.spec.ingress
+    (peer,) = ingress._from
+    assert peer.namespace_selector.match_labels == {"kubernetes.io/metadata.name": "ember-system"}
+    assert peer.pod_selector.match_labels == {"app.kubernetes.io/name": "ember-activator"}
+    assert [(p.protocol, p.port) for p in ingress.ports] == [("TCP", 8080)]
+    assert not pool_netpol.spec.egress
 
     reasons = eventually(
         lambda: (

@@ -44,6 +44,7 @@ def _pool_of(settings: Settings, version: Version) -> PoolSpec:
         image_pull_policy=settings.image_pull_policy,
         run_as_user=settings.run_as_user,
         cpu_burst_millicores=settings.pool_cpu_burst_millicores,
+        activators=settings.activators,
     )
 
 
@@ -145,6 +146,10 @@ async def _ensure_pool_network_policy(
     kube: Kube, pool: PoolSpec, policy: SecurityPolicySpec, deployment_uid: str
 ) -> Child:
     desired = pool_network_policy(
-        pool_id=pool.id, namespace=pool.namespace, owner_uid=deployment_uid, egress=policy.egress
+        pool_id=pool.id,
+        namespace=pool.namespace,
+        owner_uid=deployment_uid,
+        egress=policy.egress,
+        activators=pool.activators,
     ).network_policy
     return await ensure_child(network_policies(kube), desired)

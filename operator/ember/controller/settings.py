@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ember.api.function import RUNTIMES
 from ember.resources.policy import DEFAULT_POLICY_NAME
-from ember.resources.pool import BURST_CPU_MILLICORES
+from ember.resources.pool import BURST_CPU_MILLICORES, ActivatorPeer
 
 
 class SettingsError(ValueError):
@@ -31,6 +32,7 @@ class Settings:
     run_as_user: int = 65532
     image_pull_policy: str = "IfNotPresent"
     pool_cpu_burst_millicores: int = BURST_CPU_MILLICORES
+    activators: ActivatorPeer = field(default_factory=ActivatorPeer)  # the only pods that reach agents
 
     def image_for(self, runtime: str) -> str:
         """Runtime image: an override, else <registry>/ember-runtime-<runtime>:<tag> (runtime-images/<runtime>/)."""
@@ -77,6 +79,29 @@ def _pairs(env: Mapping[str, str], name: str) -> dict[str, str]:
     return out
 
 
+# a label key's optional DNS-subdomain prefix and its name; a value (may be empty)
+_LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def _activators(env: Mapping[str, str]) -> ActivatorPeer:
+    """EMBER_ACTIVATOR_NAMESPACE and EMBER_ACTIVATOR_POD_LABELS (`key=value,key=value`)."""
+    namespace = env.get("EMBER_ACTIVATOR_NAMESPACE") or _DEFAULTS.activators.namespace
+    if not _DNS_LABEL.match(namespace):
+        raise SettingsError(f"EMBER_ACTIVATOR_NAMESPACE={namespace!r} is not a namespace name")
+    raw = env.get("EMBER_ACTIVATOR_POD_LABELS", "").strip()
+    if not raw:
+        return ActivatorPeer(namespace=namespace)
+    pairs: list[tuple[str, str]] = []
+    for item in raw.split(","):
+        key, sep, value = item.strip().partition("=")
+        if not sep or not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(value):
+            raise SettingsError(f"EMBER_ACTIVATOR_POD_LABELS: {item.strip()!r} is not label-key=label-value")
+        pairs.append((key, value))
+    return ActivatorPeer(namespace=namespace, pod_labels=tuple(pairs))
+
+
 def from_env(env: Mapping[str, str]) -> Settings:
     """Settings from EMBER_* variables; raises SettingsError naming the first bad one."""
     sizes: dict[str, int] = {}
@@ -101,4 +126,5 @@ def from_env(env: Mapping[str, str]) -> Settings:
         pool_cpu_burst_millicores=_int(
             env, "EMBER_POOL_CPU_BURST_MILLICORES", _DEFAULTS.pool_cpu_burst_millicores, minimum=0
         ),
+        activators=_activators(env),
     )

@@ -1,8 +1,15 @@
-"""SecurityPolicy egress → a NetworkPolicy: deny by default, allow the listed networks and ports.
+"""SecurityPolicy egress → a NetworkPolicy: deny by default, allow the listed networks and ports;
+and a pool's pods take connections only from the activators, on the agent's port.
 
 A NetworkPolicy matches addresses, not names, so `host` rules cannot be enforced by it; they
 are denied like everything else and reported back (the controller turns them into an
 `EgressEnforced=False` condition and a Warning event) rather than silently allowed.
+
+Ingress (issue #11: only the activator can reach an agent): the pool's NetworkPolicy makes its
+pods ingress-isolated, with one allowed peer, the activator pods (`ActivatorPeer`, from the
+operator's settings), on `AGENT_PORT`. Other functions' pods, and anything else in the cluster,
+cannot open a connection to an agent, whatever their own egress allows. This holds where the
+cluster's CNI enforces NetworkPolicy (README, Threat model); the agent's token holds everywhere.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from typing import Any
 from ember.api.security_policy import Egress
 from ember.resources import labels
 from ember.resources.meta import managed_labels, owner_reference
+from ember.resources.pool import ActivatorPeer
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,12 +49,21 @@ def egress_rules(egress: Egress) -> tuple[list[dict[str, Any]], tuple[str, ...]]
     return rules, tuple(hosts)
 
 
-def pool_network_policy(*, pool_id: str, namespace: str, owner_uid: str | None, egress: Egress) -> EgressPlan:
-    """The NetworkPolicy of a pool's pods, owned by the pool's Deployment.
+def pool_network_policy(
+    *,
+    pool_id: str,
+    namespace: str,
+    owner_uid: str | None,
+    egress: Egress,
+    activators: ActivatorPeer | None = None,
+) -> EgressPlan:
+    """The NetworkPolicy of a pool's pods, owned by the pool's Deployment: their egress, and
+    ingress from `activators` only.
 
-    Pods of a pool share one policy (its hash is in the pool key), so its egress rules hold from
-    the moment a pod starts - before it is claimed, labelled with a Function and handed code.
+    Pods of a pool share one policy (its hash is in the pool key), so its rules hold from the
+    moment a pod starts - before it is claimed, labelled with a Function and handed code.
     """
+    peer = activators if activators is not None else ActivatorPeer()
     rules, hosts = egress_rules(egress)
     body: dict[str, Any] = {
         "apiVersion": "networking.k8s.io/v1",
@@ -59,7 +76,12 @@ def pool_network_policy(*, pool_id: str, namespace: str, owner_uid: str | None, 
                 owner_reference(kind="Deployment", name=f"ember-pool-{pool_id}", uid=owner_uid, api_version="apps/v1")
             ],
         },
-        "spec": {"podSelector": {"matchLabels": {labels.POOL: pool_id}}, "policyTypes": ["Egress"], "egress": rules},
+        "spec": {
+            "podSelector": {"matchLabels": {labels.POOL: pool_id}},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [peer.ingress_rule()],
+            "egress": rules,
+        },
     }
     return EgressPlan(network_policy=body, unenforced_hosts=hosts)
 

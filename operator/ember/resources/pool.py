@@ -13,14 +13,13 @@ are two emptyDirs: /tmp (sized by the policy) and the code directory.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from ember.api.security_policy import SecurityPolicySpec
 from ember.resources import labels
 from ember.resources.meta import managed_labels
 
-AGENT_PORT: Final = 8080
 CODE_DIR: Final = "/var/ember/code"
 # Lambda gives one vCPU per 1769 MB; a pool's CPU request follows its memory the same way.
 MIB_PER_CPU: Final = 1769
@@ -30,6 +29,25 @@ MIN_CPU_MILLICORES: Final = 50
 # invoke took 24.9 ms p50 against 2.2 ms at 339m, and loading code was throttled the same way.
 # A burst of 0 puts the limit at the share (Guaranteed QoS; quotas on limits.cpu last longer).
 BURST_CPU_MILLICORES: Final = 1000
+
+AGENT_PORT: Final = 8080  # the runtime agent's port in a pool pod
+NAMESPACE_NAME_LABEL: Final = "kubernetes.io/metadata.name"  # set on every namespace by the API server
+
+
+@dataclass(frozen=True, slots=True)
+class ActivatorPeer:
+    """The pods allowed to reach a pool's agents: the activators, by namespace and labels."""
+
+    namespace: str = "ember-system"
+    pod_labels: tuple[tuple[str, str], ...] = (("app.kubernetes.io/name", "ember-activator"),)
+
+    def ingress_rule(self) -> dict[str, Any]:
+        """The one NetworkPolicy ingress rule of a pool: these pods, to the agent's port."""
+        peer = {
+            "namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: self.namespace}},
+            "podSelector": {"matchLabels": dict(self.pod_labels)},
+        }
+        return {"from": [peer], "ports": [{"protocol": "TCP", "port": AGENT_PORT}]}
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +64,7 @@ class PoolSpec:
     image_pull_policy: str = "IfNotPresent"
     run_as_user: int = 65532
     cpu_burst_millicores: int = BURST_CPU_MILLICORES
+    activators: ActivatorPeer = field(default_factory=ActivatorPeer)  # who may reach its agents
 
     @property
     def sandbox(self) -> str:

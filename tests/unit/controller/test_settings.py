@@ -27,8 +27,12 @@ def test_overrides() -> None:
             "EMBER_NAMESPACES": "a, b,",
             "EMBER_ACTIVATOR_URL": "http://act:9/",
             "EMBER_POOL_CPU_BURST_MILLICORES": "0",
+            "EMBER_ACTIVATOR_NAMESPACE": "edge",
+            "EMBER_ACTIVATOR_POD_LABELS": "app.kubernetes.io/name=ember-activator, tier=",
         }
     )
+    assert settings.activators.namespace == "edge"
+    assert settings.activators.pod_labels == (("app.kubernetes.io/name", "ember-activator"), ("tier", ""))
     assert settings.pool_cpu_burst_millicores == 0
     assert settings.keep_versions == 5
     assert settings.image_for("python3.11") == "registry.example/e/ember-runtime-python3.11:1.0"
@@ -50,6 +54,26 @@ def test_overrides() -> None:
         pytest.param({"EMBER_POOL_SIZES": "nodejs20=x"}, "nodejs20='x' is not a non-negative", id="size-nan"),
         pytest.param({"EMBER_RUNTIME_IMAGES": "python3.12="}, "is not runtime=value", id="empty-image"),
         pytest.param({"EMBER_RUN_AS_USER": "0"}, "EMBER_RUN_AS_USER=0 must be at least 1", id="root"),
+        pytest.param(
+            {"EMBER_ACTIVATOR_NAMESPACE": "Ember_System"},
+            "EMBER_ACTIVATOR_NAMESPACE='Ember_System' is not a namespace name",
+            id="activator-namespace",
+        ),
+        pytest.param(
+            {"EMBER_ACTIVATOR_POD_LABELS": "app=ok,=x"},
+            "EMBER_ACTIVATOR_POD_LABELS: '=x' is not label-key=label-value",
+            id="label-no-key",
+        ),
+        pytest.param(
+            {"EMBER_ACTIVATOR_POD_LABELS": "app"},
+            "EMBER_ACTIVATOR_POD_LABELS: 'app' is not label-key=label-value",
+            id="label-no-equals",
+        ),
+        pytest.param(
+            {"EMBER_ACTIVATOR_POD_LABELS": "app=bad value"},
+            "EMBER_ACTIVATOR_POD_LABELS: 'app=bad value' is not label-key=label-value",
+            id="label-bad-value",
+        ),
         pytest.param(
             {"EMBER_POOL_CPU_BURST_MILLICORES": "-5"},
             "EMBER_POOL_CPU_BURST_MILLICORES=-5 must be at least 0",

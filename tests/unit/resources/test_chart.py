@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from ember.api import crd
+from ember.controller.settings import from_env
 
 ROOT = Path(__file__).resolve().parents[3]
 CHART = ROOT / "charts" / "ember"
@@ -127,6 +128,15 @@ def test_render_defaults(helm: str) -> None:
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["EMBER_ACTIVATOR_URL"] == "http://t-ember-activator.ember-system.svc:8080"
     assert env["EMBER_KEEP_VERSIONS"] == "3"
+    # the pools' NetworkPolicies admit exactly this release's activator pods
+    activator = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "t-ember-activator")
+    activator_labels = activator["spec"]["template"]["metadata"]["labels"]
+    assert env["EMBER_ACTIVATOR_NAMESPACE"] == activator["metadata"]["namespace"] == "ember-system"
+    wanted = dict(pair.split("=", 1) for pair in env["EMBER_ACTIVATOR_POD_LABELS"].split(","))
+    assert wanted == {"app.kubernetes.io/name": "ember-activator", "app.kubernetes.io/instance": "t"}
+    assert wanted.items() <= activator_labels.items()
+    peer = from_env({k: v for k, v in env.items() if v is not None}).activators
+    assert (peer.namespace, dict(peer.pod_labels)) == ("ember-system", wanted)
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
 

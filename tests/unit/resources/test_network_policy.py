@@ -8,6 +8,7 @@ import pytest
 
 from ember.api.security_policy import Egress
 from ember.resources.network_policy import function_network_policy, pool_network_policy
+from ember.resources.pool import AGENT_PORT, ActivatorPeer
 
 
 @pytest.mark.parametrize(
@@ -61,3 +62,26 @@ def test_pool_network_policy_selects_the_pool_and_is_owned_by_its_deployment() -
     assert body["spec"]["egress"] == [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]}]
     (owner,) = body["metadata"]["ownerReferences"]
     assert (owner["apiVersion"], owner["kind"], owner["uid"]) == ("apps/v1", "Deployment", "d-uid")
+
+
+def test_a_pools_agents_take_connections_from_the_activators_only() -> None:
+    activators = ActivatorPeer(namespace="edge", pod_labels=(("app.kubernetes.io/name", "ember-activator"),))
+    plan = pool_network_policy(pool_id="abc", namespace="ns1", owner_uid="d", egress=Egress(), activators=activators)
+    spec = plan.network_policy["spec"]
+    assert spec["policyTypes"] == ["Ingress", "Egress"]  # ingress-isolated: everything else is refused
+    assert spec["ingress"] == [
+        {
+            "from": [
+                {
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "edge"}},
+                    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "ember-activator"}},
+                }
+            ],
+            "ports": [{"protocol": "TCP", "port": AGENT_PORT}],
+        }
+    ]
+    assert spec["egress"] == []  # egress none: nothing, DNS included
+    # without settings, the chart's default activators in ember-system
+    default = pool_network_policy(pool_id="abc", namespace="ns1", owner_uid="d", egress=Egress())
+    (rule,) = default.network_policy["spec"]["ingress"]
+    assert rule["from"][0]["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "ember-system"}}
