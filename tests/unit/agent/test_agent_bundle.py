@@ -89,7 +89,11 @@ def test_a_name_defined_in_two_modules_is_refused(tmp_path):
 def test_an_import_from_the_wrong_module_is_refused(tmp_path):
     pkg = _package_copy(tmp_path)
     text = (pkg / "lifecycle.py").read_text()
-    (pkg / "lifecycle.py").write_text(text.replace("from .config import _env_int", "from .state import _env_int"))
+    right = "from .config import MAX_SOCKET_PATH_BYTES, _env_int"
+    assert right in text, "lifecycle.py no longer imports _env_int from .config: update this test"
+    (pkg / "lifecycle.py").write_text(
+        text.replace(right, "from .config import MAX_SOCKET_PATH_BYTES\nfrom .state import _env_int")
+    )
     with pytest.raises(bundle.BundleError, match=re.escape("imports '_env_int' from .state, which does not define it")):
         bundle.render(str(pkg))
 
