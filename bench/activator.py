@@ -52,6 +52,9 @@ RUNTIME = "python3.11"
 HELLO = "def handler(event, context):\n    return {'hello': event.get('name', 'world')}\n"
 EVENT = b'{"name":"bench"}'
 AGENT_AUTH_ENV = "EMBER_BENCH_AGENT_AUTH"  # the direct agent's Authorization value, for the subprocesses
+# The data-path function serves 32 concurrent invocations from one pod: its workers need the
+# memory (a runsc sandbox is bounded as a whole by it, as a pod is in a cluster).
+MEMORY_MIB = 1024
 FUNCTION_YAML = f"""
 apiVersion: ember.run/v1alpha1
 kind: Function
@@ -61,6 +64,7 @@ spec:
   runtime: {RUNTIME}
   handler: main.handler
   concurrency: {{concurrency}}
+  resources: {{{{memoryMiB: {MEMORY_MIB}}}}}
   code:
     inline: |
       def handler(event, context):
@@ -238,7 +242,7 @@ def free_port() -> int:
 async def start_agent(source: LocalPodSource, concurrency: int) -> str:
     """A specialized agent of the bench function, for direct calls (with the token the pod source
     bound, in the environment for the load generator and the proxy: never in their command line)."""
-    pool = PoolKey(RUNTIME, "gvisor", 128, "bench")
+    pool = PoolKey(RUNTIME, "gvisor", MEMORY_MIB, "bench")
     handle = await source.claim(pool)
     from ember.api.function import Function
 

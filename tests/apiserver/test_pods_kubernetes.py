@@ -319,3 +319,44 @@ async def test_claims_never_specialized_are_swept_after_the_ttl(
         assert other not in names
     finally:
         await source.close()
+
+
+async def test_a_specialized_pod_whose_agent_restarted_leaves_routing_and_is_deleted(
+    api: aclient.ApiClient, world: World, agents: int, ember: Ember
+) -> None:
+    """A container restart leaves a generic agent (no code, no token) in a pod still labelled
+    specialized and Ready: the source must stop routing to it and delete it. The kubelet's part
+    (the restart count in the status) is played here, with the pod Ready throughout."""
+    world.add_generic_pods()
+    source = await _source(api, ember.ns, "activator-a", agents)
+    try:
+        handle = await source.claim(world.pool)
+        await source.specialize(handle, specialize_request(world.key, world.fn.spec, world.hash))
+        await asyncio.wait_for(asyncio.gather(*source._background), timeout=10)
+        pod = ember.core.read_namespaced_pod(handle.id, ember.ns)
+        assert pod.metadata.annotations["ember.run/agent-restarts"] == "0"  # as claimed
+        assert [e.id for e in source.endpoints(world.key)] == [handle.id]
+
+        container = pod.spec.containers[0]
+        restarted = {
+            "status": {
+                "containerStatuses": [
+                    {
+                        "name": container.name,
+                        "image": container.image,
+                        "imageID": "",
+                        "ready": True,
+                        "restartCount": 1,
+                        "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}},
+                    }
+                ],
+                "conditions": [{"type": "Ready", "status": "True"}],
+            }
+        }
+        ember.core.patch_namespaced_pod_status(handle.id, ember.ns, restarted)
+        assert await asyncio.wait_for(_first_empty(source, world.key), timeout=10) == []
+        async with asyncio.timeout(30):  # the source deletes it in the background: keep its loop running
+            while handle.id in {p.metadata.name for p in ember.core.list_namespaced_pod(ember.ns).items}:  # noqa: ASYNC110
+                await asyncio.sleep(0.2)
+    finally:
+        await source.close()

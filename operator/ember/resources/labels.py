@@ -24,6 +24,9 @@ STATE_SPECIALIZED: Final = "specialized"
 CODE_HASH_ANNOTATION: Final = f"{PREFIX}/code-hash"
 POLICY_HASH_ANNOTATION: Final = f"{PREFIX}/policy-hash"
 POOL_KEY_ANNOTATION: Final = f"{PREFIX}/pool-key"
+# On a specialized pod: its containers' restart count when it was claimed. A restart since then
+# means its agent came back generic (no code, no token): the pod is no endpoint any more.
+AGENT_RESTARTS_ANNOTATION: Final = f"{PREFIX}/agent-restarts"
 # Written on a Version by an activator whose pod could not load its code (JSON: codeHash, message);
 # the operator folds it into the Version's Loaded condition. Successful loads need no mark: the
 # Version's specialized pods are the evidence.

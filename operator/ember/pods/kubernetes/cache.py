@@ -32,6 +32,12 @@ def ready(pod: Obj) -> bool:
     return pod_ready(pod) and bool((pod.get("status") or {}).get("podIP"))
 
 
+def restarts(pod: Obj) -> int:
+    """How often the pod's containers restarted (an agent that restarts loses its code and token)."""
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    return sum(int(c.get("restartCount") or 0) for c in statuses)
+
+
 def _index_key(pod: Obj) -> tuple[Any, Any]:
     pod_labels = pod["metadata"].get("labels") or {}
     return pod_labels.get(labels.POOL), pod_labels.get(labels.STATE)

@@ -53,7 +53,7 @@ from ember.pods.base import (
     bound_by_another,
     new_agent_token,
 )
-from ember.pods.kubernetes.cache import Obj, PodCache, ready, state_of
+from ember.pods.kubernetes.cache import Obj, PodCache, ready, restarts, state_of
 from ember.pods.kubernetes.code import VersionCode
 from ember.pods.kubernetes.leases import (
     CLAIMED_AT,
@@ -126,6 +126,8 @@ class KubernetesPodSource:
         self._stale_claim_s = stale_claim_s
         self._cache = PodCache()
         self._handles: dict[str, PodHandle] = {}
+        self._restarts_at_claim: dict[str, int] = {}  # pods claimed here: their restarts then
+        self._restarted: set[str] = set()  # specialized pods whose agent restarted: being deleted
         self.discarded_bound = 0  # pods discarded because another client had bound them first
         self._pool_keys: dict[str, PoolKey] = {}  # pool label value -> key, for pools asked for here
         self._version_code = VersionCode(api, core=self._core, custom=self._custom)
@@ -213,6 +215,7 @@ class KubernetesPodSource:
                     {labels.STATE: labels.STATE_CLAIMED, CLAIMED_BY: self.holder},
                 )
                 if claimed is not None:
+                    self._restarts_at_claim[meta["name"]] = restarts(claimed)
                     return replace(self._handle(claimed, pool, kind), token=new_agent_token())
             kind = ClaimKind.POOL_MISS
             remaining = deadline - loop.time()
@@ -286,6 +289,7 @@ class KubernetesPodSource:
         assert version is not None
         patch = {
             "metadata": {
+                "annotations": {labels.AGENT_RESTARTS_ANNOTATION: str(self._restarts_at_claim.get(handle.id, 0))},
                 "labels": {
                     labels.STATE: labels.STATE_SPECIALIZED,
                     labels.FUNCTION: version.function,
@@ -338,6 +342,7 @@ class KubernetesPodSource:
     async def release(self, pod: PodHandle) -> None:
         """Delete the pod; idempotent."""
         self._handles.pop(pod.id, None)
+        self._restarts_at_claim.pop(pod.id, None)
         try:
             await self._core.delete_namespaced_pod(pod.id, self.namespace, grace_period_seconds=1)
         except ApiException as err:
@@ -352,6 +357,8 @@ class KubernetesPodSource:
         for pod in self._cache.values():
             pod_labels = pod["metadata"].get("labels", {})
             name = pod["metadata"]["name"]
+            if name in self._restarted:
+                continue
             known = self._handles.get(name)
             if known is not None and known.version == version and ready(pod):
                 out.append(known)  # specialized here (its relabel may still be on its way)
@@ -454,6 +461,35 @@ class KubernetesPodSource:
                 raise ApiException(status=response.status, reason=response.reason)
         pod: Obj = json.loads(data)
         return pod
+
+    def _check_restart(self, pod: Obj) -> None:
+        """A specialized (or claimed-here) pod whose containers restarted since its claim holds a
+        generic agent now (its code and token died with the old one; after an OOM kill, say):
+        it leaves the endpoints at once and is deleted (whichever activator sees it first)."""
+        meta = pod["metadata"]
+        name = meta["name"]
+        if name in self._restarted:
+            return
+        recorded: int | None = self._restarts_at_claim.get(name)
+        if recorded is None and state_of(pod) == labels.STATE_SPECIALIZED:
+            try:
+                recorded = int((meta.get("annotations") or {}).get(labels.AGENT_RESTARTS_ANNOTATION, ""))
+            except ValueError:
+                recorded = None  # specialized before this annotation existed
+        if recorded is None or restarts(pod) <= recorded:
+            return
+        self._restarted.add(name)
+        self._handles.pop(name, None)
+        log.warning(
+            "pod=%s version=%s agent restarted since its claim (restarts %d, then %d): deleted",
+            name,
+            (meta.get("labels") or {}).get(labels.VERSION),
+            recorded,
+            restarts(pod),
+        )
+        task = asyncio.create_task(self._delete_pod(name))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -590,6 +626,8 @@ class KubernetesPodSource:
             try:
                 listed = await self._core.list_namespaced_pod(self.namespace, label_selector=selector)
                 self._cache.replace(self._api.sanitize_for_serialization(p) for p in listed.items)
+                for pod in list(self._cache.values()):
+                    self._check_restart(pod)
                 self._synced.set()
                 await self._notify()
                 stream = watch.Watch(return_type="object")  # plain dicts: no model classes per event
@@ -607,8 +645,11 @@ class KubernetesPodSource:
                     if event["type"] == "DELETED":
                         self._cache.remove(name)
                         self._handles.pop(name, None)
+                        self._restarts_at_claim.pop(name, None)
+                        self._restarted.discard(name)
                     else:
                         self._cache.put(pod)
+                        self._check_restart(pod)
                     await self._notify()
             except asyncio.CancelledError:
                 raise

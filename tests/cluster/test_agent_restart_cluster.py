@@ -1,0 +1,137 @@
+"""Cluster tier (#11, hostile suite): a function that kills its own agent breaks only its own pod.
+
+A pool pod's agent holds the code and the token of its one specialize in memory. When its
+container restarts (a function killed it, as here; an OOM kill; a failed liveness probe) the
+kubelet starts a fresh, generic agent in the same pod, which keeps its `specialized` labels and
+turns Ready again. The activator takes the pod out of routing and deletes it, either when it
+sees the pod not Ready while the agent is down, or (when it never does) when the restart count
+moves past the one recorded at the claim (`ember.run/agent-restarts`; that path alone is
+tests/apiserver/test_pods_kubernetes.py); the function's next invocation gets a fresh pod.
+Another function, invoked all along, sees no error. The operator and the activator run as host
+processes (as in test_agent_auth_cluster.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.apiserver.operator_harness import Ember, OperatorProcess, condition, eventually
+from tests.cluster.scenarios import ActivatorProcess
+
+SUICIDAL = r"""
+import os, signal
+
+def handler(event, context):
+    if event.get("kill"):
+        os.kill(1, signal.SIGTERM)  # the agent is the container's init; it drains and exits
+        return {"sent": True}
+    return {"alive": True}
+"""
+BYSTANDER = "def handler(event, context):\n    return {'n': event.get('n')}\n"
+
+
+def _function(name: str, code: str) -> dict[str, Any]:
+    spec = {"runtime": "python3.12", "handler": "main.handler", "code": {"inline": code}}
+    return {"kind": "Function", "metadata": {"name": name}, "spec": spec}
+
+
+@pytest.fixture
+def activator(
+    kubeconfig: Path, ember_ns: Ember, operator: OperatorProcess, tmp_path: Path
+) -> Iterator[ActivatorProcess]:
+    proc = ActivatorProcess(kubeconfig, ember_ns.ns, tmp_path / "activator.log")
+    try:
+        proc.start()
+        yield proc
+    finally:
+        code = proc.stop()
+        print(f"--- activator log (exit {code}) ---\n{proc.log_tail()}")
+
+
+async def _call(http: aiohttp.ClientSession, url: str, ns: str, name: str, event: object) -> tuple[int, str]:
+    async with http.post(f"{url}/v1/namespaces/{ns}/functions/{name}/invoke", data=json.dumps(event)) as rsp:
+        text = await rsp.text()
+        return (rsp.status if "X-Ember-Function-Error" not in rsp.headers else 599), text
+
+
+@contextlib.asynccontextmanager
+async def _bystander_load(http: aiohttp.ClientSession, url: str, ns: str) -> AsyncIterator[list[str]]:
+    errors: list[str] = []
+    done = asyncio.Event()
+
+    async def loop() -> None:
+        n = 0
+        while not done.is_set():
+            n += 1
+            try:
+                status, text = await _call(http, url, ns, "bystander", {"n": n})
+                if (status, text) != (200, json.dumps({"n": n}, separators=(",", ":"))):
+                    errors.append(f"{n}: {status} {text}")
+            except (aiohttp.ClientError, TimeoutError) as err:
+                errors.append(f"{n}: {err!r}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), 0.1)
+
+    task = asyncio.create_task(loop())
+    try:
+        yield errors
+    finally:
+        done.set()
+        await task
+
+
+async def test_a_function_that_kills_its_agent_gets_a_fresh_pod_and_others_keep_serving(
+    ember_ns: Ember, activator: ActivatorProcess
+) -> None:
+    ember = ember_ns
+    for name, code in (("suicidal", SUICIDAL), ("bystander", BYSTANDER)):
+        ember.create("functions", _function(name, code))
+        eventually(
+            lambda n=name: condition(ember.get("functions", n), "Ready").get("status") == "True",
+            timeout_s=60,
+            what=f"Function {name} Ready",
+        )
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
+        url, ns = activator.url, ember.ns
+        assert await _call(http, url, ns, "bystander", {"n": 0}) == (200, '{"n":0}')
+        async with _bystander_load(http, url, ns) as errors:
+            assert await _call(http, url, ns, "suicidal", {}) == (200, '{"alive":true}')
+            (pod,) = ember.core.list_namespaced_pod(ns, label_selector="ember.run/function=suicidal").items
+            assert await _call(http, url, ns, "suicidal", {"kill": True}) == (200, '{"sent":true}')
+            # the kubelet restarts the container: a generic agent, Ready again, in a pod still
+            # labelled specialized (unless the activator deleted the pod first)
+            eventually(lambda: _restarted_and_ready_or_gone(ember, pod.metadata.name), timeout_s=90, what="restart")
+            # routed elsewhere: the restarted pod is out of routing and deleted, a fresh one answers
+            replies = [await _call(http, url, ns, "suicidal", {}) for _ in range(5)]
+            eventually(
+                lambda: (
+                    pod.metadata.name
+                    not in {
+                        p.metadata.name
+                        for p in ember.core.list_namespaced_pod(ns, label_selector="ember.run/function=suicidal").items
+                        if p.metadata.deletion_timestamp is None
+                    }
+                ),
+                timeout_s=30,
+                what=f"restarted pod {pod.metadata.name} deleted",
+            )
+    assert replies == [(200, '{"alive":true}')] * 5, replies
+    assert errors == []
+
+
+def _restarted_and_ready_or_gone(ember: Ember, name: str) -> bool:
+    found = ember.core.list_namespaced_pod(ember.ns, field_selector=f"metadata.name={name}").items
+    if not found or found[0].metadata.deletion_timestamp is not None:
+        return True
+    status = found[0].status
+    restarted = any(c.restart_count > 0 for c in status.container_statuses or [])
+    ready = any(c.type == "Ready" and c.status == "True" for c in status.conditions or [])
+    return restarted and ready
