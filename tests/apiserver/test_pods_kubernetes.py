@@ -16,6 +16,7 @@ import os
 import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from tests.apiserver.operator_harness import Ember, crds, ember, eventually, hel
 from ember.api.function import Function
 from ember.api.security_policy import DEFAULT_POLICY, SecurityPolicySpec
 from ember.api.version import Version, code_hash
-from ember.pods.base import PodHandle, PoolUnavailable, SpecializeFailed, VersionKey
+from ember.pods.base import PodGone, PodHandle, PoolUnavailable, SpecializeFailed, VersionKey
 from ember.pods.kubernetes import CLAIMED_AT, CLAIMED_BY, KubernetesPodSource
 from ember.pods.local import agent_command
 from ember.pods.payload import pool_key, specialize_request
@@ -241,19 +242,54 @@ async def test_bad_code_fails_specialize_and_the_pod_is_deleted(
     api: aclient.ApiClient, world: World, agents: int, ember: Ember
 ) -> None:
     world.add_generic_pods()
-    ember.core.delete_namespaced_config_map("hello-v1-code", ember.ns)
-    ember.core.create_namespaced_config_map(
-        ember.ns, code_configmap(world.version, version_files(world.fn.spec.model_copy(update={"code": _bad()}), None))
-    )
+    # Version 2 of the Function: code that does not import
+    bad = world.fn.model_copy(update={"spec": world.fn.spec.model_copy(update={"code": _bad()})})
+    bad_hash = code_hash(bad.spec, DEFAULT_POLICY)
+    stored = ember.create("versions", build_version(bad, number=2, code_hash=bad_hash, policy=DEFAULT_POLICY))
+    version2 = Version.model_validate({k: stored[k] for k in ("apiVersion", "kind", "metadata", "spec")})
+    ember.core.create_namespaced_config_map(ember.ns, code_configmap(version2, version_files(bad.spec, None)))
     source = await _source(api, ember.ns, "activator-a", agents)
     try:
         handle = await source.claim(world.pool)
         with pytest.raises(SpecializeFailed) as caught:
-            await source.specialize(handle, specialize_request(world.key, world.fn.spec, world.hash))
+            await source.specialize(handle, specialize_request(replace(world.key, number=2), bad.spec, bad_hash))
         assert caught.value.is_code_error
         eventually(lambda: handle.id not in {p.metadata.name for p in ember.core.list_namespaced_pod(ember.ns).items})
     finally:
         await source.close()
+
+
+@pytest.mark.parametrize("forged", ["other-code", "not-owned"])
+async def test_a_code_configmap_someone_else_planted_is_never_run(
+    api: aclient.ApiClient, world: World, agents: int, ember: Ember, forged: str
+) -> None:
+    """Whoever may create ConfigMaps could put `hello-v1-code` in place of the operator's: the
+    source specializes only from one the Version controls that holds the code the Version names."""
+    world.add_generic_pods()
+    ember.core.delete_namespaced_config_map("hello-v1-code", ember.ns)
+    evil = world.fn.spec.model_copy(update={"code": _evil()})
+    body = code_configmap(world.version, version_files(evil, None))
+    if forged == "not-owned":
+        body = code_configmap(world.version, version_files(world.fn.spec, None))
+        body["metadata"]["ownerReferences"] = []
+    ember.core.create_namespaced_config_map(ember.ns, body)
+    source = await _source(api, ember.ns, "activator-a", agents)
+    try:
+        handle = await source.claim(world.pool)
+        with pytest.raises(PodGone) as caught:
+            await source.specialize(handle, specialize_request(world.key, world.fn.spec, world.hash))
+        expected = "does not hold the code of Version hello-v1" if forged == "other-code" else "is not controlled by"
+        assert expected in str(caught.value)
+        assert source.endpoints(world.key) == []
+        await source.release(handle)
+    finally:
+        await source.close()
+
+
+def _evil() -> Any:
+    from ember.api.function import Code
+
+    return Code(inline="def handler(event, context):\n    return {'hello': 'evil'}\n")
 
 
 def _bad() -> Any:

@@ -29,6 +29,7 @@ from ember.resources.code import (
     CodeFiles,
     code_configmap,
     code_configmap_name,
+    code_configmap_problem,
     files_from_configmap,
     version_files,
 )
@@ -45,7 +46,11 @@ async def _ensure_code(kube: Kube, version: Version) -> tuple[ConditionStatus, s
     if spec.code.url is not None:
         return "True", cond.Reason.CODE_BY_URL, "Code is fetched by the agent from spec.code.url and checked."
     cm_name = code_configmap_name(version.metadata.name)
-    if await kube.get_configmap(ns, cm_name) is not None:
+    stored = await kube.get_configmap(ns, cm_name)
+    if stored is not None:
+        problem = code_configmap_problem(version, stored)
+        if problem is not None:
+            return "False", cond.Reason.NOT_OWNED, problem
         return "True", cond.Reason.CODE_STORED, f"Code is stored in ConfigMap {cm_name}."
     referenced: CodeFiles | None = None
     try:
@@ -72,7 +77,11 @@ async def _ensure_code(kube: Kube, version: Version) -> tuple[ConditionStatus, s
     except CodeError as err:
         return "False", cond.Reason.INVALID_SPEC, str(err)
     except Conflict:
-        pass  # made by a previous run that stopped before writing the status
+        # made meanwhile: by a previous run that stopped before writing the status, or by someone else
+        stored = await kube.get_configmap(ns, cm_name)
+        problem = "it vanished" if stored is None else code_configmap_problem(version, stored)
+        if problem is not None:
+            return "False", cond.Reason.NOT_OWNED, f"ConfigMap {cm_name}: {problem}"
     return "True", cond.Reason.CODE_STORED, f"Code is stored in ConfigMap {cm_name}."
 
 

