@@ -1,4 +1,5 @@
-"""Cluster tier (#11, hostile suite): a function that kills its own agent breaks only its own pod.
+"""Cluster tier (#11, hostile suite): a function that kills its own agent, or allocates past its
+memory in many processes, breaks only its own pod.
 
 A pool pod's agent holds the code and the token of its one specialize in memory. When its
 container restarts (a function killed it, as here; an OOM kill; a failed liveness probe) the
@@ -35,11 +36,31 @@ def handler(event, context):
         return {"sent": True}
     return {"alive": True}
 """
+GREEDY = r"""
+import os, time
+
+def handler(event, context):
+    if not event.get("processes"):
+        return {"alive": True}
+    children = []
+    for _ in range(event["processes"]):
+        pid = os.fork()
+        if pid == 0:
+            block = bytearray(event["mib_each"] << 20)
+            for i in range(0, len(block), 4096):
+                block[i] = 1
+            time.sleep(10)
+            os._exit(0)
+        children.append(pid)
+    for pid in children:
+        os.waitpid(pid, 0)
+    return {"survived": True}
+"""
 BYSTANDER = "def handler(event, context):\n    return {'n': event.get('n')}\n"
 
 
-def _function(name: str, code: str) -> dict[str, Any]:
-    spec = {"runtime": "python3.12", "handler": "main.handler", "code": {"inline": code}}
+def _function(name: str, code: str, **more: Any) -> dict[str, Any]:
+    spec = {"runtime": "python3.12", "handler": "main.handler", "code": {"inline": code}, **more}
     return {"kind": "Function", "metadata": {"name": name}, "spec": spec}
 
 
@@ -135,3 +156,32 @@ def _restarted_and_ready_or_gone(ember: Ember, name: str) -> bool:
     restarted = any(c.restart_count > 0 for c in status.container_statuses or [])
     ready = any(c.type == "Ready" and c.status == "True" for c in status.conditions or [])
     return restarted and ready
+
+
+async def test_a_function_past_its_memory_in_many_processes_fails_alone_and_gets_a_fresh_pod(
+    ember_ns: Ember, activator: ActivatorProcess
+) -> None:
+    """128 MiB for the whole pod (gVisor's kernel included, as the pod's cgroup counts it): four
+    children of 100 MiB each cannot all fit, whatever one process may use."""
+    ember = ember_ns
+    functions = (("greedy", GREEDY, {"resources": {"memoryMiB": 128}}), ("bystander", BYSTANDER, {}))
+    for name, code, more in functions:
+        ember.create("functions", _function(name, code, **more))
+        eventually(
+            lambda n=name: condition(ember.get("functions", n), "Ready").get("status") == "True",
+            timeout_s=60,
+            what=f"Function {name} Ready",
+        )
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
+        url, ns = activator.url, ember.ns
+        assert await _call(http, url, ns, "bystander", {"n": 0}) == (200, '{"n":0}')
+        async with _bystander_load(http, url, ns) as errors:
+            assert await _call(http, url, ns, "greedy", {}) == (200, '{"alive":true}')
+            (pod,) = ember.core.list_namespaced_pod(ns, label_selector="ember.run/function=greedy").items
+            status, text = await _call(http, url, ns, "greedy", {"processes": 4, "mib_each": 100})
+            eventually(lambda: _restarted_and_ready_or_gone(ember, pod.metadata.name), timeout_s=90, what="restart")
+            replies = [await _call(http, url, ns, "greedy", {}) for _ in range(3)]
+    assert status == 599, (status, text)  # the function's error (X-Ember-Function-Error), not a crash of Ember
+    assert "survived" not in text, text
+    assert replies == [(200, '{"alive":true}')] * 3, replies
+    assert errors == []

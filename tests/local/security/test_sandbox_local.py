@@ -151,6 +151,8 @@ def handler(event, context):
         "raw_socket": attempt(raw_socket),
         "ptrace_agent": attempt(ptrace_agent),
         "agent_memory": attempt(agent_memory),
+        # a process outside the sandbox (the activator's): signal 0 only asks whether it could be signalled
+        "signal_host": attempt(lambda: os.kill(int(os.environ["PROBE_HOST_PID"]), 0)),
     }
 """
 
@@ -248,7 +250,7 @@ async def test_a_hostile_function_has_no_privilege_and_cannot_write_the_host(
     choice: SandboxChoice, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     token = secrets.token_hex(6)
-    env = {"PROBE_TOKEN": token, "PROBE_PROJECT": str(PROJECT)}
+    env = {"PROBE_TOKEN": token, "PROBE_PROJECT": str(PROJECT), "PROBE_HOST_PID": str(os.getpid())}
     _use(choice, monkeypatch)
     async with run_activator() as act, background_load(act) as errors:
         assert act.source.sandbox == choice
@@ -295,6 +297,8 @@ async def test_a_hostile_function_has_no_privilege_and_cannot_write_the_host(
     assert isinstance(seen["agent_pid"]["value"], int), seen["agent_pid"]  # the attacks below aim at a process
     assert not seen["ptrace_agent"]["ok"], seen["ptrace_agent"]
     assert not seen["agent_memory"]["ok"], seen["agent_memory"]
+    # processes outside the sandbox are not there to signal (its own pid namespace)
+    assert not seen["signal_host"]["ok"], seen["signal_host"]
 
 
 def test_bwrap_is_refused_where_it_cannot_make_an_unprivileged_user_namespace() -> None:
