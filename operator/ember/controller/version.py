@@ -79,9 +79,11 @@ async def _ensure_code(kube: Kube, version: Version) -> tuple[ConditionStatus, s
     except Conflict:
         # made meanwhile: by a previous run that stopped before writing the status, or by someone else
         stored = await kube.get_configmap(ns, cm_name)
-        problem = "it vanished" if stored is None else code_configmap_problem(version, stored)
+        if stored is None:
+            return "Unknown", cond.Reason.RECONCILING, f"ConfigMap {cm_name} vanished while it was made; retrying."
+        problem = code_configmap_problem(version, stored)
         if problem is not None:
-            return "False", cond.Reason.NOT_OWNED, f"ConfigMap {cm_name}: {problem}"
+            return "False", cond.Reason.NOT_OWNED, problem
     return "True", cond.Reason.CODE_STORED, f"Code is stored in ConfigMap {cm_name}."
 
 

@@ -20,21 +20,23 @@ forces one):
   the sandbox as a whole, gVisor's own kernel and every process in it, through the memory
   cgroup runsc makes (as in a cluster, where the Sentry runs in the pod's cgroup): past it the
   sandbox is killed, and its invocations fail with the reason. The pids cgroup bounds its host
-  tasks by `limits.pids` (`runsc_host_tasks`, a backstop against fork bombs rather than an exact
-  count). runsc makes cgroups only when run as root (the banner says when it cannot). Egress `none` gives the sandbox
-  its own network stack with loopback only (`--network=none`): no connection leaves it. Any
-  other egress shares the host's network (`--network=host`, gVisor's hostinet): the allow-list
-  is not enforced locally (`ember.api.unsupported` says so). `--host-uds=create` lets the agent
-  make its socket in the pod's folder, the one writable bind. `EMBER_RUNSC_FLAGS` adds flags
-  (e.g. `--platform=systrap`).
+  tasks by `limits.pids` (`runsc_host_tasks`, a backstop against fork bombs rather than an
+  exact count). runsc makes cgroups only when run as root (the banner says when it cannot).
+  Egress `none` gives the sandbox its own network stack with loopback only (`--network=none`):
+  no connection leaves it. Any other egress shares the host's network (`--network=host`,
+  gVisor's hostinet): the allow-list is not enforced locally (`ember.api.unsupported` says so).
+  `--host-uds=create` lets the agent make its socket in the pod's folder, the one writable
+  bind; code in the sandbox cannot connect to a host socket at all. `EMBER_RUNSC_FLAGS` adds
+  flags (e.g. `--platform=systrap`).
 - **bwrap** (bubblewrap), only unprivileged: a new user namespace mapped to uid/gid 65534,
   every capability dropped, no further user namespaces (`--disable-userns`, bubblewrap 0.8+),
   new pid, ipc, uts and cgroup namespaces (and network, for egress `none`), its own session,
   killed with its parent. The root is empty but for read-only binds of /usr (and the
   merged-/usr symlinks), a few /etc files, the agent's own interpreter and code and the pod's
   socket folder; a private tmpfs /tmp of `tmpSizeMiB`, /dev and /proc; read-only with
-  `readOnlyRoot`. No memory bound for the sandbox as a whole (bwrap makes no cgroup). bwrap is
-  refused when it cannot make that user namespace here (probed once); it never runs privileged.
+  `readOnlyRoot`. No memory or process bound for the sandbox as a whole (bwrap makes no
+  cgroup; the agent's per-worker memory limit applies). bwrap is refused when it cannot make
+  that user namespace here (probed once); it never runs privileged.
 - **none**: a plain child process, with a loud warning: the function is not isolated.
 """
 

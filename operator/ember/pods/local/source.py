@@ -318,7 +318,9 @@ class LocalPodSource:
         settings.update(EMBER_AGENT_SOCKET=agent_socket(self.sandbox, place), EMBER_AGENT_CONCURRENCY="1")
         for name in ("EMBER_AGENT_HOST", "EMBER_AGENT_PORT"):
             settings.pop(name, None)
-        command = sandboxed(self.sandbox, agent, settings, place, memory_mib=key.memory_mib, isolation=key.isolation)
+        command = await asyncio.to_thread(  # makes the pod's folders and writes its bundle
+            sandboxed, self.sandbox, agent, settings, place, memory_mib=key.memory_mib, isolation=key.isolation
+        )
         async with self._starts:
             try:
                 proc = await asyncio.create_subprocess_exec(
@@ -334,7 +336,10 @@ class LocalPodSource:
             self._processes[pod_id] = process
             try:
                 async with asyncio.timeout(self._start_timeout_s):
-                    await read_listening(proc)
+                    listening = await read_listening(proc)
+                if listening != f"socket={settings['EMBER_AGENT_SOCKET']}":
+                    # an agent that ignored EMBER_AGENT_SOCKET would listen where others reach it
+                    raise PoolUnavailable(f"listens on {listening!r}, not on its pod's socket")
             except (TimeoutError, PoolUnavailable) as err:
                 await self._stop(process)
                 raise PoolUnavailable(f"agent {pod_id} ({' '.join(command)}) did not start: {err}") from err
