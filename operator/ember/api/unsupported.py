@@ -144,12 +144,24 @@ def local_message(fields: Sequence[str]) -> str:
     return f"{joined} {verb} accepted but not implemented in local mode (ember dev); {pronoun} no effect there"
 
 
+def cluster_message(fields: Sequence[str]) -> str:
+    """The sentence for fields that work in local mode but have no effect in a cluster."""
+    joined, verb, pronoun = _agreeing(fields)
+    return f"{joined} {verb} accepted but not implemented in a cluster yet; {pronoun} no effect there"
+
+
 def unsupported_warning(spec: FunctionSpec | SecurityPolicySpec) -> str | None:
     """One line for `ember validate` and `ember dev`: the fields without effect anywhere, then those
-    without effect in local mode only; None when every field the spec sets does something."""
-    everywhere = unsupported_fields(spec, Mode.CLUSTER)
-    local = [path for path in unsupported_fields(spec, Mode.LOCAL) if path not in everywhere]
+    without effect in a cluster only, then in local mode only; None when every field the spec sets
+    does something."""
+    in_cluster = unsupported_fields(spec, Mode.CLUSTER)
+    in_local = unsupported_fields(spec, Mode.LOCAL)
+    everywhere = [path for path in in_cluster if path in in_local]
+    cluster = [path for path in in_cluster if path not in in_local]
+    local = [path for path in in_local if path not in in_cluster]
     parts = [not_implemented_message(everywhere)] if everywhere else []
+    if cluster:
+        parts.append(cluster_message(cluster))
     if local:
         parts.append(local_message(local))
     return "; ".join(parts) or None

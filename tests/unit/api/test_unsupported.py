@@ -245,4 +245,6 @@ def test_the_examples_are_told_what_they_set_in_vain() -> None:
     warnings = {r.metadata.name: unsupported_warning(r.spec) for r in load_manifests(ROOT / "examples")}
     assert warnings["hello-python"] is None
     assert warnings["greeter"] == "spec.http.routes is accepted but not implemented yet; it has no effect"
-    assert warnings["strict"] == "spec.limits.pids is accepted but not implemented yet; it has no effect"
+    assert warnings["strict"] == (
+        "spec.limits.pids is accepted but not implemented in a cluster yet; it has no effect there"
+    )
