@@ -14,6 +14,7 @@ implementations are `ember.pods.local` (processes) and `ember.pods.kubernetes` (
 from __future__ import annotations
 
 import enum
+import json
 import secrets
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -90,6 +91,17 @@ class PodHandle:
     def authorization(self) -> str:
         """The `Authorization` header value for this pod's agent."""
         return f"Bearer {self.token}"
+
+
+def agent_error(body: bytes) -> tuple[str, str]:
+    """The `errorType` and `errorMessage` of an agent's error reply (CONTRACT.md), however it is garbled."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return "InvalidResponse", body[:200].decode(errors="replace")
+    if isinstance(parsed, dict):
+        return str(parsed.get("errorType", "Unknown")), str(parsed.get("errorMessage", ""))
+    return "InvalidResponse", str(parsed)[:200]
 
 
 UNIX_ADDRESS_PREFIX = "unix:"

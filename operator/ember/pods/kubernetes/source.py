@@ -50,6 +50,7 @@ from ember.pods.base import (
     SpecializeFailed,
     SpecializeRequest,
     VersionKey,
+    agent_error,
     bound_by_another,
     new_agent_token,
 )
@@ -74,16 +75,6 @@ log = logging.getLogger(__name__)
 def pool_id_of(pool: PoolKey) -> str:
     """The `ember.run/pool` label value of a pool key."""
     return pool_id(runtime=pool.runtime, sandbox=pool.sandbox, memory_mib=pool.memory_mib, policy_hash=pool.policy_hash)
-
-
-def _error_of(body: bytes) -> tuple[str, str]:
-    try:
-        parsed = json.loads(body)
-    except ValueError:
-        return "InvalidResponse", body[:200].decode(errors="replace")
-    if isinstance(parsed, dict):
-        return str(parsed.get("errorType", "Unknown")), str(parsed.get("errorMessage", ""))
-    return "InvalidResponse", str(parsed)[:200]
 
 
 class KubernetesPodSource:
@@ -248,7 +239,7 @@ class KubernetesPodSource:
                 break
             await self.release(pod)  # every failure releases the pod: the caller's release is a no-op
             if not bound_by_another(status):
-                error_type, message = _error_of(body)
+                error_type, message = agent_error(body)
                 raise SpecializeFailed(pod.id, status, error_type, message)
             # Another client (another pod's code, reaching this one over the pod network where
             # NetworkPolicy does not stop it) bound the agent first: never use it.

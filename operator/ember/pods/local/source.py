@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
 import os
 import shutil
@@ -42,6 +41,7 @@ from ember.pods.base import (
     SpecializeFailed,
     SpecializeRequest,
     VersionKey,
+    agent_error,
     bound_by_another,
     new_agent_token,
     unix_socket,
@@ -133,7 +133,7 @@ class LocalPodSource:
                     )
                 pod = await self.claim(pod.pool)
             if status != 200:
-                error_type, message = _error_of(body)
+                error_type, message = agent_error(body)
                 raise SpecializeFailed(pod.id, status, error_type, message)
         except BaseException:
             if pod is not claimed:  # the caller releases the pod it claimed, not its replacement
@@ -442,13 +442,3 @@ def agent_session(address: str, *, timeout_s: float = 120) -> aiohttp.ClientSess
     return aiohttp.ClientSession(
         connector=aiohttp.UnixConnector(path=path), timeout=aiohttp.ClientTimeout(total=timeout_s)
     )
-
-
-def _error_of(body: bytes) -> tuple[str, str]:
-    try:
-        parsed = json.loads(body)
-    except ValueError:
-        return "InvalidResponse", body[:200].decode(errors="replace")
-    if isinstance(parsed, dict):
-        return str(parsed.get("errorType", "Unknown")), str(parsed.get("errorMessage", ""))
-    return "InvalidResponse", str(parsed)[:200]
