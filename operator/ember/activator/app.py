@@ -44,7 +44,11 @@ def make_app(
     scaler = Scaler(registry, source, config, metrics, client, replicas=replicas, wakeup=wakeup)
     invoker = Invoker(registry, client, wakeup)
     async_invocations = AsyncInvocations(invoker, depth=config.async_queue_depth, workers=config.async_workers)
-    metrics.watch_state(registry.gauges, lambda: {str(k): v for k, v in source.warm_pods().items()})
+    metrics.watch_state(
+        registry.gauges,
+        lambda: {str(k): v for k, v in source.warm_pods().items()},
+        lambda: source.discarded_bound,
+    )
 
     app = web.Application(client_max_size=config.max_body_bytes + 1)
     app[keys.CONFIG] = config

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
@@ -73,18 +73,27 @@ class Metrics:
         )
 
     def watch_state(
-        self, versions: Callable[[], Iterable[VersionGauges]], warm_pods: Callable[[], Mapping[str, int]]
+        self,
+        versions: Callable[[], Iterable[VersionGauges]],
+        warm_pods: Callable[[], Mapping[str, int]],
+        discarded_bound: Callable[[], int] = lambda: 0,
     ) -> None:
-        """Export gauges read at scrape time from the live Versions and the pod source's warm pools."""
-        self.registry.register(_StateCollector(versions, warm_pods))
+        """Export what is read at scrape time from the live Versions and the pod source: its warm
+        pools, and the pods it discarded because someone else had bound their agent (an attack:
+        function code reaching other agents where nothing isolates them)."""
+        self.registry.register(_StateCollector(versions, warm_pods, discarded_bound))
 
 
 class _StateCollector(Collector):
     def __init__(
-        self, versions: Callable[[], Iterable[VersionGauges]], warm_pods: Callable[[], Mapping[str, int]]
+        self,
+        versions: Callable[[], Iterable[VersionGauges]],
+        warm_pods: Callable[[], Mapping[str, int]],
+        discarded_bound: Callable[[], int],
     ) -> None:
         self._versions = versions
         self._warm = warm_pods
+        self._discarded_bound = discarded_bound
 
     def collect(self) -> Iterable[Metric]:
         in_flight = GaugeMetricFamily("ember_in_flight", "Invocations running on pods.", labels=["function", "version"])
@@ -110,4 +119,9 @@ class _StateCollector(Collector):
         warm = GaugeMetricFamily("ember_pool_pods", "Warm generic pods by pool.", labels=["pool"])
         for pool, count in self._warm().items():
             warm.add_metric([pool], count)
-        return [in_flight, queued, pods, phase, warm]
+        discarded = CounterMetricFamily(
+            "ember_pods_discarded_bound",
+            "Pods discarded because another client had bound their agent before the activator.",
+            value=self._discarded_bound(),
+        )
+        return [in_flight, queued, pods, phase, warm, discarded]

@@ -181,6 +181,8 @@ class PodGone(PodSourceError):
 class PodSource(Protocol):
     """Claim, specialize, release and list pods; implementations own the pods' lifecycle."""
 
+    discarded_bound: int  # pods discarded because another client had bound their agent first
+
     async def claim(self, pool: PoolKey) -> PodHandle:
         """A generic pod of the pool, taken out of it: warm when one is ready, else started now."""
         ...

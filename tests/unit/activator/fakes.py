@@ -78,6 +78,8 @@ class FakePods:
     def warm_pods(self) -> Mapping[PoolKey, int]:
         return {}
 
+    discarded_bound = 0
+
     async def ensure_pool(self, pool: PoolKey, size: int) -> None:
         return None
 
