@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import time
+from typing import Any
 
 import aiohttp
 
@@ -26,6 +27,10 @@ HELLO = """
     def handler(event, context):
         return {"hello": event.get("name", "world"), "version": context.function_version}
 """
+
+
+# four workers per pod: memoryMiB bounds a pod as a whole (its workers and gVisor's own memory)
+ROLL: dict[str, Any] = {"concurrency": 4, "scaling": {"maxScale": 6}, "resources": {"memoryMiB": 256}}
 
 
 async def _wait_for(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
@@ -41,7 +46,10 @@ async def _invoke(act: Activator, name: str, event: object, **headers: str) -> t
 
 
 async def test_thousand_invocations_at_concurrency_50_all_succeed(activator: Activator) -> None:
-    activator.registry.apply(function("load", HELLO, concurrency=10, scaling={"maxScale": 5}))
+    # memoryMiB bounds a pod as a whole (its 10 concurrent workers and gVisor's own memory)
+    activator.registry.apply(
+        function("load", HELLO, concurrency=10, scaling={"maxScale": 5}, resources={"memoryMiB": 512})
+    )
     gate = asyncio.Semaphore(50)
     statuses: collections.Counter[int] = collections.Counter()
     bodies_ok = 0
@@ -64,7 +72,7 @@ async def test_thousand_invocations_at_concurrency_50_all_succeed(activator: Act
 
 
 async def test_edit_during_steady_load_rolls_to_new_version_with_zero_failures(activator: Activator) -> None:
-    activator.registry.apply(function("roll", HELLO, concurrency=4, scaling={"maxScale": 6}))
+    activator.registry.apply(function("roll", HELLO, **ROLL))
     versions_seen: collections.Counter[str] = collections.Counter()
     failures: list[str] = []
     stop = asyncio.Event()
@@ -80,7 +88,7 @@ async def test_edit_during_steady_load_rolls_to_new_version_with_zero_failures(a
     clients = [asyncio.create_task(client()) for _ in range(10)]
     await _wait_for(lambda: versions_seen["1"] >= 100, 60, "100 invocations of Version 1")
     edited = HELLO.replace('"hello"', '"hi"')
-    new = activator.registry.apply(function("roll", edited, concurrency=4, scaling={"maxScale": 6}))
+    new = activator.registry.apply(function("roll", edited, **ROLL))
     assert new is not None
     assert new.key.number == 2
     await _wait_for(lambda: versions_seen["2"] >= 100, 60, "100 invocations of Version 2")
