@@ -207,7 +207,7 @@ async def test_tmp_is_as_big_as_the_policy_says(choice: SandboxChoice, monkeypat
 
 @pytest.mark.parametrize("choice", [p for p in ISOLATED if p.values[0].kind is Sandbox.RUNSC])
 async def test_memory_bounds_the_whole_sandbox_not_one_process(
-    choice: SandboxChoice, monkeypatch: pytest.MonkeyPatch
+    choice: SandboxChoice, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     _use(choice, monkeypatch)
     async with run_activator() as act, background_load(act) as errors:
@@ -227,6 +227,7 @@ async def test_memory_bounds_the_whole_sandbox_not_one_process(
     error = json.loads(text)
     assert error["errorType"] == "Runtime.ExitError", error
     assert "sandbox stopped during the invocation" in error["errorMessage"], error
+    assert "killed: out of memory (memoryMiB=256)" in caplog.text  # ember dev's log says why
     assert "pid" in again, again
     assert before, before
     assert before - after, (before, after)  # the killed sandbox is gone (another pod serves)

@@ -48,7 +48,7 @@ from ember.pods.base import (
 )
 from ember.pods.local.process import AGENT_SETTINGS, AgentProcess, LocalPod, ProcessState, read_listening
 from ember.pods.local.runtimes import RUNTIME_IMAGES, agent_command
-from ember.pods.local.sandbox import PodPlace, SandboxChoice, agent_socket, detect_sandbox, sandboxed
+from ember.pods.local.sandbox import PodPlace, Sandbox, SandboxChoice, agent_socket, detect_sandbox, sandboxed
 
 log = logging.getLogger(__name__)
 
@@ -364,16 +364,21 @@ class LocalPodSource:
             if not line:
                 break
             log.info("pod=%s %s", process.id, line.decode(errors="replace").rstrip())
-        code = await process.proc.wait()
-        if not process.state.ending:
-            log.warning(
-                "pod exited pod=%s pid=%d code=%s state=%s", process.id, process.proc.pid, code, process.state.value
-            )
+        await process.proc.wait()
         await self._forget(process)
 
     async def _forget(self, process: AgentProcess) -> None:
+        """The process exited (on its own, or stopped by this source): drop it everywhere."""
         self._refill_now(process)
         previous = process.state
+        if not previous.ending:
+            log.warning(
+                "pod exited pod=%s pid=%d code=%s state=%s",
+                process.id,
+                process.proc.pid,
+                process.proc.returncode,
+                previous.value,
+            )
         process.state = ProcessState.DEAD
         self._processes.pop(process.id, None)
         session = self._sessions.pop(process.id, None)
@@ -398,6 +403,9 @@ class LocalPodSource:
             return
         process.state = ProcessState.STOPPING
         proc = process.proc
+        if self.sandbox.kind is Sandbox.RUNSC and _oom_kills(process.id):
+            # the kernel killed the sandbox (its `runsc run` lingers) at its memory cgroup's bound
+            log.warning("pod=%s killed: out of memory (memoryMiB=%d)", process.id, process.pool.memory_mib)
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
@@ -442,3 +450,21 @@ def agent_session(address: str, *, timeout_s: float = 120) -> aiohttp.ClientSess
     return aiohttp.ClientSession(
         connector=aiohttp.UnixConnector(path=path), timeout=aiohttp.ClientTimeout(total=timeout_s)
     )
+
+
+def _oom_kills(container: str) -> int:
+    """Out-of-memory kills in a runsc sandbox's memory cgroup (runsc names it after the
+    container: cgroup v1's memory controller, or v2's unified tree); 0 when it has none."""
+    for path, key in (
+        (f"/sys/fs/cgroup/memory/{container}/memory.oom_control", "oom_kill"),
+        (f"/sys/fs/cgroup/{container}/memory.events", "oom_kill"),
+    ):
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            name, _, value = line.partition(" ")
+            if name == key and value.strip().isdigit():
+                return int(value)
+    return 0
