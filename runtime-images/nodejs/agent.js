@@ -766,7 +766,16 @@ function main() {
     setImmediate(spawnSpare);
   };
   const sockPath = process.env.EMBER_AGENT_SOCKET || '';
-  if (sockPath) {
+  const listenFd = process.env.EMBER_AGENT_LISTEN_FD || '';
+  if (listenFd) {
+    // A listening Unix stream socket the host made and handed down (its file is not in the sandbox).
+    if (!/^[0-9]+$/.test(listenFd) || Number(listenFd) < 3) {
+      process.stderr.write(`ember-agent: EMBER_AGENT_LISTEN_FD=${JSON.stringify(listenFd)} must be a file descriptor number of 3 or more\n`);
+      process.exit(2);
+    }
+    server.on('error', (e) => { process.stderr.write(`ember-agent: cannot listen on EMBER_AGENT_LISTEN_FD=${listenFd}: ${e.message}\n`); process.exit(1); });
+    server.listen({ fd: Number(listenFd) }, onListening(() => `fd=${listenFd}`));
+  } else if (sockPath) {
     // A Unix socket instead of TCP (EMBER_AGENT_HOST/PORT ignored).  A socket file left at the path
     // (an agent that was killed) is removed first; any other file is refused, not replaced.  The
     // file keeps the default mode: the host process that connects may run as another uid.

@@ -30,7 +30,12 @@ def main():
     _S.entry = os.path.abspath(sys.argv[0])
     _start_trace()
     sock_path = os.environ.get("EMBER_AGENT_SOCKET") or ""
-    lsock, family, listening = _listen_unix(sock_path) if sock_path else _listen_tcp()
+    listen_fd = os.environ.get("EMBER_AGENT_LISTEN_FD") or ""
+    if listen_fd:
+        sock_path = ""  # the host made the socket file; it is not the agent's to remove
+        lsock, family, listening = _adopt_listening_fd(listen_fd)
+    else:
+        lsock, family, listening = _listen_unix(sock_path) if sock_path else _listen_tcp()
     _OPEN_SOCKS.add(lsock)
     # Signals are handled synchronously by the main thread (sigwaitinfo); block them before any
     # thread starts so every thread inherits the mask and none of them takes a signal.
@@ -64,6 +69,25 @@ def main():
                 except OSError:
                     pass
             _shutdown()
+
+
+def _adopt_listening_fd(raw):
+    """-> (listening socket, AF_UNIX, b"fd=<n>") from EMBER_AGENT_LISTEN_FD: a Unix stream socket
+    the host made, bound and listening, and handed down (its file is not in the agent's sandbox)."""
+    what = f"ember-agent: EMBER_AGENT_LISTEN_FD={raw!r}"
+    if not raw.isdigit() or int(raw) < 3:
+        raise SystemExit(f"{what} must be a file descriptor number of 3 or more")
+    fd = int(raw)
+    try:
+        lsock = _socket.socket(fileno=fd)
+    except OSError as e:
+        raise SystemExit(f"{what} is not an open socket: {e}") from None
+    listening = lsock.getsockopt(_socket.SOL_SOCKET, _socket.SO_ACCEPTCONN)
+    if lsock.family != _socket.AF_UNIX or lsock.type != _socket.SOCK_STREAM or not listening:
+        lsock.detach()
+        raise SystemExit(f"{what} is not a listening Unix stream socket")
+    os.set_inheritable(fd, False)
+    return lsock, _socket.AF_UNIX, b"fd=%d" % fd
 
 
 def _listen_tcp():
