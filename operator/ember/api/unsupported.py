@@ -101,6 +101,8 @@ POLICY_GAPS: Final[tuple[Gap[SecurityPolicySpec], ...]] = (
     # Local mode: egress `none` is a network namespace of the sandbox's own; any allow-list
     # shares the host's network (pods/local/sandbox.py), so its entries are not enforced there.
     Gap("spec.egress.allow", lambda s: s.egress.mode == "allowList", LOCAL_ONLY),
+    # Local mode: a sandbox's root is always read-only (pods/local/sandbox.py); writes go to /tmp.
+    Gap("spec.filesystem.readOnlyRoot", lambda s: not s.filesystem.read_only_root, LOCAL_ONLY),
 )
 
 

@@ -30,7 +30,6 @@ class Isolation:
 
     network: bool = False  # False: egress `none`, a network namespace of its own (loopback only)
     tmp_size_mib: int = 64
-    read_only_root: bool = True
     pids: int = 256  # the policy's limits.pids (a runsc sandbox's host-task backstop follows it)
 
 

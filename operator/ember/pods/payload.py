@@ -33,7 +33,6 @@ def pool_key(spec: FunctionSpec, policy: SecurityPolicySpec | None) -> PoolKey:
         isolation=Isolation(
             network=effective.egress.mode != "none",
             tmp_size_mib=effective.filesystem.tmp_size_mib,
-            read_only_root=effective.filesystem.read_only_root,
             pids=effective.limits.pids,
         ),
     )

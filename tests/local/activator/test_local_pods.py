@@ -50,6 +50,15 @@ async def source() -> AsyncIterator[LocalPodSource]:
         await src.close()
         assert src.running_pids() == []
         assert [p for p in pids if _not_zombie(p)] == []
+        # nothing of the pods is left: no folder, no mount (runsc binds a network namespace there)
+        assert _left_of(str(src._places)) == []
+
+
+def _left_of(places: str) -> list[str]:
+    """The pods' folder if it is still there, and every mount still under it."""
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split()[4] for line in f if places in line]
+    return ([places] if os.path.exists(places) else []) + mounts
 
 
 def _not_zombie(pid: int) -> bool:

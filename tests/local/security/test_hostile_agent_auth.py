@@ -46,7 +46,9 @@ ATTACKER = r"""
 import json, os, secrets, socket
 
 MINE = "def handler(event, context):\n    return {'who': 'attacker', 'n': event.get('n')}\n"
-OWN = os.environ["EMBER_AGENT_SOCKET"]
+# where its own agent's socket is in its sandbox (runsc); under bwrap the agent was handed its
+# socket and no such path exists in the sandbox
+OWN = os.environ.get("EMBER_AGENT_SOCKET", "/run/ember/agent.sock")
 
 def call(path, method, url, body=None, token=None):
     data = json.dumps(body).encode() if body is not None else b""
@@ -65,10 +67,34 @@ def call(path, method, url, body=None, token=None):
     except OSError as e:
         return {"path": path, "error": repr(e)}
 
+def swap_own_socket():
+    # replace the agent's socket with a symlink to a host socket: the activator would follow it
+    try:
+        os.unlink(OWN)
+        os.symlink("/var/run/some-host.sock", OWN)
+        return "swapped"
+    except OSError as e:
+        return repr(e)
+
+def fill_socket_folder():
+    # the socket's folder is the one the sandbox may write on the host: fill the host's disk?
+    written = 0
+    try:
+        with open(os.path.join(os.path.dirname(OWN), "fill"), "wb") as f:
+            while written < 64:
+                f.write(b"x" * (1 << 20))
+                f.flush()
+                written += 1
+    except OSError as e:
+        return {"written_mib": written, "error": repr(e)}
+    return {"written_mib": written, "error": None}
+
 def handler(event, context):
     if event.get("noop"):
         return {"ready": True}
     seen = {"healthz": [], "poison": [], "invoke": [], "own": []}
+    seen["swap"] = swap_own_socket()
+    seen["fill"] = fill_socket_folder()
     code_hash = event["victim_code_hash"]  # handed over, as if leaked: /healthz never says it
     poison = {"function": {"namespace": "default", "name": "victim", "version": 1},
               "handler": "main.handler", "code": {"inline": MINE}, "codeHash": code_hash}
@@ -224,7 +250,14 @@ async def test_a_hostile_function_cannot_poison_the_pool_nor_invoke_another_func
         # is not reachable at all (gVisor lets the agent make its host socket, not connect to one)
         assert len(seen["own"]) == 4, seen["own"]
         for attempt in seen["own"]:
-            assert attempt.get("status") == 401 or "PermissionError" in attempt.get("error", ""), attempt
+            refused = ("PermissionError", "FileNotFoundError")
+            assert attempt.get("status") == 401 or any(e in attempt.get("error", "") for e in refused), attempt
+        # its agent's socket cannot be swapped for a symlink to a host socket (gVisor refuses the
+        # unlink; a bwrap sandbox has no such file), and the one host folder a runsc sandbox may
+        # write is a 1 MiB tmpfs (as root): no host disk to fill
+        assert seen["swap"] != "swapped", seen["swap"]
+        assert seen["fill"]["written_mib"] <= 1, seen["fill"]
+        assert seen["fill"]["error"], seen["fill"]
         assert replies == [{"who": "victim", "n": 100 + i} for i in range(5)]
         assert act.source.discarded_bound == 0  # no pod was bound by anyone but the activator
         assert await act.metric("ember_pods_discarded_bound_total") == 0

@@ -25,6 +25,7 @@ import contextlib
 import json
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -172,7 +173,7 @@ def _host_server() -> Iterator[int]:
 
 @pytest.mark.parametrize("choice", ISOLATED)
 async def test_egress_none_reaches_nothing_and_an_egress_policy_reaches_the_host(
-    choice: SandboxChoice, monkeypatch: pytest.MonkeyPatch
+    choice: SandboxChoice, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     _use(choice, monkeypatch)
     with _host_server() as port:
@@ -181,10 +182,18 @@ async def test_egress_none_reaches_nothing_and_an_egress_policy_reaches_the_host
             targets = {"host_server": ["127.0.0.1", port], "activator": ["127.0.0.1", activator_port]}
             act.registry.apply(_function("closed", CONNECT), policy=_policy())
             closed = await _result(act, "closed", targets)
+            # no runsc control socket of an egress-none sandbox is where host processes find it
+            # (Debian's runsc names it in the abstract namespace of its network namespace)
+            host_sockets = await asyncio.to_thread(Path("/proc/net/unix").read_text)
+            assert [p for p in _pods_of(act, "closed") if f"runsc-sandbox.{p}" in host_sockets] == []
             open_policy = _policy(egress={"mode": "allowList", "allow": [{"cidr": "127.0.0.1/32"}]})
             act.registry.apply(_function("open", CONNECT), policy=open_policy)
             opened = await _result(act, "open", targets)
+            host_sockets = await asyncio.to_thread(Path("/proc/net/unix").read_text)
+            shared = [p for p in _pods_of(act, "open") if f"runsc-sandbox.{p}" in host_sockets]
     assert errors == []
+    # a sandbox on the host's network cannot hide a runsc's abstract control socket: ember dev says so
+    assert bool(shared) == ("control socket of each sandbox" in caplog.text), (shared, caplog.text[-500:])
     assert not closed["host_server"]["ok"], closed
     assert not closed["activator"]["ok"], closed
     # the control: the same code under a policy that allows egress reaches the same server

@@ -77,7 +77,7 @@ IMPLEMENTED: dict[str, str] = {
     "spec.egress.allow[].cidr": NOT_LOCAL,  # resources/network_policy.py; local: the host's network
     "spec.egress.allow[].host": NOT_LOCAL,  # denied and reported as EgressEnforced=False in a cluster
     "spec.egress.allow[].ports[]": NOT_LOCAL,  # same
-    "spec.filesystem.readOnlyRoot": BOTH,  # resources/pool.py securityContext; pods/local/sandbox.py root
+    "spec.filesystem.readOnlyRoot": NOT_LOCAL,  # resources/pool.py securityContext; local roots are read-only
     "spec.filesystem.tmpSizeMiB": BOTH,  # resources/pool.py emptyDir sizeLimit; pods/local/sandbox.py tmpfs
     "spec.limits.maxMemoryMiB": BOTH,  # resources/policy.py limit_violations: controller/function.py, devmode, validate
     "spec.limits.maxTimeoutSeconds": BOTH,  # same
@@ -108,6 +108,7 @@ POLICY_SAMPLES: dict[str, dict[str, Any]] = {
     "spec.sandbox": {"sandbox": "kata"},
     "spec.runtimeClassName": {"runtimeClassName": "gvisor-systrap"},
     "spec.egress.allow": {"egress": {"mode": "allowList", "allow": [{"cidr": "10.0.0.0/8"}]}},
+    "spec.filesystem.readOnlyRoot": {"filesystem": {"readOnlyRoot": False}},
 }
 
 
@@ -221,9 +222,13 @@ def test_a_policy_that_works_in_a_cluster_is_told_only_about_local_mode() -> Non
         }
     )
     assert unsupported_policy_fields(spec, Mode.CLUSTER) == ()
-    assert unsupported_policy_fields(spec, Mode.LOCAL) == ("spec.sandbox", "spec.egress.allow")
+    assert unsupported_policy_fields(spec, Mode.LOCAL) == (
+        "spec.sandbox",
+        "spec.egress.allow",
+        "spec.filesystem.readOnlyRoot",
+    )
     assert unsupported_policy_fields(SecurityPolicySpec(), Mode.LOCAL) == ()
-    # egress `none`, a read-only root and a sized /tmp work in local mode too
+    # egress `none`, a read-only root (the only one local mode offers) and a sized /tmp work there too
     written = {"egress": {"mode": "none"}, "filesystem": {"readOnlyRoot": True, "tmpSizeMiB": 16}}
     assert unsupported_policy_fields(SecurityPolicySpec.model_validate(written), Mode.LOCAL) == ()
 

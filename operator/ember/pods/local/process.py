@@ -35,6 +35,7 @@ AGENT_SETTINGS = (
     "EMBER_AGENT_HOST",
     "EMBER_AGENT_PORT",
     "EMBER_AGENT_SOCKET",
+    "EMBER_AGENT_LISTEN_FD",
     "EMBER_AGENT_CONCURRENCY",
     "EMBER_AGENT_MAX_PAYLOAD_BYTES",
     "EMBER_AGENT_CODE_DIR",
@@ -70,6 +71,25 @@ class ProcessState(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class PodPlace:
+    """One pod's private folder on the host (mode 0700, removed with the pod) and its name.
+
+    `run/` in it holds the agent's socket; it is the only host folder a sandbox may write."""
+
+    root: Path
+    name: str
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def socket(self) -> Path:
+        """The agent's socket, as this process connects to it."""
+        return self.run_dir / "agent.sock"
+
+
+@dataclass(frozen=True, slots=True)
 class LocalPod:
     """A read-only view of one agent process (for tests and tools)."""
 
@@ -93,7 +113,7 @@ class AgentProcess:
     monitor: asyncio.Task[None] | None = None
     started_at: float = field(default_factory=time.monotonic)
     refill_due: asyncio.TimerHandle | None = None
-    place: Path | None = None  # its private folder (socket, bundle), removed when it is gone
+    place: PodPlace | None = None  # its private folders (socket, bundle), removed when it is gone
 
     def view(self) -> LocalPod:
         """This process as it is now, read-only."""

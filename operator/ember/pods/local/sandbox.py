@@ -6,8 +6,8 @@ with a minimal, explicit environment (`ember.pods.local.process.AGENT_ENV` plus 
 listens on a Unix socket in its pod's private folder (`PodPlace`), never on a TCP port: only
 this process reaches it, not other functions (which share the host's loopback when their policy
 allows egress). Per pod, the pool's `Isolation` (from its SecurityPolicy) decides the network,
-the size of /tmp and whether the root is read-only. Best first (`EMBER_SANDBOX=runsc|bwrap|none`
-forces one):
+the size of /tmp and the process bound; the root is always read-only (writes go to /tmp). Best
+first (`EMBER_SANDBOX=runsc|bwrap|none` forces one):
 
 - **runsc** (gVisor; `EMBER_RUNSC` names the binary, else PATH): `runsc run` on an OCI bundle
   written per pod (`_oci_config`), which every runsc has (Debian's 2022 one included). The
@@ -15,47 +15,57 @@ forces one):
   agent as uid/gid 65534 with no capabilities and no_new_privs. Its root is a minimal skeleton
   (`_skeleton`: the merged-/usr symlinks) with read-only binds of /usr, a few /etc files and
   the agent's own interpreter and code only: no project tree, no /root, no /etc/shadow, no
-  other function's files. /tmp is a tmpfs of the policy's `tmpSizeMiB`; the root is read-only
-  with `readOnlyRoot`, else a private in-memory overlay. The pod's memory (`memoryMiB`) bounds
-  the sandbox as a whole, gVisor's own kernel and every process in it, through the memory
-  cgroup runsc makes (as in a cluster, where the Sentry runs in the pod's cgroup): past it the
-  sandbox is killed, and its invocations fail with the reason. The pids cgroup bounds its host
-  tasks by `limits.pids` (`runsc_host_tasks`, a backstop against fork bombs rather than an
-  exact count). runsc makes cgroups only when run as root (the banner says when it cannot).
-  Egress `none` gives the sandbox its own network stack with loopback only (`--network=none`):
-  no connection leaves it. Any other egress shares the host's network (`--network=host`,
-  gVisor's hostinet): the allow-list is not enforced locally (`ember.api.unsupported` says so).
-  `--host-uds=create` lets the agent make its socket in the pod's folder, the one writable
-  bind; code in the sandbox cannot connect to a host socket at all. `EMBER_RUNSC_FLAGS` adds
-  flags (e.g. `--platform=systrap`).
+  other function's files. /tmp is a tmpfs of the policy's `tmpSizeMiB`. The pod's memory
+  (`memoryMiB`) bounds the sandbox as a whole, gVisor's own kernel and every process in it,
+  through the memory cgroup runsc makes (as in a cluster, where the Sentry runs in the pod's
+  cgroup): past it the sandbox is killed, and its invocations fail with the reason. The pids
+  cgroup bounds its host tasks by `limits.pids` (`runsc_host_tasks`, a backstop against fork
+  bombs rather than an exact count). runsc makes cgroups only when run as root (the banner says
+  when it cannot). Egress `none` gives the sandbox its own network stack with loopback only
+  (`--network=none`), and runsc itself a network namespace of its own (`unshare --net`, as
+  root): Debian's runsc names each sandbox's control socket in the abstract namespace of the
+  network namespace it starts in, where anyone may drive the sandbox. Any other egress shares
+  the host's network (`--network=host`, gVisor's hostinet): the allow-list is not enforced
+  locally (`ember.api.unsupported` says so), and with such a runsc its control socket is
+  reachable from the host's network namespace (a warning says so; a newer runsc keeps it in
+  its `--root` folder, private to this process). The agent makes its socket itself
+  (`--host-uds=create`) in the pod's run/ folder, the one writable bind, a 1 MiB tmpfs as root
+  (`_small_tmpfs`); code in gVisor cannot replace that socket nor connect to a host socket.
+  `EMBER_RUNSC_FLAGS` adds flags (e.g. `--platform=systrap`).
 - **bwrap** (bubblewrap), only unprivileged: a new user namespace mapped to uid/gid 65534,
   every capability dropped, no further user namespaces (`--disable-userns`, bubblewrap 0.8+),
   new pid, ipc, uts and cgroup namespaces (and network, for egress `none`), its own session,
   killed with its parent. The root is empty but for read-only binds of /usr (and the
-  merged-/usr symlinks), a few /etc files, the agent's own interpreter and code and the pod's
-  socket folder; a private tmpfs /tmp of `tmpSizeMiB`, /dev and /proc; read-only with
-  `readOnlyRoot`. No memory or process bound for the sandbox as a whole (bwrap makes no
-  cgroup; the agent's per-worker memory limit applies). bwrap is refused when it cannot make
-  that user namespace here (probed once); it never runs privileged.
-- **none**: a plain child process, with a loud warning: the function is not isolated.
+  merged-/usr symlinks), a few /etc files and the agent's own interpreter and code; a private
+  tmpfs /tmp of `tmpSizeMiB`, /dev and /proc. No host folder is writable: the agent is handed
+  its listening socket (`EMBER_AGENT_LISTEN_FD`), made by this process in the pod's folder,
+  which the sandbox does not see. No memory or process bound for the sandbox as a whole (bwrap
+  makes no cgroup; the agent's per-worker memory limit applies). bwrap is refused when it
+  cannot make that user namespace here (probed once); it never runs privileged.
+- **none**: a plain child process, with a loud warning: the function is not isolated. It is
+  handed its listening socket as under bwrap.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import enum
 import functools
 import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ember.pods.base import Isolation
-from ember.pods.local.process import AGENT_ENV, agent_environment
+from ember.pods.local.process import AGENT_ENV, PodPlace, agent_environment
 
 log = logging.getLogger(__name__)
 
@@ -120,31 +130,21 @@ def detect_sandbox(env: Mapping[str, str] | None = None) -> SandboxChoice:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class PodPlace:
-    """One pod's private folder on the host (mode 0700, removed with the pod) and its name.
-
-    `run/` in it holds the agent's socket; it is the only host folder a sandbox may write."""
-
-    root: Path
-    name: str
-
-    @property
-    def run_dir(self) -> Path:
-        return self.root / "run"
-
-    @property
-    def socket(self) -> Path:
-        """The agent's socket, as this process connects to it."""
-        return self.run_dir / "agent.sock"
-
-
 SANDBOX_RUN_DIR = "/run/ember"  # where a sandbox sees its pod's run/ folder
 
 
-def agent_socket(choice: SandboxChoice, place: PodPlace) -> str:
-    """The agent's `EMBER_AGENT_SOCKET`, as the agent inside the sandbox names it."""
-    return str(place.socket) if choice.kind is Sandbox.NONE else f"{SANDBOX_RUN_DIR}/{place.socket.name}"
+SANDBOX_SOCKET = f"{SANDBOX_RUN_DIR}/agent.sock"  # a runsc agent's EMBER_AGENT_SOCKET
+
+
+def agent_makes_its_socket(choice: SandboxChoice) -> bool:
+    """Whether the agent makes its socket itself, in the pod's run/ folder bound into the sandbox
+    (runsc: Debian's cannot hand a socket into a sandbox), or is handed a listening socket this
+    process made (`EMBER_AGENT_LISTEN_FD`: bwrap and none, which then see no host folder to write).
+
+    Inside gVisor the socket cannot be replaced (unlink and rename fail), nor can code connect to
+    any host socket; a bwrap sandbox given the folder could swap the socket for a symlink to any
+    host socket, which this process would then connect to."""
+    return choice.kind is Sandbox.RUNSC
 
 
 def sandboxed(
@@ -163,23 +163,96 @@ def sandboxed(
     Makes the pod's folders (and, for runsc, writes its OCI bundle there)."""
     env = os.environ if env is None else env
     environment = agent_environment(settings)
-    place.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    place.run_dir.mkdir(exist_ok=True)
+    make_place(place)
     if choice.kind is Sandbox.RUNSC:
         assert choice.binary is not None
         # uid 65534 in gVisor makes the socket here; the pod folder above keeps others out
         place.run_dir.chmod(0o777)
+        _small_tmpfs(place.run_dir)
         config = _oci_config(command, environment, place, memory_mib=memory_mib, isolation=isolation)
         (place.root / "config.json").write_text(json.dumps(config))
         network = "host" if isolation.network else "none"
-        overlay = "none" if isolation.read_only_root else "root:memory"
         flags = [f"--root={place.root / 'state'}", "--rootless", f"--network={network}", "--host-uds=create"]
-        flags += [f"--overlay2={overlay}", *env.get("EMBER_RUNSC_FLAGS", "").split()]
-        return _clean_env([choice.binary, *flags, "run", "--bundle", str(place.root), place.name], AGENT_ENV)
+        flags += ["--overlay2=none", *env.get("EMBER_RUNSC_FLAGS", "").split()]
+        runsc = [choice.binary, *flags, "run", "--bundle", str(place.root), place.name]
+        if not isolation.network and os.geteuid() == 0:
+            # Debian's runsc names its control socket in the abstract namespace of the network
+            # namespace it starts in, where anyone there may drive the sandbox: give it its own
+            runsc = [_which("unshare"), "--net", "--", *runsc]
+        return _clean_env(runsc, AGENT_ENV)
     if choice.kind is Sandbox.BWRAP:
         assert choice.binary is not None
-        return _clean_env(_bwrap(choice.binary, command, place, isolation), environment)
+        return _clean_env(_bwrap(choice.binary, command, isolation), environment)
     return _clean_env(list(command), environment)
+
+
+def make_place(place: PodPlace) -> None:
+    """The pod's folders: its private one (0700) and run/ in it."""
+    place.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    place.run_dir.mkdir(exist_ok=True)
+
+
+def release_place(place: PodPlace, *, kill: bool = False) -> None:
+    """Remove the pod's folders, and every mount under them first: the small tmpfs on run/, and
+    what runsc leaves in its state folder (a bind of the sandbox's network namespace, which would
+    keep the namespace alive)."""
+    remove_tree(place.root)
+    # runsc leaves the cgroups it made for the sandbox, one per controller; its sandbox process
+    # may still be leaving them when `runsc run` has exited (a blocking call: run it in a thread).
+    # `kill`: a pod whose start was cut short; what still runs in its cgroups is its sandbox.
+    cgroups = [*Path("/sys/fs/cgroup").glob(f"*/{place.name}"), Path("/sys/fs/cgroup", place.name)]
+    if kill:
+        for cgroup in cgroups:
+            with contextlib.suppress(OSError, ValueError):
+                for pid in (cgroup / "cgroup.procs").read_text().split():
+                    with contextlib.suppress(OSError):
+                        os.kill(int(pid), signal.SIGKILL)
+    for _ in range(100):  # up to 5 s (a sandbox the kernel killed takes a while to leave)
+        for cgroup in list(cgroups):
+            try:
+                cgroup.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                continue  # busy: not empty yet
+            cgroups.remove(cgroup)
+        if not cgroups:
+            return
+        time.sleep(0.05)
+    log.warning("cgroups of sandbox %s are still in use; left: %s", place.name, ", ".join(map(str, cgroups)))
+
+
+def remove_tree(path: Path) -> None:
+    """Unmount everything under `path` (deepest first), then remove it."""
+    root = str(path) + "/"
+    try:
+        with open("/proc/self/mountinfo") as f:
+            points = [line.split()[4] for line in f]
+    except OSError:
+        points = []
+    for point in sorted((p for p in points if p.startswith(root)), key=len, reverse=True):
+        _libc().umount2(os.fsencode(point), 2)  # MNT_DETACH
+    shutil.rmtree(path, ignore_errors=True)
+
+
+RUN_DIR_MIB = 1  # a runsc pod's run/ (the agent's socket only): what code there may write on the host
+
+
+def _small_tmpfs(path: Path) -> None:
+    """Mount a 1 MiB tmpfs on a runsc pod's run/: the one host folder the sandbox may write, so
+    files written there (beside the socket) cannot fill the host's disk. Needs root; without it
+    the folder stays on the host's disk (the banner says runsc is not bounded then)."""
+    if os.geteuid() != 0:
+        return
+    options = f"size={RUN_DIR_MIB}m,mode=0777".encode()
+    flags = 2 | 4 | 8  # MS_NOSUID | MS_NODEV | MS_NOEXEC
+    if _libc().mount(b"tmpfs", os.fsencode(path), b"tmpfs", flags, options) != 0:
+        log.warning("run/ of %s stays on the host's disk: mount failed (errno %d)", path, ctypes.get_errno())
+
+
+@functools.cache
+def _libc() -> Any:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 # -- the environment
@@ -243,7 +316,7 @@ def _oci_config(
             "noNewPrivileges": True,
             "capabilities": no_caps,
         },
-        "root": {"path": str(_skeleton()), "readonly": isolation.read_only_root},
+        "root": {"path": str(_skeleton()), "readonly": True},
         "hostname": "ember",
         "mounts": mounts,
         "linux": {
@@ -278,7 +351,7 @@ def _skeleton() -> Path:
 # -- bwrap
 
 
-def _bwrap(binary: str, command: list[str], place: PodPlace | None, isolation: Isolation) -> list[str]:
+def _bwrap(binary: str, command: list[str], isolation: Isolation) -> list[str]:
     args = [
         binary,
         "--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
@@ -297,10 +370,7 @@ def _bwrap(binary: str, command: list[str], place: PodPlace | None, isolation: I
             args += ["--symlink", os.readlink(path), str(path)]
         else:
             args += ["--ro-bind", str(path), str(path)]
-    if place is not None:
-        args += ["--bind", str(place.run_dir), SANDBOX_RUN_DIR]
-    if isolation.read_only_root:
-        args += ["--remount-ro", "/"]  # the root bwrap built the binds on: its /tmp stays writable
+    args += ["--remount-ro", "/"]  # the root bwrap built the binds on: its /tmp stays writable
     return [*args, "--", *command]
 
 
@@ -318,7 +388,7 @@ def _bwrap_problem(binary: str) -> str:
     """Why bwrap cannot sandbox unprivileged here, or "" (runs the real sandbox once, on `true`)."""
     true = shutil.which("true") or "/usr/bin/true"
     try:
-        probe = _bwrap(binary, [true], None, Isolation())
+        probe = _bwrap(binary, [true], Isolation())
         done = subprocess.run(probe, capture_output=True, text=True, timeout=30, env=AGENT_ENV)
     except (OSError, subprocess.SubprocessError) as err:
         return f"bwrap does not start: {err}"

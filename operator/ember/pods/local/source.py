@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import itertools
 import logging
 import os
-import shutil
+import secrets
 import signal
+import socket
 import tempfile
 import time
 from collections import deque
@@ -46,9 +48,19 @@ from ember.pods.base import (
     new_agent_token,
     unix_socket,
 )
-from ember.pods.local.process import AGENT_SETTINGS, AgentProcess, LocalPod, ProcessState, read_listening
+from ember.pods.local.process import AGENT_SETTINGS, AgentProcess, LocalPod, PodPlace, ProcessState, read_listening
 from ember.pods.local.runtimes import RUNTIME_IMAGES, agent_command
-from ember.pods.local.sandbox import PodPlace, Sandbox, SandboxChoice, agent_socket, detect_sandbox, sandboxed
+from ember.pods.local.sandbox import (
+    SANDBOX_SOCKET,
+    Sandbox,
+    SandboxChoice,
+    agent_makes_its_socket,
+    detect_sandbox,
+    make_place,
+    release_place,
+    remove_tree,
+    sandboxed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +101,8 @@ class LocalPodSource:
         # made here with mode 0700 and removed by `close`.
         self._places = Path(tempfile.mkdtemp(prefix="ember-pods-"))
         self._sessions: dict[PodId, aiohttp.ClientSession] = {}
+        self._warned_control_socket = False
+        self._unreleased: dict[PodId, PodPlace] = {}  # pods made and not yet released
         self._pools: dict[PoolKey, _Pool] = {}
         self._processes: dict[PodId, AgentProcess] = {}
         self._by_version: dict[VersionKey, dict[PodId, PodHandle]] = {}
@@ -207,7 +221,11 @@ class LocalPodSource:
         for session in list(self._sessions.values()):
             await session.close()
         self._sessions.clear()
-        await asyncio.to_thread(shutil.rmtree, self._places, True)
+        # pods whose start was cut short (a refill cancelled above): their sandboxes and cgroups
+        for place in list(self._unreleased.values()):
+            await asyncio.to_thread(release_place, place, kill=True)
+        self._unreleased.clear()
+        await asyncio.to_thread(remove_tree, self._places)
         async with self._changed:
             self._changed.notify_all()
 
@@ -312,15 +330,33 @@ class LocalPodSource:
             raise PoolUnavailable("the local pod source is closed")
         agent = await self._agent_command(key.runtime)
         pod_id = PodId(f"local-{os.getpid()}-{next(self._ids)}")
-        place = PodPlace(self._places / pod_id, pod_id)
+        # runsc names the sandbox's cgroups after its container: a name never used before on this
+        # machine (a pod id repeats in every source of a process), so no cgroup is ever shared
+        place = PodPlace(self._places / pod_id, f"ember-{pod_id}-{secrets.token_hex(4)}")
+        self._unreleased[pod_id] = place
         # The agent settings this process was started with (tuning, tracing), then the pod's own.
         settings = {k: v for k in AGENT_SETTINGS if (v := os.environ.get(k)) is not None}
-        settings.update(EMBER_AGENT_SOCKET=agent_socket(self.sandbox, place), EMBER_AGENT_CONCURRENCY="1")
-        for name in ("EMBER_AGENT_HOST", "EMBER_AGENT_PORT"):
+        for name in ("EMBER_AGENT_HOST", "EMBER_AGENT_PORT", "EMBER_AGENT_SOCKET", "EMBER_AGENT_LISTEN_FD"):
             settings.pop(name, None)
-        command = await asyncio.to_thread(  # makes the pod's folders and writes its bundle
-            sandboxed, self.sandbox, agent, settings, place, memory_mib=key.memory_mib, isolation=key.isolation
-        )
+        settings["EMBER_AGENT_CONCURRENCY"] = "1"
+        listener: socket.socket | None = None
+        if agent_makes_its_socket(self.sandbox):
+            settings["EMBER_AGENT_SOCKET"] = SANDBOX_SOCKET
+            expected = f"socket={SANDBOX_SOCKET}"
+        else:
+            listener = await asyncio.to_thread(_listener, place)
+            settings["EMBER_AGENT_LISTEN_FD"] = str(listener.fileno())
+            expected = f"fd={listener.fileno()}"
+        try:
+            command = await asyncio.to_thread(  # makes the pod's folders and writes its bundle
+                sandboxed, self.sandbox, agent, settings, place, memory_mib=key.memory_mib, isolation=key.isolation
+            )
+        except BaseException:
+            if listener is not None:
+                listener.close()
+            self._unreleased.pop(pod_id, None)
+            await asyncio.to_thread(release_place, place)
+            raise
         async with self._starts:
             try:
                 proc = await asyncio.create_subprocess_exec(
@@ -329,22 +365,31 @@ class LocalPodSource:
                     stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.STDOUT,
                     start_new_session=True,
+                    pass_fds=() if listener is None else (listener.fileno(),),
+                    preexec_fn=_die_with_parent,
                 )
             except OSError as err:
+                self._unreleased.pop(pod_id, None)
+                await asyncio.to_thread(release_place, place)
                 raise PoolUnavailable(f"cannot start {command[0]}: {err}") from err
-            process = AgentProcess(pod_id, key, proc, place=place.root)
+            finally:
+                if listener is not None:
+                    listener.close()  # the agent holds it now
+            process = AgentProcess(pod_id, key, proc, place=place)
             self._processes[pod_id] = process
             try:
                 async with asyncio.timeout(self._start_timeout_s):
                     listening = await read_listening(proc)
-                if listening != f"socket={settings['EMBER_AGENT_SOCKET']}":
-                    # an agent that ignored EMBER_AGENT_SOCKET would listen where others reach it
+                if listening != expected:
+                    # an agent that ignored its socket setting would listen where others reach it
                     raise PoolUnavailable(f"listens on {listening!r}, not on its pod's socket")
             except (TimeoutError, PoolUnavailable) as err:
                 await self._stop(process)
                 raise PoolUnavailable(f"agent {pod_id} ({' '.join(command)}) did not start: {err}") from err
         process.address = f"unix:{place.socket}"
         process.state = ProcessState.GENERIC
+        if self.sandbox.kind is Sandbox.RUNSC and key.isolation.network and not self._warned_control_socket:
+            await self._warn_if_control_socket_is_shared(pod_id)
         process.monitor = asyncio.create_task(self._watch_process(process), name=f"ember-pod-{pod_id}")
         log.debug(
             "pod started pod=%s pid=%d address=%s ms=%.0f",
@@ -354,6 +399,21 @@ class LocalPodSource:
             (time.monotonic() - process.started_at) * 1000,
         )
         return process
+
+    async def _warn_if_control_socket_is_shared(self, pod_id: PodId) -> None:
+        """Once: say so when this runsc names a sandbox's control socket in the abstract namespace
+        of the host's network (Debian's does), where any local process may drive the sandbox. Pods
+        with egress `none` get a network namespace of their own for it; pods that share the host's
+        network cannot (`ember.pods.local.sandbox`)."""
+        table = await asyncio.to_thread(Path("/proc/net/unix").read_text)
+        if f"@runsc-sandbox.{pod_id}" in table:
+            self._warned_control_socket = True
+            log.warning(
+                "runsc %s puts the control socket of each sandbox whose policy allows egress in the host's "
+                "network namespace: any local process may drive those sandboxes; use a newer runsc "
+                "(EMBER_RUNSC), which keeps it in a private folder",
+                self.sandbox.binary,
+            )
 
     async def _watch_process(self, process: AgentProcess) -> None:
         """Forward the agent's output to the log, and notice when it exits."""
@@ -385,7 +445,9 @@ class LocalPodSource:
         if session is not None:
             await session.close()
         if process.place is not None:
-            shutil.rmtree(process.place, ignore_errors=True)
+            place, process.place = process.place, None  # released once
+            self._unreleased.pop(process.id, None)
+            await asyncio.to_thread(release_place, place)
         pool = self._pools.get(process.pool)
         if pool is not None and process in pool.warm:
             pool.warm.remove(process)
@@ -403,7 +465,7 @@ class LocalPodSource:
             return
         process.state = ProcessState.STOPPING
         proc = process.proc
-        if self.sandbox.kind is Sandbox.RUNSC and _oom_kills(process.id):
+        if self.sandbox.kind is Sandbox.RUNSC and process.place is not None and _oom_kills(process.place.name):
             # the kernel killed the sandbox (its `runsc run` lingers) at its memory cgroup's bound
             log.warning("pod=%s killed: out of memory (memoryMiB=%d)", process.id, process.pool.memory_mib)
         if proc.returncode is None:
@@ -468,3 +530,22 @@ def _oom_kills(container: str) -> int:
             if name == key and value.strip().isdigit():
                 return int(value)
     return 0
+
+
+def _listener(place: PodPlace) -> socket.socket:
+    """A listening Unix socket at the pod's socket path, for the agent to be handed (bwrap, none)."""
+    make_place(place)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(str(place.socket))
+        listener.listen(1024)
+    except OSError:
+        listener.close()
+        raise
+    return listener
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: the kernel kills it when this process dies (PR_SET_PDEATHSIG),
+    so a sandbox never outlives an `ember dev` that was killed."""
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
