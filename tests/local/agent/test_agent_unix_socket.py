@@ -185,3 +185,57 @@ def test_path_holding_a_regular_file_is_refused_and_the_file_left_untouched(lang
     after = os.lstat(path)
     assert path.read_bytes() == b"not a socket\n"
     assert (after.st_ino, after.st_mode, after.st_mtime_ns) == (before.st_ino, before.st_mode, before.st_mtime_ns)
+
+
+def _run_with_listen_fd(lang: str, value: str, tmp: Path, pass_fds: tuple[int, ...] = ()) -> tuple[int, str]:
+    """Start an agent handed `EMBER_AGENT_LISTEN_FD=value` (and the given fds): -> (status, output)."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TMPDIR": str(tmp), "EMBER_AGENT_LISTEN_FD": value}
+    proc = subprocess.Popen(
+        agent_command(lang), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp, pass_fds=pass_fds
+    )
+    try:
+        out, _ = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode, out.decode("utf-8", "replace")
+
+
+def test_a_handed_down_socket_serves_and_bad_ones_are_refused(lang, tmp_path):
+    """Socket activation (EMBER_AGENT_LISTEN_FD): the host binds and listens, the agent serves."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "handed.sock"))
+    listener.listen(16)
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "TMPDIR": str(tmp_path),
+        "EMBER_AGENT_LISTEN_FD": str(listener.fileno()),
+    }
+    proc = subprocess.Popen(
+        agent_command(lang), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=(listener.fileno(),)
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()
+        assert line == f"EMBER_AGENT_LISTENING fd={listener.fileno()}\n", line
+        listener.close()  # the agent holds it now
+        with socket.socket(socket.AF_UNIX) as client:
+            client.settimeout(10)
+            client.connect(str(tmp_path / "handed.sock"))
+            client.sendall(b"GET /healthz HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
+            reply = b""
+            while chunk := client.recv(4096):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200"), reply
+        assert b'"generic"' in reply
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    # not a number, a standard stream, a closed descriptor, a file that is no socket
+    with open(tmp_path / "plain", "w") as plain:
+        for value, fds in (("three", ()), ("1", ()), ("97", ()), (str(plain.fileno()), (plain.fileno(),))):
+            status, out = _run_with_listen_fd(lang, value, tmp_path, fds)
+            assert status != 0, (value, out)
+            assert "EMBER_AGENT_LISTEN_FD" in out, (value, out)
+            assert "EMBER_AGENT_LISTENING" not in out, (value, out)
