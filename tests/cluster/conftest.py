@@ -21,6 +21,7 @@ from tests.cluster import images
 from tests.cluster.build import ensure_kubernetes
 from tests.cluster.cluster import Cluster, build_runtime_images
 from tests.cluster.paths import PACKAGE_DIR
+from tests.cluster.scenarios import ActivatorProcess
 
 SMOKE_IMAGE = "localhost/ember-smoke:dev"
 
@@ -139,3 +140,27 @@ def operator(
     finally:
         proc.stop()
         print(f"--- operator log ---\n{proc.log_tail()}")
+
+
+@pytest.fixture
+def activator_env() -> dict[str, str]:
+    """Extra settings of the `activator` fixture's process; a test module overrides it when it needs some."""
+    return {}
+
+
+@pytest.fixture
+def activator(
+    kubeconfig: Path,
+    ember_ns: harness.Ember,
+    operator: harness.OperatorProcess,
+    tmp_path: Path,
+    activator_env: dict[str, str],
+) -> Iterator[ActivatorProcess]:
+    """The activator as a host process in Kubernetes mode, over the test's namespace (beside `operator`)."""
+    proc = ActivatorProcess(kubeconfig, ember_ns.ns, tmp_path / "activator.log", env=activator_env)
+    try:
+        proc.start()
+        yield proc
+    finally:
+        code = proc.stop()  # None when the test stopped it already
+        print(f"--- activator log (exit {code}) ---\n{proc.log_tail()}")

@@ -11,14 +11,11 @@ to it with no failed request. SIGTERM then stops the activator cleanly and relea
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
-from tests.apiserver.operator_harness import Ember, OperatorProcess, condition, eventually
+from tests.apiserver.operator_harness import Ember, condition, eventually
 from tests.cluster.scenarios import ActivatorProcess, code, invoke, invoke_via_boto3, roll_under_load
 
 SPEC: dict[str, Any] = {
@@ -27,19 +24,6 @@ SPEC: dict[str, Any] = {
     "code": {"inline": code(1)},
     "concurrency": 8,  # one pod takes the four clients: the test does not wait on pool refills mid-load
 }
-
-
-@pytest.fixture
-def activator(
-    kubeconfig: Path, ember_ns: Ember, operator: OperatorProcess, tmp_path: Path
-) -> Iterator[ActivatorProcess]:
-    proc = ActivatorProcess(kubeconfig, ember_ns.ns, tmp_path / "activator.log")
-    try:
-        proc.start()
-        yield proc
-    finally:
-        code = proc.stop()  # None when the test stopped it already
-        print(f"--- activator log (exit {code}) ---\n{proc.log_tail()}")
 
 
 def _ready_generic(ember: Ember) -> int:

@@ -13,14 +13,11 @@ tests/local/security/test_hostile_agent_auth.py.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
-from tests.apiserver.operator_harness import Ember, OperatorProcess, condition, eventually
+from tests.apiserver.operator_harness import Ember, condition, eventually
 from tests.cluster.scenarios import ActivatorProcess
 
 VICTIM = "def handler(event, context):\n    return {'who': 'victim'}\n"
@@ -53,19 +50,6 @@ def handler(event, context):
 def _function(name: str, code: str) -> dict[str, Any]:
     spec = {"runtime": "python3.12", "handler": "main.handler", "code": {"inline": code}}
     return {"kind": "Function", "metadata": {"name": name}, "spec": spec}
-
-
-@pytest.fixture
-def activator(
-    kubeconfig: Path, ember_ns: Ember, operator: OperatorProcess, tmp_path: Path
-) -> Iterator[ActivatorProcess]:
-    proc = ActivatorProcess(kubeconfig, ember_ns.ns, tmp_path / "activator.log")
-    try:
-        proc.start()
-        yield proc
-    finally:
-        code = proc.stop()
-        print(f"--- activator log (exit {code}) ---\n{proc.log_tail()}")
 
 
 async def _invoke(http: aiohttp.ClientSession, url: str, ns: str, name: str, event: object) -> Any:

@@ -17,14 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import pytest
 
-from tests.apiserver.operator_harness import Ember, OperatorProcess, condition, eventually
+from tests.apiserver.operator_harness import Ember, condition, eventually
 from tests.cluster.scenarios import ActivatorProcess
 
 SUICIDAL = r"""
@@ -64,17 +62,17 @@ def _function(name: str, code: str, **more: Any) -> dict[str, Any]:
     return {"kind": "Function", "metadata": {"name": name}, "spec": spec}
 
 
-@pytest.fixture
-def activator(
-    kubeconfig: Path, ember_ns: Ember, operator: OperatorProcess, tmp_path: Path
-) -> Iterator[ActivatorProcess]:
-    proc = ActivatorProcess(kubeconfig, ember_ns.ns, tmp_path / "activator.log")
-    try:
-        proc.start()
-        yield proc
-    finally:
-        code = proc.stop()
-        print(f"--- activator log (exit {code}) ---\n{proc.log_tail()}")
+def _create_ready(ember: Ember, *functions: dict[str, Any]) -> None:
+    """Create the Functions, then wait until each is Ready."""
+    for body in functions:
+        ember.create("functions", body)
+    for body in functions:
+        name = body["metadata"]["name"]
+        eventually(
+            lambda n=name: condition(ember.get("functions", n), "Ready").get("status") == "True",
+            timeout_s=60,
+            what=f"Function {name} Ready",
+        )
 
 
 async def _call(http: aiohttp.ClientSession, url: str, ns: str, name: str, event: object) -> tuple[int, str]:
@@ -113,13 +111,7 @@ async def test_a_function_that_kills_its_agent_gets_a_fresh_pod_and_others_keep_
     ember_ns: Ember, activator: ActivatorProcess
 ) -> None:
     ember = ember_ns
-    for name, code in (("suicidal", SUICIDAL), ("bystander", BYSTANDER)):
-        ember.create("functions", _function(name, code))
-        eventually(
-            lambda n=name: condition(ember.get("functions", n), "Ready").get("status") == "True",
-            timeout_s=60,
-            what=f"Function {name} Ready",
-        )
+    _create_ready(ember, _function("suicidal", SUICIDAL), _function("bystander", BYSTANDER))
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
         url, ns = activator.url, ember.ns
         assert await _call(http, url, ns, "bystander", {"n": 0}) == (200, '{"n":0}')
@@ -164,14 +156,7 @@ async def test_a_function_past_its_memory_in_many_processes_fails_alone_and_gets
     """128 MiB for the whole pod (gVisor's kernel included, as the pod's cgroup counts it): four
     children of 100 MiB each cannot all fit, whatever one process may use."""
     ember = ember_ns
-    functions = (("greedy", GREEDY, {"resources": {"memoryMiB": 128}}), ("bystander", BYSTANDER, {}))
-    for name, code, more in functions:
-        ember.create("functions", _function(name, code, **more))
-        eventually(
-            lambda n=name: condition(ember.get("functions", n), "Ready").get("status") == "True",
-            timeout_s=60,
-            what=f"Function {name} Ready",
-        )
+    _create_ready(ember, _function("greedy", GREEDY, resources={"memoryMiB": 128}), _function("bystander", BYSTANDER))
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
         url, ns = activator.url, ember.ns
         assert await _call(http, url, ns, "bystander", {"n": 0}) == (200, '{"n":0}')

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -40,18 +38,8 @@ def pool_size() -> int:
 
 
 @pytest.fixture
-def activator(
-    kubeconfig: Path, ember_ns: Ember, operator: OperatorProcess, tmp_path: Path
-) -> Iterator[ActivatorProcess]:
-    proc = ActivatorProcess(
-        kubeconfig, ember_ns.ns, tmp_path / "activator.log", env={"EMBER_POOL_DEMAND_WINDOW_S": str(WINDOW_S)}
-    )
-    try:
-        proc.start()
-        yield proc
-    finally:
-        code = proc.stop()
-        print(f"--- activator log (exit {code}) ---\n{proc.log_tail()}")
+def activator_env() -> dict[str, str]:
+    return {"EMBER_POOL_DEMAND_WINDOW_S": str(WINDOW_S)}
 
 
 def _pool_replicas(ember: Ember) -> int | None:

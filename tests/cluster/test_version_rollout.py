@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
-from tests.apiserver.operator_harness import Ember, OperatorProcess, condition, eventually
+from tests.apiserver.operator_harness import Ember, condition, eventually
 from tests.cluster.scenarios import ActivatorProcess, Result, code, edit_under_load, invoke
 
 SPEC: dict[str, Any] = {
@@ -35,19 +32,6 @@ SPEC: dict[str, Any] = {
 }
 POLICY = "tight"
 BAD_MODULES = ("ember_missing_one", "ember_missing_two", "ember_missing_three")
-
-
-@pytest.fixture
-def activator(
-    kubeconfig: Path, ember_ns: Ember, operator: OperatorProcess, tmp_path: Path
-) -> Iterator[ActivatorProcess]:
-    proc = ActivatorProcess(kubeconfig, ember_ns.ns, tmp_path / "activator.log")
-    try:
-        proc.start()
-        yield proc
-    finally:
-        code = proc.stop()
-        print(f"--- activator log (exit {code}) ---\n{proc.log_tail()}")
 
 
 def _ready_generic(ember: Ember) -> int:

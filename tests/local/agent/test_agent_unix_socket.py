@@ -102,7 +102,11 @@ def unix_agent_factory(lang: str, tmp_path: Path) -> Iterator[Callable[[Path], U
 
 def _run_refused(lang: str, sock_path: str, tmp: Path) -> tuple[int, str]:
     """Start an agent that must not start: -> (exit status, its output)."""
-    proc = _popen(lang, sock_path, tmp)
+    return _outcome(_popen(lang, sock_path, tmp))
+
+
+def _outcome(proc: subprocess.Popen) -> tuple[int, str]:
+    """Wait for an agent that must not start: -> (exit status, its output)."""
     try:
         out, _ = proc.communicate(timeout=15)
     finally:
@@ -187,19 +191,12 @@ def test_path_holding_a_regular_file_is_refused_and_the_file_left_untouched(lang
     assert (after.st_ino, after.st_mode, after.st_mtime_ns) == (before.st_ino, before.st_mode, before.st_mtime_ns)
 
 
-def _run_with_listen_fd(lang: str, value: str, tmp: Path, pass_fds: tuple[int, ...] = ()) -> tuple[int, str]:
-    """Start an agent handed `EMBER_AGENT_LISTEN_FD=value` (and the given fds): -> (status, output)."""
+def _popen_with_listen_fd(lang: str, value: str, tmp: Path, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
+    """An agent handed `EMBER_AGENT_LISTEN_FD=value` (and the given descriptors)."""
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TMPDIR": str(tmp), "EMBER_AGENT_LISTEN_FD": value}
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         agent_command(lang), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp, pass_fds=pass_fds
     )
-    try:
-        out, _ = proc.communicate(timeout=15)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-    return proc.returncode, out.decode("utf-8", "replace")
 
 
 def test_a_handed_down_socket_serves_and_bad_ones_are_refused(lang, tmp_path):
@@ -207,14 +204,7 @@ def test_a_handed_down_socket_serves_and_bad_ones_are_refused(lang, tmp_path):
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(tmp_path / "handed.sock"))
     listener.listen(16)
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "TMPDIR": str(tmp_path),
-        "EMBER_AGENT_LISTEN_FD": str(listener.fileno()),
-    }
-    proc = subprocess.Popen(
-        agent_command(lang), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=(listener.fileno(),)
-    )
+    proc = _popen_with_listen_fd(lang, str(listener.fileno()), tmp_path, (listener.fileno(),))
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline().decode()
@@ -235,7 +225,7 @@ def test_a_handed_down_socket_serves_and_bad_ones_are_refused(lang, tmp_path):
     # not a number, a standard stream, a closed descriptor, a file that is no socket
     with open(tmp_path / "plain", "w") as plain:
         for value, fds in (("three", ()), ("1", ()), ("97", ()), (str(plain.fileno()), (plain.fileno(),))):
-            status, out = _run_with_listen_fd(lang, value, tmp_path, fds)
+            status, out = _outcome(_popen_with_listen_fd(lang, value, tmp_path, fds))
             assert status != 0, (value, out)
             assert "EMBER_AGENT_LISTEN_FD" in out, (value, out)
             assert "EMBER_AGENT_LISTENING" not in out, (value, out)

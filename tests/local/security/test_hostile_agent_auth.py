@@ -260,5 +260,4 @@ async def test_a_hostile_function_cannot_poison_the_pool_nor_invoke_another_func
         assert seen["fill"]["error"], seen["fill"]
         assert replies == [{"who": "victim", "n": 100 + i} for i in range(5)]
         assert act.source.discarded_bound == 0  # no pod was bound by anyone but the activator
-        assert await act.metric("ember_pods_discarded_bound_total") == 0
         assert errors == []

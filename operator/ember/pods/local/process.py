@@ -113,7 +113,6 @@ class AgentProcess:
     monitor: asyncio.Task[None] | None = None
     started_at: float = field(default_factory=time.monotonic)
     refill_due: asyncio.TimerHandle | None = None
-    place: PodPlace | None = None  # its private folders (socket, bundle), removed when it is gone
 
     def view(self) -> LocalPod:
         """This process as it is now, read-only."""

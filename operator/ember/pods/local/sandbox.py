@@ -222,6 +222,25 @@ def release_place(place: PodPlace, *, kill: bool = False) -> None:
     log.warning("cgroups of sandbox %s are still in use; left: %s", place.name, ", ".join(map(str, cgroups)))
 
 
+def oom_kills(place: PodPlace) -> int:
+    """Out-of-memory kills in a runsc pod's memory cgroup (runsc names it after the container:
+    cgroup v1's memory controller, or v2's unified tree); 0 when it has none."""
+    container = place.name
+    for path, key in (
+        (f"/sys/fs/cgroup/memory/{container}/memory.oom_control", "oom_kill"),
+        (f"/sys/fs/cgroup/{container}/memory.events", "oom_kill"),
+    ):
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            name, _, value = line.partition(" ")
+            if name == key and value.strip().isdigit():
+                return int(value)
+    return 0
+
+
 def remove_tree(path: Path) -> None:
     """Unmount everything under `path` (deepest first), then remove it."""
     root = str(path) + "/"

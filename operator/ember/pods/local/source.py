@@ -57,6 +57,7 @@ from ember.pods.local.sandbox import (
     agent_makes_its_socket,
     detect_sandbox,
     make_place,
+    oom_kills,
     release_place,
     remove_tree,
     sandboxed,
@@ -102,7 +103,7 @@ class LocalPodSource:
         self._places = Path(tempfile.mkdtemp(prefix="ember-pods-"))
         self._sessions: dict[PodId, aiohttp.ClientSession] = {}
         self._warned_control_socket = False
-        self._unreleased: dict[PodId, PodPlace] = {}  # pods made and not yet released
+        self._pod_places: dict[PodId, PodPlace] = {}  # the folders of pods made and not yet released
         self._pools: dict[PoolKey, _Pool] = {}
         self._processes: dict[PodId, AgentProcess] = {}
         self._by_version: dict[VersionKey, dict[PodId, PodHandle]] = {}
@@ -222,9 +223,8 @@ class LocalPodSource:
             await session.close()
         self._sessions.clear()
         # pods whose start was cut short (a refill cancelled above): their sandboxes and cgroups
-        for place in list(self._unreleased.values()):
-            await asyncio.to_thread(release_place, place, kill=True)
-        self._unreleased.clear()
+        for pod_id in list(self._pod_places):
+            await self._release_place(pod_id, kill=True)
         await asyncio.to_thread(remove_tree, self._places)
         async with self._changed:
             self._changed.notify_all()
@@ -333,7 +333,7 @@ class LocalPodSource:
         # runsc names the sandbox's cgroups after its container: a name never used before on this
         # machine (a pod id repeats in every source of a process), so no cgroup is ever shared
         place = PodPlace(self._places / pod_id, f"ember-{pod_id}-{secrets.token_hex(4)}")
-        self._unreleased[pod_id] = place
+        self._pod_places[pod_id] = place
         # The agent settings this process was started with (tuning, tracing), then the pod's own.
         settings = {k: v for k in AGENT_SETTINGS if (v := os.environ.get(k)) is not None}
         for name in ("EMBER_AGENT_HOST", "EMBER_AGENT_PORT", "EMBER_AGENT_SOCKET", "EMBER_AGENT_LISTEN_FD"):
@@ -354,8 +354,7 @@ class LocalPodSource:
         except BaseException:
             if listener is not None:
                 listener.close()
-            self._unreleased.pop(pod_id, None)
-            await asyncio.to_thread(release_place, place)
+            await self._release_place(pod_id)
             raise
         async with self._starts:
             try:
@@ -369,13 +368,12 @@ class LocalPodSource:
                     preexec_fn=_die_with_parent,
                 )
             except OSError as err:
-                self._unreleased.pop(pod_id, None)
-                await asyncio.to_thread(release_place, place)
+                await self._release_place(pod_id)
                 raise PoolUnavailable(f"cannot start {command[0]}: {err}") from err
             finally:
                 if listener is not None:
                     listener.close()  # the agent holds it now
-            process = AgentProcess(pod_id, key, proc, place=place)
+            process = AgentProcess(pod_id, key, proc)
             self._processes[pod_id] = process
             try:
                 async with asyncio.timeout(self._start_timeout_s):
@@ -444,10 +442,7 @@ class LocalPodSource:
         session = self._sessions.pop(process.id, None)
         if session is not None:
             await session.close()
-        if process.place is not None:
-            place, process.place = process.place, None  # released once
-            self._unreleased.pop(process.id, None)
-            await asyncio.to_thread(release_place, place)
+        await self._release_place(process.id)
         pool = self._pools.get(process.pool)
         if pool is not None and process in pool.warm:
             pool.warm.remove(process)
@@ -465,7 +460,8 @@ class LocalPodSource:
             return
         process.state = ProcessState.STOPPING
         proc = process.proc
-        if self.sandbox.kind is Sandbox.RUNSC and process.place is not None and _oom_kills(process.place.name):
+        place = self._pod_places.get(process.id)
+        if self.sandbox.kind is Sandbox.RUNSC and place is not None and oom_kills(place):
             # the kernel killed the sandbox (its `runsc run` lingers) at its memory cgroup's bound
             log.warning("pod=%s killed: out of memory (memoryMiB=%d)", process.id, process.pool.memory_mib)
         if proc.returncode is None:
@@ -494,6 +490,12 @@ class LocalPodSource:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _release_place(self, pod_id: PodId, *, kill: bool = False) -> None:
+        """Remove a pod's folders, mounts and cgroups, once (`release_place`)."""
+        place = self._pod_places.pop(pod_id, None)
+        if place is not None:
+            await asyncio.to_thread(release_place, place, kill=kill)
+
     def _http(self, process: AgentProcess) -> aiohttp.ClientSession:
         """The session of one pod's agent (over its socket): its health check's connection is
         kept for its specialize."""
@@ -512,24 +514,6 @@ def agent_session(address: str, *, timeout_s: float = 120) -> aiohttp.ClientSess
     return aiohttp.ClientSession(
         connector=aiohttp.UnixConnector(path=path), timeout=aiohttp.ClientTimeout(total=timeout_s)
     )
-
-
-def _oom_kills(container: str) -> int:
-    """Out-of-memory kills in a runsc sandbox's memory cgroup (runsc names it after the
-    container: cgroup v1's memory controller, or v2's unified tree); 0 when it has none."""
-    for path, key in (
-        (f"/sys/fs/cgroup/memory/{container}/memory.oom_control", "oom_kill"),
-        (f"/sys/fs/cgroup/{container}/memory.events", "oom_kill"),
-    ):
-        try:
-            lines = Path(path).read_text().splitlines()
-        except OSError:
-            continue
-        for line in lines:
-            name, _, value = line.partition(" ")
-            if name == key and value.strip().isdigit():
-                return int(value)
-    return 0
 
 
 def _listener(place: PodPlace) -> socket.socket:
