@@ -50,7 +50,7 @@ def _crds(argv: list[str]) -> int:
 def _validate(argv: list[str]) -> int:
     from ember.api.manifests import ManifestError, unsupported_fields_warning
     from ember.api.security_policy import SecurityPolicy
-    from ember.files import load_sourced_manifests
+    from ember.files import load_secrets, load_sourced_manifests, manifest_files
 
     parser = argparse.ArgumentParser(
         prog="ember validate",
@@ -67,6 +67,14 @@ def _validate(argv: list[str]) -> int:
             for problem in err.problems:
                 print(problem, file=sys.stderr)
             continue
+        for file in manifest_files(path):  # Secrets beside the manifests: local mode's credentials
+            try:
+                for _, secret in load_secrets(file):
+                    print(f"ok  Secret {secret.namespace}/{secret.name}")
+            except ManifestError as err:
+                failed = True
+                for problem in err.problems:
+                    print(problem, file=sys.stderr)
         policies = {r.key: r.spec for _, r in resources if isinstance(r, SecurityPolicy)}
         for source, resource in resources:
             where = f"{resource.KIND} {resource.metadata.namespace}/{resource.metadata.name}"

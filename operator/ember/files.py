@@ -10,6 +10,7 @@ from pathlib import Path
 from ember.api import crd
 from ember.api.common import Resource
 from ember.api.manifests import ManifestError, Problem, parse_manifests
+from ember.api.secrets import LocalSecret, parse_secrets
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -50,6 +51,16 @@ def load_sourced_manifests(path: Path | str) -> list[tuple[str, Resource]]:
     if problems:
         raise ManifestError(problems)
     return resources
+
+
+def load_secrets(path: Path | str) -> list[tuple[str, LocalSecret]]:
+    """Every `v1` Secret in a manifest file (local mode's credentials); ManifestError lists all problems."""
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ManifestError([Problem(str(file), "", f"cannot be read: {err}")]) from err
+    return parse_secrets([(str(file), text)])
 
 
 def write_crds(directory: Path) -> list[Path]:

@@ -128,6 +128,11 @@ def parse_documents(text: str, source: str) -> list[tuple[str, Any]]:
     return [((f"{source}#{i + 1}" if len(documents) > 1 else source), d) for i, d in enumerate(documents)]
 
 
+def is_secret(document: Any) -> bool:
+    """A Kubernetes `v1` Secret (`ember.api.secrets`), which may sit beside Ember manifests."""
+    return isinstance(document, dict) and document.get("apiVersion") == "v1" and document.get("kind") == "Secret"
+
+
 def parse_manifests(texts: Iterable[tuple[str, str]], *, only_ember: bool) -> list[tuple[str, Resource]]:
     """Every Ember resource in (source, text) pairs; ManifestError lists all problems at once.
 
@@ -144,6 +149,8 @@ def parse_manifests(texts: Iterable[tuple[str, str]], *, only_ember: bool) -> li
             problems.extend(err.problems)
             continue
         for source, document in documents:
+            if is_secret(document):
+                continue  # local mode's credentials: ember.api.secrets reads them
             if (
                 only_ember
                 and isinstance(document, dict)

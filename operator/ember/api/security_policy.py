@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, StringConstraints, model_validator
 
 from ember.api.common import DNS_LABEL_PATTERN, Model, PrinterColumn, Resource, Status, cel, content_digest, validations
 from ember.api.function import KeyRef
@@ -74,19 +74,57 @@ class Egress(Model):
 
 
 class AuxiliaryService(Model):
-    """A service functions may call through Ember, which injects the credentials the code never sees."""
+    """A service functions call at EMBER_SERVICE_<NAME>_URL; Ember adds the credential the code never sees."""
+
+    # A path below that URL goes to `url` with the path appended and the credential in `header`,
+    # if the method and path are allowed (pods/services.py; README, Auxiliary services).
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "!has(self.credentialsSecretRef) || has(self.credentialsSecretRef.key)",
+                "credentialsSecretRef.key is required: it names the Secret key holding the credential",
+            ),
+            cel(
+                "!has(self.pathPrefixes) || self.pathPrefixes.all(p, !p.contains('/./') && !p.contains('/../')"
+                " && !p.endsWith('/.') && !p.endsWith('/..'))",
+                "pathPrefixes may not have a . or .. segment",
+            ),
+        )
+    )
 
     name: str = Field(pattern=DNS_LABEL_PATTERN, max_length=63, description="Name the function uses for it.")
-    url: str = Field(max_length=2048, pattern=r"^https?://.+$", description="Base URL of the service.")
+    url: str = Field(
+        max_length=2048,
+        pattern=r"^https?://[^/?#@\s]+(/[^?#\s]*)?$",
+        description="Base URL of the service (scheme, host, optional port and path; no query, fragment or user).",
+    )
     credentials_secret_ref: KeyRef | None = Field(
-        default=None, description="Secret key whose value is sent as the credential."
+        default=None, description="Secret key whose value is sent as the credential; none is sent when unset."
     )
     header: str = Field(
         default="Authorization",
         max_length=256,
         pattern=r"^[A-Za-z0-9-]+$",
-        description="Request header that carries the credential.",
+        description="Request header that carries the credential (its value exactly as the Secret holds it).",
     )
+    methods: list[Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]] = Field(
+        default_factory=list, max_length=7, description="HTTP methods allowed; any of them when empty."
+    )
+    path_prefixes: list[Annotated[str, StringConstraints(max_length=1024, pattern=r"^/[^?#%\\\s]*$")]] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Paths (below url) allowed, each a prefix starting with /; every path when empty.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> AuxiliaryService:
+        if self.credentials_secret_ref is not None and self.credentials_secret_ref.key is None:
+            raise ValueError("credentialsSecretRef.key is required: it names the Secret key holding the credential")
+        for prefix in self.path_prefixes:
+            if any(part in (".", "..") for part in prefix.split("/")):
+                raise ValueError(f"pathPrefixes: {prefix!r} may not have a . or .. segment")
+        return self
 
 
 class Filesystem(Model):
@@ -114,7 +152,11 @@ class SecurityPolicySpec(Model):
             cel(
                 "self.sandbox != 'none' || (has(self.allowUnsandboxed) && self.allowUnsandboxed)",
                 "spec.sandbox none requires spec.allowUnsandboxed: true",
-            )
+            ),
+            cel(
+                "!has(self.services) || self.services.all(s, self.services.exists_one(t, t.name == s.name))",
+                "spec.services: each name may appear once",
+            ),
         )
     )
 
@@ -139,6 +181,14 @@ class SecurityPolicySpec(Model):
     def _unsandboxed_is_explicit(self) -> SecurityPolicySpec:
         if self.sandbox == "none" and not self.allow_unsandboxed:
             raise ValueError("spec.sandbox none requires spec.allowUnsandboxed: true")
+        return self
+
+    @model_validator(mode="after")
+    def _unique_services(self) -> SecurityPolicySpec:
+        names = [s.name for s in self.services]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"spec.services: names must be unique ({', '.join(twice)} more than once)")
         return self
 
     @property
