@@ -37,9 +37,11 @@ from ember.activator.config import ActivatorConfig
 from ember.activator.registry import Registry
 from ember.api.function import Function
 from ember.api.manifests import ManifestError, unsupported_fields_warning
+from ember.api.secrets import LocalSecret
 from ember.api.security_policy import SecurityPolicy, SecurityPolicySpec
-from ember.files import load_sourced_manifests, manifest_files
+from ember.files import load_secrets, load_sourced_manifests, manifest_files
 from ember.pods.local import LocalPodSource, detect_sandbox
+from ember.pods.services import CredentialUnavailable
 from ember.resources.policy import DEFAULT_POLICY_NAME, choose_policy, limit_violations, policy_name_for
 
 log = logging.getLogger("ember.dev")
@@ -59,38 +61,53 @@ class Workspace:
 
     root: Path
     by_file: dict[Path, list[Function | SecurityPolicy]] = field(default_factory=dict)
+    secrets_by_file: dict[Path, list[LocalSecret]] = field(default_factory=dict)
     warned: set[str] = field(default_factory=set)
 
     def reload(self, report: Callable[[str], None]) -> None:
         """Re-read every manifest file; files with problems keep what they defined before."""
         files = manifest_files(self.root) if self.root.exists() else []
         fresh: dict[Path, list[Function | SecurityPolicy]] = {}
+        fresh_secrets: dict[Path, list[LocalSecret]] = {}
         warnings: set[str] = set()
         for file in files:
             try:
                 sourced = load_sourced_manifests(file)
+                secrets = load_secrets(file)
             except ManifestError as err:
                 for problem in err.problems:
                     report(f"error: {problem}")
-                if file in self.by_file:
+                if file in self.by_file or file in self.secrets_by_file:
                     report(f"note: {file}: keeping its previous definitions until it is fixed")
-                    fresh[file] = self.by_file[file]
+                    fresh[file] = self.by_file.get(file, [])
+                    fresh_secrets[file] = self.secrets_by_file.get(file, [])
                     warnings.update(w for w in self.warned if w.startswith((f"{file}: ", f"{file}#")))
                 continue
             fresh[file] = [r for _, r in sourced if isinstance(r, Function | SecurityPolicy)]
+            fresh_secrets[file] = [secret for _, secret in secrets]
             for source, resource in sourced:
                 warning = unsupported_fields_warning(source, resource)
                 if warning is not None:
                     warnings.add(str(warning))
         for line in sorted(warnings - self.warned):
             report(f"warning: {line}")
-        self.by_file, self.warned = fresh, warnings
+        self.by_file, self.secrets_by_file, self.warned = fresh, fresh_secrets, warnings
 
     def functions(self) -> list[tuple[Function, Path]]:
         return [(r, f.parent) for f, rs in self.by_file.items() for r in rs if isinstance(r, Function)]
 
     def policies(self) -> dict[tuple[str, str], SecurityPolicySpec]:
         return {r.key: r.spec for rs in self.by_file.values() for r in rs if isinstance(r, SecurityPolicy)}
+
+    async def credential(self, namespace: str, name: str, key: str) -> str:
+        """An auxiliary service's credential: `key` of Secret `namespace/name` as DIR defines it now."""
+        for secrets in self.secrets_by_file.values():
+            for secret in secrets:
+                if (secret.namespace, secret.name) == (namespace, name):
+                    if key not in secret.data:
+                        raise CredentialUnavailable(f"Secret {namespace}/{name} has no key {key!r}")
+                    return secret.data[key]
+        raise CredentialUnavailable(f"no Secret {namespace}/{name} in {self.root}")
 
 
 def sync_registry(registry: Registry, workspace: Workspace, report: Callable[[str], None]) -> list[Function]:
@@ -157,16 +174,16 @@ async def serve(
     stop: asyncio.Event | None = None,
 ) -> int:
     """Run local mode until `stop` is set (or a signal arrives)."""
-    sandbox = detect_sandbox()
-    source = LocalPodSource(sandbox=sandbox)
-    app = make_app(source, config or ActivatorConfig())
-    registry = app[keys.REGISTRY]
 
     def report(line: str) -> None:
         print(f"ember dev: {line}", file=out, flush=True)
 
     workspace = Workspace(directory)
     workspace.reload(report)
+    sandbox = detect_sandbox()
+    source = LocalPodSource(sandbox=sandbox, credentials=workspace.credential)
+    app = make_app(source, config or ActivatorConfig())
+    registry = app[keys.REGISTRY]
     sync_registry(registry, workspace, report)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()

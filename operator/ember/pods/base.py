@@ -24,6 +24,26 @@ PodId = NewType("PodId", str)
 
 
 @dataclass(frozen=True, slots=True)
+class ServiceRoute:
+    """One auxiliary service of a pool's SecurityPolicy (`spec.services[]`), as the services proxy
+    applies it (`ember.pods.services`): where calls go, which credential they carry, and what
+    they may ask. Empty `methods` or `path_prefixes` allow any."""
+
+    name: str
+    url: str
+    header: str = "Authorization"
+    secret_name: str | None = None  # the Secret (in the Function's namespace) holding the credential
+    secret_key: str | None = None
+    methods: tuple[str, ...] = ()
+    path_prefixes: tuple[str, ...] = ()
+
+    @property
+    def env_name(self) -> str:
+        """The variable that announces the service's URL to function code."""
+        return f"EMBER_SERVICE_{self.name.upper().replace('-', '_')}_URL"
+
+
+@dataclass(frozen=True, slots=True)
 class Isolation:
     """What a pool's SecurityPolicy asks of each of its sandboxes, as a local sandbox applies it
     (`ember.pods.local.sandbox`; a cluster's pool Deployment carries the whole policy instead)."""
@@ -31,6 +51,7 @@ class Isolation:
     network: bool = False  # False: egress `none`, a network namespace of its own (loopback only)
     tmp_size_mib: int = 64
     pids: int = 256  # the policy's limits.pids (a runsc sandbox's host-task backstop follows it)
+    services: tuple[ServiceRoute, ...] = ()  # the policy's auxiliary services
 
 
 @dataclass(frozen=True, slots=True)

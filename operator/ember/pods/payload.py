@@ -15,7 +15,7 @@ from typing import Any
 
 from ember.api.function import FunctionSpec
 from ember.api.security_policy import DEFAULT_POLICY, SecurityPolicySpec, policy_hash
-from ember.pods.base import Isolation, PoolKey, SpecializeRequest, VersionKey
+from ember.pods.base import Isolation, PoolKey, ServiceRoute, SpecializeRequest, VersionKey
 
 
 class PayloadError(ValueError):
@@ -34,6 +34,18 @@ def pool_key(spec: FunctionSpec, policy: SecurityPolicySpec | None) -> PoolKey:
             network=effective.egress.mode != "none",
             tmp_size_mib=effective.filesystem.tmp_size_mib,
             pids=effective.limits.pids,
+            services=tuple(
+                ServiceRoute(
+                    name=service.name,
+                    url=service.url,
+                    header=service.header,
+                    secret_name=None if (ref := service.credentials_secret_ref) is None else ref.name,
+                    secret_key=None if ref is None else ref.key,
+                    methods=tuple(service.methods),
+                    path_prefixes=tuple(service.path_prefixes),
+                )
+                for service in effective.services
+            ),
         ),
     )
 

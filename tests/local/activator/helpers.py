@@ -23,6 +23,7 @@ from ember.activator.config import ActivatorConfig
 from ember.activator.registry import Registry
 from ember.api.function import Function
 from ember.pods.local import LocalPodSource
+from ember.pods.services import Credentials, no_credentials
 
 # Small windows so scaling happens within a test's time.
 FAST = ActivatorConfig(
@@ -71,9 +72,12 @@ class Activator:
 
 
 @contextlib.asynccontextmanager
-async def run_activator(config: ActivatorConfig = FAST) -> AsyncIterator[Activator]:
-    """Start source + activator on 127.0.0.1:0; always stop both, and every agent by pid."""
-    source = LocalPodSource()
+async def run_activator(
+    config: ActivatorConfig = FAST, *, credentials: Credentials = no_credentials
+) -> AsyncIterator[Activator]:
+    """Start source + activator on 127.0.0.1:0; always stop both, and every agent by pid.
+    `credentials` serves auxiliary services' Secrets (`ember.pods.services`)."""
+    source = LocalPodSource(credentials=credentials)
     app = make_app(source, config)
     runner = web.AppRunner(app, access_log=None)
     started: list[int] = []

@@ -36,6 +36,7 @@ AGENT_SETTINGS = (
     "EMBER_AGENT_PORT",
     "EMBER_AGENT_SOCKET",
     "EMBER_AGENT_LISTEN_FD",
+    "EMBER_AGENT_SERVICES_SOCKET",
     "EMBER_AGENT_CONCURRENCY",
     "EMBER_AGENT_MAX_PAYLOAD_BYTES",
     "EMBER_AGENT_CODE_DIR",
@@ -88,6 +89,11 @@ class PodPlace:
         """The agent's socket, as this process connects to it."""
         return self.run_dir / "agent.sock"
 
+    @property
+    def services_socket(self) -> Path:
+        """The pod's services proxy socket (`ember.pods.services`), as this process listens on it."""
+        return self.run_dir / "services.sock"
+
 
 @dataclass(frozen=True, slots=True)
 class LocalPod:
@@ -98,6 +104,7 @@ class LocalPod:
     pid: int
     state: ProcessState
     address: str  # unix:<path> of its agent's socket ("" while starting)
+    services_port: int | None = None  # its agent's services relay, on the sandbox's loopback
 
 
 @dataclass(eq=False)
@@ -113,10 +120,18 @@ class AgentProcess:
     monitor: asyncio.Task[None] | None = None
     started_at: float = field(default_factory=time.monotonic)
     refill_due: asyncio.TimerHandle | None = None
+    services_port: int | None = None  # where its agent relays to the services proxy, on its loopback
 
     def view(self) -> LocalPod:
         """This process as it is now, read-only."""
-        return LocalPod(id=self.id, pool=self.pool, pid=self.proc.pid, state=self.state, address=self.address)
+        return LocalPod(
+            id=self.id,
+            pool=self.pool,
+            pid=self.proc.pid,
+            state=self.state,
+            address=self.address,
+            services_port=self.services_port,
+        )
 
 
 async def read_listening(proc: asyncio.subprocess.Process) -> str:

@@ -30,7 +30,10 @@ first (`EMBER_SANDBOX=runsc|bwrap|none` forces one):
   reachable from the host's network namespace (a warning says so; a newer runsc keeps it in
   its `--root` folder, private to this process). The agent makes its socket itself
   (`--host-uds=create`) in the pod's run/ folder, the one writable bind, a 1 MiB tmpfs as root
-  (`_small_tmpfs`); code in gVisor cannot replace that socket nor connect to a host socket.
+  (`_small_tmpfs`); code in gVisor cannot replace that socket nor connect to a host socket,
+  except, under a policy with auxiliary services (`--host-uds=all`), the services proxy's
+  socket this process makes in the same folder (`ember.pods.services`); bwrap sees that socket
+  alone, bound read-only at the same path.
   `EMBER_RUNSC_FLAGS` adds flags (e.g. `--platform=systrap`).
 - **bwrap** (bubblewrap), only unprivileged: a new user namespace mapped to uid/gid 65534,
   every capability dropped, no further user namespaces (`--disable-userns`, bubblewrap 0.8+),
@@ -134,6 +137,7 @@ SANDBOX_RUN_DIR = "/run/ember"  # where a sandbox sees its pod's run/ folder
 
 
 SANDBOX_SOCKET = f"{SANDBOX_RUN_DIR}/agent.sock"  # a runsc agent's EMBER_AGENT_SOCKET
+SANDBOX_SERVICES_SOCKET = f"{SANDBOX_RUN_DIR}/services.sock"  # EMBER_AGENT_SERVICES_SOCKET (runsc, bwrap)
 
 
 def agent_makes_its_socket(choice: SandboxChoice) -> bool:
@@ -142,8 +146,8 @@ def agent_makes_its_socket(choice: SandboxChoice) -> bool:
     process made (`EMBER_AGENT_LISTEN_FD`: bwrap and none, which then see no host folder to write).
 
     Inside gVisor the socket cannot be replaced (unlink and rename fail), nor can code connect to
-    any host socket; a bwrap sandbox given the folder could swap the socket for a symlink to any
-    host socket, which this process would then connect to."""
+    any host socket but its pod's services socket; a bwrap sandbox given the folder could swap
+    the socket for a symlink to any host socket, which this process would then connect to."""
     return choice.kind is Sandbox.RUNSC
 
 
@@ -172,7 +176,10 @@ def sandboxed(
         config = _oci_config(command, environment, place, memory_mib=memory_mib, isolation=isolation)
         (place.root / "config.json").write_text(json.dumps(config))
         network = "host" if isolation.network else "none"
-        flags = [f"--root={place.root / 'state'}", "--rootless", f"--network={network}", "--host-uds=create"]
+        # `all`: the agent may also connect to the services proxy's socket in its run/ folder
+        # (the only host socket a sandbox sees); `create` lets it make its own socket there
+        uds = "all" if isolation.services else "create"
+        flags = [f"--root={place.root / 'state'}", "--rootless", f"--network={network}", f"--host-uds={uds}"]
         flags += ["--overlay2=none", *env.get("EMBER_RUNSC_FLAGS", "").split()]
         runsc = [choice.binary, *flags, "run", "--bundle", str(place.root), place.name]
         if not isolation.network and os.geteuid() == 0:
@@ -182,7 +189,8 @@ def sandboxed(
         return _clean_env(runsc, AGENT_ENV)
     if choice.kind is Sandbox.BWRAP:
         assert choice.binary is not None
-        return _clean_env(_bwrap(choice.binary, command, isolation), environment)
+        services = place.services_socket if isolation.services else None
+        return _clean_env(_bwrap(choice.binary, command, isolation, services), environment)
     return _clean_env(list(command), environment)
 
 
@@ -370,7 +378,7 @@ def _skeleton() -> Path:
 # -- bwrap
 
 
-def _bwrap(binary: str, command: list[str], isolation: Isolation) -> list[str]:
+def _bwrap(binary: str, command: list[str], isolation: Isolation, services: Path | None = None) -> list[str]:
     args = [
         binary,
         "--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
@@ -389,6 +397,8 @@ def _bwrap(binary: str, command: list[str], isolation: Isolation) -> list[str]:
             args += ["--symlink", os.readlink(path), str(path)]
         else:
             args += ["--ro-bind", str(path), str(path)]
+    if services is not None:  # the services proxy's socket, alone (its folder holds the agent's)
+        args += ["--ro-bind", str(services), SANDBOX_SERVICES_SOCKET]
     args += ["--remount-ro", "/"]  # the root bwrap built the binds on: its /tmp stays writable
     return [*args, "--", *command]
 

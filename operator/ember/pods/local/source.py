@@ -51,6 +51,7 @@ from ember.pods.base import (
 from ember.pods.local.process import AGENT_SETTINGS, AgentProcess, LocalPod, PodPlace, ProcessState, read_listening
 from ember.pods.local.runtimes import RUNTIME_IMAGES, agent_command
 from ember.pods.local.sandbox import (
+    SANDBOX_SERVICES_SOCKET,
     SANDBOX_SOCKET,
     Sandbox,
     SandboxChoice,
@@ -62,6 +63,7 @@ from ember.pods.local.sandbox import (
     remove_tree,
     sandboxed,
 )
+from ember.pods.services import Credentials, ServiceProxy, no_credentials
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,7 @@ class LocalPodSource:
         start_timeout_s: float = 60.0,
         stop_grace_s: float = 3.0,
         max_parallel_starts: int | None = None,
+        credentials: Credentials = no_credentials,
     ) -> None:
         self.sandbox = sandbox or detect_sandbox()
         if not self.sandbox.isolated:
@@ -113,6 +116,7 @@ class LocalPodSource:
         self._starts = asyncio.Semaphore(max_parallel_starts or max(2, os.cpu_count() or 2))
         self._closed = False
         self.discarded_bound = 0  # pods discarded because another client had bound them first
+        self._services = ServiceProxy(credentials)  # pods under a policy with auxiliary services
 
     # -- the PodSource interface
 
@@ -171,8 +175,14 @@ class LocalPodSource:
         session = self._http(process)
         url = "http://agent/v1/specialize"
         headers = {"Authorization": pod.authorization}
+        payload = dict(request.payload)
+        services = pod.pool.isolation.services
+        if services and process.services_port is not None:
+            token = self._services.grant(pod.id, request.version.namespace, services)
+            announced = ServiceProxy.announce(f"http://127.0.0.1:{process.services_port}", token, services)
+            payload["env"] = {**payload.get("env", {}), **announced}
         try:
-            async with session.post(url, json=dict(request.payload), headers=headers) as response:
+            async with session.post(url, json=payload, headers=headers) as response:
                 return response.status, await response.read()
         except (aiohttp.ClientError, TimeoutError) as err:
             raise PodGone(f"pod {pod.id} at {pod.address}: specialize request failed: {err}") from err
@@ -225,6 +235,7 @@ class LocalPodSource:
         # pods whose start was cut short (a refill cancelled above): their sandboxes and cgroups
         for pod_id in list(self._pod_places):
             await self._release_place(pod_id, kill=True)
+        await self._services.close()
         await asyncio.to_thread(remove_tree, self._places)
         async with self._changed:
             self._changed.notify_all()
@@ -338,6 +349,11 @@ class LocalPodSource:
         settings = {k: v for k in AGENT_SETTINGS if (v := os.environ.get(k)) is not None}
         for name in ("EMBER_AGENT_HOST", "EMBER_AGENT_PORT", "EMBER_AGENT_SOCKET", "EMBER_AGENT_LISTEN_FD"):
             settings.pop(name, None)
+        settings.pop("EMBER_AGENT_SERVICES_SOCKET", None)
+        services = bool(key.isolation.services)
+        if services:  # the agent relays from its loopback to the proxy's socket for this pod
+            seen_at = str(place.services_socket) if self.sandbox.kind is Sandbox.NONE else SANDBOX_SERVICES_SOCKET
+            settings["EMBER_AGENT_SERVICES_SOCKET"] = seen_at
         settings["EMBER_AGENT_CONCURRENCY"] = "1"
         listener: socket.socket | None = None
         if agent_makes_its_socket(self.sandbox):
@@ -351,6 +367,8 @@ class LocalPodSource:
             command = await asyncio.to_thread(  # makes the pod's folders and writes its bundle
                 sandboxed, self.sandbox, agent, settings, place, memory_mib=key.memory_mib, isolation=key.isolation
             )
+            if services:  # after `sandboxed`, which mounts the pod's run/ folder
+                await self._services.open_pod(pod_id, place.services_socket)
         except BaseException:
             if listener is not None:
                 listener.close()
@@ -378,9 +396,14 @@ class LocalPodSource:
             try:
                 async with asyncio.timeout(self._start_timeout_s):
                     listening = await read_listening(proc)
-                if listening != expected:
+                where, _, relay = listening.partition(" services=")
+                if where != expected:
                     # an agent that ignored its socket setting would listen where others reach it
                     raise PoolUnavailable(f"listens on {listening!r}, not on its pod's socket")
+                if services:
+                    if not relay.isdigit():
+                        raise PoolUnavailable(f"does not relay auxiliary services (it printed {listening!r})")
+                    process.services_port = int(relay)
             except (TimeoutError, PoolUnavailable) as err:
                 await self._stop(process)
                 raise PoolUnavailable(f"agent {pod_id} ({' '.join(command)}) did not start: {err}") from err
@@ -492,6 +515,7 @@ class LocalPodSource:
 
     async def _release_place(self, pod_id: PodId, *, kill: bool = False) -> None:
         """Remove a pod's folders, mounts and cgroups, once (`release_place`)."""
+        await self._services.close_pod(pod_id)
         place = self._pod_places.pop(pod_id, None)
         if place is not None:
             await asyncio.to_thread(release_place, place, kill=kill)
