@@ -761,9 +761,12 @@ function main() {
     const status = err.code === 'HPE_HEADER_OVERFLOW' ? '431 Request Header Fields Too Large' : '400 Bad Request';
     socket.end(`HTTP/1.1 ${status}\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`);
   });
+  const relayReady = startServicesRelay();
   const onListening = (what) => () => {
-    process.stdout.write(`EMBER_AGENT_LISTENING ${what()}\n`);
-    setImmediate(spawnSpare);
+    relayReady.then((relay) => {
+      process.stdout.write(`EMBER_AGENT_LISTENING ${what()}${relay}\n`);
+      setImmediate(spawnSpare);
+    });
   };
   const sockPath = process.env.EMBER_AGENT_SOCKET || '';
   const listenFd = process.env.EMBER_AGENT_LISTEN_FD || '';
@@ -815,6 +818,52 @@ function main() {
   };
   process.on('SIGTERM', shutdown);
   process.on('SIGINT', shutdown);
+}
+
+// The services relay (EMBER_AGENT_SERVICES_SOCKET): a TCP listener on the sandbox's loopback whose
+// every connection is copied byte for byte, both ways, to a new connection to the host's services
+// proxy socket, so function code reaches its auxiliary services with any HTTP client at the
+// EMBER_SERVICE_<NAME>_URL the host announces.  It holds no credential and reads nothing it copies:
+// the proxy authenticates each request by the token in its path.  -> a promise of the LISTENING
+// line's suffix (' services=<port>', or '' without the setting); a bad setting ends the agent.
+function startServicesRelay() {
+  const net = require('node:net');
+  const fs = require('node:fs');
+  const path = require('node:path');
+  const MAX_RELAYS = 256; // connections relayed at once; one more is closed at once
+  const target = process.env.EMBER_AGENT_SERVICES_SOCKET || '';
+  if (!target) return Promise.resolve('');
+  const refuse = (why) => {
+    process.stderr.write(`ember-agent: EMBER_AGENT_SERVICES_SOCKET=${JSON.stringify(target)}${why}\n`);
+    process.exit(2);
+  };
+  if (!path.isAbsolute(target)) refuse(' must be an absolute path');
+  if (Buffer.byteLength(target) > 107) refuse(' is longer than 107 bytes, the limit of a Unix socket path');
+  let st = null;
+  try { st = fs.statSync(target); } catch (e) { refuse(`: ${e.code === 'ENOENT' ? 'No such file or directory' : e.message}`); }
+  if (!st.isSocket()) refuse(' is not a Unix socket');
+  let relays = 0;
+  const relay = net.createServer({ allowHalfOpen: true }, (client) => {
+    if (relays >= MAX_RELAYS) { client.destroy(); return; }
+    relays += 1;
+    const upstream = net.connect({ path: target, allowHalfOpen: true });
+    let closed = 0;
+    const onClose = () => { closed += 1; if (closed === 2) relays -= 1; };
+    client.on('close', onClose);
+    upstream.on('close', onClose);
+    // an error on either side ends both directions; an end (FIN) is passed on as an end
+    client.on('error', () => upstream.destroy());
+    upstream.on('error', (e) => {
+      if (e.code === 'ENOENT' || e.code === 'ECONNREFUSED') process.stderr.write(`ember-agent: services relay: cannot reach the services proxy: ${e.message}\n`);
+      client.destroy();
+    });
+    client.pipe(upstream);
+    upstream.pipe(client);
+  });
+  return new Promise((resolve) => {
+    relay.on('error', (e) => { process.stderr.write(`ember-agent: cannot listen for the services relay on 127.0.0.1: ${e.message}\n`); process.exit(1); });
+    relay.listen(0, '127.0.0.1', () => resolve(` services=${relay.address().port}`));
+  });
 }
 
 // =================================================================================================

@@ -52,6 +52,7 @@ the agent process
 ``specialize``            POST /v1/specialize
 ``invoke``                POST /v1/invoke
 ``freeze``                POST /v1/freeze, /v1/thaw
+``relay``                 the services relay: sandbox loopback to the host's services proxy socket
 ``server``                HTTP/1.1 server: connections, routes, answers
 ``lifecycle``             ``main``: start, signals, reaping, shutdown
 ========================  ===========================================================================

@@ -1,6 +1,6 @@
 """The agent process from start to exit: listen (TCP, or a Unix socket if EMBER_AGENT_SOCKET is set),
-fork the standby, serve; the main thread then only waits for signals (SIGCHLD: reap, also as
-PID 1; SIGTERM/SIGINT: drain and exit).
+fork the standby, start the services relay (EMBER_AGENT_SERVICES_SOCKET), serve; the main thread
+then only waits for signals (SIGCHLD: reap, also as PID 1; SIGTERM/SIGINT: drain and exit).
 """
 
 # contextlib.suppress would cost an import (functools, collections) on the start path:
@@ -17,6 +17,7 @@ import time
 from .auth import _make_undumpable
 from .config import MAX_SOCKET_PATH_BYTES, _env_int
 from .output import _dump_trace, _start_trace, _write_fd
+from .relay import _services_socket, _start_relay
 from .server import _accept_loop, _start_spare
 from .state import _OPEN_SOCKS, _S, _lock
 from .supervisor import _fork_standby, _rmtree
@@ -29,6 +30,7 @@ def main():
         _exec_standby_main(sys.argv[2:])
     _S.entry = os.path.abspath(sys.argv[0])
     _start_trace()
+    services = _services_socket()
     sock_path = os.environ.get("EMBER_AGENT_SOCKET") or ""
     listen_fd = os.environ.get("EMBER_AGENT_LISTEN_FD") or ""
     if listen_fd:
@@ -51,6 +53,8 @@ def main():
     _signal.signal(_signal.SIGPIPE, _signal.SIG_IGN)
     _S.standby = _fork_standby()  # before any thread starts
     _thread.start_new_thread(_make_undumpable, ())  # the agent only: the standby stays dumpable
+    if services:  # after the standby: its relay is the agent's alone
+        listening += b" services=%d" % _start_relay(services)
     _start_spare()
     _thread.start_new_thread(_accept_loop, (lsock, family))
     _write_fd(1, b"EMBER_AGENT_LISTENING %s\n" % listening)

@@ -89,6 +89,7 @@ class Agent:
         self.proc = proc
         self.port = port
         self.out_lines = out_lines
+        self.services_port: int | None = None  # its services relay (EMBER_AGENT_SERVICES_SOCKET)
         self._conn: http.client.HTTPConnection | None = None
 
     # -- HTTP
@@ -215,8 +216,10 @@ def _start(
     if not listening:
         proc.wait(5)
         raise AssertionError(f"{lang} agent exited: {''.join(lines)}")
-    port = int(listening[0].split("port=")[1])
-    return Agent(lang, proc, port, lines)
+    fields = dict(f.split("=", 1) for f in listening[0].split()[1:])
+    agent = Agent(lang, proc, int(fields["port"]), lines)
+    agent.services_port = int(fields["services"]) if "services" in fields else None
+    return agent
 
 
 @pytest.fixture(params=["python", "node"])
