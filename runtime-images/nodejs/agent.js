@@ -843,8 +843,9 @@ function startServicesRelay() {
   try { st = fs.statSync(target); } catch (e) { refuse(`: ${e.code === 'ENOENT' ? 'No such file or directory' : e.message}`); }
   if (!st.isSocket()) refuse(' is not a Unix socket');
   let relays = 0;
-  const relay = net.createServer({ allowHalfOpen: true }, (client) => {
+  const relay = net.createServer({ allowHalfOpen: true, noDelay: true }, (client) => {
     if (relays >= MAX_RELAYS) { client.destroy(); return; }
+    client.setNoDelay(true); // no Nagle delay on small requests and answers (as Python's TCP_NODELAY)
     relays += 1;
     const upstream = net.connect({ path: target, allowHalfOpen: true });
     let closed = 0;

@@ -43,7 +43,7 @@ def call(method, url, body=None, headers=None):
         return [0, repr(e)]
 
 # read-only trees of the sandbox's runtime (the Python and system installs): nothing Ember writes
-RUNTIME_TREES = tuple({sys.base_prefix, sys.prefix, "/usr", "/lib", "/lib64", "/bin", "/sbin", "/sys", "/dev", "/proc/sys"})
+RUNTIME_TREES = (sys.base_prefix, sys.prefix, "/usr", "/lib", "/lib64", "/bin", "/sbin", "/sys", "/dev", "/proc/sys")
 
 def hunt():
     found = [k for k, v in os.environ.items() if SECRET_PART in v]
