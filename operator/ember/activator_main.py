@@ -3,7 +3,11 @@
 Settings come from the environment the chart sets, each overridable by a flag:
 `EMBER_ACTIVATOR_PORT` (`--port`, default 8080), `EMBER_ACTIVATOR_HOST` (`--host`, default
 0.0.0.0), `EMBER_NAMESPACES` (`--namespace`; one namespace: the pod source and the catalog work
-per namespace), `POD_NAME` (the claim holder), `EMBER_ACTIVATOR_LEASE_S` (`--lease-s`, default
+per namespace), `POD_NAME` (the claim holder), `EMBER_SERVICES_ADDRESS` (`--services-address`,
+default `POD_IP`: the address function pods reach this activator's services proxy at; none:
+auxiliary services are off, and a Function whose policy lists some fails to load, saying so),
+`EMBER_SERVICES_PORT` (`--services-port`, default 8090: the proxy's port on that address; see
+`ember.pods.services`), `EMBER_ACTIVATOR_LEASE_S` (`--lease-s`, default
 15: the holder Lease's duration; see `ember.pods.kubernetes.leases`), `EMBER_POOL_DEMAND_WINDOW_S`
 (`--pool-demand-window-s`, default 60: the window over which claims per pool are published as
 demand; see `ember.scaling.pool_demand`), `EMBER_LOG_LEVEL`. The API server is
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import signal
@@ -46,6 +51,9 @@ from ember.activator.catalog import Catalog
 from ember.activator.config import ActivatorConfig
 from ember.pods.base import PodSourceError
 from ember.pods.kubernetes import KubernetesPodSource, holder_name
+from ember.pods.kubernetes.secrets import ApiSecrets
+from ember.pods.services import ServiceProxy
+from ember.resources.pool import SERVICES_PORT
 from ember.scaling.pool_demand import DEFAULT_WINDOW_S
 
 log = logging.getLogger("ember.activator")
@@ -79,7 +87,27 @@ def parse_args(argv: list[str], env: Mapping[str, str]) -> argparse.Namespace:
     parser.add_argument("--log-level", default=env.get("EMBER_LOG_LEVEL", "INFO"))
     parser.add_argument("--lease-s", default=env.get("EMBER_ACTIVATOR_LEASE_S", str(DEFAULT_LEASE_S)))
     parser.add_argument("--pool-demand-window-s", default=env.get("EMBER_POOL_DEMAND_WINDOW_S", str(DEFAULT_WINDOW_S)))
+    parser.add_argument("--services-address", default=env.get("EMBER_SERVICES_ADDRESS") or env.get("POD_IP", ""))
+    parser.add_argument("--services-port", default=env.get("EMBER_SERVICES_PORT", str(SERVICES_PORT)))
     args = parser.parse_args(argv)
+    try:
+        args.services_port = int(args.services_port)
+    except ValueError:
+        raise SettingsError(
+            f"services port {args.services_port!r} (EMBER_SERVICES_PORT or --services-port) is not a number"
+        ) from None
+    if not 0 <= args.services_port <= 65535:
+        raise SettingsError(
+            f"services port {args.services_port} (EMBER_SERVICES_PORT or --services-port) must be 0-65535"
+        )
+    if args.services_address:
+        try:
+            args.services_address = str(ipaddress.ip_address(args.services_address))
+        except ValueError:
+            raise SettingsError(
+                f"services address {args.services_address!r} (EMBER_SERVICES_ADDRESS, --services-address or "
+                "POD_IP) is not an IP address"
+            ) from None
     try:
         args.pool_demand_window_s = float(args.pool_demand_window_s)
     except ValueError:
@@ -136,8 +164,18 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
     """Run until `stop` is set."""
     configuration = await load_api_config()
     async with kclient.ApiClient(configuration) as api:
+        services = ServiceProxy(ApiSecrets(api))
+        services_base = ""
+        if args.services_address:
+            port = await services.serve_tcp(args.services_address, args.services_port)
+            host = f"[{args.services_address}]" if ":" in args.services_address else args.services_address
+            services_base = f"http://{host}:{port}"
+        else:
+            log.warning("no services address (EMBER_SERVICES_ADDRESS or POD_IP): auxiliary services are off")
         source = KubernetesPodSource(
             api,
+            services=services,
+            services_base=services_base,
             namespace=args.namespace,
             holder=args.holder,
             lease_duration_s=args.lease_s,
@@ -165,7 +203,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
             # One line tests and people can read the port from (port 0 picks a free one).
             print(
                 f"ember activator: listening on http://{args.host}:{bound} namespace={args.namespace} "
-                f"holder={args.holder}",
+                f"holder={args.holder} services={services_base or 'off'}",
                 flush=True,
             )
             await stop.wait()
@@ -174,6 +212,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
             await runner.cleanup()  # readiness off, listener closed, in-flight finished, pods released
             await catalog.close()
             await source.close()
+            await services.close()
     return 0
 
 

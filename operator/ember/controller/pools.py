@@ -151,5 +151,6 @@ async def _ensure_pool_network_policy(
         owner_uid=deployment_uid,
         egress=policy.egress,
         activators=pool.activators,
+        services=bool(policy.services),
     ).network_policy
     return await ensure_child(network_policies(kube), desired)

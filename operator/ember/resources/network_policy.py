@@ -56,15 +56,19 @@ def pool_network_policy(
     owner_uid: str | None,
     egress: Egress,
     activators: ActivatorPeer | None = None,
+    services: bool = False,
 ) -> EgressPlan:
-    """The NetworkPolicy of a pool's pods, owned by the pool's Deployment: their egress, and
-    ingress from `activators` only.
+    """The NetworkPolicy of a pool's pods, owned by the pool's Deployment: their egress (and, when
+    their policy lists auxiliary `services`, the activators' services proxy), and ingress from
+    `activators` only.
 
     Pods of a pool share one policy (its hash is in the pool key), so its rules hold from the
     moment a pod starts - before it is claimed, labelled with a Function and handed code.
     """
     peer = activators if activators is not None else ActivatorPeer()
     rules, hosts = egress_rules(egress)
+    if services:
+        rules.append(peer.services_egress_rule())
     body: dict[str, Any] = {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",

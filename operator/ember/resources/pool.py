@@ -31,6 +31,7 @@ MIN_CPU_MILLICORES: Final = 50
 BURST_CPU_MILLICORES: Final = 1000
 
 AGENT_PORT: Final = 8080  # the runtime agent's port in a pool pod
+SERVICES_PORT: Final = 8090  # the activators' services proxy (pods/services.py), for pools whose policy lists services
 NAMESPACE_NAME_LABEL: Final = "kubernetes.io/metadata.name"  # set on every namespace by the API server
 
 
@@ -43,11 +44,18 @@ class ActivatorPeer:
 
     def ingress_rule(self) -> dict[str, Any]:
         """The one NetworkPolicy ingress rule of a pool: these pods, to the agent's port."""
-        peer = {
+        return {"from": [self._peer()], "ports": [{"protocol": "TCP", "port": AGENT_PORT}]}
+
+    def services_egress_rule(self) -> dict[str, Any]:
+        """The NetworkPolicy egress rule of a pool whose policy lists auxiliary services: to these
+        pods' services proxy only (the services themselves are the activators' to reach)."""
+        return {"to": [self._peer()], "ports": [{"protocol": "TCP", "port": SERVICES_PORT}]}
+
+    def _peer(self) -> dict[str, Any]:
+        return {
             "namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: self.namespace}},
             "podSelector": {"matchLabels": dict(self.pod_labels)},
         }
-        return {"from": [peer], "ports": [{"protocol": "TCP", "port": AGENT_PORT}]}
 
 
 @dataclass(frozen=True, slots=True)

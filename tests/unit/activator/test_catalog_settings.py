@@ -14,6 +14,14 @@ def test_chart_environment_is_honoured() -> None:
     assert args.host == "0.0.0.0"
 
 
+def test_the_services_proxy_listens_where_pods_reach_this_activator() -> None:
+    args = parse_args([], {"EMBER_NAMESPACES": "t", "POD_IP": "10.244.0.7"})
+    assert (args.services_address, args.services_port) == ("10.244.0.7", 8090)
+    args = parse_args([], {"EMBER_NAMESPACES": "t", "POD_IP": "10.244.0.7", "EMBER_SERVICES_ADDRESS": "fd00::1"})
+    assert args.services_address == "fd00::1"
+    assert parse_args([], {"EMBER_NAMESPACES": "t"}).services_address == ""  # off: no address known
+
+
 def test_flags_override_the_environment() -> None:
     args = parse_args(["--port", "0", "--namespace", "other", "--host", "127.0.0.1"], {"EMBER_NAMESPACES": "team"})
     assert (args.port, args.namespace, args.host) == (0, "other", "127.0.0.1")
@@ -31,6 +39,9 @@ def test_flags_override_the_environment() -> None:
         ([], {"EMBER_NAMESPACES": "a,b"}, "EMBER_NAMESPACES='a,b'.*exactly one namespace"),
         ([], {"EMBER_NAMESPACES": "t", "EMBER_POOL_DEMAND_WINDOW_S": "soon"}, "'soon' .*EMBER_POOL_DEMAND_WINDOW_S"),
         (["--pool-demand-window-s", "0"], {"EMBER_NAMESPACES": "t"}, "window 0.0 .* must be 1-3600 seconds"),
+        ([], {"EMBER_NAMESPACES": "t", "EMBER_SERVICES_PORT": "x"}, "'x' .*EMBER_SERVICES_PORT.* not a number"),
+        (["--services-port", "65536"], {"EMBER_NAMESPACES": "t"}, "services port 65536 .* must be 0-65535"),
+        ([], {"EMBER_NAMESPACES": "t", "POD_IP": "pod.local"}, "'pod.local' .*POD_IP\\) is not an IP address"),
     ],
 )
 def test_bad_settings_name_what_is_wrong(argv: list[str], env: dict[str, str], message: str) -> None:

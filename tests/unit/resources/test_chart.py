@@ -17,6 +17,7 @@ import yaml
 
 from ember.api import crd
 from ember.controller.settings import from_env
+from ember.resources.pool import SERVICES_PORT
 
 ROOT = Path(__file__).resolve().parents[3]
 CHART = ROOT / "charts" / "ember"
@@ -117,6 +118,8 @@ def test_render_defaults(helm: str) -> None:
         "ClusterRoleBinding/t-ember-operator",
         "Deployment/t-ember-activator",
         "Deployment/t-ember-operator",
+        "Role/t-ember-activator-secrets",
+        "RoleBinding/t-ember-activator-secrets",
         "Service/t-ember-activator",
         "ServiceAccount/t-ember-activator",
         "ServiceAccount/t-ember-operator",
@@ -216,3 +219,20 @@ def test_kind_config_registers_runsc_and_labels_sandboxed_nodes() -> None:
         assert {"/usr/local/bin/runsc", "/usr/local/bin/containerd-shim-runsc-v1"} <= mounted
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert values["runtimeClasses"]["gvisor"]["handler"] == "runsc"
+
+
+def test_the_activator_reads_secrets_only_in_the_namespace_it_serves(helm: str) -> None:
+    """Auxiliary services' credentials: get, on Secrets, in that one namespace; never cluster-wide."""
+    docs = _render(helm, "--skip-tests", "--set", "activator.namespace=team-a")
+    role = next(d for d in docs if d["kind"] == "Role")
+    binding = next(d for d in docs if d["kind"] == "RoleBinding")
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == "team-a"
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "t-ember-activator", "namespace": "ember-system"}]
+    cluster_roles = [d for d in docs if d["kind"] == "ClusterRole"]
+    assert all("secrets" not in rule["resources"] for d in cluster_roles for rule in d["rules"])
+    activator = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "t-ember-activator")
+    (container,) = activator["spec"]["template"]["spec"]["containers"]
+    pod_ip = next(e for e in container["env"] if e["name"] == "POD_IP")
+    assert pod_ip["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert {"name": "services", "containerPort": SERVICES_PORT} in container["ports"]

@@ -8,7 +8,7 @@ import pytest
 
 from ember.api.security_policy import Egress
 from ember.resources.network_policy import function_network_policy, pool_network_policy
-from ember.resources.pool import AGENT_PORT, ActivatorPeer
+from ember.resources.pool import AGENT_PORT, SERVICES_PORT, ActivatorPeer
 
 
 @pytest.mark.parametrize(
@@ -85,3 +85,21 @@ def test_a_pools_agents_take_connections_from_the_activators_only() -> None:
     default = pool_network_policy(pool_id="abc", namespace="ns1", owner_uid="d", egress=Egress())
     (rule,) = default.network_policy["spec"]["ingress"]
     assert rule["from"][0]["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "ember-system"}}
+
+
+def test_a_pool_with_auxiliary_services_may_reach_the_activators_services_proxy_only() -> None:
+    activators = ActivatorPeer(namespace="edge", pod_labels=(("app.kubernetes.io/name", "ember-activator"),))
+    plan = pool_network_policy(
+        pool_id="abc", namespace="ns1", owner_uid="d", egress=Egress(), activators=activators, services=True
+    )
+    assert plan.network_policy["spec"]["egress"] == [
+        {
+            "to": [
+                {
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "edge"}},
+                    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "ember-activator"}},
+                }
+            ],
+            "ports": [{"protocol": "TCP", "port": SERVICES_PORT}],
+        }
+    ]

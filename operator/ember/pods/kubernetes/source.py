@@ -65,6 +65,7 @@ from ember.pods.kubernetes.leases import (
     holder_of,
     pods_of_dead_holders,
 )
+from ember.pods.services import ServiceProxy
 from ember.resources import labels
 from ember.resources.pool import AGENT_PORT, pool_id
 from ember.scaling.pool_demand import DEFAULT_WINDOW_S, ClaimRate
@@ -93,6 +94,8 @@ class KubernetesPodSource:
         lease_duration_s: float = 15.0,
         demand_window_s: float = DEFAULT_WINDOW_S,
         clock: Callable[[], float] = time.monotonic,
+        services: ServiceProxy | None = None,
+        services_base: str = "",
     ) -> None:
         if holder != holder_name(holder):
             raise ValueError(
@@ -131,6 +134,9 @@ class KubernetesPodSource:
         self._background: set[asyncio.Task[None]] = set()  # relabels of specialized pods
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
+        # auxiliary services: this activator's proxy, and the URL pods reach it at
+        self._services = services
+        self._services_base = services_base
 
     @property
     def cached_pods(self) -> Mapping[str, Obj]:
@@ -234,7 +240,7 @@ class KubernetesPodSource:
         started = loop.time()
         discards = 0
         while True:
-            status, body = await self._post_specialize(pod, payload)
+            status, body = await self._post_specialize(pod, self._with_services(pod, version, payload))
             if status == 200:
                 break
             await self.release(pod)  # every failure releases the pod: the caller's release is a no-op
@@ -261,6 +267,27 @@ class KubernetesPodSource:
         task.add_done_callback(self._background.discard)
         log.debug("pod=%s version=%s specialized agent_ms=%.1f", pod.id, version, agent_s * 1000)
         return handle
+
+    def _with_services(self, pod: PodHandle, version: VersionKey, payload: dict[str, Any]) -> dict[str, Any]:
+        """The specialize body, with the URLs of the pool's auxiliary services (a fresh grant of
+        this activator's proxy for the pod) in its environment."""
+        services = pod.pool.isolation.services
+        if not services:
+            return payload
+        if self._services is None or not self._services_base:
+            raise SpecializeFailed(
+                pod.id,
+                503,
+                "ServicesUnavailable",
+                "the policy lists auxiliary services but this activator serves none (EMBER_SERVICES_ADDRESS)",
+            )
+        token = self._services.grant(PodId(pod.id), version.namespace, services)
+        announced = ServiceProxy.announce(self._services_base, token, services)
+        return {**payload, "env": {**payload.get("env", {}), **announced}}
+
+    def _forget_services(self, pod: str) -> None:
+        if self._services is not None:
+            self._services.revoke(PodId(pod))
 
     async def _post_specialize(self, pod: PodHandle, payload: Mapping[str, Any]) -> tuple[int, bytes]:
         headers = {"Authorization": pod.authorization}
@@ -334,6 +361,7 @@ class KubernetesPodSource:
         """Delete the pod; idempotent."""
         self._handles.pop(pod.id, None)
         self._restarts_at_claim.pop(pod.id, None)
+        self._forget_services(pod.id)
         try:
             await self._core.delete_namespaced_pod(pod.id, self.namespace, grace_period_seconds=1)
         except ApiException as err:
@@ -638,6 +666,7 @@ class KubernetesPodSource:
                         self._handles.pop(name, None)
                         self._restarts_at_claim.pop(name, None)
                         self._restarted.discard(name)
+                        self._forget_services(name)
                     else:
                         self._cache.put(pod)
                         self._check_restart(pod)
