@@ -86,8 +86,6 @@ FUNCTION_GAPS: Final[tuple[Gap[FunctionSpec], ...]] = (
 )
 
 POLICY_GAPS: Final[tuple[Gap[SecurityPolicySpec], ...]] = (
-    # No credential-injecting proxy exists.
-    Gap("spec.services", lambda s: bool(s.services)),
     # A cluster: nothing limits a pod's processes (the kubelet's podPidsLimit is per node). Local
     # mode: runsc's pids cgroup is a backstop that follows it (pods/local/sandbox.py runsc_host_tasks);
     # bwrap has none, and `ember dev`'s banner says so.
