@@ -40,7 +40,7 @@ from ember.api.manifests import ManifestError, unsupported_fields_warning
 from ember.api.secrets import LocalSecret
 from ember.api.security_policy import SecurityPolicy, SecurityPolicySpec
 from ember.files import load_secrets, load_sourced_manifests, manifest_files
-from ember.pods.local import LocalPodSource, detect_sandbox
+from ember.pods.local import LocalPodSource, detect_sandbox, egress
 from ember.pods.services import CredentialUnavailable
 from ember.resources.policy import DEFAULT_POLICY_NAME, choose_policy, limit_violations, policy_name_for
 
@@ -154,6 +154,8 @@ def banner(out: TextIO, base: str, registry: Registry, sandbox_note: str, isolat
         print("!" * 78, file=out)
         print(f"!! WARNING: sandbox: {sandbox_note}", file=out)
         print("!" * 78, file=out)
+    if isolated and (unenforced := egress.problem()):
+        print(f"ember dev: warning: egress: {unenforced}", file=out)
     for fs in registry.functions():
         url = invoke_url(base, fs.namespace, fs.name)
         print(f"  {fs.label}", file=out)

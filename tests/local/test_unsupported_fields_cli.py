@@ -35,7 +35,7 @@ kind: SecurityPolicy
 metadata:
   name: intranet
 spec:
-  egress: {mode: allowList, allow: [{cidr: 10.0.0.0/8, ports: [443]}]}
+  egress: {mode: allowList, allow: [{cidr: 10.0.0.0/8, ports: [443]}, {host: api.example.com}]}
 """
 
 
@@ -60,8 +60,8 @@ def test_validate_names_local_mode_gaps_and_keeps_errors_failing(tmp_path: Path)
     result = _ember("validate", str(tmp_path / "policy.yaml"), str(tmp_path / "broken.yaml"))
     assert result.returncode == 1
     assert (
-        f"warning: {tmp_path / 'policy.yaml'}: SecurityPolicy default/intranet: spec.egress.allow is accepted but "
-        "not implemented in local mode (ember dev); it has no effect there"
+        f"warning: {tmp_path / 'policy.yaml'}: SecurityPolicy default/intranet: spec.egress.allow[].host is accepted "
+        "but not implemented in local mode (ember dev); it has no effect there"
     ) in result.stderr.splitlines()
     assert "spec.handler" in result.stderr
     assert "frozen: spec.freeze" not in result.stderr, "an invalid manifest gets its errors, not warnings"
@@ -97,6 +97,6 @@ def test_dev_warns_once_per_manifest(tmp_path: Path) -> None:
     assert warnings == [
         f"ember dev: warning: {tmp_path / 'frozen.yaml'}: Function default/frozen: spec.freeze is accepted but not "
         "implemented yet; it has no effect",
-        f"ember dev: warning: {tmp_path / 'policy.yaml'}: SecurityPolicy default/intranet: spec.egress.allow is "
-        "accepted but not implemented in local mode (ember dev); it has no effect there",
+        f"ember dev: warning: {tmp_path / 'policy.yaml'}: SecurityPolicy default/intranet: spec.egress.allow[].host "
+        "is accepted but not implemented in local mode (ember dev); it has no effect there",
     ], "\n".join(lines)

@@ -10,10 +10,9 @@ in one list or the other, so a new field cannot slip in silently either).
 Each entry is a field path as the manifest spells it, a predicate for "the manifest sets it",
 and the modes where it has no effect. Most entries do nothing anywhere, and are reported when
 set to something other than the default (a user who writes the default gets what the default
-promises). Some work in a cluster but not in local mode (README, Local mode): an egress
-allow-list is enforced by a NetworkPolicy in a cluster, while `ember dev` gives a sandbox with
-any egress the host's network (egress `none` is enforced in both); local pods get the sandbox
-this machine offers, not the policy's.
+promises). Some work in a cluster but not in local mode (README, Local mode): local pods get the
+sandbox this machine offers, not the policy's, and an allow-list's host names are denied there
+with nothing else to say so (a cluster reports them in a condition).
 
 Pure: no I/O; the callers decide where the words go.
 """
@@ -96,9 +95,10 @@ POLICY_GAPS: Final[tuple[Gap[SecurityPolicySpec], ...]] = (
     # Local mode: the sandbox is whatever this machine offers (pods/local/sandbox.py detect_sandbox).
     Gap("spec.sandbox", lambda s: s.sandbox != "gvisor", LOCAL_ONLY),
     Gap("spec.runtimeClassName", lambda s: s.runtime_class_name is not None, LOCAL_ONLY),
-    # Local mode: egress `none` is a network namespace of the sandbox's own; any allow-list
-    # shares the host's network (pods/local/sandbox.py), so its entries are not enforced there.
-    Gap("spec.egress.allow", lambda s: s.egress.mode == "allowList", LOCAL_ONLY),
+    # Local mode: each sandbox has a network namespace of its own whose rules allow the listed
+    # cidrs (pods/local/egress.py); host names stay denied, as in a cluster (where the
+    # EgressEnforced condition says so), and here this is how the user is told.
+    Gap("spec.egress.allow[].host", lambda s: any(rule.host is not None for rule in s.egress.allow), LOCAL_ONLY),
     # Local mode: a sandbox's root is always read-only (pods/local/sandbox.py); writes go to /tmp.
     Gap("spec.filesystem.readOnlyRoot", lambda s: not s.filesystem.read_only_root, LOCAL_ONLY),
 )

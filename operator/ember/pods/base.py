@@ -44,11 +44,20 @@ class ServiceRoute:
 
 
 @dataclass(frozen=True, slots=True)
+class AllowedNetwork:
+    """One `cidr` entry of a policy's egress allow-list: all protocols, or TCP to `ports`."""
+
+    cidr: str
+    ports: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Isolation:
     """What a pool's SecurityPolicy asks of each of its sandboxes, as a local sandbox applies it
     (`ember.pods.local.sandbox`; a cluster's pool Deployment carries the whole policy instead)."""
 
     network: bool = False  # False: egress `none`, a network namespace of its own (loopback only)
+    allow: tuple[AllowedNetwork, ...] = ()  # with `network`: the allow-list's cidrs (host names stay denied)
     tmp_size_mib: int = 64
     pids: int = 256  # the policy's limits.pids (a runsc sandbox's host-task backstop follows it)
     services: tuple[ServiceRoute, ...] = ()  # the policy's auxiliary services

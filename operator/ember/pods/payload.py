@@ -15,7 +15,7 @@ from typing import Any
 
 from ember.api.function import FunctionSpec
 from ember.api.security_policy import DEFAULT_POLICY, SecurityPolicySpec, policy_hash
-from ember.pods.base import Isolation, PoolKey, ServiceRoute, SpecializeRequest, VersionKey
+from ember.pods.base import AllowedNetwork, Isolation, PoolKey, ServiceRoute, SpecializeRequest, VersionKey
 
 
 class PayloadError(ValueError):
@@ -32,6 +32,9 @@ def pool_key(spec: FunctionSpec, policy: SecurityPolicySpec | None) -> PoolKey:
         policy_hash=policy_hash(effective),
         isolation=Isolation(
             network=effective.egress.mode != "none",
+            allow=tuple(
+                AllowedNetwork(rule.cidr, tuple(rule.ports)) for rule in effective.egress.allow if rule.cidr is not None
+            ),
             tmp_size_mib=effective.filesystem.tmp_size_mib,
             pids=effective.limits.pids,
             services=tuple(

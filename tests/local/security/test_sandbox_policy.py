@@ -5,10 +5,11 @@ A real activator over the real `LocalPodSource`, in each isolating sandbox this 
 happened. A bounded background load on another function runs during each attack and must see
 no error. What each sandbox enforces is `ember.pods.local.sandbox`'s docstring:
 
-- egress `none`: the sandbox has a network of its own, with loopback only: a server the test
-  starts on the host's loopback and the activator's own port are unreachable; a policy that
-  allows egress shares the host's network (the allow-list itself is not enforced locally, and
-  `ember validate` says so);
+- egress: every sandbox has a network namespace of its own. With `none` it has loopback only: a
+  server the test starts on the host's loopback and the activator's own port are unreachable.
+  With an allow-list it reaches the listed addresses (and ports) of servers the test starts on
+  an interface it makes, nothing else (not the host's loopback, not the activator), and cannot
+  lift the rules (`ember.pods.local.egress`);
 - `filesystem.tmpSizeMiB`: /tmp is that big, no bigger;
 - `limits.pids` (runsc): a backstop on the sandbox's host tasks follows it
   (`runsc_host_tasks`): a fork bomb gets the sandbox killed, not the host's process table filled;
@@ -24,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,7 @@ from tests.local.security.test_sandbox_local import ISOLATED, _use, background_l
 
 from ember.api.function import Function
 from ember.api.security_policy import SecurityPolicySpec
-from ember.pods.local import Sandbox, SandboxChoice
+from ember.pods.local import Sandbox, SandboxChoice, egress
 
 CONNECT = """
 import json, socket
@@ -49,6 +51,31 @@ def attempt(host, port):
 
 def handler(event, context):
     return {name: attempt(*target) for name, target in event.items()}
+"""
+
+LIFT = """
+import socket, subprocess
+
+def attempt(host, port):
+    try:
+        with socket.create_connection((host, port), timeout=3) as s:
+            return {"ok": True}
+    except OSError as e:
+        return {"ok": False, "error": repr(e)}
+
+def run(*argv):
+    try:
+        return subprocess.run(argv, capture_output=True, timeout=20).returncode == 0
+    except OSError:
+        return False
+
+def handler(event, context):
+    changes = {
+        "iptables": run("iptables", "-F", "OUTPUT") or run("iptables", "-P", "OUTPUT", "ACCEPT"),
+        "ip_route": run("ip", "route", "add", event["target"][0], "dev", "eth0"),
+        "ip_addr": run("ip", "addr", "add", "198.18.9.9/32", "dev", "eth0"),
+    }
+    return {"changes": changes, "after": attempt(*event["target"])}
 """
 
 FILL_TMP = """
@@ -144,10 +171,10 @@ def _pods_of(act: Activator, name: str) -> set[str]:
 
 
 @contextlib.contextmanager
-def _host_server() -> Iterator[int]:
-    """A TCP server on the host's loopback that answers every connection; its port."""
+def _host_server(host: str = "127.0.0.1") -> Iterator[int]:
+    """A TCP server on the host at `host` that answers every connection; its port."""
     server = socket.socket()
-    server.bind(("127.0.0.1", 0))
+    server.bind((host, 0))
     server.listen(16)
     server.settimeout(0.2)
     stop = False
@@ -171,33 +198,83 @@ def _host_server() -> Iterator[int]:
         server.close()
 
 
+# Two addresses of this host the test adds to its loopback interface (from 198.18.0.0/15, reserved
+# for benchmarks), so the allow-list is tried on destinations off the sandbox's own loopback
+TEST_ADDRESSES = ("198.18.0.1", "198.18.0.2")
+
+
+@pytest.fixture
+def host_addresses() -> Iterator[tuple[str, str]]:
+    assert not egress.problem(), egress.problem()  # the allow-list is enforced as root with ip/iptables
+    added: list[str] = []
+    try:
+        for address in TEST_ADDRESSES:
+            subprocess.run(["ip", "addr", "add", f"{address}/32", "dev", "lo"], check=True)
+            added.append(address)
+        yield TEST_ADDRESSES
+    finally:
+        for address in added:
+            subprocess.run(["ip", "addr", "del", f"{address}/32", "dev", "lo"], check=False)
+
+
 @pytest.mark.parametrize("choice", ISOLATED)
-async def test_egress_none_reaches_nothing_and_an_egress_policy_reaches_the_host(
-    choice: SandboxChoice, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+async def test_egress_none_reaches_nothing_and_an_allow_list_reaches_only_what_it_lists(
+    choice: SandboxChoice,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    host_addresses: tuple[str, str],
 ) -> None:
     _use(choice, monkeypatch)
-    with _host_server() as port:
+    first, second = host_addresses
+    with _host_server() as loopback_port, _host_server("0.0.0.0") as allowed, _host_server("0.0.0.0") as other:
         async with run_activator() as act, background_load(act) as errors:
             activator_port = int(act.url.rsplit(":", 1)[1].split("/")[0])
-            targets = {"host_server": ["127.0.0.1", port], "activator": ["127.0.0.1", activator_port]}
+            targets = {
+                "host_loopback": ["127.0.0.1", loopback_port],
+                "activator": ["127.0.0.1", activator_port],
+                "listed_port": [first, allowed],
+                "unlisted_port": [first, other],
+                "any_port_1": [second, allowed],
+                "any_port_2": [second, other],
+                "unlisted_address": ["198.18.0.3", allowed],
+            }
             act.registry.apply(_function("closed", CONNECT), policy=_policy())
             closed = await _result(act, "closed", targets)
-            # no runsc control socket of an egress-none sandbox is where host processes find it
-            # (Debian's runsc names it in the abstract namespace of its network namespace)
-            host_sockets = await asyncio.to_thread(Path("/proc/net/unix").read_text)
-            assert [p for p in _pods_of(act, "closed") if f"runsc-sandbox.{p}" in host_sockets] == []
-            open_policy = _policy(egress={"mode": "allowList", "allow": [{"cidr": "127.0.0.1/32"}]})
-            act.registry.apply(_function("open", CONNECT), policy=open_policy)
+            allow = [{"cidr": f"{first}/32", "ports": [allowed]}, {"cidr": f"{second}/32"}]
+            # 127.0.0.1 listed: the sandbox's own loopback, as in a pod, never the host's
+            listed = _policy(egress={"mode": "allowList", "allow": [*allow, {"cidr": "127.0.0.1/32"}]})
+            act.registry.apply(_function("open", CONNECT), policy=listed)
             opened = await _result(act, "open", targets)
             host_sockets = await asyncio.to_thread(Path("/proc/net/unix").read_text)
-            shared = [p for p in _pods_of(act, "open") if f"runsc-sandbox.{p}" in host_sockets]
+            pods = _pods_of(act, "closed") | _pods_of(act, "open")
     assert errors == []
-    # a sandbox on the host's network cannot hide a runsc's abstract control socket: ember dev says so
-    assert bool(shared) == ("control socket of each sandbox" in caplog.text), (shared, caplog.text[-500:])
-    assert not closed["host_server"]["ok"], closed
-    assert not closed["activator"]["ok"], closed
-    # the control: the same code under a policy that allows egress reaches the same server
-    assert opened["host_server"] == {"ok": True, "got": "HTTP/1.0 200 OK\r\n\r\nhost"}, opened
+    # no runsc control socket is where host processes find it (Debian's runsc names it in the
+    # abstract namespace of its network namespace): every sandbox has a network namespace of its own
+    assert [p for p in pods if f"runsc-sandbox.{p}" in host_sockets] == []
+    assert "control socket of each sandbox" not in caplog.text
+    assert not any(result["ok"] for result in closed.values()), closed
+    reached = {name for name, result in opened.items() if result["ok"]}
+    assert reached == {"listed_port", "any_port_1", "any_port_2"}, opened
+    assert opened["listed_port"]["got"] == "HTTP/1.0 200 OK\r\n\r\nhost"
+    # refused at once (a reset), not left to time out
+    assert "ConnectionRefusedError" in opened["unlisted_port"]["error"], opened
+
+
+@pytest.mark.parametrize("choice", ISOLATED)
+async def test_a_sandbox_cannot_lift_its_allow_list(
+    choice: SandboxChoice, monkeypatch: pytest.MonkeyPatch, host_addresses: tuple[str, str]
+) -> None:
+    """The rules live in a network namespace the host's root owns: code in the sandbox (no
+    capability over it) can neither flush them nor add a route or an address."""
+    _use(choice, monkeypatch)
+    first, _ = host_addresses
+    with _host_server("0.0.0.0") as port:
+        async with run_activator() as act:
+            policy = _policy(egress={"mode": "allowList", "allow": [{"cidr": "198.18.0.2/32"}]})
+            act.registry.apply(_function("lifter", LIFT), policy=policy)
+            tried = await _result(act, "lifter", {"target": [first, port]})
+    assert tried["changes"] == {"iptables": False, "ip_route": False, "ip_addr": False}, tried
+    assert not tried["after"]["ok"], tried
 
 
 @pytest.mark.parametrize("choice", ISOLATED)

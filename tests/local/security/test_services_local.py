@@ -188,11 +188,12 @@ async def test_a_function_calls_its_service_with_a_credential_it_cannot_find(
 
 
 @pytest.mark.parametrize("choice", ISOLATED)
-async def test_another_pod_on_the_host_network_cannot_use_a_relay_without_its_token(
+async def test_another_pod_cannot_reach_a_relay_even_when_its_allow_list_names_loopback(
     choice: SandboxChoice, monkeypatch: pytest.MonkeyPatch, upstream: Upstream
 ) -> None:
-    """A policy that allows egress shares the host's network locally, so a pod's relay port is
-    reachable from other sandboxes there: without the pod's token the proxy refuses."""
+    """A pod's relay listens on its own network namespace's loopback: another pod whose
+    allow-list names 127.0.0.1 reaches its own loopback, not the victim's (and had it reached
+    it, the proxy would refuse it without the victim's token: test_services_proxy.py)."""
     _use(choice, monkeypatch)
     host_net = {"mode": "allowList", "allow": [{"cidr": "127.0.0.1/32"}]}
     async with run_activator(credentials=_credentials) as act:
@@ -204,7 +205,8 @@ async def test_another_pod_on_the_host_network_cannot_use_a_relay_without_its_to
         act.registry.apply(_function("attacker", CALLER), policy=attacker_policy)
         paths = ["/payments/v1/charges/2", "/AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA/payments/v1/charges/2", "/"]
         attack = await _result(act, "attacker", {"relay": victim.services_port, "paths": paths})
-    assert [status for status, _ in attack["calls"]] == [401, 401, 401], attack
+    assert [status for status, _ in attack["calls"]] == [0, 0, 0], attack
+    assert all("Connection refused" in error for _, error in attack["calls"]), attack
     assert len(upstream.seen) == 1  # the victim's own call only
 
 

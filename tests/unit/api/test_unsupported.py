@@ -74,9 +74,9 @@ IMPLEMENTED: dict[str, str] = {
     "spec.sandbox": NOT_LOCAL,  # resources/pool.py runtimeClassName; local: pods/local/sandbox.py detect_sandbox
     "spec.runtimeClassName": NOT_LOCAL,  # same
     "spec.egress.mode": BOTH,  # resources/network_policy.py; pods/payload.py Isolation.network (local netns)
-    "spec.egress.allow[].cidr": NOT_LOCAL,  # resources/network_policy.py; local: the host's network
+    "spec.egress.allow[].cidr": BOTH,  # resources/network_policy.py; pods/local/egress.py output_rules
     "spec.egress.allow[].host": NOT_LOCAL,  # denied and reported as EgressEnforced=False in a cluster
-    "spec.egress.allow[].ports[]": NOT_LOCAL,  # same
+    "spec.egress.allow[].ports[]": BOTH,  # same
     "spec.filesystem.readOnlyRoot": NOT_LOCAL,  # resources/pool.py securityContext; local roots are read-only
     "spec.filesystem.tmpSizeMiB": BOTH,  # resources/pool.py emptyDir sizeLimit; pods/local/sandbox.py tmpfs
     "spec.limits.maxMemoryMiB": BOTH,  # resources/policy.py limit_violations: controller/function.py, devmode, validate
@@ -113,7 +113,7 @@ POLICY_SAMPLES: dict[str, dict[str, Any]] = {
     "spec.trustLevel": {"trustLevel": "trusted"},
     "spec.sandbox": {"sandbox": "kata"},
     "spec.runtimeClassName": {"runtimeClassName": "gvisor-systrap"},
-    "spec.egress.allow": {"egress": {"mode": "allowList", "allow": [{"cidr": "10.0.0.0/8"}]}},
+    "spec.egress.allow[].host": {"egress": {"mode": "allowList", "allow": [{"host": "api.example.com"}]}},
     "spec.filesystem.readOnlyRoot": {"filesystem": {"readOnlyRoot": False}},
 }
 
@@ -230,11 +230,7 @@ def test_a_policy_that_works_in_a_cluster_is_told_only_about_local_mode() -> Non
         }
     )
     assert unsupported_policy_fields(spec, Mode.CLUSTER) == ()
-    assert unsupported_policy_fields(spec, Mode.LOCAL) == (
-        "spec.sandbox",
-        "spec.egress.allow",
-        "spec.filesystem.readOnlyRoot",
-    )
+    assert unsupported_policy_fields(spec, Mode.LOCAL) == ("spec.sandbox", "spec.filesystem.readOnlyRoot")
     assert unsupported_policy_fields(SecurityPolicySpec(), Mode.LOCAL) == ()
     # egress `none`, a read-only root (the only one local mode offers) and a sized /tmp work there too
     written = {"egress": {"mode": "none"}, "filesystem": {"readOnlyRoot": True, "tmpSizeMiB": 16}}

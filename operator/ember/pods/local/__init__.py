@@ -1,7 +1,8 @@
 """Local pods: runtime-agent processes on this machine, each in a gVisor sandbox when possible.
 
 `source` is the pod source (pools, claim, specialize, release); `process` is one agent process;
-`sandbox` picks runsc, bwrap or none and wraps a command line in it; `runtimes` builds the agent's
+`sandbox` picks runsc, bwrap or none and wraps a command line in it; `egress` gives a sandbox
+under an egress allow-list a network namespace enforcing it; `runtimes` builds the agent's
 command line per runtime.
 """
 

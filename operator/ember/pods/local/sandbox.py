@@ -4,8 +4,8 @@ Function code is hostile (DESIGN.md, Trust boundaries). Whatever the sandbox, an
 with a minimal, explicit environment (`ember.pods.local.process.AGENT_ENV` plus its own
 `EMBER_AGENT_*` settings), never the environment of the process running `ember dev`, and
 listens on a Unix socket in its pod's private folder (`PodPlace`), never on a TCP port: only
-this process reaches it, not other functions (which share the host's loopback when their policy
-allows egress). Per pod, the pool's `Isolation` (from its SecurityPolicy) decides the network,
+this process reaches it, not other functions (which, without root, share the host's loopback
+when their policy allows egress). Per pod, the pool's `Isolation` (from its SecurityPolicy) decides the network,
 the size of /tmp and the process bound; the root is always read-only (writes go to /tmp). Best
 first (`EMBER_SANDBOX=runsc|bwrap|none` forces one):
 
@@ -24,11 +24,11 @@ first (`EMBER_SANDBOX=runsc|bwrap|none` forces one):
   when it cannot). Egress `none` gives the sandbox its own network stack with loopback only
   (`--network=none`), and runsc itself a network namespace of its own (`unshare --net`, as
   root): Debian's runsc names each sandbox's control socket in the abstract namespace of the
-  network namespace it starts in, where anyone may drive the sandbox. Any other egress shares
-  the host's network (`--network=host`, gVisor's hostinet): the allow-list is not enforced
-  locally (`ember.api.unsupported` says so), and with such a runsc its control socket is
-  reachable from the host's network namespace (a warning says so; a newer runsc keeps it in
-  its `--root` folder, private to this process). The agent makes its socket itself
+  network namespace it starts in, where anyone may drive the sandbox. An allow-list gives the
+  sandbox gVisor's hostinet (`--network=host`) inside a network namespace of the pod's own whose
+  rules allow only the listed cidrs (`ember.pods.local.egress`, as root; without root it shares
+  the host's network, the list is not enforced and `ember dev` warns, as it does when such a
+  runsc's control socket is then reachable from the host's network namespace). The agent makes its socket itself
   (`--host-uds=create`) in the pod's run/ folder, the one writable bind, a 1 MiB tmpfs as root
   (`_small_tmpfs`); code in gVisor cannot replace that socket nor connect to a host socket,
   except, under a policy with auxiliary services (`--host-uds=all`), the services proxy's
@@ -37,7 +37,8 @@ first (`EMBER_SANDBOX=runsc|bwrap|none` forces one):
   `EMBER_RUNSC_FLAGS` adds flags (e.g. `--platform=systrap`).
 - **bwrap** (bubblewrap), only unprivileged: a new user namespace mapped to uid/gid 65534,
   every capability dropped, no further user namespaces (`--disable-userns`, bubblewrap 0.8+),
-  new pid, ipc, uts and cgroup namespaces (and network, for egress `none`), its own session,
+  new pid, ipc, uts and cgroup namespaces and a network namespace (loopback only for egress
+  `none`; the pod's own enforcing an allow-list, `ember.pods.local.egress`), its own session,
   killed with its parent. The root is empty but for read-only binds of /usr (and the
   merged-/usr symlinks), a few /etc files and the agent's own interpreter and code; a private
   tmpfs /tmp of `tmpSizeMiB`, /dev and /proc. No host folder is writable: the agent is handed
@@ -67,7 +68,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ember.pods.base import Isolation
+from ember.pods.base import Isolation, PoolUnavailable
+from ember.pods.local import egress
 from ember.pods.local.process import AGENT_ENV, PodPlace, agent_environment
 
 log = logging.getLogger(__name__)
@@ -186,12 +188,26 @@ def sandboxed(
             # Debian's runsc names its control socket in the abstract namespace of the network
             # namespace it starts in, where anyone there may drive the sandbox: give it its own
             runsc = [_which("unshare"), "--net", "--", *runsc]
-        return _clean_env(runsc, AGENT_ENV)
+        return _clean_env(_in_allow_list_network(runsc, place, isolation), AGENT_ENV)
     if choice.kind is Sandbox.BWRAP:
         assert choice.binary is not None
         services = place.services_socket if isolation.services else None
-        return _clean_env(_bwrap(choice.binary, command, isolation, services), environment)
+        bwrap = _bwrap(choice.binary, command, isolation, services)
+        return _clean_env(_in_allow_list_network(bwrap, place, isolation), environment)
     return _clean_env(list(command), environment)
+
+
+def _in_allow_list_network(command: list[str], place: PodPlace, isolation: Isolation) -> list[str]:
+    """`command` in a network namespace of the pod's own that enforces its egress allow-list
+    (`ember.pods.local.egress`), when the policy allows egress and this process can make one;
+    otherwise as it is (on the host's network: `ember dev` warns that the list is not enforced)."""
+    if not isolation.network or egress.problem():
+        return command
+    try:
+        network = egress.create(place.name, isolation.allow)
+    except OSError as err:
+        raise PoolUnavailable(f"cannot make the network namespace of its egress allow-list: {err}") from err
+    return [_which("nsenter"), f"--net={network.path}", "--", *command]
 
 
 def make_place(place: PodPlace) -> None:
@@ -205,6 +221,7 @@ def release_place(place: PodPlace, *, kill: bool = False) -> None:
     what runsc leaves in its state folder (a bind of the sandbox's network namespace, which would
     keep the namespace alive)."""
     remove_tree(place.root)
+    egress.remove(place.name)
     # runsc leaves the cgroups it made for the sandbox, one per controller; its sandbox process
     # may still be leaving them when `runsc run` has exited (a blocking call: run it in a thread).
     # `kill`: a pod whose start was cut short; what still runs in its cgroups is its sandbox.

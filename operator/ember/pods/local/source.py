@@ -18,6 +18,7 @@ import ctypes
 import itertools
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
@@ -48,6 +49,7 @@ from ember.pods.base import (
     new_agent_token,
     unix_socket,
 )
+from ember.pods.local import egress
 from ember.pods.local.process import AGENT_SETTINGS, AgentProcess, LocalPod, PodPlace, ProcessState, read_listening
 from ember.pods.local.runtimes import RUNTIME_IMAGES, agent_command
 from ember.pods.local.sandbox import (
@@ -117,6 +119,8 @@ class LocalPodSource:
         self._closed = False
         self.discarded_bound = 0  # pods discarded because another client had bound them first
         self._services = ServiceProxy(credentials)  # pods under a policy with auxiliary services
+        if not egress.problem():
+            egress.sweep(_of_a_dead_process)  # network namespaces a killed `ember dev` left
 
     # -- the PodSource interface
 
@@ -236,6 +240,8 @@ class LocalPodSource:
         for pod_id in list(self._pod_places):
             await self._release_place(pod_id, kill=True)
         await self._services.close()
+        mine = f"ember-local-{os.getpid()}-"  # `_start`'s place names
+        await asyncio.to_thread(egress.sweep, lambda name: name.startswith(mine))
         await asyncio.to_thread(remove_tree, self._places)
         async with self._changed:
             self._changed.notify_all()
@@ -363,10 +369,19 @@ class LocalPodSource:
             listener = await asyncio.to_thread(_listener, place)
             settings["EMBER_AGENT_LISTEN_FD"] = str(listener.fileno())
             expected = f"fd={listener.fileno()}"
-        try:
-            command = await asyncio.to_thread(  # makes the pod's folders and writes its bundle
+        # makes the pod's folders, its bundle and maybe its network namespace: a start cancelled
+        # meanwhile waits for the thread to end, so that what it made is released below
+        making = asyncio.ensure_future(
+            asyncio.to_thread(
                 sandboxed, self.sandbox, agent, settings, place, memory_mib=key.memory_mib, isolation=key.isolation
             )
+        )
+        try:
+            try:
+                command = await asyncio.shield(making)
+            except asyncio.CancelledError:
+                await asyncio.gather(making, return_exceptions=True)
+                raise
             if services:  # after `sandboxed`, which mounts the pod's run/ folder
                 await self._services.open_pod(pod_id, place.services_socket)
         except BaseException:
@@ -423,9 +438,9 @@ class LocalPodSource:
 
     async def _warn_if_control_socket_is_shared(self, pod_id: PodId) -> None:
         """Once: say so when this runsc names a sandbox's control socket in the abstract namespace
-        of the host's network (Debian's does), where any local process may drive the sandbox. Pods
-        with egress `none` get a network namespace of their own for it; pods that share the host's
-        network cannot (`ember.pods.local.sandbox`)."""
+        of the host's network (Debian's does), where any local process may drive the sandbox. Every
+        pod gets a network namespace of its own for it when this process is root; without root,
+        pods under an allow-list share the host's network (`ember.pods.local.sandbox`)."""
         table = await asyncio.to_thread(Path("/proc/net/unix").read_text)
         if f"@runsc-sandbox.{pod_id}" in table:
             self._warned_control_socket = True
@@ -557,3 +572,9 @@ def _die_with_parent() -> None:
     """In the child before exec: the kernel kills it when this process dies (PR_SET_PDEATHSIG),
     so a sandbox never outlives an `ember dev` that was killed."""
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _of_a_dead_process(name: str) -> bool:
+    """Whether `name` is a pod's place name (`_start`) of a process that is gone."""
+    found = re.fullmatch(r"ember-local-(\d+)-\d+-[0-9a-f]{8}", name)
+    return found is not None and not Path(f"/proc/{found[1]}").exists()
