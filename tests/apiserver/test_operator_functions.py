@@ -245,8 +245,12 @@ def test_policy_edit_is_a_new_version_and_the_old_pool_goes_once_it_is_ready(
 
     ember.serve("hello", 2)
     eventually(lambda: old_pool not in ember.pools(), what="the old pool deleted once Version 2 is ready")
+    # the operator deletes the pool's NetworkPolicy right after the pool (its pods go first)
+    eventually(
+        lambda: old_pool not in {n.metadata.name for n in ember.net.list_namespaced_network_policy(ember.ns).items},
+        what="the old pool's NetworkPolicy deleted with it",
+    )
     policies = {n.metadata.name for n in ember.net.list_namespaced_network_policy(ember.ns).items}
-    assert old_pool not in policies, "the old pool's NetworkPolicy goes with it"
     (new_pool,) = ember.pools()
     assert new_pool in policies
     fn = eventually(
