@@ -121,6 +121,8 @@ class AgentProcess:
     started_at: float = field(default_factory=time.monotonic)
     refill_due: asyncio.TimerHandle | None = None
     services_port: int | None = None  # where its agent relays to the services proxy, on its loopback
+    oom_events: int | None = None  # an eventfd of its memory cgroup's OOM (bwrap, cgroup v1)
+    oom_noted: bool = False  # its out-of-memory kill is logged
 
     def view(self) -> LocalPod:
         """This process as it is now, read-only."""

@@ -43,8 +43,11 @@ first (`EMBER_SANDBOX=runsc|bwrap|none` forces one):
   merged-/usr symlinks), a few /etc files and the agent's own interpreter and code; a private
   tmpfs /tmp of `tmpSizeMiB`, /dev and /proc. No host folder is writable: the agent is handed
   its listening socket (`EMBER_AGENT_LISTEN_FD`), made by this process in the pod's folder,
-  which the sandbox does not see. No memory or process bound for the sandbox as a whole (bwrap
-  makes no cgroup; the agent's per-worker memory limit applies). bwrap is refused when it
+  which the sandbox does not see. As root, cgroups of the pod's own (`bwrap_cgroups`) bound it
+  as a whole: `memoryMiB` for all its processes (past it the whole sandbox is killed, as a runsc
+  one is: cgroup v2 kills the group, under v1 `watch_oom` tells this process to) and
+  `limits.pids` tasks, the agent's included (a fork past it fails with EAGAIN, as in a pod).
+  Without root bwrap makes no cgroup and only the agent's per-worker memory limit applies. bwrap is refused when it
   cannot make that user namespace here (probed once); it never runs privileged.
 - **none**: a plain child process, with a loud warning: the function is not isolated. It is
   handed its listening socket as under bwrap.
@@ -59,11 +62,12 @@ import functools
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +82,7 @@ SANDBOX_UID = 65534  # nobody: owns nothing on the host
 # What the agent and a function's runtime need from the host's /etc; nothing else of it is seen.
 ETC_FILES = ("ld.so.cache", "resolv.conf", "hosts", "nsswitch.conf", "localtime", "ssl", "ca-certificates")
 MERGED_USR = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 class Sandbox(enum.Enum):
@@ -121,7 +126,8 @@ def detect_sandbox(env: Mapping[str, str] | None = None) -> SandboxChoice:
     if forced in ("", "bwrap") and bwrap:
         refused = _bwrap_problem(bwrap)
         if not refused:
-            note = f"bubblewrap ({bwrap}; no memory or process bound per sandbox); install runsc for gVisor"
+            bound = "" if os.geteuid() == 0 else "; not root, so no memory or process bound per sandbox"
+            note = f"bubblewrap ({bwrap}{bound}); install runsc for gVisor"
             return SandboxChoice(Sandbox.BWRAP, bwrap, note)
         if forced == "bwrap":
             raise ValueError(f"EMBER_SANDBOX=bwrap but {refused}")
@@ -193,7 +199,8 @@ def sandboxed(
         assert choice.binary is not None
         services = place.services_socket if isolation.services else None
         bwrap = _bwrap(choice.binary, command, isolation, services)
-        return _clean_env(_in_allow_list_network(bwrap, place, isolation), environment)
+        bounded = _in_cgroups(bwrap, bwrap_cgroups(place, memory_mib=memory_mib, isolation=isolation))
+        return _clean_env(_in_allow_list_network(bounded, place, isolation), environment)
     return _clean_env(list(command), environment)
 
 
@@ -225,7 +232,7 @@ def release_place(place: PodPlace, *, kill: bool = False) -> None:
     # runsc leaves the cgroups it made for the sandbox, one per controller; its sandbox process
     # may still be leaving them when `runsc run` has exited (a blocking call: run it in a thread).
     # `kill`: a pod whose start was cut short; what still runs in its cgroups is its sandbox.
-    cgroups = [*Path("/sys/fs/cgroup").glob(f"*/{place.name}"), Path("/sys/fs/cgroup", place.name)]
+    cgroups = [*CGROUP_ROOT.glob(f"*/{place.name}"), CGROUP_ROOT / place.name]
     if kill:
         for cgroup in cgroups:
             with contextlib.suppress(OSError, ValueError):
@@ -245,6 +252,15 @@ def release_place(place: PodPlace, *, kill: bool = False) -> None:
             return
         time.sleep(0.05)
     log.warning("cgroups of sandbox %s are still in use; left: %s", place.name, ", ".join(map(str, cgroups)))
+
+
+def sweep_cgroups(picks: Callable[[str], bool]) -> None:
+    """Remove the empty cgroups, of every controller, whose name `picks` (those of pods whose
+    sandbox was still leaving them at their release, or of a killed `ember dev`)."""
+    for group in [*CGROUP_ROOT.glob("*/ember-*"), *CGROUP_ROOT.glob("ember-*")]:
+        if group.is_dir() and picks(group.name):
+            with contextlib.suppress(OSError):
+                group.rmdir()
 
 
 def oom_kills(place: PodPlace) -> int:
@@ -319,6 +335,85 @@ def _clean_env(command: list[str], environment: Mapping[str, str]) -> list[str]:
 # about 40 host tasks to boot and 4 to 6 more per process forked in it.
 RUNSC_OWN_TASKS = 64
 RUNSC_TASKS_PER_PROCESS = 8
+
+
+# -- bwrap's cgroups
+
+
+def bwrap_cgroups(place: PodPlace, *, memory_mib: int, isolation: Isolation) -> list[Path]:
+    """As root: the cgroups that bound a bwrap sandbox as a whole, named after its pod (as runsc
+    names its own): memory `memoryMiB` for every process in it (swap included where the kernel
+    accounts it), and `limits.pids` tasks, processes and threads, the agent's included, as a pod's
+    pids limit counts them: a fork past it fails with EAGAIN. Without root:
+    none (the banner says so). Removed with the pod (`release_place`)."""
+    if os.geteuid() != 0:
+        return []
+    limit = str(memory_mib * 1024 * 1024)
+    tasks = str(isolation.pids)
+    if (CGROUP_ROOT / "cgroup.controllers").exists():  # v2: one group, the kernel kills it whole on OOM
+        settings = {"memory.max": limit, "memory.swap.max": "0", "memory.oom.group": "1", "pids.max": tasks}
+        return [_make_cgroup(CGROUP_ROOT / place.name, settings)]
+    memory = {"memory.limit_in_bytes": limit, "memory.memsw.limit_in_bytes": limit}
+    return [
+        _make_cgroup(CGROUP_ROOT / "memory" / place.name, memory),
+        _make_cgroup(CGROUP_ROOT / "pids" / place.name, {"pids.max": tasks}),
+    ]
+
+
+def _make_cgroup(group: Path, settings: Mapping[str, str]) -> Path:
+    group.mkdir(exist_ok=True)
+    for name, value in settings.items():
+        path = group / name
+        if name in ("memory.memsw.limit_in_bytes", "memory.swap.max") and not path.exists():
+            continue  # a kernel without swap accounting: memory alone is bounded
+        try:
+            path.write_text(value)
+        except OSError as err:
+            raise PoolUnavailable(f"cannot bound the sandbox: {path}: {err.strerror}") from err
+    return group
+
+
+def _in_cgroups(command: list[str], groups: Sequence[Path]) -> list[str]:
+    """`command`, started in `groups` (a shell moves itself there, then becomes `command`)."""
+    if not groups:
+        return command
+    moves = "".join(f"echo $$ > {shlex.quote(str(group / 'cgroup.procs'))} && " for group in groups)
+    return [_which("sh"), "-c", moves + 'exec "$@"', "sh", *command]
+
+
+def watch_oom(place: PodPlace) -> int | None:
+    """An eventfd that becomes readable when a bwrap pod's cgroup v1 memory bound is hit (the
+    kernel then kills one process in it: the caller kills the rest, `kill_cgroup`, so the whole
+    sandbox goes, as a runsc sandbox and a v2 group do); None where there is nothing to watch."""
+    control = CGROUP_ROOT / "memory" / place.name / "memory.oom_control"
+    if not control.exists():
+        return None
+    events = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    oom = os.open(control, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        (control.parent / "cgroup.event_control").write_text(f"{events} {oom}")
+    except OSError:
+        os.close(events)
+        return None
+    finally:
+        os.close(oom)  # the kernel holds the registration while `events` is open
+    return events
+
+
+def kill_cgroup(place: PodPlace) -> None:
+    """SIGKILL every process in the pod's memory cgroup (v1), until none is left."""
+    procs = CGROUP_ROOT / "memory" / place.name / "cgroup.procs"
+    for _ in range(20):
+        try:
+            pids = procs.read_text().split()
+        except OSError:
+            return
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(int(pid), signal.SIGKILL)
+        time.sleep(0.01)
 
 
 def runsc_host_tasks(isolation: Isolation) -> int:

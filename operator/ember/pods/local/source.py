@@ -59,11 +59,14 @@ from ember.pods.local.sandbox import (
     SandboxChoice,
     agent_makes_its_socket,
     detect_sandbox,
+    kill_cgroup,
     make_place,
     oom_kills,
     release_place,
     remove_tree,
     sandboxed,
+    sweep_cgroups,
+    watch_oom,
 )
 from ember.pods.services import Credentials, ServiceProxy, no_credentials
 
@@ -121,6 +124,7 @@ class LocalPodSource:
         self._services = ServiceProxy(credentials)  # pods under a policy with auxiliary services
         if not egress.problem():
             egress.sweep(_of_a_dead_process)  # network namespaces a killed `ember dev` left
+        sweep_cgroups(_of_a_dead_process)  # and cgroups a sandbox left busy past its release
 
     # -- the PodSource interface
 
@@ -408,6 +412,8 @@ class LocalPodSource:
                     listener.close()  # the agent holds it now
             process = AgentProcess(pod_id, key, proc)
             self._processes[pod_id] = process
+            if self.sandbox.kind is Sandbox.BWRAP:
+                self._watch_oom(process, place)
             try:
                 async with asyncio.timeout(self._start_timeout_s):
                     listening = await read_listening(proc)
@@ -475,7 +481,9 @@ class LocalPodSource:
                 process.proc.returncode,
                 previous.value,
             )
+        self._note_oom(process)
         process.state = ProcessState.DEAD
+        self._stop_watching_oom(process)
         self._processes.pop(process.id, None)
         session = self._sessions.pop(process.id, None)
         if session is not None:
@@ -498,10 +506,7 @@ class LocalPodSource:
             return
         process.state = ProcessState.STOPPING
         proc = process.proc
-        place = self._pod_places.get(process.id)
-        if self.sandbox.kind is Sandbox.RUNSC and place is not None and oom_kills(place):
-            # the kernel killed the sandbox (its `runsc run` lingers) at its memory cgroup's bound
-            log.warning("pod=%s killed: out of memory (memoryMiB=%d)", process.id, process.pool.memory_mib)
+        self._note_oom(process)  # a runsc sandbox the kernel killed lingers in `runsc run`
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
@@ -518,6 +523,36 @@ class LocalPodSource:
             with contextlib.suppress(asyncio.CancelledError):
                 await process.monitor
         await self._forget(process)
+
+    def _note_oom(self, process: AgentProcess, *, hit: bool = False) -> None:
+        """Log, once, that the pod was killed at its memory cgroup's bound (`hit`: its OOM event
+        came, and the kernel may not have killed anything yet)."""
+        place = self._pod_places.get(process.id)
+        if not process.oom_noted and place is not None and (hit or oom_kills(place)):
+            process.oom_noted = True
+            log.warning("pod=%s killed: out of memory (memoryMiB=%d)", process.id, process.pool.memory_mib)
+
+    def _watch_oom(self, process: AgentProcess, place: PodPlace) -> None:
+        """A bwrap pod in cgroup v1 goes whole when its memory bound is hit (`watch_oom`)."""
+        events = watch_oom(place)
+        if events is None:
+            return
+        process.oom_events = events
+
+        def hit() -> None:
+            with contextlib.suppress(OSError):
+                os.eventfd_read(events)
+            self._note_oom(process, hit=True)
+            self._stop_watching_oom(process)
+            self._spawn(asyncio.to_thread(kill_cgroup, place))
+
+        asyncio.get_running_loop().add_reader(events, hit)
+
+    def _stop_watching_oom(self, process: AgentProcess) -> None:
+        if process.oom_events is not None:
+            asyncio.get_running_loop().remove_reader(process.oom_events)
+            os.close(process.oom_events)
+            process.oom_events = None
 
     async def _notify(self) -> None:
         async with self._changed:
