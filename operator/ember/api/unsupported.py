@@ -87,7 +87,7 @@ FUNCTION_GAPS: Final[tuple[Gap[FunctionSpec], ...]] = (
 POLICY_GAPS: Final[tuple[Gap[SecurityPolicySpec], ...]] = (
     # A cluster: nothing limits a pod's processes (the kubelet's podPidsLimit is per node). Local
     # mode: runsc's pids cgroup is a backstop that follows it (pods/local/sandbox.py runsc_host_tasks);
-    # bwrap has none, and `ember dev`'s banner says so.
+    # bwrap's is exactly it as root (bwrap_cgroups); without root none, and `ember dev`'s banner says so.
     Gap("spec.limits.pids", lambda s: s.limits.pids != _LIMITS.pids, CLUSTER_ONLY),
     # Only part of the policy hash (pods under different policies never share a pool anyway);
     # no level changes how a pod is isolated.
