@@ -498,6 +498,8 @@ function main() {
     const rid = headers['x-ember-request-id'] || newRequestId();
     if (!/^[A-Za-z0-9\-_.:]{1,128}$/.test(rid)) throw badRequest('X-Ember-Request-Id must be 1-128 characters of letters, digits and -_.:');
     const wantTail = String(headers['x-ember-log-type'] || '').toLowerCase() === 'tail';
+    const call = headers['x-ember-call-token'] || '';
+    if (call && !/^[A-Za-z0-9_-]{1,64}$/.test(call)) throw badRequest('X-Ember-Call-Token must be 1-64 characters of letters, digits and -_');
     if (S.frozen) throw new HTTPError(503, 'Frozen', 'the agent is frozen; thaw it first');
     if (S.state !== 'specialized') throw new HTTPError(503, 'NotSpecialized', 'the agent is not specialized; POST /v1/specialize first');
     if (S.inFlight >= S.concurrency) {
@@ -535,7 +537,7 @@ function main() {
       if (!w || w.dead) w = await newLoadedWorker();
       const remaining = deadline - Date.now();
       const r = remaining <= 0 ? { timeout: true } : await w.exchange(
-        { type: 'invoke', rid, body: body.toString('utf8'), deadline },
+        { type: 'invoke', rid, body: body.toString('utf8'), deadline, call },
         (m) => {
           if (m.type === 'log') { addLog(m.data); return undefined; }
           if (m.type === 'result') return { result: m };
@@ -980,8 +982,63 @@ function workerMain() {
     });
   }
 
+  // A portion call (runtime-images/CONTRACT.md, Portions): POST the event through Ember with this
+  // invocation's call token; resolves to the portion's result, rejects with a PortionError.
+  let portalAgent = null;
+  function invokePortion(token, name, event, deadline, retried = false) {
+    return new Promise((resolve, reject) => {
+      const fail = (errorType, message, status) => {
+        const e = new Error(`${errorType}: ${message}`);
+        e.name = 'PortionError';
+        Object.assign(e, { errorType, errorMessage: message, status });
+        reject(e);
+      };
+      const base = process.env.EMBER_PORTIONS_URL || '';
+      if (!base || !token) return fail('PortionsUnavailable', 'this function calls no portions (spec.portions)');
+      if (typeof name !== 'string' || name.length < 1 || name.length > 63) {
+        return fail('InvalidPortionName', `a portion name is a string of 1-63 characters, not ${JSON.stringify(name)}`);
+      }
+      let body;
+      try { body = JSON.stringify(event === undefined ? {} : event); } catch (e) {
+        return fail('InvalidEvent', `the event for portion ${JSON.stringify(name)} is not JSON: ${e.message}`);
+      }
+      const http = require('node:http');
+      if (!portalAgent) portalAgent = new http.Agent({ keepAlive: true, maxSockets: 16 });
+      const url = new URL(base);
+      const req = http.request({
+        host: url.hostname, port: url.port, path: `${url.pathname}/${encodeURIComponent(name)}`, method: 'POST',
+        agent: portalAgent, timeout: Math.max(1, deadline - Date.now()),
+        headers: { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(body), 'X-Ember-Call-Token': token },
+      }, (res) => {
+        const chunks = [];
+        res.on('data', (c) => chunks.push(c));
+        res.on('error', (e) => fail('PortionUnreachable', `portion ${JSON.stringify(name)}: ${e.message}`));
+        res.on('end', () => {
+          const text = Buffer.concat(chunks).toString('utf8');
+          let parsed;
+          try { parsed = text ? JSON.parse(text) : null; } catch (e) { parsed = undefined; }
+          if (res.statusCode !== 200 || res.headers['x-ember-function-error']) {
+            if (parsed && typeof parsed === 'object') return fail(parsed.errorType || 'PortionError', parsed.errorMessage || '', res.statusCode);
+            return fail('PortionError', text.slice(0, 200), res.statusCode);
+          }
+          resolve(parsed === undefined ? text : parsed);
+        });
+      });
+      req.on('timeout', () => req.destroy(new Error('no reply before the invocation\'s deadline')));
+      req.on('error', (e) => {
+        // an idle keep-alive connection closed under us: the call was not made, make it once more
+        if (req.reusedSocket && e.code === 'ECONNRESET' && !retried) {
+          invokePortion(token, name, event, deadline, true).then(resolve, reject);
+          return;
+        }
+        fail('PortionUnreachable', `portion ${JSON.stringify(name)}: ${e.message}`);
+      });
+      req.end(body);
+    });
+  }
+
   async function invoke(m) {
-    const { rid, body, deadline } = m;
+    const { rid, body, deadline, call } = m;
     let event;
     try { event = body.length ? JSON.parse(body) : {}; } catch (e) {
       parentPort.postMessage({ type: 'result', status: 'badEvent', body: JSON.stringify({ errorType: 'InvalidRequest', errorMessage: `invoke body is not valid JSON: ${e.message}` }) });
@@ -994,7 +1051,9 @@ function workerMain() {
       identity: undefined,
       clientContext: undefined,
       getRemainingTimeInMillis: () => Math.max(0, deadline - Date.now()),
+      invokePortion: (name, ev) => invokePortion(call, name, ev, deadline),
     };
+    context.invoke_portion = context.invokePortion;
     const t0 = performance.now();
     const c0 = process.cpuUsage();
     let status = 'ok';

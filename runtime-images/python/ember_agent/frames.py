@@ -8,7 +8,8 @@ import _socket
 import struct
 
 _HDR = struct.Struct("!IB")
-_INV = struct.Struct("!qH")  # invoke: deadline (monotonic ns), request-id length; then id, body
+# invoke: deadline (monotonic ns), request-id length, call-token length; then id, token, body
+_INV = struct.Struct("!qHH")
 _RES = struct.Struct("!BddQ")  # result: status, duration ms, cpu ms, max rss KiB; then body
 _PIDST = struct.Struct("!ii")
 T_HELLO, T_INVOKE, T_LOG, T_RESULT, T_FREEZE, T_THAW, T_HOOK = b"HILRZTK"

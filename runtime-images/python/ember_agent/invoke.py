@@ -24,6 +24,11 @@ def valid_request_id(rid):
     return 0 < len(rid) <= 128 and all(c.isalnum() or c in "-_.:" for c in rid) and rid.isascii()
 
 
+def valid_call_token(token):
+    """A portion-call token (the activator's: URL-safe base64)."""
+    return 0 < len(token) <= 64 and token.isascii() and all(c.isalnum() or c in "-_" for c in token)
+
+
 def log_tail(buf, limit=LOG_TAIL_BYTES):
     """Last `limit` bytes of `buf`, not starting in the middle of a UTF-8 sequence."""
     tail = bytes(buf[-limit:])
@@ -63,6 +68,9 @@ def _invoke(headers, body):
         raise bad_request("X-Ember-Request-Id must be 1-128 characters of letters, digits and -_.:")
     tmo = headers.get("x-ember-timeout-ms")
     want_tail = headers.get("x-ember-log-type", "").lower() == "tail"
+    call = headers.get("x-ember-call-token", "")
+    if call and not valid_call_token(call):
+        raise bad_request("X-Ember-Call-Token must be 1-64 characters of letters, digits and -_")
     with _lock:
         if _S.frozen:
             raise HTTPError(503, "Frozen", "the agent is frozen; thaw it first")
@@ -86,7 +94,7 @@ def _invoke(headers, body):
     tail = bytearray() if want_tail else None
     replace = False
     try:
-        status, out, dur, cpu, rss, ferr, w, replace = _run(w, rid, deadline, body, tail, t0, timeout_ms, memory)
+        status, out, dur, cpu, rss, ferr, w, replace = _run(w, rid, deadline, body, tail, t0, timeout_ms, memory, call)
     except BaseException:
         with _lock:
             _S.in_flight -= 1
@@ -125,23 +133,23 @@ def _agent_log(rid, tail, text):
     _write_fd(1, prefix_lines(rid, data))
 
 
-def _run(w, rid, deadline, body, tail, t0, timeout_ms, memory):
+def _run(w, rid, deadline, body, tail, t0, timeout_ms, memory, call=""):
     """Run one invocation on a worker.
 
     -> (http status, body, duration ms, cpu ms, rss KiB, function error, worker to keep or None,
         whether to pre-fork a replacement)."""
     holder = [w]
     try:
-        return _run1(holder, rid, deadline, body, tail, t0, timeout_ms, memory)
+        return _run1(holder, rid, deadline, body, tail, t0, timeout_ms, memory, call)
     except BaseException:
         if holder[0] is not None:
             _discard_worker(holder[0])
         raise
 
 
-def _run1(holder, rid, deadline, body, tail, t0, timeout_ms, memory):
+def _run1(holder, rid, deadline, body, tail, t0, timeout_ms, memory, call=""):
     w = holder[0]
-    payload = _INV.pack(deadline, len(rid)) + rid.encode()
+    payload = _INV.pack(deadline, len(rid), len(call)) + rid.encode() + call.encode()
     for attempt in (0, 1):
         if w is None:
             w = holder[0] = _spawn_worker()

@@ -41,6 +41,7 @@ class LambdaContext:
     """The `context` argument, with AWS Lambda's field names."""
 
     __slots__ = (
+        "_call_token",
         "_deadline_ns",
         "aws_request_id",
         "client_context",
@@ -53,7 +54,7 @@ class LambdaContext:
         "memory_limit_in_mb",
     )
 
-    def __init__(self, info, rid, deadline_ns):
+    def __init__(self, info, rid, deadline_ns, call_token=""):
         (
             self.function_name,
             self.function_version,
@@ -66,9 +67,81 @@ class LambdaContext:
         self.identity = None
         self.client_context = None
         self._deadline_ns = deadline_ns
+        self._call_token = call_token
 
     def get_remaining_time_in_millis(self):
         return max(0, (self._deadline_ns - time.monotonic_ns()) // 1_000_000)
+
+    def invoke_portion(self, name, event=None):
+        """Run `event` on this function's portion `name` (spec.portions) and return its result;
+        PortionError when the portion fails or the call is refused (undeclared, up in trust)."""
+        event = {} if event is None else event
+        return _invoke_portion(self._call_token, name, event, self.get_remaining_time_in_millis())
+
+
+class PortionError(Exception):
+    """A portion call that returned no result: the portion's error, or Ember's refusal."""
+
+    def __init__(self, error_type, message, status=None):
+        super().__init__(f"{error_type}: {message}")
+        self.error_type = error_type
+        self.error_message = message
+        self.status = status
+
+
+_PORTAL = [None]  # a keep-alive connection to EMBER_PORTIONS_URL, per worker
+
+
+def _invoke_portion(token, name, event, remaining_ms):
+    """POST `event` to the portion through Ember (runtime-images/CONTRACT.md, Portions)."""
+    import http.client
+    import urllib.parse
+
+    base = os.environ.get("EMBER_PORTIONS_URL", "")
+    if not base or not token:
+        raise PortionError("PortionsUnavailable", "this function calls no portions (spec.portions)")
+    if not isinstance(name, str) or not name or len(name) > 63:
+        raise PortionError("InvalidPortionName", f"a portion name is a string of 1-63 characters, not {name!r}")
+    try:
+        body = json_dumps(event).encode()
+    except (TypeError, ValueError) as e:
+        raise PortionError("InvalidEvent", f"the event for portion {name!r} is not JSON: {e}") from None
+    url = urllib.parse.urlsplit(base)
+    path = f"{url.path}/{urllib.parse.quote(name, safe='')}"
+    headers = {"Content-Type": "application/json", "X-Ember-Call-Token": token}
+    timeout = max(0.001, remaining_ms / 1000)
+    for attempt in (0, 1):
+        conn = _PORTAL[0]
+        reused = conn is not None
+        if conn is None:
+            conn = _PORTAL[0] = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
+        conn.timeout = timeout
+        if conn.sock is not None:
+            conn.sock.settimeout(timeout)
+        try:
+            conn.request("POST", path, body=body, headers=headers)
+            response = conn.getresponse()
+            data = response.read()
+            break
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
+            conn.close()
+            _PORTAL[0] = None
+            if reused and not attempt:
+                continue  # the idle connection was closed: the call was not made
+            raise PortionError("PortionUnreachable", f"portion {name!r}: {e}") from None
+        except (OSError, http.client.HTTPException) as e:
+            conn.close()
+            _PORTAL[0] = None
+            raise PortionError("PortionUnreachable", f"portion {name!r}: {e}") from None
+    try:
+        parsed = json_loads(data) if data else None
+    except JSONError:
+        parsed = None
+    if response.status != 200 or response.getheader("X-Ember-Function-Error"):
+        if isinstance(parsed, dict):
+            raise PortionError(parsed.get("errorType", "PortionError"), parsed.get("errorMessage", ""), response.status)
+        raise PortionError("PortionError", data[:200].decode(errors="replace"), response.status)
+    return parsed
 
     def __repr__(self):
         return (
@@ -125,9 +198,11 @@ def _worker_main(fd, handler, info, memory_mib, base_vm_kib, hello=True):
                 send(frame(T_HOOK, jbytes(_run_hooks(typ))))
             continue
         try:
-            deadline, n = _INV.unpack_from(payload)
-            rid = payload[10 : 10 + n].decode()
-            body = payload[10 + n :]
+            deadline, n, m = _INV.unpack_from(payload)
+            start = _INV.size
+            rid = payload[start : start + n].decode()
+            call = payload[start + n : start + n + m].decode()
+            body = payload[start + n + m :]
             try:
                 event = json_loads(body) if body else {}
             except JSONError as e:
@@ -144,7 +219,7 @@ def _worker_main(fd, handler, info, memory_mib, base_vm_kib, hello=True):
                     )
                 )
                 continue
-            ctx = LambdaContext(info, rid, deadline)
+            ctx = LambdaContext(info, rid, deadline, call)
             exiting = False
             t0 = perf()
             c0 = ptime()

@@ -68,6 +68,11 @@ def handler(event, context):
         return os.environ.get(event["name"])
     if action == "state":
         return STATE
+    if action == "portion":
+        try:
+            return {"result": context.invoke_portion(event["name"], event.get("event"))}
+        except Exception as e:
+            return {"error": type(e).__name__, "errorType": e.error_type, "status": e.status}
     if action == "context":
         return {
             "function_name": context.function_name,
@@ -121,6 +126,10 @@ exports.handler = async (event, context) => {
       return 'logged';
     case 'env': return process.env[event.name] === undefined ? null : process.env[event.name];
     case 'state': return STATE;
+    case 'portion':
+      try { return { result: await context.invokePortion(event.name, event.event) }; } catch (e) {
+        return { error: e.name, errorType: e.errorType, status: e.status === undefined ? null : e.status };
+      }
     case 'context': return {
       function_name: context.functionName,
       function_version: context.functionVersion,

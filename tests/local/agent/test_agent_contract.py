@@ -956,3 +956,83 @@ def test_template_import_failing_after_the_worker_loaded(agent, lang, tmp_path):
     assert r.status == 502, r
     assert r.json()["errorType"] == "Runtime.WorkerUnavailable"
     agent.wait_output("reloading failed")
+
+
+# -- portion calls (CONTRACT.md, Portions): the agent hands the call token to the code, which POSTs
+# the event to EMBER_PORTIONS_URL/<name> with it; here a real HTTP server stands where Ember's
+# services proxy would
+
+
+class _Portal:
+    """A real HTTP server on loopback recording portion calls; answers as the activator does."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        seen = self.seen = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                seen.append((self.path, self.headers.get("X-Ember-Call-Token"), json.loads(body)))
+                if self.path.endswith("/nosuch"):
+                    status, reply = 404, {"errorType": "PortionNotFound", "errorMessage": "no portion 'nosuch'"}
+                else:
+                    status, reply = 200, {"doubled": json.loads(body)["n"] * 2}
+                data = json.dumps(reply).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/pod-token/_portions"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def portal():
+    server = _Portal()
+    yield server
+    server.close()
+
+
+def test_code_calls_a_portion_with_its_invocations_call_token(agent, code, portal):
+    specialize_main(agent, code, env={"EMBER_PORTIONS_URL": portal.url})
+    call = {"action": "portion", "name": "double", "event": {"n": 21}}
+    r = agent.invoke(call, headers={"X-Ember-Call-Token": "tok-1_A"})
+    assert r.json() == {"result": {"doubled": 42}}, r
+    r = agent.invoke({"action": "portion", "name": "nosuch", "event": {}}, headers={"X-Ember-Call-Token": "tok-2"})
+    assert r.json() == {"error": "PortionError", "errorType": "PortionNotFound", "status": 404}, r
+    again = agent.invoke(call, headers={"X-Ember-Call-Token": "tok-3"})  # the kept connection, a new token
+    assert again.json() == {"result": {"doubled": 42}}
+    assert portal.seen == [
+        ("/pod-token/_portions/double", "tok-1_A", {"n": 21}),
+        ("/pod-token/_portions/nosuch", "tok-2", {}),
+        ("/pod-token/_portions/double", "tok-3", {"n": 21}),
+    ]
+
+
+def test_without_a_call_token_code_calls_no_portion(agent, code, portal):
+    specialize_main(agent, code, env={"EMBER_PORTIONS_URL": portal.url})
+    r = agent.invoke({"action": "portion", "name": "double", "event": {"n": 1}})
+    assert r.json() == {"error": "PortionError", "errorType": "PortionsUnavailable", "status": None}, r
+    assert portal.seen == []
+
+
+@pytest.mark.parametrize("bad", ["has space", "x" * 65, "semi;colon", "ü"])
+def test_a_malformed_call_token_is_400_then_usable(agent, code, bad):
+    specialize_main(agent, code)
+    r = agent.invoke({"x": 1}, headers={"X-Ember-Call-Token": bad})
+    assert r.status == 400, r
+    assert "X-Ember-Call-Token" in r.json()["errorMessage"]
+    assert_usable(agent)
