@@ -97,6 +97,7 @@ def _over_limits(resource: object, policies: Mapping[tuple[str, str], Any]) -> l
     (the cluster) cannot be checked here."""
     from ember.api.function import Function
     from ember.resources.policy import DEFAULT_POLICY_NAME, choose_policy, limit_violations, policy_name_for
+    from ember.resources.portions import resolve_portions
 
     if not isinstance(resource, Function):
         return []
@@ -105,7 +106,16 @@ def _over_limits(resource: object, policies: Mapping[tuple[str, str], Any]) -> l
     choice = choose_policy(namespace=ns, ref=ref, default_name=DEFAULT_POLICY_NAME, found=found)
     if choice.spec is None:
         return []
-    return limit_violations(resource.spec, choice.spec, policy_name=choice.name)
+    portions = resolve_portions(
+        resource.spec,
+        namespace=ns,
+        main_policy=choice.spec,
+        main_policy_name=choice.name,
+        lookup=lambda name: policies.get((ns, name)),
+    )
+    # a portion's policy kept elsewhere (the cluster) cannot be checked here
+    known = [p for p in portions.problems if "does not exist in namespace" not in p]
+    return [*limit_violations(resource.spec, choice.spec, policy_name=choice.name), *known]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,6 +43,7 @@ from ember.files import load_secrets, load_sourced_manifests, manifest_files
 from ember.pods.local import LocalPodSource, detect_sandbox, egress
 from ember.pods.services import CredentialUnavailable
 from ember.resources.policy import DEFAULT_POLICY_NAME, choose_policy, limit_violations, policy_name_for
+from ember.resources.portions import resolve_portions
 
 log = logging.getLogger("ember.dev")
 
@@ -130,12 +131,20 @@ def sync_registry(registry: Registry, workspace: Workspace, report: Callable[[st
                 f" {ref.name!r} names no SecurityPolicy in {workspace.root}; the function is not (re)loaded"
             )
             continue
-        over_limits = limit_violations(fn.spec, choice.spec, policy_name=choice.name)
-        if over_limits:
-            for problem in over_limits:
+        namespace = fn.metadata.namespace
+        portions = resolve_portions(
+            fn.spec,
+            namespace=namespace,
+            main_policy=choice.spec,
+            main_policy_name=choice.name,
+            lookup=lambda name: policies.get((namespace, name)),  # noqa: B023 (called here, at once)
+        )
+        problems = [*limit_violations(fn.spec, choice.spec, policy_name=choice.name), *portions.problems]
+        if problems:
+            for problem in problems:
                 report(f"error: Function {fn.metadata.namespace}/{fn.metadata.name}: {problem}; not (re)loaded")
             continue
-        version = registry.apply(fn, policy=choice.spec, base_dir=base_dir)
+        version = registry.apply(fn, policy=choice.spec, base_dir=base_dir, portion_policies=portions.policies)
         if version is not None:
             changed.append(fn)
             report(f"Version {version.key.number} of {fn.metadata.namespace}/{fn.metadata.name}: loading")

@@ -179,15 +179,24 @@ class AgentClient:
         self._idle.setdefault(address, []).append(connection)
 
     async def invoke(
-        self, pod: PodSlots, body: bytes, *, request_id: str, timeout_s: float, log_tail: bool
+        self,
+        pod: PodSlots,
+        body: bytes,
+        *,
+        request_id: str,
+        timeout_s: float,
+        log_tail: bool,
+        call_token: str | None = None,
     ) -> AgentReply:
-        """POST the event to the pod's agent and read the whole reply."""
+        """POST the event to the pod's agent and read the whole reply (`call_token`: the
+        invocation's portion calls, `ember.activator.portions`)."""
         address = pod.address
         # one join: the pod's fixed head (with its token, `PodSlots.invoke_head`), this request's lines, the body
-        request = b"%sX-Ember-Request-Id: %s\r\n%sContent-Length: %d\r\n\r\n%s" % (
+        request = b"%sX-Ember-Request-Id: %s\r\n%s%sContent-Length: %d\r\n\r\n%s" % (
             pod.invoke_head,
             request_id.encode("latin-1"),
             _LOG_TAIL if log_tail else b"",
+            b"" if call_token is None else b"X-Ember-Call-Token: %s\r\n" % call_token.encode(),
             len(body),
             body,
         )

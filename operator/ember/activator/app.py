@@ -22,6 +22,7 @@ from ember.activator.async_invoke import AsyncInvocations
 from ember.activator.config import ActivatorConfig
 from ember.activator.invoke import Invoker
 from ember.activator.metrics import Metrics
+from ember.activator.portions import PortionPortal
 from ember.activator.registry import Registry
 from ember.activator.scaler import Scaler
 from ember.activator.wake import Wakeup
@@ -43,6 +44,7 @@ def make_app(
     client = AgentClient()
     scaler = Scaler(registry, source, config, metrics, client, replicas=replicas, wakeup=wakeup)
     invoker = Invoker(registry, client, wakeup)
+    source.route_calls(PortionPortal(invoker, config.max_body_bytes))
     async_invocations = AsyncInvocations(invoker, depth=config.async_queue_depth, workers=config.async_workers)
     metrics.watch_state(
         registry.gauges,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from ember.activator.registry import Registry
 from ember.activator.throttler import PodSlots
 from ember.activator.version_state import VersionState
 from ember.activator.wake import Wake
+from ember.pods.base import PodId
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +47,41 @@ def _error_body(error_type: str, message: str) -> bytes:
     return json.dumps({"errorType": error_type, "errorMessage": message}).encode()
 
 
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One invocation whose code may call portions: its Version and the pod running it."""
+
+    caller: VersionState
+    pod: PodId
+
+
+class CallTokens:
+    """The open call tokens, one per invocation in flight on a pod whose code calls portions."""
+
+    def __init__(self) -> None:
+        self._open: dict[str, Call] = {}
+
+    def open(self, caller: VersionState, pod: PodId) -> str:
+        token = secrets.token_urlsafe(24)
+        self._open[token] = Call(caller, pod)
+        return token
+
+    def close(self, token: str) -> None:
+        self._open.pop(token, None)
+
+    def get(self, token: str) -> Call | None:
+        return self._open.get(token)
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+
 class Invoker:
     """Runs invocations against the registry's Versions."""
 
     def __init__(self, registry: Registry, client: AgentClient, wake: Wake) -> None:
         self.registry = registry
+        self.tokens = CallTokens()  # of invocations in flight whose code may call portions
         self._client = client
         self._wake = wake
 
@@ -77,9 +109,10 @@ class Invoker:
     async def _run(self, vs: VersionState, body: bytes, request_id: str, log_tail: bool) -> AgentReply:
         for attempt in (1, 2):
             pod = await vs.throttler.acquire()
+            call = self.tokens.open(vs, pod.handle.id) if vs.callees else None
             try:
                 reply = await self._client.invoke(
-                    pod, body, request_id=request_id, timeout_s=vs.timeout_s, log_tail=log_tail
+                    pod, body, request_id=request_id, timeout_s=vs.timeout_s, log_tail=log_tail, call_token=call
                 )
             except AgentUnreachable as err:
                 log.warning(
@@ -94,6 +127,8 @@ class Invoker:
                 return _unhandled("Sandbox.Timedout", f"no reply within {vs.timeout_s:g} s")
             finally:
                 vs.throttler.release(pod)
+                if call is not None:
+                    self.tokens.close(call)
             status = reply.status
             if status == 200:
                 return reply

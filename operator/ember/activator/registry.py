@@ -26,7 +26,7 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from ember.activator.config import ActivatorConfig
@@ -40,6 +40,7 @@ from ember.api.security_policy import DEFAULT_POLICY, SecurityPolicySpec
 from ember.api.version import code_hash
 from ember.pods.base import PoolKey, SpecializeRequest, VersionKey
 from ember.pods.payload import PayloadError, path_digest, pool_key, specialize_request
+from ember.resources.portions import MAIN, callees, portion_spec
 from ember.resources.version import plan_next_version
 from ember.scaling.autoscaler import initial_target
 
@@ -168,13 +169,23 @@ class Registry:
         return fs
 
     def apply(
-        self, function: Function, *, policy: SecurityPolicySpec | None = None, base_dir: Path | None = None
+        self,
+        function: Function,
+        *,
+        policy: SecurityPolicySpec | None = None,
+        base_dir: Path | None = None,
+        portion_policies: Mapping[str, SecurityPolicySpec] | None = None,
     ) -> VersionState | None:
-        """Take a Function as it is now (local mode); returns the new Version when one was made."""
+        """Take a Function as it is now (local mode); returns the new Version when one was made.
+
+        `portion_policies` holds each of its portions' policy (`ember.resources.portions`,
+        checked by the caller); a portion without one is not made, and calls to it fail."""
         fs = self.follow(function)
         spec = function.spec
-        pool = pool_key(spec, policy)
-        digest = code_hash(spec, policy or DEFAULT_POLICY, path_digest(spec, base_dir))
+        portion_policies = dict(portion_policies or {})
+        pool = pool_key(spec, policy, calls=bool(spec.portions))
+        resolved = path_digest(spec, base_dir)
+        digest = code_hash(spec, policy or DEFAULT_POLICY, resolved, portion_policies)
         newest = fs.versions.get(fs.latest_number)
         plan = plan_next_version(
             digest,
@@ -192,7 +203,58 @@ class Registry:
             request = specialize_request(key, spec, digest, base_dir)
         except PayloadError as err:
             request, problem = None, str(err)
-        return self._add_version(fs, number, spec, digest, pool, request, problem)
+        vs = self._add_version(fs, number, spec, digest, pool, request, problem)
+        vs.trust_level = (policy or DEFAULT_POLICY).trust_level
+        self._add_portions(fs, vs, portion_policies, resolved, base_dir)
+        return vs
+
+    def _add_portions(
+        self,
+        fs: FunctionState,
+        vs: VersionState,
+        policies: Mapping[str, SecurityPolicySpec],
+        resolved: str | None,
+        base_dir: Path | None,
+    ) -> None:
+        """The Version's portions: one `VersionState` each, with pods of their own pool, owned by
+        the Version (same number; referenced while it is) and linked as each may call them."""
+        spec = vs.spec
+        for portion in spec.portions:
+            policy = policies.get(portion.name)
+            if policy is None:
+                continue
+            pspec = portion_spec(spec, portion)
+            owner = PortionOwner(fs, portion.name, vs.key.number)
+            digest = code_hash(pspec, policy, resolved)
+            key = VersionKey(fs.namespace, owner.name, vs.key.number)
+            request: SpecializeRequest | None = None
+            problem = ""
+            try:
+                request = specialize_request(key, pspec, digest, base_dir)
+            except PayloadError as err:
+                problem = str(err)
+            child = VersionState(
+                owner=owner,
+                number=vs.key.number,
+                spec=pspec,
+                digest=digest,
+                request=request,
+                pool=pool_key(pspec, policy, calls=bool(portion.calls)),
+                config=self.config,
+                metrics=self.metrics,
+                now=self.clock(),
+                wake=self._wake,
+                initial_target=1,
+            )
+            child.autoscaler.hold(self.clock(), 1)
+            child.portion, child.trust_level = portion.name, policy.trust_level
+            if request is None:
+                child.mark_failed(problem)
+            vs.portions[portion.name] = child
+        family = tuple(p.name for p in spec.portions)
+        for name, each in ((MAIN, vs), *vs.portions.items()):
+            each.family = family
+            each.callees = {c: vs.portions[c] for c in callees(spec, name) if c in vs.portions}
 
     def apply_version(
         self, namespace: str, name: str, number: int, digest: str, spec: FunctionSpec, pool: PoolKey
@@ -232,9 +294,10 @@ class Registry:
         vs = fs.versions.get(number) if fs is not None else None
         if fs is None or vs is None:
             return False
-        if vs.holds_pods or number in fs.referenced():
+        if any(v.holds_pods for v in (vs, *vs.portions.values())) or number in fs.referenced():
             return False
-        vs.fail_waiters(FunctionNotFound(f"function {fs.label} Version {number} was deleted"))
+        for gone in (vs, *vs.portions.values()):
+            gone.fail_waiters(FunctionNotFound(f"function {fs.label} Version {number} was deleted"))
         del fs.versions[number]
         fs._reindex()
         log.info("version forgotten function=%s version=%d", fs.label, number)
@@ -286,18 +349,47 @@ class Registry:
         if fs is not None:
             fs.removed = True
             self._removed.append(fs)
-            for vs in fs.versions.values():
+            for vs in _with_portions(fs):
                 vs.fail_waiters(FunctionNotFound(f"function {fs.label} was removed"))
         return fs
 
     def all_versions(self) -> list[VersionState]:
-        """Versions of live and of removed Functions (the latter until their pods are released)."""
-        self._removed = [fs for fs in self._removed if any(v.holds_pods for v in fs.versions.values())]
-        return [vs for fs in (*self._functions.values(), *self._removed) for vs in fs.versions.values()]
+        """Versions (and their portions) of live and of removed Functions (the latter until their
+        pods are released)."""
+        self._removed = [fs for fs in self._removed if any(v.holds_pods for v in _with_portions(fs))]
+        return [vs for fs in (*self._functions.values(), *self._removed) for vs in _with_portions(fs)]
 
     def gauges(self) -> list[VersionGauges]:
-        """Every live Function's Versions as /metrics shows them."""
-        return [vs.gauges() for fs in self._functions.values() for vs in fs.versions.values()]
+        """Every live Function's Versions (and their portions) as /metrics shows them."""
+        return [vs.gauges() for fs in self._functions.values() for vs in _with_portions(fs)]
+
+
+def _with_portions(fs: FunctionState) -> Iterator[VersionState]:
+    for vs in fs.versions.values():
+        yield vs
+        yield from vs.portions.values()
+
+
+class PortionOwner:
+    """The `Owner` of a portion's `VersionState`: named `<function>.<portion>` (never a Function's
+    name, which has no dot), referenced while its Version is, removed with its Function."""
+
+    def __init__(self, function: FunctionState, portion: str, number: int) -> None:
+        self.namespace = function.namespace
+        self.name = f"{function.name}.{portion}"
+        self.label = f"{function.label}.{portion}"
+        self._function = function
+        self._number = number
+
+    @property
+    def removed(self) -> bool:
+        return self._function.removed
+
+    def referenced(self) -> set[int]:
+        return {self._number} if self._number in self._function.referenced() else set()
+
+    def phase_changed(self) -> None:
+        """A portion's phase moves no traffic."""
 
 
 def cluster_specialize_request(key: VersionKey, spec: FunctionSpec, digest: str) -> SpecializeRequest:

@@ -134,6 +134,14 @@ class VersionState:
         self._starting = 0
         self._failures = 0  # pod starts that failed in a row (not for bad code: that fails at once)
         self._held: dict[PodId, PodSlots] = {}  # serving (also in the throttler) and draining pods
+        # Portions (`ember.resources.portions`), set by the registry when the Version is made:
+        # which portion of its Function this is (MAIN: the Function's own handler), the trust
+        # level of its policy, the portions its code may call, and (MAIN only) all of them.
+        self.portion = ""
+        self.trust_level = "untrusted"
+        self.callees: dict[str, VersionState] = {}
+        self.portions: dict[str, VersionState] = {}
+        self.family: tuple[str, ...] = ()  # the names of every portion of its Function
 
     def count(self, outcome: str) -> None:
         """Count one invocation outcome (label child cached: this is on the hot path)."""

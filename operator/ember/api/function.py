@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
@@ -298,11 +298,20 @@ class State(Model):
 
 
 class Portion(Model):
-    """A part of the Function run in its own sandbox at another trust level, called through Ember."""
+    """A part of the Function's code run in its own sandbox pool under its own SecurityPolicy.
+
+    Code calls it with `context.invoke_portion(name, event)`, through Ember only: the Function's
+    handler may call every portion, a portion only those in its `calls` (ember/resources/portions.py)."""
 
     name: str = Field(pattern=DNS_LABEL_PATTERN, max_length=20, description="Name of the portion.")
     handler: str = Field(max_length=256, pattern=HANDLER_PATTERN, description="module.function of the portion.")
     security_policy_ref: ObjectRef = Field(description="SecurityPolicy the portion runs under.")
+    calls: list[Annotated[str, Field(pattern=DNS_LABEL_PATTERN, max_length=20)]] = Field(
+        default_factory=list,
+        max_length=8,
+        description="Other portions this one may call (the Function's handler may call every portion); "
+        "a call to a portion of a higher trustLevel is refused.",
+    )
 
 
 class Freeze(Model):
@@ -320,6 +329,15 @@ class FunctionSpec(Model):
             cel(
                 "!has(self.traffic) || size(self.traffic) == 0 || self.traffic.map(t, t.percent).sum() == 100",
                 "spec.traffic percents must sum to 100",
+            ),
+            cel(
+                "!has(self.portions) || self.portions.all(p, self.portions.exists_one(q, q.name == p.name))",
+                "spec.portions: names must be unique",
+            ),
+            cel(
+                "!has(self.portions) || self.portions.all(p, !has(p.calls) || "
+                "p.calls.all(c, c != p.name && self.portions.exists(q, q.name == c)))",
+                "spec.portions[].calls must name other portions of this Function",
             ),
         )
     )
@@ -358,7 +376,9 @@ class FunctionSpec(Model):
     )
     state: State | None = Field(default=None, description="Shared state of the Function.")
     portions: list[Portion] = Field(
-        default_factory=list, max_length=8, description="Parts run in separate sandboxes at other trust levels."
+        default_factory=list,
+        max_length=8,
+        description="Parts of the code run in sandboxes of their own under their own SecurityPolicy.",
     )
     freeze: Freeze = Field(default_factory=Freeze, description="Freezing of idle pods.")
 
@@ -379,12 +399,53 @@ class FunctionSpec(Model):
         return aliases
 
     @model_validator(mode="after")
+    def _portion_calls(self) -> FunctionSpec:
+        names = [p.name for p in self.portions]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"spec.portions: names must be unique ({', '.join(twice)} more than once)")
+        for i, portion in enumerate(self.portions):
+            unknown = [c for c in portion.calls if c not in names]
+            if unknown:
+                known = ", ".join(names)
+                raise ValueError(f"spec.portions[{i}].calls: no portion named {', '.join(unknown)} (portions: {known})")
+            if portion.name in portion.calls:
+                raise ValueError(f"spec.portions[{i}].calls: portion {portion.name!r} calls itself")
+        cycle = _call_cycle({p.name: p.calls for p in self.portions})
+        if cycle:
+            raise ValueError(f"spec.portions: calls go round in a cycle ({' -> '.join(cycle)})")
+        return self
+
+    @model_validator(mode="after")
     def _traffic_sums_to_100(self) -> FunctionSpec:
         if self.traffic:
             total = sum(t.percent for t in self.traffic)
             if total != 100:
                 raise ValueError(f"spec.traffic percents must sum to 100 (they sum to {total})")
         return self
+
+
+def _call_cycle(calls: dict[str, list[str]]) -> list[str]:
+    """A cycle in the portions' calls, as the names along it (first repeated last), or []."""
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> list[str]:
+        if name in path:
+            return [*path[path.index(name) :], name]
+        if name in done:
+            return []
+        for callee in calls.get(name, []):
+            found = visit(callee, [*path, name])
+            if found:
+                return found
+        done.add(name)
+        return []
+
+    for name in calls:
+        found = visit(name, [])
+        if found:
+            return found
+    return []
 
 
 class FunctionStatus(Status):

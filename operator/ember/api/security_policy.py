@@ -174,7 +174,9 @@ class SecurityPolicySpec(Model):
     filesystem: Filesystem = Field(default_factory=Filesystem, description="Filesystem of function pods.")
     limits: Limits = Field(default_factory=Limits, description="Bounds on memory, timeout and processes.")
     trust_level: TrustLevel = Field(
-        default="untrusted", description="untrusted, standard or trusted; pods of different levels never share."
+        default="untrusted",
+        description="untrusted, standard or trusted: a Function or portion calls only portions at its own level "
+        "or below; pods under different policies never share.",
     )
 
     @model_validator(mode="after")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import ClassVar, Literal
 
 from pydantic import ConfigDict, Field
@@ -39,20 +40,28 @@ VERSIONED_FIELDS: tuple[str, ...] = (
 )
 
 
-def code_hash(spec: FunctionSpec, policy: SecurityPolicySpec, resolved_code_digest: str | None = None) -> str:
+def code_hash(
+    spec: FunctionSpec,
+    policy: SecurityPolicySpec,
+    resolved_code_digest: str | None = None,
+    portion_policies: Mapping[str, SecurityPolicySpec] | None = None,
+) -> str:
     """Content hash of what a Version runs and under which policy: `sha256:<hex>`, equal for equal content.
 
     The effective SecurityPolicy is part of it, so a policy edit makes a new Version that rolls out
     like any other change (the old one serves, under its old pool, until the new one is ready).
     `resolved_code_digest` is the digest of code the spec only points to (a ConfigMap or a local
     path); the caller reads it, since the bytes live outside the spec. Inline code and url + sha256
-    are already content in the spec.
+    are already content in the spec. The policies of the Function's portions are part of it too
+    (a Version's portions are as immutable as the Version).
     """
     wire = spec.model_dump(by_alias=True, exclude_none=True, mode="json")
     content = {name: wire[name] for name in VERSIONED_FIELDS if name in wire}
     content["policy"] = policy_hash(policy)
     if resolved_code_digest is not None:
         content["resolvedCode"] = resolved_code_digest
+    if portion_policies:
+        content["portionPolicies"] = {name: policy_hash(p) for name, p in sorted(portion_policies.items())}
     return "sha256:" + content_digest(content)
 
 

@@ -16,11 +16,16 @@ from __future__ import annotations
 import enum
 import json
 import secrets
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NewType, Protocol
 
+from aiohttp import web
+
 PodId = NewType("PodId", str)
+# (calling pod, portion name, the request) -> the reply: where the services proxy sends portion
+# calls (`ember.activator.portions.PortionPortal`)
+Portal = Callable[[PodId, str, web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,9 +80,17 @@ class PoolKey:
     memory_mib: int
     policy_hash: str
     isolation: Isolation = field(default=Isolation(), compare=False)
+    # its pods' code calls portions (`ember.resources.portions`): each pod gets a channel to Ember
+    calls: bool = False
 
     def __str__(self) -> str:
-        return f"{self.runtime}/{self.sandbox}/{self.memory_mib}Mi/{self.policy_hash[:12]}"
+        calls = "/calls" if self.calls else ""
+        return f"{self.runtime}/{self.sandbox}/{self.memory_mib}Mi/{self.policy_hash[:12]}{calls}"
+
+    @property
+    def channel(self) -> bool:
+        """Whether its pods reach Ember's services proxy (auxiliary services, portion calls)."""
+        return self.calls or bool(self.isolation.services)
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +255,10 @@ class PodSource(Protocol):
 
     async def ensure_pool(self, pool: PoolKey, size: int) -> None:
         """Keep `size` generic pods warm in the pool (0 lets it drain)."""
+        ...
+
+    def route_calls(self, portal: Portal) -> None:
+        """Send the portion calls that pods' code makes through its channel to `portal`."""
         ...
 
     async def report_load_failure(self, version: VersionKey, *, code_hash: str, message: str) -> None:

@@ -22,14 +22,15 @@ class PayloadError(ValueError):
     """A Version's code cannot be given to an agent by this pod source."""
 
 
-def pool_key(spec: FunctionSpec, policy: SecurityPolicySpec | None) -> PoolKey:
-    """The generic pool a Function's pods come from."""
+def pool_key(spec: FunctionSpec, policy: SecurityPolicySpec | None, *, calls: bool = False) -> PoolKey:
+    """The generic pool a Function's pods come from (`calls`: their code calls portions)."""
     effective = policy or DEFAULT_POLICY
     return PoolKey(
         runtime=spec.runtime,
         sandbox=effective.sandbox,
         memory_mib=spec.resources.memory_mib,
         policy_hash=policy_hash(effective),
+        calls=calls,
         isolation=Isolation(
             network=effective.egress.mode != "none",
             allow=tuple(

@@ -21,7 +21,8 @@ loads, with a fresh token that is part of the announced URL, and loses them when
 What is refused, before anything is sent (a JSON `{"errorType", "errorMessage"}` body naming the
 reason): no or a wrong token (401), a service the policy does not list (404), a method it does
 not allow (405 with `Allow`), a path outside its `pathPrefixes`, or with `.`/`..` segments or
-encoded `/` (403), a credential that cannot be read (503). Redirects are passed back to the
+encoded `/` (403), a credential that cannot be read (503). Calls to the pod's portions
+(`<token>/_portions/<name>`) go to the activator's `portal`, which checks them itself. Redirects are passed back to the
 code, never followed (a redirect would carry the credential to another host). The credential is
 never logged.
 """
@@ -42,12 +43,13 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from ember.pods.base import PodId, ServiceRoute
+from ember.pods.base import PodId, Portal, ServiceRoute
 
 log = logging.getLogger(__name__)
 
 # (namespace, Secret name, key) -> the credential; raises CredentialUnavailable
 Credentials = Callable[[str, str, str], Awaitable[str]]
+PORTIONS = "_portions"  # the path segment of portion calls (never a service's name: not a DNS label)
 
 # Not forwarded either way (RFC 9110 section 7.6.1), and Host (the service's own is sent)
 HOP_BY_HOP = frozenset(
@@ -98,6 +100,7 @@ class ServiceProxy:
         self._tokens: dict[PodId, str] = {}
         self._runners: dict[PodId | None, web.ServerRunner] = {}  # None: the TCP listener
         self._session: aiohttp.ClientSession | None = None
+        self.portal: Portal | None = None  # where portion calls go (`ember.activator.portions`)
 
     async def open_pod(self, pod: PodId, path: Path) -> None:
         """Listen on `path` for `pod`'s calls (refused until `grant`). The socket is world-writable
@@ -138,10 +141,14 @@ class ServiceProxy:
             self._grants.pop(token, None)
 
     @staticmethod
-    def announce(base: str, token: str, services: Sequence[ServiceRoute]) -> dict[str, str]:
+    def announce(base: str, token: str, services: Sequence[ServiceRoute], *, calls: bool = False) -> dict[str, str]:
         """The environment that tells function code where each service is: `base` (the pod's
-        relay on its loopback, or this activator's listener), its token, the service's name."""
-        return {s.env_name: f"{base}/{token}/{s.name}" for s in services}
+        relay on its loopback, or this activator's listener), its token, the service's name;
+        with `calls`, where its portions are (`EMBER_PORTIONS_URL`)."""
+        out = {s.env_name: f"{base}/{token}/{s.name}" for s in services}
+        if calls:
+            out["EMBER_PORTIONS_URL"] = f"{base}/{token}/{PORTIONS}"
+        return out
 
     async def close_pod(self, pod: PodId) -> None:
         """Revoke `pod`'s grant and stop listening for it (calls in flight are cut)."""
@@ -178,6 +185,10 @@ class ServiceProxy:
         pod = grant.pod
         name, slash, tail = rest.partition("/")
         path = slash + tail
+        if name == PORTIONS:
+            if self.portal is None:
+                return _refuse(pod, 404, "PortionNotFound", "portion calls are not served here")
+            return await self.portal(pod, tail, request)
         service = grant.services.get(name)
         if service is None:
             known = ", ".join(sorted(grant.services)) or "none"

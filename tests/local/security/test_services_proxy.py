@@ -340,3 +340,22 @@ async def test_a_credential_is_sent_as_one_line_or_not_at_all(tmp_path: Path, up
         (503, "split: Secret team-a/two-lines key 'token' is not one line of text"),
     ]
     assert [seen["auth"] for seen in upstream.seen] == [[SECRET]]
+
+
+async def test_portion_calls_go_to_the_portal_only_with_the_pods_token(pod: Pod, upstream: Upstream) -> None:
+    """`<token>/_portions/<name>` is the activator's (`ember.activator.portions`), never a service."""
+    status, _, body = await pod.call("POST", f"/{pod.token}/_portions/parse", data=b"{}")
+    assert (status, json.loads(body)["errorMessage"]) == (404, "portion calls are not served here")
+    seen: list[tuple[str, str, bytes]] = []
+
+    async def portal(who: PodId, name: str, request: web.BaseRequest) -> web.StreamResponse:
+        seen.append((who, name, await request.read()))
+        return web.json_response({"ran": name})
+
+    pod.proxy.portal = portal
+    status, _, body = await pod.call("POST", f"/{pod.token}/_portions/parse", data=b'{"raw": 1}')
+    assert (status, json.loads(body)) == (200, {"ran": "parse"})
+    status, _, _ = await pod.call("POST", "/not-the-token/_portions/parse", data=b"{}")
+    assert status == 401
+    assert seen == [(POD, "parse", b'{"raw": 1}')]
+    assert upstream.seen == []

@@ -25,6 +25,7 @@ from ember.pods.base import (
     PodSource,
     PodSourceError,
     PoolKey,
+    Portal,
     SpecializeFailed,
     SpecializeRequest,
     VersionKey,
@@ -82,6 +83,9 @@ class FakePods:
 
     async def ensure_pool(self, pool: PoolKey, size: int) -> None:
         return None
+
+    def route_calls(self, portal: Portal) -> None:
+        self.portal = portal
 
     async def report_load_failure(self, version: VersionKey, *, code_hash: str, message: str) -> None:
         await asyncio.sleep(0)  # as a real API call, it yields to the loop

@@ -47,6 +47,7 @@ from ember.pods.base import (
     PodId,
     PoolKey,
     PoolUnavailable,
+    Portal,
     SpecializeFailed,
     SpecializeRequest,
     VersionKey,
@@ -421,6 +422,12 @@ class KubernetesPodSource:
         return self._claim_rate.demand(self._clock())
 
     # -- internals
+
+    def route_calls(self, portal: Portal) -> None:
+        """Portions are local-mode only so far (their pools are not made here): calls reach the
+        portal, which finds no portion (`ember.api.unsupported`, spec.portions)."""
+        if self._services is not None:
+            self._services.portal = portal
 
     async def report_load_failure(self, version: VersionKey, *, code_hash: str, message: str) -> None:
         """Annotate the Version with its load error (`labels.LOAD_ERROR_ANNOTATION`); the operator reads it.

@@ -167,10 +167,12 @@ def sandboxed(
     *,
     memory_mib: int,
     isolation: Isolation,
+    channel: bool = False,
     env: Mapping[str, str] | None = None,
 ) -> list[str]:
     """The command line of one pod: `command` in the chosen sandbox with the agent's minimal
-    environment (`agent_environment(settings)`), isolated as `isolation` says.
+    environment (`agent_environment(settings)`), isolated as `isolation` says; with `channel`
+    it sees the services proxy's socket (`PoolKey.channel`: auxiliary services, portion calls).
 
     Makes the pod's folders (and, for runsc, writes its OCI bundle there)."""
     env = os.environ if env is None else env
@@ -186,7 +188,7 @@ def sandboxed(
         network = "host" if isolation.network else "none"
         # `all`: the agent may also connect to the services proxy's socket in its run/ folder
         # (the only host socket a sandbox sees); `create` lets it make its own socket there
-        uds = "all" if isolation.services else "create"
+        uds = "all" if channel else "create"
         flags = [f"--root={place.root / 'state'}", "--rootless", f"--network={network}", f"--host-uds={uds}"]
         flags += ["--overlay2=none", *env.get("EMBER_RUNSC_FLAGS", "").split()]
         runsc = [choice.binary, *flags, "run", "--bundle", str(place.root), place.name]
@@ -197,7 +199,7 @@ def sandboxed(
         return _clean_env(_in_allow_list_network(runsc, place, isolation), AGENT_ENV)
     if choice.kind is Sandbox.BWRAP:
         assert choice.binary is not None
-        services = place.services_socket if isolation.services else None
+        services = place.services_socket if channel else None
         bwrap = _bwrap(choice.binary, command, isolation, services)
         bounded = _in_cgroups(bwrap, bwrap_cgroups(place, memory_mib=memory_mib, isolation=isolation))
         return _clean_env(_in_allow_list_network(bounded, place, isolation), environment)

@@ -41,6 +41,7 @@ from ember.pods.base import (
     PodId,
     PoolKey,
     PoolUnavailable,
+    Portal,
     SpecializeFailed,
     SpecializeRequest,
     VersionKey,
@@ -121,7 +122,7 @@ class LocalPodSource:
         self._starts = asyncio.Semaphore(max_parallel_starts or max(2, os.cpu_count() or 2))
         self._closed = False
         self.discarded_bound = 0  # pods discarded because another client had bound them first
-        self._services = ServiceProxy(credentials)  # pods under a policy with auxiliary services
+        self._services = ServiceProxy(credentials)  # pods with a channel (`PoolKey.channel`)
         if not egress.problem():
             egress.sweep(_of_a_dead_process)  # network namespaces a killed `ember dev` left
         sweep_cgroups(_of_a_dead_process)  # and cgroups a sandbox left busy past its release
@@ -184,10 +185,11 @@ class LocalPodSource:
         url = "http://agent/v1/specialize"
         headers = {"Authorization": pod.authorization}
         payload = dict(request.payload)
-        services = pod.pool.isolation.services
-        if services and process.services_port is not None:
+        if pod.pool.channel and process.services_port is not None:
+            services = pod.pool.isolation.services
             token = self._services.grant(pod.id, request.version.namespace, services)
-            announced = ServiceProxy.announce(f"http://127.0.0.1:{process.services_port}", token, services)
+            base = f"http://127.0.0.1:{process.services_port}"
+            announced = ServiceProxy.announce(base, token, services, calls=pod.pool.calls)
             payload["env"] = {**payload.get("env", {}), **announced}
         try:
             async with session.post(url, json=payload, headers=headers) as response:
@@ -227,6 +229,9 @@ class LocalPodSource:
         while len(state.warm) > size:
             self._spawn(self._stop(state.warm.pop()))
         self._refill(pool)
+
+    def route_calls(self, portal: Portal) -> None:
+        self._services.portal = portal
 
     async def report_load_failure(self, version: VersionKey, *, code_hash: str, message: str) -> None:
         """Nothing to write: in local mode the activator's own Version state is the only status."""
@@ -360,7 +365,7 @@ class LocalPodSource:
         for name in ("EMBER_AGENT_HOST", "EMBER_AGENT_PORT", "EMBER_AGENT_SOCKET", "EMBER_AGENT_LISTEN_FD"):
             settings.pop(name, None)
         settings.pop("EMBER_AGENT_SERVICES_SOCKET", None)
-        services = bool(key.isolation.services)
+        services = key.channel
         if services:  # the agent relays from its loopback to the proxy's socket for this pod
             seen_at = str(place.services_socket) if self.sandbox.kind is Sandbox.NONE else SANDBOX_SERVICES_SOCKET
             settings["EMBER_AGENT_SERVICES_SOCKET"] = seen_at
@@ -377,7 +382,14 @@ class LocalPodSource:
         # meanwhile waits for the thread to end, so that what it made is released below
         making = asyncio.ensure_future(
             asyncio.to_thread(
-                sandboxed, self.sandbox, agent, settings, place, memory_mib=key.memory_mib, isolation=key.isolation
+                sandboxed,
+                self.sandbox,
+                agent,
+                settings,
+                place,
+                memory_mib=key.memory_mib,
+                isolation=key.isolation,
+                channel=key.channel,
             )
         )
         try:
