@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 from ember.api.function import Function
 from ember.pods.base import ClaimKind, PodHandle, PoolKey, SpecializeFailed, VersionKey
 from ember.pods.local import LocalPodSource, Sandbox, agent_session, detect_sandbox
+from ember.pods.local.sandbox import CGROUP_ROOT
 from ember.pods.payload import specialize_request
 
 _HERE = Path(__file__).resolve().parts
@@ -192,3 +194,27 @@ def test_bubblewrap_binds_back_an_agent_that_lives_under_tmp(tmp_path: object) -
     assert ["--ro-bind", str(agent.parent), str(agent.parent)] in binds
     root = "/tmp/" + Path(str(tmp_path)).relative_to("/tmp").parts[0]
     assert ["--ro-bind", root, root] not in binds
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="bubblewrap sandboxes have cgroups of their own only as root")
+async def test_nothing_left_in_a_bubblewrap_pods_cgroups_outlives_its_release() -> None:
+    """What outlives a pod's process in its cgroups (bwrap's init, when its outer process died
+    and its parent-death signal did not hold) is part of its sandbox: released, it is killed.
+    A process of the test, moved into the pod's cgroups, stands for that straggler."""
+    src = LocalPodSource(sandbox=detect_sandbox({"EMBER_SANDBOX": "bwrap"}))
+    straggler = await asyncio.create_subprocess_exec("sleep", "600")
+    try:
+        pod = await src.claim(POOL)
+        place = src._pod_places[pod.id]
+        groups = [g for g in (*CGROUP_ROOT.glob(f"*/{place.name}"), CGROUP_ROOT / place.name) if g.is_dir()]
+        assert groups, f"no cgroup of pod {pod.id}"
+        for group in groups:
+            (group / "cgroup.procs").write_text(str(straggler.pid))
+        await src.release(pod)
+        assert await asyncio.wait_for(straggler.wait(), 10) == -signal.SIGKILL
+        await _until(lambda: not any(g.exists() for g in groups), timeout_s=10)
+    finally:
+        if straggler.returncode is None:
+            straggler.kill()
+            await straggler.wait()
+        await src.close()

@@ -225,22 +225,24 @@ def make_place(place: PodPlace) -> None:
     place.run_dir.mkdir(exist_ok=True)
 
 
-def release_place(place: PodPlace, *, kill: bool = False) -> None:
+def release_place(place: PodPlace) -> None:
     """Remove the pod's folders, and every mount under them first: the small tmpfs on run/, and
     what runsc leaves in its state folder (a bind of the sandbox's network namespace, which would
-    keep the namespace alive)."""
+    keep the namespace alive); and kill what still runs in its cgroups.
+
+    The pod's process is gone (or never started) when this runs, so whatever is left in the
+    pod's cgroups (named for this pod alone) is a part of its sandbox that outlived it: a runsc
+    sandbox still leaving, or a bwrap sandbox's init when its outer process died (bwrap's
+    die-with-parent does not always hold when it runs as root, and the kernel drops a parent-death
+    signal when the process changes its credentials). A blocking call: run it in a thread."""
     remove_tree(place.root)
     egress.remove(place.name)
-    # runsc leaves the cgroups it made for the sandbox, one per controller; its sandbox process
-    # may still be leaving them when `runsc run` has exited (a blocking call: run it in a thread).
-    # `kill`: a pod whose start was cut short; what still runs in its cgroups is its sandbox.
     cgroups = [*CGROUP_ROOT.glob(f"*/{place.name}"), CGROUP_ROOT / place.name]
-    if kill:
-        for cgroup in cgroups:
-            with contextlib.suppress(OSError, ValueError):
-                for pid in (cgroup / "cgroup.procs").read_text().split():
-                    with contextlib.suppress(OSError):
-                        os.kill(int(pid), signal.SIGKILL)
+    for cgroup in cgroups:
+        with contextlib.suppress(OSError, ValueError):
+            for pid in (cgroup / "cgroup.procs").read_text().split():
+                with contextlib.suppress(OSError):
+                    os.kill(int(pid), signal.SIGKILL)
     for _ in range(100):  # up to 5 s (a sandbox the kernel killed takes a while to leave)
         for cgroup in list(cgroups):
             try:

@@ -113,6 +113,7 @@ class LocalPodSource:
         self._sessions: dict[PodId, aiohttp.ClientSession] = {}
         self._warned_control_socket = False
         self._pod_places: dict[PodId, PodPlace] = {}  # the folders of pods made and not yet released
+        self._releasing: set[asyncio.Future[None]] = set()  # releases of pods in flight (`_release_place`)
         self._pools: dict[PoolKey, _Pool] = {}
         self._processes: dict[PodId, AgentProcess] = {}
         self._by_version: dict[VersionKey, dict[PodId, PodHandle]] = {}
@@ -247,7 +248,8 @@ class LocalPodSource:
         self._sessions.clear()
         # pods whose start was cut short (a refill cancelled above): their sandboxes and cgroups
         for pod_id in list(self._pod_places):
-            await self._release_place(pod_id, kill=True)
+            await self._release_place(pod_id)
+        await asyncio.gather(*self._releasing, return_exceptions=True)
         await self._services.close()
         mine = f"ember-local-{os.getpid()}-"  # `_start`'s place names
         await asyncio.to_thread(egress.sweep, lambda name: name.startswith(mine))
@@ -575,12 +577,19 @@ class LocalPodSource:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _release_place(self, pod_id: PodId, *, kill: bool = False) -> None:
-        """Remove a pod's folders, mounts and cgroups, once (`release_place`)."""
+    async def _release_place(self, pod_id: PodId) -> None:
+        """Remove a pod's folders, mounts and cgroups and kill what is left in them, once (`release_place`).
+
+        The release runs to its end even when the caller is cancelled (the monitor of a pod that
+        `_stop` stops): a cancelled `to_thread` whose thread had not started yet would drop the
+        call, and leave the pod's sandbox running in its cgroups. `close` waits for them."""
         await self._services.close_pod(pod_id)
         place = self._pod_places.pop(pod_id, None)
         if place is not None:
-            await asyncio.to_thread(release_place, place, kill=kill)
+            releasing = asyncio.ensure_future(asyncio.to_thread(release_place, place))
+            self._releasing.add(releasing)
+            releasing.add_done_callback(self._releasing.discard)
+            await asyncio.shield(releasing)
 
     def _http(self, process: AgentProcess) -> aiohttp.ClientSession:
         """The session of one pod's agent (over its socket): its health check's connection is
