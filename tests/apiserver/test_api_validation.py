@@ -31,6 +31,10 @@ def _with(base: dict[str, Any], **spec: Any) -> dict[str, Any]:
     return body
 
 
+def _portion(name: str, *calls: str) -> dict[str, Any]:
+    return {"name": name, "handler": f"main.{name}", "securityPolicyRef": {"name": "p"}, "calls": list(calls)}
+
+
 def _rejection(err: ApiException) -> str:
     assert err.status == 422, f"expected 422 Unprocessable Entity, got {err.status}"
     return str(json.loads(err.body)["message"])
@@ -70,6 +74,24 @@ def _rejection(err: ApiException) -> str:
             id="traffic-version-and-latest",
         ),
         pytest.param(
+            "functions",
+            _with(GOOD_FUNCTION, portions=[_portion("parse"), _portion("parse")]),
+            "spec.portions: names must be unique",
+            id="portion-twice",
+        ),
+        pytest.param(
+            "functions",
+            _with(GOOD_FUNCTION, portions=[_portion("parse", "pay")]),
+            "spec.portions[].calls must name other portions of this Function",
+            id="portion-calls-unknown",
+        ),
+        pytest.param(
+            "functions",
+            _with(GOOD_FUNCTION, portions=[_portion("parse", "parse")]),
+            "spec.portions[].calls must name other portions of this Function",
+            id="portion-calls-itself",
+        ),
+        pytest.param(
             "securitypolicies",
             _with(GOOD_POLICY, sandbox="none"),
             "spec.sandbox none requires spec.allowUnsandboxed: true",
@@ -105,6 +127,11 @@ def test_invalid_resource_is_rejected_with_its_cel_message(
             "functions",
             _with(GOOD_FUNCTION, traffic=[{"version": 1, "percent": 70}, {"latest": True, "percent": 30}]),
             id="function-split-traffic",
+        ),
+        pytest.param(
+            "functions",
+            _with(GOOD_FUNCTION, portions=[_portion("parse"), _portion("charge", "parse")]),
+            id="function-with-portions",
         ),
         pytest.param("securitypolicies", _with(GOOD_POLICY, sandbox="none", allowUnsandboxed=True), id="policy"),
     ],

@@ -59,14 +59,14 @@ def test_function_setting_freeze_is_unsupported_with_a_warning_event(ember: Embe
 
 
 def test_security_policy_setting_unimplemented_fields_is_unsupported(ember: Ember, operator: OperatorProcess) -> None:
-    # services work (their fields are not reported); trustLevel does not yet
+    # services and trustLevel work (their fields are not reported); limits.pids does not in a cluster yet
     service = {"name": "db", "url": "https://db.example.com", "credentialsSecretRef": {"name": "db", "key": "token"}}
-    spec = {"trustLevel": "trusted", "services": [service]}
+    spec = {"trustLevel": "trusted", "services": [service], "limits": {"pids": 64}}
     ember.create("securitypolicies", {"kind": "SecurityPolicy", "metadata": {"name": "p"}, "spec": spec})
     unsupported = eventually(
         lambda: _condition_is(ember, "securitypolicies", "p", "True"), what="SecurityPolicy p Unsupported=True"
     )
-    assert unsupported["message"] == "spec.trustLevel is accepted but not implemented yet; it has no effect."
+    assert unsupported["message"] == "spec.limits.pids is accepted but not implemented yet; it has no effect."
     eventually(
         lambda: any(e.type == "Warning" and e.reason == "FieldsNotImplemented" for e in ember.events("p")),
         what="a FieldsNotImplemented Event on the policy",

@@ -187,16 +187,23 @@ class AgentClient:
         timeout_s: float,
         log_tail: bool,
         call_token: str | None = None,
+        function_timeout_ms: int | None = None,
     ) -> AgentReply:
         """POST the event to the pod's agent and read the whole reply (`call_token`: the
-        invocation's portion calls, `ember.activator.portions`)."""
+        invocation's portion calls, `ember.activator.portions`; `function_timeout_ms`: shorter than
+        the Version's timeout, for a portion called with less time left)."""
         address = pod.address
+        extra = b""
+        if call_token is not None:
+            extra += b"X-Ember-Call-Token: %s\r\n" % call_token.encode()
+        if function_timeout_ms is not None:
+            extra += b"X-Ember-Timeout-Ms: %d\r\n" % function_timeout_ms
         # one join: the pod's fixed head (with its token, `PodSlots.invoke_head`), this request's lines, the body
         request = b"%sX-Ember-Request-Id: %s\r\n%s%sContent-Length: %d\r\n\r\n%s" % (
             pod.invoke_head,
             request_id.encode("latin-1"),
             _LOG_TAIL if log_tail else b"",
-            b"" if call_token is None else b"X-Ember-Call-Token: %s\r\n" % call_token.encode(),
+            extra,
             len(body),
             body,
         )

@@ -109,7 +109,7 @@ def plan(functions: Mapping[Key, Obj], versions: Mapping[Key, Obj]) -> Plan:
         seen: dict[int, VersionPlan] = {}
         for version in owned[key]:
             number = version.spec.number
-            pool = pool_key(version.spec.function, version.spec.policy)
+            pool = pool_key(version.spec.function, version.spec.policy, calls=bool(version.spec.function.portions))
             seen[number] = VersionPlan(number, version.spec.code_hash, version, pool)
         out[key] = FunctionPlan(fn, tuple(seen[n] for n in sorted(seen)))
     return Plan(out, tuple(problems))
@@ -124,7 +124,16 @@ def apply_plan(registry: Registry, wanted: Plan) -> list[str]:
     for (namespace, name), fp in wanted.functions.items():
         registry.follow(fp.function)
         for vp in fp.versions:
-            made = registry.apply_version(namespace, name, vp.number, vp.code_hash, vp.version.spec.function, vp.pool)
+            made = registry.apply_version(
+                namespace,
+                name,
+                vp.number,
+                vp.code_hash,
+                vp.version.spec.function,
+                vp.pool,
+                policy=vp.version.spec.policy,
+                portion_policies=vp.version.spec.portion_policies,
+            )
             if made is not None:
                 changes.append(f"Version {vp.number} of {namespace}/{name}: loading")
         planned = {vp.number for vp in fp.versions}

@@ -10,6 +10,7 @@ injected `Wake` so that the scaling loop replaces the pod without waiting for it
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -18,7 +19,14 @@ import time
 from dataclasses import dataclass
 
 from ember.activator.agent_client import AgentClient, AgentLost, AgentReply, AgentUnreachable
-from ember.activator.errors import ActivatorError, InvalidContent, PayloadTooLarge, PodFailed, Throttled
+from ember.activator.errors import (
+    ActivatorError,
+    CapacityTimeout,
+    InvalidContent,
+    PayloadTooLarge,
+    PodFailed,
+    Throttled,
+)
 from ember.activator.registry import Registry
 from ember.activator.throttler import PodSlots
 from ember.activator.version_state import VersionState
@@ -49,21 +57,24 @@ def _error_body(error_type: str, message: str) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Call:
-    """One invocation whose code may call portions: its Version and the pod running it."""
+    """One invocation whose code may call portions: its Version, the pod running it, and when its
+    time is up (`time.monotonic`): the portions it calls must be done by then."""
 
     caller: VersionState
     pod: PodId
+    deadline: float
 
 
 class CallTokens:
-    """The open call tokens, one per invocation in flight on a pod whose code calls portions."""
+    """The open call tokens (`ember.activator.portions`), one per invocation in flight on a pod
+    whose code calls portions; closed when the invocation ends."""
 
     def __init__(self) -> None:
         self._open: dict[str, Call] = {}
 
-    def open(self, caller: VersionState, pod: PodId) -> str:
+    def open(self, caller: VersionState, pod: PodId, within_s: float) -> str:
         token = secrets.token_urlsafe(24)
-        self._open[token] = Call(caller, pod)
+        self._open[token] = Call(caller, pod, time.monotonic() + within_s)
         return token
 
     def close(self, token: str) -> None:
@@ -91,11 +102,16 @@ class Invoker:
         vs.mark_requested(time.monotonic(), qualified=bool(qualifier))
         return vs
 
-    async def invoke(self, vs: VersionState, body: bytes, *, request_id: str, log_tail: bool = False) -> Result:
-        """Run one invocation on a pod of the Version; raises ActivatorError for what the caller must map."""
+    async def invoke(
+        self, vs: VersionState, body: bytes, *, request_id: str, log_tail: bool = False, by: float | None = None
+    ) -> Result:
+        """Run one invocation on a pod of the Version; raises ActivatorError for what the caller must map.
+
+        `by` (`time.monotonic`): it must be done then, sooner than the function's own timeout would
+        say (a portion called by an invocation with less time left); the wait for a pod counts."""
         started = time.perf_counter()
         try:
-            reply = await self._run(vs, body, request_id, log_tail)
+            reply = await self._run(vs, body, request_id, log_tail, by)
         except Throttled:
             vs.count("throttled")
             raise
@@ -106,13 +122,32 @@ class Invoker:
         vs.count("function_error" if reply.function_error else "success")
         return Result(vs, reply, request_id)
 
-    async def _run(self, vs: VersionState, body: bytes, request_id: str, log_tail: bool) -> AgentReply:
+    async def _run(
+        self, vs: VersionState, body: bytes, request_id: str, log_tail: bool, by: float | None
+    ) -> AgentReply:
         for attempt in (1, 2):
-            pod = await vs.throttler.acquire()
-            call = self.tokens.open(vs, pod.handle.id) if vs.callees else None
+            if by is None:
+                pod = await vs.throttler.acquire()
+            else:
+                try:
+                    async with asyncio.timeout_at(_loop_time(by)):
+                        pod = await vs.throttler.acquire()
+                except TimeoutError:
+                    raise CapacityTimeout(f"{vs.fs.label}: no pod free before the caller's time was up") from None
+            timeout_s, function_s, function_ms = vs.timeout_s, float(vs.spec.timeout_seconds), None
+            if by is not None and (within_s := by - time.monotonic()) < function_s:
+                timeout_s, function_s = timeout_s - function_s + within_s, within_s
+                function_ms = max(1, int(within_s * 1000))
+            call = self.tokens.open(vs, pod.handle.id, function_s) if vs.callees else None
             try:
                 reply = await self._client.invoke(
-                    pod, body, request_id=request_id, timeout_s=vs.timeout_s, log_tail=log_tail, call_token=call
+                    pod,
+                    body,
+                    request_id=request_id,
+                    timeout_s=timeout_s,
+                    log_tail=log_tail,
+                    call_token=call,
+                    function_timeout_ms=function_ms,
                 )
             except AgentUnreachable as err:
                 log.warning(
@@ -124,7 +159,7 @@ class Invoker:
                 self._pod_lost(vs, pod)
                 return _unhandled("Runtime.ExitError", f"the function's sandbox stopped during the invocation: {err}")
             except TimeoutError:
-                return _unhandled("Sandbox.Timedout", f"no reply within {vs.timeout_s:g} s")
+                return _unhandled("Sandbox.Timedout", f"no reply within {timeout_s:g} s")
             finally:
                 vs.throttler.release(pod)
                 if call is not None:
@@ -150,6 +185,11 @@ class Invoker:
         vs.pod_lost(pod)
         self._wake.poke()
         self._client.forget(pod.address)
+
+
+def _loop_time(monotonic: float) -> float:
+    """A `time.monotonic` instant on the running loop's clock."""
+    return asyncio.get_running_loop().time() + monotonic - time.monotonic()
 
 
 def _agent_message(body: bytes) -> str:

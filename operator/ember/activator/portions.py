@@ -4,23 +4,27 @@ When the invoker runs an invocation on a pod whose code may call portions (its V
 `callees`), it opens a call token (`CallTokens.open`: 192 random bits naming that Version and
 pod), sends it to the agent with the invocation (`X-Ember-Call-Token`, CONTRACT.md) and closes
 it when the invocation ends: a token is good for one invocation, on one pod, for the calls its
-portion declares. The code's `context.invoke_portion(name, event)` comes in through the pod's
-channel to the services proxy (`ember.pods.services`: `POST <EMBER_PORTIONS_URL>/<name>`, whose
-path holds the pod's own token, with the call token in `X-Ember-Call-Token`); `PortionPortal`
-checks it and runs the event on the portion through the invoker like any invocation (queue,
-scaling, pod retries), with a token of its own when that portion calls others in turn.
+portion declares. A portion called runs (and waits for a pod) at most for the time its caller
+has left, less a margin for the caller to handle the reply. The code's
+`context.invoke_portion(name, event)` comes in through the pod's channel to the services proxy
+(`ember.pods.services`: `POST <EMBER_PORTIONS_URL>/<name>`, whose path holds the pod's own
+token, with the call token in `X-Ember-Call-Token`); `PortionPortal` checks it and runs the
+event on the portion through the invoker like any invocation (queue, scaling, pod retries),
+with a token of its own when that portion calls others in turn.
 
 What the code gets back: 200 with the portion's result (a function error as Lambda's error body
 with `X-Ember-Function-Error`), else `{"errorType", "errorMessage"}` with 401 (no open call
 token: the invocation ended, or the token is another pod's), 403 (a call its portion does not
-declare, or one up in trust), 404 (no such portion), or what the invoke API answers (400, 413,
-429 with `Retry-After`, 502, 504).
+declare, or one up in trust), 404 (no such portion), 504 (the caller's time is up), or what the
+invoke API answers (400, 413, 429 with `Retry-After`, 502, 504); a portion out of time is its
+`Sandbox.Timedout` function error.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 
 from aiohttp import web
@@ -62,9 +66,15 @@ class PortionPortal:
             return _refuse(pod, 403, "CallNotAllowed", message)
         if request.method != "POST":
             return _refuse(pod, 405, "MethodNotAllowed", "portions are called with POST", allow="POST")
+        left_s = call.deadline - time.monotonic()
+        if left_s <= 0:
+            return _refuse(pod, 504, "CallerTimedOut", f"{who} has no time left to call portion {name!r}")
         try:
             body = await _read(request, self._max_body)
-            result = await self._invoker.invoke(callee, body, request_id=str(uuid.uuid4()))
+            # done before the caller's own time is up (with a tenth of it, at least 250 ms, left for
+            # the caller to handle the reply), whatever the portion's timeout
+            by = time.monotonic() + max(0.001, left_s - max(0.25, left_s / 10))
+            result = await self._invoker.invoke(callee, body, request_id=str(uuid.uuid4()), by=by)
         except ActivatorError as err:
             response = _refuse(pod, err.status, err.error_type, err.message)
             if isinstance(err, Throttled):

@@ -205,7 +205,9 @@ class Registry:
             request, problem = None, str(err)
         vs = self._add_version(fs, number, spec, digest, pool, request, problem)
         vs.trust_level = (policy or DEFAULT_POLICY).trust_level
-        self._add_portions(fs, vs, portion_policies, resolved, base_dir)
+        self._add_portions(
+            fs, vs, portion_policies, lambda key, pspec, d: specialize_request(key, pspec, d, base_dir), resolved
+        )
         return vs
 
     def _add_portions(
@@ -213,11 +215,13 @@ class Registry:
         fs: FunctionState,
         vs: VersionState,
         policies: Mapping[str, SecurityPolicySpec],
-        resolved: str | None,
-        base_dir: Path | None,
+        make_request: Callable[[VersionKey, FunctionSpec, str], SpecializeRequest],
+        resolved: str | None = None,
     ) -> None:
         """The Version's portions: one `VersionState` each, with pods of their own pool, owned by
-        the Version (same number; referenced while it is) and linked as each may call them."""
+        the Version (same number, `VersionKey.portion` set; referenced while it is) and linked as
+        each may call them. `make_request` is the mode's specialize body (`resolved`: the digest
+        of code the spec only points to, as for the Version)."""
         spec = vs.spec
         for portion in spec.portions:
             policy = policies.get(portion.name)
@@ -226,11 +230,11 @@ class Registry:
             pspec = portion_spec(spec, portion)
             owner = PortionOwner(fs, portion.name, vs.key.number)
             digest = code_hash(pspec, policy, resolved)
-            key = VersionKey(fs.namespace, owner.name, vs.key.number)
+            key = VersionKey(fs.namespace, fs.name, vs.key.number, portion.name)
             request: SpecializeRequest | None = None
             problem = ""
             try:
-                request = specialize_request(key, pspec, digest, base_dir)
+                request = make_request(key, pspec, digest)
             except PayloadError as err:
                 problem = str(err)
             child = VersionState(
@@ -245,9 +249,10 @@ class Registry:
                 now=self.clock(),
                 wake=self._wake,
                 initial_target=1,
+                portion=portion.name,
             )
             child.autoscaler.hold(self.clock(), 1)
-            child.portion, child.trust_level = portion.name, policy.trust_level
+            child.trust_level = policy.trust_level
             if request is None:
                 child.mark_failed(problem)
             vs.portions[portion.name] = child
@@ -257,14 +262,24 @@ class Registry:
             each.callees = {c: vs.portions[c] for c in callees(spec, name) if c in vs.portions}
 
     def apply_version(
-        self, namespace: str, name: str, number: int, digest: str, spec: FunctionSpec, pool: PoolKey
+        self,
+        namespace: str,
+        name: str,
+        number: int,
+        digest: str,
+        spec: FunctionSpec,
+        pool: PoolKey,
+        *,
+        policy: SecurityPolicySpec | None = None,
+        portion_policies: Mapping[str, SecurityPolicySpec] | None = None,
     ) -> VersionState | None:
         """Take one Version the operator made (cluster mode); returns it when it is new here.
 
         The Function must have been given to `follow` first. A Version already known by number is
         left as it is (Versions are immutable); a lower number than the newest known does not move
         "latest". Code in a ConfigMap goes out as `code: null`: the Kubernetes pod source reads the
-        Version's ConfigMap snapshot instead.
+        Version's ConfigMap snapshot instead. `policy` and `portion_policies` are the ones the
+        Version was made under (`spec.policy`, `spec.portionPolicies`): its portions are made of them.
         """
         if number < 1:
             raise ValueError(f"Version {namespace}/{name}@{number}: number must be at least 1")
@@ -282,7 +297,10 @@ class Registry:
             request = cluster_specialize_request(key, spec, digest)
         except PayloadError as err:
             request, problem = None, str(err)
-        return self._add_version(fs, number, spec, digest, pool, request, problem)
+        vs = self._add_version(fs, number, spec, digest, pool, request, problem)
+        vs.trust_level = (policy or DEFAULT_POLICY).trust_level
+        self._add_portions(fs, vs, portion_policies or {}, cluster_specialize_request)
+        return vs
 
     def forget_version(self, namespace: str, name: str, number: int) -> bool:
         """Drop a Version the operator deleted (retention), once nothing routes to it and it holds no pods.
@@ -371,12 +389,13 @@ def _with_portions(fs: FunctionState) -> Iterator[VersionState]:
 
 
 class PortionOwner:
-    """The `Owner` of a portion's `VersionState`: named `<function>.<portion>` (never a Function's
-    name, which has no dot), referenced while its Version is, removed with its Function."""
+    """The `Owner` of a portion's `VersionState`: its Function's, labelled `<function>.<portion>`
+    in logs and metrics (never a Function's name, which has no dot), referenced while its Version
+    is, removed with its Function."""
 
     def __init__(self, function: FunctionState, portion: str, number: int) -> None:
         self.namespace = function.namespace
-        self.name = f"{function.name}.{portion}"
+        self.name = function.name
         self.label = f"{function.label}.{portion}"
         self._function = function
         self._number = number

@@ -106,9 +106,10 @@ class VersionState:
         now: float,
         wake: Wake,
         initial_target: int,
+        portion: str = "",
     ) -> None:
         self.fs = owner
-        self.key = VersionKey(owner.namespace, owner.name, number)
+        self.key = VersionKey(owner.namespace, owner.name, number, portion)
         self.spec = spec
         self.code_hash = digest
         self.request = request
@@ -137,7 +138,7 @@ class VersionState:
         # Portions (`ember.resources.portions`), set by the registry when the Version is made:
         # which portion of its Function this is (MAIN: the Function's own handler), the trust
         # level of its policy, the portions its code may call, and (MAIN only) all of them.
-        self.portion = ""
+        self.portion = portion
         self.trust_level = "untrusted"
         self.callees: dict[str, VersionState] = {}
         self.portions: dict[str, VersionState] = {}

@@ -78,9 +78,6 @@ FUNCTION_GAPS: Final[tuple[Gap[FunctionSpec], ...]] = (
     Gap("spec.async.onFailure", lambda s: s.async_.on_failure is not None),
     # Only hashed into the Version (api/version.py VERSIONED_FIELDS); no volume, no store.
     Gap("spec.state", lambda s: s.state is not None and s.state != State()),
-    # A cluster: the operator makes no pools for portions yet (local mode runs them,
-    # ember/resources/portions.py); a call from code gets PortionNotFound.
-    Gap("spec.portions", lambda s: bool(s.portions), CLUSTER_ONLY),
     # Only hashed into the Version; the agents have freeze/thaw hooks but nothing calls them.
     Gap("spec.freeze", lambda s: s.freeze != Freeze()),
 )
@@ -90,9 +87,6 @@ POLICY_GAPS: Final[tuple[Gap[SecurityPolicySpec], ...]] = (
     # mode: runsc's pids cgroup is a backstop that follows it (pods/local/sandbox.py runsc_host_tasks);
     # bwrap's is exactly it as root (bwrap_cgroups); without root none, and `ember dev`'s banner says so.
     Gap("spec.limits.pids", lambda s: s.limits.pids != _LIMITS.pids, CLUSTER_ONLY),
-    # It orders portions (which may call which, ember/resources/portions.py), and a cluster
-    # runs no portions yet; pods under different policies never share a pool in either mode.
-    Gap("spec.trustLevel", lambda s: s.trust_level != "untrusted", CLUSTER_ONLY),
     # Local mode: the sandbox is whatever this machine offers (pods/local/sandbox.py detect_sandbox).
     Gap("spec.sandbox", lambda s: s.sandbox != "gvisor", LOCAL_ONLY),
     Gap("spec.runtimeClassName", lambda s: s.runtime_class_name is not None, LOCAL_ONLY),

@@ -89,6 +89,11 @@ class VersionSpec(Model):
         max_length=253,
         description="Name of the SecurityPolicy copied into policy (absent: the built-in default).",
     )
+    portion_policies: dict[str, SecurityPolicySpec] = Field(
+        default_factory=dict,
+        max_length=8,
+        description="Frozen copy of each portion's SecurityPolicy, by portion name; part of the content hash.",
+    )
 
 
 class ResourceRecommendation(Model):

@@ -1,12 +1,15 @@
 """Functions: from the whole Function to its Versions, retention, pools, NetworkPolicy and conditions.
 
-A change of code, configuration or SecurityPolicy is a new, numbered Version
-(`ember.resources.version.plan_version`); scaling, traffic, aliases and triggers are not.
+A change of code, configuration or SecurityPolicy (the Function's or a portion's) is a new,
+numbered Version (`ember.resources.version.plan_version`); scaling, traffic, aliases and
+triggers are not.
 Versions that traffic or aliases reference, the ready one and the last `keep_versions` stay; the
 rest are deleted with their code. The pools of the Versions that serve (and of the newest, so it
 can load) exist (`pools`), and so does the Function's NetworkPolicy. Status: `PolicyResolved`,
 `VersionReady`, `EgressEnforced`, `Unsupported`, and `Ready` from the first two (a spec beyond its
-policy's `limits` is `PolicyResolved=False, ExceedsPolicyLimits` and mints no Version), except that a
+policy's `limits` is `PolicyResolved=False, ExceedsPolicyLimits`, portions whose policies are
+missing, over their limits or called up in trust `PortionPoliciesRefused`, and neither mints a
+Version), except that a
 child Ember wants but may not touch (`children.Outcome.NOT_OWNED`) makes it `False, NotOwned`,
 naming the child; `readyVersion` is the newest Ready Version.
 """
@@ -27,7 +30,7 @@ from ember.api.unsupported import unsupported_function_fields
 from ember.api.version import Version, code_hash
 from ember.controller.children import Child, Outcome, ensure_child, network_policies
 from ember.controller.kube import Kube, Obj
-from ember.controller.policy import resolve_policy
+from ember.controller.policy import PolicyResolution, resolve_policy
 from ember.controller.pools import ensure_pools
 from ember.controller.settings import Settings
 from ember.controller.status import (
@@ -43,6 +46,7 @@ from ember.resources import labels
 from ember.resources.code import CodeError, code_configmap_name, files_from_configmap
 from ember.resources.network_policy import function_network_policy
 from ember.resources.policy import limit_violations
+from ember.resources.portions import PortionPolicies, resolve_portions
 from ember.resources.retention import referenced_versions, versions_to_delete
 from ember.resources.version import build_version, plan_version
 
@@ -84,6 +88,22 @@ async def _ensure_network_policy(kube: Kube, fn: Function, policy: SecurityPolic
         egress=policy.egress,
     )
     return await ensure_child(network_policies(kube), plan.network_policy), plan.unenforced_hosts
+
+
+async def _resolve_portions(kube: Kube, settings: Settings, fn: Function, policy: PolicyResolution) -> PortionPolicies:
+    """The policies of the Function's portions, checked against their limits and the trust order
+    (`ember.resources.portions`); nothing to check while the Function's own policy is missing."""
+    if not fn.spec.portions or policy.spec is None:
+        return PortionPolicies()
+    ns = fn.metadata.namespace
+    found: dict[str, SecurityPolicySpec | None] = {}
+    for portion in fn.spec.portions:
+        ref = portion.security_policy_ref
+        if ref.name not in found:
+            found[ref.name] = (await resolve_policy(kube, settings, ns, ref)).spec
+    return resolve_portions(
+        fn.spec, namespace=ns, main_policy=policy.spec, main_policy_name=policy.name, lookup=found.get
+    )
 
 
 def _version_ready_condition(
@@ -144,12 +164,15 @@ async def reconcile_function(
     conditions = list(old_conditions)
     policy = await resolve_policy(kube, settings, ns, fn.spec.security_policy_ref)
     over_limits = limit_violations(fn.spec, policy.spec, policy_name=policy.name) if policy.spec is not None else []
+    portions = await _resolve_portions(kube, settings, fn, policy)
+    refused = over_limits or portions.problems
+    reason = cond.Reason.EXCEEDS_LIMITS if over_limits else cond.Reason.PORTIONS_REFUSED
     conditions = cond.set_condition(
         conditions,
         type_=cond.POLICY_RESOLVED,
-        status="False" if over_limits else policy.status,
-        reason=cond.Reason.EXCEEDS_LIMITS if over_limits else policy.reason,
-        message=("; ".join(over_limits) + ". No Version is made of this spec.") if over_limits else policy.message,
+        status="False" if refused else policy.status,
+        reason=reason if refused else policy.reason,
+        message=("; ".join(refused) + ". No Version is made of this spec.") if refused else policy.message,
         generation=generation,
         now=now,
     )
@@ -174,7 +197,7 @@ async def reconcile_function(
             conditions, cond.VERSION_READY, cond.Reason.CODE_MISSING, str(err), generation=generation, now=now
         )
     else:
-        if policy.spec is None or over_limits:
+        if policy.spec is None or refused:
             # No policy to freeze into a Version, or a spec beyond its limits: none is made until that
             # changes (PolicyResolved says why); the Version that serves keeps serving.
             status_, reason, message = (
@@ -183,11 +206,16 @@ async def reconcile_function(
                 else ("Unknown", cond.Reason.VERSION_LOADING, "No Version yet: PolicyResolved says why.")
             )
         else:
-            desired_hash = code_hash(fn.spec, policy.spec, digest)
+            desired_hash = code_hash(fn.spec, policy.spec, digest, portions.policies)
             plan = plan_version(list(versions.values()), desired_hash, last_number=old_status.get("latestVersion"))
             if plan.create is not None:
                 new_body = build_version(
-                    fn, number=plan.create, code_hash=desired_hash, policy=policy.spec, policy_name=policy.name
+                    fn,
+                    number=plan.create,
+                    code_hash=desired_hash,
+                    policy=policy.spec,
+                    policy_name=policy.name,
+                    portion_policies=portions.policies,
                 )
                 await kube.create_custom("versions", new_body)
                 versions[plan.create] = Version.model_validate(new_body)

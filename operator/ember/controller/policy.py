@@ -121,8 +121,11 @@ async def reconcile_security_policy(
 async def notify_functions(kube: Kube, settings: Settings, namespace: str, policy_name: str, token: str) -> None:
     """Annotate the Functions that use a policy, so that their handlers re-reconcile (pools re-roll)."""
     for item in await kube.list_custom("functions", namespace):
-        ref = (item.get("spec") or {}).get("securityPolicyRef") or {}
+        spec = item.get("spec") or {}
+        ref = spec.get("securityPolicyRef") or {}
         uses = ref.get("name") == policy_name or (not ref and policy_name == settings.default_policy_name)
+        for portion in spec.get("portions") or []:  # a portion's policy is part of its Version too
+            uses = uses or (portion.get("securityPolicyRef") or {}).get("name") == policy_name
         current = (item["metadata"].get("annotations") or {}).get(labels.POLICY_HASH_ANNOTATION)
         if uses and current != token:
             await kube.annotate_custom(

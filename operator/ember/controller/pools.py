@@ -1,6 +1,7 @@
 """Warm pools: the generic pool Deployments of the Versions that serve, and each pool's NetworkPolicy.
 
-A pool is keyed by (runtime, sandbox, size, policy hash) and shared by every Function whose
+A pool is keyed by (runtime, sandbox, size, policy hash, whether its pods' code calls portions:
+such pods reach the activators' services port) and shared by every Function whose
 serving Versions need it: each such Function is a (non-controller) owner, and a pool goes when its
 last owner drops it. Replicas are not set here after creation: `pool_size` owns them. A pool
 or pool NetworkPolicy of the wanted name that is not Ember's is left untouched and returned, for
@@ -30,22 +31,32 @@ def _function_owner(fn: Function) -> dict[str, Any]:
     return {"apiVersion": fn.api_version, "kind": "Function", "name": fn.metadata.name, "uid": fn.metadata.uid}
 
 
-def _pool_of(settings: Settings, version: Version) -> PoolSpec:
-    """The generic pool a Version's pods come from: its runtime and size, under its frozen policy."""
+def _pools_of(settings: Settings, version: Version) -> list[PoolSpec]:
+    """The generic pools a Version's pods come from: its runtime and size, under its frozen policy,
+    and as much for each of its portions under the portion's (`ember.resources.portions`)."""
     spec = version.spec.function
-    return PoolSpec(
-        namespace=version.metadata.namespace,
-        runtime=spec.runtime,
-        memory_mib=spec.resources.memory_mib,
-        policy=version.spec.policy,
-        policy_hash=policy_hash(version.spec.policy),
-        image=settings.image_for(spec.runtime),
-        replicas=settings.pool_size_for(spec.runtime),
-        image_pull_policy=settings.image_pull_policy,
-        run_as_user=settings.run_as_user,
-        cpu_burst_millicores=settings.pool_cpu_burst_millicores,
-        activators=settings.activators,
-    )
+
+    def pool(policy: SecurityPolicySpec, calls: bool) -> PoolSpec:
+        return PoolSpec(
+            namespace=version.metadata.namespace,
+            runtime=spec.runtime,
+            memory_mib=spec.resources.memory_mib,
+            policy=policy,
+            policy_hash=policy_hash(policy),
+            image=settings.image_for(spec.runtime),
+            replicas=settings.pool_size_for(spec.runtime),
+            image_pull_policy=settings.image_pull_policy,
+            run_as_user=settings.run_as_user,
+            cpu_burst_millicores=settings.pool_cpu_burst_millicores,
+            activators=settings.activators,
+            calls=calls,
+        )
+
+    portions = version.spec.portion_policies
+    return [
+        pool(version.spec.policy, bool(spec.portions)),
+        *(pool(portions[p.name], bool(p.calls)) for p in spec.portions if p.name in portions),
+    ]
 
 
 async def ensure_pools(
@@ -63,12 +74,12 @@ async def ensure_pools(
     wanted: dict[str, PoolSpec] = {}
     runtime_classes: dict[str, bool] = {}
     for version in serving:
-        pool = _pool_of(settings, version)
-        runtime_class = pool.policy.runtime_class
-        if runtime_class is not None and runtime_class not in runtime_classes:
-            runtime_classes[runtime_class] = await kube.runtime_class_exists(runtime_class)
-        if runtime_class is None or runtime_classes[runtime_class]:
-            wanted.setdefault(pool.name, pool)
+        for pool in _pools_of(settings, version):
+            runtime_class = pool.policy.runtime_class
+            if runtime_class is not None and runtime_class not in runtime_classes:
+                runtime_classes[runtime_class] = await kube.runtime_class_exists(runtime_class)
+            if runtime_class is None or runtime_classes[runtime_class]:
+                wanted.setdefault(pool.name, pool)
     not_owned: list[Child] = []
     for pool in wanted.values():
         not_owned += await _ensure_pool(kube, fn, pool, record, fn_body)
@@ -151,6 +162,6 @@ async def _ensure_pool_network_policy(
         owner_uid=deployment_uid,
         egress=policy.egress,
         activators=pool.activators,
-        services=bool(policy.services),
+        services=bool(policy.services) or pool.calls,
     ).network_policy
     return await ensure_child(network_policies(kube), desired)

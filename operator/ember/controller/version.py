@@ -174,8 +174,12 @@ def _load_error(raw: str | None) -> dict[str, Any] | None:
 
 
 async def _count_ready_pods(kube: Kube, namespace: str, function: str, number: int) -> int:
-    """A Version's specialized pods that are ready (activators specialize them, kubelets report Ready)."""
-    selector = f"{labels.FUNCTION}={function},{labels.VERSION}={number},{labels.STATE}={labels.STATE_SPECIALIZED}"
+    """A Version's specialized pods that are ready (activators specialize them, kubelets report Ready);
+    its portions' pods are not (`labels.PORTION`)."""
+    selector = (
+        f"{labels.FUNCTION}={function},{labels.VERSION}={number},{labels.STATE}={labels.STATE_SPECIALIZED},"
+        f"!{labels.PORTION}"
+    )
     return sum(1 for pod in await kube.list_pods(namespace, label_selector=selector) if pod_ready(pod))
 
 

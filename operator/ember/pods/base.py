@@ -100,9 +100,11 @@ class VersionKey:
     namespace: str
     function: str
     number: int
+    portion: str = ""  # one of the Version's portions (`ember.resources.portions`); "" the Function itself
 
     def __str__(self) -> str:
-        return f"{self.namespace}/{self.function}@{self.number}"
+        part = f"/{self.portion}" if self.portion else ""
+        return f"{self.namespace}/{self.function}@{self.number}{part}"
 
 
 class ClaimKind(enum.Enum):

@@ -42,6 +42,7 @@ class Reason:
     POLICY_INVALID: Final = "SecurityPolicyInvalid"
     RUNTIME_CLASS_MISSING: Final = "RuntimeClassMissing"
     EXCEEDS_LIMITS: Final = "ExceedsPolicyLimits"
+    PORTIONS_REFUSED: Final = "PortionPoliciesRefused"
     RESOLVED: Final = "Resolved"
     CODE_STORED: Final = "CodeStored"
     CODE_BY_URL: Final = "CodeByUrl"

@@ -9,6 +9,7 @@ FUNCTION: Final = f"{PREFIX}/function"
 VERSION: Final = f"{PREFIX}/version"
 POOL: Final = f"{PREFIX}/pool"
 STATE: Final = f"{PREFIX}/state"
+PORTION: Final = f"{PREFIX}/portion"  # on a specialized pod of one of its Version's portions
 RUNTIME: Final = f"{PREFIX}/runtime"
 SANDBOX: Final = f"{PREFIX}/sandbox"
 COMPONENT: Final = f"{PREFIX}/component"

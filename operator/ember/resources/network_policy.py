@@ -98,9 +98,11 @@ def function_network_policy_name(function_name: str) -> str:
 def function_network_policy(
     *, function_name: str, namespace: str, function_uid: str | None, egress: Egress
 ) -> EgressPlan:
-    """The NetworkPolicy limiting the egress of every pod of one Function, owned by it."""
+    """The NetworkPolicy limiting the egress of every pod of one Function, owned by it; not of its
+    portions' pods (`labels.PORTION`), whose egress is their own policy's, in their pool's."""
     rules, hosts = egress_rules(egress)
     selector: Mapping[str, str] = {labels.FUNCTION: function_name}
+    not_portions = [{"key": labels.PORTION, "operator": "DoesNotExist"}]
     body: dict[str, Any] = {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -110,6 +112,10 @@ def function_network_policy(
             "labels": managed_labels(**{labels.FUNCTION: function_name}),
             "ownerReferences": [owner_reference(kind="Function", name=function_name, uid=function_uid)],
         },
-        "spec": {"podSelector": {"matchLabels": dict(selector)}, "policyTypes": ["Egress"], "egress": rules},
+        "spec": {
+            "podSelector": {"matchLabels": dict(selector), "matchExpressions": not_portions},
+            "policyTypes": ["Egress"],
+            "egress": rules,
+        },
     }
     return EgressPlan(network_policy=body, unenforced_hosts=hosts)

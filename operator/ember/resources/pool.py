@@ -73,6 +73,7 @@ class PoolSpec:
     run_as_user: int = 65532
     cpu_burst_millicores: int = BURST_CPU_MILLICORES
     activators: ActivatorPeer = field(default_factory=ActivatorPeer)  # who may reach its agents
+    calls: bool = False  # its pods' code calls portions: they reach the activators' port for it
 
     @property
     def sandbox(self) -> str:
@@ -83,7 +84,11 @@ class PoolSpec:
     def id(self) -> str:
         """Short stable id of the pool key, used as label value and name suffix."""
         return pool_id(
-            runtime=self.runtime, sandbox=self.sandbox, memory_mib=self.memory_mib, policy_hash=self.policy_hash
+            runtime=self.runtime,
+            sandbox=self.sandbox,
+            memory_mib=self.memory_mib,
+            policy_hash=self.policy_hash,
+            calls=self.calls,
         )
 
     @property
@@ -92,9 +97,10 @@ class PoolSpec:
         return pool_name(self.id)
 
 
-def pool_id(*, runtime: str, sandbox: str, memory_mib: int, policy_hash: str) -> str:
-    """16 hex digits identifying a pool key; equal keys give equal ids."""
-    key = f"{runtime}/{sandbox}/{memory_mib}/{policy_hash}"
+def pool_id(*, runtime: str, sandbox: str, memory_mib: int, policy_hash: str, calls: bool = False) -> str:
+    """16 hex digits identifying a pool key; equal keys give equal ids. Pods whose code calls
+    portions (`calls`) have pools of their own: only theirs may reach the activators for it."""
+    key = f"{runtime}/{sandbox}/{memory_mib}/{policy_hash}" + ("/calls" if calls else "")
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 

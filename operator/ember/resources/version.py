@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,12 +63,19 @@ def version_labels(function_name: str, number: int) -> dict[str, str]:
 
 
 def build_version(
-    fn: Function, *, number: int, code_hash: str, policy: SecurityPolicySpec, policy_name: str | None = None
+    fn: Function,
+    *,
+    number: int,
+    code_hash: str,
+    policy: SecurityPolicySpec,
+    policy_name: str | None = None,
+    portion_policies: Mapping[str, SecurityPolicySpec] | None = None,
 ) -> dict[str, Any]:
     """The Version object for a Function's spec under its policy: numbered, content-hashed, owned by the Function.
 
     The policy is frozen into the Version, as the spec is: the Version's pods run under it (and come
-    from its pool) whatever happens to the SecurityPolicy object later; an edit makes a new Version."""
+    from its pool) whatever happens to the SecurityPolicy object later; an edit makes a new Version.
+    So are its portions' policies (`portion_policies`)."""
     if number < 1:
         raise ValueError(f"Version number must be at least 1 (got {number})")
     name = version_name(fn.metadata.name, number)
@@ -89,6 +96,11 @@ def build_version(
             "function": fn.spec.to_wire(),
             "policy": policy.to_wire(),
             **({"policyName": policy_name} if policy_name is not None else {}),
+            **(
+                {"portionPolicies": {n: p.to_wire() for n, p in sorted(portion_policies.items())}}
+                if portion_policies
+                else {}
+            ),
         },
     }
     # The model checks what the CRD would (hash format, name patterns) before any API call.

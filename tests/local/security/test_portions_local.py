@@ -109,6 +109,22 @@ exports.double = async (event) => {
 };
 """
 
+SLOW = """
+import time
+
+def handler(event, context):
+    started = time.monotonic()
+    try:
+        context.invoke_portion("slow", {})
+        outcome = "returned"
+    except Exception as e:
+        outcome = e.error_type
+    return {"outcome": outcome, "took": time.monotonic() - started, "left_ms": context.get_remaining_time_in_millis()}
+
+def slow(event, context):
+    time.sleep(60)
+"""
+
 
 def _policy(**spec: Any) -> SecurityPolicySpec:
     return SecurityPolicySpec.model_validate(spec)
@@ -210,3 +226,27 @@ async def test_node_code_calls_its_portions(choice: SandboxChoice, monkeypatch: 
     assert reply["doubled"] == {"n": 42}
     assert reply["missing"] == {"name": "PortionError", "errorType": "PortionNotFound", "status": 404}
     assert reply["failed"] == {"errorType": "TypeError", "message": "n must be a number"}
+
+
+@pytest.mark.parametrize("choice", ISOLATED[:1])
+async def test_a_portion_runs_only_for_the_time_its_caller_has_left(
+    choice: SandboxChoice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The portion's own timeout is the Function's (6 s): called at once, it gets what the caller
+    has left less a margin, so its timeout comes back to the caller as an error while the caller
+    still runs (without that, the caller itself would run out of time first)."""
+    _use(choice, monkeypatch)
+    spec = {
+        "runtime": "python3.11",
+        "handler": "main.handler",
+        "code": {"inline": SLOW},
+        "timeoutSeconds": 6,
+        "portions": [{"name": "slow", "handler": "main.slow", "securityPolicyRef": {"name": "untrusted"}}],
+    }
+    fn = Function.model_validate({"metadata": {"name": "impatient"}, "spec": spec})
+    async with run_activator() as act:
+        act.registry.apply(fn, policy=_policy(), portion_policies={"slow": _policy()})
+        reply = await _result(act, "impatient", {})
+    assert reply["outcome"] == "Sandbox.Timedout", reply
+    assert 4.5 < reply["took"] < 5.9, reply
+    assert reply["left_ms"] > 100, reply

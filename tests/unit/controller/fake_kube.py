@@ -59,11 +59,15 @@ class FakeKube:
 
     async def list_pods(self, namespace: str, *, label_selector: str = "") -> list[Obj]:
         self._check("list_pods")
-        wanted = dict(part.split("=", 1) for part in label_selector.split(",") if part)
+        parts = [part for part in label_selector.split(",") if part]
+        wanted = dict(part.split("=", 1) for part in parts if not part.startswith("!"))
+        absent = {part[1:] for part in parts if part.startswith("!")}  # `!key`: no such label
         return [
             copy.deepcopy(o)
             for (ns, _), o in sorted(self.pods.items())
-            if ns == namespace and wanted.items() <= o["metadata"].get("labels", {}).items()
+            if ns == namespace
+            and wanted.items() <= o["metadata"].get("labels", {}).items()
+            and not absent & set(o["metadata"].get("labels", {}))
         ]
 
     async def get_custom(self, plural: str, namespace: str, name: str) -> Obj | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import json
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -788,7 +789,60 @@ async def test_security_policy_setting_unimplemented_fields_is_told() -> None:
     )
     recorder = _Warnings()
     status = await reconcile_security_policy(cast(Any, kube), SETTINGS, policy, now=NOW, record=recorder)
-    message = "spec.limits.pids, spec.trustLevel are accepted but not implemented yet; they have no effect."
+    message = "spec.limits.pids is accepted but not implemented yet; it has no effect."
     assert _condition(status, "Unsupported")["message"] == message
     assert _conditions(status)["Ready"] == ("True", "Ready")
     assert recorder.of("FieldsNotImplemented") == [("Warning", "FieldsNotImplemented", message)]
+
+
+def _portion_policies(kube: FakeKube) -> None:
+    for name, spec in (
+        ("main", {"trustLevel": "trusted"}),
+        ("parser", {"trustLevel": "untrusted"}),
+        ("payments", {"trustLevel": "trusted", "egress": {"mode": "allowList", "allow": [{"cidr": "10.9.0.0/16"}]}}),
+    ):
+        kube.add("securitypolicies", {"metadata": {"name": name, "namespace": NS}, "spec": spec})
+
+
+PORTIONS = [
+    {"name": "parse", "handler": "main.parse", "securityPolicyRef": {"name": "parser"}},
+    {"name": "charge", "handler": "main.charge", "securityPolicyRef": {"name": "payments"}},
+]
+
+
+async def test_a_function_with_portions_freezes_their_policies_and_gets_a_pool_for_each() -> None:
+    kube = FakeKube()
+    _portion_policies(kube)
+    fn = kube.add("functions", _fn_body(securityPolicyRef={"name": "main"}, portions=PORTIONS))
+    status = await reconcile_function(cast(Any, kube), SETTINGS, fn, now=NOW, record=Events())
+    assert _conditions(status)["PolicyResolved"] == ("True", "Resolved")
+    version = kube.custom[("versions", NS, "hello-v1")]
+    frozen = version["spec"]["portionPolicies"]
+    assert (frozen["parse"]["trustLevel"], frozen["charge"]["trustLevel"]) == ("untrusted", "trusted")
+    # three pools: the handler's (which calls portions), the parser's, the payments part's
+    assert len(kube.deployments) == 3
+    pool_policies = [np for key, np in kube.network_policies.items() if key[1].startswith("ember-pool-")]
+    egress = sorted(json.dumps(np["spec"]["egress"], sort_keys=True) for np in pool_policies)
+    assert any("10.9.0.0/16" in e for e in egress), egress  # the payments part's allow-list, in its own pool
+    assert sum("8090" in e for e in egress) == 1, egress  # only the caller's pool reaches the activators' port
+    # the Function's own NetworkPolicy does not select its portions' pods
+    selector = kube.network_policies[(NS, "ember-fn-hello")]["spec"]["podSelector"]
+    assert selector["matchExpressions"] == [{"key": "ember.run/portion", "operator": "DoesNotExist"}]
+
+    # a portion's policy edit is a new Version
+    kube.custom[("securitypolicies", NS, "parser")]["spec"]["limits"] = {"pids": 32}
+    await reconcile_function(cast(Any, kube), SETTINGS, fn, now=NOW, record=Events())
+    assert ("versions", NS, "hello-v2") in kube.custom
+
+
+async def test_portions_calling_up_in_trust_mint_no_version() -> None:
+    kube = FakeKube()
+    _portion_policies(kube)
+    fn = kube.add("functions", _fn_body(portions=PORTIONS))  # the handler: the built-in default, untrusted
+    recorder = Events()
+    status = await reconcile_function(cast(Any, kube), SETTINGS, fn, now=NOW, record=recorder)
+    assert ("versions", NS, "hello-v1") not in kube.custom
+    resolved = _condition(status, "PolicyResolved")
+    assert (resolved["status"], resolved["reason"]) == ("False", "PortionPoliciesRefused")
+    assert "may not call portion 'charge' (trusted, SecurityPolicy 'payments')" in resolved["message"]
+    assert _conditions(status)["Ready"] == ("False", "PortionPoliciesRefused")

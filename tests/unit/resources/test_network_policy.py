@@ -48,7 +48,10 @@ def test_egress(egress: dict[str, Any], rules: list[dict[str, Any]], hosts: tupl
     spec = plan.network_policy["spec"]
     assert spec["policyTypes"] == ["Egress"]
     assert spec["egress"] == rules
-    assert spec["podSelector"] == {"matchLabels": {"ember.run/function": "hello"}}
+    assert spec["podSelector"] == {
+        "matchLabels": {"ember.run/function": "hello"},
+        "matchExpressions": [{"key": "ember.run/portion", "operator": "DoesNotExist"}],  # not its portions' pods
+    }
     assert plan.unenforced_hosts == hosts
     assert plan.network_policy["metadata"]["ownerReferences"][0]["uid"] == "u1"
 

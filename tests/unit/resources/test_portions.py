@@ -135,7 +135,8 @@ def test_a_version_owns_one_state_per_portion_linked_as_declared() -> None:
     charge = vs.portions["charge"]
     assert list(charge.callees) == ["audit"]
     assert vs.portions["parse"].callees == {}
-    assert (charge.key.function, charge.key.number, charge.trust_level) == ("shop.charge", 1, "trusted")
+    assert (charge.key.function, charge.key.number, charge.key.portion) == ("shop", 1, "charge")
+    assert (charge.fs.label, charge.trust_level) == ("default/shop.charge", "trusted")
     assert charge.spec.handler == "main.charge"
     # pools: the caller's pods get a channel for calls, the parser's none
     assert vs.pool.calls

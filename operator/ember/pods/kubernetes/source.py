@@ -76,7 +76,13 @@ log = logging.getLogger(__name__)
 
 def pool_id_of(pool: PoolKey) -> str:
     """The `ember.run/pool` label value of a pool key."""
-    return pool_id(runtime=pool.runtime, sandbox=pool.sandbox, memory_mib=pool.memory_mib, policy_hash=pool.policy_hash)
+    return pool_id(
+        runtime=pool.runtime,
+        sandbox=pool.sandbox,
+        memory_mib=pool.memory_mib,
+        policy_hash=pool.policy_hash,
+        calls=pool.calls,
+    )
 
 
 class KubernetesPodSource:
@@ -270,20 +276,21 @@ class KubernetesPodSource:
         return handle
 
     def _with_services(self, pod: PodHandle, version: VersionKey, payload: dict[str, Any]) -> dict[str, Any]:
-        """The specialize body, with the URLs of the pool's auxiliary services (a fresh grant of
-        this activator's proxy for the pod) in its environment."""
-        services = pod.pool.isolation.services
-        if not services:
+        """The specialize body, with the URLs of the pool's auxiliary services and its portions
+        (a fresh grant of this activator's proxy for the pod) in its environment."""
+        if not pod.pool.channel:
             return payload
+        services = pod.pool.isolation.services
         if self._services is None or not self._services_base:
             raise SpecializeFailed(
                 pod.id,
                 503,
                 "ServicesUnavailable",
-                "the policy lists auxiliary services but this activator serves none (EMBER_SERVICES_ADDRESS)",
+                "the policy lists auxiliary services or the code calls portions, but this activator serves no "
+                "services proxy (EMBER_SERVICES_ADDRESS)",
             )
         token = self._services.grant(PodId(pod.id), version.namespace, services)
-        announced = ServiceProxy.announce(self._services_base, token, services)
+        announced = ServiceProxy.announce(self._services_base, token, services, calls=pod.pool.calls)
         return {**payload, "env": {**payload.get("env", {}), **announced}}
 
     def _forget_services(self, pod: str) -> None:
@@ -313,6 +320,7 @@ class KubernetesPodSource:
                     labels.STATE: labels.STATE_SPECIALIZED,
                     labels.FUNCTION: version.function,
                     labels.VERSION: str(version.number),
+                    **({labels.PORTION: version.portion} if version.portion else {}),
                 },
                 "ownerReferences": [
                     {
@@ -386,6 +394,7 @@ class KubernetesPodSource:
                 pod_labels.get(labels.STATE) == labels.STATE_SPECIALIZED
                 and pod_labels.get(labels.FUNCTION) == version.function
                 and pod_labels.get(labels.VERSION) == str(version.number)
+                and pod_labels.get(labels.PORTION, "") == version.portion
                 and ready(pod)
             ):
                 out.append(self._handle(pod, None, ClaimKind.POOL_HIT, version=version))
@@ -424,15 +433,18 @@ class KubernetesPodSource:
     # -- internals
 
     def route_calls(self, portal: Portal) -> None:
-        """Portions are local-mode only so far (their pools are not made here): calls reach the
-        portal, which finds no portion (`ember.api.unsupported`, spec.portions)."""
         if self._services is not None:
             self._services.portal = portal
 
     async def report_load_failure(self, version: VersionKey, *, code_hash: str, message: str) -> None:
         """Annotate the Version with its load error (`labels.LOAD_ERROR_ANNOTATION`); the operator reads it.
 
-        Best effort: a failed write is logged, and the next failed load of the Version writes again."""
+        Best effort: a failed write is logged, and the next failed load of the Version writes again.
+        A portion's failure is not the Version's (its code loads in its other pods): it stays in this
+        activator, which fails the calls to that portion with it."""
+        if version.portion:
+            log.warning("portion failed to load version=%s: %s", version, message[: labels.LOAD_ERROR_MAX_CHARS])
+            return
         mark = json.dumps({"codeHash": code_hash, "message": message[: labels.LOAD_ERROR_MAX_CHARS]})
         patch = {"metadata": {"annotations": {labels.LOAD_ERROR_ANNOTATION: mark}}}
         name = version_name(version.function, version.number)
