@@ -14,19 +14,21 @@ does not enforce NetworkPolicy (README, Threat model): what holds here is the to
 
 from __future__ import annotations
 
-import base64
 import json
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from tests.apiserver.operator_harness import Ember, eventually
-from tests.cluster.node import NODE_IP
 from tests.cluster.scenarios import ActivatorProcess
 from tests.cluster.test_agent_restart_cluster import _call, _create_ready, _function
-from tests.cluster.test_services_cluster import SECRET, Payments
+from tests.cluster.test_services_cluster import (  # noqa: F401 (fixtures)
+    SECRET,
+    Payments,
+    activator_env,
+    payments_secret,
+)
 
 SHOP = r"""
 import json, os, urllib.error, urllib.request
@@ -67,56 +69,18 @@ def charge(event, context):
 """
 
 
-@pytest.fixture
-def activator_env() -> dict[str, str]:
-    return {"EMBER_SERVICES_ADDRESS": NODE_IP, "EMBER_SERVICES_PORT": "0"}
-
-
-@pytest.fixture
-def payments_secret(ember_ns: Ember) -> None:
-    value = base64.b64encode(SECRET.encode()).decode()
-    ember_ns.core.create_namespaced_secret(ember_ns.ns, {"metadata": {"name": "payments"}, "data": {"token": value}})
-
-
 def _policy(ember: Ember, name: str, spec: dict[str, Any]) -> None:
     ember.create("securitypolicies", {"kind": "SecurityPolicy", "metadata": {"name": name}, "spec": spec})
 
 
+@pytest.mark.usefixtures("payments_secret")
 async def test_portions_run_in_pools_of_their_own_and_call_only_what_they_declare(
-    ember_ns: Ember, payments_secret: None, activator: ActivatorProcess
+    ember_ns: Ember, activator: ActivatorProcess
 ) -> None:
     ember = ember_ns
     payments = Payments()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", payments.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    service = {
-        "name": "payments",
-        "url": f"http://127.0.0.1:{runner.addresses[0][1]}/api",
-        "credentialsSecretRef": {"name": "payments", "key": "token"},
-        "methods": ["POST"],
-    }
-    _policy(ember, "shop", {"trustLevel": "trusted"})
-    _policy(ember, "parser", {"trustLevel": "untrusted"})
-    _policy(ember, "pay", {"trustLevel": "trusted", "services": [service]})
-    portions = [
-        {"name": "parse", "handler": "main.parse", "securityPolicyRef": {"name": "parser"}},
-        {"name": "charge", "handler": "main.charge", "securityPolicyRef": {"name": "pay"}},
-    ]
-    more: dict[str, Any] = {"securityPolicyRef": {"name": "shop"}, "timeoutSeconds": 60, "portions": portions}
-    _create_ready(ember, _function("shop", SHOP, **more))
-    try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=180)) as http:
-            status, text = await _call(http, activator.url, ember.ns, "shop", {"raw": "amount=42"})
-            assert status == 200, text
-            shop = json.loads(text)
-            status, text = await _call(http, activator.url, ember.ns, "shop", {"stale": True})
-            assert status == 200, text
-            stale = json.loads(text)
-    finally:
-        await runner.cleanup()
+    async with payments.serving() as port:
+        shop, stale = await _shop_calls(ember, activator, port)
     parsed = shop["parsed"]["ok"]
     assert parsed["amount"] == 42
     assert parsed["charge"]["error"] == "PortionsUnavailable", parsed  # the parser has no channel
@@ -137,3 +101,29 @@ async def test_portions_run_in_pools_of_their_own_and_call_only_what_they_declar
         timeout_s=30,
         what="the Version counting its own pod only",
     )
+
+
+async def _shop_calls(ember: Ember, activator: ActivatorProcess, port: int) -> tuple[Any, Any]:
+    """The shop and its policies made, Ready; one order, then a kept call token tried."""
+    service = {
+        "name": "payments",
+        "url": f"http://127.0.0.1:{port}/api",
+        "credentialsSecretRef": {"name": "payments", "key": "token"},
+        "methods": ["POST"],
+    }
+    _policy(ember, "shop", {"trustLevel": "trusted"})
+    _policy(ember, "parser", {"trustLevel": "untrusted"})
+    _policy(ember, "pay", {"trustLevel": "trusted", "services": [service]})
+    portions = [
+        {"name": "parse", "handler": "main.parse", "securityPolicyRef": {"name": "parser"}},
+        {"name": "charge", "handler": "main.charge", "securityPolicyRef": {"name": "pay"}},
+    ]
+    more: dict[str, Any] = {"securityPolicyRef": {"name": "shop"}, "timeoutSeconds": 60, "portions": portions}
+    _create_ready(ember, _function("shop", SHOP, **more))
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=180)) as http:
+        status, text = await _call(http, activator.url, ember.ns, "shop", {"raw": "amount=42"})
+        assert status == 200, text
+        shop = json.loads(text)
+        status, text = await _call(http, activator.url, ember.ns, "shop", {"stale": True})
+        assert status == 200, text
+        return shop, json.loads(text)

@@ -13,7 +13,9 @@ NetworkPolicy (README, Threat model): what holds here is the token and gVisor.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -79,6 +81,19 @@ class Payments:
         self.seen.append((request.method, request.raw_path, request.headers.get("Authorization")))
         return web.json_response({"charged": request.raw_path})
 
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[int]:
+        """Serve on a port of the host's loopback, for the block; yields the port."""
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            yield int(runner.addresses[0][1])
+        finally:
+            await runner.cleanup()
+
 
 @pytest.fixture
 def activator_env() -> dict[str, str]:
@@ -96,12 +111,16 @@ async def test_a_gvisor_function_calls_its_service_through_the_activator_and_nev
 ) -> None:
     ember = ember_ns
     payments = Payments()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", payments.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    port = runner.addresses[0][1]
+    async with payments.serving() as port:
+        used, replay = await _calls_and_replay(ember, activator, port)
+    assert [c[0] for c in used["calls"]] == [200, 200, 403, 405], used
+    assert used["base"].startswith(f"http://{NODE_IP}:")
+    assert used["found"] == []
+    assert [c[0] for c in replay["calls"]] == [401], replay
+    assert payments.seen == [("GET", "/api/v1/charges/7?x=1", SECRET), ("POST", "/api/v1/charges", SECRET)]
+
+
+async def _calls_and_replay(ember: Ember, activator: ActivatorProcess, port: int) -> tuple[Any, Any]:
     service = {
         "name": "payments",
         "url": f"http://127.0.0.1:{port}/api",
@@ -120,30 +139,22 @@ async def test_a_gvisor_function_calls_its_service_through_the_activator_and_nev
         ["GET", "/v1/refunds", {}],
         ["DELETE", "/v1/charges/7", {}],
     ]
-    try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=180)) as http:
-            status, text = await _call(http, activator.url, ember.ns, "caller", {"calls": calls})
-            assert status == 200, text
-            used = json.loads(text)
-            # a pod gone takes its grant with it: its URL, leaked to a new pod, opens nothing
-            (pod,) = ember.core.list_namespaced_pod(ember.ns, label_selector="ember.run/function=caller").items
-            ember.core.delete_namespaced_pod(pod.metadata.name, ember.ns, grace_period_seconds=0)
-            eventually(
-                lambda: all(
-                    p.metadata.name != pod.metadata.name
-                    for p in ember.core.list_namespaced_pod(ember.ns, label_selector="ember.run/function").items
-                ),
-                timeout_s=60,
-                what="the caller's pod gone",
-            )
-            leaked = used["base"] + "/v1/charges/8"
-            status, text = await _call(http, activator.url, ember.ns, "caller", {"url": leaked})
-            assert status == 200, text
-            replay = json.loads(text)
-    finally:
-        await runner.cleanup()
-    assert [c[0] for c in used["calls"]] == [200, 200, 403, 405], used
-    assert used["base"].startswith(f"http://{NODE_IP}:")
-    assert used["found"] == []
-    assert [c[0] for c in replay["calls"]] == [401], replay
-    assert payments.seen == [("GET", "/api/v1/charges/7?x=1", SECRET), ("POST", "/api/v1/charges", SECRET)]
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=180)) as http:
+        status, text = await _call(http, activator.url, ember.ns, "caller", {"calls": calls})
+        assert status == 200, text
+        used = json.loads(text)
+        # a pod gone takes its grant with it: its URL, leaked to a new pod, opens nothing
+        (pod,) = ember.core.list_namespaced_pod(ember.ns, label_selector="ember.run/function=caller").items
+        ember.core.delete_namespaced_pod(pod.metadata.name, ember.ns, grace_period_seconds=0)
+        eventually(
+            lambda: all(
+                p.metadata.name != pod.metadata.name
+                for p in ember.core.list_namespaced_pod(ember.ns, label_selector="ember.run/function").items
+            ),
+            timeout_s=60,
+            what="the caller's pod gone",
+        )
+        leaked = used["base"] + "/v1/charges/8"
+        status, text = await _call(http, activator.url, ember.ns, "caller", {"url": leaked})
+        assert status == 200, text
+        return used, json.loads(text)

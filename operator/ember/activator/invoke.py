@@ -83,9 +83,6 @@ class CallTokens:
     def get(self, token: str) -> Call | None:
         return self._open.get(token)
 
-    def __len__(self) -> int:
-        return len(self._open)
-
 
 class Invoker:
     """Runs invocations against the registry's Versions."""

@@ -16,9 +16,15 @@ import json
 from typing import Any
 
 import pytest
-from tests.local.activator.helpers import Activator, run_activator
+from tests.local.activator.helpers import run_activator
 from tests.local.security.test_sandbox_local import ISOLATED, _use, background_load
-from tests.local.security.test_services_local import SECRET, Upstream, _credentials, upstream  # noqa: F401
+from tests.local.security.test_services_local import (  # noqa: F401 (upstream: a fixture)
+    SECRET,
+    Upstream,
+    _credentials,
+    _result,
+    upstream,
+)
 
 from ember.api.function import Function
 from ember.api.security_policy import SecurityPolicySpec
@@ -158,14 +164,6 @@ def _shop(port: int) -> tuple[Function, SecurityPolicySpec, dict[str, SecurityPo
         "audit": orchestrator,
     }
     return fn, orchestrator, policies
-
-
-async def _result(act: Activator, name: str, event: object) -> dict[str, Any]:
-    async with act.http.post(act.invoke_url(name), data=json.dumps(event).encode()) as response:
-        text = await response.text()
-        assert response.status == 200, text
-        assert "X-Ember-Function-Error" not in response.headers, text
-        return dict(json.loads(text))
 
 
 @pytest.mark.parametrize("choice", ISOLATED)

@@ -31,7 +31,8 @@ first (`EMBER_SANDBOX=runsc|bwrap|none` forces one):
   runsc's control socket is then reachable from the host's network namespace). The agent makes its socket itself
   (`--host-uds=create`) in the pod's run/ folder, the one writable bind, a 1 MiB tmpfs as root
   (`_small_tmpfs`); code in gVisor cannot replace that socket nor connect to a host socket,
-  except, under a policy with auxiliary services (`--host-uds=all`), the services proxy's
+  except, for a pod with a channel to Ember (auxiliary services, portion calls:
+  `PoolKey.channel`, `--host-uds=all`), the services proxy's
   socket this process makes in the same folder (`ember.pods.services`); bwrap sees that socket
   alone, bound read-only at the same path.
   `EMBER_RUNSC_FLAGS` adds flags (e.g. `--platform=systrap`).

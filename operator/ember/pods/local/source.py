@@ -367,8 +367,8 @@ class LocalPodSource:
         for name in ("EMBER_AGENT_HOST", "EMBER_AGENT_PORT", "EMBER_AGENT_SOCKET", "EMBER_AGENT_LISTEN_FD"):
             settings.pop(name, None)
         settings.pop("EMBER_AGENT_SERVICES_SOCKET", None)
-        services = key.channel
-        if services:  # the agent relays from its loopback to the proxy's socket for this pod
+        channel = key.channel  # auxiliary services, portion calls
+        if channel:  # the agent relays from its loopback to the proxy's socket for this pod
             seen_at = str(place.services_socket) if self.sandbox.kind is Sandbox.NONE else SANDBOX_SERVICES_SOCKET
             settings["EMBER_AGENT_SERVICES_SOCKET"] = seen_at
         settings["EMBER_AGENT_CONCURRENCY"] = "1"
@@ -400,7 +400,7 @@ class LocalPodSource:
             except asyncio.CancelledError:
                 await asyncio.gather(making, return_exceptions=True)
                 raise
-            if services:  # after `sandboxed`, which mounts the pod's run/ folder
+            if channel:  # after `sandboxed`, which mounts the pod's run/ folder
                 await self._services.open_pod(pod_id, place.services_socket)
         except BaseException:
             if listener is not None:
@@ -435,7 +435,7 @@ class LocalPodSource:
                 if where != expected:
                     # an agent that ignored its socket setting would listen where others reach it
                     raise PoolUnavailable(f"listens on {listening!r}, not on its pod's socket")
-                if services:
+                if channel:
                     if not relay.isdigit():
                         raise PoolUnavailable(f"does not relay auxiliary services (it printed {listening!r})")
                     process.services_port = int(relay)
