@@ -164,7 +164,8 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
     """Run until `stop` is set."""
     configuration = await load_api_config()
     async with kclient.ApiClient(configuration) as api:
-        services = ServiceProxy(ApiSecrets(api))
+        secrets = ApiSecrets(api)
+        services = ServiceProxy(secrets)
         services_base = ""
         if args.services_address:
             port = await services.serve_tcp(args.services_address, args.services_port)
@@ -185,6 +186,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
             source,
             ActivatorConfig(default_namespace=args.namespace, warm_pool_size=0),
             replicas=source.live_replicas,
+            credentials=secrets,
         )
         catalog = Catalog(
             api,

@@ -193,7 +193,7 @@ async def serve(
     workspace.reload(report)
     sandbox = detect_sandbox()
     source = LocalPodSource(sandbox=sandbox, credentials=workspace.credential)
-    app = make_app(source, config or ActivatorConfig())
+    app = make_app(source, config or ActivatorConfig(), credentials=workspace.credential)
     registry = app[keys.REGISTRY]
     sync_registry(registry, workspace, report)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)

@@ -16,9 +16,10 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from ember.activator import ember_api, health, keys, lambda_api
+from ember.activator import ember_api, gateway, health, keys, lambda_api
 from ember.activator.agent_client import AgentClient
 from ember.activator.async_invoke import AsyncInvocations
+from ember.activator.authorizer import JwtVerifier
 from ember.activator.config import ActivatorConfig
 from ember.activator.invoke import Invoker
 from ember.activator.metrics import Metrics
@@ -27,12 +28,19 @@ from ember.activator.registry import Registry
 from ember.activator.scaler import Scaler
 from ember.activator.wake import Wakeup
 from ember.pods.base import PodSource
+from ember.pods.services import Credentials, no_credentials
 
 
 def make_app(
-    source: PodSource, config: ActivatorConfig | None = None, *, replicas: Callable[[], int] = lambda: 1
+    source: PodSource,
+    config: ActivatorConfig | None = None,
+    *,
+    replicas: Callable[[], int] = lambda: 1,
+    credentials: Credentials = no_credentials,
 ) -> web.Application:
     """A ready-to-run activator over `source`; the caller owns (and closes) the source.
+
+    `credentials` reads Secrets' keys (the JWKS of routes' JWT authorizers).
 
     `replicas` counts the live activators sharing the Functions (this one included): each keeps a
     Version within its share of `minScale` and `maxScale` (see `ember.activator.scaler`).
@@ -64,6 +72,8 @@ def make_app(
     ember_api.add_routes(app)
     lambda_api.add_routes(app)
     health.add_routes(app)
+    app[gateway.VERIFIER] = JwtVerifier(credentials)
+    gateway.add_routes(app)  # last: every path the activator's own API does not take
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await client.start()

@@ -16,8 +16,8 @@ EMPTY_EVENT = b"{}"
 T = TypeVar("T")
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The request body (an empty body is the empty event `{}`); PayloadTooLarge past `limit` bytes."""
+async def read_body(request: web.Request, limit: int, *, empty: bytes = EMPTY_EVENT) -> bytes:
+    """The request body (an empty body is `empty`, the event `{}`); PayloadTooLarge past `limit` bytes."""
     declared = request.content_length
     if declared is not None and declared > limit:
         raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit}")
@@ -27,7 +27,7 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         raise PayloadTooLarge(f"request body is larger than the limit of {limit} bytes") from None
     if len(body) > limit:
         raise PayloadTooLarge(f"request body is {len(body)} bytes; the limit is {limit}")
-    return body or EMPTY_EVENT
+    return body or empty
 
 
 def require_json(body: bytes) -> None:

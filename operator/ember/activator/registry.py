@@ -41,6 +41,7 @@ from ember.api.version import code_hash
 from ember.pods.base import PoolKey, SpecializeRequest, VersionKey
 from ember.pods.payload import PayloadError, path_digest, pool_key, specialize_request
 from ember.resources.portions import MAIN, callees, portion_spec
+from ember.resources.routes import Compiled, FunctionRoutes, compile_routes
 from ember.resources.version import plan_next_version
 from ember.scaling.autoscaler import initial_target
 
@@ -50,9 +51,10 @@ log = logging.getLogger(__name__)
 class FunctionState:
     """One Function: its latest spec and every Version made of it (the `Owner` of each)."""
 
-    def __init__(self, namespace: str, name: str) -> None:
+    def __init__(self, namespace: str, name: str, seq: int = 0) -> None:
         self.namespace = namespace
         self.name = name
+        self.seq = seq  # order of arrival: on a route conflict the earlier Function keeps the route
         self.label = f"{namespace}/{name}"
         self.spec: FunctionSpec | None = None
         self.versions: dict[int, VersionState] = {}
@@ -145,6 +147,8 @@ class Registry:
         self._functions: dict[tuple[str, str], FunctionState] = {}
         self._removed: list[FunctionState] = []
         self._random = random.Random()
+        self._seq = 0
+        self.routes: Compiled = compile_routes(())  # every Function's HTTP routes (ember.resources.routes)
 
     def functions(self) -> Iterator[FunctionState]:
         return iter(list(self._functions.values()))
@@ -164,9 +168,27 @@ class Registry:
         namespace, name = function.metadata.namespace, function.metadata.name
         fs = self._functions.get((namespace, name))
         if fs is None or fs.removed:
-            fs = self._functions[(namespace, name)] = FunctionState(namespace, name)
+            self._seq += 1
+            fs = self._functions[(namespace, name)] = FunctionState(namespace, name, self._seq)
+        routed = fs.spec.http if fs.spec is not None else None
         fs.take(function.spec, self.config)
+        if function.spec.http != routed:
+            self._compile_routes()
         return fs
+
+    def _compile_routes(self) -> None:
+        """The route table again, from every Function's `spec.http` (oldest Function first)."""
+        self.routes = compile_routes(
+            FunctionRoutes(
+                fs.namespace,
+                fs.name,
+                fs.spec.http.routes,
+                fs.spec.http.cors,
+                {name: a.jwt for name, a in fs.spec.http.authorizers.items()},
+            )
+            for fs in sorted(self._functions.values(), key=lambda f: f.seq)
+            if fs.spec is not None and fs.spec.http is not None
+        )
 
     def apply(
         self,
@@ -367,6 +389,8 @@ class Registry:
         if fs is not None:
             fs.removed = True
             self._removed.append(fs)
+            if fs.spec is not None and fs.spec.http is not None:
+                self._compile_routes()
             for vs in _with_portions(fs):
                 vs.fail_waiters(FunctionNotFound(f"function {fs.label} was removed"))
         return fs

@@ -16,10 +16,10 @@ from ember.api.common import (
     cel,
     validations,
 )
+from ember.api.http import Http
 
 Runtime = Literal["python3.11", "python3.12", "nodejs20"]
 RUNTIMES: tuple[str, ...] = ("python3.11", "python3.12", "nodejs20")
-HttpMethod = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "ANY"]
 
 INLINE_CODE_MAX_BYTES = 256 * 1024
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -203,34 +203,6 @@ class Alias(Model):
         if (self.additional_version is None) != (self.additional_weight is None):
             raise ValueError("an alias sets additionalVersion and additionalWeight together")
         return self
-
-
-class HttpRoute(Model):
-    """An API-gateway route: requests matching it become invocations of this Function."""
-
-    path: str = Field(
-        min_length=1,
-        max_length=1024,
-        pattern=r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/{}-]*$",
-        description="Path template, e.g. /users/{id} or /files/{proxy+}.",
-    )
-    methods: list[HttpMethod] = Field(
-        default_factory=lambda: list[HttpMethod](["ANY"]), max_length=8, description="Methods matched; ANY matches all."
-    )
-    host: str | None = Field(default=None, max_length=253, description="Host header to match; any when omitted.")
-    qualifier: str | None = Field(
-        default=None, max_length=64, description="Version number or alias to invoke; traffic split when omitted."
-    )
-    payload_format: Literal["apigateway-v2", "raw"] = Field(
-        default="apigateway-v2",
-        description="Event shape: an API Gateway v2 proxy event, or the raw body as the event.",
-    )
-
-
-class Http(Model):
-    """HTTP triggers of the Function."""
-
-    routes: list[HttpRoute] = Field(default_factory=list, max_length=64, description="Routes to this Function.")
 
 
 class EventSource(Model):

@@ -68,8 +68,6 @@ FUNCTION_GAPS: Final[tuple[Gap[FunctionSpec], ...]] = (
     Gap("spec.resources.autoResize", lambda s: s.resources.auto_resize),
     # No predictor: the autoscaler (scaling/autoscaler.py) only reacts to observed concurrency.
     Gap("spec.scaling.predictive", lambda s: s.scaling.predictive),
-    # The activator serves only its invoke and Lambda APIs (activator/app.py); no route matching.
-    Gap("spec.http.routes", lambda s: s.http is not None and bool(s.http.routes)),
     # nothing polls a queue yet.
     Gap("spec.eventSources", lambda s: bool(s.event_sources)),
     # activator/async_invoke.py honours maxRetries only: no event age, no destinations.

@@ -76,9 +76,9 @@ async def run_activator(
     config: ActivatorConfig = FAST, *, credentials: Credentials = no_credentials
 ) -> AsyncIterator[Activator]:
     """Start source + activator on 127.0.0.1:0; always stop both, and every agent by pid.
-    `credentials` serves auxiliary services' Secrets (`ember.pods.services`)."""
+    `credentials` serves Secrets: auxiliary services' (`ember.pods.services`), routes' JWKS."""
     source = LocalPodSource(credentials=credentials)
-    app = make_app(source, config)
+    app = make_app(source, config, credentials=credentials)
     runner = web.AppRunner(app, access_log=None)
     started: list[int] = []
     try:

@@ -727,10 +727,10 @@ def _condition(status: Obj, type_: str) -> Obj:
 
 async def test_function_setting_unimplemented_fields_is_told_once_without_losing_ready() -> None:
     kube = FakeKube()
-    fn = kube.add("functions", _fn_body(freeze={"enabled": True}, http={"routes": [{"path": "/greet"}]}))
+    fn = kube.add("functions", _fn_body(freeze={"enabled": True}, state={"keyValue": True}))
     recorder = _Warnings()
     first = await reconcile_function(cast(Any, kube), SETTINGS, fn, now=NOW, record=recorder)
-    message = "spec.http.routes, spec.freeze are accepted but not implemented yet; they have no effect."
+    message = "spec.state, spec.freeze are accepted but not implemented yet; they have no effect."
     assert _condition(first, "Unsupported") | {"lastTransitionTime": None} == {
         "type": "Unsupported",
         "status": "True",
