@@ -64,6 +64,8 @@ class Workspace:
     by_file: dict[Path, list[Function | SecurityPolicy]] = field(default_factory=dict)
     secrets_by_file: dict[Path, list[LocalSecret]] = field(default_factory=dict)
     warned: set[str] = field(default_factory=set)
+    routes: dict[tuple[str, str], tuple[str, ...]] | None = None  # served, as last reported (None: not yet)
+    refused: set[str] = field(default_factory=set)  # last reported route conflicts
 
     def reload(self, report: Callable[[str], None]) -> None:
         """Re-read every manifest file; files with problems keep what they defined before."""
@@ -152,7 +154,23 @@ def sync_registry(registry: Registry, workspace: Workspace, report: Callable[[st
         if (fs.namespace, fs.name) not in wanted:
             registry.remove(fs.namespace, fs.name)
             report(f"removed {fs.label} (its manifest is gone)")
+    _report_routes(registry, workspace, report)
     return changed
+
+
+def _report_routes(registry: Registry, workspace: Workspace, report: Callable[[str], None]) -> None:
+    """A line when a Function's served routes change, and one per route conflict (once)."""
+    compiled = registry.routes
+    refused = {f"Function {ns}/{name}: {p}" for (ns, name), ps in compiled.refused.items() for p in ps}
+    for line in sorted(refused - workspace.refused):
+        report(f"error: {line}")
+    before = workspace.routes
+    if before is not None:  # the first time, the banner lists them
+        for key in sorted(set(before) | set(compiled.accepted)):
+            now = compiled.accepted.get(key, ())
+            if before.get(key, ()) != now:
+                report(f"routes of {key[0]}/{key[1]}: {', '.join(now) or 'none'}")
+    workspace.routes, workspace.refused = dict(compiled.accepted), refused
 
 
 def banner(out: TextIO, base: str, registry: Registry, sandbox_note: str, isolated: bool) -> None:
@@ -171,6 +189,11 @@ def banner(out: TextIO, base: str, registry: Registry, sandbox_note: str, isolat
         print(f"    POST {url}", file=out)
         print(f"    curl -s -X POST {url} -H 'Content-Type: application/json' -d '{{}}'", file=out)
         print(f"    ember invoke {fs.name if fs.namespace == 'default' else fs.label} --data '{{}}'", file=out)
+        for route_key in registry.routes.accepted.get((fs.namespace, fs.name), ()):
+            method, _, path = route_key.partition(" ")
+            print(f"    route {method} {base}{path}", file=out)
+        if fs.spec is not None and fs.spec.http is not None and fs.spec.http.function_url is not None:
+            print(f"    function URL {base}/v1/namespaces/{fs.namespace}/functions/{fs.name}/url/", file=out)
     out.flush()
 
 

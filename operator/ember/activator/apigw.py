@@ -151,8 +151,8 @@ def reply_of(result: bytes) -> HttpReply:
     if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599:
         raise BadResponse(f"statusCode must be an integer from 100 to 599, not {value['statusCode']!r}")
     out: list[tuple[str, str]] = []
-    single = value.get("headers") or {}
-    multi = value.get("multiValueHeaders") or {}
+    single = {} if value.get("headers") is None else value["headers"]
+    multi = {} if value.get("multiValueHeaders") is None else value["multiValueHeaders"]
     if not isinstance(single, dict) or not isinstance(multi, dict):
         raise BadResponse("headers and multiValueHeaders must be objects")
     for name, raw in single.items():
@@ -161,7 +161,7 @@ def reply_of(result: bytes) -> HttpReply:
         if not isinstance(values, list):
             raise BadResponse(f"multiValueHeaders[{name!r}] must be a list")
         out.extend((_header_name(name), _header_value(name, v)) for v in values)
-    cookies = value.get("cookies") or []
+    cookies = [] if value.get("cookies") is None else value["cookies"]
     if not isinstance(cookies, list):
         raise BadResponse("cookies must be a list of strings")
     out.extend(("Set-Cookie", _header_value("cookies", c)) for c in cookies)

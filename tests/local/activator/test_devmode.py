@@ -76,11 +76,10 @@ def _children(pid: int) -> set[int]:
     return {int(p) for p in out.split()}
 
 
-@pytest.fixture
-def dev(tmp_path: Path) -> Iterator[Dev]:
-    (tmp_path / "greet.yaml").write_text(MANIFEST.replace("GREETING", "hello"))
+def dev_in(directory: Path) -> Iterator[Dev]:
+    """`ember dev DIR --port 0` running until the generator is closed (then Ctrl-C, or killed)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ember.cli", "dev", str(tmp_path), "--port", "0"],
+        [sys.executable, "-m", "ember.cli", "dev", str(directory), "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -98,6 +97,12 @@ def dev(tmp_path: Path) -> Iterator[Dev]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@pytest.fixture
+def dev(tmp_path: Path) -> Iterator[Dev]:
+    (tmp_path / "greet.yaml").write_text(MANIFEST.replace("GREETING", "hello"))
+    yield from dev_in(tmp_path)
 
 
 def _invoke(url: str, *args: str) -> subprocess.CompletedProcess[str]:
