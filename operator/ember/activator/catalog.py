@@ -69,7 +69,7 @@ class Plan:
 def _model_body(obj: Mapping[str, Any]) -> dict[str, Any]:
     """The parts of a stored object the models parse (status and server-only metadata dropped)."""
     meta = obj.get("metadata") or {}
-    kept = ("name", "namespace", "labels", "annotations", "uid", "resourceVersion", "generation")
+    kept = ("name", "namespace", "labels", "annotations", "uid", "resourceVersion", "generation", "creationTimestamp")
     body = {k: obj[k] for k in ("apiVersion", "kind", "spec") if k in obj}
     body["metadata"] = {k: meta[k] for k in kept if meta.get(k) is not None}
     return body
@@ -121,7 +121,12 @@ def apply_plan(registry: Registry, wanted: Plan) -> list[str]:
     Returns one line per change, for the log.
     """
     changes: list[str] = []
-    for (namespace, name), fp in wanted.functions.items():
+    # Oldest first: a Function seen for the first time takes its place in the route table in this
+    # order, the operator's (ember.controller.routes), so an older Function keeps a route two claim.
+    ordered = sorted(
+        wanted.functions.items(), key=lambda kv: (kv[1].function.metadata.creation_timestamp or "9999", kv[0])
+    )
+    for (namespace, name), fp in ordered:
         registry.follow(fp.function)
         for vp in fp.versions:
             made = registry.apply_version(

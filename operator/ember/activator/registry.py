@@ -41,7 +41,7 @@ from ember.api.version import code_hash
 from ember.pods.base import PoolKey, SpecializeRequest, VersionKey
 from ember.pods.payload import PayloadError, path_digest, pool_key, specialize_request
 from ember.resources.portions import MAIN, callees, portion_spec
-from ember.resources.routes import Compiled, FunctionRoutes, compile_routes
+from ember.resources.routes import Compiled, compile_routes, function_routes
 from ember.resources.version import plan_next_version
 from ember.scaling.autoscaler import initial_target
 
@@ -179,13 +179,7 @@ class Registry:
     def _compile_routes(self) -> None:
         """The route table again, from every Function's `spec.http` (oldest Function first)."""
         self.routes = compile_routes(
-            FunctionRoutes(
-                fs.namespace,
-                fs.name,
-                fs.spec.http.routes,
-                fs.spec.http.cors,
-                {name: a.jwt for name, a in fs.spec.http.authorizers.items()},
-            )
+            function_routes(fs.namespace, fs.name, fs.spec.http)
             for fs in sorted(self._functions.values(), key=lambda f: f.seq)
             if fs.spec is not None and fs.spec.http is not None
         )

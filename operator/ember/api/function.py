@@ -426,6 +426,9 @@ class FunctionStatus(Status):
     latest_version: int | None = Field(default=None, description="Number of the newest Version.")
     ready_version: int | None = Field(default=None, description="Number of the newest Version that can serve.")
     url: str | None = Field(default=None, description="Where to invoke the Function.")
+    routes: list[str] = Field(
+        default_factory=list, description="HTTP routes the activator serves, e.g. GET /users/{id}."
+    )
 
 
 class Function(Resource):
@@ -438,6 +441,7 @@ class Function(Resource):
         PrinterColumn(name="Latest", type="integer", json_path=".status.latestVersion"),
         PrinterColumn(name="Ready", type="string", json_path='.status.conditions[?(@.type=="Ready")].status'),
         PrinterColumn(name="URL", type="string", json_path=".status.url"),
+        PrinterColumn(name="Routes", type="string", json_path=".status.routes"),
         PrinterColumn(name="Age", type="date", json_path=".metadata.creationTimestamp"),
         PrinterColumn(name="Runtime", type="string", json_path=".spec.runtime", priority=1),
         PrinterColumn(name="Serving", type="integer", json_path=".status.readyVersion", priority=1),

@@ -6,7 +6,8 @@ triggers are not.
 Versions that traffic or aliases reference, the ready one and the last `keep_versions` stay; the
 rest are deleted with their code. The pools of the Versions that serve (and of the newest, so it
 can load) exist (`pools`), and so does the Function's NetworkPolicy. Status: `PolicyResolved`,
-`VersionReady`, `EgressEnforced`, `Unsupported`, and `Ready` from the first two (a spec beyond its
+`VersionReady`, `EgressEnforced`, `RoutesAccepted` (`ember.controller.routes`),
+`Unsupported`, and `Ready` from the first two (a spec beyond its
 policy's `limits` is `PolicyResolved=False, ExceedsPolicyLimits`, portions whose policies are
 missing, over their limits or called up in trust `PortionPoliciesRefused`, and neither mints a
 Version), except that a
@@ -32,6 +33,7 @@ from ember.controller.children import Child, Outcome, ensure_child, network_poli
 from ember.controller.kube import Kube, Obj
 from ember.controller.policy import PolicyResolution, resolve_policy
 from ember.controller.pools import ensure_pools
+from ember.controller.routes import routes_of
 from ember.controller.settings import Settings
 from ember.controller.status import (
     Recorder,
@@ -288,16 +290,41 @@ async def reconcile_function(
                 now=now,
             )
 
+    served: list[str] = []
+    if fn.spec.http is not None:
+        routes = await routes_of(kube, fn, token=now.isoformat())
+        served = list(routes.served)
+        if routes.refused:
+            conditions = cond.mark_false(
+                conditions,
+                cond.ROUTES_ACCEPTED,
+                cond.Reason.ROUTE_CONFLICT,
+                "; ".join(routes.refused) + ".",
+                generation=generation,
+                now=now,
+            )
+        else:
+            conditions = cond.mark_true(
+                conditions,
+                cond.ROUTES_ACCEPTED,
+                cond.Reason.ROUTES_SERVED,
+                f"The activator serves {', '.join(served) or 'no routes'}"
+                + (" and the function URL." if fn.spec.http.function_url is not None else "."),
+                generation=generation,
+                now=now,
+            )
+    else:
+        conditions = [c for c in conditions if c.type != cond.ROUTES_ACCEPTED]
     conditions = mark_unsupported(
         conditions, unsupported_function_fields(fn.spec), body, record, generation=generation, now=now
     )
     conditions = cond.with_ready(conditions, cond.FUNCTION_DEPENDENTS, generation=generation, now=now)
-    transitions: tuple[str, ...] = (cond.READY, cond.POLICY_RESOLVED, cond.EGRESS_ENFORCED)
+    transitions: tuple[str, ...] = (cond.READY, cond.POLICY_RESOLVED, cond.EGRESS_ENFORCED, cond.ROUTES_ACCEPTED)
     if not_owned:
         conditions = _mark_not_owned(
             old_conditions, conditions, not_owned, body, record, generation=generation, now=now
         )
-        transitions = (cond.POLICY_RESOLVED, cond.EGRESS_ENFORCED)
+        transitions = (cond.POLICY_RESOLVED, cond.EGRESS_ENFORCED, cond.ROUTES_ACCEPTED)
     for type_ in transitions:
         changed = status_changed(old_conditions, conditions, type_)
         if changed is not None and (changed.status != "Unknown"):
@@ -313,4 +340,5 @@ async def reconcile_function(
         "latestVersion": latest,
         "readyVersion": ready_version,
         "url": settings.function_url(ns, name),
+        "routes": served,
     }

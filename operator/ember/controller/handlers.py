@@ -23,7 +23,7 @@ from typing import Any, cast
 import kopf
 
 from ember.api.common import GROUP, VERSION
-from ember.controller import pool_size
+from ember.controller import pool_size, routes
 from ember.controller.function import reconcile_function
 from ember.controller.kube import Kube, KubeError, Obj, connect
 from ember.controller.policy import notify_functions, reconcile_security_policy
@@ -35,7 +35,7 @@ from ember.resources import labels
 log = logging.getLogger(__name__)
 KOPF_PREFIX = "kopf.ember.run"
 RETRY_DELAY_S = 2.0
-NUDGE_ANNOTATION = f"{labels.PREFIX}/nudge"
+NUDGE_ANNOTATION = labels.NUDGE_ANNOTATION
 
 Reconciler = Callable[..., Awaitable[dict[str, Any]]]
 
@@ -112,6 +112,16 @@ def register(registry: kopf.OperatorRegistry, config: Settings) -> None:
     _register_nudges(registry)
     _register_pod_counts(registry)
     _register_pool_sizes(registry, config)
+
+    @kopf.on.delete(GROUP, VERSION, "functions", registry=registry, optional=True)
+    async def function_deleted(body: Any, memo: Any, **_: Any) -> None:
+        meta = body.get("metadata", {})
+        if not (body.get("spec") or {}).get("http"):
+            return
+        try:
+            await routes.function_deleted(memo.kube, meta["namespace"], meta["name"], _now().isoformat())
+        except KubeError as err:
+            log.warning("function=%s/%s deleted, route peers not notified: %s", meta["namespace"], meta["name"], err)
 
     @kopf.on.delete(GROUP, VERSION, "securitypolicies", registry=registry, optional=True)
     async def policy_deleted(body: Any, memo: Any, **_: Any) -> None:

@@ -21,6 +21,9 @@ POLICY_RESOLVED: Final = "PolicyResolved"
 CODE_READY: Final = "CodeReady"
 EGRESS_ENFORCED: Final = "EgressEnforced"
 LOADED: Final = "Loaded"
+# Whether the namespace's activator serves all of the Function's HTTP routes (ember.controller.routes);
+# only on Functions with spec.http, and not part of Ready: the Function is still invoked by its API.
+ROUTES_ACCEPTED: Final = "RoutesAccepted"
 # Fields the spec sets that have no effect yet (ember.api.unsupported). Informational: never part of Ready.
 UNSUPPORTED: Final = "Unsupported"
 
@@ -57,6 +60,8 @@ class Reason:
     LOAD_FAILED: Final = "LoadFailed"
     FIELDS_NOT_IMPLEMENTED: Final = "FieldsNotImplemented"
     ALL_SUPPORTED: Final = "AllSupported"
+    ROUTES_SERVED: Final = "RoutesServed"
+    ROUTE_CONFLICT: Final = "RouteConflict"
 
 
 # Reasons that no retry fixes: the spec (or what it points to) must change.

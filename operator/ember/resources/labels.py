@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Final
 
 PREFIX: Final = "ember.run"
+# Set on a Function (to a fresh token) to make its handler reconcile it again.
+NUDGE_ANNOTATION: Final = f"{PREFIX}/nudge"
 FUNCTION: Final = f"{PREFIX}/function"
 VERSION: Final = f"{PREFIX}/version"
 POOL: Final = f"{PREFIX}/pool"

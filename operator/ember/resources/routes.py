@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from ember.api.http import Cors, HttpRoute, JwtAuthorizer, Segment, parse_template
+from ember.api.http import Cors, Http, HttpRoute, JwtAuthorizer, Segment, parse_template
 
 ANY = "ANY"
 
@@ -64,6 +64,11 @@ class FunctionRoutes:
     routes: Sequence[HttpRoute]
     cors: Cors | None = None
     authorizers: dict[str, JwtAuthorizer] = field(default_factory=dict)
+
+
+def function_routes(namespace: str, name: str, http: Http) -> FunctionRoutes:
+    """A Function's `spec.http` as the table takes it."""
+    return FunctionRoutes(namespace, name, http.routes, http.cors, {n: a.jwt for n, a in http.authorizers.items()})
 
 
 class _Node:

@@ -81,6 +81,6 @@ def test_printer_columns() -> None:
         model.KIND: [c["name"] for c in crd.crd_for(model)["spec"]["versions"][0]["additionalPrinterColumns"]]
         for model in crd.RESOURCES
     }
-    assert columns["Function"][:4] == ["Latest", "Ready", "URL", "Age"]
+    assert columns["Function"][:5] == ["Latest", "Ready", "URL", "Routes", "Age"]
     assert columns["Version"][:4] == ["Function", "Number", "Phase", "Ready"]
     assert columns["SecurityPolicy"][:2] == ["Sandbox", "Egress"]

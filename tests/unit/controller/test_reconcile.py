@@ -17,6 +17,7 @@ import pytest
 from ember.api.function import Function
 from ember.api.security_policy import DEFAULT_POLICY, policy_hash
 from ember.api.version import code_hash
+from ember.controller import routes
 from ember.controller.function import reconcile_function
 from ember.controller.kube import KubeError
 from ember.controller.policy import reconcile_security_policy
@@ -846,3 +847,67 @@ async def test_portions_calling_up_in_trust_mint_no_version() -> None:
     assert (resolved["status"], resolved["reason"]) == ("False", "PortionPoliciesRefused")
     assert "may not call portion 'charge' (trusted, SecurityPolicy 'payments')" in resolved["message"]
     assert _conditions(status)["Ready"] == ("False", "PortionPoliciesRefused")
+
+
+def _routed(name: str, created: str, *paths: str) -> Obj:
+    body = _fn_body(http={"routes": [{"path": p, "methods": ["GET"]} for p in paths]})
+    body["metadata"] = {"name": name, "namespace": NS, "creationTimestamp": created}
+    return body
+
+
+async def test_the_later_function_of_a_route_conflict_is_told_and_the_earlier_serves() -> None:
+    kube = FakeKube()
+    # "zeta" is older than "alpha": creation order decides, as in the activator, not the name
+    older = kube.add("functions", _routed("zeta", "2026-01-01T00:00:00Z", "/users/{id}", "/health2"))
+    newer = kube.add("functions", _routed("alpha", "2026-01-02T00:00:00Z", "/users/{uid}", "/other"))
+    older["status"] = await reconcile_function(cast(Any, kube), SETTINGS, older, now=NOW, record=Events())
+    kube.custom[("functions", NS, "zeta")]["status"] = older["status"]
+    assert _conditions(older["status"])["RoutesAccepted"] == ("True", "RoutesServed")
+    assert older["status"]["routes"] == ["GET /users/{id}", "GET /health2"]
+    recorder = Events()
+    status = await reconcile_function(cast(Any, kube), SETTINGS, newer, now=NOW, record=recorder)
+    assert _conditions(status)["RoutesAccepted"] == ("False", "RouteConflict")
+    assert _condition(status, "RoutesAccepted")["message"] == (
+        "route GET /users/{uid} is already served by Function ns1/zeta (GET /users/{id}); not served."
+    )
+    assert status["routes"] == ["GET /other"]
+    # still invoked by its API: routes are not part of Ready (here waiting for its first Version to load)
+    assert _conditions(status)["Ready"] == _conditions(older["status"])["Ready"]
+    assert ("alpha", "Warning", "RouteConflict") in recorder.seen
+    assert "annotate functions/zeta" not in kube.writes  # its stored condition is right: no nudge
+
+
+async def test_a_route_change_nudges_the_function_whose_outcome_it_changes() -> None:
+    kube = FakeKube()
+    first = kube.add("functions", _routed("first", "2026-01-01T00:00:00Z", "/a"))
+    second = kube.add("functions", _routed("second", "2026-01-02T00:00:00Z", "/a"))
+    second["status"] = await reconcile_function(cast(Any, kube), SETTINGS, second, now=NOW, record=Events())
+    kube.custom[("functions", NS, "second")]["status"] = second["status"]
+    assert _conditions(second["status"])["RoutesAccepted"] == ("False", "RouteConflict")
+    # the older Function gives the path up: the refused one must learn it without an edit of its own
+    first["spec"]["http"]["routes"] = [{"path": "/b", "methods": ["GET"]}]
+    kube.custom[("functions", NS, "first")] = first
+    await reconcile_function(cast(Any, kube), SETTINGS, first, now=NOW, record=Events())
+    assert "annotate functions/second" in kube.writes
+    again = await reconcile_function(
+        cast(Any, kube), SETTINGS, kube.custom[("functions", NS, "second")], now=NOW, record=Events()
+    )
+    assert _conditions(again)["RoutesAccepted"] == ("True", "RoutesServed")
+
+
+async def test_a_deleted_function_nudges_the_ones_refused_its_routes() -> None:
+    kube = FakeKube()
+    refused = kube.add("functions", _routed("second", "2026-01-02T00:00:00Z", "/a"))
+    refused["status"] = {"conditions": [{"type": "RoutesAccepted", "status": "False", "reason": "RouteConflict"}]}
+    kube.add("functions", _routed("served", "2026-01-03T00:00:00Z", "/b"))
+    await routes.function_deleted(cast(Any, kube), NS, "first", "t1")
+    assert kube.writes == ["annotate functions/second"]
+
+
+async def test_a_function_without_http_has_no_routes_condition() -> None:
+    kube = FakeKube()
+    fn = kube.add("functions", _fn_body())
+    fn["status"] = {"conditions": [{"type": "RoutesAccepted", "status": "True", "reason": "RoutesServed"}]}
+    status = await reconcile_function(cast(Any, kube), SETTINGS, fn, now=NOW, record=Events())
+    assert "RoutesAccepted" not in _conditions(status)
+    assert status["routes"] == []
