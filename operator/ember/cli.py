@@ -88,7 +88,28 @@ def _validate(argv: list[str]) -> int:
             warning = unsupported_fields_warning(source, resource)
             if warning is not None:
                 print(f"warning: {warning}", file=sys.stderr)
+        for sentence in _route_conflicts(list(resources)):
+            failed = True
+            print(sentence, file=sys.stderr)
     return 1 if failed else 0
+
+
+def _route_conflicts(resources: list[tuple[object, object]]) -> list[str]:
+    """Routes two of the Functions checked claim (in the order given, as `ember dev` reads them):
+    the later one would be refused its route."""
+    from ember.api.function import Function
+    from ember.resources.routes import compile_routes, function_routes
+
+    functions = [(source, r) for source, r in resources if isinstance(r, Function) and r.spec.http is not None]
+    sources = {(r.metadata.namespace, r.metadata.name): source for source, r in functions}
+    compiled = compile_routes(
+        function_routes(r.metadata.namespace, r.metadata.name, r.spec.http) for _, r in functions if r.spec.http
+    )
+    return [
+        f"{sources[key]}: Function {key[0]}/{key[1]}: {problem}"
+        for key, problems in compiled.refused.items()
+        for problem in problems
+    ]
 
 
 def _over_limits(resource: object, policies: Mapping[tuple[str, str], Any]) -> list[str]:

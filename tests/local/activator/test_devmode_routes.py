@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -100,3 +102,21 @@ def test_the_example_serves_its_route_and_a_conflict_waits_its_turn(dev: Dev, tm
     dev.wait_for(r"routes of default/copycat: GET /greet/\{name\}, GET /secure/\{name\}")
     status, body = _get(f"{dev.url}/greet/ada")
     assert (status, json.loads(body)["copycat"]) == (200, "ada")
+
+
+def test_validate_refuses_a_route_two_functions_claim(tmp_path: Path) -> None:
+    shutil.copy(ROOT / "examples" / "http-route.yaml", tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text((ROOT / "examples" / "http-route.yaml").read_text().replace("greeter", "rival"))
+    out = subprocess.run(
+        [sys.executable, "-m", "ember.cli", "validate", str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert (
+        f"{tmp_path / 'b.yaml'}: Function default/rival: route GET /greet/{{name}} is already served by"
+        " Function default/greeter (GET /greet/{name}); not served"
+    ) in out.stderr
+    (tmp_path / "b.yaml").unlink()
+    alone = subprocess.run(
+        [sys.executable, "-m", "ember.cli", "validate", str(tmp_path / "a.yaml")], capture_output=True, text=True
+    )
+    assert "already served" not in alone.stderr
