@@ -133,6 +133,9 @@ async def route(request: web.Request) -> web.StreamResponse:
                 return _preflight(cors, request, rid)
             found = table.match(_host(request), method, segments)
         if found is None:
+            allowed = await _own_methods(request)
+            if allowed:  # the activator's own API, with another method: aiohttp's 405 would have said so
+                raise _Refused(405, "Method Not Allowed", {"Allow": ", ".join(sorted(allowed))})
             raise _Refused(404, "Not Found")
         if isinstance(found, MethodNotAllowed):
             raise _Refused(405, "Method Not Allowed", {"Allow": ", ".join(found.allowed)})
@@ -267,6 +270,17 @@ def _error_reply(err: ActivatorError, rid: str, cors: dict[str, str]) -> web.Res
         return _message(err.status, err.message, rid, cors)
     log.info("route failed status=%d error=%s: %s", err.status, err.error_type, err.message)
     return _message(502, "Internal Server Error" if err.status >= 500 else err.message, rid, cors)
+
+
+async def _own_methods(request: web.Request) -> set[str]:
+    """The methods the activator's own API serves at this path (the catch-all and function URLs aside)."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource.canonical.startswith(("/{tail", "/v1/namespaces/{namespace}/functions/{name}/url")):
+            continue
+        _, methods = await resource.resolve(request)
+        allowed |= methods
+    return allowed
 
 
 def _error_type(body: bytes) -> str:
