@@ -2,9 +2,11 @@
 
 Settings come from the environment the chart sets, each overridable by a flag:
 `EMBER_ACTIVATOR_PORT` (`--port`, default 8080), `EMBER_ACTIVATOR_HOST` (`--host`, default
-0.0.0.0), `EMBER_NAMESPACES` (`--namespace`; one namespace: the pod source and the catalog work
-per namespace), `POD_NAME` (the claim holder), `EMBER_SERVICES_ADDRESS` (`--services-address`,
-default `POD_IP`: the address function pods reach this activator's services proxy at; none:
+0.0.0.0), `EMBER_GATEWAY_PORT` (`--gateway-port`, off when empty: a second listener on the same
+host serving only HTTP routes and function URLs, the one to expose publicly; see
+`ember.activator.gateway.public_app`), `EMBER_NAMESPACES` (`--namespace`; one namespace: the pod
+source and the catalog work per namespace), `POD_NAME` (the claim holder), `EMBER_SERVICES_ADDRESS`
+(`--services-address`, default `POD_IP`: the address function pods reach this activator's services proxy at; none:
 auxiliary services are off, and a Function whose policy lists some fails to load, saying so),
 `EMBER_SERVICES_PORT` (`--services-port`, default 8090: the proxy's port on that address; see
 `ember.pods.services`), `EMBER_ACTIVATOR_LEASE_S` (`--lease-s`, default
@@ -49,6 +51,7 @@ from ember.activator import keys
 from ember.activator.app import make_app
 from ember.activator.catalog import Catalog
 from ember.activator.config import ActivatorConfig
+from ember.activator.gateway import public_app
 from ember.pods.base import PodSourceError
 from ember.pods.kubernetes import KubernetesPodSource, holder_name
 from ember.pods.kubernetes.secrets import ApiSecrets
@@ -83,6 +86,7 @@ def parse_args(argv: list[str], env: Mapping[str, str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="ember.activator_main", description="Run the Ember activator in a cluster.")
     parser.add_argument("--host", default=env.get("EMBER_ACTIVATOR_HOST", DEFAULT_HOST))
     parser.add_argument("--port", default=env.get("EMBER_ACTIVATOR_PORT", str(DEFAULT_PORT)))
+    parser.add_argument("--gateway-port", default=env.get("EMBER_GATEWAY_PORT", ""))
     parser.add_argument("--namespace", default=None, help="the namespace to serve (default: EMBER_NAMESPACES)")
     parser.add_argument("--log-level", default=env.get("EMBER_LOG_LEVEL", "INFO"))
     parser.add_argument("--lease-s", default=env.get("EMBER_ACTIVATOR_LEASE_S", str(DEFAULT_LEASE_S)))
@@ -136,10 +140,23 @@ def parse_args(argv: list[str], env: Mapping[str, str]) -> argparse.Namespace:
         raise SettingsError(f"port {args.port!r} (EMBER_ACTIVATOR_PORT or --port) is not a number") from None
     if not 0 <= args.port <= 65535:
         raise SettingsError(f"port {args.port} (EMBER_ACTIVATOR_PORT or --port) must be 0-65535")
+    args.gateway_port = _gateway_port(args.gateway_port)
     if args.namespace is None:
         args.namespace = namespace_of(env.get("EMBER_NAMESPACES", ""))
     args.holder = holder_of_process(env, hostname=socket.gethostname(), pid=os.getpid())
     return args
+
+
+def _gateway_port(value: str) -> int | None:
+    if not value.strip():
+        return None
+    try:
+        port = int(value)
+    except ValueError:
+        raise SettingsError(f"gateway port {value!r} (EMBER_GATEWAY_PORT or --gateway-port) is not a number") from None
+    if not 0 <= port <= 65535:
+        raise SettingsError(f"gateway port {port} (EMBER_GATEWAY_PORT or --gateway-port) must be 0-65535")
+    return port
 
 
 def holder_of_process(env: Mapping[str, str], *, hostname: str, pid: int) -> str:
@@ -195,6 +212,9 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
             on_change=app[keys.SCALER].poke,
         )
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=30.0)
+        public: web.AppRunner | None = None
+        if args.gateway_port is not None:
+            public = web.AppRunner(public_app(app), access_log=None, handle_signals=False, shutdown_timeout=30.0)
         try:
             await source.start()
             await catalog.start()
@@ -202,15 +222,22 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
             site = web.TCPSite(runner, args.host, args.port)
             await site.start()
             bound = runner.addresses[0][1] if runner.addresses else args.port
-            # One line tests and people can read the port from (port 0 picks a free one).
+            gateway = "off"
+            if public is not None:
+                await public.setup()
+                await web.TCPSite(public, args.host, args.gateway_port).start()
+                gateway = f"http://{args.host}:{public.addresses[0][1]}"
+            # One line tests and people can read the ports from (port 0 picks a free one).
             print(
                 f"ember activator: listening on http://{args.host}:{bound} namespace={args.namespace} "
-                f"holder={args.holder} services={services_base or 'off'}",
+                f"holder={args.holder} services={services_base or 'off'} gateway={gateway}",
                 flush=True,
             )
             await stop.wait()
             log.info("stopping: draining invocations, releasing pods")
         finally:
+            if public is not None:
+                await public.cleanup()  # first: the public listener closes, its in-flight calls finish
             await runner.cleanup()  # readiness off, listener closed, in-flight finished, pods released
             await catalog.close()
             await source.close()

@@ -1,6 +1,8 @@
 """HTTP routes: the activator as an API gateway (`Function.spec.http`), on its public port.
 
-Any request that is not the activator's own API comes here. In order:
+Any request that is not the activator's own API comes here. `public_app` is the listener to
+expose to the internet (the chart's Ingress and HTTPRoute point at it): it serves only routes
+and function URLs, never the invoke API, the Lambda API or `/metrics`. In order:
 
 1. the path is split into segments and each percent-decoded (malformed encoding is a 400);
 2. the route table (`Registry.routes`, `ember.resources.routes`) finds the route for the Host,
@@ -289,6 +291,19 @@ def _error_type(body: bytes) -> str:
     except ValueError:
         return ""
     return str(parsed.get("errorType", "")) if isinstance(parsed, dict) else ""
+
+
+def public_app(app: web.Application) -> web.Application:
+    """A listener of `app`'s routes and function URLs only, sharing its registry, invoker and lifecycle.
+
+    Run it on its own port beside `app` (whose runner owns the background work): a path of
+    the activator's own API is a plain 404 here.
+    """
+    public = web.Application(client_max_size=app[keys.CONFIG].max_body_bytes + 1)
+    for key in app:
+        public[key] = app[key]
+    add_routes(public)
+    return public
 
 
 def add_routes(app: web.Application) -> None:

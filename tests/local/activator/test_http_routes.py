@@ -21,10 +21,13 @@ from typing import Any
 import jwt
 import pytest
 import pytest_asyncio
+from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 from tests.local.activator.helpers import FAST, Activator, function, run_activator
 from yarl import URL
 
+from ember.activator import keys
+from ember.activator.gateway import public_app
 from ember.pods.services import CredentialUnavailable
 
 # One activator and one sandbox for the module: every test reads the same Function.
@@ -296,6 +299,34 @@ async def test_the_function_url_serves_every_path(api: Activator) -> None:
     missing, _, message = await _get(api, "/v1/namespaces/default/functions/nobody/url/x")
     assert missing == 404
     assert b"nobody" in message
+
+
+async def test_the_public_listener_serves_routes_and_nothing_of_the_activators_own_api(api: Activator) -> None:
+    runner = web.AppRunner(public_app(api.app), access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        public = dataclasses.replace(api, url=f"http://127.0.0.1:{runner.addresses[0][1]}")
+        status, _, body = await _get(public, "/items/9")
+        assert (status, json.loads(body)["pathParameters"]) == (200, {"id": "9"})
+        assert (await _get(public, "/v1/namespaces/default/functions/shop/url/p"))[0] == 200
+        own = [
+            ("GET", "/metrics"),
+            ("GET", "/healthz"),
+            ("POST", "/v1/namespaces/default/functions/shop/invoke"),
+            ("POST", "/2015-03-31/functions/shop/invocations"),
+            ("GET", "/v1/invocations/abc"),
+        ]
+        for method, path in own:
+            # the activator's own 404 (an unknown invocation id) is Ember's error body, not API Gateway's
+            assert (await _get(api, path, method))[2] != b'{"message": "Not Found"}', f"{method} {path} is own API"
+            status, headers, body = await _get(public, path, method)
+            assert (status, json.loads(body)) == (404, {"message": "Not Found"}), f"{method} {path}"
+            assert headers["Apigw-Requestid"]
+    finally:
+        await runner.cleanup()
+    assert api.app[keys.STATE]["started"], "closing the public listener leaves the activator running"
 
 
 async def test_routes_follow_function_changes(api: Activator) -> None:

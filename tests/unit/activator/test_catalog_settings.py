@@ -22,6 +22,13 @@ def test_the_services_proxy_listens_where_pods_reach_this_activator() -> None:
     assert parse_args([], {"EMBER_NAMESPACES": "t"}).services_address == ""  # off: no address known
 
 
+def test_the_public_gateway_port_is_off_unless_set() -> None:
+    assert parse_args([], {"EMBER_NAMESPACES": "t"}).gateway_port is None
+    assert parse_args([], {"EMBER_NAMESPACES": "t", "EMBER_GATEWAY_PORT": "8081"}).gateway_port == 8081
+    flag = parse_args(["--gateway-port", "0"], {"EMBER_NAMESPACES": "t", "EMBER_GATEWAY_PORT": "8081"})
+    assert flag.gateway_port == 0
+
+
 def test_flags_override_the_environment() -> None:
     args = parse_args(["--port", "0", "--namespace", "other", "--host", "127.0.0.1"], {"EMBER_NAMESPACES": "team"})
     assert (args.port, args.namespace, args.host) == (0, "other", "127.0.0.1")
@@ -41,6 +48,8 @@ def test_flags_override_the_environment() -> None:
         (["--pool-demand-window-s", "0"], {"EMBER_NAMESPACES": "t"}, "window 0.0 .* must be 1-3600 seconds"),
         ([], {"EMBER_NAMESPACES": "t", "EMBER_SERVICES_PORT": "x"}, "'x' .*EMBER_SERVICES_PORT.* not a number"),
         (["--services-port", "65536"], {"EMBER_NAMESPACES": "t"}, "services port 65536 .* must be 0-65535"),
+        ([], {"EMBER_NAMESPACES": "t", "EMBER_GATEWAY_PORT": "public"}, "'public' .*EMBER_GATEWAY_PORT.* not a number"),
+        (["--gateway-port", "99999"], {"EMBER_NAMESPACES": "t"}, "gateway port 99999 .* must be 0-65535"),
         ([], {"EMBER_NAMESPACES": "t", "POD_IP": "pod.local"}, "'pod.local' .*POD_IP\\) is not an IP address"),
     ],
 )
