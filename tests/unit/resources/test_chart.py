@@ -98,6 +98,11 @@ def test_helm_lint_strict(helm: str) -> None:
         pytest.param(["--set", "image.pullPolicy=Sometimes"], "pullPolicy", id="bad-pull-policy"),
         pytest.param(["--set", "runtimes.poolSizes.ruby=1"], "ruby", id="unknown-runtime"),
         pytest.param(["--set", "activator.replicas=0"], "replicas", id="no-activator"),
+        pytest.param(
+            ["--set", "activator.gateway.httpRoute.enabled=true"], "parentRefs", id="http-route-without-gateway"
+        ),
+        pytest.param(["--set", "activator.gateway.ingress.hosts[0]=Bad_Host.example"], "hosts", id="ingress-bad-host"),
+        pytest.param(["--set", "activator.gateway.port=0"], "port", id="gateway-port-zero"),
     ],
 )
 def test_schema_rejects_bad_values(helm: str, values: list[str], message: str) -> None:
@@ -236,3 +241,80 @@ def test_the_activator_reads_secrets_only_in_the_namespace_it_serves(helm: str) 
     pod_ip = next(e for e in container["env"] if e["name"] == "POD_IP")
     assert pod_ip["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
     assert {"name": "services", "containerPort": SERVICES_PORT} in container["ports"]
+
+
+def _by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    (doc,) = [d for d in docs if d["kind"] == kind]
+    return doc
+
+
+def test_the_public_listener_is_a_port_of_its_own_on_the_activator(helm: str) -> None:
+    """Routes and function URLs are served on `gateway`; the invoke API and /metrics stay on `http`."""
+    docs = _render(
+        helm, "--skip-tests", "--set", "activator.gateway.port=9443", "--set", "activator.gateway.servicePort=80"
+    )
+    activator = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "t-ember-activator")
+    (container,) = activator["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["EMBER_GATEWAY_PORT"] == "9443"
+    assert {"name": "gateway", "containerPort": 9443} in container["ports"]
+    ports = {p["name"]: p for p in _by_kind(docs, "Service")["spec"]["ports"]}
+    assert (ports["gateway"]["port"], ports["gateway"]["targetPort"]) == (80, "gateway")
+    assert ports["http"]["targetPort"] == "http"
+    assert not [d for d in docs if d["kind"] in ("Ingress", "HTTPRoute")]  # off by default
+
+
+def test_the_ingress_sends_its_hosts_to_the_public_listener_only(helm: str) -> None:
+    docs = _render(
+        helm,
+        "--skip-tests",
+        "--set",
+        "activator.gateway.ingress.enabled=true",
+        "--set",
+        "activator.gateway.ingress.className=nginx",
+        "--set",
+        "activator.gateway.ingress.hosts={api.example.com,*.apps.example.com}",
+        "--set",
+        "activator.gateway.ingress.tls[0].secretName=api-tls",
+        "--set",
+        "activator.gateway.ingress.tls[0].hosts[0]=api.example.com",
+        "--set",
+        "activator.gateway.ingress.annotations.cert-manager\\.io/cluster-issuer=letsencrypt",
+    )
+    ingress = _by_kind(docs, "Ingress")
+    assert ingress["metadata"]["namespace"] == "ember-system"
+    assert ingress["metadata"]["annotations"] == {"cert-manager.io/cluster-issuer": "letsencrypt"}
+    spec = ingress["spec"]
+    assert spec["ingressClassName"] == "nginx"
+    assert spec["tls"] == [{"hosts": ["api.example.com"], "secretName": "api-tls"}]
+    assert [r["host"] for r in spec["rules"]] == ["api.example.com", "*.apps.example.com"]
+    for rule in spec["rules"]:
+        (path,) = rule["http"]["paths"]
+        assert (path["path"], path["pathType"]) == ("/", "Prefix")
+        assert path["backend"]["service"] == {"name": "t-ember-activator", "port": {"name": "gateway"}}
+    every_host = _by_kind(_render(helm, "--skip-tests", "--set", "activator.gateway.ingress.enabled=true"), "Ingress")
+    assert "rules" not in every_host["spec"]
+    assert every_host["spec"]["defaultBackend"]["service"] == {"name": "t-ember-activator", "port": {"name": "gateway"}}
+
+
+def test_the_http_route_attaches_to_the_named_gateway(helm: str) -> None:
+    docs = _render(
+        helm,
+        "--skip-tests",
+        "--set",
+        "activator.gateway.httpRoute.enabled=true",
+        "--set",
+        "activator.gateway.httpRoute.parentRefs[0].name=public",
+        "--set",
+        "activator.gateway.httpRoute.parentRefs[0].namespace=gateways",
+        "--set",
+        "activator.gateway.httpRoute.hostnames={api.example.com}",
+    )
+    route = _by_kind(docs, "HTTPRoute")
+    assert route["apiVersion"] == "gateway.networking.k8s.io/v1"
+    spec = route["spec"]
+    assert spec["parentRefs"] == [{"name": "public", "namespace": "gateways"}]
+    assert spec["hostnames"] == ["api.example.com"]
+    (rule,) = spec["rules"]
+    assert rule["matches"] == [{"path": {"type": "PathPrefix", "value": "/"}}]
+    assert rule["backendRefs"] == [{"name": "t-ember-activator", "port": 8081}]
