@@ -1,0 +1,302 @@
+"""The event store of local mode: one SQLite file (WAL, synchronous FULL) with group commit.
+
+Every statement runs on one thread that owns the connection, so the event loop never blocks
+on the disk. `put` does not commit alone: puts that arrive while a commit is on the disk wait
+and go together in the next transaction (group commit), so one fsync covers many 202s and
+the enqueue rate is not the disk's sync rate. A put's future resolves only after its
+transaction committed: the event survives the process being killed at any point after the 202.
+
+The file belongs to one process: `start` takes an exclusive `flock` on `<file>.lock` and fails,
+naming the holder's file, when another `ember dev` uses the same state directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ember.sources.store import (
+    IDEMPOTENCY_WINDOW_S,
+    STATUS_TTL_S,
+    Event,
+    Status,
+    StoreError,
+    queued_status,
+)
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id TEXT PRIMARY KEY,
+    doc TEXT NOT NULL,
+    body BLOB NOT NULL,
+    not_before REAL NOT NULL,
+    holder TEXT,
+    lease_until REAL NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS events_due ON events (not_before);
+CREATE TABLE IF NOT EXISTS statuses (id TEXT PRIMARY KEY, updated_at REAL NOT NULL, doc TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS statuses_age ON statuses (updated_at);
+CREATE TABLE IF NOT EXISTS idempotency (key TEXT PRIMARY KEY, id TEXT NOT NULL, until REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS dead_letters (id TEXT PRIMARY KEY, at REAL NOT NULL, doc TEXT NOT NULL,
+    body BLOB NOT NULL, status TEXT NOT NULL);
+"""
+
+MAX_BATCH = 1000  # puts per transaction at most
+PRUNE_EVERY_S = 300.0
+
+
+class SqliteStore:
+    """`EventStore` in one SQLite file."""
+
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self.description = f"sqlite {path}"
+        self._clock = clock
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ember-sqlite")
+        self._db: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
+        self._pending: list[tuple[Event, str | None, asyncio.Future[str]]] = []
+        self._flushing: asyncio.Task[None] | None = None
+        self._pruned_at = 0.0
+
+    async def start(self) -> None:
+        await self._call(self._open)
+
+    def _open(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as err:
+            raise StoreError(f"cannot open the event store {self.path}: {err.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreError(
+                f"the event store {self.path} is in use by another process (another ember dev with the same "
+                "--state-dir?)"
+            ) from None
+        self._lock_fd = fd
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(_SCHEMA)
+            # This process holds the lock: every lease in the file is a dead process's; free them now.
+            db.execute("UPDATE events SET holder = NULL, lease_until = 0 WHERE holder IS NOT NULL")
+        except sqlite3.Error as err:
+            raise StoreError(f"the event store {self.path} cannot be opened: {err}") from None
+        self._db = db
+
+    async def close(self) -> None:
+        if self._flushing is not None:
+            with contextlib.suppress(Exception):
+                await self._flushing
+        await self._call(self._shut)
+        self._executor.shutdown(wait=True)
+
+    def _shut(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StoreError(f"the event store {self.path} is not open")
+        return self._db
+
+    # -- put, with group commit
+
+    async def put(self, event: Event, idempotency_key: str | None = None) -> str:
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._pending.append((event, idempotency_key, future))
+        if self._flushing is None:
+            self._flushing = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+                try:
+                    ids = await self._call(self._insert, [(e, k) for e, k, _ in batch])
+                except Exception as err:  # every put of the batch fails alike: none was stored
+                    failure = err if isinstance(err, StoreError) else StoreError(f"{self.description}: {err}")
+                    for _, _, future in batch:
+                        if not future.done():
+                            future.set_exception(failure)
+                    continue
+                for (_, _, future), event_id in zip(batch, ids, strict=True):
+                    if not future.done():
+                        future.set_result(event_id)
+        finally:
+            self._flushing = None
+
+    def _insert(self, batch: list[tuple[Event, str | None]]) -> list[str]:
+        db = self._conn()
+        now = self._clock()
+        ids: list[str] = []
+        seen: dict[str, str] = {}  # keys used earlier in this same batch
+        with self._transaction(db):
+            for event, key in batch:
+                if key is not None:
+                    earlier = seen.get(key)
+                    if earlier is None:
+                        row = db.execute(
+                            "SELECT id FROM idempotency WHERE key = ? AND until > ?", (key, now)
+                        ).fetchone()
+                        earlier = row[0] if row else None
+                    if earlier is not None:
+                        ids.append(earlier)
+                        continue
+                    db.execute(
+                        "INSERT OR REPLACE INTO idempotency (key, id, until) VALUES (?, ?, ?)",
+                        (key, event.id, now + IDEMPOTENCY_WINDOW_S),
+                    )
+                    seen[key] = event.id
+                # A request id names its event: the same id again (while its status is kept) is a no-op.
+                if db.execute("SELECT 1 FROM statuses WHERE id = ?", (event.id,)).fetchone() is None:
+                    db.execute(
+                        "INSERT INTO events (id, doc, body, not_before) VALUES (?, ?, ?, ?)",
+                        (event.id, json.dumps(event.to_json()), event.body, event.not_before),
+                    )
+                    self._status(db, queued_status(event))
+                ids.append(event.id)
+        return ids
+
+    # -- the rest: one transaction each
+
+    async def lease(self, holder: str, count: int, lease_s: float) -> list[Event]:
+        return await self._call(self._lease, holder, count, lease_s)
+
+    def _lease(self, holder: str, count: int, lease_s: float) -> list[Event]:
+        db = self._conn()
+        now = self._clock()
+        with self._transaction(db):
+            rows = db.execute(
+                "UPDATE events SET holder = ?, lease_until = ? WHERE id IN ("
+                " SELECT id FROM events WHERE not_before <= ? AND lease_until < ? ORDER BY not_before LIMIT ?"
+                ") RETURNING doc, body",
+                (holder, now + lease_s, now, now, count),
+            ).fetchall()
+            self._maybe_prune(db, now)
+        return [Event.from_json(json.loads(doc), bytes(body)) for doc, body in rows]
+
+    def _maybe_prune(self, db: sqlite3.Connection, now: float) -> None:
+        if now - self._pruned_at < PRUNE_EVERY_S:
+            return
+        self._pruned_at = now
+        db.execute("DELETE FROM statuses WHERE updated_at < ?", (now - STATUS_TTL_S,))
+        db.execute("DELETE FROM idempotency WHERE until < ?", (now,))
+
+    async def extend(self, holder: str, events: Sequence[Event], lease_s: float) -> None:
+        if events:
+            await self._call(self._extend, holder, [e.id for e in events], lease_s)
+
+    def _extend(self, holder: str, ids: list[str], lease_s: float) -> None:
+        db = self._conn()
+        until = self._clock() + lease_s
+        with self._transaction(db):
+            db.executemany(
+                "UPDATE events SET lease_until = ? WHERE id = ? AND holder = ?", [(until, i, holder) for i in ids]
+            )
+
+    async def mark(self, status: Status) -> None:
+        await self._call(self._write_status, status)
+
+    def _write_status(self, status: Status) -> None:
+        db = self._conn()
+        with self._transaction(db):
+            self._status(db, status)
+
+    @staticmethod
+    def _status(db: sqlite3.Connection, status: Status) -> None:
+        db.execute(
+            "INSERT OR REPLACE INTO statuses (id, updated_at, doc) VALUES (?, ?, ?)",
+            (status.id, status.updated_at, status.dumps()),
+        )
+
+    async def ack(self, event: Event, status: Status) -> None:
+        await self._call(self._ack, event, status)
+
+    def _ack(self, event: Event, status: Status) -> None:
+        db = self._conn()
+        with self._transaction(db):
+            db.execute("DELETE FROM events WHERE id = ?", (event.id,))
+            self._status(db, status)
+
+    async def retry_later(self, event: Event, status: Status) -> None:
+        await self._call(self._retry_later, event, status)
+
+    def _retry_later(self, event: Event, status: Status) -> None:
+        db = self._conn()
+        with self._transaction(db):
+            db.execute(
+                "UPDATE events SET doc = ?, not_before = ?, holder = NULL, lease_until = 0 WHERE id = ?",
+                (json.dumps(event.to_json()), event.not_before, event.id),
+            )
+            self._status(db, status)
+
+    async def dead_letter(self, event: Event, status: Status) -> None:
+        await self._call(self._dead_letter, event, status)
+
+    def _dead_letter(self, event: Event, status: Status) -> None:
+        db = self._conn()
+        with self._transaction(db):
+            db.execute("DELETE FROM events WHERE id = ?", (event.id,))
+            db.execute(
+                "INSERT OR REPLACE INTO dead_letters (id, at, doc, body, status) VALUES (?, ?, ?, ?, ?)",
+                (event.id, status.updated_at, json.dumps(event.to_json()), event.body, status.dumps()),
+            )
+            self._status(db, status)
+
+    async def status(self, event_id: str) -> Status | None:
+        return await self._call(self._read_status, event_id)
+
+    def _read_status(self, event_id: str) -> Status | None:
+        row = self._conn().execute("SELECT doc FROM statuses WHERE id = ?", (event_id,)).fetchone()
+        return Status.loads(row[0]) if row else None
+
+    async def depth(self) -> int:
+        return await self._call(lambda: int(self._conn().execute("SELECT count(*) FROM events").fetchone()[0]))
+
+    async def dead_letters(self) -> list[tuple[Event, Status]]:
+        """Every dead-lettered event with its status, oldest first (for tests and inspection)."""
+        return await self._call(self._dead_letters)
+
+    def _dead_letters(self) -> list[tuple[Event, Status]]:
+        rows = self._conn().execute("SELECT doc, body, status FROM dead_letters ORDER BY at").fetchall()
+        return [(Event.from_json(json.loads(d), bytes(b)), Status.loads(s)) for d, b, s in rows]
+
+    @contextlib.contextmanager
+    def _transaction(self, db: sqlite3.Connection) -> Iterator[None]:
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as err:
+            raise StoreError(f"{self.description}: {err}") from None
+        try:
+            yield
+            db.execute("COMMIT")
+        except BaseException as err:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            if isinstance(err, sqlite3.Error):
+                raise StoreError(f"{self.description}: {err}") from None
+            raise
