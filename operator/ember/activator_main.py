@@ -5,15 +5,19 @@ Settings come from the environment the chart sets, each overridable by a flag:
 0.0.0.0), `EMBER_GATEWAY_PORT` (`--gateway-port`, off when empty: a second listener on the same
 host serving only HTTP routes and function URLs, the one to expose publicly; see
 `ember.activator.gateway.public_app`), `EMBER_NAMESPACES` (`--namespace`; one namespace: the pod
-source and the catalog work per namespace), `POD_NAME` (the claim holder), `EMBER_SERVICES_ADDRESS`
-(`--services-address`, default `POD_IP`: the address function pods reach this activator's services proxy at; none:
-auxiliary services are off, and a Function whose policy lists some fails to load, saying so),
-`EMBER_SERVICES_PORT` (`--services-port`, default 8090: the proxy's port on that address; see
-`ember.pods.services`), `EMBER_ACTIVATOR_LEASE_S` (`--lease-s`, default
-15: the holder Lease's duration; see `ember.pods.kubernetes.leases`), `EMBER_POOL_DEMAND_WINDOW_S`
-(`--pool-demand-window-s`, default 60: the window over which claims per pool are published as
-demand; see `ember.scaling.pool_demand`), `EMBER_LOG_LEVEL`. The API server is
-reached in-cluster when `KUBERNETES_SERVICE_HOST` is set, else through `KUBECONFIG` (or ~/.kube/config).
+source and the catalog work per namespace), `POD_NAME` (the claim holder),
+`EMBER_SERVICES_ADDRESS` (`--services-address`, default `POD_IP`: the address function pods
+reach this activator's services proxy at; none: auxiliary services are off, and a Function whose
+policy lists some fails to load, saying so), `EMBER_SERVICES_PORT` (`--services-port`, default
+8090: the proxy's port on that address; see `ember.pods.services`), `EMBER_ASYNC_STORE`
+(`--async-store`: where asynchronous invocations wait: a `redis://` or `rediss://` URL, shared
+by the replicas (the chart sets it from a Secret), or a SQLite file path, this replica's alone;
+default `/tmp/ember/async.db`, with a warning), `EMBER_ACTIVATOR_LEASE_S` (`--lease-s`, default
+15: the holder Lease's duration; see `ember.pods.kubernetes.leases`),
+`EMBER_POOL_DEMAND_WINDOW_S` (`--pool-demand-window-s`, default 60: the window over which claims
+per pool are published as demand; see `ember.scaling.pool_demand`), `EMBER_LOG_LEVEL`. The API
+server is reached in-cluster when `KUBERNETES_SERVICE_HOST` is set, else through `KUBECONFIG`
+(or ~/.kube/config).
 
 The holder names this activator's claims and its Lease, so it must be unique among the activators
 of a namespace: the pod name in a pod (the chart sets `POD_NAME`), else `<host name>-<pid>` (two
@@ -41,6 +45,7 @@ import signal
 import socket
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 from aiohttp import web
 from kubernetes_asyncio import client as kclient
@@ -58,6 +63,9 @@ from ember.pods.kubernetes.secrets import ApiSecrets
 from ember.pods.services import ServiceProxy
 from ember.resources.pool import SERVICES_PORT
 from ember.scaling.pool_demand import DEFAULT_WINDOW_S
+from ember.sources.redis_streams import RedisStore, redacted
+from ember.sources.sqlite import SqliteStore
+from ember.sources.store import EventStore, StoreError
 
 log = logging.getLogger("ember.activator")
 
@@ -87,6 +95,7 @@ def parse_args(argv: list[str], env: Mapping[str, str]) -> argparse.Namespace:
     parser.add_argument("--host", default=env.get("EMBER_ACTIVATOR_HOST", DEFAULT_HOST))
     parser.add_argument("--port", default=env.get("EMBER_ACTIVATOR_PORT", str(DEFAULT_PORT)))
     parser.add_argument("--gateway-port", default=env.get("EMBER_GATEWAY_PORT", ""))
+    parser.add_argument("--async-store", default=env.get("EMBER_ASYNC_STORE", ""))
     parser.add_argument("--namespace", default=None, help="the namespace to serve (default: EMBER_NAMESPACES)")
     parser.add_argument("--log-level", default=env.get("EMBER_LOG_LEVEL", "INFO"))
     parser.add_argument("--lease-s", default=env.get("EMBER_ACTIVATOR_LEASE_S", str(DEFAULT_LEASE_S)))
@@ -141,10 +150,40 @@ def parse_args(argv: list[str], env: Mapping[str, str]) -> argparse.Namespace:
     if not 0 <= args.port <= 65535:
         raise SettingsError(f"port {args.port} (EMBER_ACTIVATOR_PORT or --port) must be 0-65535")
     args.gateway_port = _gateway_port(args.gateway_port)
+    args.async_store = _async_store(args.async_store)
     if args.namespace is None:
         args.namespace = namespace_of(env.get("EMBER_NAMESPACES", ""))
     args.holder = holder_of_process(env, hostname=socket.gethostname(), pid=os.getpid())
     return args
+
+
+DEFAULT_ASYNC_STORE = "/tmp/ember/async.db"
+
+
+def _async_store(value: str) -> str:
+    value = value.strip() or DEFAULT_ASYNC_STORE
+    scheme = value.split("://", 1)[0].lower() if "://" in value else ""
+    if scheme in ("redis", "rediss"):
+        return value
+    if scheme:
+        raise SettingsError(
+            f"async store {redacted(value)!r} (EMBER_ASYNC_STORE or --async-store) is neither a redis:// or "
+            "rediss:// URL nor a file path"
+        )
+    return value
+
+
+def open_async_store(value: str, namespace: str) -> EventStore:
+    """The event store a checked `--async-store` names (not started)."""
+    if value.startswith(("redis://", "rediss://", "REDIS://", "REDISS://")):
+        return RedisStore(value, namespace)
+    if value == DEFAULT_ASYNC_STORE:
+        log.warning(
+            "asynchronous invocations are kept in %s: this replica's alone, lost with the pod; set EMBER_ASYNC_STORE "
+            "to a Redis URL to share them between replicas and keep them",
+            value,
+        )
+    return SqliteStore(Path(value))
 
 
 def _gateway_port(value: str) -> int | None:
@@ -204,6 +243,8 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
             ActivatorConfig(default_namespace=args.namespace, warm_pool_size=0),
             replicas=source.live_replicas,
             credentials=secrets,
+            store=open_async_store(args.async_store, args.namespace),
+            holder=args.holder,
         )
         catalog = Catalog(
             api,
@@ -230,7 +271,8 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
             # One line tests and people can read the ports from (port 0 picks a free one).
             print(
                 f"ember activator: listening on http://{args.host}:{bound} namespace={args.namespace} "
-                f"holder={args.holder} services={services_base or 'off'} gateway={gateway}",
+                f"holder={args.holder} services={services_base or 'off'} gateway={gateway} "
+                f"async={app[keys.ASYNC].store.description}",
                 flush=True,
             )
             await stop.wait()
@@ -269,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigException as err:
         print(f"ember activator: no Kubernetes configuration: {err}", file=sys.stderr)
         return 2
+    except StoreError as err:  # the async store cannot be opened: a wrong URL, Redis down
+        print(f"ember activator: {err}", file=sys.stderr)
+        return 1
     except PodSourceError as err:  # e.g. the Lease cannot be created: RBAC without coordination.k8s.io
         print(f"ember activator: cannot start the pod source: {err}", file=sys.stderr)
         return 1

@@ -44,10 +44,13 @@ from ember.pods.local import LocalPodSource, detect_sandbox, egress
 from ember.pods.services import CredentialUnavailable
 from ember.resources.policy import DEFAULT_POLICY_NAME, choose_policy, limit_violations, policy_name_for
 from ember.resources.portions import resolve_portions
+from ember.sources.sqlite import SqliteStore
+from ember.sources.store import StoreError
 
 log = logging.getLogger("ember.dev")
 
 DEFAULT_DIR = "examples"
+STATE_DIR = ".ember"  # inside DIR unless --state-dir says otherwise
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 
@@ -206,8 +209,12 @@ async def serve(
     config: ActivatorConfig | None = None,
     out: TextIO = sys.stdout,
     stop: asyncio.Event | None = None,
+    state_dir: Path | None = None,
 ) -> int:
-    """Run local mode until `stop` is set (or a signal arrives)."""
+    """Run local mode until `stop` is set (or a signal arrives).
+
+    `state_dir` (default `DIR/.ember`) keeps what outlives the process: the asynchronous
+    invocations (`async.db`), so that events accepted before a crash run after the restart."""
 
     def report(line: str) -> None:
         print(f"ember dev: {line}", file=out, flush=True)
@@ -215,12 +222,21 @@ async def serve(
     workspace = Workspace(directory)
     workspace.reload(report)
     sandbox = detect_sandbox()
+    state = state_dir if state_dir is not None else directory / STATE_DIR
+    store = SqliteStore(state / "async.db")
     source = LocalPodSource(sandbox=sandbox, credentials=workspace.credential)
-    app = make_app(source, config or ActivatorConfig(), credentials=workspace.credential)
+    app = make_app(
+        source, config or ActivatorConfig(), credentials=workspace.credential, store=store, holder="ember-dev"
+    )
     registry = app[keys.REGISTRY]
     sync_registry(registry, workspace, report)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
+    try:
+        await runner.setup()  # opens the event store
+    except StoreError as err:
+        await source.close()
+        print(f"ember dev: {err}", file=sys.stderr)
+        return 1
     site = web.TCPSite(runner, host, port)
     try:
         await site.start()
@@ -232,6 +248,7 @@ async def serve(
     bound = runner.addresses[0][1] if runner.addresses else port
     base = f"http://{host}:{bound}"
     banner(out, base, registry, sandbox.note, sandbox.isolated)
+    report(f"asynchronous invocations are kept in {store.path}")
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -250,7 +267,7 @@ async def serve(
 
     tasks = [asyncio.create_task(_report_phases(registry, report))]
     if watch:
-        tasks.append(asyncio.create_task(_watch(directory, workspace, registry, report)))
+        tasks.append(asyncio.create_task(_watch(directory, state, workspace, registry, report)))
     try:
         await stop.wait()
     finally:
@@ -283,12 +300,27 @@ async def _report_phases(registry: Registry, report: Callable[[str], None]) -> N
         await asyncio.sleep(0.25)
 
 
-async def _watch(directory: Path, workspace: Workspace, registry: Registry, report: Callable[[str], None]) -> None:
+async def _watch(
+    directory: Path, state: Path, workspace: Workspace, registry: Registry, report: Callable[[str], None]
+) -> None:
     from watchfiles import awatch
 
-    async for _changes in awatch(directory, debounce=200, step=50):
+    async for _changes in awatch(directory, debounce=200, step=50, watch_filter=_edits_outside(state)):
         workspace.reload(report)
         sync_registry(registry, workspace, report)
+
+
+def _edits_outside(state: Path) -> Callable[..., bool]:
+    """watchfiles' default filter, and nothing under the state folder (the event store's writes are no edits)."""
+    from watchfiles import Change, DefaultFilter
+
+    inside = os.path.abspath(state) + os.sep
+    default = DefaultFilter()
+
+    def manifests_only(change: Change, path: str) -> bool:
+        return default(change, path) and not os.path.abspath(path).startswith(inside)
+
+    return manifests_only
 
 
 def dev_main(argv: list[str]) -> int:
@@ -300,6 +332,12 @@ def dev_main(argv: list[str]) -> int:
     parser.add_argument("--no-watch", action="store_true", help="do not reload when files change")
     parser.add_argument("--warm-pool", type=int, default=1, help="generic pods kept warm per pool (default 1)")
     parser.add_argument("--log-level", default="WARNING", help="Python log level (default WARNING)")
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help=f"what outlives a restart: async invocations (default DIR/{STATE_DIR})",
+    )
     args = parser.parse_args(argv)
     if not args.dir.exists():
         parser.error(f"{args.dir}: no such directory")
@@ -310,7 +348,9 @@ def dev_main(argv: list[str]) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     config = ActivatorConfig(warm_pool_size=args.warm_pool)
     try:
-        return asyncio.run(serve(args.dir, args.host, args.port, watch=not args.no_watch, config=config))
+        return asyncio.run(
+            serve(args.dir, args.host, args.port, watch=not args.no_watch, config=config, state_dir=args.state_dir)
+        )
     except ValueError as err:  # a bad EMBER_SANDBOX / EMBER_RUNSC
         print(f"ember dev: {err}", file=sys.stderr)
         return 2

@@ -16,17 +16,21 @@ activator replicas served; `helm uninstall` stops every Ember pod.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from kubernetes import client
 
 from tests.apiserver.operator_harness import Ember, apply_crds, condition, eventually
@@ -294,6 +298,103 @@ async def _metrics(url: str) -> str:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http, http.get(url) as rsp:
         assert rsp.status == 200
         return await rsp.text()
+
+
+ROUTED = """
+import json
+
+def handler(event, context):
+    claims = (event["requestContext"].get("authorizer") or {}).get("jwt", {}).get("claims", {})
+    return {"statusCode": 200, "headers": {"content-type": "application/json"},
+            "body": json.dumps({"who": "WHO", "name": event["pathParameters"]["name"], "sub": claims.get("sub")})}
+"""
+
+
+def _routed(name: str, routes: list[dict[str, Any]], **http: Any) -> dict[str, Any]:
+    spec = {"runtime": "python3.12", "handler": "main.handler", "code": {"inline": ROUTED.replace("WHO", name)}}
+    return {"kind": "Function", "metadata": {"name": name}, "spec": {**spec, "http": {"routes": routes, **http}}}
+
+
+def _routes_accepted(ember: Ember, name: str, status: str) -> dict[str, Any] | None:
+    fn = ember.get("functions", name)
+    return fn if condition(fn, "RoutesAccepted").get("status") == status else None
+
+
+async def _route(url: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(force_close=True), timeout=aiohttp.ClientTimeout(total=120)
+        ) as http,
+        http.get(f"{url}{path}", headers=headers or {}) as rsp,
+    ):
+        body = await rsp.read()
+        return rsp.status, json.loads(body) if body else None
+
+
+async def test_http_routes_through_the_activator_service(release: Helm, api_client: Any) -> None:
+    """Routes served by both in-cluster activators on the Service's public port `gateway` (which
+    serves nothing of the activator's own API), a JWT checked against a Secret's JWKS (the
+    activator's RBAC reads it), a conflict told on the later Function, and its route handed over
+    when the earlier one is deleted."""
+    core = client.CoreV1Api(api_client)
+    ember = Ember(api_client, release.namespace)
+    service = core.read_namespaced_service(f"{RELEASE}-activator", release.namespace)
+    ports = {p.name: p.port for p in service.spec.ports}
+    url = f"http://{service.spec.cluster_ip}:{ports['gateway']}"
+    key = ec.generate_private_key(ec.SECP256R1())
+    jwks = {"keys": [{**json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key())), "kid": "k"}]}
+    core.create_namespaced_secret(
+        release.namespace, {"metadata": {"name": "issuer-keys"}, "stringData": {"jwks.json": json.dumps(jwks)}}
+    )
+    authorizer = {
+        "jwt": {
+            "issuer": "https://issuer.test",
+            "audiences": ["shop"],
+            "jwksSecretRef": {"name": "issuer-keys", "key": "jwks.json"},
+        }
+    }
+    greet = {"path": "/greet/{name}", "methods": ["GET"]}
+    ember.create(
+        "functions",
+        _routed("greeter", [greet, {"path": "/me/{name}", "authorizer": "issuer"}], authorizers={"issuer": authorizer}),
+    )
+    first = eventually(lambda: _routes_accepted(ember, "greeter", "True"), timeout_s=60, what="greeter's routes")
+    assert first["status"]["routes"] == ["GET /greet/{name}", "ANY /me/{name}"]
+    ember.create("functions", _routed("copycat", [greet]))
+    refused = eventually(lambda: _routes_accepted(ember, "copycat", "False"), timeout_s=60, what="copycat refused")
+    assert condition(refused, "RoutesAccepted")["reason"] == "RouteConflict"
+    assert f"Function {release.namespace}/greeter" in condition(refused, "RoutesAccepted")["message"]
+
+    for _ in range(8):  # fresh connections: both replicas (each with its own table) answer alike
+        status, body = await _route(url, "/greet/ada")
+        assert (status, body) == (200, {"who": "greeter", "name": "ada", "sub": None}), body
+    assert (await _route(url, "/me/ada"))[0] == 401
+    for own in ("/metrics", "/healthz", f"/v1/namespaces/{release.namespace}/functions/greeter/invoke"):
+        assert await _route(url, own) == (404, {"message": "Not Found"}), own
+    token = jwt.encode(
+        {"iss": "https://issuer.test", "aud": "shop", "sub": "u1", "exp": int(time.time()) + 300},
+        key,
+        algorithm="ES256",
+        headers={"kid": "k"},
+    )
+    status, body = await _route(url, "/me/ada", {"Authorization": f"Bearer {token}"})
+    assert (status, body) == (200, {"who": "greeter", "name": "ada", "sub": "u1"}), body
+
+    ember.custom.delete_namespaced_custom_object("ember.run", "v1alpha1", release.namespace, "functions", "greeter")
+    eventually(
+        lambda: _routes_accepted(ember, "copycat", "True"),
+        timeout_s=60,
+        what="copycat's route accepted once greeter is gone",
+    )
+    deadline = time.monotonic() + 120
+    while True:
+        status, body = await _route(url, "/greet/bo")
+        if status == 200 and body["who"] == "copycat":
+            break
+        assert time.monotonic() < deadline, (status, body)
+        await asyncio.sleep(0.5)
+    ember.custom.delete_namespaced_custom_object("ember.run", "v1alpha1", release.namespace, "functions", "copycat")
+    core.delete_namespaced_secret("issuer-keys", release.namespace)
 
 
 def test_zz_helm_uninstall_stops_every_ember_pod(release: Helm, api_client: Any) -> None:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import tempfile
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 from aiohttp import web
 
@@ -29,6 +31,8 @@ from ember.activator.scaler import Scaler
 from ember.activator.wake import Wakeup
 from ember.pods.base import PodSource
 from ember.pods.services import Credentials, no_credentials
+from ember.sources.sqlite import SqliteStore
+from ember.sources.store import EventStore
 
 
 def make_app(
@@ -37,10 +41,15 @@ def make_app(
     *,
     replicas: Callable[[], int] = lambda: 1,
     credentials: Credentials = no_credentials,
+    store: EventStore | None = None,
+    holder: str = "activator",
 ) -> web.Application:
     """A ready-to-run activator over `source`; the caller owns (and closes) the source.
 
-    `credentials` reads Secrets' keys (the JWKS of routes' JWT authorizers).
+    `credentials` reads Secrets' keys (the JWKS of routes' JWT authorizers). `store` keeps the
+    asynchronous invocations (the app opens and closes it); without one they go to a SQLite file
+    in a temporary folder removed at cleanup: durable for the process's life only. `holder`
+    names this activator's leases in the store (unique among the replicas sharing it).
 
     `replicas` counts the live activators sharing the Functions (this one included): each keeps a
     Version within its share of `minScale` and `maxScale` (see `ember.activator.scaler`).
@@ -53,7 +62,18 @@ def make_app(
     scaler = Scaler(registry, source, config, metrics, client, replicas=replicas, wakeup=wakeup)
     invoker = Invoker(registry, client, wakeup)
     source.route_calls(PortionPortal(invoker, config.max_body_bytes))
-    async_invocations = AsyncInvocations(invoker, depth=config.async_queue_depth, workers=config.async_workers)
+    scratch: tempfile.TemporaryDirectory[str] | None = None
+    if store is None:
+        scratch = tempfile.TemporaryDirectory(prefix="ember-async-")
+        store = SqliteStore(Path(scratch.name) / "async.db")
+    async_invocations = AsyncInvocations(
+        invoker,
+        store,
+        workers=config.async_workers,
+        holder=holder,
+        lease_s=config.async_lease_s,
+        retry_base_s=config.async_retry_base_s,
+    )
     metrics.watch_state(
         registry.gauges,
         lambda: {str(k): v for k, v in source.warm_pods().items()},
@@ -90,6 +110,8 @@ def make_app(
             await async_invocations.close()
             await scaler.close()
             await client.close()
+            if scratch is not None:
+                scratch.cleanup()
 
     app.cleanup_ctx.append(lifecycle)
     return app

@@ -1,11 +1,26 @@
-"""Asynchronous invocations (Lambda's `Event` type), held in memory in this version.
+"""Asynchronous invocations (Lambda's `Event` type): durable, retried as Lambda retries, and
+sent on to their destinations.
 
-`dispatch` resolves the function and qualifier first (a 404 is immediate); `submit` queues
-the event (bounded; a full queue throttles) for the API's 202. Workers run queued
-events through the same `Invoker`, retrying a failed attempt up to the Function's
-`spec.async.maxRetries` with backoff. The last outcomes are kept for `GET
-/v1/invocations/{id}`. Durable queues come with the event-source work; a restart loses what
-is queued here.
+`dispatch` resolves the function first (a 404 is immediate), then `submit` stores the event in
+the `EventStore` (`ember.sources`) and the API answers 202 only once it is durable. The event
+names its Function and qualifier, not a Version: it is resolved again when it runs.
+
+The worker loop leases due events while it has free slots (`ActivatorConfig.async_workers`)
+and runs each in a task of its own; a second loop extends the leases of the running ones, so
+a worker that dies (SIGKILL, a lost node) lets its events go when their lease runs out and
+another worker, or the restarted one, runs them: at least once. One event, `_run`:
+
+- the Function is looked up now: deleted → failed (`FunctionNotFound`), dead-lettered;
+- older than its `spec.async.maxEventAgeSeconds` → failed (`EventAgeExceeded`) → `onFailure`;
+- throttled, no pod in time, a Version not ready, a pod lost (system errors) → again after
+  1 s, doubling up to 5 min, while the event is young enough;
+- a function error → again `spec.async.maxRetries` times (0-2), after `retry_base_s`, then twice
+  that (Lambda: 1 min then 2 min), then failed (`RetriesExhausted`) → `onFailure`;
+- success → `onSuccess`.
+
+A destination Function (same namespace) gets Lambda's destination record as an asynchronous
+invocation of its own (`record`). Every step writes the event's status, which `GET
+/v1/invocations/{id}` reads from the store: on every replica, after restarts.
 """
 
 from __future__ import annotations
@@ -14,125 +29,274 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections import OrderedDict
-from dataclasses import dataclass, field
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
-from ember.activator.errors import ActivatorError, Throttled
-from ember.activator.invoke import Invoker
+from ember.activator.errors import ActivatorError, FunctionNotFound, StoreUnavailable
+from ember.activator.invoke import Invoker, Result
 from ember.activator.version_state import VersionState
+from ember.api.function import Destination
+from ember.sources.store import Event, EventStore, State, Status, StoreError
 
 log = logging.getLogger(__name__)
 
-OUTCOMES_KEPT = 10_000
-
-
-@dataclass(slots=True)
-class _Event:
-    version: VersionState
-    body: bytes
-    request_id: str
-    attempts: int = 0
-
-
-@dataclass(slots=True)
-class Outcome:
-    """Where an asynchronous invocation is: queued, running, succeeded or failed."""
-
-    state: str
-    function: str
-    version: int
-    attempts: int = 0
-    function_error: str | None = None
-    result: Any = field(default=None)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "state": self.state,
-            "function": self.function,
-            "version": self.version,
-            "attempts": self.attempts,
-            "functionError": self.function_error,
-            "result": self.result,
-        }
+SYSTEM_RETRY_FIRST_S = 1.0
+SYSTEM_RETRY_MAX_S = 300.0
 
 
 class AsyncInvocations:
-    """The in-memory queue and its workers."""
+    """Stores submitted events and runs them from the store."""
 
-    def __init__(self, invoker: Invoker, *, depth: int, workers: int) -> None:
+    def __init__(
+        self,
+        invoker: Invoker,
+        store: EventStore,
+        *,
+        workers: int,
+        holder: str,
+        lease_s: float = 30.0,
+        retry_base_s: float = 60.0,
+        poll_s: float = 0.05,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
         self._invoker = invoker
-        self._queue: asyncio.Queue[_Event] = asyncio.Queue(maxsize=depth)
         self._workers = workers
+        self._holder = holder
+        self._lease_s = lease_s
+        self._retry_base_s = retry_base_s
+        self._poll_s = poll_s
+        self._clock = clock
+        self._running: dict[str, tuple[Event, asyncio.Task[None]]] = {}
+        self._freed = asyncio.Event()
+        self._submitted = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self.outcomes: OrderedDict[str, Outcome] = OrderedDict()
 
-    def submit(self, vs: VersionState, body: bytes, request_id: str) -> None:
-        """Queue one event; Throttled when the queue is full."""
+    async def submit(
+        self, vs: VersionState, qualifier: str | None, body: bytes, request_id: str, idempotency_key: str | None
+    ) -> str:
+        """Store one event (durably) and return its id: an earlier one's for a repeated idempotency key."""
+        fs = vs.fs
+        key = f"{fs.namespace}/{fs.name}/{idempotency_key}" if idempotency_key else None
+        event = Event(request_id, fs.namespace, fs.name, qualifier, body, self._clock())
         try:
-            self._queue.put_nowait(_Event(vs, body, request_id))
-        except asyncio.QueueFull:
-            raise Throttled(f"asynchronous invocation queue is full ({self._queue.maxsize} events)") from None
-        self._remember(request_id, Outcome("queued", vs.fs.label, vs.key.number))
+            stored = await self.store.put(event, key)
+        except StoreError as err:
+            raise StoreUnavailable(f"the asynchronous invocation was not accepted: {err}") from None
+        self._submitted.set()
+        return stored
 
-    def _remember(self, request_id: str, outcome: Outcome) -> None:
-        self.outcomes[request_id] = outcome
-        self.outcomes.move_to_end(request_id)
-        while len(self.outcomes) > OUTCOMES_KEPT:
-            self.outcomes.popitem(last=False)
+    async def status(self, event_id: str) -> Status | None:
+        try:
+            return await self.store.status(event_id)
+        except StoreError as err:
+            raise StoreUnavailable(str(err)) from None
 
     async def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._work(), name=f"ember-async-{i}") for i in range(self._workers)]
+        await self.store.start()
+        self._tasks = [
+            asyncio.create_task(self._lease_loop(), name="ember-async-lease"),
+            asyncio.create_task(self._renew_loop(), name="ember-async-renew"),
+        ]
 
     async def close(self) -> None:
-        for task in self._tasks:
+        """Stop leasing, cancel the running events (their leases run out: they run again), close."""
+        tasks = self._tasks + [task for _, task in self._running.values()]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        await self.store.close()
 
-    async def _work(self) -> None:
+    async def _lease_loop(self) -> None:
         while True:
-            event = await self._queue.get()
+            free = self._workers - len(self._running)
+            if free <= 0:
+                self._freed.clear()
+                await self._freed.wait()
+                continue
             try:
-                await self._attempt(event)
-            except Exception:
-                log.exception("async invocation crashed request_id=%s", event.request_id)
-            finally:
-                self._queue.task_done()
+                events = await self.store.lease(self._holder, free, self._lease_s)
+            except StoreError as err:
+                log.warning("cannot lease asynchronous invocations: %s", err)
+                await asyncio.sleep(1.0)
+                continue
+            for event in events:
+                if event.id in self._running:  # a lease of ours taken over by ourselves: already running
+                    continue
+                task = asyncio.create_task(self._run_one(event), name=f"ember-async-{event.id}")
+                self._running[event.id] = (event, task)
+            if not events:
+                self._submitted.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._submitted.wait(), self._poll_s)
 
-    async def _attempt(self, event: _Event) -> None:
-        vs = event.version
-        max_retries = vs.spec.async_.max_retries
+    async def _renew_loop(self) -> None:
         while True:
-            event.attempts += 1
-            self._remember(event.request_id, Outcome("running", vs.fs.label, vs.key.number, event.attempts))
+            await asyncio.sleep(self._lease_s / 3)
             try:
-                result = await self._invoker.invoke(vs, event.body, request_id=event.request_id)
-                failed = result.reply.function_error
-                outcome = Outcome(
-                    "failed" if failed else "succeeded",
-                    vs.fs.label,
-                    vs.key.number,
-                    event.attempts,
-                    failed,
-                    _json_or_text(result.reply.body),
-                )
-            except ActivatorError as err:
-                failed = err.error_type
-                outcome = Outcome("failed", vs.fs.label, vs.key.number, event.attempts, err.error_type, err.message)
-            self._remember(event.request_id, outcome)
-            if not failed or event.attempts > max_retries:
-                log.info(
-                    "async invocation done request_id=%s function=%s state=%s attempts=%d",
-                    event.request_id,
-                    vs.fs.label,
-                    outcome.state,
-                    event.attempts,
-                )
-                return
-            await asyncio.sleep(min(0.2 * 2**event.attempts, 5.0))
+                await self.store.extend(self._holder, [event for event, _ in self._running.values()], self._lease_s)
+            except StoreError as err:
+                log.warning("cannot extend the leases of running asynchronous invocations: %s", err)
+
+    async def _run_one(self, event: Event) -> None:
+        try:
+            await self._run(event)
+        except StoreError as err:  # the outcome is not written: the lease runs out, the event runs again
+            log.warning("asynchronous invocation %s: the store failed: %s", event.id, err)
+        except Exception:
+            log.exception("asynchronous invocation crashed request_id=%s", event.id)
+        finally:
+            self._running.pop(event.id, None)
+            self._freed.set()
+
+    def _status(self, event: Event, state: State, **fields: Any) -> Status:
+        return Status(
+            event.id,
+            state,
+            f"{event.namespace}/{event.function}",
+            event.enqueued_at,
+            self._clock(),
+            attempts=event.attempts,
+            **fields,
+        )
+
+    async def _run(self, event: Event) -> None:
+        now = self._clock()
+        try:
+            fs = self._invoker.registry.get(event.namespace, event.function)
+        except FunctionNotFound as err:
+            await self.store.dead_letter(event, self._status(event, State.FAILED, condition="FunctionNotFound",
+                                                             result=err.message))  # fmt: skip
+            return
+        config = fs.spec.async_ if fs.spec is not None else None
+        max_age = config.max_event_age_seconds if config else 21600
+        if now - event.enqueued_at > max_age:
+            await self._fail(event, None, "EventAgeExceeded", None, f"the event is older than {max_age} s")
+            return
+        try:
+            vs = self._invoker.resolve(event.namespace, event.function, event.qualifier)
+        except FunctionNotFound as err:  # the qualifier is gone (an alias deleted, a Version removed)
+            await self.store.dead_letter(event, self._status(event, State.FAILED, condition="FunctionNotFound",
+                                                             result=err.message))  # fmt: skip
+            return
+        except ActivatorError as err:  # not ready: a system error
+            await self._system_retry(event, None, max_age, err)
+            return
+        event.attempts += 1
+        await self.store.mark(self._status(event, State.RUNNING, version=vs.key.number))
+        try:
+            result = await self._invoker.invoke(vs, event.body, request_id=event.id)
+        except ActivatorError as err:
+            await self._system_retry(event, vs, max_age, err)
+            return
+        error = result.reply.function_error
+        payload = _json_or_text(result.reply.body)
+        if not error:
+            if config and config.on_success:  # sent first: a crash before the ack sends it again, under the same id
+                await self._send(config.on_success, "onSuccess", event, vs, "Success", result, payload)
+            done = self._status(event, State.SUCCEEDED, version=vs.key.number, result=payload)
+            await self.store.ack(event, done)
+            log.info("async invocation done request_id=%s function=%s attempts=%d", event.id, fs.label, event.attempts)
+            return
+        max_retries = config.max_retries if config else 2
+        if event.retries >= max_retries:
+            await self._fail(event, vs, "RetriesExhausted", result, payload)
+            return
+        event.retries += 1
+        event.not_before = self._clock() + self._retry_base_s * event.retries
+        if event.not_before - event.enqueued_at > max_age:
+            await self._fail(event, vs, "EventAgeExceeded", result, payload)
+            return
+        retrying = self._status(event, State.RETRYING, version=vs.key.number, next_attempt_at=event.not_before,
+                                function_error=error, result=payload)  # fmt: skip
+        await self.store.retry_later(event, retrying)
+
+    async def _system_retry(self, event: Event, vs: VersionState | None, max_age: float, err: ActivatorError) -> None:
+        system_tries = max(event.attempts - event.retries, 1)
+        delay = min(SYSTEM_RETRY_FIRST_S * 2 ** (system_tries - 1), SYSTEM_RETRY_MAX_S)
+        event.not_before = self._clock() + delay
+        if event.not_before - event.enqueued_at > max_age:
+            await self._fail(event, vs, "EventAgeExceeded", None, f"{err.error_type}: {err.message}")
+            return
+        version = vs.key.number if vs else None
+        retrying = self._status(event, State.RETRYING, version=version, next_attempt_at=event.not_before,
+                                function_error=err.error_type, result=err.message)  # fmt: skip
+        await self.store.retry_later(event, retrying)
+
+    async def _fail(
+        self, event: Event, vs: VersionState | None, condition: str, result: Result | None, payload: Any
+    ) -> None:
+        fs = self._invoker.registry.get(event.namespace, event.function)
+        on_failure = fs.spec.async_.on_failure if fs.spec is not None else None
+        if on_failure:  # sent first: a crash before the dead letter sends it again, under the same id
+            await self._send(on_failure, "onFailure", event, vs, condition, result, payload)
+        error = result.reply.function_error if result else None
+        failed = self._status(event, State.FAILED, version=vs.key.number if vs else None, function_error=error,
+                              condition=condition, result=payload)  # fmt: skip
+        await self.store.dead_letter(event, failed)
+        log.info("async invocation failed request_id=%s function=%s/%s condition=%s attempts=%d",
+                 event.id, event.namespace, event.function, condition, event.attempts)  # fmt: skip
+
+    async def _send(
+        self,
+        destination: Destination,
+        kind: str,
+        event: Event,
+        vs: VersionState | None,
+        condition: str,
+        result: Result | None,
+        payload: Any,
+    ) -> None:
+        """The destination record to a Function, as an asynchronous invocation of it (a StoreError
+        propagates: the event is not finished, its lease runs out, it runs and sends again)."""
+        if destination.function is None:  # streams: spec.async destinations with `stream` are reported as a gap
+            return
+        body = json.dumps(record(event, vs, condition, result, payload)).encode()
+        target = Event(destination_id(event.id, kind), event.namespace, destination.function, None, body, self._clock())
+        await self.store.put(target)
+        self._submitted.set()
+
+
+def destination_id(event_id: str, kind: str) -> str:
+    """The request id of the record an event sends to its `onSuccess` or `onFailure`: the same
+    every time (a record sent twice after a crash is stored once)."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"ember:{kind}:{event_id}"))
+
+
+def arn(namespace: str, function: str, qualifier: str | None = None) -> str:
+    """Lambda's ARN of a Function: the namespace is the account field (as the Lambda API reads it)."""
+    base = f"arn:aws:lambda:us-east-1:{namespace}:function:{function}"
+    return f"{base}:{qualifier}" if qualifier else base
+
+
+def record(
+    event: Event, vs: VersionState | None, condition: str, result: Result | None, payload: Any
+) -> dict[str, Any]:
+    """Lambda's destination record for one finished asynchronous invocation."""
+    out: dict[str, Any] = {
+        "version": "1.0",
+        "timestamp": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "requestContext": {
+            "requestId": event.id,
+            "functionArn": arn(event.namespace, event.function, vs.label if vs else event.qualifier),
+            "condition": condition,
+            "approximateInvokeCount": event.attempts,
+        },
+        "requestPayload": _json_or_text(event.body),
+    }
+    if result is not None:
+        context: dict[str, Any] = {"statusCode": 200, "executedVersion": result.version.label}
+        if result.reply.function_error:
+            context["functionError"] = result.reply.function_error
+        out["responseContext"] = context
+        out["responsePayload"] = payload
+    return out
 
 
 def _json_or_text(body: bytes) -> Any:

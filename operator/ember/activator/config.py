@@ -21,8 +21,9 @@ class ActivatorConfig:
     warm_pool_size: int = 1  # generic pods kept per pool key in use
     load_attempts: int = 3  # tries to get a first pod for a Version before it is Failed
     agent_timeout_margin_s: float = 2.0  # on top of the function's timeout
-    async_queue_depth: int = 10_000
-    async_workers: int = 32
+    async_workers: int = 32  # asynchronous invocations run at once by this activator
+    async_lease_s: float = 30.0  # a running event's lease, renewed every third of it; a dead worker's runs again after
+    async_retry_base_s: float = 60.0  # wait before the first retry after a function error (Lambda: 1 min), x2 next
 
     def __post_init__(self) -> None:
         if self.queue_depth < 0:
@@ -31,5 +32,7 @@ class ActivatorConfig:
             raise ValueError(f"queue_timeout_s ({self.queue_timeout_s}) must be positive")
         if self.tick_s <= 0:
             raise ValueError(f"tick_s ({self.tick_s}) must be positive")
+        if self.async_lease_s <= 0 or self.async_retry_base_s < 0:
+            raise ValueError("async_lease_s must be positive and async_retry_base_s not negative")
         if self.max_body_bytes < 1:
             raise ValueError(f"max_body_bytes ({self.max_body_bytes}) must be positive")

@@ -8,8 +8,10 @@ function) into an `InvocationType` and a target, calls `dispatch`, and maps any
    type, even for a function that does not exist);
 2. the function and qualifier resolve to the Version that serves (404 / 502 otherwise);
 3. dry-run stops there: the function can serve, nothing runs, nothing is counted;
-   async checks that the body is JSON (no agent will before the 202) and queues it (429 when
-   the queue is full); sync runs it on a pod through the `Invoker`.
+   async checks that the body is JSON (no agent will before the 202) and stores it durably
+   (`X-Ember-Idempotency-Key`: the same key again within the window is the same event, and the
+   reply names the first one's request id; 503 when the store is unreachable); sync runs it on
+   a pod through the `Invoker`.
 
 The reply for each outcome is shaped by the API's `Replies`, one instance per API built at
 import: the dispatch itself allocates nothing per request. What the agent reports about a sync
@@ -26,7 +28,7 @@ from typing import Protocol
 from aiohttp import web
 
 from ember.activator import keys
-from ember.activator.edge import read_body, require_json
+from ember.activator.edge import idempotency_key, read_body, require_json
 from ember.activator.invoke import Result
 from ember.activator.version_state import VersionState
 
@@ -46,6 +48,7 @@ SYNC, ASYNC, DRY_RUN = InvocationType.SYNC, InvocationType.ASYNC, InvocationType
 # Ember API accepts these and a few of its own.
 LAMBDA_INVOCATION_TYPES = {"requestresponse": SYNC, "event": ASYNC, "dryrun": DRY_RUN}
 LOG_TAIL = {"none": False, "tail": True}
+IDEMPOTENCY_HEADER = "X-Ember-Idempotency-Key"
 
 
 class Replies(Protocol):
@@ -111,6 +114,7 @@ async def dispatch(
         return replies.ran(await invoker.invoke(vs, body, request_id=request_id, log_tail=log_tail))
     if kind is ASYNC:
         require_json(body)
-        app[keys.ASYNC].submit(vs, body, request_id)
-        return replies.queued(vs, request_id)
+        key = idempotency_key(request.headers.get(IDEMPOTENCY_HEADER))
+        stored = await app[keys.ASYNC].submit(vs, qualifier, body, request_id, key)
+        return replies.queued(vs, stored)
     return replies.checked(vs, request_id)

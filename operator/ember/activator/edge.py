@@ -12,6 +12,7 @@ from aiohttp import web
 from ember.activator.errors import BadRequest, InvalidContent, PayloadTooLarge
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,256}$")  # printable ASCII, no spaces
 EMPTY_EVENT = b"{}"
 T = TypeVar("T")
 
@@ -46,6 +47,15 @@ def choice(value: str | None, header: str, allowed: Mapping[str, T], default: T)
     if found is None:
         raise BadRequest(f"header {header}: {value!r} is not one of {', '.join(sorted(set(allowed)))}")
     return found
+
+
+def idempotency_key(value: str | None, header: str = "X-Ember-Idempotency-Key") -> str | None:
+    """A caller's idempotency key, checked; None when not sent."""
+    if value is None:
+        return None
+    if not _IDEMPOTENCY_KEY.match(value):
+        raise BadRequest(f"header {header}: must be 1-256 printable ASCII characters without spaces")
+    return value
 
 
 def request_id(value: str | None, header: str, generate: str) -> str:

@@ -7,7 +7,9 @@
   `X-Ember-Function-Error: Handled|Unhandled` with status 200 and Lambda's error body;
 - errors are `{"errorType", "errorMessage"}` with 400, 404, 413, 429 (+ `Retry-After`), 502, 504.
 
-`GET /v1/invocations/{id}` reports an asynchronous invocation.
+`GET /v1/invocations/{id}` reports an asynchronous invocation (from the event store: any replica
+answers, restarts included): queued, running, retrying (with `nextAttemptAt`), succeeded (with
+the response) or failed (with the error and its `condition`).
 """
 
 from __future__ import annotations
@@ -96,10 +98,13 @@ async def invoke(request: web.Request) -> web.Response:
 
 async def invocation_status(request: web.Request) -> web.Response:
     rid = request.match_info["request_id"]
-    outcome = request.app[keys.ASYNC].outcomes.get(rid)
-    if outcome is None:
+    try:
+        status = await request.app[keys.ASYNC].status(rid)
+    except ActivatorError as err:
+        return error_response(err, rid)
+    if status is None:
         return error_response(FunctionNotFound(f"no asynchronous invocation {rid} is known"))
-    return web.json_response(outcome.to_json())
+    return web.json_response(status.to_json())
 
 
 def add_routes(app: web.Application) -> None:

@@ -71,3 +71,10 @@ class CapacityTimeout(ActivatorError):
 
     status = 504
     error_type = "CapacityTimeoutException"
+
+
+class StoreUnavailable(ActivatorError):
+    """The asynchronous invocations' store cannot be reached: nothing was accepted."""
+
+    status = 503
+    error_type = "ServiceException"

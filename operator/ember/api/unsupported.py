@@ -26,7 +26,7 @@ from typing import Final, Generic, TypeVar
 
 from pydantic import BaseModel
 
-from ember.api.function import AsyncConfig, Freeze, FunctionSpec, State
+from ember.api.function import Freeze, FunctionSpec, State
 from ember.api.security_policy import Limits, SecurityPolicySpec
 
 
@@ -58,7 +58,6 @@ def _written(model: BaseModel | None, field: str) -> bool:
     return model is not None and field in model.model_fields_set
 
 
-_ASYNC = AsyncConfig()
 _LIMITS = Limits()
 
 FUNCTION_GAPS: Final[tuple[Gap[FunctionSpec], ...]] = (
@@ -70,10 +69,15 @@ FUNCTION_GAPS: Final[tuple[Gap[FunctionSpec], ...]] = (
     Gap("spec.scaling.predictive", lambda s: s.scaling.predictive),
     # nothing polls a queue yet.
     Gap("spec.eventSources", lambda s: bool(s.event_sources)),
-    # activator/async_invoke.py honours maxRetries only: no event age, no destinations.
-    Gap("spec.async.maxEventAgeSeconds", lambda s: s.async_.max_event_age_seconds != _ASYNC.max_event_age_seconds),
-    Gap("spec.async.onSuccess", lambda s: s.async_.on_success is not None),
-    Gap("spec.async.onFailure", lambda s: s.async_.on_failure is not None),
+    # activator/async_invoke.py sends destination records to Functions only: no stream is written.
+    Gap(
+        "spec.async.onSuccess.stream",
+        lambda s: s.async_.on_success is not None and s.async_.on_success.stream is not None,
+    ),
+    Gap(
+        "spec.async.onFailure.stream",
+        lambda s: s.async_.on_failure is not None and s.async_.on_failure.stream is not None,
+    ),
     # Only hashed into the Version (api/version.py VERSIONED_FIELDS); no volume, no store.
     Gap("spec.state", lambda s: s.state is not None and s.state != State()),
     # Only hashed into the Version; the agents have freeze/thaw hooks but nothing calls them.

@@ -24,10 +24,17 @@ from ember.activator.registry import Registry
 from ember.api.function import Function
 from ember.pods.local import LocalPodSource
 from ember.pods.services import Credentials, no_credentials
+from ember.sources.store import EventStore
 
 # Small windows so scaling happens within a test's time.
 FAST = ActivatorConfig(
-    stable_window_s=2.0, panic_window_s=0.5, tick_s=0.1, queue_timeout_s=30.0, warm_pool_size=2, async_workers=4
+    stable_window_s=2.0,
+    panic_window_s=0.5,
+    tick_s=0.1,
+    queue_timeout_s=30.0,
+    warm_pool_size=2,
+    async_workers=4,
+    async_retry_base_s=0.2,
 )
 
 
@@ -73,12 +80,17 @@ class Activator:
 
 @contextlib.asynccontextmanager
 async def run_activator(
-    config: ActivatorConfig = FAST, *, credentials: Credentials = no_credentials
+    config: ActivatorConfig = FAST,
+    *,
+    credentials: Credentials = no_credentials,
+    store: EventStore | None = None,
+    holder: str = "activator",
 ) -> AsyncIterator[Activator]:
     """Start source + activator on 127.0.0.1:0; always stop both, and every agent by pid.
-    `credentials` serves Secrets: auxiliary services' (`ember.pods.services`), routes' JWKS."""
+    `credentials` serves Secrets: auxiliary services' (`ember.pods.services`), routes' JWKS;
+    `store` keeps the asynchronous invocations (a temporary SQLite file when None)."""
     source = LocalPodSource(credentials=credentials)
-    app = make_app(source, config, credentials=credentials)
+    app = make_app(source, config, credentials=credentials, store=store, holder=holder)
     runner = web.AppRunner(app, access_log=None)
     started: list[int] = []
     try:

@@ -62,3 +62,13 @@ def test_namespace_list_forms() -> None:
     assert namespace_of("team,") == "team"
     with pytest.raises(SettingsError):
         namespace_of(" , ")
+
+
+def test_the_async_store_is_a_redis_url_or_a_file() -> None:
+    base = {"EMBER_NAMESPACES": "t"}
+    assert parse_args([], base).async_store == "/tmp/ember/async.db"
+    redis = parse_args([], {**base, "EMBER_ASYNC_STORE": "redis://:pw@redis.ember:6379/0"}).async_store
+    assert redis == "redis://:pw@redis.ember:6379/0"
+    assert parse_args(["--async-store", "/var/lib/ember/a.db"], base).async_store == "/var/lib/ember/a.db"
+    with pytest.raises(SettingsError, match=r"'amqp://u:\*\*\*@mq:5672/' .*EMBER_ASYNC_STORE.* neither a redis://"):
+        parse_args([], {**base, "EMBER_ASYNC_STORE": "amqp://u:secret@mq:5672/"})
