@@ -49,16 +49,22 @@ def helm() -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
+OPTIONS = ["--set", "runtimeClasses.kata.create=true", "--set", "operator.keepVersions=2"]
+
+
+def _helm_env(kubeconfig: Path, home: Path) -> dict[str, str]:
+    env = {"KUBECONFIG": str(kubeconfig), "HELM_CACHE_HOME": str(home), "PATH": "/usr/bin:/bin"}
+    return env | {"HELM_CONFIG_HOME": str(home), "HELM_DATA_HOME": str(home)}
+
+
 @pytest.fixture
 def release(helm: str, kubeconfig: Path, crds: client.ApiClient, tmp_path: Path) -> Iterator[tuple[str, str]]:
     """The chart installed as release `ember-<rand>` into its own namespace; uninstalled afterwards."""
     name = f"e{uuid.uuid4().hex[:6]}"
     namespace = f"ember-{name}"
-    env = {"KUBECONFIG": str(kubeconfig), "HELM_CACHE_HOME": str(tmp_path / "helm"), "PATH": "/usr/bin:/bin"}
-    env |= {"HELM_CONFIG_HOME": str(tmp_path / "helm"), "HELM_DATA_HOME": str(tmp_path / "helm")}
-    options = ["--set", "runtimeClasses.kata.create=true", "--set", "operator.keepVersions=2"]
+    env = _helm_env(kubeconfig, tmp_path / "helm")
     install = subprocess.run(
-        [helm, "install", name, str(CHART), "--namespace", namespace, "--create-namespace", *options],
+        [helm, "install", name, str(CHART), "--namespace", namespace, "--create-namespace", *OPTIONS],
         capture_output=True,
         text=True,
         env=env,
@@ -76,7 +82,7 @@ def test_helm_install_creates_the_release_objects(release: tuple[str, str], crds
     name, namespace = release
     apps = client.AppsV1Api(crds)
     deployments = {d.metadata.name for d in apps.list_namespaced_deployment(namespace).items}
-    assert deployments == {f"{name}-ember-operator", f"{name}-ember-activator"}
+    assert deployments == {f"{name}-ember-operator", f"{name}-ember-activator", f"{name}-ember-redis"}
     service = client.CoreV1Api(crds).read_namespaced_service(f"{name}-ember-activator", namespace)
     assert service.spec.ports[0].port == 8080
     kata = client.NodeV1Api(crds).read_runtime_class("kata")
@@ -86,6 +92,27 @@ def test_helm_install_creates_the_release_objects(release: tuple[str, str], crds
         shipped = yaml.safe_load(path.read_text())
         stored = ext.read_custom_resource_definition(shipped["metadata"]["name"])
         assert stored.spec.group == "ember.run"
+
+
+def test_helm_upgrade_keeps_the_redis_password(
+    release: tuple[str, str], crds: client.ApiClient, helm: str, kubeconfig: Path, tmp_path: Path
+) -> None:
+    """The chart's Redis password is random once: an upgrade that made a new one would lock the
+    activators out of the Redis still running with the old one."""
+    name, namespace = release
+    core = client.CoreV1Api(crds)
+    before = core.read_namespaced_secret(f"{name}-ember-redis", namespace).data
+    upgrade = subprocess.run(
+        [helm, "upgrade", name, str(CHART), "--namespace", namespace, *OPTIONS],
+        capture_output=True,
+        text=True,
+        env=_helm_env(kubeconfig, tmp_path / "helm"),
+        timeout=120,
+    )
+    assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
+    after = core.read_namespaced_secret(f"{name}-ember-redis", namespace).data
+    assert after == before
+    assert set(after) == {"password", "url"}
 
 
 def _token_kubeconfig(api: client.ApiClient, kubeconfig: Path, namespace: str, account: str, out: Path) -> Path:

@@ -17,6 +17,7 @@ activator replicas served; `helm uninstall` stops every Ember pod.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import shutil
 import subprocess
@@ -42,6 +43,7 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "ember"
 OPERATOR_IMAGE = "localhost/ember-operator:dev"
 ACTIVATOR_IMAGE = "localhost/ember-activator:dev"
+REDIS_IMAGE = "localhost/ember-redis:dev"  # tests/cluster/images/redis: Debian's redis-server
 RELEASE = "ember"
 PIP_WHEEL = (sys.executable, "-m", "pip", "wheel", "-q")
 
@@ -80,6 +82,7 @@ def ember_images(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> 
         images.build_image(context, tag, dockerfile=context / f"Dockerfile.{component}", context=context)
         for component, tag in (("operator", OPERATOR_IMAGE), ("activator", ACTIVATOR_IMAGE))
     ]
+    built.append(images.build_image(REPO / "tests" / "cluster" / "images" / "redis", REDIS_IMAGE))
     cluster.node.import_images(built)
     return [b.tag for b in built]
 
@@ -139,6 +142,7 @@ def release(
         "runtimes.poolSize": "2",
         "operator.watchNamespaces[0]": ns,
         "operator.logLevel": "DEBUG",
+        "asyncStore.redis.image": REDIS_IMAGE,
     }
     sets = [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
     try:
@@ -146,7 +150,7 @@ def release(
         assert out.returncode == 0, out.stdout + out.stderr
         assert f"helm test {RELEASE} -n {ns}" in out.stdout  # NOTES.txt
         assert f"/v1/namespaces/{ns}/functions/hello/invoke" in out.stdout  # the activator's namespace
-        for name, replicas in ((f"{RELEASE}-operator", 1), (f"{RELEASE}-activator", 2)):
+        for name, replicas in ((f"{RELEASE}-operator", 1), (f"{RELEASE}-activator", 2), (f"{RELEASE}-redis", 1)):
             eventually(
                 lambda name=name, replicas=replicas: _available(apps, ns, name, replicas),
                 timeout_s=240,
@@ -395,6 +399,79 @@ async def test_http_routes_through_the_activator_service(release: Helm, api_clie
         await asyncio.sleep(0.5)
     ember.custom.delete_namespaced_custom_object("ember.run", "v1alpha1", release.namespace, "functions", "copycat")
     core.delete_namespaced_secret("issuer-keys", release.namespace)
+
+
+SLOW = "import time\n\ndef handler(event, context):\n    time.sleep(0.5)\n    return {'n': event['n']}\n"
+
+
+async def _async_status(http: aiohttp.ClientSession, url: str, rid: str) -> dict[str, Any]:
+    async with http.get(f"{url}/v1/invocations/{rid}") as rsp:
+        return dict(await rsp.json()) if rsp.status == 200 else {"state": f"http {rsp.status}"}
+
+
+async def test_async_invocations_survive_an_activator_killed_mid_backlog(release: Helm, api_client: Any) -> None:
+    """Events accepted by either replica wait in the chart's Redis; one replica is deleted with no
+    grace while it holds some: the other (and its replacement) run every one, and either replica
+    reports every status."""
+    core = client.CoreV1Api(api_client)
+    ember = Ember(api_client, release.namespace)
+    service = core.read_namespaced_service(f"{RELEASE}-activator", release.namespace)
+    url = f"http://{service.spec.cluster_ip}:{service.spec.ports[0].port}"
+    spec = {"runtime": "python3.12", "handler": "main.handler", "code": {"inline": SLOW}, "scaling": {"maxScale": 2}}
+    ember.create("functions", {"kind": "Function", "metadata": {"name": "backlog"}, "spec": spec})
+    eventually(
+        lambda: (f := ember.get("functions", "backlog")) and condition(f, "Ready").get("status") == "True",
+        timeout_s=120,
+        what="backlog Ready",
+    )
+    invoke = f"{url}/v1/namespaces/{release.namespace}/functions/backlog/invoke"
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(force_close=True), timeout=aiohttp.ClientTimeout(total=60)
+    ) as http:
+        ids = []
+        for n in range(60):
+            async with http.post(invoke, json={"n": n}, headers={"X-Ember-Invocation-Type": "async"}) as rsp:
+                assert rsp.status == 202, await rsp.text()
+                ids.append((await rsp.json())["requestId"])
+        await asyncio.sleep(3)  # both replicas are running some and hold more
+        victim = _pods(core, release.namespace, "activator")[0]
+        core.delete_namespaced_pod(victim.metadata.name, release.namespace, grace_period_seconds=0)
+        deadline = time.monotonic() + 240
+        done: dict[str, dict[str, Any]] = {}
+        while len(done) < len(ids):
+            assert time.monotonic() < deadline, f"{len(ids) - len(done)} events did not run: {ids[len(done)]}"
+            for rid in [r for r in ids if r not in done]:
+                status = await _async_status(http, url, rid)
+                if status["state"] == "succeeded":
+                    done[rid] = status
+            await asyncio.sleep(1)
+        assert [done[rid]["result"] for rid in ids] == [{"n": n} for n in range(60)]
+        live = [p for p in _pods(core, release.namespace, "activator") if p.status.pod_ip and _ready(p)]
+        for pod in live:  # every replica answers for every event, the replacement included
+            for rid in ids[:5]:
+                assert (await _async_status(http, f"http://{pod.status.pod_ip}:8080", rid))["state"] == "succeeded"
+    ember.custom.delete_namespaced_custom_object("ember.run", "v1alpha1", release.namespace, "functions", "backlog")
+
+
+def test_the_async_store_refuses_anyone_without_its_password(release: Helm, api_client: Any) -> None:
+    """The chart's Redis holds every queued event: it answers nothing before AUTH with the
+    Secret's password (its NetworkPolicy admits only the activators where the CNI enforces it)."""
+    import socket
+
+    core = client.CoreV1Api(api_client)
+    (pod,) = _pods(core, release.namespace, "redis")
+
+    def ask(*commands: bytes) -> bytes:
+        with socket.create_connection((pod.status.pod_ip, 6379), timeout=10) as conn:
+            conn.sendall(b"".join(commands))
+            time.sleep(0.3)
+            return conn.recv(4096)
+
+    assert ask(b"PING\r\n").startswith(b"-NOAUTH")
+    assert ask(b"XLEN ember:{" + release.namespace.encode() + b"}:async:stream\r\n").startswith(b"-NOAUTH")
+    assert ask(b"AUTH guess\r\n").startswith(b"-WRONGPASS")
+    password = base64.b64decode(core.read_namespaced_secret(f"{RELEASE}-redis", release.namespace).data["password"])
+    assert ask(b"AUTH " + password + b"\r\n", b"PING\r\n") == b"+OK\r\n+PONG\r\n"
 
 
 def test_zz_helm_uninstall_stops_every_ember_pod(release: Helm, api_client: Any) -> None:

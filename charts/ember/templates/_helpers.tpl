@@ -65,3 +65,12 @@ readOnlyRootFilesystem: true
 capabilities:
   drop: ["ALL"]
 {{- end -}}
+
+{{/* The Secret and key holding the async store's Redis URL: the user's, or the chart's Redis's. */}}
+{{- define "ember.asyncStoreSecret" -}}
+{{- .Values.asyncStore.existingSecret | default (printf "%s-redis" (include "ember.fullname" .)) -}}
+{{- end -}}
+
+{{- define "ember.asyncStoreKey" -}}
+{{- if .Values.asyncStore.existingSecret -}}{{ .Values.asyncStore.existingSecretKey }}{{- else -}}url{{- end -}}
+{{- end -}}

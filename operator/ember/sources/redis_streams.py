@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -34,6 +35,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from ember.sources.store import IDEMPOTENCY_WINDOW_S, STATUS_TTL_S, Event, Status, StoreError, queued_status
+
+log = logging.getLogger(__name__)
 
 GROUP = "activators"
 MAX_BATCH = 500  # puts per pipeline at most
@@ -91,6 +94,7 @@ class RedisStore:
         self._status_prefix = f"{prefix}:status:"
         self._idem_prefix = f"{prefix}:idem:"
         self._claim_cursor = "0-0"
+        self._group_ready = False
         self._redis: aioredis.Redis | None = None
         self._pending: list[tuple[Event, str | None, asyncio.Future[str]]] = []
         self._flushing: asyncio.Task[None] | None = None
@@ -101,18 +105,30 @@ class RedisStore:
         return self._redis
 
     async def start(self) -> None:
+        """Make the client; a Redis not up yet (a fresh install starts both at once) is no error:
+        puts fail until it answers, and leasing creates the consumer group once it does."""
         try:
             self._redis = aioredis.Redis.from_url(self._url, decode_responses=False, health_check_interval=30)
-            await self._redis.ping()
-            try:
-                await self._redis.xgroup_create(self._stream, GROUP, id="0", mkstream=True)
-            except ResponseError as err:
-                if "BUSYGROUP" not in str(err):
-                    raise
-            self._put = self._redis.register_script(_PUT)
-            self._move_due = self._redis.register_script(_MOVE_DUE)
-        except (RedisError, ValueError) as err:
+        except ValueError as err:
             raise StoreError(f"cannot open the event store {self.description}: {err}") from None
+        self._put = self._redis.register_script(_PUT)
+        self._move_due = self._redis.register_script(_MOVE_DUE)
+        try:
+            await self._ensure_group()
+        except StoreError as err:
+            log.warning("%s; asynchronous invocations wait for it", err)
+
+    async def _ensure_group(self) -> None:
+        if self._group_ready:
+            return
+        try:
+            await self._r().xgroup_create(self._stream, GROUP, id="0", mkstream=True)
+        except ResponseError as err:
+            if "BUSYGROUP" not in str(err):
+                raise StoreError(f"{self.description}: {err}") from None
+        except RedisError as err:
+            raise StoreError(f"the event store {self.description} is not reachable: {err}") from None
+        self._group_ready = True
 
     async def close(self) -> None:
         if self._flushing is not None:
@@ -170,6 +186,7 @@ class RedisStore:
 
     async def lease(self, holder: str, count: int, lease_s: float) -> list[Event]:
         r = self._r()
+        await self._ensure_group()
         out: list[Event] = []
         try:
             await self._move_due(keys=[self._delayed, self._parked, self._stream], args=[self._clock(), 100])
@@ -185,6 +202,10 @@ class RedisStore:
                 )
                 for _, stream_entries in read or []:
                     out += self._events(stream_entries)
+        except ResponseError as err:
+            if "NOGROUP" in str(err):  # Redis lost its data (no persistence) or the key was deleted
+                self._group_ready = False
+            raise StoreError(f"{self.description}: {err}") from None
         except RedisError as err:
             raise StoreError(f"{self.description}: {err}") from None
         return out

@@ -23,11 +23,13 @@ def free_port() -> int:
 class RedisServer:
     port: int
     folder: Path
+    password: str = ""
     process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         binary = shutil.which("redis-server")
@@ -52,6 +54,7 @@ class RedisServer:
                 "yes",
                 "--logfile",
                 str(self.folder / "redis.log"),
+                *(["--requirepass", self.password] if self.password else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -63,7 +66,7 @@ class RedisServer:
                 raise AssertionError(f"redis-server exited with {self.process.returncode}: {log}")
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
                 s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
+                if s.recv(16).startswith((b"+PONG", b"-NOAUTH")):
                     return
             assert time.monotonic() < deadline, "redis-server did not answer PING"
             time.sleep(0.05)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from tests.local.sources.brokers import RedisServer, redis_server
+from tests.local.sources.brokers import RedisServer, free_port, redis_server
 
 from ember.sources.redis_streams import RedisStore, redacted
 from ember.sources.sqlite import SqliteStore
@@ -206,8 +206,27 @@ async def test_redis_keeps_every_acknowledged_put_through_a_sigkill(redis: Redis
         await store.close()
 
 
-async def test_redis_unreachable_is_a_clear_error() -> None:
-    store = RedisStore("redis://:secret@127.0.0.1:1/0", "default")
-    with pytest.raises(StoreError, match=r"cannot open the event store redis redis://:\*\*\*@127\.0\.0\.1:1/0"):
-        await store.start()
+async def test_redis_not_up_yet_fails_puts_clearly_and_works_once_it_is(tmp_path: Path) -> None:
+    """A fresh install starts the activators and Redis together: the store opens anyway, puts
+    fail naming the store (without its password), and everything works once Redis answers."""
+    server = RedisServer(free_port(), tmp_path / "late", password="secret")
+    store = RedisStore(server.url, "default", block_ms=10)
+    await store.start()
+    try:
+        with pytest.raises(StoreError, match=r"redis redis://:\*\*\*@127\.0\.0\.1:\d+/0") as caught:
+            await store.put(_event(1))
+        assert "secret" not in str(caught.value)
+        with pytest.raises(StoreError, match="not reachable"):
+            await store.lease("a", 1, 30.0)
+        server.start()
+        assert await store.put(_event(1)) == "id-1"
+        assert [e.id for e in await _lease_all(store, "a")] == ["id-1"]
+    finally:
+        await store.close()
+        server.kill()
     assert "secret" not in redacted("redis://u:secret@h:1/0")
+
+
+async def test_a_bad_redis_url_is_refused_at_start() -> None:
+    with pytest.raises(StoreError, match="cannot open the event store redis redis://h:port"):
+        await RedisStore("redis://h:port/0", "default").start()

@@ -103,6 +103,7 @@ def test_helm_lint_strict(helm: str) -> None:
         ),
         pytest.param(["--set", "activator.gateway.ingress.hosts[0]=Bad_Host.example"], "hosts", id="ingress-bad-host"),
         pytest.param(["--set", "activator.gateway.port=0"], "port", id="gateway-port-zero"),
+        pytest.param(["--set", "asyncStore.redis.persistence.size=lots"], "size", id="redis-size"),
     ],
 )
 def test_schema_rejects_bad_values(helm: str, values: list[str], message: str) -> None:
@@ -123,9 +124,13 @@ def test_render_defaults(helm: str) -> None:
         "ClusterRoleBinding/t-ember-operator",
         "Deployment/t-ember-activator",
         "Deployment/t-ember-operator",
+        "Deployment/t-ember-redis",
+        "NetworkPolicy/t-ember-redis",
         "Role/t-ember-activator-secrets",
         "RoleBinding/t-ember-activator-secrets",
+        "Secret/t-ember-redis",
         "Service/t-ember-activator",
+        "Service/t-ember-redis",
         "ServiceAccount/t-ember-activator",
         "ServiceAccount/t-ember-operator",
     ]
@@ -243,8 +248,8 @@ def test_the_activator_reads_secrets_only_in_the_namespace_it_serves(helm: str) 
     assert {"name": "services", "containerPort": SERVICES_PORT} in container["ports"]
 
 
-def _by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    (doc,) = [d for d in docs if d["kind"] == kind]
+def _by_kind(docs: list[dict[str, Any]], kind: str, name: str = "t-ember-activator") -> dict[str, Any]:
+    (doc,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
     return doc
 
 
@@ -318,3 +323,68 @@ def test_the_http_route_attaches_to_the_named_gateway(helm: str) -> None:
     (rule,) = spec["rules"]
     assert rule["matches"] == [{"path": {"type": "PathPrefix", "value": "/"}}]
     assert rule["backendRefs"] == [{"name": "t-ember-activator", "port": 8081}]
+
+
+def test_the_async_store_is_the_charts_redis_reachable_only_from_the_activators(helm: str) -> None:
+    docs = _render(helm, "--skip-tests")
+    secret = next(d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == "t-ember-redis")
+    password = secret["stringData"]["password"]
+    assert len(password) == 32
+    assert secret["stringData"]["url"] == f"redis://:{password}@t-ember-redis.ember-system.svc:6379/0"
+    redis = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "t-ember-redis")
+    (container,) = redis["spec"]["template"]["spec"]["containers"]
+    args = container["args"]
+    assert args[args.index("--appendfsync") + 1] == "always"  # the reply to a put follows the fsync
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    assert container["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "t-ember-redis", "key": "password"}
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert redis["spec"]["template"]["spec"]["volumes"] == [{"name": "data", "emptyDir": {}}]
+    policy = next(d for d in docs if d["kind"] == "NetworkPolicy")
+    assert policy["spec"]["ingress"] == [
+        {
+            "from": [
+                {
+                    "podSelector": {
+                        "matchLabels": {"app.kubernetes.io/name": "ember-activator", "app.kubernetes.io/instance": "t"}
+                    }
+                }
+            ],
+            "ports": [{"port": 6379, "protocol": "TCP"}],
+        }
+    ]
+    activator = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "t-ember-activator")
+    env = {e["name"]: e for e in activator["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["EMBER_ASYNC_STORE"]["valueFrom"]["secretKeyRef"] == {"name": "t-ember-redis", "key": "url"}
+
+
+def test_an_existing_redis_replaces_the_charts(helm: str) -> None:
+    docs = _render(
+        helm,
+        "--skip-tests",
+        "--set",
+        "asyncStore.existingSecret=shared-redis",
+        "--set",
+        "asyncStore.existingSecretKey=u",
+    )
+    assert not [d for d in docs if "redis" in d["metadata"]["name"]]
+    activator = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "t-ember-activator")
+    env = {e["name"]: e for e in activator["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["EMBER_ASYNC_STORE"]["valueFrom"]["secretKeyRef"] == {"name": "shared-redis", "key": "u"}
+
+
+def test_redis_persistence_claims_a_volume_kept_on_uninstall(helm: str) -> None:
+    docs = _render(
+        helm,
+        "--skip-tests",
+        "--set",
+        "asyncStore.redis.persistence.enabled=true",
+        "--set",
+        "asyncStore.redis.persistence.storageClassName=fast",
+    )
+    claim = _by_kind(docs, "PersistentVolumeClaim", "t-ember-redis")
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert (claim["spec"]["storageClassName"], claim["spec"]["resources"]["requests"]["storage"]) == ("fast", "1Gi")
+    redis = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "t-ember-redis")
+    assert redis["spec"]["template"]["spec"]["volumes"] == [
+        {"name": "data", "persistentVolumeClaim": {"claimName": "t-ember-redis"}}
+    ]
