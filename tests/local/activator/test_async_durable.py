@@ -100,3 +100,56 @@ def test_a_sigkill_loses_no_accepted_event(tmp_path: Path) -> None:
     finally:
         again.close()
     print(f"{EVENTS} events accepted in {accepted_s:.2f} s before the kill; all ran after the restart")
+
+
+SNOOP = """
+apiVersion: ember.run/v1alpha1
+kind: Function
+metadata:
+  name: snoop
+spec:
+  runtime: python3.12
+  handler: main.handler
+  code:
+    inline: |
+      import os
+      def handler(event, context):
+          out = {}
+          for path in event["paths"]:
+              try:
+                  with open(path, "rb") as f:
+                      out[path] = "read %d bytes" % len(f.read())
+              except OSError as err:
+                  out[path] = type(err).__name__
+          try:
+              out["listing"] = os.listdir(event["dir"])
+          except OSError as err:
+              out["listing"] = type(err).__name__
+          return out
+"""
+
+
+def test_a_function_cannot_read_the_queued_events_of_others(tmp_path: Path) -> None:
+    """The store holds every function's queued payloads: it is in DIR/.ember, which no sandbox sees."""
+    (tmp_path / "snoop.yaml").write_text(SNOOP)
+    runs = dev_in(tmp_path)
+    dev = next(runs)
+    try:
+        dev.wait_for(r"Version 1 of default/snoop: Ready")
+        state = tmp_path / ".ember"
+        paths = [str(state / "async.db"), str(state / "async.db-wal"), str(state / "async.db.lock")]
+        payload = {"paths": paths, "dir": str(state)}
+
+        async def call() -> dict[str, object]:
+            async with aiohttp.ClientSession() as http:
+                invoke = f"{dev.url}/v1/namespaces/default/functions/snoop/invoke"
+                async with http.post(invoke, json=payload) as rsp:
+                    assert rsp.status == 200
+                    return dict(await rsp.json())
+
+        seen = asyncio.run(call())
+        assert (state / "async.db").exists()  # it is there on the host
+        assert all(seen[p] in ("FileNotFoundError", "PermissionError") for p in paths), seen
+        assert seen["listing"] in ("FileNotFoundError", "PermissionError"), seen
+    finally:
+        runs.close()

@@ -1,0 +1,214 @@
+"""Benchmark of durable asynchronous invocations: how fast events are stored (the 202 waits for
+it), against the ceilings measured in the same run, and how soon a stored event starts.
+
+    python bench/async_invocations.py            # about a minute
+    python bench/async_invocations.py --quick    # fewer events
+
+1. Enqueue rate of the event stores (`ember.sources`), in this process, many puts in flight:
+   - SQLite (WAL, synchronous FULL) with group commit, against the same store fed one put at a
+     time (one commit, one fsync each: what it would do without group commit);
+   - Redis Streams against a real `redis-server` (AOF, `appendfsync always`, as the chart runs
+     it), against `redis-benchmark`'s pipelined `XADD` rate on the same server: the ceiling.
+2. End to end in local mode (`ember dev`, the best sandbox here: gVisor): the rate of 202s over
+   HTTP, and event-to-start latency (the time from the store's `enqueuedAt` to the handler's
+   first line, read back from its result) at a steady 50 events/s, p50 and p99.
+
+Targets (issue #13): enqueue >= 2,000 events/s with SQLite and with Redis; event-to-start p99
+<= 100 ms at steady state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "operator"))
+sys.path.insert(0, str(ROOT))
+
+from tests.local.sources.brokers import redis_server  # noqa: E402
+
+from ember.sources.redis_streams import RedisStore  # noqa: E402
+from ember.sources.sqlite import SqliteStore  # noqa: E402
+from ember.sources.store import Event, EventStore  # noqa: E402
+
+
+def _events(n: int, tag: str) -> list[Event]:
+    now = time.time()
+    return [Event(f"{tag}-{i}", "default", "fn", None, b'{"order": %d}' % i, now) for i in range(n)]
+
+
+async def _rate(store: EventStore, events: list[Event], in_flight: int) -> float:
+    await store.start()
+    try:
+        started = time.perf_counter()
+        if in_flight == 1:
+            for event in events:
+                await store.put(event)
+        else:
+            gate = asyncio.Semaphore(in_flight)
+
+            async def one(event: Event) -> None:
+                async with gate:
+                    await store.put(event)
+
+            await asyncio.gather(*(one(e) for e in events))
+        return len(events) / (time.perf_counter() - started)
+    finally:
+        await store.close()
+
+
+def redis_benchmark_xadd(port: int, n: int) -> float:
+    binary = shutil.which("redis-benchmark")
+    if binary is None:
+        raise RuntimeError("redis-benchmark is not installed (apt-get install redis-tools)")
+    out = subprocess.run(
+        [binary, "-p", str(port), "-n", str(n), "-c", "50", "-P", "16", "-q", "XADD", "bench:ceiling", "*", "d", "x"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stdout
+    found = re.search(r"([\d.]+) requests per second", out)
+    if not found:
+        raise RuntimeError(f"redis-benchmark said: {out!r}")
+    return float(found.group(1))
+
+
+HANDLER = """
+import time
+def handler(event, context):
+    return {"started": time.time(), "n": event["n"]}
+"""
+
+
+async def end_to_end(n_burst: int, seconds: float) -> tuple[str, float, list[float]]:
+    code = textwrap.indent(HANDLER, "      ")
+    manifest = (
+        "apiVersion: ember.run/v1alpha1\nkind: Function\nmetadata: {name: sink}\nspec:\n"
+        "  runtime: python3.12\n  handler: main.handler\n  scaling: {minScale: 2}\n"
+        f"  code:\n    inline: |\n{code}"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "operator")}
+    with tempfile.TemporaryDirectory(prefix="ember-bench-async-") as folder:
+        await asyncio.to_thread(Path(folder, "sink.yaml").write_text, manifest)
+        dev = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "ember.cli", "dev", folder, "--port", "0", "--no-watch",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
+        )  # fmt: skip
+        try:
+            assert dev.stdout is not None
+            url, sandbox, line = "", "", b""
+            while not (url and b"Ready" in line):
+                line = await asyncio.wait_for(dev.stdout.readline(), 120)
+                if not line:
+                    raise RuntimeError("ember dev exited")
+                text = line.decode()
+                if "sandbox:" in text:
+                    sandbox = text.split("sandbox:", 1)[1].strip()
+                if m := re.search(r"activator on (http://\S+)", text):
+                    url = m.group(1)
+            invoke = f"{url}/v1/namespaces/default/functions/sink/invoke"
+            headers = {"X-Ember-Invocation-Type": "async"}
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as http:
+
+                async def post(n: int) -> str:
+                    async with http.post(invoke, json={"n": n}, headers=headers) as rsp:
+                        assert rsp.status == 202, await rsp.text()
+                        return str((await rsp.json())["requestId"])
+
+                started = time.perf_counter()
+                burst = await asyncio.gather(*(post(n) for n in range(n_burst)))
+                accepted_rate = len(burst) / (time.perf_counter() - started)
+                await _drained(http, url, burst)
+                steady: list[str] = []
+                period = 1 / 50
+                begin = time.perf_counter()
+                for i in range(int(seconds * 50)):
+                    await asyncio.sleep(max(0.0, begin + i * period - time.perf_counter()))
+                    steady.append(await post(i))
+                statuses = await _drained(http, url, steady)
+            delays = [s["result"]["started"] - s["enqueuedAt"] for s in statuses]
+            return sandbox, accepted_rate, delays
+        finally:
+            dev.send_signal(2)
+            try:
+                await asyncio.wait_for(dev.wait(), 30)
+            except TimeoutError:
+                dev.kill()
+
+
+async def _drained(http: aiohttp.ClientSession, url: str, ids: list[str]) -> list[dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + 300
+    while len(out) < len(ids):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{len(ids) - len(out)} events did not run")
+        for rid in [r for r in ids if r not in out]:
+            async with http.get(f"{url}/v1/invocations/{rid}") as rsp:
+                status = await rsp.json()
+            if status.get("state") == "succeeded":
+                out[rid] = status
+            elif status.get("state") == "failed":
+                raise RuntimeError(f"event {rid} failed: {status}")
+        await asyncio.sleep(0.2)
+    return [out[r] for r in ids]
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+async def main_async(quick: bool) -> int:
+    n = 4_000 if quick else 20_000
+    rows: list[tuple[str, float]] = []
+    with tempfile.TemporaryDirectory(prefix="ember-bench-stores-") as folder:  # on a disk: fsyncs cost here
+        few = min(n, 2_000)
+        one = await _rate(SqliteStore(Path(folder, "one.db")), _events(few, "one"), in_flight=1)
+        rows.append(("sqlite, one put at a time (a commit each): baseline", one))
+        grouped = await _rate(SqliteStore(Path(folder, "g.db")), _events(n, "g"), 256)
+        rows.append(("sqlite, 256 puts in flight (group commit)", grouped))
+        with redis_server(Path(folder, "redis")) as redis:
+            ceiling = redis_benchmark_xadd(redis.port, n * 5)
+            rows.append(("redis-benchmark XADD, 50 clients x 16 pipelined: ceiling", ceiling))
+            rows.append(
+                ("redis store, one put at a time", await _rate(RedisStore(redis.url, "one"), _events(few, "o"), 1))
+            )
+            many = await _rate(RedisStore(redis.url, "many"), _events(n, "r"), 256)
+            rows.append(("redis store, 256 puts in flight (pipelined)", many))
+    print(f"event store enqueue rate, durable before the reply ({n} events; sqlite synchronous FULL, "
+          "redis appendfsync always)")  # fmt: skip
+    print(f"{'store':<62} {'events/s':>10}")
+    for label, rate in rows:
+        print(f"{label:<62} {rate:>10.0f}")
+    sandbox, accepted, delays = await end_to_end(500 if quick else 2_000, 5.0 if quick else 20.0)
+    print()
+    print(f"end to end in local mode ({sandbox or 'sandbox unknown'})")
+    print(f"{'measure':<62} {'value':>10}")
+    print(f"{'HTTP 202s per second (64 connections)':<62} {accepted:>10.0f}")
+    print(f"{'event-to-start p50 ms at 50 events/s':<62} {pct(delays, 50) * 1000:>10.1f}")
+    print(f"{'event-to-start p99 ms at 50 events/s (target <= 100)':<62} {pct(delays, 99) * 1000:>10.1f}")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer events")
+    return asyncio.run(main_async(parser.parse_args().quick))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
