@@ -1,10 +1,11 @@
 """The event store of local mode: one SQLite file (WAL, synchronous FULL) with group commit.
 
 Every statement runs on one thread that owns the connection, so the event loop never blocks
-on the disk. `put` does not commit alone: puts that arrive while a commit is on the disk wait
-and go together in the next transaction (group commit), so one fsync covers many 202s and
-the enqueue rate is not the disk's sync rate. A put's future resolves only after its
-transaction committed: the event survives the process being killed at any point after the 202.
+on the disk. No write commits alone: puts, leases, acks and status changes that arrive while a
+commit is on the disk wait and go together in the next transaction (group commit, each in a
+savepoint), so one fsync covers many of them and the rate is not the disk's sync rate. A put's
+future resolves only after its transaction committed: the event survives the process being
+killed at any point after the 202.
 
 The file belongs to one process: `start` takes an exclusive `flock` on `<file>.lock` and fails,
 naming the holder's file, when another `ember dev` uses the same state directory.
@@ -66,7 +67,7 @@ class SqliteStore:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ember-sqlite")
         self._db: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
-        self._pending: list[tuple[Event, str | None, asyncio.Future[str]]] = []
+        self._pending: list[tuple[Callable[[sqlite3.Connection, float], Any], asyncio.Future[Any]]] = []
         self._flushing: asyncio.Task[None] | None = None
         self._pruned_at = 0.0
 
@@ -122,82 +123,88 @@ class SqliteStore:
             raise StoreError(f"the event store {self.path} is not open")
         return self._db
 
-    # -- put, with group commit
+    # -- every write goes through one group commit
 
-    async def put(self, event: Event, idempotency_key: str | None = None) -> str:
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._pending.append((event, idempotency_key, future))
+    async def _write(self, op: Callable[[sqlite3.Connection, float], T]) -> T:
+        """Run `op` in the next transaction: writes that arrive while one commits wait and go
+        together in the next (one fsync for all of them). Each runs in a savepoint of its own, so
+        one that fails fails alone."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((op, future))
         if self._flushing is None:
             self._flushing = asyncio.create_task(self._flush())
-        return await future
+        return await future  # type: ignore[no-any-return]
 
     async def _flush(self) -> None:
         try:
             while self._pending:
                 batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
                 try:
-                    ids = await self._call(self._insert, [(e, k) for e, k, _ in batch])
-                except Exception as err:  # every put of the batch fails alike: none was stored
+                    outcomes = await self._call(self._commit, [op for op, _ in batch])
+                except Exception as err:  # the transaction failed: none of the batch was written
                     failure = err if isinstance(err, StoreError) else StoreError(f"{self.description}: {err}")
-                    for _, _, future in batch:
-                        if not future.done():
-                            future.set_exception(failure)
-                    continue
-                for (_, _, future), event_id in zip(batch, ids, strict=True):
-                    if not future.done():
-                        future.set_result(event_id)
+                    outcomes = [failure] * len(batch)
+                for (_, future), outcome in zip(batch, outcomes, strict=True):
+                    if future.done():
+                        continue
+                    if isinstance(outcome, BaseException):
+                        future.set_exception(outcome)
+                    else:
+                        future.set_result(outcome)
         finally:
             self._flushing = None
 
-    def _insert(self, batch: list[tuple[Event, str | None]]) -> list[str]:
+    def _commit(self, ops: list[Callable[[sqlite3.Connection, float], Any]]) -> list[Any]:
         db = self._conn()
         now = self._clock()
-        ids: list[str] = []
-        seen: dict[str, str] = {}  # keys used earlier in this same batch
+        outcomes: list[Any] = []
         with self._transaction(db):
-            for event, key in batch:
-                if key is not None:
-                    earlier = seen.get(key)
-                    if earlier is None:
-                        row = db.execute(
-                            "SELECT id FROM idempotency WHERE key = ? AND until > ?", (key, now)
-                        ).fetchone()
-                        earlier = row[0] if row else None
-                    if earlier is not None:
-                        ids.append(earlier)
-                        continue
-                    db.execute(
-                        "INSERT OR REPLACE INTO idempotency (key, id, until) VALUES (?, ?, ?)",
-                        (key, event.id, now + IDEMPOTENCY_WINDOW_S),
-                    )
-                    seen[key] = event.id
-                # A request id names its event: the same id again (while its status is kept) is a no-op.
-                if db.execute("SELECT 1 FROM statuses WHERE id = ?", (event.id,)).fetchone() is None:
-                    db.execute(
-                        "INSERT INTO events (id, doc, body, not_before) VALUES (?, ?, ?, ?)",
-                        (event.id, json.dumps(event.to_json()), event.body, event.not_before),
-                    )
-                    self._status(db, queued_status(event))
-                ids.append(event.id)
-        return ids
+            for op in ops:
+                db.execute("SAVEPOINT op")
+                try:
+                    outcomes.append(op(db, now))
+                    db.execute("RELEASE op")
+                except sqlite3.Error as err:
+                    db.execute("ROLLBACK TO op")
+                    db.execute("RELEASE op")
+                    outcomes.append(StoreError(f"{self.description}: {err}"))
+            self._maybe_prune(db, now)
+        return outcomes
 
-    # -- the rest: one transaction each
+    async def put(self, event: Event, idempotency_key: str | None = None) -> str:
+        def insert(db: sqlite3.Connection, now: float) -> str:
+            if idempotency_key is not None:
+                row = db.execute(
+                    "SELECT id FROM idempotency WHERE key = ? AND until > ?", (idempotency_key, now)
+                ).fetchone()
+                if row is not None:
+                    return str(row[0])
+                db.execute(
+                    "INSERT OR REPLACE INTO idempotency (key, id, until) VALUES (?, ?, ?)",
+                    (idempotency_key, event.id, now + IDEMPOTENCY_WINDOW_S),
+                )
+            # A request id names its event: the same id again (while its status is kept) is a no-op.
+            if db.execute("SELECT 1 FROM statuses WHERE id = ?", (event.id,)).fetchone() is None:
+                db.execute(
+                    "INSERT INTO events (id, doc, body, not_before) VALUES (?, ?, ?, ?)",
+                    (event.id, json.dumps(event.to_json()), event.body, event.not_before),
+                )
+                self._status(db, queued_status(event))
+            return event.id
+
+        return await self._write(insert)
 
     async def lease(self, holder: str, count: int, lease_s: float) -> list[Event]:
-        return await self._call(self._lease, holder, count, lease_s)
-
-    def _lease(self, holder: str, count: int, lease_s: float) -> list[Event]:
-        db = self._conn()
-        now = self._clock()
-        with self._transaction(db):
+        def take(db: sqlite3.Connection, now: float) -> list[Event]:
             rows = db.execute(
                 "UPDATE events SET holder = ?, lease_until = ? WHERE id IN ("
                 " SELECT id FROM events WHERE not_before <= ? AND lease_until < ? ORDER BY not_before LIMIT ?"
                 ") RETURNING doc, body",
                 (holder, now + lease_s, now, now, count),
             ).fetchall()
-            self._maybe_prune(db, now)
-        return [Event.from_json(json.loads(doc), bytes(body)) for doc, body in rows]
+            return [Event.from_json(json.loads(doc), bytes(body)) for doc, body in rows]
+
+        return await self._write(take)
 
     def _maybe_prune(self, db: sqlite3.Connection, now: float) -> None:
         if now - self._pruned_at < PRUNE_EVERY_S:
@@ -207,24 +214,20 @@ class SqliteStore:
         db.execute("DELETE FROM idempotency WHERE until < ?", (now,))
 
     async def extend(self, holder: str, events: Sequence[Event], lease_s: float) -> None:
-        if events:
-            await self._call(self._extend, holder, [e.id for e in events], lease_s)
+        ids = [e.id for e in events]
+        if not ids:
+            return
 
-    def _extend(self, holder: str, ids: list[str], lease_s: float) -> None:
-        db = self._conn()
-        until = self._clock() + lease_s
-        with self._transaction(db):
+        def renew(db: sqlite3.Connection, now: float) -> None:
             db.executemany(
-                "UPDATE events SET lease_until = ? WHERE id = ? AND holder = ?", [(until, i, holder) for i in ids]
+                "UPDATE events SET lease_until = ? WHERE id = ? AND holder = ?",
+                [(now + lease_s, i, holder) for i in ids],
             )
 
-    async def mark(self, status: Status) -> None:
-        await self._call(self._write_status, status)
+        await self._write(renew)
 
-    def _write_status(self, status: Status) -> None:
-        db = self._conn()
-        with self._transaction(db):
-            self._status(db, status)
+    async def mark(self, status: Status) -> None:
+        await self._write(lambda db, _now: self._status(db, status))
 
     @staticmethod
     def _status(db: sqlite3.Connection, status: Status) -> None:
@@ -234,38 +237,32 @@ class SqliteStore:
         )
 
     async def ack(self, event: Event, status: Status) -> None:
-        await self._call(self._ack, event, status)
-
-    def _ack(self, event: Event, status: Status) -> None:
-        db = self._conn()
-        with self._transaction(db):
+        def done(db: sqlite3.Connection, _now: float) -> None:
             db.execute("DELETE FROM events WHERE id = ?", (event.id,))
             self._status(db, status)
 
-    async def retry_later(self, event: Event, status: Status) -> None:
-        await self._call(self._retry_later, event, status)
+        await self._write(done)
 
-    def _retry_later(self, event: Event, status: Status) -> None:
-        db = self._conn()
-        with self._transaction(db):
+    async def retry_later(self, event: Event, status: Status) -> None:
+        def park(db: sqlite3.Connection, _now: float) -> None:
             db.execute(
                 "UPDATE events SET doc = ?, not_before = ?, holder = NULL, lease_until = 0 WHERE id = ?",
                 (json.dumps(event.to_json()), event.not_before, event.id),
             )
             self._status(db, status)
 
-    async def dead_letter(self, event: Event, status: Status) -> None:
-        await self._call(self._dead_letter, event, status)
+        await self._write(park)
 
-    def _dead_letter(self, event: Event, status: Status) -> None:
-        db = self._conn()
-        with self._transaction(db):
+    async def dead_letter(self, event: Event, status: Status) -> None:
+        def bury(db: sqlite3.Connection, _now: float) -> None:
             db.execute("DELETE FROM events WHERE id = ?", (event.id,))
             db.execute(
                 "INSERT OR REPLACE INTO dead_letters (id, at, doc, body, status) VALUES (?, ?, ?, ?, ?)",
                 (event.id, status.updated_at, json.dumps(event.to_json()), event.body, status.dumps()),
             )
             self._status(db, status)
+
+        await self._write(bury)
 
     async def status(self, event_id: str) -> Status | None:
         return await self._call(self._read_status, event_id)
