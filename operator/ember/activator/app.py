@@ -23,6 +23,7 @@ from ember.activator.agent_client import AgentClient
 from ember.activator.async_invoke import AsyncInvocations
 from ember.activator.authorizer import JwtVerifier
 from ember.activator.config import ActivatorConfig
+from ember.activator.event_sources import EventSources
 from ember.activator.invoke import Invoker
 from ember.activator.metrics import Metrics
 from ember.activator.portions import PortionPortal
@@ -74,6 +75,9 @@ def make_app(
         lease_s=config.async_lease_s,
         retry_base_s=config.async_retry_base_s,
     )
+    event_sources = EventSources(
+        registry, invoker, credentials, metrics, holder=holder, max_body_bytes=config.max_body_bytes
+    )
     metrics.watch_state(
         registry.gauges,
         lambda: {str(k): v for k, v in source.warm_pods().items()},
@@ -86,6 +90,7 @@ def make_app(
     app[keys.INVOKER] = invoker
     app[keys.SCALER] = scaler
     app[keys.ASYNC] = async_invocations
+    app[keys.EVENT_SOURCES] = event_sources
     app[keys.METRICS] = metrics
     app[keys.SOURCE] = source
     app[keys.STATE] = {"started": False, "closing": False}
@@ -98,6 +103,7 @@ def make_app(
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await client.start()
         await async_invocations.start()
+        await event_sources.start()
         loop_task = asyncio.create_task(scaler.run(), name="ember-scaler")
         app[keys.STATE]["started"] = True
         try:
@@ -107,6 +113,7 @@ def make_app(
             loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loop_task
+            await event_sources.close()
             await async_invocations.close()
             await scaler.close()
             await client.close()

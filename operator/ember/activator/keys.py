@@ -6,6 +6,7 @@ from aiohttp import web
 
 from ember.activator.async_invoke import AsyncInvocations
 from ember.activator.config import ActivatorConfig
+from ember.activator.event_sources import EventSources
 from ember.activator.invoke import Invoker
 from ember.activator.metrics import Metrics
 from ember.activator.registry import Registry
@@ -17,6 +18,7 @@ REGISTRY = web.AppKey("registry", Registry)
 INVOKER = web.AppKey("invoker", Invoker)
 SCALER = web.AppKey("scaler", Scaler)
 ASYNC = web.AppKey("async", AsyncInvocations)
+EVENT_SOURCES = web.AppKey("event-sources", EventSources)
 METRICS = web.AppKey("metrics", Metrics)
 SOURCE = web.AppKey("source", PodSource)
 STATE = web.AppKey("state", dict)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -69,6 +69,26 @@ class Metrics:
             "ember_version_load_failures",
             "Versions that failed to load, by function.",
             ["function"],
+            registry=self.registry,
+        )
+        self.source_messages = Counter(
+            "ember_event_source_messages",
+            "Messages of event sources by function, source and outcome"
+            " (acked, retried, dead_lettered, dropped: dead-lettered without a dead-letter stream).",
+            ["function", "source", "outcome"],
+            registry=self.registry,
+        )
+        self.source_delay = Histogram(
+            "ember_event_source_delay_seconds",
+            "Time from a message entering its stream to the start of its first invocation.",
+            ["function", "source"],
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.source_backlog = Gauge(
+            "ember_event_source_backlog",
+            "Messages of an event source's group not acked yet (waiting in the broker, or running).",
+            ["function", "source"],
             registry=self.registry,
         )
 

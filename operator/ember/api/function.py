@@ -210,12 +210,17 @@ class EventSource(Model):
 
     name: str = Field(pattern=DNS_LABEL_PATTERN, max_length=63, description="Name of the source, unique per Function.")
     type: Literal["redis-stream", "nats-jetstream"] = Field(description="Kind of queue.")
-    connection_secret_ref: KeyRef = Field(description="Secret key holding the connection URL.")
+    connection_secret_ref: KeyRef = Field(
+        description="Secret key holding the connection URL (redis:// or rediss://); key `url` when omitted."
+    )
     stream: str = Field(min_length=1, max_length=256, description="Stream (Redis) or subject (NATS) to consume.")
     consumer_group: str | None = Field(
         default=None, max_length=256, description="Consumer group; defaults to ember-<namespace>-<function>."
     )
     batch_size: int = Field(default=1, ge=1, le=100, description="Messages per invocation.")
+    batch_window_ms: int = Field(
+        default=0, ge=0, le=300000, description="Longest wait to fill a batch once its first message came; 0: none."
+    )
     max_concurrency: int | None = Field(
         default=None, ge=1, le=1000, description="Upper bound of concurrent invocations from this source."
     )
@@ -307,6 +312,11 @@ class FunctionSpec(Model):
                 "spec.portions: names must be unique",
             ),
             cel(
+                "!has(self.eventSources) || "
+                "self.eventSources.all(e, self.eventSources.exists_one(f, f.name == e.name))",
+                "spec.eventSources: names must be unique",
+            ),
+            cel(
                 "!has(self.portions) || self.portions.all(p, !has(p.calls) || "
                 "p.calls.all(c, c != p.name && self.portions.exists(q, q.name == c)))",
                 "spec.portions[].calls must name other portions of this Function",
@@ -369,6 +379,14 @@ class FunctionSpec(Model):
         if bad:
             raise ValueError(f"alias names must match {ALIAS_PATTERN} and not be 'latest': {', '.join(bad)}")
         return aliases
+
+    @model_validator(mode="after")
+    def _event_source_names(self) -> FunctionSpec:
+        names = [source.name for source in self.event_sources]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"spec.eventSources: names must be unique ({', '.join(twice)} more than once)")
+        return self
 
     @model_validator(mode="after")
     def _portion_calls(self) -> FunctionSpec:
