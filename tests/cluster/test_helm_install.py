@@ -474,6 +474,66 @@ def test_the_async_store_refuses_anyone_without_its_password(release: Helm, api_
     assert ask(b"AUTH " + password + b"\r\n", b"PING\r\n") == b"+OK\r\n+PONG\r\n"
 
 
+CONSUMER = """
+import json
+
+def handler(event, context):
+    bad = [r["messageId"] for r in event["Records"] if json.loads(r["body"]).get("bad")]
+    return {"batchItemFailures": [{"itemIdentifier": i} for i in bad]}
+"""
+
+
+async def test_an_event_source_drains_a_redis_stream_through_both_replicas(release: Helm, api_client: Any) -> None:
+    """A Function consuming a stream of the chart's Redis (its URL in a Secret of the user's, read by
+    the activators' RBAC): both replicas join the group, every good message is acked, the bad ones
+    end in the dead-letter stream after their retries."""
+    import redis.asyncio as aioredis
+
+    core = client.CoreV1Api(api_client)
+    ember = Ember(api_client, release.namespace)
+    (pod,) = _pods(core, release.namespace, "redis")
+    chart = core.read_namespaced_secret(f"{RELEASE}-redis", release.namespace).data
+    password = base64.b64decode(chart["password"]).decode()
+    core.create_namespaced_secret(
+        release.namespace,
+        {"metadata": {"name": "orders-queue"}, "stringData": {"url": base64.b64decode(chart["url"]).decode()}},
+    )
+    producer = aioredis.Redis(host=pod.status.pod_ip, port=6379, password=password)
+    try:
+        for n in range(40):
+            await producer.xadd("orders", {"body": json.dumps({"n": n, "bad": n % 10 == 0})})
+        source = {
+            "name": "orders",
+            "type": "redis-stream",
+            "connectionSecretRef": {"name": "orders-queue"},
+            "stream": "orders",
+            "batchSize": 4,
+            "maxRetries": 1,
+            "deadLetterStream": "orders-dead",
+        }
+        spec = {"runtime": "python3.12", "handler": "main.handler", "code": {"inline": CONSUMER}}
+        ember.create(
+            "functions",
+            {"kind": "Function", "metadata": {"name": "orders"}, "spec": {**spec, "eventSources": [source]}},
+        )
+        deadline = time.monotonic() + 180
+        while True:
+            groups = await producer.xinfo_groups("orders")
+            dead = await producer.xlen("orders-dead")
+            if groups and int(groups[0]["pending"]) == 0 and int(groups[0]["lag"] or 0) == 0 and dead == 4:
+                break
+            assert time.monotonic() < deadline, (groups, dead)
+            await asyncio.sleep(1)
+        consumers = await producer.xinfo_consumers("orders", f"ember-{release.namespace}-orders")
+        assert len(consumers) == 2, consumers  # each activator replica is a consumer of the group
+        reasons = {f[b"ember.reason"] for _, f in await producer.xrange("orders-dead")}
+        assert reasons == {b"retries exhausted after 2 attempts (listed in batchItemFailures)"}
+    finally:
+        await producer.aclose()
+        ember.custom.delete_namespaced_custom_object("ember.run", "v1alpha1", release.namespace, "functions", "orders")
+        core.delete_namespaced_secret("orders-queue", release.namespace)
+
+
 def test_zz_helm_uninstall_stops_every_ember_pod(release: Helm, api_client: Any) -> None:
     """Last in the module (by name): uninstall, then nothing of Ember's runs in the namespace."""
     core = client.CoreV1Api(api_client)
