@@ -197,6 +197,9 @@ def banner(out: TextIO, base: str, registry: Registry, sandbox_note: str, isolat
             print(f"    route {method} {base}{path}", file=out)
         if fs.spec is not None and fs.spec.http is not None and fs.spec.http.function_url is not None:
             print(f"    function URL {base}/v1/namespaces/{fs.namespace}/functions/{fs.name}/url/", file=out)
+        for source in fs.spec.event_sources if fs.spec is not None else ():
+            state = "" if source.enabled else " (disabled)"
+            print(f"    event source {source.name}: {source.type} {source.stream}{state}", file=out)
     out.flush()
 
 

@@ -234,3 +234,36 @@ async def test_a_disabled_source_reads_nothing(redis: RedisServer, producer: Any
         await _until(
             lambda: act.metric("ember_event_source_messages_total", outcome="acked"), 60, "the message once enabled"
         )
+
+
+def test_ember_dev_consumes_a_stream_named_by_a_secret_manifest(redis: RedisServer, tmp_path: Path) -> None:
+    """Local mode as a user runs it: the connection URL in a Secret manifest beside the Function."""
+    import redis as sync_redis
+    from tests.local.activator.test_devmode import dev_in
+
+    code = "\n".join("      " + line for line in PARTIAL.strip().splitlines())
+    (tmp_path / "worker.yaml").write_text(
+        "apiVersion: ember.run/v1alpha1\nkind: Function\nmetadata: {name: worker}\nspec:\n"
+        "  runtime: python3.12\n  handler: main.handler\n"
+        "  eventSources: [{name: jobs, type: redis-stream, connectionSecretRef: {name: queue}, stream: jobs}]\n"
+        f"  code:\n    inline: |\n{code}\n"
+        f"---\napiVersion: v1\nkind: Secret\nmetadata: {{name: queue}}\nstringData: {{url: '{redis.url}'}}\n"
+    )
+    client = sync_redis.Redis.from_url(redis.url)
+    for n in range(5):
+        client.xadd("jobs", {"body": json.dumps({"n": n})})
+    runs = dev_in(tmp_path)
+    dev = next(runs)
+    try:
+        dev.wait_for(r"event source jobs: redis-stream jobs")
+        deadline = time.monotonic() + 60
+        while True:
+            groups = client.xinfo_groups("jobs")
+            if groups and int(groups[0]["pending"]) == 0 and int(groups[0]["lag"] or 0) == 0:
+                break
+            assert time.monotonic() < deadline, groups
+            time.sleep(0.2)
+        assert groups[0]["name"] == b"ember-default-worker"
+    finally:
+        runs.close()
+        client.close()
