@@ -1,5 +1,6 @@
-"""Benchmark of durable asynchronous invocations: how fast events are stored (the 202 waits for
-it), against the ceilings measured in the same run, and how soon a stored event starts.
+"""Benchmark of durable asynchronous invocations and event sources: how fast events are stored
+(the 202 waits for it), against the ceilings measured in the same run, and how soon a stored
+event or a queued message starts.
 
     python bench/async_invocations.py            # about a minute
     python bench/async_invocations.py --quick    # fewer events
@@ -16,6 +17,9 @@ it), against the ceilings measured in the same run, and how soon a stored event 
    store: the ceiling), for a burst whose events run meanwhile (every core is shared with the
    sandboxes running them) and for one whose Function takes them slowly (`maxScale: 1`, 1 s
    each: the enqueue path alone).
+
+3. An event source on a real redis-server at a steady 50 messages/s: message-added to
+   invocation-start (`ember_event_source_delay_seconds`), as histogram bounds.
 
 Targets (issue #13): enqueue >= 2,000 events/s with SQLite and with Redis; event-to-start p99
 <= 100 ms at steady state.
@@ -183,6 +187,71 @@ async def end_to_end(n_burst: int, seconds: float) -> tuple[str, dict[str, float
                 dev.kill()
 
 
+async def source_delay(redis_url: str, seconds: float) -> tuple[int, dict[float, float]]:
+    """An event source at 50 messages/s: the histogram of message-added to invocation-start."""
+    import redis.asyncio as aioredis
+
+    code = textwrap.indent(HANDLER, "      ")
+    manifests = (
+        "apiVersion: ember.run/v1alpha1\nkind: Function\nmetadata: {name: consumer}\nspec:\n"
+        "  runtime: python3.12\n  handler: main.handler\n  scaling: {minScale: 2}\n"
+        "  eventSources: [{name: feed, type: redis-stream, connectionSecretRef: {name: q}, stream: feed}]\n"
+        f"  code:\n    inline: |\n{code}\n---\n"
+        f"apiVersion: v1\nkind: Secret\nmetadata: {{name: q}}\nstringData: {{url: '{redis_url}'}}\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "operator")}
+    with tempfile.TemporaryDirectory(prefix="ember-bench-source-") as folder:
+        await asyncio.to_thread(Path(folder, "bench.yaml").write_text, manifests)
+        dev = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "ember.cli", "dev", folder, "--port", "0", "--no-watch",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
+        )  # fmt: skip
+        producer = aioredis.Redis.from_url(redis_url)
+        try:
+            assert dev.stdout is not None
+            url = ""
+            while True:
+                line = (await asyncio.wait_for(dev.stdout.readline(), 120)).decode()
+                if not line:
+                    raise RuntimeError("ember dev exited")
+                if m := re.search(r"activator on (http://\S+)", line):
+                    url = m.group(1)
+                if url and ": Ready" in line:
+                    break
+            await producer.xadd("feed", {"body": '{"n": -1, "warm": true}'})
+            await _ran(url, "default/consumer", 1)
+            count = int(seconds * 50)
+            begin = time.perf_counter()
+            for i in range(count):
+                await asyncio.sleep(max(0.0, begin + i / 50 - time.perf_counter()))
+                await producer.xadd("feed", {"body": f'{{"n": {i}}}'})
+            await _ran(url, "default/consumer", count + 1)
+            async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as rsp:
+                text = await rsp.text()
+        finally:
+            await producer.aclose()
+            dev.send_signal(2)
+            try:
+                await asyncio.wait_for(dev.wait(), 30)
+            except TimeoutError:
+                dev.kill()
+    buckets: dict[float, float] = {}
+    for line in text.splitlines():
+        if line.startswith("ember_event_source_delay_seconds_bucket{"):
+            bound = re.search(r'le="([^"]+)"', line)
+            if bound and bound.group(1) != "+Inf":
+                buckets[float(bound.group(1))] = float(line.rsplit(" ", 1)[1])
+    return count + 1, buckets
+
+
+def bucket_quantile(buckets: dict[float, float], total: int, q: float) -> float:
+    """The smallest histogram bound holding the q-th quantile (an upper bound of it)."""
+    for bound in sorted(buckets):
+        if buckets[bound] >= q / 100 * total:
+            return bound
+    return float("inf")
+
+
 async def _ran(url: str, function: str, count: int) -> None:
     """Wait until the activator has run `count` invocations of the function (its /metrics)."""
     deadline = time.monotonic() + 300
@@ -254,6 +323,15 @@ async def main_async(quick: bool) -> int:
     print(f"{'dry-run replies per second (the HTTP path, no store): ceiling':<62} {rates['dry-run']:>10.0f}")
     print(f"{'async 202s per second, events held back (maxScale 1)':<62} {rates['held']:>10.0f}")
     print(f"{'async 202s per second, events running meanwhile':<62} {rates['running']:>10.0f}")
+    with tempfile.TemporaryDirectory(prefix="ember-bench-redis-") as folder, redis_server(Path(folder)) as redis:
+        total, buckets = await source_delay(redis.url, 5.0 if quick else 20.0)
+    print()
+    print(f"event source (Redis Streams, batchSize 1) at 50 messages/s, {total} messages (histogram bounds)")
+    print(f"{'measure':<62} {'value':>10}")
+    print(f"{'message-to-start p50 ms, at most':<62} {bucket_quantile(buckets, total, 50) * 1000:>10.1f}")
+    print(
+        f"{'message-to-start p99 ms, at most (target <= 100)':<62} {bucket_quantile(buckets, total, 99) * 1000:>10.1f}"
+    )
     return 0
 
 

@@ -102,15 +102,28 @@ class AsyncInvocations:
             asyncio.create_task(self._renew_loop(), name="ember-async-renew"),
         ]
 
-    async def close(self) -> None:
-        """Stop leasing, cancel the running events (their leases run out: they run again), close."""
-        tasks = self._tasks + [task for _, task in self._running.values()]
-        for task in tasks:
+    async def close(self, drain_s: float = 10.0) -> None:
+        """Stop leasing; let running events finish for up to `drain_s`, then cancel the rest and
+        hand them back to the store at once (another worker need not wait for their leases)."""
+        for task in self._tasks:
             task.cancel()
-        for task in tasks:
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        running = dict(self._running)
+        if running:
+            await asyncio.wait([task for _, task in running.values()], timeout=drain_s)
+        for event_id, (event, task) in running.items():
+            if task.done():
+                continue
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            event.not_before = self._clock()
+            with contextlib.suppress(StoreError):
+                await self.store.retry_later(event, self._status(event, State.QUEUED))
+            log.info("asynchronous invocation %s handed back to the store at shutdown", event_id)
         await self.store.close()
 
     async def _lease_loop(self) -> None:
