@@ -70,6 +70,7 @@ def make_app(
     async_invocations = AsyncInvocations(
         invoker,
         store,
+        metrics,
         workers=config.async_workers,
         holder=holder,
         lease_s=config.async_lease_s,

@@ -37,6 +37,7 @@ from typing import Any
 
 from ember.activator.errors import ActivatorError, FunctionNotFound, StoreUnavailable
 from ember.activator.invoke import Invoker, Result
+from ember.activator.metrics import Metrics
 from ember.activator.version_state import VersionState
 from ember.api.function import Destination
 from ember.sources.store import Event, EventStore, State, Status, StoreError
@@ -54,6 +55,7 @@ class AsyncInvocations:
         self,
         invoker: Invoker,
         store: EventStore,
+        metrics: Metrics,
         *,
         workers: int,
         holder: str,
@@ -63,6 +65,7 @@ class AsyncInvocations:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
+        self._metrics = metrics
         self._invoker = invoker
         self._workers = workers
         self._holder = holder
@@ -154,8 +157,12 @@ class AsyncInvocations:
             await asyncio.sleep(self._lease_s / 3)
             try:
                 await self.store.extend(self._holder, [event for event, _ in self._running.values()], self._lease_s)
+                self._metrics.async_depth.set(await self.store.depth())
             except StoreError as err:
                 log.warning("cannot extend the leases of running asynchronous invocations: %s", err)
+
+    def _count(self, event: Event, outcome: str) -> None:
+        self._metrics.async_events.labels(f"{event.namespace}/{event.function}", outcome).inc()
 
     async def _run_one(self, event: Event) -> None:
         try:
@@ -186,6 +193,7 @@ class AsyncInvocations:
         except FunctionNotFound as err:
             await self.store.dead_letter(event, self._status(event, State.FAILED, condition="FunctionNotFound",
                                                              result=err.message))  # fmt: skip
+            self._count(event, "failed")
             return
         config = fs.spec.async_ if fs.spec is not None else None
         max_age = config.max_event_age_seconds if config else 21600
@@ -197,11 +205,14 @@ class AsyncInvocations:
         except FunctionNotFound as err:  # the qualifier is gone (an alias deleted, a Version removed)
             await self.store.dead_letter(event, self._status(event, State.FAILED, condition="FunctionNotFound",
                                                              result=err.message))  # fmt: skip
+            self._count(event, "failed")
             return
         except ActivatorError as err:  # not ready: a system error
             await self._system_retry(event, None, max_age, err)
             return
         event.attempts += 1
+        if event.attempts == 1:
+            self._metrics.async_delay.labels(fs.label).observe(max(0.0, now - event.enqueued_at))
         await self.store.mark(self._status(event, State.RUNNING, version=vs.key.number))
         try:
             result = await self._invoker.invoke(vs, event.body, request_id=event.id)
@@ -215,6 +226,7 @@ class AsyncInvocations:
                 await self._send(config.on_success, "onSuccess", event, vs, "Success", result, payload)
             done = self._status(event, State.SUCCEEDED, version=vs.key.number, result=payload)
             await self.store.ack(event, done)
+            self._count(event, "succeeded")
             log.info("async invocation done request_id=%s function=%s attempts=%d", event.id, fs.label, event.attempts)
             return
         max_retries = config.max_retries if config else 2
@@ -229,6 +241,7 @@ class AsyncInvocations:
         retrying = self._status(event, State.RETRYING, version=vs.key.number, next_attempt_at=event.not_before,
                                 function_error=error, result=payload)  # fmt: skip
         await self.store.retry_later(event, retrying)
+        self._count(event, "retried")
 
     async def _system_retry(self, event: Event, vs: VersionState | None, max_age: float, err: ActivatorError) -> None:
         system_tries = max(event.attempts - event.retries, 1)
@@ -241,6 +254,7 @@ class AsyncInvocations:
         retrying = self._status(event, State.RETRYING, version=version, next_attempt_at=event.not_before,
                                 function_error=err.error_type, result=err.message)  # fmt: skip
         await self.store.retry_later(event, retrying)
+        self._count(event, "retried")
 
     async def _fail(
         self, event: Event, vs: VersionState | None, condition: str, result: Result | None, payload: Any
@@ -253,6 +267,7 @@ class AsyncInvocations:
         failed = self._status(event, State.FAILED, version=vs.key.number if vs else None, function_error=error,
                               condition=condition, result=payload)  # fmt: skip
         await self.store.dead_letter(event, failed)
+        self._count(event, "failed")
         log.info("async invocation failed request_id=%s function=%s/%s condition=%s attempts=%d",
                  event.id, event.namespace, event.function, condition, event.attempts)  # fmt: skip
 

@@ -71,6 +71,24 @@ class Metrics:
             ["function"],
             registry=self.registry,
         )
+        self.async_events = Counter(
+            "ember_async_events",
+            "Asynchronous invocations by function and outcome (succeeded, retried, failed).",
+            ["function", "outcome"],
+            registry=self.registry,
+        )
+        self.async_delay = Histogram(
+            "ember_async_delay_seconds",
+            "Time from an asynchronous invocation's 202 to the start of its first attempt, by function.",
+            ["function"],
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.async_depth = Gauge(
+            "ember_async_depth",
+            "Asynchronous invocations in the store, waiting or running (all functions; shared by the replicas).",
+            registry=self.registry,
+        )
         self.source_messages = Counter(
             "ember_event_source_messages",
             "Messages of event sources by function, source and outcome"

@@ -75,6 +75,9 @@ async def test_a_failing_function_is_retried_max_retries_times_then_sent_to_on_f
     assert (failed["state"], failed["attempts"], failed["condition"]) == ("failed", 3, "RetriesExhausted")
     assert failed["result"]["errorType"] == "RuntimeError"
     assert await act.metric("ember_invocations_total", function="default/flaky", outcome="function_error") == 3
+    assert await act.metric("ember_async_events_total", function="default/flaky", outcome="retried") == 2
+    assert await act.metric("ember_async_events_total", function="default/flaky", outcome="failed") == 1
+    assert await act.metric("ember_async_delay_seconds_count", function="default/flaky") == 1
     delivered = await _settled(act, destination_id(rid, "onFailure"))
     assert delivered["state"] == "succeeded"
     record = delivered["result"]  # what the sink was invoked with
