@@ -63,9 +63,9 @@ from ember.pods.kubernetes.secrets import ApiSecrets
 from ember.pods.services import ServiceProxy
 from ember.resources.pool import SERVICES_PORT
 from ember.scaling.pool_demand import DEFAULT_WINDOW_S
-from ember.sources.redis_streams import RedisStore, redacted
+from ember.sources.redis_streams import RedisStore
 from ember.sources.sqlite import SqliteStore
-from ember.sources.store import EventStore, StoreError
+from ember.sources.store import EventStore, StoreError, redacted
 
 log = logging.getLogger("ember.activator")
 

@@ -14,6 +14,7 @@ PACKAGES=(
   runsc                                      # Debian's gVisor (ptrace only), measured against the built one
   bubblewrap                                 # local mode's second sandbox, tested in the local tier
   redis-server                               # async invocations' store (Redis Streams), a real one per test
+  nats-server                                # NATS JetStream event sources, a real one per test
   gcc libc6-dev                              # the pause binary is C (kubernetes build/pause)
   ca-certificates git curl unzip
 )

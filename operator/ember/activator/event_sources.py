@@ -1,4 +1,5 @@
-"""Event sources (`Function.spec.eventSources`): queues polled at the rate the Function can take.
+"""Event sources (`Function.spec.eventSources`): Redis Streams and NATS JetStream subjects polled
+at the rate the Function can take.
 
 `EventSources` keeps one `Poller` per enabled source of every Function the registry serves,
 reconciled once a second (a source edited is restarted, one removed or disabled stopped). Each
@@ -15,7 +16,8 @@ One batch (`_deliver`): messages must carry a `body` (or `data`) field holding J
 body limit; others are poison and go straight to the dead letters with the reason. A message
 delivered more than `maxRetries` + 1 times goes there too. The rest become one invocation with
 SQS's event shape (`Records[]` with `messageId`, `body`, `attributes.ApproximateReceiveCount`,
-`SentTimestamp`, `messageAttributes`, `eventSource` `ember:redis-stream`). A success acks the
+`SentTimestamp`, `messageAttributes`, `eventSource` `ember:redis-stream` or
+`ember:nats-jetstream`). The broker is behind `ember.sources.queue.QueueConsumer`. A success acks the
 batch except the items the function names in `batchItemFailures` (Lambda's partial batch
 response); a function error, a timeout or throttling retries the whole batch. Retries wait 1 s,
 doubling per delivery up to 60 s. Without `deadLetterStream`, dead letters are dropped (acked,
@@ -40,7 +42,9 @@ from ember.activator.registry import Registry
 from ember.activator.version_state import VersionState
 from ember.api.function import EventSource
 from ember.pods.services import Credentials, CredentialUnavailable
-from ember.sources.redis_stream_source import Message, StreamConsumer
+from ember.sources.nats_source import JetStreamConsumer
+from ember.sources.queue import Message, QueueConsumer
+from ember.sources.redis_stream_source import StreamConsumer
 from ember.sources.store import StoreError
 
 log = logging.getLogger(__name__)
@@ -102,7 +106,7 @@ class EventSources:
             if fs.spec is None or fs.removed:
                 continue
             for source in fs.spec.event_sources:
-                if source.enabled and source.type == "redis-stream":  # nats-jetstream: reported unsupported
+                if source.enabled:
                     out[SourceKey(fs.namespace, fs.name, source.name)] = source
         return out
 
@@ -155,7 +159,7 @@ class Poller:
             if consumer is not None:
                 await consumer.close()
 
-    async def _connect(self) -> StreamConsumer:
+    async def _connect(self) -> QueueConsumer:
         ref = self.source.connection_secret_ref
         key = ref.key or "url"
         while True:
@@ -164,7 +168,8 @@ class Poller:
                 fs = self._owner.registry.get(self.key.namespace, self.key.function)
                 timeout = fs.spec.timeout_seconds if fs.spec is not None else 900
                 group = self.source.consumer_group or f"ember-{self.key.namespace}-{self.key.function}"
-                consumer = StreamConsumer(
+                kind = JetStreamConsumer if self.source.type == "nats-jetstream" else StreamConsumer
+                consumer: QueueConsumer = kind(
                     url.strip(), self.source.stream, group, self._owner.holder, visibility_s=timeout + 10.0
                 )
                 await consumer.start()
@@ -183,7 +188,7 @@ class Poller:
             room = min(room, self.source.max_concurrency - self._in_flight)
         return max(0, room)
 
-    async def _poll(self, consumer: StreamConsumer) -> None:
+    async def _poll(self, consumer: QueueConsumer) -> None:
         loop = asyncio.get_running_loop()
         backlog_at = 0.0
         while True:
@@ -239,7 +244,7 @@ class Poller:
             return f"retries exhausted after {message.deliveries - 1} attempts"
         return None
 
-    async def _bury(self, consumer: StreamConsumer, message: Message, reason: str) -> None:
+    async def _bury(self, consumer: QueueConsumer, message: Message, reason: str) -> None:
         await consumer.dead_letter(message, self.source.dead_letter_stream, reason)
         self._count["dead_lettered" if self.source.dead_letter_stream else "dropped"].inc()
         log.warning("event source %s of %s: message %s dead-lettered: %s", self.key.source, self.key.label,
@@ -254,11 +259,11 @@ class Poller:
             "messageAttributes": {
                 k: v.decode(errors="replace") for k, v in message.fields.items() if k not in ("body", "data")
             },
-            "eventSource": "ember:redis-stream",
-            "eventSourceARN": f"redis-stream:{self.source.stream}",
+            "eventSource": f"ember:{self.source.type}",
+            "eventSourceARN": f"{self.source.type}:{self.source.stream}",
         }
 
-    async def _deliver(self, consumer: StreamConsumer, vs: VersionState, messages: list[Message]) -> None:
+    async def _deliver(self, consumer: QueueConsumer, vs: VersionState, messages: list[Message]) -> None:
         good: list[Message] = []
         for message in messages:
             reason = self._poison(message)
@@ -294,7 +299,7 @@ class Poller:
         if failed:
             await self._retry(consumer, [m for m in good if m.id in failed], "listed in batchItemFailures")
 
-    async def _retry(self, consumer: StreamConsumer, messages: list[Message], why: str) -> None:
+    async def _retry(self, consumer: QueueConsumer, messages: list[Message], why: str) -> None:
         """Again after a delay; those that had their last attempt go to the dead letters now."""
         last = self.source.max_retries + 1
         for message in [m for m in messages if m.deliveries >= last]:

@@ -67,8 +67,6 @@ FUNCTION_GAPS: Final[tuple[Gap[FunctionSpec], ...]] = (
     Gap("spec.resources.autoResize", lambda s: s.resources.auto_resize),
     # No predictor: the autoscaler (scaling/autoscaler.py) only reacts to observed concurrency.
     Gap("spec.scaling.predictive", lambda s: s.scaling.predictive),
-    # activator/event_sources.py polls Redis Streams only; no NATS client yet.
-    Gap("spec.eventSources[].type", lambda s: any(e.type == "nats-jetstream" for e in s.event_sources)),
     # activator/async_invoke.py sends destination records to Functions only: no stream is written.
     Gap(
         "spec.async.onSuccess.stream",

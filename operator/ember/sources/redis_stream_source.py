@@ -18,28 +18,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from ember.sources.redis_streams import redacted
-from ember.sources.store import StoreError
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One stream entry as delivered: its id, fields, and how many times it has been delivered."""
-
-    id: str
-    fields: dict[str, bytes]
-    deliveries: int
-
-    @property
-    def sent_ms(self) -> int:
-        """When the entry was added: the millisecond part of its id."""
-        return int(self.id.split("-", 1)[0])
+from ember.sources.queue import Message
+from ember.sources.store import StoreError, redacted
 
 
 def _text(value: Any) -> str:
@@ -120,7 +105,8 @@ class StreamConsumer:
             raise StoreError(f"{self.description}: {err}") from None
         counts = {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
         return [
-            Message(_text(i), {_text(k): bytes(v) for k, v in f.items()}, counts.get(_text(i), 1)) for i, f in entries
+            Message(_text(i), {_text(k): bytes(v) for k, v in f.items()}, counts.get(_text(i), 1), _order(_text(i))[0])
+            for i, f in entries
         ]
 
     async def _read(self, count: int, block_ms: int) -> list[tuple[Any, Any]]:

@@ -29,12 +29,19 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from ember.sources.store import IDEMPOTENCY_WINDOW_S, STATUS_TTL_S, Event, Status, StoreError, queued_status
+from ember.sources.store import (
+    IDEMPOTENCY_WINDOW_S,
+    STATUS_TTL_S,
+    Event,
+    Status,
+    StoreError,
+    queued_status,
+    redacted,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +72,6 @@ for _, id in ipairs(ids) do
 end
 return #ids
 """
-
-
-def redacted(url: str) -> str:
-    """The URL without its password, for messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class RedisStore:

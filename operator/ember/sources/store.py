@@ -20,9 +20,19 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 STATUS_TTL_S = 24 * 3600.0  # a status is kept this long after its last change
 IDEMPOTENCY_WINDOW_S = 6 * 3600.0  # Lambda's longest event age: a retried enqueue within it is a no-op
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class StoreError(Exception):

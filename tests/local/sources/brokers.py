@@ -87,3 +87,52 @@ def redis_server(folder: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.kill()
+
+
+@dataclass
+class NatsServer:
+    """A `nats-server` with JetStream (its store in `folder`), on a free loopback port."""
+
+    port: int
+    folder: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        binary = shutil.which("nats-server")
+        assert binary, "nats-server is not installed (tests/cluster/install-deps.sh installs it)"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        log = self.folder / "nats.log"
+        self.process = subprocess.Popen(
+            [binary, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.folder), "-l", str(log)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        while True:
+            if self.process.poll() is not None:
+                raise AssertionError(f"nats-server exited with {self.process.returncode}: {log.read_text()[-2000:]}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                if s.recv(4096).startswith(b"INFO"):
+                    return
+            assert time.monotonic() < deadline, "nats-server did not answer"
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.process = None
+
+
+@contextlib.contextmanager
+def nats_server(folder: Path) -> Iterator[NatsServer]:
+    server = NatsServer(free_port(), folder)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()

@@ -17,9 +17,9 @@ import pytest
 import pytest_asyncio
 from tests.local.sources.brokers import RedisServer, free_port, redis_server
 
-from ember.sources.redis_streams import RedisStore, redacted
+from ember.sources.redis_streams import RedisStore
 from ember.sources.sqlite import SqliteStore
-from ember.sources.store import Event, EventStore, State, Status, StoreError
+from ember.sources.store import Event, EventStore, State, Status, StoreError, redacted
 
 pytestmark = pytest.mark.timeout(120)
 
