@@ -12,7 +12,7 @@ policy lists some fails to load, saying so), `EMBER_SERVICES_PORT` (`--services-
 8090: the proxy's port on that address; see `ember.pods.services`), `EMBER_ASYNC_STORE`
 (`--async-store`: where asynchronous invocations wait: a `redis://` or `rediss://` URL, shared
 by the replicas (the chart sets it from a Secret), or a SQLite file path, this replica's alone;
-default `/tmp/ember/async.db`, with a warning), `EMBER_ACTIVATOR_LEASE_S` (`--lease-s`, default
+default `/tmp/ember/async-<holder>.db`, with a warning), `EMBER_ACTIVATOR_LEASE_S` (`--lease-s`, default
 15: the holder Lease's duration; see `ember.pods.kubernetes.leases`),
 `EMBER_POOL_DEMAND_WINDOW_S` (`--pool-demand-window-s`, default 60: the window over which claims
 per pool are published as demand; see `ember.scaling.pool_demand`), `EMBER_LOG_LEVEL`. The API
@@ -157,7 +157,7 @@ def parse_args(argv: list[str], env: Mapping[str, str]) -> argparse.Namespace:
     return args
 
 
-DEFAULT_ASYNC_STORE = "/tmp/ember/async.db"
+DEFAULT_ASYNC_STORE = "/tmp/ember/async-{holder}.db"  # one per process (a restarted pod keeps its name)
 
 
 def _async_store(value: str) -> str:
@@ -173,11 +173,12 @@ def _async_store(value: str) -> str:
     return value
 
 
-def open_async_store(value: str, namespace: str) -> EventStore:
+def open_async_store(value: str, namespace: str, holder: str) -> EventStore:
     """The event store a checked `--async-store` names (not started)."""
     if value.startswith(("redis://", "rediss://", "REDIS://", "REDISS://")):
         return RedisStore(value, namespace)
     if value == DEFAULT_ASYNC_STORE:
+        value = value.format(holder=holder)
         log.warning(
             "asynchronous invocations are kept in %s: this replica's alone, lost with the pod; set EMBER_ASYNC_STORE "
             "to a Redis URL to share them between replicas and keep them",
@@ -243,7 +244,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
             ActivatorConfig(default_namespace=args.namespace, warm_pool_size=0),
             replicas=source.live_replicas,
             credentials=secrets,
-            store=open_async_store(args.async_store, args.namespace),
+            store=open_async_store(args.async_store, args.namespace, args.holder),
             holder=args.holder,
         )
         catalog = Catalog(

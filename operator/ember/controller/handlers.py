@@ -113,8 +113,13 @@ def register(registry: kopf.OperatorRegistry, config: Settings) -> None:
     _register_pod_counts(registry)
     _register_pool_sizes(registry, config)
 
-    @kopf.on.delete(GROUP, VERSION, "functions", registry=registry, optional=True)
-    async def function_deleted(body: Any, memo: Any, **_: Any) -> None:
+    # Raw watch events, not on.delete: Functions and SecurityPolicies carry no finalizer (see
+    # _register_nudges), so a deletion may leave no deleting object for a deletion handler to see,
+    # while the DELETED event always comes (with the object's last state).
+    @kopf.on.event(GROUP, VERSION, "functions", registry=registry)
+    async def function_deleted(event: Any, body: Any, memo: Any, **_: Any) -> None:
+        if event.get("type") != "DELETED":
+            return
         meta = body.get("metadata", {})
         if not (body.get("spec") or {}).get("http"):
             return
@@ -123,8 +128,10 @@ def register(registry: kopf.OperatorRegistry, config: Settings) -> None:
         except KubeError as err:
             log.warning("function=%s/%s deleted, route peers not notified: %s", meta["namespace"], meta["name"], err)
 
-    @kopf.on.delete(GROUP, VERSION, "securitypolicies", registry=registry, optional=True)
-    async def policy_deleted(body: Any, memo: Any, **_: Any) -> None:
+    @kopf.on.event(GROUP, VERSION, "securitypolicies", registry=registry)
+    async def policy_deleted(event: Any, body: Any, memo: Any, **_: Any) -> None:
+        if event.get("type") != "DELETED":
+            return
         meta = body.get("metadata", {})
         try:
             await notify_functions(memo.kube, config, meta["namespace"], meta["name"], "deleted")

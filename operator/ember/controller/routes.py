@@ -55,8 +55,8 @@ async def routes_of(kube: Kube, fn: Function, token: str) -> Routes:
     peers: dict[str, tuple[Function, Obj]] = {}
     for item in items:
         name = item["metadata"]["name"]
-        if name == fn.metadata.name:
-            continue
+        if name == fn.metadata.name or item["metadata"].get("deletionTimestamp"):
+            continue  # a Function being deleted serves nothing (its activator dropped it)
         try:
             peers[name] = (Function.model_validate(resource_of(item)), item)
         except ValidationError:

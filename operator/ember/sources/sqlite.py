@@ -86,7 +86,7 @@ class SqliteStore:
             os.close(fd)
             raise StoreError(
                 f"the event store {self.path} is in use by another process (another ember dev with the same "
-                "--state-dir?)"
+                "--state-dir, or another activator with the same EMBER_ASYNC_STORE?)"
             ) from None
         self._lock_fd = fd
         try:
