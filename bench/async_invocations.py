@@ -191,7 +191,7 @@ async def source_delay(redis_url: str, seconds: float) -> tuple[int, dict[float,
     """An event source at 50 messages/s: the histogram of message-added to invocation-start."""
     import redis.asyncio as aioredis
 
-    code = textwrap.indent(HANDLER, "      ")
+    code = textwrap.indent("def handler(event, context):\n    return {'batchItemFailures': []}\n", "      ")
     manifests = (
         "apiVersion: ember.run/v1alpha1\nkind: Function\nmetadata: {name: consumer}\nspec:\n"
         "  runtime: python3.12\n  handler: main.handler\n  scaling: {minScale: 2}\n"
@@ -235,6 +235,13 @@ async def source_delay(redis_url: str, seconds: float) -> tuple[int, dict[float,
                 await asyncio.wait_for(dev.wait(), 30)
             except TimeoutError:
                 dev.kill()
+    acked = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("ember_event_source_messages_total{") and 'outcome="acked"' in line
+    )
+    if acked < count + 1:
+        raise RuntimeError(f"only {acked:.0f} of {count + 1} messages were acked")
     buckets: dict[float, float] = {}
     for line in text.splitlines():
         if line.startswith("ember_event_source_delay_seconds_bucket{"):
