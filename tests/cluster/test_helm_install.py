@@ -364,7 +364,7 @@ async def test_http_routes_through_the_activator_service(release: Helm, api_clie
     )
     first = eventually(lambda: _routes_accepted(ember, "greeter", "True"), timeout_s=60, what="greeter's routes")
     assert first["status"]["routes"] == ["GET /greet/{name}", "ANY /me/{name}"]
-    time.sleep(1.1)  # creationTimestamp has whole seconds: a tie goes by name, and "copycat" would win it
+    await asyncio.sleep(1.1)  # creationTimestamp has whole seconds: a tie goes by name, and "copycat" would win it
     ember.create("functions", _routed("copycat", [greet]))
     refused = eventually(lambda: _routes_accepted(ember, "copycat", "False"), timeout_s=60, what="copycat refused")
     assert condition(refused, "RoutesAccepted")["reason"] == "RouteConflict"
