@@ -34,7 +34,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from ember.sources.store import (
+    CONNECT_TIMEOUT_S,
     IDEMPOTENCY_WINDOW_S,
+    SOCKET_TIMEOUT_S,
     STATUS_TTL_S,
     Event,
     Status,
@@ -106,7 +108,13 @@ class RedisStore:
         """Make the client; a Redis not up yet (a fresh install starts both at once) is no error:
         puts fail until it answers, and leasing creates the consumer group once it does."""
         try:
-            self._redis = aioredis.Redis.from_url(self._url, decode_responses=False, health_check_interval=30)
+            self._redis = aioredis.Redis.from_url(
+                self._url,
+                decode_responses=False,
+                health_check_interval=30,
+                socket_timeout=SOCKET_TIMEOUT_S,
+                socket_connect_timeout=CONNECT_TIMEOUT_S,
+            )
         except ValueError as err:
             raise StoreError(f"cannot open the event store {self.description}: {err}") from None
         self._put = self._redis.register_script(_PUT)
@@ -131,7 +139,7 @@ class RedisStore:
     async def close(self) -> None:
         if self._flushing is not None:
             with contextlib.suppress(Exception):
-                await self._flushing
+                await asyncio.wait_for(asyncio.shield(self._flushing), 35.0)
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
@@ -153,8 +161,8 @@ class RedisStore:
                         for event, key, _ in batch:
                             await self._put(keys=self._put_keys(event, key), args=self._put_args(event), client=pipe)
                         found = await pipe.execute(raise_on_error=False)
-                except (RedisError, StoreError) as err:
-                    failure = err if isinstance(err, StoreError) else StoreError(f"{self.description}: {err}")
+                except Exception as err:  # every put of the batch fails alike; none may be left waiting
+                    failure = err if isinstance(err, StoreError) else StoreError(f"{self.description}: {err!r}")
                     found = [failure] * len(batch)
                 for (_, _, future), result in zip(batch, found, strict=True):
                     if future.done():

@@ -35,6 +35,12 @@ def redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+# Every Redis client: a command that gets no answer fails (and its connection is dropped) rather
+# than hanging its caller; blocking reads block for far less than this.
+SOCKET_TIMEOUT_S = 30.0
+CONNECT_TIMEOUT_S = 5.0
+
+
 class StoreError(Exception):
     """The store cannot be reached or refused a write; the message names the store."""
 

@@ -4,9 +4,9 @@ A function that always fails is tried exactly 1 + maxRetries times, then its eve
 `onFailure` as Lambda's destination record (read back as the payload the destination Function
 was invoked with); a success goes to `onSuccess`; an event older than `maxEventAgeSeconds` is
 never run and goes to `onFailure` as EventAgeExceeded; an idempotency key makes a repeated
-enqueue a no-op; bad keys are 400s; two activators sharing a real redis-server run each event
-once and both report every status. The SIGKILL of `ember dev` with 1,000 accepted events is
-tests/local/activator/test_async_durable.py.
+enqueue a no-op; bad keys are 400s. The SIGKILL of `ember dev` with 1,000 accepted events is
+tests/local/activator/test_async_durable.py; two replicas sharing the Redis store,
+tests/cluster/test_helm_install.py (and the store's contract, tests/local/sources/).
 """
 
 from __future__ import annotations
@@ -14,17 +14,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
 from tests.local.activator.helpers import Activator, function, run_activator
-from tests.local.sources.brokers import redis_server
 
 from ember.activator import keys
 from ember.activator.async_invoke import destination_id
-from ember.sources.redis_streams import RedisStore
 from ember.sources.store import Event
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.asyncio(loop_scope="module")]
@@ -142,24 +139,3 @@ async def test_a_bad_idempotency_key_is_a_400_naming_the_header(act: Activator, 
 async def test_unknown_invocations_are_404(act: Activator) -> None:
     code, body = await _status(act.url, act.http, "no-such-event")
     assert (code, body["errorType"]) == (404, "ResourceNotFoundException")
-
-
-async def test_two_activators_sharing_redis_run_each_event_once_and_both_report_it(tmp_path: Path) -> None:
-    with redis_server(tmp_path / "redis") as redis:
-        async with (
-            run_activator(store=RedisStore(redis.url, "default", block_ms=20), holder="a") as a,
-            run_activator(store=RedisStore(redis.url, "default", block_ms=20), holder="b") as b,
-        ):
-            for act in (a, b):
-                act.registry.apply(function("ok", OK))
-            accepted = await asyncio.gather(*(_enqueue((a, b)[i % 2], "ok", {"n": i}) for i in range(200)))
-            ids = [body["requestId"] for code, body in accepted if code == 202]
-            assert len(ids) == 200
-            results = []
-            for i, rid in enumerate(ids):
-                done = await _settled((b, a)[i % 2], rid)  # read on the other replica
-                results.append(done["result"]["doubled"])
-            assert sorted(results) == sorted(2 * i for i in range(200))
-            runs = [await act.metric("ember_invocations_total", function="default/ok") for act in (a, b)]
-            assert sum(runs) == 200, runs  # none twice
-            assert min(runs) > 0, runs  # both replicas took work from the stream
