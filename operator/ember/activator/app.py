@@ -3,9 +3,11 @@
 `make_app` builds everything from a `PodSource` and an `ActivatorConfig`; functions are
 given to `app[keys.REGISTRY].apply(...)` before or while it runs. The parts depend one way:
 the scaler reads the registry, the invoker routes through it, and both the registry's
-throttlers and the invoker wake the scaling loop through one `Wakeup` made first. The cleanup context owns the
-background work and stops it in order: readiness off, scaling loop cancelled, async workers
-cancelled, every pod released, then the agent client closed.
+throttlers and the invoker wake the scaling loop through one `Wakeup` made first. The
+asynchronous invocations (over their `EventStore`) and the event-source pollers invoke through
+the invoker too. The cleanup context owns the background work and stops it in order: readiness
+off, scaling loop cancelled, event-source pollers stopped, async workers drained (their events
+handed back to the store), every pod released, then the agent client closed.
 """
 
 from __future__ import annotations
