@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -39,6 +40,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -131,14 +133,10 @@ async def _hammer(url: str, kind: str, n: int, hold: bool) -> float:
     return float(out.decode().strip())
 
 
-async def end_to_end(n_burst: int, seconds: float) -> tuple[str, dict[str, float], list[float]]:
-    code = textwrap.indent(HANDLER, "      ")
-    manifests = "\n---\n".join(
-        "apiVersion: ember.run/v1alpha1\nkind: Function\n"
-        f"metadata: {{name: {name}}}\nspec:\n  runtime: python3.12\n  handler: main.handler\n  {scaling}\n"
-        f"  code:\n    inline: |\n{code}"
-        for name, scaling in (("sink", "scaling: {minScale: 2}"), ("held", "scaling: {maxScale: 1}"))
-    )
+@contextlib.asynccontextmanager
+async def ember_dev(manifests: str, ready: int) -> AsyncIterator[tuple[str, str]]:
+    """`ember dev` (a process of its own) on `manifests` in a temporary folder, until `ready`
+    Versions said Ready: yields its URL and sandbox; stopped with Ctrl-C (killed if it lingers)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "operator")}
     with tempfile.TemporaryDirectory(prefix="ember-bench-async-") as folder:
         await asyncio.to_thread(Path(folder, "bench.yaml").write_text, manifests)
@@ -148,8 +146,8 @@ async def end_to_end(n_burst: int, seconds: float) -> tuple[str, dict[str, float
         )  # fmt: skip
         try:
             assert dev.stdout is not None
-            url, sandbox, ready = "", "", 0
-            while not (url and ready == 2):
+            url, sandbox, seen = "", "", 0
+            while not (url and seen >= ready):
                 line = (await asyncio.wait_for(dev.stdout.readline(), 120)).decode()
                 if not line:
                     raise RuntimeError("ember dev exited")
@@ -157,36 +155,48 @@ async def end_to_end(n_burst: int, seconds: float) -> tuple[str, dict[str, float
                     sandbox = line.split("sandbox:", 1)[1].strip()
                 if m := re.search(r"activator on (http://\S+)", line):
                     url = m.group(1)
-                ready += ": Ready" in line
-            sink = f"{url}/v1/namespaces/default/functions/sink/invoke"
-            async with aiohttp.ClientSession() as http:
-
-                async def post(n: int) -> str:
-                    body = {"n": n}
-                    async with http.post(sink, json=body, headers={"X-Ember-Invocation-Type": "async"}) as rsp:
-                        assert rsp.status == 202, await rsp.text()
-                        return str((await rsp.json())["requestId"])
-
-                steady: list[str] = []
-                period = 1 / 50
-                begin = time.perf_counter()
-                for i in range(int(seconds * 50)):
-                    await asyncio.sleep(max(0.0, begin + i * period - time.perf_counter()))
-                    steady.append(await post(i))
-                statuses = await _drained(http, url, steady)
-            delays = [s["result"]["started"] - s["enqueuedAt"] for s in statuses]
-            held = f"{url}/v1/namespaces/default/functions/held/invoke"
-            rates = {"dry-run": await _hammer(sink, "dry-run", n_burst, False)}
-            rates["running"] = await _hammer(sink, "async", n_burst, False)
-            await _ran(url, "default/sink", len(steady) + n_burst)  # a quiet machine for the next burst
-            rates["held"] = await _hammer(held, "async", n_burst, True)  # last: its events tie up the workers
-            return sandbox, rates, delays
+                seen += ": Ready" in line
+            yield url, sandbox
         finally:
             dev.send_signal(2)
             try:
                 await asyncio.wait_for(dev.wait(), 30)
             except TimeoutError:
                 dev.kill()
+
+
+async def end_to_end(n_burst: int, seconds: float) -> tuple[str, dict[str, float], list[float]]:
+    code = textwrap.indent(HANDLER, "      ")
+    manifests = "\n---\n".join(
+        "apiVersion: ember.run/v1alpha1\nkind: Function\n"
+        f"metadata: {{name: {name}}}\nspec:\n  runtime: python3.12\n  handler: main.handler\n  {scaling}\n"
+        f"  code:\n    inline: |\n{code}"
+        for name, scaling in (("sink", "scaling: {minScale: 2}"), ("held", "scaling: {maxScale: 1}"))
+    )
+    async with ember_dev(manifests, ready=2) as (url, sandbox):
+        sink = f"{url}/v1/namespaces/default/functions/sink/invoke"
+        async with aiohttp.ClientSession() as http:
+
+            async def post(n: int) -> str:
+                body = {"n": n}
+                async with http.post(sink, json=body, headers={"X-Ember-Invocation-Type": "async"}) as rsp:
+                    assert rsp.status == 202, await rsp.text()
+                    return str((await rsp.json())["requestId"])
+
+            steady: list[str] = []
+            period = 1 / 50
+            begin = time.perf_counter()
+            for i in range(int(seconds * 50)):
+                await asyncio.sleep(max(0.0, begin + i * period - time.perf_counter()))
+                steady.append(await post(i))
+            statuses = await _drained(http, url, steady)
+        delays = [s["result"]["started"] - s["enqueuedAt"] for s in statuses]
+        held = f"{url}/v1/namespaces/default/functions/held/invoke"
+        rates = {"dry-run": await _hammer(sink, "dry-run", n_burst, False)}
+        rates["running"] = await _hammer(sink, "async", n_burst, False)
+        await _ran(url, "default/sink", len(steady) + n_burst)  # a quiet machine for the next burst
+        rates["held"] = await _hammer(held, "async", n_burst, True)  # last: its events tie up the workers
+        return sandbox, rates, delays
 
 
 async def source_delay(redis_url: str, seconds: float) -> tuple[int, dict[float, float]]:
@@ -201,25 +211,9 @@ async def source_delay(redis_url: str, seconds: float) -> tuple[int, dict[float,
         f"  code:\n    inline: |\n{code}\n---\n"
         f"apiVersion: v1\nkind: Secret\nmetadata: {{name: q}}\nstringData: {{url: '{redis_url}'}}\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "operator")}
-    with tempfile.TemporaryDirectory(prefix="ember-bench-source-") as folder:
-        await asyncio.to_thread(Path(folder, "bench.yaml").write_text, manifests)
-        dev = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "ember.cli", "dev", folder, "--port", "0", "--no-watch",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
-        )  # fmt: skip
-        producer = aioredis.Redis.from_url(redis_url)
-        try:
-            assert dev.stdout is not None
-            url = ""
-            while True:
-                line = (await asyncio.wait_for(dev.stdout.readline(), 120)).decode()
-                if not line:
-                    raise RuntimeError("ember dev exited")
-                if m := re.search(r"activator on (http://\S+)", line):
-                    url = m.group(1)
-                if url and ": Ready" in line:
-                    break
+    producer = aioredis.Redis.from_url(redis_url)
+    try:
+        async with ember_dev(manifests, ready=1) as (url, _):
             await producer.xadd("feed", {"body": '{"n": -1, "warm": true}'})
             await _ran(url, "default/consumer", 1)
             count = int(seconds * 50)
@@ -230,13 +224,8 @@ async def source_delay(redis_url: str, seconds: float) -> tuple[int, dict[float,
             await _ran(url, "default/consumer", count + 1)
             async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as rsp:
                 text = await rsp.text()
-        finally:
-            await producer.aclose()
-            dev.send_signal(2)
-            try:
-                await asyncio.wait_for(dev.wait(), 30)
-            except TimeoutError:
-                dev.kill()
+    finally:
+        await producer.aclose()
     acked = sum(
         float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
@@ -273,23 +262,9 @@ async def backlog_drain(redis_url: str, messages: int) -> tuple[float, float, fl
             for n in range(start, min(messages, start + 1000)):
                 pipe.xadd("backlog", {"body": f'{{"n": {n}}}'})
             await pipe.execute()
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "operator")}
     most = 0.0
-    with tempfile.TemporaryDirectory(prefix="ember-bench-drain-") as folder:
-        await asyncio.to_thread(Path(folder, "bench.yaml").write_text, manifests)
-        dev = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "ember.cli", "dev", folder, "--port", "0", "--no-watch",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
-        )  # fmt: skip
-        try:
-            assert dev.stdout is not None
-            url = ""
-            while not url:
-                line = (await asyncio.wait_for(dev.stdout.readline(), 120)).decode()
-                if not line:
-                    raise RuntimeError("ember dev exited")
-                if m := re.search(r"activator on (http://\S+)", line):
-                    url = m.group(1)
+    try:
+        async with ember_dev(manifests, ready=0) as (url, _):
             started = time.perf_counter()
             async with aiohttp.ClientSession() as http:
                 while True:
@@ -309,13 +284,8 @@ async def backlog_drain(redis_url: str, messages: int) -> tuple[float, float, fl
                         raise RuntimeError(f"only {acked:.0f} of {messages} drained in 600 s")
                     await asyncio.sleep(0.05)
             took = time.perf_counter() - started
-        finally:
-            await producer.aclose()
-            dev.send_signal(2)
-            try:
-                await asyncio.wait_for(dev.wait(), 30)
-            except TimeoutError:
-                dev.kill()
+    finally:
+        await producer.aclose()
     return took, messages / took, most
 
 

@@ -24,7 +24,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from ember.sources.queue import Message
-from ember.sources.store import CONNECT_TIMEOUT_S, SOCKET_TIMEOUT_S, StoreError, redacted
+from ember.sources.redis_streams import client
+from ember.sources.store import StoreError, redacted
 
 
 def _text(value: Any) -> str:
@@ -55,13 +56,7 @@ class StreamConsumer:
     async def start(self) -> None:
         """Connect and make sure the group exists (reading the stream from its start)."""
         try:
-            self._redis = aioredis.Redis.from_url(
-                self._url,
-                decode_responses=False,
-                health_check_interval=30,
-                socket_timeout=SOCKET_TIMEOUT_S,
-                socket_connect_timeout=CONNECT_TIMEOUT_S,
-            )
+            self._redis = client(self._url)
         except ValueError as err:
             raise StoreError(f"{self.description}: {err}") from None
         try:

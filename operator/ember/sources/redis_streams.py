@@ -76,6 +76,18 @@ return #ids
 """
 
 
+def client(url: str) -> aioredis.Redis:
+    """A Redis client for Ember's use: bytes in and out, and a command with no answer fails
+    (`SOCKET_TIMEOUT_S`) rather than hanging its caller. ValueError for a bad URL."""
+    return aioredis.Redis.from_url(
+        url,
+        decode_responses=False,
+        health_check_interval=30,
+        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
+    )
+
+
 class RedisStore:
     """`EventStore` on Redis Streams (see the module docstring for the keys)."""
 
@@ -108,13 +120,7 @@ class RedisStore:
         """Make the client; a Redis not up yet (a fresh install starts both at once) is no error:
         puts fail until it answers, and leasing creates the consumer group once it does."""
         try:
-            self._redis = aioredis.Redis.from_url(
-                self._url,
-                decode_responses=False,
-                health_check_interval=30,
-                socket_timeout=SOCKET_TIMEOUT_S,
-                socket_connect_timeout=CONNECT_TIMEOUT_S,
-            )
+            self._redis = client(self._url)
         except ValueError as err:
             raise StoreError(f"cannot open the event store {self.description}: {err}") from None
         self._put = self._redis.register_script(_PUT)
