@@ -75,6 +75,7 @@ def make_app(
         metrics,
         workers=config.async_workers,
         holder=holder,
+        credentials=credentials,
         lease_s=config.async_lease_s,
         retry_base_s=config.async_retry_base_s,
     )

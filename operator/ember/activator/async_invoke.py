@@ -19,8 +19,13 @@ another worker, or the restarted one, runs them: at least once. One event, `_run
 - success → `onSuccess`.
 
 A destination Function (same namespace) gets Lambda's destination record as an asynchronous
-invocation of its own (`record`). Every step writes the event's status, which `GET
-/v1/invocations/{id}` reads from the store: on every replica, after restarts.
+invocation of its own (`record`), stored with the event's outcome, so neither is lost. A stream
+destination (a Redis stream or a NATS JetStream subject, `ember.sources.publish`) gets it as a
+message, tried for up to `DESTINATION_RETRY_S` while the event keeps its lease; a broker still
+unreachable then drops the record (counted, logged), as Lambda drops a record it cannot deliver,
+and the event finishes: its function is not run again for its destination's sake. Every step
+writes the event's status, which `GET /v1/invocations/{id}` reads from the store: on every
+replica, after restarts.
 """
 
 from __future__ import annotations
@@ -40,12 +45,15 @@ from ember.activator.invoke import Invoker, Result
 from ember.activator.metrics import Metrics
 from ember.activator.version_state import VersionState
 from ember.api.function import Destination
+from ember.pods.services import Credentials, CredentialUnavailable, no_credentials
+from ember.sources.publish import Publishers
 from ember.sources.store import Event, EventStore, State, Status, StoreError
 
 log = logging.getLogger(__name__)
 
 SYSTEM_RETRY_FIRST_S = 1.0
 SYSTEM_RETRY_MAX_S = 300.0
+DESTINATION_RETRY_S = 60.0
 
 
 class AsyncInvocations:
@@ -59,6 +67,7 @@ class AsyncInvocations:
         *,
         workers: int,
         holder: str,
+        credentials: Credentials = no_credentials,
         lease_s: float = 30.0,
         retry_base_s: float = 60.0,
         poll_s: float = 0.05,
@@ -69,6 +78,8 @@ class AsyncInvocations:
         self._invoker = invoker
         self._workers = workers
         self._holder = holder
+        self._credentials = credentials
+        self._publishers = Publishers()
         self._lease_s = lease_s
         self._retry_base_s = retry_base_s
         self._poll_s = poll_s
@@ -127,6 +138,7 @@ class AsyncInvocations:
             with contextlib.suppress(StoreError):
                 await self.store.retry_later(event, self._status(event, State.QUEUED))
             log.info("asynchronous invocation %s handed back to the store at shutdown", event_id)
+        await self._publishers.close()
         await self.store.close()
 
     async def _lease_loop(self) -> None:
@@ -282,13 +294,37 @@ class AsyncInvocations:
         payload: Any,
     ) -> None:
         """The destination record to a Function, as an asynchronous invocation of it (a StoreError
-        propagates: the event is not finished, its lease runs out, it runs and sends again)."""
-        if destination.function is None:  # streams: spec.async destinations with `stream` are reported as a gap
-            return
+        propagates: the event is not finished, its lease runs out, it runs and sends again), or to
+        a stream (see the module docstring)."""
         body = json.dumps(record(event, vs, condition, result, payload)).encode()
-        target = Event(destination_id(event.id, kind), event.namespace, destination.function, None, body, self._clock())
-        await self.store.put(target)
-        self._submitted.set()
+        record_id = destination_id(event.id, kind)
+        label = f"{event.namespace}/{event.function}"
+        if destination.function is not None:
+            target = Event(record_id, event.namespace, destination.function, None, body, self._clock())
+            await self.store.put(target)
+            self._submitted.set()
+            self._metrics.async_destinations.labels(label, kind, "sent").inc()
+            return
+        ref, stream, broker = destination.connection_secret_ref, destination.stream, destination.type
+        if ref is None or stream is None or broker is None:  # Destination's validator refuses this
+            raise ValueError(f"destination {destination} is neither a Function nor a whole stream")
+        deadline = time.monotonic() + DESTINATION_RETRY_S
+        delay = 0.5
+        while True:
+            try:
+                url = await self._credentials(event.namespace, ref.name, ref.key or "url")
+                await self._publishers.publish(broker, url.strip(), stream, body, record_id)
+                self._metrics.async_destinations.labels(label, kind, "sent").inc()
+                return
+            except (CredentialUnavailable, StoreError) as err:
+                if time.monotonic() + delay > deadline:
+                    self._metrics.async_destinations.labels(label, kind, "failed").inc()
+                    log.error("asynchronous invocation %s: its %s record is dropped after %.0f s: %s",
+                              event.id, kind, DESTINATION_RETRY_S, err)  # fmt: skip
+                    return
+                log.warning("asynchronous invocation %s: %s record not sent yet: %s", event.id, kind, err)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 8.0)
 
 
 def destination_id(event_id: str, kind: str) -> str:

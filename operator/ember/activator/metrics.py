@@ -89,6 +89,13 @@ class Metrics:
             "Asynchronous invocations in the store, waiting or running (all functions; shared by the replicas).",
             registry=self.registry,
         )
+        self.async_destinations = Counter(
+            "ember_async_destination_records",
+            "Destination records of asynchronous invocations by function, destination (onSuccess, onFailure)"
+            " and outcome (sent; failed: a stream unreachable for DESTINATION_RETRY_S, the record dropped).",
+            ["function", "destination", "outcome"],
+            registry=self.registry,
+        )
         self.source_messages = Counter(
             "ember_event_source_messages",
             "Messages of event sources by function, source and outcome"

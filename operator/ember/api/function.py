@@ -230,21 +230,39 @@ class EventSource(Model):
 
 
 class Destination(Model):
-    """Where the record of an asynchronous invocation goes."""
+    """Where the record of an asynchronous invocation goes: a Function, or a stream of a broker."""
 
     model_config = ConfigDict(
         json_schema_extra=validations(
-            cel("has(self.function) != has(self.stream)", "a destination sets exactly one of function or stream")
+            cel("has(self.function) != has(self.stream)", "a destination sets exactly one of function or stream"),
+            cel(
+                "has(self.stream) ? has(self.type) && has(self.connectionSecretRef)"
+                " : !has(self.type) && !has(self.connectionSecretRef)",
+                "a stream destination sets type and connectionSecretRef (and a function destination neither)",
+            ),
         )
     )
 
     function: str | None = Field(default=None, pattern=DNS_LABEL_PATTERN, max_length=63, description="A Function.")
-    stream: str | None = Field(default=None, max_length=256, description="A queue stream of an event source.")
+    stream: str | None = Field(
+        default=None, min_length=1, max_length=256, description="A Redis stream or NATS JetStream subject."
+    )
+    type: Literal["redis-stream", "nats-jetstream"] | None = Field(
+        default=None, description="Kind of broker of `stream`."
+    )
+    connection_secret_ref: KeyRef | None = Field(
+        default=None, description="Secret key holding the broker's URL (as an event source's); key `url` when omitted."
+    )
 
     @model_validator(mode="after")
     def _one(self) -> Destination:
         if (self.function is None) == (self.stream is None):
             raise ValueError("a destination sets exactly one of function or stream")
+        broker = (self.type is not None, self.connection_secret_ref is not None)
+        if broker != ((True, True) if self.stream is not None else (False, False)):
+            raise ValueError(
+                "a stream destination sets type and connectionSecretRef (and a function destination neither)"
+            )
         return self
 
 

@@ -67,15 +67,6 @@ FUNCTION_GAPS: Final[tuple[Gap[FunctionSpec], ...]] = (
     Gap("spec.resources.autoResize", lambda s: s.resources.auto_resize),
     # No predictor: the autoscaler (scaling/autoscaler.py) only reacts to observed concurrency.
     Gap("spec.scaling.predictive", lambda s: s.scaling.predictive),
-    # activator/async_invoke.py sends destination records to Functions only: no stream is written.
-    Gap(
-        "spec.async.onSuccess.stream",
-        lambda s: s.async_.on_success is not None and s.async_.on_success.stream is not None,
-    ),
-    Gap(
-        "spec.async.onFailure.stream",
-        lambda s: s.async_.on_failure is not None and s.async_.on_failure.stream is not None,
-    ),
     # Only hashed into the Version (api/version.py VERSIONED_FIELDS); no volume, no store.
     Gap("spec.state", lambda s: s.state is not None and s.state != State()),
     # Only hashed into the Version; the agents have freeze/thaw hooks but nothing calls them.
