@@ -3,7 +3,7 @@ real sandboxed agents. The poller is the one Redis Streams sources use
 (tests/local/activator/test_event_sources.py tests rate matching with it); here the broker side:
 a durable pull consumer shared by two activators (each message run once), partial batch failure
 (nak with a delay, then the dead-letter subject with the reason in headers, `term`ed), and a
-poison message dead-lettered at once.
+poison message dead-lettered at once; nats-server SIGKILLed and restarted mid-stream loses nothing.
 """
 
 from __future__ import annotations
@@ -125,3 +125,35 @@ async def test_two_activators_share_the_durable_consumer_and_run_each_message_on
         counts = [await x.metric("ember_event_source_messages_total", outcome="acked") for x in (a, b)]
         assert sum(counts) == 150, counts
         assert min(counts) > 0, counts
+
+
+async def test_nats_killed_and_restarted_mid_stream_loses_nothing(server: NatsServer, js: Any) -> None:
+    for n in range(60):
+        await js.publish("orders.new", json.dumps({"n": n, "sleep": 0.2}).encode())
+    async with run_activator(credentials=_secrets(server)) as act:
+        act.registry.apply(function("worker", PARTIAL, eventSources=[{**SOURCE, "batchSize": 2}]))
+        await _acked([act], 1)
+        server.kill()  # SIGKILL mid-stream: JetStream's file store keeps what it acknowledged to publishers
+        assert await act.metric("ember_event_source_messages_total", outcome="acked") < 60  # mid-stream indeed
+        await asyncio.sleep(1.5)
+        server.start()  # same port, same store directory
+        again = await nats.connect(server.url)
+        try:
+            context = again.jetstream()
+            for n in range(60, 80):
+                await context.publish("orders.new", json.dumps({"n": n}).encode())
+            deadline = time.monotonic() + 120
+            while True:
+                info = await context.consumer_info("ORDERS", "ember-default-worker")
+                if info.num_pending == 0 and info.num_ack_pending == 0:
+                    break
+                assert time.monotonic() < deadline, f"not drained after the restart: {info}"
+                await asyncio.sleep(0.2)
+            assert (await context.stream_info("ORDERS")).state.messages == 80  # nothing published is gone
+            # every message ran: its ack is what the consumer's floor counts (no gaps below it)
+            assert info.ack_floor.stream_seq == 80
+        finally:
+            await again.close()
+        # at least once: an ack lost in the kill runs its message again
+        assert await act.metric("ember_event_source_messages_total", outcome="acked") >= 80
+        assert await act.metric("ember_event_source_messages_total", outcome="dead_lettered") == 0
