@@ -6,7 +6,11 @@ the `EventStore` (`ember.sources`) and the API answers 202 only once it is durab
 names its Function and qualifier, not a Version: it is resolved again when it runs.
 
 The worker loop leases due events while it has free slots (`ActivatorConfig.async_workers`)
-and runs each in a task of its own; a second loop extends the leases of the running ones, so
+and runs each in a task of its own, but never more of one Function at once than it can run
+(`VersionState.capacity`: its share of `maxScale` times `concurrency`): those it has no room for
+are parked in the store, and let go again (`unpark`) as its runs finish. So a slow Function at
+its `maxScale` holds only its own share of the workers, its backlog waits in the store, and
+the other Functions' events run past it. A second loop extends the leases of the running ones, so
 a worker that dies (SIGKILL, a lost node) lets its events go when their lease runs out and
 another worker, or the restarted one, runs them: at least once. One event, `_run`:
 
@@ -31,6 +35,7 @@ replica, after restarts.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -54,6 +59,7 @@ log = logging.getLogger(__name__)
 SYSTEM_RETRY_FIRST_S = 1.0
 SYSTEM_RETRY_MAX_S = 300.0
 DESTINATION_RETRY_S = 60.0
+UNPARK_EVERY_S = 0.5  # how often to look for parked events of other replicas' making
 
 
 class AsyncInvocations:
@@ -85,6 +91,9 @@ class AsyncInvocations:
         self._poll_s = poll_s
         self._clock = clock
         self._running: dict[str, tuple[Event, asyncio.Task[None]]] = {}
+        self._per_function: collections.Counter[str] = collections.Counter()  # running events by namespace/name
+        self._parked: dict[str, int] = {}  # as the store said last
+        self._unpark_at = 0.0
         self._freed = asyncio.Event()
         self._submitted = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -149,20 +158,51 @@ class AsyncInvocations:
                 await self._freed.wait()
                 continue
             try:
+                await self._unpark()
                 events = await self.store.lease(self._holder, free, self._lease_s)
+                aside: list[Event] = []
+                for event in events:
+                    if event.id in self._running:  # a lease of ours taken over by ourselves: already running
+                        continue
+                    if self._per_function[event.label] >= self._capacity(event):
+                        aside.append(event)
+                        continue
+                    self._per_function[event.label] += 1
+                    task = asyncio.create_task(self._run_one(event), name=f"ember-async-{event.id}")
+                    self._running[event.id] = (event, task)
+                if aside:
+                    await self.store.park(aside)
+                    self._unpark_at = 0.0  # a run may have ended meanwhile: look again at once
             except StoreError as err:
                 log.warning("cannot lease asynchronous invocations: %s", err)
                 await asyncio.sleep(1.0)
                 continue
-            for event in events:
-                if event.id in self._running:  # a lease of ours taken over by ourselves: already running
-                    continue
-                task = asyncio.create_task(self._run_one(event), name=f"ember-async-{event.id}")
-                self._running[event.id] = (event, task)
-            if not events:
+            if not events or len(aside) == len(events):
                 self._submitted.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._submitted.wait(), self._poll_s)
+
+    def _capacity(self, event: Event) -> int:
+        """How many of its Function's events this replica may run at once; unbounded when it cannot
+        be resolved now (`_run` then fails or retries it as it should)."""
+        try:
+            vs = self._invoker.registry.route(event.namespace, event.function, event.qualifier)
+        except ActivatorError:
+            return self._workers
+        return vs.capacity(max(1, self._invoker.registry.replicas()))
+
+    async def _unpark(self) -> None:
+        """Let parked events go again, as many per Function as it has room for here."""
+        now = time.monotonic()
+        if now < self._unpark_at:
+            return
+        self._unpark_at = now + UNPARK_EVERY_S
+        self._parked = await self.store.parked()
+        for label, count in self._parked.items():
+            namespace, _, name = label.partition("/")
+            room = self._capacity(Event("", namespace, name, None, b"", 0.0)) - self._per_function[label]
+            if room > 0:
+                await self.store.unpark(label, min(room, count))
 
     async def _renew_loop(self) -> None:
         while True:
@@ -185,6 +225,11 @@ class AsyncInvocations:
             log.exception("asynchronous invocation crashed request_id=%s", event.id)
         finally:
             self._running.pop(event.id, None)
+            self._per_function[event.label] -= 1
+            if self._per_function[event.label] <= 0:
+                del self._per_function[event.label]
+            if event.label in self._parked:
+                self._unpark_at = 0.0
             self._freed.set()
 
     def _status(self, event: Event, state: State, **fields: Any) -> Status:

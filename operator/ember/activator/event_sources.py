@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -180,10 +179,9 @@ class Poller:
 
     def _room(self, vs: VersionState) -> int:
         """Invocations this source may start now (see the module docstring)."""
-        params = vs.autoscaler.params
-        share = math.ceil(params.max_scale / max(1, self._owner.registry.replicas()))
+        capacity = vs.capacity(max(1, self._owner.registry.replicas()))
         # The Version counts what runs or waits for a slot; batches of ours not yet in its queue count too.
-        room = share * params.concurrency - vs.in_flight - vs.queued - (self._in_flight - self._invoking)
+        room = capacity - vs.in_flight - vs.queued - (self._in_flight - self._invoking)
         if self.source.max_concurrency is not None:
             room = min(room, self.source.max_concurrency - self._in_flight)
         return max(0, room)

@@ -195,6 +195,12 @@ class VersionState:
     def queued(self) -> int:
         return self.throttler.queued
 
+    def capacity(self, replicas: int) -> int:
+        """Invocations this replica can run at once at its share of `maxScale` (the bound of what
+        event sources and asynchronous invocations take at a time)."""
+        params = self.autoscaler.params
+        return params.bounds(replicas).max_scale * params.concurrency
+
     @property
     def holds_pods(self) -> bool:
         """Whether it has, or is getting, any pod (a Version that does cannot be forgotten)."""

@@ -12,6 +12,10 @@ Cluster):
 - `…:delayed` (a sorted set by due time) and `…:parked` (their events): `retry_later` parks an
   event there and acks its entry in one `MULTI`; `lease` first moves the due ones back to the
   stream (a Lua script: atomic, so two replicas never move one twice).
+- `…:waiting:<namespace>/<function>` (a list of event ids, their events in `…:parked` too) and
+  `…:waiting` (the set of Functions with such a list): `park` moves leased events there (and
+  acks their entries) in one `MULTI`; `unpark` moves the first n of a Function back to the
+  stream (a Lua script).
 - `…:status:<id>` (JSON, expiring after `STATUS_TTL_S`), `…:idem:<key>` (the event id, expiring
   after `IDEMPOTENCY_WINDOW_S`), `…:dead` (a stream of dead letters, capped).
 
@@ -76,6 +80,20 @@ return #ids
 """
 
 
+_UNPARK = """
+local ids = redis.call('LPOP', KEYS[1], tonumber(ARGV[1]))
+if not ids then ids = {} end
+for _, id in ipairs(ids) do
+  local d = redis.call('HGET', KEYS[2], id .. ':d')
+  local b = redis.call('HGET', KEYS[2], id .. ':b')
+  if d and b then redis.call('XADD', KEYS[3], '*', 'd', d, 'b', b) end
+  redis.call('HDEL', KEYS[2], id .. ':d', id .. ':b')
+end
+if redis.call('LLEN', KEYS[1]) == 0 then redis.call('SREM', KEYS[4], ARGV[2]) end
+return #ids
+"""
+
+
 def client(url: str) -> aioredis.Redis:
     """A Redis client for Ember's use: bytes in and out, and a command with no answer fails
     (`SOCKET_TIMEOUT_S`) rather than hanging its caller. ValueError for a bad URL."""
@@ -103,6 +121,7 @@ class RedisStore:
         self._delayed = f"{prefix}:delayed"
         self._parked = f"{prefix}:parked"
         self._dead = f"{prefix}:dead"
+        self._waiting = f"{prefix}:waiting"
         self._status_prefix = f"{prefix}:status:"
         self._idem_prefix = f"{prefix}:idem:"
         self._claim_cursor = "0-0"
@@ -125,6 +144,7 @@ class RedisStore:
             raise StoreError(f"cannot open the event store {self.description}: {err}") from None
         self._put = self._redis.register_script(_PUT)
         self._move_due = self._redis.register_script(_MOVE_DUE)
+        self._unpark = self._redis.register_script(_UNPARK)
         try:
             await self._ensure_group()
         except StoreError as err:
@@ -285,6 +305,42 @@ class RedisStore:
         except RedisError as err:
             raise StoreError(f"{self.description}: {err}") from None
 
+    async def park(self, events: Sequence[Event]) -> None:
+        if not events:
+            return
+        try:
+            async with self._r().pipeline(transaction=True) as pipe:
+                for event in events:
+                    pipe.hset(
+                        self._parked,
+                        mapping={f"{event.id}:d": json.dumps(event.to_json()), f"{event.id}:b": event.body},
+                    )
+                    pipe.rpush(f"{self._waiting}:{event.label}", event.id)
+                    pipe.sadd(self._waiting, event.label)
+                    pipe.xack(self._stream, GROUP, event.receipt)
+                    pipe.xdel(self._stream, event.receipt)
+                await pipe.execute()
+        except RedisError as err:
+            raise StoreError(f"{self.description}: {err}") from None
+
+    async def unpark(self, function: str, count: int) -> int:
+        keys = [f"{self._waiting}:{function}", self._parked, self._stream, self._waiting]
+        try:
+            return int(await self._unpark(keys=keys, args=[count, function]))
+        except RedisError as err:
+            raise StoreError(f"{self.description}: {err}") from None
+
+    async def parked(self) -> dict[str, int]:
+        try:
+            functions = sorted(_text(f) for f in await self._r().smembers(self._waiting))
+            async with self._r().pipeline(transaction=False) as pipe:
+                for function in functions:
+                    pipe.llen(f"{self._waiting}:{function}")
+                counts = await pipe.execute()
+        except RedisError as err:
+            raise StoreError(f"{self.description}: {err}") from None
+        return {f: int(n) for f, n in zip(functions, counts, strict=True) if int(n) > 0}
+
     async def status(self, event_id: str) -> Status | None:
         try:
             raw = await self._r().get(self._status_prefix + event_id)
@@ -296,11 +352,11 @@ class RedisStore:
         try:
             async with self._r().pipeline(transaction=False) as pipe:
                 pipe.xlen(self._stream)
-                pipe.zcard(self._delayed)
-                waiting, delayed = await pipe.execute()
+                pipe.hlen(self._parked)  # two fields per delayed or parked event
+                waiting, aside = await pipe.execute()
         except RedisError as err:
             raise StoreError(f"{self.description}: {err}") from None
-        return int(waiting) + int(delayed)
+        return int(waiting) + int(aside) // 2
 
     async def dead_letters(self) -> list[tuple[Event, Status]]:
         """Every dead-lettered event with its status, oldest first (for tests and inspection)."""
@@ -309,3 +365,7 @@ class RedisStore:
         except RedisError as err:
             raise StoreError(f"{self.description}: {err}") from None
         return [(Event.from_json(json.loads(f[b"d"]), bytes(f[b"b"])), Status.loads(f[b"s"])) for _, f in entries]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

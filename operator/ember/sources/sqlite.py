@@ -54,6 +54,8 @@ CREATE TABLE IF NOT EXISTS dead_letters (id TEXT PRIMARY KEY, at REAL NOT NULL, 
 """
 
 MAX_BATCH = 1000  # puts per transaction at most
+PARKED = 1e300  # the not_before of a parked event: never due (a real infinity is not a SQLite REAL)
+_FUNCTION = "json_extract(doc, '$.namespace') || '/' || json_extract(doc, '$.function')"
 PRUNE_EVERY_S = 300.0
 
 
@@ -263,6 +265,38 @@ class SqliteStore:
             self._status(db, status)
 
         await self._write(bury)
+
+    async def park(self, events: Sequence[Event]) -> None:
+        ids = [(PARKED, e.id) for e in events]
+        if not ids:
+            return
+
+        def aside(db: sqlite3.Connection, _now: float) -> None:
+            db.executemany("UPDATE events SET not_before = ?, holder = NULL, lease_until = 0 WHERE id = ?", ids)
+
+        await self._write(aside)
+
+    async def unpark(self, function: str, count: int) -> int:
+        def free(db: sqlite3.Connection, now: float) -> int:
+            cursor = db.execute(
+                "UPDATE events SET not_before = ? WHERE id IN ("
+                f" SELECT id FROM events WHERE not_before >= ? AND {_FUNCTION} = ? ORDER BY rowid LIMIT ?)",
+                (now, PARKED, function, count),
+            )
+            return int(cursor.rowcount)
+
+        return await self._write(free)
+
+    async def parked(self) -> dict[str, int]:
+        def count() -> dict[str, int]:
+            rows = (
+                self._conn()
+                .execute(f"SELECT {_FUNCTION}, count(*) FROM events WHERE not_before >= ? GROUP BY 1", (PARKED,))
+                .fetchall()
+            )
+            return {str(fn): int(n) for fn, n in rows}
+
+        return await self._call(count)
 
     async def status(self, event_id: str) -> Status | None:
         return await self._call(self._read_status, event_id)

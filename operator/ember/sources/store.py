@@ -4,7 +4,10 @@ An `Event` is stored by `put` before the API answers 202 (durably: a process kil
 202 loses nothing), handed to one worker at a time by `lease` (a lease runs out unless its
 holder `extend`s it, so the events of a worker that died are leased again: at least once),
 and leaves the queue by `ack` (done, for good or ill), `retry_later` (back in the queue, due at
-`not_before`, with its counters) or `dead_letter` (kept aside with the reason). Each step
+`not_before`, with its counters) or `dead_letter` (kept aside with the reason). `park` sets
+leased events aside, leased by nobody, until `unpark` lets some of one Function's go again: the
+worker parks what its Function has no room for, so a Function at its `maxScale` waits in the
+store and the others' events run past it. Each step
 writes the event's `Status`, which `status` reads from any replica for `GET
 /v1/invocations/{id}` while it is kept (`STATUS_TTL_S`). An idempotency key makes a repeated
 `put` within `IDEMPOTENCY_WINDOW_S` store nothing and return the first event's id.
@@ -67,6 +70,11 @@ class Event:
     retries: int = 0  # retries after a function error (at most spec.async.maxRetries)
     not_before: float = 0.0  # due time; 0 is at once
     receipt: str = ""  # the store's handle of this delivery (a stream entry id); not part of the event
+
+    @property
+    def label(self) -> str:
+        """Its Function as namespace/name."""
+        return f"{self.namespace}/{self.function}"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -149,7 +157,7 @@ class Status:
 
 
 def queued_status(event: Event) -> Status:
-    return Status(event.id, State.QUEUED, f"{event.namespace}/{event.function}", event.enqueued_at, event.enqueued_at)
+    return Status(event.id, State.QUEUED, event.label, event.enqueued_at, event.enqueued_at)
 
 
 class EventStore(Protocol):
@@ -194,10 +202,24 @@ class EventStore(Protocol):
         """Remove the event from the queue into the dead letters (kept with its status)."""
         ...
 
+    async def park(self, events: Sequence[Event]) -> None:
+        """Set these leased events aside: nobody holds them and `lease` skips them until
+        `unpark`; their status is left as it is."""
+        ...
+
+    async def unpark(self, function: str, count: int) -> int:
+        """Let up to `count` parked events of `function` (namespace/name) be leased again, first
+        parked first; returns how many."""
+        ...
+
+    async def parked(self) -> dict[str, int]:
+        """Functions (namespace/name) with parked events, and how many each."""
+        ...
+
     async def status(self, event_id: str) -> Status | None:
         """The last status of the event, None when unknown (or no longer kept)."""
         ...
 
     async def depth(self) -> int:
-        """Events waiting or running (not counting dead letters)."""
+        """Events waiting (parked too) or running (not counting dead letters)."""
         ...

@@ -29,6 +29,7 @@ pytestmark = [pytest.mark.timeout(240), pytest.mark.asyncio(loop_scope="module")
 SINK = "def handler(event, context):\n    return event\n"
 FAILING = "def handler(event, context):\n    raise RuntimeError('always ' + str(event.get('n')))\n"
 OK = "def handler(event, context):\n    return {'doubled': event['n'] * 2}\n"
+SLOW = "import time\n\ndef handler(event, context):\n    time.sleep(0.5)\n    return event\n"
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -38,6 +39,7 @@ async def act() -> AsyncIterator[Activator]:
         registry.apply(function("sink", SINK))
         registry.apply(function("flaky", FAILING, **{"async": {"maxRetries": 2, "onFailure": {"function": "sink"}}}))
         registry.apply(function("ok", OK, **{"async": {"onSuccess": {"function": "sink"}}}))
+        registry.apply(function("slow", SLOW, scaling={"maxScale": 1}))
         registry.apply(function("aged", OK, **{"async": {"maxEventAgeSeconds": 60, "onFailure": {"function": "sink"}}}))
         yield activator
 
@@ -134,6 +136,25 @@ async def test_a_bad_idempotency_key_is_a_400_naming_the_header(act: Activator, 
     code, body = await _enqueue(act, "ok", {"n": 1}, **{"X-Ember-Idempotency-Key": key})
     assert code == 400, body
     assert "X-Ember-Idempotency-Key" in body["errorMessage"]
+
+
+async def test_a_slow_function_at_max_scale_holds_one_worker_and_the_others_run_past_its_backlog(
+    act: Activator,
+) -> None:
+    """4 workers; `slow` (maxScale 1, concurrency 1, 0.5 s) gets 20 events, then `ok` 3: without
+    parking, the workers would all wait on slow's one pod and ok's events behind them ~9 s."""
+    slow = [(await _enqueue(act, "slow", {"n": i}))[1]["requestId"] for i in range(20)]
+    await asyncio.sleep(0.3)  # the workers have leased slow's events by now
+    ok = [(await _enqueue(act, "ok", {"n": i}))[1]["requestId"] for i in range(3)]
+    assert (await act.app[keys.ASYNC].store.parked()).get("default/slow", 0) >= 1  # waiting in the store
+    for rid in ok:
+        assert (await _settled(act, rid))["state"] == "succeeded"
+    states = [(await _status(act.url, act.http, rid))[1]["state"] for rid in slow]
+    assert states.count("succeeded") <= 12, states  # ok's events ran past slow's backlog (a cold start of ok's)
+    for rid in slow:
+        done = await _settled(act, rid)
+        assert (done["state"], done["attempts"]) == ("succeeded", 1)  # never throttled: one attempt each
+    assert await act.app[keys.ASYNC].store.parked() == {}
 
 
 async def test_unknown_invocations_are_404(act: Activator) -> None:

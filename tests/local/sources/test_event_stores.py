@@ -136,6 +136,29 @@ async def test_retry_later_parks_the_event_until_due(opener: Opener) -> None:
     assert (again.id, again.attempts, again.retries, again.body) == ("id-1", 1, 1, b'{"n": 1}')
 
 
+async def test_parked_events_wait_until_unparked_first_parked_first(opener: Opener) -> None:
+    store, other = await opener(), await opener()
+    for i in range(5):
+        await store.put(_event(i))
+    await store.put(Event("other-1", "default", "other", None, b"{}", time.time()))
+    leased = await _lease_all(store, "a", want=6)
+    slow = sorted((e for e in leased if e.function == "fn"), key=lambda e: e.id)
+    await store.park(slow)
+    assert await store.parked() == {"default/fn": 5}
+    assert await store.depth() == 6  # parked events still count
+    await asyncio.sleep(0.1)
+    # parked: leased by nobody, not even once the lease time is over (as it is for other-1)
+    assert [e.id for e in await other.lease("b", 10, 0.05)] in ([], ["other-1"])
+    assert (await store.status("id-0")).state is State.QUEUED  # type: ignore[union-attr]
+    assert await other.unpark("default/fn", 2) == 2
+    assert sorted(e.id for e in await _lease_all(other, "b", want=2)) == ["id-0", "id-1"]
+    assert await store.parked() == {"default/fn": 3}
+    assert await store.unpark("default/fn", 10) == 3
+    assert await store.parked() == {}
+    assert await store.unpark("default/fn", 10) == 0
+    assert sorted(e.id for e in await _lease_all(store, "c", want=3)) == ["id-2", "id-3", "id-4"]
+
+
 async def test_dead_letters_keep_event_and_reason(opener: Opener) -> None:
     store = await opener()
     await store.put(_event(1))
