@@ -402,7 +402,8 @@ async def test_http_routes_through_the_activator_service(release: Helm, api_clie
     core.delete_namespaced_secret("issuer-keys", release.namespace)
 
 
-SLOW = "import time\n\ndef handler(event, context):\n    time.sleep(0.5)\n    return {'n': event['n']}\n"
+SLOW = "import time\n\ndef handler(event, context):\n    time.sleep(0.05)\n    return {'n': event['n']}\n"
+EVENTS = 1000
 
 
 async def _async_status(http: aiohttp.ClientSession, url: str, rid: str) -> dict[str, Any]:
@@ -411,9 +412,10 @@ async def _async_status(http: aiohttp.ClientSession, url: str, rid: str) -> dict
 
 
 async def test_async_invocations_survive_an_activator_killed_mid_backlog(release: Helm, api_client: Any) -> None:
-    """Events accepted by either replica wait in the chart's Redis; one replica is deleted with no
-    grace while it holds some: the other (and its replacement) run every one, and either replica
-    reports every status."""
+    """1,000 events accepted by either replica wait in the chart's Redis (most parked: maxScale 2
+    gives each replica room for one at a time); one replica is deleted with no grace while it
+    holds some: the other (and its replacement) run every one, and either replica reports every
+    status."""
     core = client.CoreV1Api(api_client)
     ember = Ember(api_client, release.namespace)
     service = core.read_namespaced_service(f"{RELEASE}-activator", release.namespace)
@@ -426,30 +428,40 @@ async def test_async_invocations_survive_an_activator_killed_mid_backlog(release
         what="backlog Ready",
     )
     invoke = f"{url}/v1/namespaces/{release.namespace}/functions/backlog/invoke"
-    async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(force_close=True), timeout=aiohttp.ClientTimeout(total=60)
-    ) as http:
-        ids = []
-        for n in range(60):
-            async with http.post(invoke, json={"n": n}, headers={"X-Ember-Invocation-Type": "async"}) as rsp:
-                assert rsp.status == 202, await rsp.text()
-                ids.append((await rsp.json())["requestId"])
-        await asyncio.sleep(3)  # both replicas are running some and hold more
+    async with (
+        aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(force_close=True), timeout=aiohttp.ClientTimeout(total=60)
+        ) as fresh,  # a connection per request: the Service spreads them over both replicas
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http,
+    ):
+        ids: list[str] = [""] * EVENTS
+
+        async def enqueue(first: int) -> None:
+            for n in range(first, EVENTS, 8):
+                async with fresh.post(invoke, json={"n": n}, headers={"X-Ember-Invocation-Type": "async"}) as rsp:
+                    assert rsp.status == 202, await rsp.text()
+                    ids[n] = (await rsp.json())["requestId"]
+
+        await asyncio.gather(*(enqueue(i) for i in range(8)))
+        await asyncio.sleep(2)  # both replicas are running some and hold more
         victim = _pods(core, release.namespace, "activator")[0]
         core.delete_namespaced_pod(victim.metadata.name, release.namespace, grace_period_seconds=0)
-        deadline = time.monotonic() + 240
+        last = await _async_status(http, url, ids[-1])
+        assert last["state"] in ("queued", "running"), last  # killed mid-backlog indeed
+        deadline = time.monotonic() + 300
         done: dict[str, dict[str, Any]] = {}
         while len(done) < len(ids):
-            assert time.monotonic() < deadline, f"{len(ids) - len(done)} events did not run: {ids[len(done)]}"
-            for rid in [r for r in ids if r not in done]:
-                status = await _async_status(http, url, rid)
+            left = [r for r in ids if r not in done]
+            assert time.monotonic() < deadline, f"{len(left)} events did not run, e.g. {left[0]}"
+            statuses = await asyncio.gather(*(_async_status(http, url, r) for r in left[:200]))
+            for rid, status in zip(left[:200], statuses, strict=True):
                 if status["state"] == "succeeded":
                     done[rid] = status
             await asyncio.sleep(1)
-        assert [done[rid]["result"] for rid in ids] == [{"n": n} for n in range(60)]
+        assert [done[rid]["result"] for rid in ids] == [{"n": n} for n in range(EVENTS)]
         live = [p for p in _pods(core, release.namespace, "activator") if p.status.pod_ip and _ready(p)]
         for pod in live:  # every replica answers for every event, the replacement included
-            for rid in ids[:5]:
+            for rid in ids[:5] + ids[-5:]:
                 assert (await _async_status(http, f"http://{pod.status.pod_ip}:8080", rid))["state"] == "succeeded"
     ember.custom.delete_namespaced_custom_object("ember.run", "v1alpha1", release.namespace, "functions", "backlog")
 

@@ -155,7 +155,9 @@ class Invoker:
             except AgentLost as err:
                 self._pod_lost(vs, pod)
                 return _unhandled("Runtime.ExitError", f"the function's sandbox stopped during the invocation: {err}")
-            except TimeoutError:
+            except TimeoutError:  # the agent answers its own timeouts: this one is the pod's silence
+                log.warning("no reply function=%s pod=%s request_id=%s timeout_s=%g", vs.fs.label, pod.handle.id,
+                            request_id, timeout_s)  # fmt: skip
                 return _unhandled("Sandbox.Timedout", f"no reply within {timeout_s:g} s")
             finally:
                 vs.throttler.release(pod)
