@@ -164,7 +164,8 @@ class AsyncInvocations:
                 for event in events:
                     if event.id in self._running:  # a lease of ours taken over by ourselves: already running
                         continue
-                    if self._per_function[event.label] >= self._capacity(event):
+                    room = self._capacity(event.namespace, event.function, event.qualifier)
+                    if self._per_function[event.label] >= room:
                         aside.append(event)
                         continue
                     self._per_function[event.label] += 1
@@ -182,11 +183,11 @@ class AsyncInvocations:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._submitted.wait(), self._poll_s)
 
-    def _capacity(self, event: Event) -> int:
-        """How many of its Function's events this replica may run at once; unbounded when it cannot
-        be resolved now (`_run` then fails or retries it as it should)."""
+    def _capacity(self, namespace: str, name: str, qualifier: str | None = None) -> int:
+        """How many of a Function's events this replica may run at once; unbounded when it cannot
+        be resolved now (`_run` then fails or retries them as it should)."""
         try:
-            vs = self._invoker.registry.route(event.namespace, event.function, event.qualifier)
+            vs = self._invoker.registry.route(namespace, name, qualifier)
         except ActivatorError:
             return self._workers
         return vs.capacity(max(1, self._invoker.registry.replicas()))
@@ -200,7 +201,7 @@ class AsyncInvocations:
         self._parked = await self.store.parked()
         for label, count in self._parked.items():
             namespace, _, name = label.partition("/")
-            room = self._capacity(Event("", namespace, name, None, b"", 0.0)) - self._per_function[label]
+            room = self._capacity(namespace, name) - self._per_function[label]
             if room > 0:
                 await self.store.unpark(label, min(room, count))
 
@@ -214,7 +215,7 @@ class AsyncInvocations:
                 log.warning("cannot extend the leases of running asynchronous invocations: %s", err)
 
     def _count(self, event: Event, outcome: str) -> None:
-        self._metrics.async_events.labels(f"{event.namespace}/{event.function}", outcome).inc()
+        self._metrics.async_events.labels(event.label, outcome).inc()
 
     async def _run_one(self, event: Event) -> None:
         try:
@@ -236,7 +237,7 @@ class AsyncInvocations:
         return Status(
             event.id,
             state,
-            f"{event.namespace}/{event.function}",
+            event.label,
             event.enqueued_at,
             self._clock(),
             attempts=event.attempts,
@@ -343,7 +344,7 @@ class AsyncInvocations:
         a stream (see the module docstring)."""
         body = json.dumps(record(event, vs, condition, result, payload)).encode()
         record_id = destination_id(event.id, kind)
-        label = f"{event.namespace}/{event.function}"
+        label = event.label
         if destination.function is not None:
             target = Event(record_id, event.namespace, destination.function, None, body, self._clock())
             await self.store.put(target)
