@@ -178,7 +178,7 @@ class AsyncInvocations:
                 log.warning("cannot lease asynchronous invocations: %s", err)
                 await asyncio.sleep(1.0)
                 continue
-            if not events or len(aside) == len(events):
+            if not events:  # (all parked: look again at once, more may be behind them)
                 self._submitted.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._submitted.wait(), self._poll_s)

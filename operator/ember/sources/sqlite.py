@@ -268,11 +268,17 @@ class SqliteStore:
 
     async def park(self, events: Sequence[Event]) -> None:
         ids = [(PARKED, e.id) for e in events]
+        functions = sorted({e.label for e in events})
         if not ids:
             return
 
-        def aside(db: sqlite3.Connection, _now: float) -> None:
+        def aside(db: sqlite3.Connection, now: float) -> None:
             db.executemany("UPDATE events SET not_before = ?, holder = NULL, lease_until = 0 WHERE id = ?", ids)
+            db.execute(  # the rest of these Functions' backlog: due, held by nobody
+                f"UPDATE events SET not_before = ? WHERE not_before <= ? AND lease_until < ?"
+                f" AND {_FUNCTION} IN ({', '.join('?' * len(functions))})",
+                (PARKED, now, now, *functions),
+            )
 
         await self._write(aside)
 

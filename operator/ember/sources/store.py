@@ -204,7 +204,9 @@ class EventStore(Protocol):
 
     async def park(self, events: Sequence[Event]) -> None:
         """Set these leased events aside: nobody holds them and `lease` skips them until
-        `unpark`; their status is left as it is."""
+        `unpark`; their status is left as it is. A store may set aside the other due events of
+        the same Functions that nobody holds as well (they wait for the same room): SQLite
+        does, in one statement, so a backlog is set aside at once rather than a lease at a time."""
         ...
 
     async def unpark(self, function: str, count: int) -> int:

@@ -159,6 +159,27 @@ async def test_parked_events_wait_until_unparked_first_parked_first(opener: Open
     assert sorted(e.id for e in await _lease_all(store, "c", want=3)) == ["id-2", "id-3", "id-4"]
 
 
+async def test_sqlite_parks_the_rest_of_a_functions_backlog_at_once(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "async.db")
+    await store.start()
+    try:
+        for i in range(5):
+            await store.put(_event(i))
+        await store.put(Event("other-1", "default", "other", None, b"{}", time.time()))
+        first, running = sorted(
+            (e for e in await store.lease("a", 10, 30.0) if e.function == "fn"), key=lambda e: e.id
+        )[:2]
+        await store.park([first])  # id-1 stays held by a; id-2..4 are leased too, so only the held ones stay out
+        assert await store.parked() == {"default/fn": 1}
+        await store.put(_event(7))
+        await store.put(_event(8))
+        await store.park([running])  # the due ones nobody holds go with it: id-7 and id-8
+        assert await store.parked() == {"default/fn": 4}
+        assert [e.id for e in await store.lease("b", 10, 30.0)] == []  # other-1 is held by a, fn's are parked
+    finally:
+        await store.close()
+
+
 async def test_dead_letters_keep_event_and_reason(opener: Opener) -> None:
     store = await opener()
     await store.put(_event(1))
