@@ -198,7 +198,12 @@ class AsyncInvocations:
         if now < self._unpark_at:
             return
         self._unpark_at = now + UNPARK_EVERY_S
-        self._parked = await self.store.parked()
+        parked = await self.store.parked()
+        for label in self._parked.keys() - parked.keys():
+            self._metrics.async_parked.labels(label).set(0)
+        for label, count in parked.items():
+            self._metrics.async_parked.labels(label).set(count)
+        self._parked = parked
         for label, count in self._parked.items():
             namespace, _, name = label.partition("/")
             room = self._capacity(namespace, name) - self._per_function[label]

@@ -89,6 +89,13 @@ class Metrics:
             "Asynchronous invocations in the store, waiting or running (all functions; shared by the replicas).",
             registry=self.registry,
         )
+        self.async_parked = Gauge(
+            "ember_async_parked",
+            "Asynchronous invocations set aside in the store while their Function runs at its capacity, by function"
+            " (its backlog; shared by the replicas).",
+            ["function"],
+            registry=self.registry,
+        )
         self.async_destinations = Counter(
             "ember_async_destination_records",
             "Destination records of asynchronous invocations by function, destination (onSuccess, onFailure)"

@@ -147,6 +147,8 @@ async def test_a_slow_function_at_max_scale_holds_one_worker_and_the_others_run_
     await asyncio.sleep(0.3)  # the workers have leased slow's events by now
     ok = [(await _enqueue(act, "ok", {"n": i}))[1]["requestId"] for i in range(3)]
     assert (await act.app[keys.ASYNC].store.parked()).get("default/slow", 0) >= 1  # waiting in the store
+    await asyncio.sleep(0.6)  # the worker reads the parked counts every UNPARK_EVERY_S at most
+    assert await act.metric("ember_async_parked", function="default/slow") >= 1
     for rid in ok:
         assert (await _settled(act, rid))["state"] == "succeeded"
     states = [(await _status(act.url, act.http, rid))[1]["state"] for rid in slow]
@@ -155,6 +157,8 @@ async def test_a_slow_function_at_max_scale_holds_one_worker_and_the_others_run_
         done = await _settled(act, rid)
         assert (done["state"], done["attempts"]) == ("succeeded", 1)  # never throttled: one attempt each
     assert await act.app[keys.ASYNC].store.parked() == {}
+    await asyncio.sleep(0.6)
+    assert await act.metric("ember_async_parked", function="default/slow") == 0
 
 
 async def test_unknown_invocations_are_404(act: Activator) -> None:
