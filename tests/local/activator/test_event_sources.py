@@ -5,7 +5,7 @@ Messages are added with a plain Redis client as a producer would; the Function s
 `batchItemFailures` come back, each up to maxRetries times, then to the dead-letter stream with
 the reason); poison messages (no body, not JSON, over the size limit) dead-lettered without
 stalling the source; rate matching (a slow Function with maxScale 2 never has more than 2
-invocations running or queued while a backlog drains); two activators sharing the group run
+invocations running or queued while a backlog of 10,000 drains); two activators sharing the group run
 each message once; Redis SIGKILLed and restarted mid-stream loses nothing; a disabled source
 reads nothing.
 """
@@ -154,16 +154,18 @@ async def test_poison_messages_are_dead_lettered_with_a_reason_and_do_not_stall(
 
 async def test_a_backlog_drains_at_the_rate_the_function_can_take(redis: RedisServer, producer: Any) -> None:
     """maxScale 2, concurrency 1: never more than 2 invocations running or queued on the Version,
-    while 120 messages wait in Redis and drain."""
+    while 10,000 messages wait in Redis and drain (batches of 10, 10 ms each)."""
+    total = 10_000
     async with producer.pipeline(transaction=False) as pipe:
-        for n in range(120):
-            pipe.xadd("jobs", {"body": json.dumps({"n": n, "sleep": 0.05})})
+        for n in range(total):
+            pipe.xadd("jobs", {"body": json.dumps({"n": n, "sleep": 0.001})})
         await pipe.execute()
     async with run_activator(credentials=_secrets(redis)) as act:
-        act.registry.apply(function("worker", PARTIAL, scaling={"maxScale": 2}, eventSources=[_source()]))
+        source = _source(batchSize=10)
+        act.registry.apply(function("worker", PARTIAL, scaling={"maxScale": 2}, eventSources=[source]))
         most = 0
-        deadline = time.monotonic() + 120
-        while await act.metric("ember_event_source_messages_total", outcome="acked") < 120:
+        deadline = time.monotonic() + 180
+        while await act.metric("ember_event_source_messages_total", outcome="acked") < total:
             assert time.monotonic() < deadline, "the backlog did not drain"
             fs = act.registry.get("default", "worker")
             most = max(most, sum(vs.in_flight + vs.queued for vs in fs.versions.values()))
