@@ -24,12 +24,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from ember.sources.queue import Message
-from ember.sources.redis_streams import client
+from ember.sources.redis_streams import client, text
 from ember.sources.store import StoreError, redacted
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class StreamConsumer:
@@ -81,7 +77,7 @@ class StreamConsumer:
             claimed: Any = await r.xautoclaim(
                 self.stream, self.group, self._consumer, self._visibility_ms, start_id=self._cursor, count=count
             )
-            self._cursor = _text(claimed[0])
+            self._cursor = text(claimed[0])
             entries = [(i, f) for i, f in claimed[1] if f]
             if len(entries) < count:  # new ones, waiting up to the block time for the first
                 entries += await self._read(count - len(entries), self._block_ms)
@@ -94,7 +90,7 @@ class StreamConsumer:
                 entries += got
             if not entries:
                 return []
-            ids = [_text(i) for i, _ in entries]
+            ids = [text(i) for i, _ in entries]
             pending: Any = await r.xpending_range(self.stream, self.group, min=min(ids, key=_order),
                                                   max=max(ids, key=_order), count=max(len(ids) * 4, 100),
                                                   consumername=self._consumer)  # fmt: skip
@@ -104,9 +100,9 @@ class StreamConsumer:
             raise StoreError(f"{self.description}: {err}") from None
         except RedisError as err:
             raise StoreError(f"{self.description}: {err}") from None
-        counts = {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
+        counts = {text(p["message_id"]): int(p["times_delivered"]) for p in pending}
         return [
-            Message(_text(i), {_text(k): bytes(v) for k, v in f.items()}, counts.get(_text(i), 1), _order(_text(i))[0])
+            Message(text(i), {text(k): bytes(v) for k, v in f.items()}, counts.get(text(i), 1), _order(text(i))[0])
             for i, f in entries
         ]
 
@@ -159,7 +155,7 @@ class StreamConsumer:
         except RedisError as err:
             raise StoreError(f"{self.description}: {err}") from None
         for group in groups:
-            if _text(group["name"]) == self.group:
+            if text(group["name"]) == self.group:
                 return int(group.get("lag") or 0) + int(group.get("pending") or 0)
         return 0
 

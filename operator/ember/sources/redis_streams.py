@@ -332,7 +332,7 @@ class RedisStore:
 
     async def parked(self) -> dict[str, int]:
         try:
-            functions = sorted(_text(f) for f in await self._r().smembers(self._waiting))
+            functions = sorted(text(f) for f in await self._r().smembers(self._waiting))
             async with self._r().pipeline(transaction=False) as pipe:
                 for function in functions:
                     pipe.llen(f"{self._waiting}:{function}")
@@ -367,5 +367,6 @@ class RedisStore:
         return [(Event.from_json(json.loads(f[b"d"]), bytes(f[b"b"])), Status.loads(f[b"s"])) for _, f in entries]
 
 
-def _text(value: Any) -> str:
+def text(value: Any) -> str:
+    """A Redis reply (bytes, as `client` returns them) as text."""
     return value.decode() if isinstance(value, bytes) else str(value)
