@@ -94,7 +94,7 @@ class JetStreamConsumer:
             while len(out) < count:
                 try:
                     got = await self._sub.fetch(batch=count - len(out), timeout=max(wait, 0.001))
-                except NatsTimeout:
+                except (NatsTimeout, TimeoutError):  # fetch raises either when nothing came
                     got = []
                 out += [self._message(m) for m in got]
                 wait = deadline - time.monotonic()

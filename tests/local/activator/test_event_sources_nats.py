@@ -78,7 +78,7 @@ async def _dead(js: Any, count: int) -> list[Any]:
     while len(out) < count and time.monotonic() < deadline:
         try:
             out += await sub.fetch(batch=count - len(out), timeout=1)
-        except nats.errors.TimeoutError:
+        except TimeoutError:  # nats.errors.TimeoutError, or a plain one from deeper in fetch
             continue
     return out
 
