@@ -30,14 +30,17 @@ share that shape:
     timer's run are searched for new timers, so several may run at once (a Function called every
     minute, every hour and every two hours) and their periods need not divide one another; a new
     one whose ticks an older one already has (a multiple of its period, in phase) is not made.
+    Two timers may tick together (every minute, and every ten minutes on the minute): a second
+    arrival on the tick a timer's run just had is a repeat of it, and the window around that tick
+    stays open to its end.
   * **trust.** A timer that hit once more, with runs on average closer to its ticks than the
     slack that found it (random arrivals that line up hit anywhere within the tolerance), is
     trusted: the plan warms an instance around each of its next three ticks (so a skipped run is
     no cold start), `lead_s` early for the start-up, five times its rms error wide on each side.
   * **its own misses.** A run its window missed widens that timer's windows by half; each one
     inside narrows them by 2 % back. An arrival that no trusted timer explains goes to the
-    histogram, and for the next five arrivals the histogram's windows are kept beside the timers'.
-    When trusted timers explained each of the last five, the plan is their ticks alone: no
+    histogram, and for the next ten arrivals the histogram's windows are kept beside the timers'.
+    When trusted timers explained each of the last ten, the plan is their ticks alone: no
     keep-alive after a timer's run.
   * **the start.** After the first invocation it waits as long as the histogram reaches (4 hours,
     as the anchor does with no data); afterwards its "unsure" fallback is the Function's
@@ -72,7 +75,7 @@ MIN_PERIOD_S: Final = 30.0  # below it the histogram's keep-alive covers the gap
 MAX_TIMERS: Final = 4
 MAX_MISSES: Final = 3  # ticks in a row without an arrival end a timer
 TICKS_AHEAD: Final = 3
-EXPLAINED_WINDOW: Final = 5  # the plan is the timers' ticks alone when they explained this many arrivals in a row
+EXPLAINED_WINDOW: Final = 10  # the plan is the timers' ticks alone when they explained this many arrivals in a row
 PHASE_GAIN: Final = 0.2
 JITTER_GAIN: Final = 0.1  # weight of the latest run in a timer's rms error
 TRUST_HITS: Final = 1  # runs on its ticks after the three arrivals that found it
@@ -239,10 +242,11 @@ class HybridHistogram:
 class _Timer:
     """One periodic source of invocations: its period, its next tick, how much it jitters."""
 
-    __slots__ = ("hits", "jitter", "misses", "next", "period", "widen")
+    __slots__ = ("hits", "jitter", "last", "misses", "next", "period", "widen")
 
     def __init__(self, period: float, last: float, jitter: float) -> None:
         self.period = period
+        self.last = last  # the tick its latest run was on
         self.next = last + period
         self.jitter = jitter
         self.hits = 0
@@ -272,6 +276,7 @@ class _Timer:
     def hit(self, at: float) -> None:
         """`at` is this timer's run (`catch_up` found it near a tick)."""
         error = at - self.next
+        self.last = self.next
         if abs(error) > self.half_width():
             self.widen = min(8.0, self.widen * 1.5)  # the window missed it: wider next time
         else:
@@ -306,13 +311,20 @@ class _Timer:
         line up by chance hit anywhere within the tolerance)."""
         return self.hits >= TRUST_HITS and self.jitter <= _slack(self.period)
 
+    def repeats(self, at: float) -> bool:
+        """Whether `at` is a second run on the tick its latest run was on (two timers of the
+        Function tick together: one run is each one's, the other a repeat)."""
+        return abs(at - self.last) <= self.tolerance()
+
     def ticks(self, after: float, lead_s: float) -> list[tuple[float, float]]:
-        """Warm windows around the next `TICKS_AHEAD` ticks after `after`."""
+        """Warm windows around the tick of its latest run (what is left of it: a second run may
+        follow) and the next `TICKS_AHEAD` ticks after `after`."""
         tick = self.next
         while tick + self.tolerance() < after:
             tick += self.period
         half = self.half_width()
-        return [(tick + k * self.period - half - lead_s, tick + k * self.period + half) for k in range(TICKS_AHEAD)]
+        ticks = [self.last, *(tick + k * self.period for k in range(TICKS_AHEAD))]
+        return [(t - half - lead_s, t + half) for t in ticks]
 
 
 class Predictor:
@@ -361,9 +373,12 @@ class Predictor:
                 nearest = (distance, timer)
         if nearest is not None:
             nearest[1].hit(at)
-        explained = nearest is not None and nearest[1].trusted  # else the histogram learns it too
+            explained = nearest[1].trusted  # else the histogram learns it too
+        else:
+            repeated = next((t for t in self._timers if t.repeats(at)), None)
+            explained = repeated is not None and repeated.trusted
         self._timers = [t for t in self._timers if not t.dead]
-        if nearest is None:  # no timer's run: maybe the third of a new one
+        if nearest is None and not explained:  # no timer's run: maybe the third of a new one
             self._detect(at)
             self._arrivals.append(at)
             if len(self._arrivals) > 2 * HISTORY:

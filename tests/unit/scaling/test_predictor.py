@@ -57,8 +57,9 @@ def test_a_timer_with_jitter_is_found_and_each_tick_is_warm_with_little_idle_tim
     assert all(warm[4:]), f"cold after the timer was learned: {[i for i, w in enumerate(warm) if not w]}"
     assert predictor.periods == (pytest.approx(300.0, abs=2.0),)
     plan = predictor.plan(arrivals[-1] + 0.5)
-    first = plan.windows[0]
+    rest, first = plan.windows[0], plan.windows[1]
     assert plan.reason == "timers"
+    assert rest[1] < arrivals[-1] + 10, "after a run only what is left of its tick's window (a second run may follow)"
     assert first[0] > arrivals[-1] + 250, "no keep-alive after a timer's run: the instance goes until the next tick"
     assert first[1] - first[0] < 30, f"window {first} is far wider than the jitter needs"
 
@@ -70,6 +71,16 @@ def test_two_timers_of_unrelated_periods_are_both_found() -> None:
     assert predictor.periods == (pytest.approx(300.0, abs=2.0), pytest.approx(3617.0, abs=5.0))
     late = [i for i, at in enumerate(arrivals) if at > arrivals[0] + 5.5 * 3617]  # five hourly runs: found, trusted
     assert all(warm[i] for i in late), "both timers' ticks are warm once both are known"
+
+
+def test_two_timers_that_tick_together_are_both_warm() -> None:
+    # every minute, and every ten minutes half a second later: at each tenth tick two runs come
+    minute = timer(60.0, 200, jitter=0.2)
+    ten = timer(600.0, 20, start=1000.5, jitter=0.2, seed=4)
+    arrivals = sorted(minute + ten)
+    warm = replay(Predictor(), arrivals, duration_s=0.1)
+    late = [i for i, at in enumerate(arrivals) if at > 4000]
+    assert all(warm[i] for i in late), [round(arrivals[i], 1) for i in late if not warm[i]]
 
 
 def test_random_arrivals_start_no_timer_that_lasts() -> None:
@@ -105,11 +116,11 @@ def test_windows_widen_after_the_timer_misses_an_arrival() -> None:
     predictor = Predictor(lead_s=0.0)
     arrivals = timer(300.0, 30, jitter=0.0)
     replay(predictor, arrivals)
-    narrow = predictor.plan(arrivals[-1] + 0.5).windows[0]
+    narrow = predictor.plan(arrivals[-1] + 0.5).windows[1]
     late = arrivals[-1] + 300.0 + 2.5  # inside the timer's tolerance (3 s), outside its window (1 s)
     assert not Plan((narrow,), "").warm_at(late)
     predictor.invoked(late)
-    wide = predictor.plan(late + 0.5).windows[0]
+    wide = predictor.plan(late + 0.5).windows[1]
     assert wide[1] - wide[0] > narrow[1] - narrow[0], f"{wide} did not widen after missing at {late}"
 
 
