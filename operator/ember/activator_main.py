@@ -15,7 +15,11 @@ by the replicas (the chart sets it from a Secret), or a SQLite file path, this r
 default `/tmp/ember/async-<holder>.db`, with a warning), `EMBER_ACTIVATOR_LEASE_S` (`--lease-s`, default
 15: the holder Lease's duration; see `ember.pods.kubernetes.leases`),
 `EMBER_POOL_DEMAND_WINDOW_S` (`--pool-demand-window-s`, default 60: the window over which claims
-per pool are published as demand; see `ember.scaling.pool_demand`), `EMBER_LOG_LEVEL`. The API
+per pool are published as demand; see `ember.scaling.pool_demand`), `EMBER_SIZING_INTERVAL_S`
+(`--sizing-interval-s`, default 60: a Version's right-sizing advice is published on it at most
+once per interval, unless it ran out of memory; see `ember.activator.sizing`),
+`EMBER_SIZING_MIN_SAMPLES` (`--sizing-min-samples`, default 20: invocations measured before it
+advises), `EMBER_LOG_LEVEL`. The API
 server is reached in-cluster when `KUBERNETES_SERVICE_HOST` is set, else through `KUBECONFIG`
 (or ~/.kube/config).
 
@@ -72,6 +76,7 @@ log = logging.getLogger("ember.activator")
 DEFAULT_PORT = 8080
 DEFAULT_HOST = "0.0.0.0"  # a pod's listener; the Service fronts it
 DEFAULT_LEASE_S = 15.0
+SIZING = ActivatorConfig()  # right-sizing's defaults
 
 
 class SettingsError(ValueError):
@@ -102,7 +107,26 @@ def parse_args(argv: list[str], env: Mapping[str, str]) -> argparse.Namespace:
     parser.add_argument("--pool-demand-window-s", default=env.get("EMBER_POOL_DEMAND_WINDOW_S", str(DEFAULT_WINDOW_S)))
     parser.add_argument("--services-address", default=env.get("EMBER_SERVICES_ADDRESS") or env.get("POD_IP", ""))
     parser.add_argument("--services-port", default=env.get("EMBER_SERVICES_PORT", str(SERVICES_PORT)))
+    parser.add_argument(
+        "--sizing-interval-s", default=env.get("EMBER_SIZING_INTERVAL_S", str(SIZING.sizing_interval_s))
+    )
+    parser.add_argument(
+        "--sizing-min-samples", default=env.get("EMBER_SIZING_MIN_SAMPLES", str(SIZING.sizing_min_samples))
+    )
     args = parser.parse_args(argv)
+    try:
+        args.sizing_interval_s = float(args.sizing_interval_s)
+        args.sizing_min_samples = int(args.sizing_min_samples)
+    except ValueError:
+        raise SettingsError(
+            f"right-sizing settings {args.sizing_interval_s!r}, {args.sizing_min_samples!r} (EMBER_SIZING_INTERVAL_S, "
+            "EMBER_SIZING_MIN_SAMPLES) must be a number of seconds and a whole number"
+        ) from None
+    if not 0 <= args.sizing_interval_s <= 86400 or not 1 <= args.sizing_min_samples <= 100_000:
+        raise SettingsError(
+            f"right-sizing interval {args.sizing_interval_s} (EMBER_SIZING_INTERVAL_S) must be 0-86400 seconds and "
+            f"its samples {args.sizing_min_samples} (EMBER_SIZING_MIN_SAMPLES) 1-100000"
+        )
     try:
         args.services_port = int(args.services_port)
     except ValueError:
@@ -241,7 +265,12 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
         )
         app = make_app(
             source,
-            ActivatorConfig(default_namespace=args.namespace, warm_pool_size=0),
+            ActivatorConfig(
+                default_namespace=args.namespace,
+                warm_pool_size=0,
+                sizing_interval_s=args.sizing_interval_s,
+                sizing_min_samples=args.sizing_min_samples,
+            ),
             replicas=source.live_replicas,
             credentials=secrets,
             store=open_async_store(args.async_store, args.namespace, args.holder),

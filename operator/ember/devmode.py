@@ -288,8 +288,10 @@ async def serve(
 
 
 async def _report_phases(registry: Registry, report: Callable[[str], None]) -> None:
-    """Print each Version's phase changes (Ready, Failed with the reason)."""
+    """Print each Version's phase changes (Ready, Failed with the reason), and its size's: the
+    memory right-sizing recommends, and the memory its new pods get (`ember.activator.sizing`)."""
     seen: dict[tuple[str, int], str] = {}
+    sizes: dict[tuple[str, int], tuple[int, int | None]] = {}
     while True:
         for fs in registry.functions():
             for number, vs in fs.versions.items():
@@ -300,6 +302,14 @@ async def _report_phases(registry: Registry, report: Callable[[str], None]) -> N
                         report(f"Version {number} of {fs.label}: Ready ({vs.ready_pods} pod(s)); it takes the traffic")
                     elif phase == "Failed":
                         report(f"Version {number} of {fs.label}: FAILED: {vs.message}; traffic stays where it was")
+                advice = vs.sizer.current if vs.sizer is not None else None
+                size = (vs.resources.memory_mib, advice.memory_mib if advice is not None else None)
+                if advice is not None and sizes.get((fs.label, number)) != size:
+                    report(
+                        f"Version {number} of {fs.label}: recommended {advice.memory_mib} MiB ({advice.reason}); "
+                        f"new pods get {vs.resources.memory_mib} MiB ({vs.resources.reason})"
+                    )
+                sizes[(fs.label, number)] = size
         await asyncio.sleep(0.25)
 
 

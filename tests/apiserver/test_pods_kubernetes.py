@@ -311,6 +311,15 @@ async def test_claims_are_published_on_the_lease_as_pool_demand(
         lease = ember.coordination.read_namespaced_lease("ember-activator-a", ember.ns)
         published = json.loads(lease.metadata.annotations["ember.run/pool-demand"])
         assert published == {world.pool_spec.id: 1}
+        source.expect_claims({world.pool: 2})  # the predictor's prewarms due in the next window
+        await source.renew_lease()
+        lease = ember.coordination.read_namespaced_lease("ember-activator-a", ember.ns)
+        published = json.loads(lease.metadata.annotations["ember.run/pool-demand"])
+        assert published == {world.pool_spec.id: 3}, "claims made plus claims expected"
+        source.expect_claims({})
+        await source.renew_lease()
+        lease = ember.coordination.read_namespaced_lease("ember-activator-a", ember.ns)
+        assert json.loads(lease.metadata.annotations["ember.run/pool-demand"]) == {world.pool_spec.id: 1}
         await source.release(handle)
     finally:
         await source.close()

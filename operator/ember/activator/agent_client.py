@@ -45,6 +45,7 @@ class AgentReply:
     log_result: str | None
     duration_ms: str | None
     max_rss_kib: str | None
+    cpu_ms: str | None = None  # right-sizing reads these three (`VersionState.record_usage`)
 
 
 class _Connection(asyncio.Protocol):
@@ -236,6 +237,7 @@ class AgentClient:
             log_result=_text(headers, b"x-ember-log-result"),
             duration_ms=_text(headers, b"x-ember-duration-ms"),
             max_rss_kib=_text(headers, b"x-ember-max-rss-kib"),
+            cpu_ms=_text(headers, b"x-ember-cpu-ms"),
         )
 
     def forget(self, address: str) -> None:

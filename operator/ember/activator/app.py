@@ -31,6 +31,7 @@ from ember.activator.metrics import Metrics
 from ember.activator.portions import PortionPortal
 from ember.activator.registry import Registry
 from ember.activator.scaler import Scaler
+from ember.activator.sizing import Sizing
 from ember.activator.wake import Wakeup
 from ember.pods.base import PodSource
 from ember.pods.services import Credentials, no_credentials
@@ -64,6 +65,7 @@ def make_app(
     client = AgentClient()
     scaler = Scaler(registry, source, config, metrics, client, replicas=replicas, wakeup=wakeup)
     invoker = Invoker(registry, client, wakeup)
+    sizing = Sizing(registry, source, config)
     source.route_calls(PortionPortal(invoker, config.max_body_bytes))
     scratch: tempfile.TemporaryDirectory[str] | None = None
     if store is None:
@@ -93,6 +95,7 @@ def make_app(
     app[keys.REGISTRY] = registry
     app[keys.INVOKER] = invoker
     app[keys.SCALER] = scaler
+    app[keys.SIZING] = sizing
     app[keys.ASYNC] = async_invocations
     app[keys.EVENT_SOURCES] = event_sources
     app[keys.METRICS] = metrics
@@ -109,14 +112,16 @@ def make_app(
         await async_invocations.start()
         await event_sources.start()
         loop_task = asyncio.create_task(scaler.run(), name="ember-scaler")
+        sizing_task = asyncio.create_task(sizing.run(), name="ember-sizing")
         app[keys.STATE]["started"] = True
         try:
             yield
         finally:
             app[keys.STATE]["closing"] = True
-            loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await loop_task
+            for task in (sizing_task, loop_task):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await event_sources.close()
             await async_invocations.close()
             await scaler.close()

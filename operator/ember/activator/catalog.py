@@ -8,7 +8,10 @@ events). The picture is computed by the pure `plan`: each valid Function with it
 (those that name it and are owned by its uid, so leftovers of an earlier Function of the same
 name are ignored) and the pool each Version's pods come from. A Version carries the
 SecurityPolicy it was made under (`spec.policy`), so the activator resolves no policy itself: a
-policy edit reaches it as a new Version from the operator.
+policy edit reaches it as a new Version from the operator. The size a Version's new pods get
+follows its status the same way (`status.recommendation`, which the operator merges from the
+activators' reports, through `applied_resources`: the rule the operator makes pools by), so every
+activator replica claims from the pool the operator keeps (`Registry.size_version`).
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ from ember.activator.errors import FunctionNotFound
 from ember.activator.registry import Registry
 from ember.api.common import GROUP, VERSION
 from ember.api.function import Function
-from ember.api.version import Version
+from ember.api.version import ResourceRecommendation, Version, VersionResources
 from ember.pods.base import PoolKey
 from ember.pods.payload import pool_key
 from ember.resources.objects import Obj
+from ember.scaling.rightsize import applied_resources, parse_recommendation
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,9 @@ class VersionPlan:
     code_hash: str
     version: Version
     pool: PoolKey
+    # right-sizing, from its status (the operator's): the stored advice and the size it applies
+    advice: ResourceRecommendation | None = None
+    resources: VersionResources | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +96,7 @@ def plan(functions: Mapping[Key, Obj], versions: Mapping[Key, Obj]) -> Plan:
             parsed[key] = Function.model_validate(_model_body(obj))
         except ValidationError as err:
             problems.append(f"{_where('functions', obj)}: invalid, skipped: {err.error_count()} error(s)")
-    owned: dict[Key, list[Version]] = {key: [] for key in parsed}
+    owned: dict[Key, list[tuple[Version, Obj]]] = {key: [] for key in parsed}
     for obj in versions.values():
         try:
             version = Version.model_validate(_model_body(obj))
@@ -103,14 +110,19 @@ def plan(functions: Mapping[Key, Obj], versions: Mapping[Key, Obj]) -> Plan:
         owners = (obj.get("metadata") or {}).get("ownerReferences") or []
         if fn.metadata.uid is not None and not any(o.get("uid") == fn.metadata.uid for o in owners):
             continue  # left over from an earlier Function of the same name
-        owned[fkey].append(version)
+        owned[fkey].append((version, obj))
     out: dict[Key, FunctionPlan] = {}
     for key, fn in parsed.items():
         seen: dict[int, VersionPlan] = {}
-        for version in owned[key]:
+        for version, obj in owned[key]:
             number = version.spec.number
             pool = pool_key(version.spec.function, version.spec.policy, calls=bool(version.spec.function.portions))
-            seen[number] = VersionPlan(number, version.spec.code_hash, version, pool)
+            # the operator's rule on what it stored (an unreadable recommendation counts as none)
+            advice = parse_recommendation((obj.get("status") or {}).get("recommendation"))
+            resources = applied_resources(
+                version.spec.function.resources, max_memory_mib=version.spec.policy.limits.max_memory_mib, advice=advice
+            )
+            seen[number] = VersionPlan(number, version.spec.code_hash, version, pool, advice, resources)
         out[key] = FunctionPlan(fn, tuple(seen[n] for n in sorted(seen)))
     return Plan(out, tuple(problems))
 
@@ -141,6 +153,9 @@ def apply_plan(registry: Registry, wanted: Plan) -> list[str]:
             )
             if made is not None:
                 changes.append(f"Version {vp.number} of {namespace}/{name}: loading")
+            if registry.size_version(namespace, name, vp.number, resources=vp.resources, advice=vp.advice):
+                assert vp.resources is not None
+                changes.append(f"Version {vp.number} of {namespace}/{name}: new pods get {vp.resources.memory_mib} MiB")
         planned = {vp.number for vp in fp.versions}
         known = registry.get(namespace, name).versions
         for number in sorted(set(known) - planned):

@@ -21,9 +21,14 @@ class ActivatorConfig:
     warm_pool_size: int = 1  # generic pods kept per pool key in use
     load_attempts: int = 3  # tries to get a first pod for a Version before it is Failed
     agent_timeout_margin_s: float = 2.0  # on top of the function's timeout
+    sizing_tick_s: float = 1.0  # right-sizing's loop period (`ember.activator.sizing`)
+    sizing_interval_s: float = 60.0  # a Version's advice is published, and shrinks, at most once per interval
+    sizing_min_samples: int = 20  # invocations measured before right-sizing advises
     async_workers: int = 32  # asynchronous invocations run at once by this activator
     async_lease_s: float = 30.0  # a running event's lease, renewed every third of it; a dead worker's runs again after
     async_retry_base_s: float = 60.0  # wait before the first retry after a function error (Lambda: 1 min), x2 next
+    predict_lead_s: float = 2.0  # scaling.predictive: a pod is prewarmed this long before an expected run
+    predict_min_period_s: float = 60.0  # shortest timer period the predictor looks for
 
     def __post_init__(self) -> None:
         if self.queue_depth < 0:
@@ -34,5 +39,10 @@ class ActivatorConfig:
             raise ValueError(f"tick_s ({self.tick_s}) must be positive")
         if self.async_lease_s <= 0 or self.async_retry_base_s < 0:
             raise ValueError("async_lease_s must be positive and async_retry_base_s not negative")
+        if self.sizing_tick_s <= 0 or self.sizing_interval_s < 0 or self.sizing_min_samples < 1:
+            raise ValueError(
+                f"sizing_tick_s ({self.sizing_tick_s}) must be positive, sizing_interval_s "
+                f"({self.sizing_interval_s}) not negative and sizing_min_samples ({self.sizing_min_samples}) at least 1"
+            )
         if self.max_body_bytes < 1:
             raise ValueError(f"max_body_bytes ({self.max_body_bytes}) must be positive")

@@ -7,6 +7,11 @@
   `X-Ember-Function-Error: Handled|Unhandled` with status 200 and Lambda's error body;
 - errors are `{"errorType", "errorMessage"}` with 400, 404, 413, 429 (+ `Retry-After`), 502, 504.
 
+`GET /v1/namespaces/{ns}/functions/{name}/versions` lists the Function's Versions as this activator
+holds them: number, phase, ready pods, the size their new pods get (`resources`: memory, CPU and
+why) and right-sizing's advice (`recommendation`, `ember.activator.sizing`), as a cluster shows
+them in the Version's status. `ember dev` prints their changes too.
+
 `GET /v1/invocations/{id}` reports an asynchronous invocation (from the event store: any replica
 answers, restarts included): queued, running, retrying (with `nextAttemptAt`), succeeded (with
 the response) or failed (with the error and its `condition`).
@@ -15,6 +20,7 @@ the response) or failed (with the error and its `condition`).
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from aiohttp import web
 
@@ -107,6 +113,29 @@ async def invocation_status(request: web.Request) -> web.Response:
     return web.json_response(status.to_json())
 
 
+def version_view(vs: VersionState) -> dict[str, Any]:
+    """One Version as `GET .../versions` shows it: its phase, pods and size (right-sizing)."""
+    advice = vs.sizer.current if vs.sizer is not None else None
+    return {
+        "number": vs.key.number,
+        "phase": vs.phase.value,
+        "readyPods": vs.ready_pods,
+        "resources": vs.resources.to_wire(),
+        "recommendation": advice.to_wire() if advice is not None else None,
+    }
+
+
+async def versions(request: web.Request) -> web.Response:
+    info = request.match_info
+    try:
+        fs = request.app[keys.REGISTRY].get(info["namespace"], info["name"])
+    except ActivatorError as err:
+        return error_response(err)
+    views = [version_view(vs) for _, vs in sorted(fs.versions.items())]
+    return web.json_response({"function": fs.label, "versions": views})
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/namespaces/{namespace}/functions/{name}/invoke", invoke)
+    app.router.add_get("/v1/namespaces/{namespace}/functions/{name}/versions", versions)
     app.router.add_get("/v1/invocations/{request_id}", invocation_status)

@@ -5,7 +5,8 @@ for each queued event, always with a resolved Version. A pod that cannot be reac
 taken out of routing and the invocation retried once on another (it was never delivered);
 a pod that dies while running it gives an `Unhandled` function error, as in Lambda. The
 invoker does not know the scaler: it tells the Version (`VersionState.pod_lost`) and pokes the
-injected `Wake` so that the scaling loop replaces the pod without waiting for its tick.
+injected `Wake` so that the scaling loop replaces the pod without waiting for its tick. Every
+reply's measured memory and CPU go to the Version's right-sizing (`VersionState.record_usage`).
 """
 
 from __future__ import annotations
@@ -165,6 +166,7 @@ class Invoker:
                     self.tokens.close(call)
             status = reply.status
             if status == 200:
+                vs.record_usage(reply, pod.handle.pool.memory_mib)
                 return reply
             if status == 503 and attempt == 1:  # agent not specialized: restarted under us
                 vs.pod_lost(pod)

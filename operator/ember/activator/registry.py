@@ -17,6 +17,10 @@ the catalog (`ember.activator.catalog`) calls `follow` with each Function (traff
 scaling only) and `apply_version` with each Version object the operator wrote. Code kept in a
 ConfigMap is then sent as `code: null`; the Kubernetes pod source fills in the Version's
 ConfigMap snapshot.
+
+Right-sizing (`ember.activator.sizing`): in local mode a Version applies its own advice (the
+activator is its operator); in a cluster the catalog hands over the size the operator wrote into
+the Version's status (`size_version`).
 """
 
 from __future__ import annotations
@@ -37,13 +41,14 @@ from ember.activator.version_state import Phase, VersionState, scaling_params
 from ember.activator.wake import Asleep, Wake
 from ember.api.function import Function, FunctionSpec
 from ember.api.security_policy import DEFAULT_POLICY, SecurityPolicySpec
-from ember.api.version import code_hash
+from ember.api.version import ResourceRecommendation, VersionResources, code_hash
 from ember.pods.base import PoolKey, SpecializeRequest, VersionKey
 from ember.pods.payload import PayloadError, path_digest, pool_key, specialize_request
 from ember.resources.portions import MAIN, callees, portion_spec
 from ember.resources.routes import Compiled, compile_routes, function_routes
 from ember.resources.version import plan_next_version
 from ember.scaling.autoscaler import initial_target
+from ember.scaling.predictor import Forecast, Predictor
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +69,19 @@ class FunctionState:
         self.removed = False
         self._known: dict[int, bool] = {}
         self._latest: int | None = None  # cached: every invocation asks; phases change rarely
+        # `scaling.predictive`: when its next invocation is expected, learned across its Versions
+        self.forecast: Forecast | None = None
 
     def take(self, spec: FunctionSpec, config: ActivatorConfig) -> None:
         """The Function's spec as it is now: traffic, aliases and scaling (its code is the Versions')."""
         self.spec = spec
+        if not spec.scaling.predictive:
+            self.forecast = None
+        else:
+            if self.forecast is None:
+                predictor = Predictor(lead_s=config.predict_lead_s, min_period_s=config.predict_min_period_s)
+                self.forecast = Forecast(predictor)
+            self.forecast.policy.fallback_keep_s = float(spec.scaling.keep_alive_seconds)
         self.traffic = tuple(Split(t.version, t.percent) for t in spec.traffic)
         self.aliases = {
             alias: AliasTarget(a.version, a.additional_version, a.additional_weight or 0)
@@ -221,6 +235,8 @@ class Registry:
             request, problem = None, str(err)
         vs = self._add_version(fs, number, spec, digest, pool, request, problem)
         vs.trust_level = (policy or DEFAULT_POLICY).trust_level
+        vs.max_memory_mib = (policy or DEFAULT_POLICY).limits.max_memory_mib
+        vs.sizes_itself = True  # no operator here: the activator applies its own advice
         self._add_portions(
             fs, vs, portion_policies, lambda key, pspec, d: specialize_request(key, pspec, d, base_dir), resolved
         )
@@ -315,8 +331,30 @@ class Registry:
             request, problem = None, str(err)
         vs = self._add_version(fs, number, spec, digest, pool, request, problem)
         vs.trust_level = (policy or DEFAULT_POLICY).trust_level
+        vs.max_memory_mib = (policy or DEFAULT_POLICY).limits.max_memory_mib
         self._add_portions(fs, vs, portion_policies or {}, cluster_specialize_request)
         return vs
+
+    def size_version(
+        self,
+        namespace: str,
+        name: str,
+        number: int,
+        *,
+        resources: VersionResources | None,
+        advice: ResourceRecommendation | None,
+    ) -> bool:
+        """The size the operator gives a Version's new pods, from its status (cluster mode): `resources`
+        (None: not written yet, the spec's stays), and the stored `advice`, whose out-of-memory size
+        this activator's right-sizing learns (another activator may have seen it). True when the size
+        in use changed."""
+        fs = self._functions.get((namespace, name))
+        vs = fs.versions.get(number) if fs is not None else None
+        if vs is None or vs.sizes_itself:
+            return False
+        if advice is not None and vs.sizer is not None:
+            vs.sizer.learn_oom(advice.out_of_memory_at_mib)
+        return resources is not None and vs.resize(resources)
 
     def forget_version(self, namespace: str, name: str, number: int) -> bool:
         """Drop a Version the operator deleted (retention), once nothing routes to it and it holds no pods.
@@ -421,6 +459,11 @@ class PortionOwner:
     @property
     def removed(self) -> bool:
         return self._function.removed
+
+    @property
+    def forecast(self) -> Forecast | None:
+        """Portions are not predicted (`ember.resources.portions` turns `predictive` off for them)."""
+        return None
 
     def referenced(self) -> set[int]:
         return {self._number} if self._number in self._function.referenced() else set()

@@ -41,6 +41,7 @@ from ember.activator.registry import Registry
 from ember.activator.version_state import Phase, VersionState
 from ember.activator.wake import Wakeup
 from ember.pods.base import PodGone, PodHandle, PodSource, PodSourceError, PoolKey, SpecializeFailed
+from ember.scaling.pool_demand import DEFAULT_WINDOW_S
 from ember.scaling.step import PodLoad, Regime, desired_pods, plan_pods, regime
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class Scaler:
         self._tasks: set[asyncio.Task[None]] = set()
         self._pools: set[PoolKey] = set()
         self._closing = False
+        self._demand_window_s = DEFAULT_WINDOW_S  # how far ahead prewarms count as expected claims
 
     def poke(self) -> None:
         """Decide now rather than at the next tick."""
@@ -99,9 +101,38 @@ class Scaler:
         """One pass over every Version."""
         now = self._clock()
         replicas = max(1, self._replicas())
-        for vs in self._registry.all_versions():
+        self._forecast(now)
+        versions = self._registry.all_versions()
+        for vs in versions:
             await self._ensure_pool(vs.pool)
             self._step_version(vs, now, replicas)
+        await self._drop_unused_pools({vs.pool for vs in versions})
+
+    def _forecast(self, now: float) -> None:
+        """Feed each predictive Function's forecast, and tell the pod source which pools the
+        forecasts will claim from within its demand window (prewarms of Functions with no pod)."""
+        expected: dict[PoolKey, int] = {}
+        for fs in self._registry.functions():
+            if fs.forecast is None:
+                continue
+            versions = list(fs.versions.values())
+            fs.forecast.observe(
+                now,
+                last_request_at=max((vs.autoscaler.last_active_at for vs in versions), default=-1e18),
+                demand=sum(vs.in_flight + vs.queued for vs in versions),
+            )
+            serving = [vs for vs in versions if vs.key.number in fs.referenced()]
+            if not any(vs.holds_pods for vs in serving) and fs.forecast.starts_within(now, self._demand_window_s):
+                for vs in serving:
+                    expected[vs.pool] = expected.get(vs.pool, 0) + 1
+        self._source.expect_claims(expected)
+
+    async def _drop_unused_pools(self, used: set[PoolKey]) -> None:
+        """Let pools that no Version takes pods from any more drain (a resized Version's old size, a
+        removed Function's); a Version that needs one again makes it again."""
+        for pool in self._pools - used:
+            self._pools.discard(pool)
+            await self._source.ensure_pool(pool, 0)
 
     async def _ensure_pool(self, pool: PoolKey) -> None:
         if pool not in self._pools and self._config.warm_pool_size > 0:
@@ -122,7 +153,14 @@ class Scaler:
         )
         autoscaled = 0
         if how is Regime.AUTOSCALED:
-            decision = vs.autoscaler.decide(now, ready_pods=vs.ready_pods, demand_now=demand, replicas=replicas)
+            forecast = vs.forecast
+            decision = vs.autoscaler.decide(
+                now,
+                ready_pods=vs.ready_pods,
+                demand_now=demand,
+                replicas=replicas,
+                keep_one=None if forecast is None else forecast.wants_warm(now),
+            )
             autoscaled = decision.desired
         desired = desired_pods(
             how,

@@ -18,26 +18,37 @@ Phase: `LOADING` -> `READY` (`mark_ready`, on its initial capacity) and `LOADING
 `FAILED` (`mark_failed`); nothing leaves `FAILED`. Both transitions change which Version "latest"
 means, so they tell the Function (`Owner.phase_changed`) there and then.
 
+Right-sizing (`ember.activator.sizing`): `record_usage` counts each reply's memory and CPU into
+its `sizer`, `out_of_memory` tells it the Version ran out at a size; `resize` changes the size its
+new pods get (`resources`, and with it `pool` and `request`), and `outdated` lists the serving
+pods of another size, which the sizing loop drains.
+
 The data path reads `throttler` (acquire and release slots) on every invocation; nothing else
 writes its pods. All of this runs on the event loop: no transition awaits.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import json
 import logging
 from typing import Protocol
 
 from prometheus_client import Counter, Histogram
 
+from ember.activator.agent_client import AgentReply
 from ember.activator.config import ActivatorConfig
 from ember.activator.errors import NotReady
 from ember.activator.metrics import Metrics, VersionGauges
 from ember.activator.throttler import PodSlots, Throttler
 from ember.activator.wake import Wake
 from ember.api.function import FunctionSpec
+from ember.api.version import VersionResources
 from ember.pods.base import PodHandle, PodId, PoolKey, SpecializeRequest, VersionKey
 from ember.scaling.autoscaler import Autoscaler, ScalingParams
+from ember.scaling.predictor import Forecast
+from ember.scaling.rightsize import MAX_MEMORY_MIB, Sizer, SizingFacts
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +79,11 @@ class Owner(Protocol):
     def removed(self) -> bool: ...
 
     def referenced(self) -> set[int]: ...
+
+    @property
+    def forecast(self) -> Forecast | None:
+        """When the Function expects its next invocation (`scaling.predictive`), else None."""
+        ...
 
     def phase_changed(self) -> None:
         """A Version became Ready or Failed: "latest" may now mean another one."""
@@ -112,8 +128,18 @@ class VersionState:
         self.key = VersionKey(owner.namespace, owner.name, number, portion)
         self.spec = spec
         self.code_hash = digest
-        self.request = request
-        self.pool = pool
+        # The spec's pool and specialize body; `pool` and `request` are those of the size in use
+        # (`resources`: the spec's, or right-sizing's with autoResize, `resize`).
+        self._spec_pool = self._pool = pool
+        self._spec_request = self._request = request
+        self.resources = VersionResources(
+            memory_mib=pool.memory_mib, cpu_millicores=pool.cpu_millicores, reason="spec.resources.memoryMiB"
+        )
+        self.max_memory_mib = MAX_MEMORY_MIB  # its policy's limits.maxMemoryMiB (set by the registry)
+        # Local mode: the activator is the operator, and applies its own advice (set by the
+        # registry); in a cluster the size comes from the Version's status (`resize`, by the catalog).
+        self.sizes_itself = False
+        self.sizer: Sizer | None = None  # right-sizing, once the sizing loop started it (`start_sizing`)
         self.created_at = now
         self.last_qualified_at = -1e18
         self.initial_target = initial_target
@@ -151,11 +177,94 @@ class VersionState:
             child = self._outcomes[outcome] = self._metrics.invocations.labels(self.fs.label, self.label, outcome)
         child.inc()
 
+    @property
+    def forecast(self) -> Forecast | None:
+        """Its Function's forecast (`scaling.predictive`), which keeps or prewarms one pod while it is idle."""
+        return self.fs.forecast
+
     def mark_requested(self, now: float, *, qualified: bool) -> None:
         """An invocation chose this Version (by number or alias when `qualified`): it is not idle."""
         self.autoscaler.mark_active(now)
         if qualified:
             self.last_qualified_at = now
+
+    # Right-sizing (`ember.activator.sizing`, `ember.scaling.rightsize`)
+
+    @property
+    def pool(self) -> PoolKey:
+        """The pool its new pods come from: the spec's, at the size in use (`resources`)."""
+        return self._pool
+
+    @property
+    def request(self) -> SpecializeRequest | None:
+        """The specialize body of its new pods (their `memoryMiB` is the size in use); None: no code."""
+        return self._request
+
+    def start_sizing(self, *, overhead_mib: int, min_samples: int) -> Sizer:
+        """Right-sizing starts measuring its invocations; `overhead_mib`: what its pods' sandbox takes."""
+        if self.sizer is None:
+            facts = SizingFacts(
+                runtime=self.spec.runtime,
+                overhead_mib=overhead_mib,
+                concurrency=self.spec.concurrency,
+                max_memory_mib=self.max_memory_mib,
+                min_samples=min_samples,
+            )
+            self.sizer = Sizer(facts)
+        return self.sizer
+
+    def record_usage(self, reply: AgentReply, pod_memory_mib: int) -> None:
+        """What one invocation on a pod of `pod_memory_mib` used, from the agent's reply (the hot path:
+        `Sizer.record_reply`, a few hundred ns). An agent that ran out of memory (`Runtime.OutOfMemory`)
+        reports nothing else: that is `out_of_memory`."""
+        sizer = self.sizer
+        if sizer is None:
+            return
+        if reply.function_error is not None and reply.function_error == "Unhandled" and _out_of_memory(reply.body):
+            self.out_of_memory(pod_memory_mib)
+            return
+        sizer.usage.record_reply(reply.max_rss_kib, reply.cpu_ms, reply.duration_ms)
+
+    def out_of_memory(self, pod_memory_mib: int) -> None:
+        """A pod of `pod_memory_mib` ran out of memory (its agent said so, or its sandbox was killed)."""
+        if self.sizer is not None and self.sizer.out_of_memory(pod_memory_mib):
+            log.warning(
+                "out of memory function=%s version=%d memoryMiB=%d autoResize=%s",
+                self.fs.label,
+                self.key.number,
+                pod_memory_mib,
+                self.spec.resources.auto_resize,
+            )
+
+    def resize(self, resources: VersionResources) -> bool:
+        """New pods get `resources` (memory; CPU stays the spec's); True when that changed the size.
+
+        Pods already serving keep their size: `outdated` lists them (the sizing loop replaces them)."""
+        if resources == self.resources:
+            return False
+        before, self.resources = self.resources, resources
+        if resources.memory_mib == before.memory_mib:
+            return False
+        self._pool = dataclasses.replace(self._spec_pool, memory_mib=resources.memory_mib)
+        spec_request = self._spec_request
+        if spec_request is not None:
+            payload = {**spec_request.payload, "memoryMiB": resources.memory_mib}
+            self._request = dataclasses.replace(spec_request, payload=payload)
+        log.info(
+            "resized function=%s version=%d memoryMiB=%d->%d reason=%s",
+            self.fs.label,
+            self.key.number,
+            before.memory_mib,
+            resources.memory_mib,
+            resources.reason,
+        )
+        return True
+
+    @property
+    def outdated(self) -> tuple[PodSlots, ...]:
+        """Serving pods of another size than the one in use (`resize`)."""
+        memory = self._pool.memory_mib
+        return tuple(p for p in self.throttler.pods if p.handle.pool.memory_mib != memory)
 
     # Views
 
@@ -328,3 +437,14 @@ class VersionState:
     def fail_waiters(self, error: Exception) -> None:
         """Wake every queued invocation with `error` (its Function or the Version itself is gone)."""
         self.throttler.fail_waiters(error)
+
+
+def _out_of_memory(body: bytes) -> bool:
+    """Whether an agent's `Unhandled` error reply says the worker ran out of memory (CONTRACT.md)."""
+    if b"Runtime.OutOfMemory" not in body:
+        return False
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(parsed, dict) and parsed.get("errorType") == "Runtime.OutOfMemory"

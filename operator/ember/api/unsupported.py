@@ -61,12 +61,6 @@ def _written(model: BaseModel | None, field: str) -> bool:
 _LIMITS = Limits()
 
 FUNCTION_GAPS: Final[tuple[Gap[FunctionSpec], ...]] = (
-    # The pool's CPU follows memory (resources/pool.py cpu_millicores); the field is read nowhere.
-    Gap("spec.resources.cpuMillicores", lambda s: s.resources.cpu_millicores is not None),
-    # No right-sizing recommender exists (VersionStatus.recommendation is never written).
-    Gap("spec.resources.autoResize", lambda s: s.resources.auto_resize),
-    # No predictor: the autoscaler (scaling/autoscaler.py) only reacts to observed concurrency.
-    Gap("spec.scaling.predictive", lambda s: s.scaling.predictive),
     # Only hashed into the Version (api/version.py VERSIONED_FIELDS); no volume, no store.
     Gap("spec.state", lambda s: s.state is not None and s.state != State()),
     # Only hashed into the Version; the agents have freeze/thaw hooks but nothing calls them.

@@ -97,12 +97,34 @@ class VersionSpec(Model):
 
 
 class ResourceRecommendation(Model):
-    """Right-sizing advice from measured invocations."""
+    """Right-sizing advice from measured invocations (`ember.scaling.rightsize`)."""
 
     memory_mib: int = Field(ge=64, le=10240, alias="memoryMiB", description="Recommended memory in MiB.")
-    cpu_millicores: int | None = Field(default=None, ge=50, le=8000, description="Recommended CPU.")
-    samples: int = Field(default=0, ge=0, description="Invocations the advice is based on.")
+    cpu_millicores: int | None = Field(
+        default=None, ge=50, le=8000, description="Recommended CPU (advice only: autoResize applies memory)."
+    )
+    samples: int = Field(default=0, ge=0, le=10**12, description="Invocations the advice is based on.")
+    peak_mib: int | None = Field(
+        default=None, ge=0, le=1048576, alias="peakMiB", description="p99 of the measured worker peaks, in MiB."
+    )
+    out_of_memory_at_mib: int | None = Field(
+        default=None,
+        ge=1,
+        le=10240,
+        alias="outOfMemoryAtMiB",
+        description="The largest pod size (MiB) at which it ran out of memory; no size at or below it is advised.",
+    )
     reason: str = Field(default="", max_length=1024, description="Why, for people.")
+
+
+class VersionResources(Model):
+    """The memory and CPU the Version's new pods get, and why."""
+
+    memory_mib: int = Field(ge=64, le=10240, alias="memoryMiB", description="Memory limit of new pods in MiB.")
+    cpu_millicores: int | None = Field(
+        default=None, ge=50, le=8000, description="CPU limit of new pods (absent: proportional to memory)."
+    )
+    reason: str = Field(default="", max_length=1024, description="Where the size comes from, for people.")
 
 
 class VersionStatus(Status):
@@ -114,6 +136,10 @@ class VersionStatus(Status):
     ready_pods: int = Field(default=0, ge=0, description="Specialized pods that can take invocations.")
     warm_pods: int = Field(default=0, ge=0, description="Generic pods ready to be specialized for it.")
     recommendation: ResourceRecommendation | None = Field(default=None, description="Right-sizing advice.")
+    resources: VersionResources | None = Field(
+        default=None,
+        description="The size its new pods get: spec.resources, or the recommendation with autoResize.",
+    )
 
 
 class Version(Resource):
@@ -127,8 +153,21 @@ class Version(Resource):
         PrinterColumn(name="Number", type="integer", json_path=".spec.number"),
         PrinterColumn(name="Phase", type="string", json_path=".status.phase"),
         PrinterColumn(name="Ready", type="integer", json_path=".status.readyPods"),
+        PrinterColumn(
+            name="Memory",
+            type="integer",
+            json_path=".status.resources.memoryMiB",
+            description="MiB its new pods get (spec.resources.memoryMiB, or the recommendation with autoResize).",
+        ),
+        PrinterColumn(
+            name="Recommended",
+            type="integer",
+            json_path=".status.recommendation.memoryMiB",
+            description="MiB right-sizing recommends from its measured invocations.",
+        ),
         PrinterColumn(name="Age", type="date", json_path=".metadata.creationTimestamp"),
         PrinterColumn(name="Hash", type="string", json_path=".spec.codeHash", priority=1),
+        PrinterColumn(name="Sized", type="string", json_path=".status.resources.reason", priority=1),
     )
 
     kind: Literal["Version"] = Field(default="Version", description="Always Version.")

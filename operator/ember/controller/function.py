@@ -256,7 +256,7 @@ async def reconcile_function(
 
     serving = referenced_versions(fn.spec, ready_version=ready_version) | ({latest} if latest is not None else set())
     not_owned = await ensure_pools(
-        kube, settings, fn, [versions[n] for n in sorted(serving) if n in versions], record, body
+        kube, settings, fn, [versions[n] for n in sorted(serving) if n in versions], record, body, by_number
     )
     if policy.usable and policy.spec is not None:
         network_policy, hosts = await _ensure_network_policy(kube, fn, policy.spec)

@@ -1,9 +1,12 @@
 """Warm pools: the generic pool Deployments of the Versions that serve, and each pool's NetworkPolicy.
 
-A pool is keyed by (runtime, sandbox, size, policy hash, whether its pods' code calls portions:
-such pods reach the activators' services port) and shared by every Function whose
+A pool is keyed by (runtime, sandbox, size, CPU when the Function sets one, policy hash, whether
+its pods' code calls portions: such pods reach the activators' services port) and shared by every Function whose
 serving Versions need it: each such Function is a (non-controller) owner, and a pool goes when its
-last owner drops it. Replicas are not set here after creation: `pool_size` owns them. A pool
+last owner drops it. A Version with `resources.autoResize` takes the pool of its right-sized memory
+(`version_memory_mib`, from its stored recommendation): when that changes, the pool of the new size
+is made and the old one goes once no serving Version wants it (pods already claimed from it stay
+with their Version). Replicas are not set here after creation: `pool_size` owns them. A pool
 or pool NetworkPolicy of the wanted name that is not Ember's is left untouched and returned, for
 the Function to report (`children`).
 """
@@ -11,7 +14,7 @@ the Function to report (`children`).
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ember.api.function import Function
@@ -24,6 +27,7 @@ from ember.controller.status import Recorder
 from ember.resources import labels
 from ember.resources.network_policy import pool_network_policy
 from ember.resources.pool import PoolSpec, pool_deployment
+from ember.scaling.rightsize import applied_resources, parse_recommendation
 
 
 def _function_owner(fn: Function) -> dict[str, Any]:
@@ -31,16 +35,27 @@ def _function_owner(fn: Function) -> dict[str, Any]:
     return {"apiVersion": fn.api_version, "kind": "Function", "name": fn.metadata.name, "uid": fn.metadata.uid}
 
 
-def _pools_of(settings: Settings, version: Version) -> list[PoolSpec]:
-    """The generic pools a Version's pods come from: its runtime and size, under its frozen policy,
-    and as much for each of its portions under the portion's (`ember.resources.portions`)."""
-    spec = version.spec.function
+def version_memory_mib(version: Version, status: Mapping[str, Any] | None) -> int:
+    """The memory of a Version's new pods: the spec's, or with `autoResize` its stored recommendation's
+    (`ember.scaling.rightsize.applied_resources`, the rule `reconcile_version` writes into
+    `status.resources`)."""
+    advice = parse_recommendation((status or {}).get("recommendation"))
+    limit = version.spec.policy.limits.max_memory_mib
+    return applied_resources(version.spec.function.resources, max_memory_mib=limit, advice=advice).memory_mib
 
-    def pool(policy: SecurityPolicySpec, calls: bool) -> PoolSpec:
+
+def _pools_of(settings: Settings, version: Version, status: Mapping[str, Any] | None = None) -> list[PoolSpec]:
+    """The generic pools a Version's pods come from: its runtime and size (right-sized with
+    `autoResize`, from its stored `status`), under its frozen policy, and as much for each of its
+    portions under the portion's (`ember.resources.portions`; they keep the spec's size)."""
+    spec = version.spec.function
+    sized = version_memory_mib(version, status)
+
+    def pool(policy: SecurityPolicySpec, calls: bool, memory_mib: int) -> PoolSpec:
         return PoolSpec(
             namespace=version.metadata.namespace,
             runtime=spec.runtime,
-            memory_mib=spec.resources.memory_mib,
+            memory_mib=memory_mib,
             policy=policy,
             policy_hash=policy_hash(policy),
             image=settings.image_for(spec.runtime),
@@ -50,17 +65,28 @@ def _pools_of(settings: Settings, version: Version) -> list[PoolSpec]:
             cpu_burst_millicores=settings.pool_cpu_burst_millicores,
             activators=settings.activators,
             calls=calls,
+            cpu_millicores=spec.resources.cpu_millicores,
         )
 
     portions = version.spec.portion_policies
     return [
-        pool(version.spec.policy, bool(spec.portions)),
-        *(pool(portions[p.name], bool(p.calls)) for p in spec.portions if p.name in portions),
+        pool(version.spec.policy, bool(spec.portions), sized),
+        *(
+            pool(portions[p.name], bool(p.calls), spec.resources.memory_mib)
+            for p in spec.portions
+            if p.name in portions
+        ),
     ]
 
 
 async def ensure_pools(
-    kube: Kube, settings: Settings, fn: Function, serving: Sequence[Version], record: Recorder, fn_body: Obj
+    kube: Kube,
+    settings: Settings,
+    fn: Function,
+    serving: Sequence[Version],
+    record: Recorder,
+    fn_body: Obj,
+    statuses: Mapping[int, Mapping[str, Any]] | None = None,
 ) -> list[Child]:
     """The pools of the Versions that serve (or are about to) exist and list the Function as an owner.
 
@@ -74,7 +100,7 @@ async def ensure_pools(
     wanted: dict[str, PoolSpec] = {}
     runtime_classes: dict[str, bool] = {}
     for version in serving:
-        for pool in _pools_of(settings, version):
+        for pool in _pools_of(settings, version, (statuses or {}).get(version.spec.number)):
             runtime_class = pool.policy.runtime_class
             if runtime_class is not None and runtime_class not in runtime_classes:
                 runtime_classes[runtime_class] = await kube.runtime_class_exists(runtime_class)

@@ -5,6 +5,14 @@ pods and label them with the Version, kubelets report them Ready, and this modul
 (`report_version_pods`, on every such pod's event) into `status.readyPods`, marking the Version
 `loaded` the first time so it stays Ready at zero pods. A Version that changes phase stores its
 status first and then annotates its Function, whose reconcile reads that status.
+
+Right-sizing (`ember.scaling.rightsize`): activators publish their advice on the Version's
+`ember.run/sizing` annotation (rate-limited by them; an annotation change reconciles the
+Version); this module merges it into `status.recommendation` (the largest size any activator saw
+run out of memory is kept) and writes `status.resources`, the size its new pods get: the spec's,
+or with `autoResize` the recommendation's, within the policy's `limits.maxMemoryMiB`. When that
+size changes it stores the status, records a `Resized` Event and annotates the Function, whose
+reconcile then makes the pool of the new size (`ember.controller.pools`).
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from pydantic import ValidationError
 
 from ember.api.common import ConditionStatus
 from ember.api.function import FunctionSpec
-from ember.api.version import Version, code_hash, version_name
+from ember.api.version import ResourceRecommendation, Version, VersionResources, code_hash, version_name
 from ember.controller.kube import Conflict, Kube, Obj
 from ember.controller.settings import Settings
 from ember.controller.status import Recorder, conditions_of, resource_of, status_changed, wire_conditions
@@ -34,6 +42,7 @@ from ember.resources.code import (
     version_files,
 )
 from ember.resources.meta import pod_ready
+from ember.scaling.rightsize import applied_resources, decode_report, merge_reports, parse_recommendation
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +145,7 @@ async def reconcile_version(
     if code_status == "False" and code_reason in cond.PERMANENT_REASONS:
         conditions = cond.mark_false(conditions, cond.READY, code_reason, code_message, generation=generation, now=now)
     phase = cond.version_phase(conditions)
+    recommendation, resources = _sizing(version, annotations.get(labels.SIZING_ANNOTATION), old_status)
     changed = status_changed(old_conditions, conditions, cond.READY)
     if changed is not None and changed.status != "Unknown":
         record(
@@ -144,12 +154,23 @@ async def reconcile_version(
             reason=changed.reason,
             message=changed.message,
         )
-    status = {
+    status: dict[str, Any] = {
         "observedGeneration": generation,
         "conditions": wire_conditions(conditions),
         "phase": phase,
+        "resources": resources.to_wire(),
     }
-    if old_status.get("phase") != phase:
+    if recommendation is not None:
+        status["recommendation"] = recommendation.to_wire()
+    resized = _stored_memory(old_status) not in (None, resources.memory_mib)
+    if resized:
+        record(
+            body,
+            type="Normal",
+            reason="Resized",
+            message=f"New pods get {resources.memory_mib} MiB ({resources.reason}).",
+        )
+    if old_status.get("phase") != phase or resized:
         # The Function's reconcile reads this status: it must be stored before the Function is nudged
         # (kopf writes the returned status only after the handler, which would race the nudge).
         await kube.patch_custom_status("versions", ns, version.metadata.name, status)
@@ -157,9 +178,37 @@ async def reconcile_version(
             "functions",
             ns,
             version.spec.function_name,
-            {VERSION_TRANSITION_ANNOTATION: f"{version.spec.number}:{phase}"},
+            {VERSION_TRANSITION_ANNOTATION: f"{version.spec.number}:{phase}:{resources.memory_mib}Mi"},
         )
     return status
+
+
+def _sizing(
+    version: Version, report: str | None, old_status: dict[str, Any]
+) -> tuple[ResourceRecommendation | None, VersionResources]:
+    """The Version's right-sizing advice (an activator's report on `labels.SIZING_ANNOTATION`, merged
+    with what is stored: `merge_reports`) and the size its new pods get (`applied_resources`).
+
+    A report that cannot be read is ignored (logged): the stored advice stays."""
+    max_memory = version.spec.policy.limits.max_memory_mib
+    stored = parse_recommendation(old_status.get("recommendation"))
+    reported = decode_report(report)
+    if report and reported is None:
+        log.warning(
+            "version=%s/%s: annotation %s is not a recommendation; ignored",
+            version.metadata.namespace,
+            version.metadata.name,
+            labels.SIZING_ANNOTATION,
+        )
+    advice = stored if reported is None else merge_reports(stored, reported, max_memory_mib=max_memory)
+    return advice, applied_resources(version.spec.function.resources, max_memory_mib=max_memory, advice=advice)
+
+
+def _stored_memory(status: dict[str, Any]) -> int | None:
+    """`status.resources.memoryMiB` as stored, None when absent or unreadable."""
+    resources = status.get("resources")
+    memory = resources.get("memoryMiB") if isinstance(resources, dict) else None
+    return memory if isinstance(memory, int) and not isinstance(memory, bool) else None
 
 
 def _load_error(raw: str | None) -> dict[str, Any] | None:

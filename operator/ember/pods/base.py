@@ -82,10 +82,14 @@ class PoolKey:
     isolation: Isolation = field(default=Isolation(), compare=False)
     # its pods' code calls portions (`ember.resources.portions`): each pod gets a channel to Ember
     calls: bool = False
+    # `resources.cpuMillicores`: a CPU bound of its own (None: proportional to memory in a cluster,
+    # unbounded in local mode)
+    cpu_millicores: int | None = None
 
     def __str__(self) -> str:
         calls = "/calls" if self.calls else ""
-        return f"{self.runtime}/{self.sandbox}/{self.memory_mib}Mi/{self.policy_hash[:12]}{calls}"
+        cpu = f"/{self.cpu_millicores}m" if self.cpu_millicores is not None else ""
+        return f"{self.runtime}/{self.sandbox}/{self.memory_mib}Mi{cpu}/{self.policy_hash[:12]}{calls}"
 
     @property
     def channel(self) -> bool:
@@ -105,6 +109,19 @@ class VersionKey:
     def __str__(self) -> str:
         part = f"/{self.portion}" if self.portion else ""
         return f"{self.namespace}/{self.function}@{self.number}{part}"
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryKills:
+    """A Version's pods a pod source saw killed at their memory bound (`PodSource.memory_kills`):
+    how many so far, and the largest pod size (MiB) among them."""
+
+    count: int = 0
+    largest_mib: int = 0
+
+    def plus(self, memory_mib: int) -> MemoryKills:
+        """These kills and one more, of a pod of `memory_mib`."""
+        return MemoryKills(self.count + 1, max(self.largest_mib, memory_mib))
 
 
 class ClaimKind(enum.Enum):
@@ -259,6 +276,11 @@ class PodSource(Protocol):
         """Keep `size` generic pods warm in the pool (0 lets it drain)."""
         ...
 
+    def expect_claims(self, claims: Mapping[PoolKey, int]) -> None:
+        """Claims the predictor expects from each pool within the next demand window (prewarms of
+        predictive Functions that have no pod), replacing the last call's. A hint for sizing
+        pools; sources whose pool size is not theirs to publish ignore it."""
+
     def route_calls(self, portal: Portal) -> None:
         """Send the portion calls that pods' code makes through its channel to `portal`."""
         ...
@@ -267,6 +289,21 @@ class PodSource(Protocol):
         """Make a Version's failed load visible where its status lives (the API server; nowhere locally).
 
         Loads that succeed need no report: the Version's specialized pods are the evidence."""
+        ...
+
+    def memory_kills(self, version: VersionKey) -> MemoryKills:
+        """The Version's pods this source saw killed at their memory bound, so far (right-sizing)."""
+        ...
+
+    def sandbox_overhead_mib(self, pool: PoolKey) -> int:
+        """MiB a pod of the pool takes beyond its worker's peak: the agent and the sandbox
+        (`ember.scaling.rightsize.sandbox_overhead_mib` of what this source runs it in)."""
+        ...
+
+    async def report_sizing(self, version: VersionKey, *, report: str) -> None:
+        """Publish a Version's right-sizing advice (`ember.scaling.rightsize.encode_report`) where its
+        status lives: the Version's annotation, which the operator folds into its status; nowhere
+        locally, where the activator's own Version state is the status. Best effort."""
         ...
 
     async def close(self) -> None:

@@ -22,15 +22,19 @@ class PayloadError(ValueError):
     """A Version's code cannot be given to an agent by this pod source."""
 
 
-def pool_key(spec: FunctionSpec, policy: SecurityPolicySpec | None, *, calls: bool = False) -> PoolKey:
-    """The generic pool a Function's pods come from (`calls`: their code calls portions)."""
+def pool_key(
+    spec: FunctionSpec, policy: SecurityPolicySpec | None, *, calls: bool = False, memory_mib: int | None = None
+) -> PoolKey:
+    """The generic pool a Function's pods come from (`calls`: their code calls portions; `memory_mib`:
+    the size right-sizing applies instead of `spec.resources.memoryMiB`, `ember.scaling.rightsize`)."""
     effective = policy or DEFAULT_POLICY
     return PoolKey(
         runtime=spec.runtime,
         sandbox=effective.sandbox,
-        memory_mib=spec.resources.memory_mib,
+        memory_mib=spec.resources.memory_mib if memory_mib is None else memory_mib,
         policy_hash=policy_hash(effective),
         calls=calls,
+        cpu_millicores=spec.resources.cpu_millicores,
         isolation=Isolation(
             network=effective.egress.mode != "none",
             allow=tuple(

@@ -35,6 +35,10 @@ AGENT_RESTARTS_ANNOTATION: Final = f"{PREFIX}/agent-restarts"
 # Version's specialized pods are the evidence.
 LOAD_ERROR_ANNOTATION: Final = f"{PREFIX}/load-error"
 LOAD_ERROR_MAX_CHARS: Final = 1024
+# Written on a Version by an activator: its right-sizing advice (JSON, `ember.scaling.rightsize`
+# encode_report), at most once per interval unless the Version ran out of memory; the operator
+# folds it into status.recommendation and status.resources.
+SIZING_ANNOTATION: Final = f"{PREFIX}/sizing"
 # Written on a Version by the operator once a pod has loaded its code (value: the code hash), so
 # the Version stays Loaded after its pods are gone (scaled to zero).
 LOADED_ANNOTATION: Final = f"{PREFIX}/loaded"

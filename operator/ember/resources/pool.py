@@ -28,6 +28,8 @@ MIN_CPU_MILLICORES: Final = 50
 # throttles the sandbox itself (gVisor's Sentry runs in the pod's cgroup): with 128 MiB (72m) a warm
 # invoke took 24.9 ms p50 against 2.2 ms at 339m, and loading code was throttled the same way.
 # A burst of 0 puts the limit at the share (Guaranteed QoS; quotas on limits.cpu last longer).
+# A Function that sets `resources.cpuMillicores` gets exactly that as request and limit, in pools of
+# its own (`pool_id`): the user asked for a bound, throttled Sentry included.
 BURST_CPU_MILLICORES: Final = 1000
 
 AGENT_PORT: Final = 8080  # the runtime agent's port in a pool pod
@@ -74,6 +76,7 @@ class PoolSpec:
     cpu_burst_millicores: int = BURST_CPU_MILLICORES
     activators: ActivatorPeer = field(default_factory=ActivatorPeer)  # who may reach its agents
     calls: bool = False  # its pods' code calls portions: they reach the activators' port for it
+    cpu_millicores: int | None = None  # `resources.cpuMillicores`: request and limit (None: follows memory)
 
     @property
     def sandbox(self) -> str:
@@ -89,6 +92,7 @@ class PoolSpec:
             memory_mib=self.memory_mib,
             policy_hash=self.policy_hash,
             calls=self.calls,
+            cpu_millicores=self.cpu_millicores,
         )
 
     @property
@@ -97,10 +101,21 @@ class PoolSpec:
         return pool_name(self.id)
 
 
-def pool_id(*, runtime: str, sandbox: str, memory_mib: int, policy_hash: str, calls: bool = False) -> str:
+def pool_id(
+    *,
+    runtime: str,
+    sandbox: str,
+    memory_mib: int,
+    policy_hash: str,
+    calls: bool = False,
+    cpu_millicores: int | None = None,
+) -> str:
     """16 hex digits identifying a pool key; equal keys give equal ids. Pods whose code calls
-    portions (`calls`) have pools of their own: only theirs may reach the activators for it."""
+    portions (`calls`) have pools of their own: only theirs may reach the activators for it; so do
+    pods with a CPU bound of their own (`cpu_millicores`)."""
     key = f"{runtime}/{sandbox}/{memory_mib}/{policy_hash}" + ("/calls" if calls else "")
+    if cpu_millicores is not None:
+        key += f"/cpu={cpu_millicores}"
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -120,9 +135,13 @@ def cpu_millicores(memory_mib: int) -> int:
 
 
 def _container(spec: PoolSpec) -> dict[str, Any]:
-    share = cpu_millicores(spec.memory_mib)
-    requests = {"memory": f"{spec.memory_mib}Mi", "cpu": f"{share}m"}
-    limits = {"memory": f"{spec.memory_mib}Mi", "cpu": f"{max(share, spec.cpu_burst_millicores)}m"}
+    if spec.cpu_millicores is not None:
+        request = limit = spec.cpu_millicores
+    else:
+        request = cpu_millicores(spec.memory_mib)
+        limit = max(request, spec.cpu_burst_millicores)
+    requests = {"memory": f"{spec.memory_mib}Mi", "cpu": f"{request}m"}
+    limits = {"memory": f"{spec.memory_mib}Mi", "cpu": f"{limit}m"}
     return {
         "name": "agent",
         "image": spec.image,
@@ -165,7 +184,8 @@ def pool_deployment(spec: PoolSpec) -> dict[str, Any]:
     )
     annotations = {
         labels.POLICY_HASH_ANNOTATION: spec.policy_hash,
-        labels.POOL_KEY_ANNOTATION: f"{spec.runtime}/{spec.sandbox}/{spec.memory_mib}Mi",
+        labels.POOL_KEY_ANNOTATION: f"{spec.runtime}/{spec.sandbox}/{spec.memory_mib}Mi"
+        + (f"/{spec.cpu_millicores}m" if spec.cpu_millicores is not None else ""),
     }
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,

@@ -187,6 +187,11 @@ class Autoscaler:
         """A request arrived: the Version is not idle."""
         self._last_active_at = now
 
+    @property
+    def last_active_at(self) -> float:
+        """When it last saw a request or a busy sample."""
+        return self._last_active_at
+
     def idle_for(self, now: float) -> float:
         """Seconds since the last request or busy sample."""
         return max(0.0, now - self._last_active_at)
@@ -195,8 +200,21 @@ class Autoscaler:
         """Ask for at least `count` pods for the keep-alive (a new Version prewarmed to its predecessor's size)."""
         self._recent.append((now, count))
 
-    def decide(self, now: float, *, ready_pods: int, demand_now: float = 0.0, replicas: int = 1) -> Decision:
+    def decide(
+        self,
+        now: float,
+        *,
+        ready_pods: int,
+        demand_now: float = 0.0,
+        replicas: int = 1,
+        keep_one: bool | None = None,
+    ) -> Decision:
         """Desired pod count now; `demand_now` is what is in flight plus queued at this moment.
+
+        `keep_one` replaces the keep-alive's "one pod until `keepAliveSeconds` idle" with a
+        predictor's answer (`ember.scaling.predictor.Forecast.wants_warm`): True keeps (or starts)
+        one pod while idle, False lets an idle Version go to `minScale` at once. Scale-down from
+        more pods is still delayed by `keepAliveSeconds`.
 
         `ready_pods` and `demand_now` are this replica's, one of `replicas` activator replicas
         serving the Version: the result is within this replica's share of the bounds.
@@ -237,13 +255,21 @@ class Autoscaler:
             want, reason = immediate, "demand"
 
         idle = self.idle_for(now)
-        if idle >= p.keep_alive_s and demand_now == 0:
+        if keep_one is None:
+            cold = idle >= p.keep_alive_s
+            why = f"idle {idle:.1f}s >= keepAlive"
+        else:
+            cold = not keep_one
+            why = "idle, no invocation predicted"
+            if keep_one and want == 0:
+                reason = "predicted invocation"
+        if cold and demand_now == 0:
             self._recent.clear()
             desired = bounds.min_scale
-            return Decision(desired, in_panic, stable, panic_avg, f"idle {idle:.1f}s >= keepAlive")
+            return Decision(desired, in_panic, stable, panic_avg, why)
 
-        if want == 0 and idle < p.keep_alive_s:
-            want = 1  # not idle for keep-alive yet: keep one pod
+        if want == 0 and not cold:
+            want = 1  # not idle for keep-alive yet (or an invocation is predicted): keep one pod
         self._recent.append((now, want))
         while self._recent and now - self._recent[0][0] > p.keep_alive_s:
             self._recent.popleft()

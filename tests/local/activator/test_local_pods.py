@@ -102,6 +102,21 @@ async def test_claim_is_a_miss_on_an_empty_pool_then_hits_after_refill(source: L
     assert source.warm_pods().get(POOL) == 0
 
 
+async def test_expected_claims_keep_more_generic_pods_warm_until_they_are_no_longer_expected(
+    source: LocalPodSource,
+) -> None:
+    await source.ensure_pool(POOL, 1)
+    await _until(lambda: source.warm_pods().get(POOL) == 1)
+    source.expect_claims({POOL: 2})  # the predictor's prewarms due soon
+    await _until(lambda: source.warm_pods().get(POOL) == 3)
+    handle = await source.claim(POOL)
+    assert handle.claim is ClaimKind.POOL_HIT
+    await _until(lambda: source.warm_pods().get(POOL) == 3)  # refilled to floor + expected
+    source.expect_claims({})
+    await _until(lambda: source.warm_pods().get(POOL) == 1)
+    await source.release(handle)
+
+
 async def test_specialize_runs_code_inside_the_sandbox(source: LocalPodSource) -> None:
     pod = await source.specialize(await source.claim(POOL), _request(PROBE))  # type: ignore[arg-type]
     result = await _invoke(pod)

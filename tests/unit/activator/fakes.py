@@ -20,6 +20,7 @@ from ember.activator.wake import Wakeup
 from ember.api.function import Function
 from ember.pods.base import (
     ClaimKind,
+    MemoryKills,
     PodHandle,
     PodId,
     PodSource,
@@ -50,6 +51,9 @@ class FakePods:
     live: dict[PodId, PodHandle] = field(default_factory=dict)
     released: list[PodId] = field(default_factory=list)
     reports: list[LoadFailureReport] = field(default_factory=list)
+    kills: dict[VersionKey, MemoryKills] = field(default_factory=dict)  # memory_kills answers these
+    sizing_reports: list[tuple[VersionKey, str]] = field(default_factory=list)
+    expected: dict[PoolKey, int] = field(default_factory=dict)  # the scaler's last expect_claims
     _claims: int = 0
 
     async def claim(self, pool: PoolKey) -> PodHandle:
@@ -84,12 +88,25 @@ class FakePods:
     async def ensure_pool(self, pool: PoolKey, size: int) -> None:
         return None
 
+    def expect_claims(self, claims: Mapping[PoolKey, int]) -> None:
+        self.expected = dict(claims)
+
     def route_calls(self, portal: Portal) -> None:
         self.portal = portal
 
     async def report_load_failure(self, version: VersionKey, *, code_hash: str, message: str) -> None:
         await asyncio.sleep(0)  # as a real API call, it yields to the loop
         self.reports.append(LoadFailureReport(version, code_hash, message))
+
+    def memory_kills(self, version: VersionKey) -> MemoryKills:
+        return self.kills.get(version, MemoryKills())
+
+    def sandbox_overhead_mib(self, pool: PoolKey) -> int:
+        return 30
+
+    async def report_sizing(self, version: VersionKey, *, report: str) -> None:
+        await asyncio.sleep(0)
+        self.sizing_reports.append((version, report))
 
     async def close(self) -> None:
         return None
@@ -133,7 +150,7 @@ class World:
             wakeup=wakeup,
         )
 
-    def function(self, code: str = "def handler(e, c): return 1", **scaling: int) -> VersionState:
+    def function(self, code: str = "def handler(e, c): return 1", **scaling: int | bool) -> VersionState:
         spec: dict[str, Any] = {
             "runtime": "python3.12",
             "handler": "main.handler",

@@ -230,3 +230,18 @@ def test_a_missing_policy_forgets_no_version(registry: Registry) -> None:
     fn = _keyed(_function(securityPolicyRef={"name": "tight"}))
     assert apply_plan(registry, plan(fn, _keyed(_version(1)))) == []
     assert set(registry.get(NS, "hello").versions) == {1}
+
+
+def test_a_versions_size_follows_the_recommendation_the_operator_stored(registry: Registry) -> None:
+    functions = _keyed(_function())
+    sized = _version(1, resources={"memoryMiB": 1024, "autoResize": True})
+    apply_plan(registry, plan(functions, _keyed(sized)))
+    vs = registry.get(NS, "hello").versions[1]
+    assert vs.pool.memory_mib == 1024
+    sized["status"]["recommendation"] = {"memoryMiB": 256, "outOfMemoryAtMiB": 128, "reason": "measured"}
+    changes = apply_plan(registry, plan(functions, _keyed(sized)))
+    assert changes == [f"Version 1 of {NS}/hello: new pods get 256 MiB"]
+    assert vs.pool.memory_mib == 256
+    assert vs.resources.reason == "autoResize: measured"
+    sized["status"]["recommendation"] = {"memoryMiB": "garbled"}  # unreadable: as if none were stored
+    assert apply_plan(registry, plan(functions, _keyed(sized))) == [f"Version 1 of {NS}/hello: new pods get 1024 MiB"]

@@ -72,3 +72,18 @@ def test_the_async_store_is_a_redis_url_or_a_file() -> None:
     assert parse_args(["--async-store", "/var/lib/ember/a.db"], base).async_store == "/var/lib/ember/a.db"
     with pytest.raises(SettingsError, match=r"'amqp://u:\*\*\*@mq:5672/' .*EMBER_ASYNC_STORE.* neither a redis://"):
         parse_args([], {**base, "EMBER_ASYNC_STORE": "amqp://u:secret@mq:5672/"})
+
+
+def test_right_sizing_settings_from_the_environment_and_bad_ones_named() -> None:
+    env = {"EMBER_NAMESPACES": "ns", "EMBER_SIZING_INTERVAL_S": "5", "EMBER_SIZING_MIN_SAMPLES": "7"}
+    args = parse_args([], env)
+    assert (args.sizing_interval_s, args.sizing_min_samples) == (5.0, 7)
+    defaults = parse_args([], {"EMBER_NAMESPACES": "ns"})
+    assert (defaults.sizing_interval_s, defaults.sizing_min_samples) == (60.0, 20)
+    for bad in (
+        {"EMBER_SIZING_INTERVAL_S": "soon"},
+        {"EMBER_SIZING_MIN_SAMPLES": "0"},
+        {"EMBER_SIZING_INTERVAL_S": "-1"},
+    ):
+        with pytest.raises(SettingsError, match="EMBER_SIZING"):
+            parse_args([], {"EMBER_NAMESPACES": "ns", **bad})

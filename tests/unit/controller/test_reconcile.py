@@ -757,14 +757,14 @@ async def test_function_is_told_again_when_the_fields_change_and_when_they_are_g
     fn = kube.add("functions", _fn_body(freeze={"enabled": True}))
     fn["status"] = await reconcile_function(cast(Any, kube), SETTINGS, fn, now=NOW, record=_Warnings())
 
-    fn["spec"]["scaling"] = {"predictive": True}
+    fn["spec"]["state"] = {"keyValue": True}
     recorder = _Warnings()
     fn["status"] = await reconcile_function(cast(Any, kube), SETTINGS, fn, now=NOW, record=recorder)
     assert [m for _, _, m in recorder.of("FieldsNotImplemented")] == [
-        "spec.scaling.predictive, spec.freeze are accepted but not implemented yet; they have no effect."
+        "spec.state, spec.freeze are accepted but not implemented yet; they have no effect."
     ]
 
-    del fn["spec"]["scaling"], fn["spec"]["freeze"]
+    del fn["spec"]["state"], fn["spec"]["freeze"]
     recorder = _Warnings()
     status = await reconcile_function(cast(Any, kube), SETTINGS, fn, now=NOW, record=recorder)
     assert _conditions(status)["Unsupported"] == ("False", "AllSupported")

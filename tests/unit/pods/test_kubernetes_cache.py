@@ -11,7 +11,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ember.pods.kubernetes.cache import PodCache, ready
+from ember.pods.kubernetes.cache import PodCache, memory_limit_mib, oom_kills, ready
 from ember.resources import labels
 
 Obj = dict[str, Any]
@@ -120,3 +120,31 @@ def test_claim_candidates_equal_the_full_scan(history: list[tuple[str, Any]]) ->
         indexed = [pod for pool in POOLS for state in STATES for pod in cache.in_pool(pool, state)]  # type: ignore[arg-type]
         assert len(indexed) == len(cache)  # every pod in exactly one bucket
         assert _names(indexed) == set(cache)
+
+
+def _killed(state: str, container_id: str) -> Obj:
+    terminated = {"terminated": {"reason": "OOMKilled", "containerID": container_id, "exitCode": 137}}
+    return {"restartCount": 1, state: terminated}
+
+
+def test_containers_killed_at_their_memory_limit_are_named_once_each() -> None:
+    pod: Obj = {"status": {"containerStatuses": [_killed("lastState", "containerd://a")]}}
+    assert oom_kills(pod) == ["containerd://a"]
+    both = {"restartCount": 1, "state": _killed("state", "c://b")["state"], "lastState": _killed("x", "c://b")["x"]}
+    assert oom_kills({"status": {"containerStatuses": [both]}}) == ["c://b"]
+    other = {"lastState": {"terminated": {"reason": "Error", "containerID": "c://c"}}}
+    assert oom_kills({"status": {"containerStatuses": [other]}}) == []
+    assert oom_kills({}) == []
+    assert oom_kills({"status": {"containerStatuses": None}}) == []
+
+
+def test_a_pods_memory_limit_in_mib() -> None:
+    def limit(value: Any) -> Obj:
+        return {"spec": {"containers": [{"resources": {"limits": {"memory": value}}}]}}
+
+    assert memory_limit_mib(limit("256Mi")) == 256
+    assert memory_limit_mib(limit("1Gi")) == 1024
+    assert memory_limit_mib(limit(str(128 * 2**20))) == 128
+    assert [memory_limit_mib(limit(v)) for v in ("lots", "", None, "-5Mi")] == [0, 0, 0, 0]
+    assert memory_limit_mib({"spec": {"containers": []}}) == 0
+    assert memory_limit_mib({}) == 0

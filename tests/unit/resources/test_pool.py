@@ -120,3 +120,12 @@ def test_no_burst_puts_the_cpu_limit_at_the_share() -> None:
         "template"
     ]["spec"]["containers"]
     assert container["resources"]["limits"]["cpu"] == container["resources"]["requests"]["cpu"] == "72m"
+
+
+def test_a_cpu_bound_of_its_own_is_request_and_limit_in_a_pool_of_its_own() -> None:
+    (container,) = pool_deployment(_pool(cpu_millicores=250))["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["requests"]["cpu"] == "250m"
+    assert container["resources"]["limits"]["cpu"] == "250m"
+    assert _pool(cpu_millicores=250).id != _pool().id
+    assert _pool(cpu_millicores=250).id != _pool(cpu_millicores=500).id
+    assert _pool().id == pool_id(runtime="python3.12", sandbox="gvisor", memory_mib=256, policy_hash="p" * 64)

@@ -38,6 +38,36 @@ def restarts(pod: Obj) -> int:
     return sum(int(c.get("restartCount") or 0) for c in statuses)
 
 
+OOM_KILLED = "OOMKilled"  # what the kubelet reports of a container killed at its memory limit
+
+
+def oom_kills(pod: Obj) -> list[str]:
+    """The containers of the pod killed at their memory limit, by the id of the dead container (its
+    current state or its last one, before a restart: each dead container once)."""
+    out: list[str] = []
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        for which in ("state", "lastState"):
+            terminated = (status.get(which) or {}).get("terminated") or {}
+            if terminated.get("reason") == OOM_KILLED:
+                mark = str(terminated.get("containerID") or terminated.get("finishedAt") or which)
+                if mark not in out:
+                    out.append(mark)
+    return out
+
+
+_MEMORY_UNITS = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024, "Ti": 1024 * 1024, "M": 1e6 / 2**20, "G": 1e9 / 2**20}
+
+
+def memory_limit_mib(pod: Obj) -> int:
+    """The memory limit of the pod's first container in MiB (0 when it has none or it is unreadable)."""
+    containers = (pod.get("spec") or {}).get("containers") or [{}]
+    raw = str((((containers[0] or {}).get("resources") or {}).get("limits") or {}).get("memory") or "")
+    for unit, mib in _MEMORY_UNITS.items():
+        if raw.endswith(unit) and raw[: -len(unit)].isdigit():
+            return int(int(raw[: -len(unit)]) * mib)
+    return int(raw) // 2**20 if raw.isdigit() else 0
+
+
 def _index_key(pod: Obj) -> tuple[Any, Any]:
     pod_labels = pod["metadata"].get("labels") or {}
     return pod_labels.get(labels.POOL), pod_labels.get(labels.STATE)

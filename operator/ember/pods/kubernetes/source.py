@@ -42,6 +42,7 @@ from ember.pods.base import (
     MAX_BOUND_DISCARDS,
     BoundByAnotherClient,
     ClaimKind,
+    MemoryKills,
     PodGone,
     PodHandle,
     PodId,
@@ -55,7 +56,7 @@ from ember.pods.base import (
     bound_by_another,
     new_agent_token,
 )
-from ember.pods.kubernetes.cache import Obj, PodCache, ready, restarts, state_of
+from ember.pods.kubernetes.cache import Obj, PodCache, memory_limit_mib, oom_kills, ready, restarts, state_of
 from ember.pods.kubernetes.code import VersionCode
 from ember.pods.kubernetes.leases import (
     CLAIMED_AT,
@@ -70,6 +71,7 @@ from ember.pods.services import ServiceProxy
 from ember.resources import labels
 from ember.resources.pool import AGENT_PORT, pool_id
 from ember.scaling.pool_demand import DEFAULT_WINDOW_S, ClaimRate
+from ember.scaling.rightsize import isolation_of, sandbox_overhead_mib
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,7 @@ def pool_id_of(pool: PoolKey) -> str:
         memory_mib=pool.memory_mib,
         policy_hash=pool.policy_hash,
         calls=pool.calls,
+        cpu_millicores=pool.cpu_millicores,
     )
 
 
@@ -120,6 +123,7 @@ class KubernetesPodSource:
             api, self._coordination, namespace=namespace, holder=holder, duration_s=lease_duration_s, clock=clock
         )
         self._claim_rate = ClaimRate(window_s=demand_window_s)
+        self._expected: dict[str, int] = {}  # pool id -> prewarm claims the predictor expects
         self._clock = clock
         self._agent_port = agent_port
         self._claim_timeout_s = claim_timeout_s
@@ -130,6 +134,9 @@ class KubernetesPodSource:
         self._restarts_at_claim: dict[str, int] = {}  # pods claimed here: their restarts then
         self._restarted: set[str] = set()  # specialized pods whose agent restarted: being deleted
         self.discarded_bound = 0  # pods discarded because another client had bound them first
+        # right-sizing: Versions' pods whose container the kubelet saw killed at its memory limit
+        self._memory_kills: dict[VersionKey, MemoryKills] = {}
+        self._kills_seen: set[tuple[str, str]] = set()  # (pod, dead container) counted already
         self._pool_keys: dict[str, PoolKey] = {}  # pool label value -> key, for pools asked for here
         self._version_code = VersionCode(api, core=self._core, custom=self._custom)
         self._changed = asyncio.Condition()
@@ -426,9 +433,18 @@ class KubernetesPodSource:
             raise ValueError(f"pool size ({size}) must not be negative")
         self._pool_keys[pool_id_of(pool)] = pool
 
+    def expect_claims(self, claims: Mapping[PoolKey, int]) -> None:
+        """The predictor's prewarms due within the demand window: added to `pool_demand`, so the
+        operator has a generic pod ready for each when it comes."""
+        self._expected = {pool_id_of(pool): count for pool, count in claims.items() if count > 0}
+
     def pool_demand(self) -> dict[str, int]:
-        """Claims per pool id over the last minute, as published on this activator's Lease."""
-        return self._claim_rate.demand(self._clock())
+        """Claims per pool id over the last minute plus the claims the predictor expects in the next
+        one, as published on this activator's Lease."""
+        demand = self._claim_rate.demand(self._clock())
+        for pool, count in self._expected.items():
+            demand[pool] = demand.get(pool, 0) + count
+        return demand
 
     # -- internals
 
@@ -454,6 +470,45 @@ class KubernetesPodSource:
             )
         except (ApiException, aiohttp.ClientError, TimeoutError) as err:
             log.warning("load failure not reported version=%s error=%s", version, err)
+
+    def memory_kills(self, version: VersionKey) -> MemoryKills:
+        """The Version's pods (any activator's) the kubelet reported `OOMKilled` (`_check_oom`)."""
+        return self._memory_kills.get(version, MemoryKills())
+
+    def sandbox_overhead_mib(self, pool: PoolKey) -> int:
+        """What the pool's sandbox takes beyond the worker: gVisor's Sentry runs in the pod's cgroup."""
+        return sandbox_overhead_mib(pool.runtime, isolation_of(pool.sandbox))
+
+    async def report_sizing(self, version: VersionKey, *, report: str) -> None:
+        """Annotate the Version with this activator's right-sizing advice (`labels.SIZING_ANNOTATION`);
+        the operator folds it into the Version's status. Best effort: the next change writes again."""
+        if version.portion:
+            return  # a portion's pods keep their Function's size (`ember.activator.sizing`)
+        patch = {"metadata": {"annotations": {labels.SIZING_ANNOTATION: report}}}
+        name = version_name(version.function, version.number)
+        try:
+            await self._custom.patch_namespaced_custom_object(
+                GROUP, VERSION, version.namespace, "versions", name, patch, _content_type="application/merge-patch+json"
+            )
+        except (ApiException, aiohttp.ClientError, TimeoutError) as err:
+            log.warning("sizing not reported version=%s error=%s", version, err)
+
+    def _check_oom(self, pod: Obj) -> None:
+        """Count a Version's pod whose container was killed at its memory limit, once per dead container."""
+        meta = pod["metadata"]
+        pod_labels = meta.get("labels") or {}
+        function, number = pod_labels.get(labels.FUNCTION), pod_labels.get(labels.VERSION)
+        if not function or not number or not str(number).isdigit():
+            return
+        for mark in oom_kills(pod):
+            seen = (meta["name"], mark)
+            if seen in self._kills_seen:
+                continue
+            self._kills_seen.add(seen)
+            version = VersionKey(self.namespace, function, int(number), pod_labels.get(labels.PORTION, ""))
+            size = memory_limit_mib(pod)
+            self._memory_kills[version] = self.memory_kills(version).plus(size)
+            log.warning("pod=%s version=%s killed: out of memory (memoryMiB=%d)", meta["name"], version, size)
 
     def _handle(
         self, pod: Obj, pool: PoolKey | None, kind: ClaimKind, *, version: VersionKey | None = None
@@ -666,6 +721,7 @@ class KubernetesPodSource:
                 self._cache.replace(self._api.sanitize_for_serialization(p) for p in listed.items)
                 for pod in list(self._cache.values()):
                     self._check_restart(pod)
+                    self._check_oom(pod)
                 self._synced.set()
                 await self._notify()
                 stream = watch.Watch(return_type="object")  # plain dicts: no model classes per event
@@ -686,9 +742,11 @@ class KubernetesPodSource:
                         self._restarts_at_claim.pop(name, None)
                         self._restarted.discard(name)
                         self._forget_services(name)
+                        self._kills_seen = {seen for seen in self._kills_seen if seen[0] != name}
                     else:
                         self._cache.put(pod)
                         self._check_restart(pod)
+                        self._check_oom(pod)
                     await self._notify()
             except asyncio.CancelledError:
                 raise

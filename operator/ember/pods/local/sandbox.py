@@ -18,7 +18,9 @@ first (`EMBER_SANDBOX=runsc|bwrap|none` forces one):
   other function's files. /tmp is a tmpfs of the policy's `tmpSizeMiB`. The pod's memory
   (`memoryMiB`) bounds the sandbox as a whole, gVisor's own kernel and every process in it,
   through the memory cgroup runsc makes (as in a cluster, where the Sentry runs in the pod's
-  cgroup): past it the sandbox is killed, and its invocations fail with the reason. The pids
+  cgroup): past it the sandbox is killed, and its invocations fail with the reason.
+  `resources.cpuMillicores` bounds its CPU the same way (a CFS quota of that many millicores in
+  the cgroup's `cpu` controller, `_cpu_quota`), the Sentry included, as a pod's CPU limit does. The pids
   cgroup bounds its host tasks by `limits.pids` (`runsc_host_tasks`, a backstop against fork
   bombs rather than an exact count). runsc makes cgroups only when run as root (the banner says
   when it cannot). Egress `none` gives the sandbox its own network stack with loopback only
@@ -46,10 +48,11 @@ first (`EMBER_SANDBOX=runsc|bwrap|none` forces one):
   its listening socket (`EMBER_AGENT_LISTEN_FD`), made by this process in the pod's folder,
   which the sandbox does not see. As root, cgroups of the pod's own (`bwrap_cgroups`) bound it
   as a whole: `memoryMiB` for all its processes (past it the whole sandbox is killed, as a runsc
-  one is: cgroup v2 kills the group, under v1 `watch_oom` tells this process to) and
-  `limits.pids` tasks, the agent's included (a fork past it fails with EAGAIN, as in a pod).
-  Without root bwrap makes no cgroup and only the agent's per-worker memory limit applies. bwrap is refused when it
-  cannot make that user namespace here (probed once); it never runs privileged.
+  one is: cgroup v2 kills the group, under v1 `watch_oom` tells this process to), a CPU quota of
+  `resources.cpuMillicores` when set, and `limits.pids` tasks, the agent's included (a fork past
+  it fails with EAGAIN, as in a pod). Without root bwrap makes no cgroup and only the agent's
+  per-worker memory limit applies. bwrap is refused when it cannot make that user namespace here
+  (probed once); it never runs privileged.
 - **none**: a plain child process, with a loud warning: the function is not isolated. It is
   handed its listening socket as under bwrap.
 """
@@ -170,10 +173,12 @@ def sandboxed(
     isolation: Isolation,
     channel: bool = False,
     env: Mapping[str, str] | None = None,
+    cpu_millicores: int | None = None,
 ) -> list[str]:
     """The command line of one pod: `command` in the chosen sandbox with the agent's minimal
     environment (`agent_environment(settings)`), isolated as `isolation` says; with `channel`
-    it sees the services proxy's socket (`PoolKey.channel`: auxiliary services, portion calls).
+    it sees the services proxy's socket (`PoolKey.channel`: auxiliary services, portion calls);
+    `cpu_millicores` bounds its CPU (as root: runsc and bwrap make cgroups only then).
 
     Makes the pod's folders (and, for runsc, writes its OCI bundle there)."""
     env = os.environ if env is None else env
@@ -184,7 +189,9 @@ def sandboxed(
         # uid 65534 in gVisor makes the socket here; the pod folder above keeps others out
         place.run_dir.chmod(0o777)
         _small_tmpfs(place.run_dir)
-        config = _oci_config(command, environment, place, memory_mib=memory_mib, isolation=isolation)
+        config = _oci_config(
+            command, environment, place, memory_mib=memory_mib, isolation=isolation, cpu_millicores=cpu_millicores
+        )
         (place.root / "config.json").write_text(json.dumps(config))
         network = "host" if isolation.network else "none"
         # `all`: the agent may also connect to the services proxy's socket in its run/ folder
@@ -202,7 +209,8 @@ def sandboxed(
         assert choice.binary is not None
         services = place.services_socket if channel else None
         bwrap = _bwrap(choice.binary, command, isolation, services)
-        bounded = _in_cgroups(bwrap, bwrap_cgroups(place, memory_mib=memory_mib, isolation=isolation))
+        groups = bwrap_cgroups(place, memory_mib=memory_mib, isolation=isolation, cpu_millicores=cpu_millicores)
+        bounded = _in_cgroups(bwrap, groups)
         return _clean_env(_in_allow_list_network(bounded, place, isolation), environment)
     return _clean_env(list(command), environment)
 
@@ -287,6 +295,21 @@ def oom_kills(place: PodPlace) -> int:
     return 0
 
 
+def memory_peak_bytes(place: PodPlace) -> int | None:
+    """The most memory a pod's sandbox has used at once, as its memory cgroup counts it (cgroup v1's
+    `memory.max_usage_in_bytes` or v2's `memory.peak`, of the cgroup named after its container);
+    None without one (not root). What right-sizing's figures are checked against."""
+    for path in (
+        CGROUP_ROOT / "memory" / place.name / "memory.max_usage_in_bytes",
+        CGROUP_ROOT / place.name / "memory.peak",
+    ):
+        try:
+            return int(path.read_text().strip())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def remove_tree(path: Path) -> None:
     """Unmount everything under `path` (deepest first), then remove it."""
     root = str(path) + "/"
@@ -345,24 +368,44 @@ RUNSC_TASKS_PER_PROCESS = 8
 # -- bwrap's cgroups
 
 
-def bwrap_cgroups(place: PodPlace, *, memory_mib: int, isolation: Isolation) -> list[Path]:
+def bwrap_cgroups(
+    place: PodPlace, *, memory_mib: int, isolation: Isolation, cpu_millicores: int | None = None
+) -> list[Path]:
     """As root: the cgroups that bound a bwrap sandbox as a whole, named after its pod (as runsc
     names its own): memory `memoryMiB` for every process in it (swap included where the kernel
-    accounts it), and `limits.pids` tasks, processes and threads, the agent's included, as a pod's
-    pids limit counts them: a fork past it fails with EAGAIN. Without root:
-    none (the banner says so). Removed with the pod (`release_place`)."""
+    accounts it), `limits.pids` tasks, processes and threads, the agent's included, as a pod's
+    pids limit counts them: a fork past it fails with EAGAIN, and with `cpu_millicores` a CPU
+    quota (`_cpu_quota`). Without root: none (the banner says so). Removed with the pod
+    (`release_place`)."""
     if os.geteuid() != 0:
         return []
     limit = str(memory_mib * 1024 * 1024)
     tasks = str(isolation.pids)
+    quota = _cpu_quota(cpu_millicores)
     if (CGROUP_ROOT / "cgroup.controllers").exists():  # v2: one group, the kernel kills it whole on OOM
         settings = {"memory.max": limit, "memory.swap.max": "0", "memory.oom.group": "1", "pids.max": tasks}
+        if quota is not None:
+            settings["cpu.max"] = f"{quota[0]} {quota[1]}"
         return [_make_cgroup(CGROUP_ROOT / place.name, settings)]
     memory = {"memory.limit_in_bytes": limit, "memory.memsw.limit_in_bytes": limit}
-    return [
+    groups = [
         _make_cgroup(CGROUP_ROOT / "memory" / place.name, memory),
         _make_cgroup(CGROUP_ROOT / "pids" / place.name, {"pids.max": tasks}),
     ]
+    if quota is not None:
+        cpu = {"cpu.cfs_period_us": str(quota[1]), "cpu.cfs_quota_us": str(quota[0])}
+        groups.append(_make_cgroup(CGROUP_ROOT / "cpu" / place.name, cpu))
+    return groups
+
+
+CPU_PERIOD_US = 100_000  # the CFS period of a pod's CPU quota, as the kubelet's
+
+
+def _cpu_quota(cpu_millicores: int | None) -> tuple[int, int] | None:
+    """(quota, period) in microseconds for a CPU bound of `cpu_millicores`, as a pod's limit gets."""
+    if cpu_millicores is None:
+        return None
+    return max(1000, cpu_millicores * CPU_PERIOD_US // 1000), CPU_PERIOD_US
 
 
 def _make_cgroup(group: Path, settings: Mapping[str, str]) -> Path:
@@ -429,7 +472,13 @@ def runsc_host_tasks(isolation: Isolation) -> int:
 
 
 def _oci_config(
-    command: list[str], environment: Mapping[str, str], place: PodPlace, *, memory_mib: int, isolation: Isolation
+    command: list[str],
+    environment: Mapping[str, str],
+    place: PodPlace,
+    *,
+    memory_mib: int,
+    isolation: Isolation,
+    cpu_millicores: int | None = None,
 ) -> dict[str, Any]:
     """The OCI runtime spec of one runsc pod (see the module docstring)."""
     mounts: list[dict[str, Any]] = [
@@ -449,6 +498,13 @@ def _oci_config(
     if not isolation.network:
         namespaces.append({"type": "network"})
     no_caps: dict[str, list[str]] = {k: [] for k in ("bounding", "effective", "inheritable", "permitted", "ambient")}
+    resources: dict[str, Any] = {
+        "memory": {"limit": memory_mib * 1024 * 1024},
+        "pids": {"limit": runsc_host_tasks(isolation)},
+    }
+    quota = _cpu_quota(cpu_millicores)
+    if quota is not None:
+        resources["cpu"] = {"quota": quota[0], "period": quota[1]}
     return {
         "ociVersion": "1.0.2",
         "process": {
@@ -465,10 +521,7 @@ def _oci_config(
         "mounts": mounts,
         "linux": {
             "namespaces": namespaces,
-            "resources": {
-                "memory": {"limit": memory_mib * 1024 * 1024},
-                "pids": {"limit": runsc_host_tasks(isolation)},
-            },
+            "resources": resources,
         },
     }
 

@@ -36,6 +36,7 @@ from ember.pods.base import (
     MAX_BOUND_DISCARDS,
     BoundByAnotherClient,
     ClaimKind,
+    MemoryKills,
     PodGone,
     PodHandle,
     PodId,
@@ -62,6 +63,7 @@ from ember.pods.local.sandbox import (
     detect_sandbox,
     kill_cgroup,
     make_place,
+    memory_peak_bytes,
     oom_kills,
     release_place,
     remove_tree,
@@ -70,6 +72,7 @@ from ember.pods.local.sandbox import (
     watch_oom,
 )
 from ember.pods.services import Credentials, ServiceProxy, no_credentials
+from ember.scaling.rightsize import Isolation, sandbox_overhead_mib
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +85,14 @@ REFILL_DEFER_MAX_S = 1.0
 
 @dataclass
 class _Pool:
-    target: int = 0
+    floor: int = 0  # ensure_pool's size
+    expected: int = 0  # claims the predictor expects soon (expect_claims)
     warm: deque[AgentProcess] = field(default_factory=deque)
     starting: int = 0
+
+    @property
+    def target(self) -> int:
+        return self.floor + self.expected
 
 
 class LocalPodSource:
@@ -123,6 +131,7 @@ class LocalPodSource:
         self._starts = asyncio.Semaphore(max_parallel_starts or max(2, os.cpu_count() or 2))
         self._closed = False
         self.discarded_bound = 0  # pods discarded because another client had bound them first
+        self._memory_kills: dict[VersionKey, MemoryKills] = {}  # specialized pods killed at their memory bound
         self._services = ServiceProxy(credentials)  # pods with a channel (`PoolKey.channel`)
         if not egress.problem():
             egress.sweep(_of_a_dead_process)  # network namespaces a killed `ember dev` left
@@ -226,15 +235,40 @@ class LocalPodSource:
         if size < 0:
             raise ValueError(f"pool size ({size}) must not be negative")
         state = self._pool(pool)
-        state.target = size
-        while len(state.warm) > size:
+        state.floor = size
+        self._resize(pool, state)
+
+    def expect_claims(self, claims: Mapping[PoolKey, int]) -> None:
+        """Keep that many more generic processes warm in each pool, on top of its size, until the
+        next call says otherwise (the predictor's prewarms, so that they find a warm process)."""
+        for key, state in self._pools.items():
+            expected = max(0, claims.get(key, 0))
+            if expected != state.expected:
+                state.expected = expected
+                self._resize(key, state)
+
+    def _resize(self, key: PoolKey, state: _Pool) -> None:
+        while len(state.warm) > state.target:
             self._spawn(self._stop(state.warm.pop()))
-        self._refill(pool)
+        self._refill(key)
 
     def route_calls(self, portal: Portal) -> None:
         self._services.portal = portal
 
     async def report_load_failure(self, version: VersionKey, *, code_hash: str, message: str) -> None:
+        """Nothing to write: in local mode the activator's own Version state is the only status."""
+
+    def memory_kills(self, version: VersionKey) -> MemoryKills:
+        """The Version's pods whose sandbox was killed at its memory bound (`_note_oom`)."""
+        return self._memory_kills.get(version, MemoryKills())
+
+    def sandbox_overhead_mib(self, pool: PoolKey) -> int:
+        """What this machine's sandbox takes beyond the worker (`ember.scaling.rightsize`): gVisor's
+        Sentry under runsc, next to nothing for plain processes (bwrap, none)."""
+        isolation = Isolation.GVISOR if self.sandbox.kind is Sandbox.RUNSC else Isolation.PROCESS
+        return sandbox_overhead_mib(pool.runtime, isolation)
+
+    async def report_sizing(self, version: VersionKey, *, report: str) -> None:
         """Nothing to write: in local mode the activator's own Version state is the only status."""
 
     async def close(self) -> None:
@@ -262,6 +296,13 @@ class LocalPodSource:
     def pods(self) -> dict[PodId, LocalPod]:
         """Every process this source started and has not yet seen exit, as read-only views."""
         return {pod_id: process.view() for pod_id, process in self._processes.items()}
+
+    def memory_peak_mib(self, pod: PodId) -> float | None:
+        """The most memory the pod's sandbox has used at once, in MiB, as its cgroup counts it (None
+        without one, or once the pod is gone): for tests and benchmarks of right-sizing."""
+        place = self._pod_places.get(pod)
+        peak = memory_peak_bytes(place) if place is not None else None
+        return None if peak is None else peak / 2**20
 
     def running_pids(self) -> list[int]:
         """Pids of every process this source started and has not yet seen exit."""
@@ -392,6 +433,7 @@ class LocalPodSource:
                 memory_mib=key.memory_mib,
                 isolation=key.isolation,
                 channel=key.channel,
+                cpu_millicores=key.cpu_millicores,
             )
         )
         try:
@@ -545,6 +587,9 @@ class LocalPodSource:
         if not process.oom_noted and place is not None and (hit or oom_kills(place)):
             process.oom_noted = True
             log.warning("pod=%s killed: out of memory (memoryMiB=%d)", process.id, process.pool.memory_mib)
+            version = process.handle.version if process.handle is not None else None
+            if version is not None:  # right-sizing grows the Version (`memory_kills`)
+                self._memory_kills[version] = self.memory_kills(version).plus(process.pool.memory_mib)
 
     def _watch_oom(self, process: AgentProcess, place: PodPlace) -> None:
         """A bwrap pod in cgroup v1 goes whole when its memory bound is hit (`watch_oom`)."""
