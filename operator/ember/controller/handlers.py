@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 KOPF_PREFIX = "kopf.ember.run"
 RETRY_DELAY_S = 2.0
 NUDGE_ANNOTATION = labels.NUDGE_ANNOTATION
+ROUTE_NUDGE_AGAIN_S = 2.0  # a deleted Function's route peers are asked again after this
 
 Reconciler = Callable[..., Awaitable[dict[str, Any]]]
 
@@ -123,10 +124,17 @@ def register(registry: kopf.OperatorRegistry, config: Settings) -> None:
         meta = body.get("metadata", {})
         if not (body.get("spec") or {}).get("http"):
             return
-        try:
-            await routes.function_deleted(memo.kube, meta["namespace"], meta["name"], _now().isoformat())
-        except KubeError as err:
-            log.warning("function=%s/%s deleted, route peers not notified: %s", meta["namespace"], meta["name"], err)
+        # Twice: a nudge that lands while the peer's own reconcile runs has been seen lost (once in
+        # CI: the peer never reconciled again); the second asks only peers still refused, after
+        # that reconcile has ended.
+        for delay in (0.0, ROUTE_NUDGE_AGAIN_S):
+            await asyncio.sleep(delay)
+            try:
+                await routes.function_deleted(memo.kube, meta["namespace"], meta["name"], _now().isoformat())
+            except KubeError as err:
+                log.warning(
+                    "function=%s/%s deleted, route peers not notified: %s", meta["namespace"], meta["name"], err
+                )
 
     @kopf.on.event(GROUP, VERSION, "securitypolicies", registry=registry)
     async def policy_deleted(event: Any, body: Any, memo: Any, **_: Any) -> None:
