@@ -453,8 +453,9 @@ async def test_async_invocations_survive_an_activator_killed_mid_backlog(release
 
         await asyncio.gather(*(enqueue(i) for i in range(8)))
         await asyncio.sleep(2)  # both replicas are running some and hold more
-        last = await _async_status(http, url, ids[-1])
-        assert last["state"] in ("queued", "running"), last  # the kill comes mid-backlog
+        # the kill comes mid-backlog (events run in no set order: ask a sample, not the last one sent)
+        sample = [(await _async_status(http, url, rid))["state"] for rid in ids[::20]]
+        assert any(state in ("queued", "running") for state in sample), sample
         victim = _pods(core, release.namespace, "activator")[0]
         core.delete_namespaced_pod(victim.metadata.name, release.namespace, grace_period_seconds=0)
         deadline = time.monotonic() + 300

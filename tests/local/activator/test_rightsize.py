@@ -83,17 +83,21 @@ async def test_a_function_given_1024_mib_that_needs_250_ends_within_ten_percent_
                 vs_errors.append(body)
         vs = _version(act, "big")
         await _wait_for(lambda: vs.resources.memory_mib < 1024, 10, "the recommendation to be applied")
-        sized = vs.resources.memory_mib
         # the pod of 1024 MiB is replaced by one of the new size, without a failed invocation meanwhile
-        while vs.outdated or vs.draining or not vs.serving:
-            status, headers, body = await _invoke(act, "big", {"mib": 200})
-            if status != 200 or "X-Ember-Function-Error" in headers:
-                vs_errors.append(body)
-            await asyncio.sleep(0.05)
-        for _ in range(5):
-            status, headers, body = await _invoke(act, "big", {"mib": 200})
-            if status != 200 or "X-Ember-Function-Error" in headers:
-                vs_errors.append(body)
+        # (the advice may still grow by a step as samples come in: then that size replaces it again)
+        for _ in range(3):
+            while vs.outdated or vs.draining or not vs.serving:
+                status, headers, body = await _invoke(act, "big", {"mib": 200})
+                if status != 200 or "X-Ember-Function-Error" in headers:
+                    vs_errors.append(body)
+                await asyncio.sleep(0.05)
+            for _ in range(5):
+                status, headers, body = await _invoke(act, "big", {"mib": 200})
+                if status != 200 or "X-Ember-Function-Error" in headers:
+                    vs_errors.append(body)
+            if not vs.outdated:
+                break
+        sized = vs.resources.memory_mib
         sizes = {pod.handle.pool.memory_mib for pod in vs.serving}
         peaks = [act.source.memory_peak_mib(pod.handle.id) for pod in vs.serving]
         async with act.http.get(f"{act.url}/v1/namespaces/default/functions/big/versions") as response:
