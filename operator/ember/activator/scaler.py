@@ -7,8 +7,11 @@ Version's concurrency, asks the pure decisions of `ember.scaling.step` (fed by t
 `PodSource` and the Version's own transitions (`ember.activator.version_state`): it never
 writes a Version's pods or phase itself. A Version still loading wants at least its initial
 target (its predecessor's size), becomes Ready when it has that, and only then takes "latest"
-traffic. Pods the source reports gone leave routing; busy pods are drained, never cut. When a
-Version's code is bad (the agent refused it), the failure is also reported to the pod source
+traffic. A predictive Function's `Forecast` (`ember.scaling.predictor`) is fed here each step
+(its newest request, what it runs); it keeps or prewarms its one idle pod, and its prewarms due
+within the demand window go to the pod source as expected claims (`expect_claims`); pools no
+Version uses any more are let drain. Pods the source reports gone leave routing; busy pods are
+drained, never cut. When a Version's code is bad (the agent refused it), the failure is also reported to the pod source
 (`report_load_failure`: the Version object's annotation in a cluster) in a task of its own, so a
 slow API server never holds up the loop.
 

@@ -13,7 +13,8 @@ with `record`, and asks `decide` how many specialized pods it should have. The d
   window to fill);
 - **keep-alive**: a lower figure only takes effect once it has been enough for
   `keepAliveSeconds` (scale-down delay), and after `keepAliveSeconds` without any request the
-  Version goes to `minScale`, which may be zero;
+  Version goes to `minScale`, which may be zero. With `scaling.predictive` the predictor says
+  instead whether that last pod stays (or comes back before an expected invocation): `keep_one`;
 - always within this activator replica's share of `[minScale, maxScale]` (`replica_bounds`).
 
 The bounds are a Function's, but each of N activator replicas scales its own pods for the
