@@ -11,9 +11,9 @@ traffic. A predictive Function's `Forecast` (`ember.scaling.predictor`) is fed h
 (its newest request, what it runs); it keeps or prewarms its one idle pod, and its prewarms due
 within the demand window go to the pod source as expected claims (`expect_claims`); pools no
 Version uses any more are let drain. Pods the source reports gone leave routing; busy pods are
-drained, never cut. When a Version's code is bad (the agent refused it), the failure is also reported to the pod source
-(`report_load_failure`: the Version object's annotation in a cluster) in a task of its own, so a
-slow API server never holds up the loop.
+drained, never cut. When a Version's code is bad (the agent refused it), the failure is also
+reported to the pod source (`report_load_failure`: the Version object's annotation in a cluster)
+in a task of its own, so a slow API server never holds up the loop.
 
 With several activator replicas each runs this loop over its own invocations and its own pods.
 A Version's `minScale` and `maxScale` are the Function's, so each replica keeps it within its share
