@@ -215,7 +215,7 @@ class VersionState:
 
     def record_usage(self, reply: AgentReply, pod_memory_mib: int) -> None:
         """What one invocation on a pod of `pod_memory_mib` used, from the agent's reply (the hot path:
-        `Sizer.record_reply`, a few hundred ns). An agent that ran out of memory (`Runtime.OutOfMemory`)
+        `Usage.record_reply`, a few hundred ns). An agent that ran out of memory (`Runtime.OutOfMemory`)
         reports nothing else: that is `out_of_memory`."""
         sizer = self.sizer
         if sizer is None:

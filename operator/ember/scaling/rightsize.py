@@ -3,7 +3,7 @@
 The agents answer every invocation with the peak resident memory of the worker that ran it
 (`X-Ember-Max-Rss-Kib`; Python: the worker process's peak since it started, Node: the agent
 process's) and the CPU it used (`X-Ember-Cpu-Ms`) over its duration (`X-Ember-Duration-Ms`). The
-activator hands each reply's header values to the Version's `Sizer` (`record_reply`: a dict
+activator hands each reply's header values to the Version's `Sizer` (`usage.record_reply`: a dict
 lookup by the peak's text and a count, CPU parsed for one reply in eight; bench/rightsize.py
 measures it), and tells it when the Version ran out of memory (`out_of_memory`: the agent's
 `Runtime.OutOfMemory`, or its sandbox killed at the memory bound).
@@ -237,13 +237,7 @@ class Usage:
             if key is None:
                 key = self._parse_peak(peak_kib)
             if key >= 0:
-                peaks = self._peaks  # `_count_peak`, inlined: this runs for every reply
-                if peaks.total < self.window:
-                    counts = peaks.counts
-                    counts[key] = counts.get(key, 0) + 1
-                    peaks.total += 1
-                else:
-                    self._count_peak(key)
+                self._count_peak(key)
         if not samples & CPU_SAMPLE_MASK and cpu_ms and duration_ms:
             with contextlib.suppress(ValueError):  # not our agent's numbers: nothing to learn
                 self._record_cpu(float(cpu_ms), float(duration_ms))
@@ -364,10 +358,6 @@ class Sizer:
     def record(self, peak_kib: int, cpu_ms: float, duration_ms: float) -> None:
         """One invocation's use (see `Usage.record`)."""
         self.usage.record(peak_kib, cpu_ms, duration_ms)
-
-    def record_reply(self, peak_kib: str | None, cpu_ms: str | None, duration_ms: str | None) -> None:
-        """One invocation's use, from an agent reply's header values (see `Usage.record_reply`)."""
-        self.usage.record_reply(peak_kib, cpu_ms, duration_ms)
 
     @property
     def current(self) -> ResourceRecommendation | None:
