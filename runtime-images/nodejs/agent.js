@@ -6,9 +6,14 @@
 // (timeout; V8 stops even a busy `while (true) {}`), has a heap limit (resourceLimits, so running
 // out of memory ends the worker, not the agent), and `process.exit()` in user code ends only the
 // worker.  A generic worker is started right after the agent listens, so specialize only pays for
-// loading the user's module.
+// loading the user's module.  A freeze parks every worker thread (see freezeThaw): SIGSTOP, which
+// the Python agent sends its worker processes, would stop this whole process, HTTP server included.
 
 const { isMainThread, Worker, parentPort, workerData } = require('node:worker_threads');
+
+// The word a worker parks on while frozen (W.parkWord), set by the main thread.
+const RUNNING = 0;
+const PARKED = 1;
 
 if (isMainThread) {
   main();
@@ -88,8 +93,11 @@ function main() {
 
   class W {
     constructor() {
+      // The worker parks on this word while frozen (PARKED), and runs again when it is set back.
+      this.parkWord = new Int32Array(new SharedArrayBuffer(4));
+      this.parked = false;
       this.worker = new Worker(__filename, {
-        workerData: { role: 'worker' },
+        workerData: { role: 'worker', parkWord: this.parkWord },
         stdout: false,
         stderr: false,
         resourceLimits: { maxOldGenerationSizeMb: S.spec ? S.spec.memoryMiB : DEFAULT_MEMORY_MIB },
@@ -148,8 +156,50 @@ function main() {
         this.dead = true;
         this.current = null;
         S.workers.delete(this);
+        const i = S.idle.indexOf(this);
+        if (i >= 0) S.idle.splice(i, 1);
         this.worker.terminate().catch(() => {});
       }
+    }
+
+    // Run the exported beforeFreeze / afterThaw hook; -> null, or the {errorType, errorMessage} of
+    // its failure.  A worker that dies in it, or does not finish it in time, is killed.
+    async hook(kind) {
+      const label = kind === 'beforeFreeze' ? 'freeze' : 'thaw';
+      const r = await this.exchange({ type: 'hook', kind }, (m) => {
+        if (m.type === 'log') { process.stdout.write(prefixLines(label, m.data)); return undefined; }
+        if (m.type === 'hookResult') return { hook: m };
+        return undefined;
+      }, HOOK_TIMEOUT_MS);
+      if (r.hook) return r.hook.error;
+      this.kill();
+      if (r.death) return deathError(r.death, `in the ${kind} hook`);
+      return { errorType: 'Runtime.HookTimeout', errorMessage: `${label} hooks did not finish in ${HOOK_TIMEOUT_MS / 1000}s` };
+    }
+
+    // Freeze steps 2 and 3: the worker ends its TCP connections, answers, then blocks its thread in
+    // Atomics.wait on parkWord until unpark().  -> how many connections it ended.  A worker that
+    // does not park in time is killed: then none of its code runs either.
+    async park() {
+      Atomics.store(this.parkWord, 0, PARKED);
+      const r = await this.exchange({ type: 'park' }, (m) => {
+        if (m.type === 'log') { process.stdout.write(prefixLines('freeze', m.data)); return undefined; }
+        if (m.type === 'parked') return m;
+        return undefined;
+      }, HOOK_TIMEOUT_MS);
+      if (r.type === 'parked') {
+        this.parked = true;
+        return r.connectionsClosed;
+      }
+      logAgent(`a worker did not park for the freeze (${r.timeout ? 'timed out' : 'it exited'}); killed`);
+      this.kill();
+      return 0;
+    }
+
+    unpark() {
+      this.parked = false;
+      Atomics.store(this.parkWord, 0, RUNNING);
+      Atomics.notify(this.parkWord, 0);
     }
 
     load(spec, codePath, timeoutMs = spec.initTimeoutSeconds * 1000) {
@@ -595,28 +645,35 @@ function main() {
   }
 
   // ---------------------------------------------------------------------------------------------
-  // Freeze / thaw
+  // Freeze / thaw (CONTRACT.md).  A freeze runs the before-freeze hooks in every worker; only when
+  // all of them passed does each worker end its TCP connections and park: a failed freeze leaves
+  // every worker running and every connection open.  A parked worker's thread is blocked in
+  // Atomics.wait, so none of its JavaScript (timers, intervals, I/O callbacks) runs and it uses no
+  // CPU until the thaw wakes it; then the after-thaw hooks run.
+  //
+  // No worker is started while frozen: invoke and specialize refuse (503 Frozen) from the moment a
+  // freeze begins, and the only other path that starts one (prewarmReplacement) runs after an
+  // invocation.  A replacement still loading when the freeze begins is waited for and frozen too.
 
   async function freezeThaw(freeze) {
     while (S.busy) await new Promise((r) => setTimeout(r, 2));
     if (freeze === S.frozen) return [200, { state: freeze ? 'frozen' : S.state }];
     if (freeze && S.inFlight) throw new HTTPError(409, 'Busy', `${S.inFlight} invocation(s) in flight; freeze when idle`);
     S.busy = true;
-    S.frozen = true;
-    const errors = [];
+    S.frozen = true; // invoke and specialize refuse from here on
+    const specialized = S.state === 'specialized';
+    let errors = [];
+    let closed = 0;
     try {
-      if (S.state === 'specialized') {
-        for (const w of [...S.idle]) {
-          const r = await w.exchange({ type: 'hook', kind: freeze ? 'beforeFreeze' : 'afterThaw' }, (m) => {
-            if (m.type === 'log') { process.stdout.write(prefixLines(freeze ? 'freeze' : 'thaw', m.data)); return undefined; }
-            if (m.type === 'hookResult') return { hook: m };
-            return undefined;
-          }, HOOK_TIMEOUT_MS);
-          if (r.hook) { if (r.hook.error) errors.push(r.hook.error); } else {
-            w.kill();
-            errors.push({ errorType: 'Runtime.HookTimeout', errorMessage: `${freeze ? 'freeze' : 'thaw'} hooks did not finish in ${HOOK_TIMEOUT_MS / 1000}s` });
-          }
+      if (specialized && freeze) {
+        if (S.pending) await S.pending.p; // its own continuation puts it in S.idle first
+        errors = (await Promise.all(S.idle.map((w) => w.hook('beforeFreeze')))).filter(Boolean);
+        if (!errors.length) {
+          for (const n of await Promise.all(S.idle.map((w) => w.park()))) closed += n;
         }
+      } else if (specialized) {
+        for (const w of S.workers) if (w.parked) w.unpark();
+        errors = (await Promise.all(S.idle.map((w) => w.hook('afterThaw')))).filter(Boolean);
       }
     } finally {
       S.frozen = freeze && errors.length === 0;
@@ -627,7 +684,7 @@ function main() {
       return [500, { errorType: freeze ? 'Runtime.BeforeFreezeError' : 'Runtime.AfterThawError',
         errorMessage: errors.map((e) => `${e.errorType}: ${e.errorMessage}`).join('; '), state }];
     }
-    return [200, { state }];
+    return [200, specialized && freeze ? { state, connectionsClosed: closed } : { state }];
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -881,6 +938,63 @@ function workerMain() {
   let mod = null;
   let info = null;
 
+  // --- The TCP connections this worker's code holds, for a freeze (CONTRACT.md, freeze step 2).
+  // Every client socket goes through net.Socket.prototype.connect (net, tls, http/https agents,
+  // fetch), so wrapping it before the user's module loads sees each one, whichever library made it.
+  // process._getActiveHandles() alone would not do: it lists only ref'd handles, and http.Agent
+  // unrefs every idle keep-alive socket it pools, the very connections a freeze must end.  It still
+  // adds what never called connect() (a socket this thread accepted, or one made from a descriptor).
+  // A Unix socket is left alone, as Node's own connect() tells it: a `path` option or a string that
+  // is not a port.  The worker's channel to the agent is a MessagePort, no socket at all.
+  const net = require('node:net');
+  const tcpSockets = new Set();
+  const connect = net.Socket.prototype.connect;
+  net.Socket.prototype.connect = function connectTracked(...args) {
+    const first = Array.isArray(args[0]) ? args[0][0] : args[0]; // net.connect() passes them normalized
+    const unix = first !== null && typeof first === 'object' ? Boolean(first.path) : typeof first === 'string' && !(Number(first) >= 0);
+    if (!unix && !tcpSockets.has(this)) {
+      tcpSockets.add(this);
+      this.once('close', () => tcpSockets.delete(this));
+    }
+    return connect.apply(this, args);
+  };
+
+  // destroy() every connected or connecting TCP socket not yet ended; a connection is counted in
+  // `ended` once (a TLS socket and the socket under it are one connection).  -> promises of their
+  // 'close' events.  destroy() closes the descriptor at once: the peer sees FIN (or RST, with
+  // unread data) before the freeze is answered.
+  function endConnections(ended) {
+    const sockets = new Set(tcpSockets);
+    if (typeof process._getActiveHandles === 'function') {
+      for (const h of process._getActiveHandles()) if (h instanceof net.Socket && h.remoteAddress) sockets.add(h);
+    }
+    const closes = [];
+    for (const s of sockets) {
+      if (s.destroyed || !(s.remoteAddress || s.connecting)) continue;
+      ended.add(s.remoteAddress ? `${s.localAddress} ${s.localPort} ${s.remoteAddress} ${s.remotePort}` : s);
+      closes.push(new Promise((resolve) => s.once('close', resolve)));
+      s.destroy();
+    }
+    return closes;
+  }
+
+  const CLOSE_WAIT_MS = 1000; // the code's 'close' handlers run before it is parked, within this
+  const parkWord = workerData.parkWord;
+
+  async function park() {
+    const ended = new Set();
+    let timer = null;
+    const waited = new Promise((resolve) => { timer = setTimeout(resolve, CLOSE_WAIT_MS); });
+    await Promise.race([Promise.all(endConnections(ended)), waited]);
+    clearTimeout(timer);
+    endConnections(ended); // what a 'close' handler connected meanwhile (a reconnecting client)
+    flush();
+    parentPort.postMessage({ type: 'parked', connectionsClosed: ended.size });
+    // Hazard: there MUST be NO await between the last endConnections() and the wait, or a
+    // callback could open a connection that then stays open, unseen, through the freeze.
+    while (Atomics.load(parkWord, 0) === PARKED) Atomics.wait(parkWord, 0, PARKED);
+  }
+
   // --- log capture: everything written to stdout/stderr (console.* included) goes to the agent.
   let pending = '';
   const flush = () => {
@@ -982,60 +1096,129 @@ function workerMain() {
     });
   }
 
-  // A portion call (runtime-images/CONTRACT.md, Portions): POST the event through Ember with this
-  // invocation's call token; resolves to the portion's result, rejects with a PortionError.
-  let portalAgent = null;
-  function invokePortion(token, name, event, deadline, retried = false) {
+  // The code's channel to Ember (CONTRACT.md, Portions and Key-value state): one JSON POST to a URL
+  // the host announced in the environment, on a kept-alive connection of `pool`.  -> a promise of
+  // { status, headers, text }; rejects with the connection's error.  An idle kept-alive connection
+  // the other side had closed fails before the request was made: that is retried once, on a new
+  // connection; any other failure is not (the request may have been made).
+  const keptAlivePool = () => new (require('node:http').Agent)({ keepAlive: true, maxSockets: 16 });
+  function postJSON(pool, url, path, headers, body, deadline, retried = false) {
     return new Promise((resolve, reject) => {
-      const fail = (errorType, message, status) => {
-        const e = new Error(`${errorType}: ${message}`);
-        e.name = 'PortionError';
-        Object.assign(e, { errorType, errorMessage: message, status });
-        reject(e);
-      };
-      const base = process.env.EMBER_PORTIONS_URL || '';
-      if (!base || !token) return fail('PortionsUnavailable', 'this function calls no portions (spec.portions)');
-      if (typeof name !== 'string' || name.length < 1 || name.length > 63) {
-        return fail('InvalidPortionName', `a portion name is a string of 1-63 characters, not ${JSON.stringify(name)}`);
-      }
-      let body;
-      try { body = JSON.stringify(event === undefined ? {} : event); } catch (e) {
-        return fail('InvalidEvent', `the event for portion ${JSON.stringify(name)} is not JSON: ${e.message}`);
-      }
-      const http = require('node:http');
-      if (!portalAgent) portalAgent = new http.Agent({ keepAlive: true, maxSockets: 16 });
-      const url = new URL(base);
-      const req = http.request({
-        host: url.hostname, port: url.port, path: `${url.pathname}/${encodeURIComponent(name)}`, method: 'POST',
-        agent: portalAgent, timeout: Math.max(1, deadline - Date.now()),
-        headers: { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(body), 'X-Ember-Call-Token': token },
+      const req = require('node:http').request({
+        host: url.hostname, port: url.port, path, method: 'POST', agent: pool, timeout: Math.max(1, deadline - Date.now()),
+        headers: { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(body), ...headers },
       }, (res) => {
         const chunks = [];
         res.on('data', (c) => chunks.push(c));
-        res.on('error', (e) => fail('PortionUnreachable', `portion ${JSON.stringify(name)}: ${e.message}`));
-        res.on('end', () => {
-          const text = Buffer.concat(chunks).toString('utf8');
-          let parsed;
-          try { parsed = text ? JSON.parse(text) : null; } catch (e) { parsed = undefined; }
-          if (res.statusCode !== 200 || res.headers['x-ember-function-error']) {
-            if (parsed && typeof parsed === 'object') return fail(parsed.errorType || 'PortionError', parsed.errorMessage || '', res.statusCode);
-            return fail('PortionError', text.slice(0, 200), res.statusCode);
-          }
-          resolve(parsed === undefined ? text : parsed);
-        });
+        res.on('error', reject);
+        res.on('end', () => resolve({ status: res.statusCode, headers: res.headers, text: Buffer.concat(chunks).toString('utf8') }));
       });
-      req.on('timeout', () => req.destroy(new Error('no reply before the invocation\'s deadline')));
+      req.on('timeout', () => req.destroy(new Error('no reply before the deadline')));
       req.on('error', (e) => {
-        // an idle keep-alive connection closed under us: the call was not made, make it once more
         if (req.reusedSocket && e.code === 'ECONNRESET' && !retried) {
-          invokePortion(token, name, event, deadline, true).then(resolve, reject);
+          postJSON(pool, url, path, headers, body, deadline, true).then(resolve, reject);
           return;
         }
-        fail('PortionUnreachable', `portion ${JSON.stringify(name)}: ${e.message}`);
+        reject(e);
       });
       req.end(body);
     });
   }
+
+  // The {errorType, errorMessage} object an answer's body holds, or null.
+  function answerObject(text) {
+    try {
+      const parsed = text ? JSON.parse(text) : null;
+      return parsed && typeof parsed === 'object' && !Array.isArray(parsed) ? parsed : null;
+    } catch { return null; }
+  }
+
+  function namedError(name, errorType, message, status) {
+    const e = new Error(`${errorType}: ${message}`);
+    e.name = name;
+    Object.assign(e, { errorType, errorMessage: message, status });
+    return e;
+  }
+
+  // A portion call: POST the event through Ember with this invocation's call token; resolves to the
+  // portion's result, rejects with a PortionError.
+  let portalPool = null;
+  async function invokePortion(token, name, event, deadline) {
+    const fail = (errorType, message, status) => namedError('PortionError', errorType, message, status);
+    const base = process.env.EMBER_PORTIONS_URL || '';
+    if (!base || !token) throw fail('PortionsUnavailable', 'this function calls no portions (spec.portions)');
+    if (typeof name !== 'string' || name.length < 1 || name.length > 63) {
+      throw fail('InvalidPortionName', `a portion name is a string of 1-63 characters, not ${JSON.stringify(name)}`);
+    }
+    let body;
+    try { body = JSON.stringify(event === undefined ? {} : event); } catch (e) {
+      throw fail('InvalidEvent', `the event for portion ${JSON.stringify(name)} is not JSON: ${e.message}`);
+    }
+    if (!portalPool) portalPool = keptAlivePool();
+    const url = new URL(base);
+    let res;
+    try {
+      res = await postJSON(portalPool, url, `${url.pathname}/${encodeURIComponent(name)}`, { 'X-Ember-Call-Token': token }, body, deadline);
+    } catch (e) {
+      throw fail('PortionUnreachable', `portion ${JSON.stringify(name)}: ${e.message}`);
+    }
+    if (res.status !== 200 || res.headers['x-ember-function-error']) {
+      const parsed = answerObject(res.text);
+      if (parsed) throw fail(parsed.errorType || 'PortionError', parsed.errorMessage || '', res.status);
+      throw fail('PortionError', res.text.slice(0, 200), res.status);
+    }
+    try { return res.text ? JSON.parse(res.text) : null; } catch { return res.text; }
+  }
+
+  // context.state, the Function's key-value state (CONTRACT.md): each operation one POST of the
+  // table's body to EMBER_STATE_URL.  Ember checks keys, values and ttls; this checks only what it
+  // needs to send one (a string key, JSON values).
+  const STATE_TIMEOUT_MS = 10000; // one operation, as the Python agent's
+  let statePool = null;
+  const stateError = (errorType, message, status) => namedError('StateError', errorType, message, status);
+
+  async function stateOp(body) {
+    const base = process.env.EMBER_STATE_URL || '';
+    if (!base) throw stateError('StateNotEnabled', 'this Function has no key-value state (spec.state.keyValue)');
+    const key = body.key;
+    if (typeof key !== 'string') throw stateError('InvalidStateRequest', `a state key is a string, not ${key === null ? 'null' : typeof key}`);
+    for (const field of ['value', 'expected']) {
+      // JSON.stringify would leave the field out, not refuse it
+      if (field in body && body[field] === undefined) throw stateError('InvalidStateRequest', `the ${field} for state key ${JSON.stringify(key)} is undefined, not JSON`);
+    }
+    let data;
+    try { data = JSON.stringify(body); } catch (e) {
+      throw stateError('InvalidStateRequest', `the value for state key ${JSON.stringify(key)} is not JSON: ${e.message}`);
+    }
+    if (!statePool) statePool = keptAlivePool();
+    const url = new URL(base);
+    let res;
+    try {
+      res = await postJSON(statePool, url, url.pathname + url.search, {}, data, Date.now() + STATE_TIMEOUT_MS);
+    } catch (e) {
+      throw stateError('StateUnavailable', `Ember's state endpoint cannot be reached: ${e.message}`);
+    }
+    const parsed = answerObject(res.text);
+    if (res.status !== 200 || !parsed) {
+      if (parsed && parsed.errorType) throw stateError(parsed.errorType, parsed.errorMessage || '', res.status);
+      throw stateError('StateUnavailable', res.text.slice(0, 200), res.status);
+    }
+    return parsed;
+  }
+
+  const withTtl = (body, opts) => (opts && opts.ttl !== undefined && opts.ttl !== null ? { ...body, ttl: opts.ttl } : body);
+  const STATE = {
+    get: async (key, defaultValue) => {
+      const r = await stateOp({ op: 'get', key });
+      return r.found ? r.value : defaultValue;
+    },
+    put: async (key, value, opts) => { await stateOp(withTtl({ op: 'put', key, value }, opts)); },
+    delete: async (key) => Boolean((await stateOp({ op: 'delete', key })).deleted),
+    incr: async (key, by = 1, opts) => (await stateOp(withTtl({ op: 'incr', key, by }, opts))).value,
+    compareAndSet: async (key, expected, value, opts) => Boolean((await stateOp(withTtl({ op: 'compare_and_set', key, expected, value }, opts))).swapped),
+  };
+  STATE.compare_and_set = STATE.compareAndSet;
+  Object.freeze(STATE);
 
   async function invoke(m) {
     const { rid, body, deadline, call } = m;
@@ -1052,6 +1235,7 @@ function workerMain() {
       clientContext: undefined,
       getRemainingTimeInMillis: () => Math.max(0, deadline - Date.now()),
       invokePortion: (name, ev) => invokePortion(call, name, ev, deadline),
+      state: STATE,
     };
     context.invoke_portion = context.invokePortion;
     const t0 = performance.now();
@@ -1101,6 +1285,6 @@ function workerMain() {
       flush();
       parentPort.postMessage(err ? { type: 'loadError', error: err } : { type: 'loaded' });
     } else if (m.type === 'hook') await hook(m.kind);
+    else if (m.type === 'park') await park();
   });
-  void workerData;
 }

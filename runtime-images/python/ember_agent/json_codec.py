@@ -61,9 +61,11 @@ def _json_default(o):
     raise TypeError(f"Object of type {type(o).__name__} is not JSON serializable")
 
 
-def json_dumps(obj, allow_nan=False):
-    """Compact JSON text.  Raises TypeError/ValueError/RecursionError for unserializable values."""
-    enc = _json.make_encoder({}, _json_default, _json.encode_basestring_ascii, None, ":", ",", False, False, allow_nan)
+def json_dumps(obj, allow_nan=False, ascii=True):
+    """Compact JSON text (`ascii`: non-ASCII characters escaped).  Raises TypeError/ValueError/
+    RecursionError for unserializable values."""
+    quote = _json.encode_basestring_ascii if ascii else _json.encode_basestring
+    enc = _json.make_encoder({}, _json_default, quote, None, ":", ",", False, False, allow_nan)
     return "".join(enc(obj, 0))
 
 

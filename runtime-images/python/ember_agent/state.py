@@ -14,6 +14,7 @@ class _State:
     def __init__(self):
         self.state = "generic"
         self.frozen = False
+        self.thaw_hooks = 0  # after-thaw hooks of the frozen code (freeze.py): 0, and a thaw skips them
         self.code_hash = None
         self.handler = None
         self.spec = None

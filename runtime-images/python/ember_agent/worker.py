@@ -11,6 +11,7 @@ import os
 import struct
 import time
 
+from .channel import STATE, ChannelUnreachable, _Connection, _split_url
 from .errors import format_stack
 from .frames import (
     _HDR,
@@ -72,11 +73,19 @@ class LambdaContext:
     def get_remaining_time_in_millis(self):
         return max(0, (self._deadline_ns - time.monotonic_ns()) // 1_000_000)
 
+    state = STATE  # the Function's key-value state (channel.py)
+
     def invoke_portion(self, name, event=None):
         """Run `event` on this function's portion `name` (spec.portions) and return its result;
         PortionError when the portion fails or the call is refused (undeclared, up in trust)."""
         event = {} if event is None else event
         return _invoke_portion(self._call_token, name, event, self.get_remaining_time_in_millis())
+
+    def __repr__(self):
+        return (
+            f"LambdaContext(function_name={self.function_name!r}, function_version={self.function_version!r}, "
+            f"aws_request_id={self.aws_request_id!r})"
+        )
 
 
 class PortionError(Exception):
@@ -89,12 +98,11 @@ class PortionError(Exception):
         self.status = status
 
 
-_PORTAL = [None]  # a keep-alive connection to EMBER_PORTIONS_URL, per worker
+_PORTAL = _Connection()  # a keep-alive connection to EMBER_PORTIONS_URL, per worker
 
 
 def _invoke_portion(token, name, event, remaining_ms):
     """POST `event` to the portion through Ember (runtime-images/CONTRACT.md, Portions)."""
-    import http.client
     import urllib.parse
 
     base = os.environ.get("EMBER_PORTIONS_URL", "")
@@ -106,48 +114,22 @@ def _invoke_portion(token, name, event, remaining_ms):
         body = json_dumps(event).encode()
     except (TypeError, ValueError) as e:
         raise PortionError("InvalidEvent", f"the event for portion {name!r} is not JSON: {e}") from None
-    url = urllib.parse.urlsplit(base)
-    path = f"{url.path}/{urllib.parse.quote(name, safe='')}"
+    url = _split_url(base)
+    path = f"{url[2]}/{urllib.parse.quote(name, safe='')}"
     headers = {"Content-Type": "application/json", "X-Ember-Call-Token": token}
-    timeout = max(0.001, remaining_ms / 1000)
-    for attempt in (0, 1):
-        conn = _PORTAL[0]
-        reused = conn is not None
-        if conn is None:
-            conn = _PORTAL[0] = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
-        conn.timeout = timeout
-        if conn.sock is not None:
-            conn.sock.settimeout(timeout)
-        try:
-            conn.request("POST", path, body=body, headers=headers)
-            response = conn.getresponse()
-            data = response.read()
-            break
-        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
-            conn.close()
-            _PORTAL[0] = None
-            if reused and not attempt:
-                continue  # the idle connection was closed: the call was not made
-            raise PortionError("PortionUnreachable", f"portion {name!r}: {e}") from None
-        except (OSError, http.client.HTTPException) as e:
-            conn.close()
-            _PORTAL[0] = None
-            raise PortionError("PortionUnreachable", f"portion {name!r}: {e}") from None
+    try:
+        status, header, data = _PORTAL.post(url, path, body, headers, max(0.001, remaining_ms / 1000))
+    except ChannelUnreachable as e:
+        raise PortionError("PortionUnreachable", f"portion {name!r}: {e}") from None
     try:
         parsed = json_loads(data) if data else None
     except JSONError:
         parsed = None
-    if response.status != 200 or response.getheader("X-Ember-Function-Error"):
+    if status != 200 or header.get("x-ember-function-error"):
         if isinstance(parsed, dict):
-            raise PortionError(parsed.get("errorType", "PortionError"), parsed.get("errorMessage", ""), response.status)
-        raise PortionError("PortionError", data[:200].decode(errors="replace"), response.status)
+            raise PortionError(parsed.get("errorType", "PortionError"), parsed.get("errorMessage", ""), status)
+        raise PortionError("PortionError", data[:200].decode(errors="replace"), status)
     return parsed
-
-    def __repr__(self):
-        return (
-            f"LambdaContext(function_name={self.function_name!r}, function_version={self.function_version!r}, "
-            f"aws_request_id={self.aws_request_id!r})"
-        )
 
 
 def _error_body(e, rid, skip_dirs):

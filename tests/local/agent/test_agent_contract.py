@@ -615,7 +615,7 @@ def test_freeze_thaw_hooks(agent, code):
     assert agent.invoke({"action": "state"}).json()["frozen"] == 0
     r = agent.request("POST", "/v1/freeze")
     assert r.status == 200, r
-    assert r.json() == {"state": "frozen"}
+    assert r.json() == {"state": "frozen", "connectionsClosed": 0}
     assert agent.healthz()["state"] == "frozen"
     assert agent.request("POST", "/v1/freeze").json() == {"state": "frozen"}  # idempotent
     r = agent.invoke({})

@@ -34,7 +34,7 @@ def test_both_builds_specialize_invoke_freeze_and_thaw(build, agent, lang):
     assert r.status == 200, r
     assert r.json()["fn"] == "hello"
     assert "probe says hi" in agent.wait_output("probe says hi")
-    assert agent.request("POST", "/v1/freeze").json() == {"state": "frozen"}
+    assert agent.request("POST", "/v1/freeze").json() == {"state": "frozen", "connectionsClosed": 0}
     assert agent.request("POST", "/v1/thaw").json() == {"state": "specialized"}
     assert agent.healthz()["state"] == "specialized"
 

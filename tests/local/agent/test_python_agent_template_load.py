@@ -124,7 +124,7 @@ def test_hooks_wait_for_the_template_import_and_get_their_own_replies(agent, lan
     assert isinstance(agent.invoke({}).json(), int)  # the template starts importing now (11 s)
     r = agent.request("POST", "/v1/freeze")
     assert r.status == 200, r
-    assert r.json() == {"state": "frozen"}
+    assert r.json() == {"state": "frozen", "connectionsClosed": 0}
     r = agent.request("POST", "/v1/thaw")
     assert r.status == 200, r
     assert r.json() == {"state": "specialized"}
@@ -146,6 +146,6 @@ def test_a_late_hook_reply_does_not_answer_the_next_hook_request(agent, lang, tm
     assert "Runtime.HookTimeout" in r.json()["errorMessage"], r
     r = agent.request("POST", "/v1/freeze")
     assert r.status == 200, r
-    assert r.json() == {"state": "frozen"}
+    assert r.json() == {"state": "frozen", "connectionsClosed": 0}
     assert agent.request("POST", "/v1/thaw").json() == {"state": "specialized"}
     assert isinstance(agent.invoke({}).json(), int)
