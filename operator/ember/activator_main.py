@@ -70,6 +70,9 @@ from ember.scaling.pool_demand import DEFAULT_WINDOW_S
 from ember.sources.redis_streams import RedisStore
 from ember.sources.sqlite import SqliteStore
 from ember.sources.store import EventStore, StoreError, redacted
+from ember.state.redis import RedisKeyValueStore
+from ember.state.sqlite import SqliteKeyValueStore
+from ember.state.store import KeyValueStore
 
 log = logging.getLogger("ember.activator")
 
@@ -182,6 +185,7 @@ def parse_args(argv: list[str], env: Mapping[str, str]) -> argparse.Namespace:
 
 
 DEFAULT_ASYNC_STORE = "/tmp/ember/async-{holder}.db"  # one per process (a restarted pod keeps its name)
+DEFAULT_STATE_STORE = "/tmp/ember/state-{holder}.db"  # without Redis, the key-value state is a replica's own
 
 
 def _async_store(value: str) -> str:
@@ -209,6 +213,20 @@ def open_async_store(value: str, namespace: str, holder: str) -> EventStore:
             value,
         )
     return SqliteStore(Path(value))
+
+
+def open_state_store(value: str, holder: str) -> KeyValueStore:
+    """The key-value state store (`ember.state`) beside a checked `--async-store`: the same Redis, so
+    every replica sees one state, linearizable per key; else a SQLite file of this replica's own."""
+    if value.lower().startswith(("redis://", "rediss://")):
+        return RedisKeyValueStore(value)
+    path = Path(DEFAULT_STATE_STORE.format(holder=holder))
+    log.warning(
+        "key-value state (spec.state.keyValue) is kept in %s: this replica's alone, lost with the pod; set "
+        "EMBER_ASYNC_STORE to a Redis URL to share it between replicas and keep it",
+        path,
+    )
+    return SqliteKeyValueStore(path)
 
 
 def _gateway_port(value: str) -> int | None:
@@ -274,6 +292,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
             replicas=source.live_replicas,
             credentials=secrets,
             store=open_async_store(args.async_store, args.namespace, args.holder),
+            state=open_state_store(args.async_store, args.holder),
             holder=args.holder,
         )
         catalog = Catalog(

@@ -46,6 +46,7 @@ from ember.resources.policy import DEFAULT_POLICY_NAME, choose_policy, limit_vio
 from ember.resources.portions import resolve_portions
 from ember.sources.sqlite import SqliteStore
 from ember.sources.store import StoreError
+from ember.state.sqlite import SqliteKeyValueStore
 
 log = logging.getLogger("ember.dev")
 
@@ -217,7 +218,8 @@ async def serve(
     """Run local mode until `stop` is set (or a signal arrives).
 
     `state_dir` (default `DIR/.ember`) keeps what outlives the process: the asynchronous
-    invocations (`async.db`), so that events accepted before a crash run after the restart."""
+    invocations (`async.db`), so that events accepted before a crash run after the restart, and
+    the Functions' key-value state (`state.db`, `ember.state`)."""
 
     def report(line: str) -> None:
         print(f"ember dev: {line}", file=out, flush=True)
@@ -227,9 +229,15 @@ async def serve(
     sandbox = detect_sandbox()
     state = state_dir if state_dir is not None else directory / STATE_DIR
     store = SqliteStore(state / "async.db")
-    source = LocalPodSource(sandbox=sandbox, credentials=workspace.credential)
+    key_values = SqliteKeyValueStore(state / "state.db")
+    source = LocalPodSource(sandbox=sandbox, credentials=workspace.credential, volumes=state / "volumes")
     app = make_app(
-        source, config or ActivatorConfig(), credentials=workspace.credential, store=store, holder="ember-dev"
+        source,
+        config or ActivatorConfig(),
+        credentials=workspace.credential,
+        store=store,
+        state=key_values,
+        holder="ember-dev",
     )
     registry = app[keys.REGISTRY]
     sync_registry(registry, workspace, report)

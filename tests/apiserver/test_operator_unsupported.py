@@ -1,8 +1,8 @@
 """The operator against a real kube-apiserver tells users which fields they set in vain (issue #10).
 
-A Function or SecurityPolicy that sets a field accepted but not implemented yet gets
-`Unsupported=True` naming it, and a Warning Event (`kubectl describe` shows both); removing the
-field turns the condition False. Which fields are on the list is the unit tier's
+A SecurityPolicy that sets a field accepted but not implemented yet gets `Unsupported=True` naming
+it, and a Warning Event (`kubectl describe` shows both); a Function of implemented fields gets
+`Unsupported=False` (no Function field is a gap in a cluster any more). Which fields are on the list is the unit tier's
 (tests/unit/api/test_unsupported.py), as is the event-on-transition logic
 (tests/unit/controller/test_reconcile.py).
 """
@@ -25,8 +25,6 @@ from tests.apiserver.operator_harness import (  # the fixtures are used by name
 
 __all__ = ["crds", "ember", "ns", "operator"]
 
-FREEZE_MESSAGE = "spec.freeze is accepted but not implemented yet; it has no effect."
-
 
 def _condition_is(ember: Ember, plural: str, name: str, status: str) -> dict[str, Any] | None:
     obj = ember.get(plural, name)
@@ -36,26 +34,16 @@ def _condition_is(ember: Ember, plural: str, name: str, status: str) -> dict[str
     return found
 
 
-def test_function_setting_freeze_is_unsupported_with_a_warning_event(ember: Ember, operator: OperatorProcess) -> None:
-    ember.create("functions", hello_function(freeze={"enabled": True}))
-    unsupported = eventually(
-        lambda: _condition_is(ember, "functions", "hello", "True"), what="Function hello Unsupported=True"
-    )
-    assert (unsupported["reason"], unsupported["message"]) == ("FieldsNotImplemented", FREEZE_MESSAGE)
-    ready = condition(ember.get("functions", "hello"), "Ready")
-    assert ready.get("reason") != "FieldsNotImplemented", "Unsupported is not part of Ready"
-
-    warnings = eventually(
-        lambda: [e for e in ember.events("hello") if e.reason == "FieldsNotImplemented"],
-        what="a FieldsNotImplemented Event",
-    )
-    assert [(e.type, e.message) for e in warnings] == [("Warning", FREEZE_MESSAGE)]
-
-    ember.patch("functions", "hello", {"spec": {"freeze": None}})
+def test_function_setting_only_implemented_fields_is_all_supported(ember: Ember, operator: OperatorProcess) -> None:
+    # every Function field works in a cluster now (state and freeze were the last, issue #15): the
+    # condition says so; Unsupported=True on a Function is the unit tier's, over a gap list of its own
+    spec = {"freeze": {"enabled": True, "idleSeconds": 5}, "state": {"keyValue": True}}
+    ember.create("functions", hello_function(**spec))
     supported = eventually(
         lambda: _condition_is(ember, "functions", "hello", "False"), what="Function hello Unsupported=False"
     )
     assert supported["reason"] == "AllSupported"
+    assert [e for e in ember.events("hello") if e.reason == "FieldsNotImplemented"] == []
 
 
 def test_security_policy_setting_unimplemented_fields_is_unsupported(ember: Ember, operator: OperatorProcess) -> None:

@@ -14,11 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-FROZEN = """
+SIZED = """
 apiVersion: ember.run/v1alpha1
 kind: Function
 metadata:
-  name: frozen
+  name: sized
 spec:
   runtime: python3.11
   handler: main.handler
@@ -26,8 +26,12 @@ spec:
     inline: |
       def handler(event, context):
           return "hi"
-  freeze: {enabled: true, idleSeconds: 60}
+  state: {volume: {sizeMiB: 2048, mountPath: /mnt/shared}}
 """
+SIZED_WARNING = (
+    "Function default/sized: spec.state.volume.sizeMiB is accepted but not implemented in local mode (ember dev); "
+    "it has no effect there"
+)
 
 POLICY = """
 apiVersion: ember.run/v1alpha1
@@ -43,20 +47,17 @@ def _ember(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "ember.cli", *args], capture_output=True, text=True, timeout=60)
 
 
-def test_validate_warns_about_freeze_and_still_succeeds(tmp_path: Path) -> None:
-    (tmp_path / "frozen.yaml").write_text(FROZEN)
+def test_validate_warns_about_a_volume_size_local_mode_cannot_bound_and_still_succeeds(tmp_path: Path) -> None:
+    (tmp_path / "sized.yaml").write_text(SIZED)
     result = _ember("validate", str(tmp_path))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["ok  Function default/frozen"]
-    assert result.stderr.splitlines() == [
-        f"warning: {tmp_path / 'frozen.yaml'}: Function default/frozen: spec.freeze is accepted but not "
-        "implemented yet; it has no effect"
-    ]
+    assert result.stdout.splitlines() == ["ok  Function default/sized"]
+    assert result.stderr.splitlines() == [f"warning: {tmp_path / 'sized.yaml'}: {SIZED_WARNING}"]
 
 
 def test_validate_names_local_mode_gaps_and_keeps_errors_failing(tmp_path: Path) -> None:
     (tmp_path / "policy.yaml").write_text(POLICY)
-    (tmp_path / "broken.yaml").write_text(FROZEN.replace("handler: main.handler", "handler: nodot"))
+    (tmp_path / "broken.yaml").write_text(SIZED.replace("handler: main.handler", "handler: nodot"))
     result = _ember("validate", str(tmp_path / "policy.yaml"), str(tmp_path / "broken.yaml"))
     assert result.returncode == 1
     assert (
@@ -64,11 +65,11 @@ def test_validate_names_local_mode_gaps_and_keeps_errors_failing(tmp_path: Path)
         "but not implemented in local mode (ember dev); it has no effect there"
     ) in result.stderr.splitlines()
     assert "spec.handler" in result.stderr
-    assert "frozen: spec.freeze" not in result.stderr, "an invalid manifest gets its errors, not warnings"
+    assert "sized: spec.state" not in result.stderr, "an invalid manifest gets its errors, not warnings"
 
 
 def test_dev_warns_once_per_manifest(tmp_path: Path) -> None:
-    (tmp_path / "frozen.yaml").write_text(FROZEN)
+    (tmp_path / "sized.yaml").write_text(SIZED)
     (tmp_path / "policy.yaml").write_text(POLICY)
     proc = subprocess.Popen(
         [sys.executable, "-m", "ember.cli", "dev", str(tmp_path), "--port", "0", "--no-watch", "--warm-pool", "0"],
@@ -94,9 +95,8 @@ def test_dev_warns_once_per_manifest(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
     warnings = [line for line in lines if line.startswith("ember dev: warning: ")]
-    assert warnings == [
-        f"ember dev: warning: {tmp_path / 'frozen.yaml'}: Function default/frozen: spec.freeze is accepted but not "
-        "implemented yet; it has no effect",
+    assert warnings == [  # in the order of the files' names
         f"ember dev: warning: {tmp_path / 'policy.yaml'}: SecurityPolicy default/intranet: spec.egress.allow[].host "
         "is accepted but not implemented in local mode (ember dev); it has no effect there",
+        f"ember dev: warning: {tmp_path / 'sized.yaml'}: {SIZED_WARNING}",
     ], "\n".join(lines)

@@ -208,16 +208,7 @@ class AgentClient:
             len(body),
             body,
         )
-        connection = None
-        idle = self._idle.get(address)
-        while idle:
-            candidate = idle.pop()
-            if not candidate.closed:
-                connection = candidate
-                break
-            self._all.discard(candidate)
-        if connection is None:
-            connection = await self._connect(address)
+        connection = self._take_idle(address) or await self._connect(address)
         try:
             async with asyncio.timeout(timeout_s):
                 status, headers, payload = await connection.request(request)
@@ -239,6 +230,36 @@ class AgentClient:
             max_rss_kib=_text(headers, b"x-ember-max-rss-kib"),
             cpu_ms=_text(headers, b"x-ember-cpu-ms"),
         )
+
+    async def control(self, pod: PodSlots, path: str, *, timeout_s: float, keep: bool = False) -> tuple[int, bytes]:
+        """POST an empty request to one of the agent's control endpoints (`/v1/freeze`, `/v1/thaw`)
+        on a kept connection or a new one; -> (status, body). With `keep` the connection then stays
+        kept (the invocation that follows a thaw takes it), else it is closed."""
+        head = pod.invoke_head.replace(b"POST /v1/invoke ", b"POST %s " % path.encode(), 1)
+        close = b"" if keep else b"Connection: close\r\n"
+        connection = self._take_idle(pod.address) or await self._connect(pod.address)
+        try:
+            async with asyncio.timeout(timeout_s):
+                status, _, body = await connection.request(b"%s%sContent-Length: 0\r\n\r\n" % (head, close))
+        except BaseException:
+            connection.close()
+            self._all.discard(connection)
+            raise
+        if keep and not connection.closed and not self._closing:
+            self._idle.setdefault(pod.address, []).append(connection)
+        else:
+            connection.close()
+            self._all.discard(connection)
+        return status, body
+
+    def _take_idle(self, address: str) -> _Connection | None:
+        idle = self._idle.get(address)
+        while idle:
+            candidate = idle.pop()
+            if not candidate.closed:
+                return candidate
+            self._all.discard(candidate)
+        return None
 
     def forget(self, address: str) -> None:
         """Close the kept connections of a pod that is gone."""

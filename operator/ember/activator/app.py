@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -26,6 +27,7 @@ from ember.activator.async_invoke import AsyncInvocations
 from ember.activator.authorizer import JwtVerifier
 from ember.activator.config import ActivatorConfig
 from ember.activator.event_sources import EventSources
+from ember.activator.freezer import Freezer
 from ember.activator.invoke import Invoker
 from ember.activator.metrics import Metrics
 from ember.activator.portions import PortionPortal
@@ -37,6 +39,9 @@ from ember.pods.base import PodSource
 from ember.pods.services import Credentials, no_credentials
 from ember.sources.sqlite import SqliteStore
 from ember.sources.store import EventStore
+from ember.state.http import handle as handle_state
+from ember.state.sqlite import SqliteKeyValueStore
+from ember.state.store import KeyValueStore
 
 
 def make_app(
@@ -46,6 +51,7 @@ def make_app(
     replicas: Callable[[], int] = lambda: 1,
     credentials: Credentials = no_credentials,
     store: EventStore | None = None,
+    state: KeyValueStore | None = None,
     holder: str = "activator",
 ) -> web.Application:
     """A ready-to-run activator over `source`; the caller owns (and closes) the source.
@@ -53,7 +59,9 @@ def make_app(
     `credentials` reads Secrets' keys (the JWKS of routes' JWT authorizers). `store` keeps the
     asynchronous invocations (the app opens and closes it); without one they go to a SQLite file
     in a temporary folder removed at cleanup: durable for the process's life only. `holder`
-    names this activator's leases in the store (unique among the replicas sharing it).
+    names this activator's leases in the store (unique among the replicas sharing it). `state`
+    keeps the Functions' key-value state (`ember.state`; opened and closed by the app); without
+    one it goes to a SQLite file in that temporary folder.
 
     `replicas` counts the live activators sharing the Functions (this one included): each keeps a
     Version within its share of `minScale` and `maxScale` (see `ember.activator.scaler`).
@@ -63,14 +71,19 @@ def make_app(
     wakeup = Wakeup()
     registry = Registry(config, metrics, wake=wakeup, replicas=replicas)
     client = AgentClient()
-    scaler = Scaler(registry, source, config, metrics, client, replicas=replicas, wakeup=wakeup)
-    invoker = Invoker(registry, client, wakeup)
+    freezer = Freezer(client, metrics)
+    scaler = Scaler(registry, source, config, metrics, client, replicas=replicas, wakeup=wakeup, freezer=freezer)
+    invoker = Invoker(registry, client, wakeup, freezer)
     sizing = Sizing(registry, source, config)
     source.route_calls(PortionPortal(invoker, config.max_body_bytes))
-    scratch: tempfile.TemporaryDirectory[str] | None = None
-    if store is None:
-        scratch = tempfile.TemporaryDirectory(prefix="ember-async-")
-        store = SqliteStore(Path(scratch.name) / "async.db")
+    scratch = tempfile.TemporaryDirectory(prefix="ember-activator-") if store is None or state is None else None
+    if scratch is not None:
+        store = store or SqliteStore(Path(scratch.name) / "async.db")
+        state = state or SqliteKeyValueStore(Path(scratch.name) / "state.db")
+    assert store is not None
+    assert state is not None
+    kv = state
+    source.route_state(functools.partial(handle_state, kv))
     async_invocations = AsyncInvocations(
         invoker,
         store,
@@ -109,6 +122,7 @@ def make_app(
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await client.start()
+        await kv.start()
         await async_invocations.start()
         await event_sources.start()
         loop_task = asyncio.create_task(scaler.run(), name="ember-scaler")
@@ -126,6 +140,7 @@ def make_app(
             await async_invocations.close()
             await scaler.close()
             await client.close()
+            await kv.close()
             if scratch is not None:
                 scratch.cleanup()
 

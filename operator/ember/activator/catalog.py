@@ -116,7 +116,13 @@ def plan(functions: Mapping[Key, Obj], versions: Mapping[Key, Obj]) -> Plan:
         seen: dict[int, VersionPlan] = {}
         for version, obj in owned[key]:
             number = version.spec.number
-            pool = pool_key(version.spec.function, version.spec.policy, calls=bool(version.spec.function.portions))
+            pool = pool_key(
+                version.spec.function,
+                version.spec.policy,
+                calls=bool(version.spec.function.portions),
+                namespace=key[0],
+                function=key[1],
+            )
             # the operator's rule on what it stored (an unreadable recommendation counts as none)
             advice = parse_recommendation((obj.get("status") or {}).get("recommendation"))
             resources = applied_resources(

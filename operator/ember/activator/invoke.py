@@ -7,6 +7,7 @@ a pod that dies while running it gives an `Unhandled` function error, as in Lamb
 invoker does not know the scaler: it tells the Version (`VersionState.pod_lost`) and pokes the
 injected `Wake` so that the scaling loop replaces the pod without waiting for its tick. Every
 reply's measured memory and CPU go to the Version's right-sizing (`VersionState.record_usage`).
+A frozen pod is thawed before its invocation is sent (`ember.activator.freezer`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ember.activator.errors import (
     PodFailed,
     Throttled,
 )
+from ember.activator.freezer import Freezer, ThawFailed, needs_thaw
 from ember.activator.registry import Registry
 from ember.activator.throttler import PodSlots
 from ember.activator.version_state import VersionState
@@ -88,11 +90,12 @@ class CallTokens:
 class Invoker:
     """Runs invocations against the registry's Versions."""
 
-    def __init__(self, registry: Registry, client: AgentClient, wake: Wake) -> None:
+    def __init__(self, registry: Registry, client: AgentClient, wake: Wake, freezer: Freezer) -> None:
         self.registry = registry
         self.tokens = CallTokens()  # of invocations in flight whose code may call portions
         self._client = client
         self._wake = wake
+        self._freezer = freezer
 
     def resolve(self, namespace: str, name: str, qualifier: str | None) -> VersionState:
         """The Version that serves; FunctionNotFound / NotReady name what is missing."""
@@ -132,6 +135,13 @@ class Invoker:
                         pod = await vs.throttler.acquire()
                 except TimeoutError:
                     raise CapacityTimeout(f"{vs.fs.label}: no pod free before the caller's time was up") from None
+            if needs_thaw(pod):  # a frozen pod (`ember.activator.freezer`): thawed first
+                try:
+                    await self._freezer.thaw(vs, pod)
+                except ThawFailed:
+                    vs.throttler.release(pod)  # it left routing; the invocation goes to another pod
+                    self._wake.poke()
+                    continue
             timeout_s, function_s, function_ms = vs.timeout_s, float(vs.spec.timeout_seconds), None
             if by is not None and (within_s := by - time.monotonic()) < function_s:
                 timeout_s, function_s = timeout_s - function_s + within_s, within_s

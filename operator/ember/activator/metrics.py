@@ -103,6 +103,19 @@ class Metrics:
             ["function", "destination", "outcome"],
             registry=self.registry,
         )
+        self.freezes = Counter(
+            "ember_pod_freezes",
+            "Freezes and thaws of idle specialized pods by function and outcome"
+            " (frozen, thawed, busy: an invocation came first, failed: the agent refused or was unreachable).",
+            ["function", "outcome"],
+            registry=self.registry,
+        )
+        self.thaw_duration = Histogram(
+            "ember_thaw_duration_seconds",
+            "Time an invocation waited for its frozen pod to thaw (the freeze in progress included).",
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
         self.source_messages = Counter(
             "ember_event_source_messages",
             "Messages of event sources by function, source and outcome"

@@ -213,7 +213,7 @@ class Registry:
         fs = self.follow(function)
         spec = function.spec
         portion_policies = dict(portion_policies or {})
-        pool = pool_key(spec, policy, calls=bool(spec.portions))
+        pool = pool_key(spec, policy, calls=bool(spec.portions), namespace=fs.namespace, function=fs.name)
         resolved = path_digest(spec, base_dir)
         digest = code_hash(spec, policy or DEFAULT_POLICY, resolved, portion_policies)
         newest = fs.versions.get(fs.latest_number)
@@ -275,7 +275,7 @@ class Registry:
                 spec=pspec,
                 digest=digest,
                 request=request,
-                pool=pool_key(pspec, policy, calls=bool(portion.calls)),
+                pool=pool_key(pspec, policy, calls=bool(portion.calls), namespace=fs.namespace, function=fs.name),
                 config=self.config,
                 metrics=self.metrics,
                 now=self.clock(),

@@ -13,7 +13,9 @@ within the demand window go to the pod source as expected claims (`expect_claims
 Version uses any more are let drain. Pods the source reports gone leave routing; busy pods are
 drained, never cut. When a Version's code is bad (the agent refused it), the failure is also
 reported to the pod source (`report_load_failure`: the Version object's annotation in a cluster)
-in a task of its own, so a slow API server never holds up the loop.
+in a task of its own, so a slow API server never holds up the loop. Pods of a Function with
+`freeze.enabled` idle for its `idleSeconds` are frozen, each in a task of its own
+(`ember.activator.freezer`); they stay in every decision above.
 
 With several activator replicas each runs this loop over its own invocations and its own pods.
 A Version's `minScale` and `maxScale` are the Function's, so each replica keeps it within its share
@@ -39,6 +41,7 @@ from typing import Any
 
 from ember.activator.agent_client import AgentClient
 from ember.activator.config import ActivatorConfig
+from ember.activator.freezer import Freezer
 from ember.activator.metrics import Metrics
 from ember.activator.registry import Registry
 from ember.activator.version_state import Phase, VersionState
@@ -73,8 +76,10 @@ class Scaler:
         clock: Callable[[], float] = time.monotonic,
         replicas: Callable[[], int] = lambda: 1,
         wakeup: Wakeup | None = None,
+        freezer: Freezer | None = None,
     ) -> None:
         self._registry = registry
+        self._freezer = freezer or Freezer(client, metrics, clock=clock)
         self._source = source
         self._config = config
         self._metrics = metrics
@@ -188,6 +193,9 @@ class Scaler:
             vs.drain(serving[pid])
         for handle in vs.take_drained_idle():
             self._spawn(self._release(handle))
+        if not self._closing:
+            for pod in self._freezer.due(vs, now):
+                self._spawn(self._freezer.freeze(vs, pod))
 
     def _forget_lost_pods(self, vs: VersionState) -> None:
         serving = vs.serving

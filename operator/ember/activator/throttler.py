@@ -32,7 +32,17 @@ from ember.pods.base import PodHandle, http_host
 class PodSlots:
     """One pod as the router sees it."""
 
-    __slots__ = ("address", "capacity", "draining", "handle", "idle_since", "in_flight", "invoke_head")
+    __slots__ = (
+        "address",
+        "capacity",
+        "draining",
+        "frozen",
+        "gate",
+        "handle",
+        "idle_since",
+        "in_flight",
+        "invoke_head",
+    )
 
     def __init__(self, handle: PodHandle, *, now: float) -> None:
         self.handle = handle
@@ -47,6 +57,10 @@ class PodSlots:
         self.in_flight = 0
         self.draining = False
         self.idle_since = now
+        # freezing (`ember.activator.freezer`): frozen pods still route; their first invocation thaws
+        # them, and `gate` keeps a freeze and a thaw of one pod from crossing
+        self.frozen = False
+        self.gate = asyncio.Lock()
 
 
 class Throttler:

@@ -284,6 +284,32 @@ class StateVolume(Model):
     mount_path: str = Field(default="/mnt/state", pattern=r"^/", max_length=1024, description="Mount path.")
     storage_class_name: str | None = Field(default=None, max_length=253, description="StorageClass of the volume.")
 
+    # Where a pod keeps what it runs on (its /tmp, the code directory, the agent, the sandbox's own
+    # mounts, the system): a volume at, above or inside one of them would hide or break it.
+    RESERVED_PATHS: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("/tmp", "the pod's private /tmp"),
+        ("/var/ember/code", "the code directory"),
+        ("/opt/ember", "the runtime agent"),
+        ("/run/ember", "the local sandbox's socket folder"),
+        *((p, "a system folder") for p in ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib64", "/proc", "/sys", "/dev")),
+    )
+
+    @field_validator("mount_path")
+    @classmethod
+    def _mount_path_free(cls, path: str) -> str:
+        if not re.fullmatch(r"(/[A-Za-z0-9_][A-Za-z0-9._-]*)+", path):
+            raise ValueError(
+                f"spec.state.volume.mountPath ({path!r}) must be an absolute path, not '/', of names made of "
+                "letters, digits, '.', '_' and '-' that do not start with '.', with no trailing '/'"
+            )
+        for reserved, what in cls.RESERVED_PATHS:
+            if path == reserved or path.startswith(reserved + "/") or reserved.startswith(path + "/"):
+                raise ValueError(
+                    f"spec.state.volume.mountPath ({path}) collides with {reserved}, {what}: mount the volume "
+                    "elsewhere, e.g. /mnt/state"
+                )
+        return path
+
 
 class State(Model):
     """Shared state reachable from every instance of the Function."""

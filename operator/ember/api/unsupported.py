@@ -26,7 +26,7 @@ from typing import Final, Generic, TypeVar
 
 from pydantic import BaseModel
 
-from ember.api.function import Freeze, FunctionSpec, State
+from ember.api.function import FunctionSpec, StateVolume
 from ember.api.security_policy import Limits, SecurityPolicySpec
 
 
@@ -60,11 +60,20 @@ def _written(model: BaseModel | None, field: str) -> bool:
 
 _LIMITS = Limits()
 
+
+def _volume(spec: FunctionSpec) -> StateVolume | None:
+    return spec.state.volume if spec.state is not None else None
+
+
 FUNCTION_GAPS: Final[tuple[Gap[FunctionSpec], ...]] = (
-    # Only hashed into the Version (api/version.py VERSIONED_FIELDS); no volume, no store.
-    Gap("spec.state", lambda s: s.state is not None and s.state != State()),
-    # Only hashed into the Version; the agents have freeze/thaw hooks but nothing calls them.
-    Gap("spec.freeze", lambda s: s.freeze != Freeze()),
+    # Local mode: the volume is a folder on this machine (pods/local/sandbox.py), bounded by its disk,
+    # not by sizeMiB, and no StorageClass is involved. A cluster: the PersistentVolumeClaim's.
+    Gap("spec.state.volume.sizeMiB", lambda s: _written(_volume(s), "size_mib"), LOCAL_ONLY),
+    Gap(
+        "spec.state.volume.storageClassName",
+        lambda s: (v := _volume(s)) is not None and v.storage_class_name is not None,
+        LOCAL_ONLY,
+    ),
 )
 
 POLICY_GAPS: Final[tuple[Gap[SecurityPolicySpec], ...]] = (

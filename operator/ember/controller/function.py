@@ -7,12 +7,12 @@ Versions that traffic or aliases reference, the ready one and the last `keep_ver
 rest are deleted with their code. The pools of the Versions that serve (and of the newest, so it
 can load) exist (`pools`), and so does the Function's NetworkPolicy. Status: `PolicyResolved`,
 `VersionReady`, `EgressEnforced`, `RoutesAccepted` (`ember.controller.routes`),
-`Unsupported`, and `Ready` from the first two (a spec beyond its
-policy's `limits` is `PolicyResolved=False, ExceedsPolicyLimits`, portions whose policies are
-missing, over their limits or called up in trust `PortionPoliciesRefused`, and neither mints a
-Version), except that a
-child Ember wants but may not touch (`children.Outcome.NOT_OWNED`) makes it `False, NotOwned`,
-naming the child; `readyVersion` is the newest Ready Version.
+`StateVolumeReady` (`ember.controller.state_volume`, its volume's claim), `Unsupported`, and
+`Ready` from the first two (a spec beyond its policy's `limits` is `PolicyResolved=False,
+ExceedsPolicyLimits`, portions whose policies are missing, over their limits or called up in
+trust `PortionPoliciesRefused`, and neither mints a Version), except that a child Ember wants
+but may not touch (`children.Outcome.NOT_OWNED`) makes it `False, NotOwned`, naming the child;
+`readyVersion` is the newest Ready Version.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from ember.controller.policy import PolicyResolution, resolve_policy
 from ember.controller.pools import ensure_pools
 from ember.controller.routes import routes_of
 from ember.controller.settings import Settings
+from ember.controller.state_volume import ensure_state_claim
 from ember.controller.status import (
     Recorder,
     conditions_of,
@@ -255,7 +256,9 @@ async def reconcile_function(
         )
 
     serving = referenced_versions(fn.spec, ready_version=ready_version) | ({latest} if latest is not None else set())
-    not_owned = await ensure_pools(
+    # before the pools: their pods mount the claim
+    conditions, not_owned = await ensure_state_claim(kube, fn, conditions, body, record, generation=generation, now=now)
+    not_owned += await ensure_pools(
         kube, settings, fn, [versions[n] for n in sorted(serving) if n in versions], record, body, by_number
     )
     if policy.usable and policy.spec is not None:

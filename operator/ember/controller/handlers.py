@@ -2,11 +2,11 @@
 
 Every handler of a kind calls the same reconciler (create, update, resume), so what happens never
 depends on which event arrived; changes elsewhere (a code ConfigMap, a RuntimeClass, a deleted
-pool) annotate the Functions they affect, which is an update. kopf's own bookkeeping goes into
-annotations under `kopf.ember.run/` rather than status (the CRDs' status schemas do not keep
-unknown fields), and that prefix differs from `ember.run/` on purpose: kopf ignores changes to
-annotations under its storage prefix, and `ember.run/*` annotations are how one object asks
-another's handler to run again.
+pool, a volume's claim) annotate the Functions they affect, which is an update. kopf's own
+bookkeeping goes into annotations under `kopf.ember.run/` rather than status (the CRDs' status
+schemas do not keep unknown fields), and that prefix differs from `ember.run/` on purpose: kopf
+ignores changes to annotations under its storage prefix, and `ember.run/*` annotations are how
+one object asks another's handler to run again.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from ember.controller.settings import Settings
 from ember.controller.status import EventType
 from ember.controller.version import reconcile_version, report_version_pods
 from ember.resources import labels
+from ember.resources.state_volume import COMPONENT as STATE_CLAIM_COMPONENT
 
 log = logging.getLogger(__name__)
 KOPF_PREFIX = "kopf.ember.run"
@@ -200,6 +201,21 @@ def _register_nudges(registry: kopf.OperatorRegistry) -> None:
         for owner in body.get("metadata", {}).get("ownerReferences") or []:
             if owner.get("kind") == "Function":
                 await _nudge(memo, namespace, owner["name"], f"pool/{name}:deleted")
+
+    state_labels = {labels.COMPONENT: STATE_CLAIM_COMPONENT, labels.MANAGED_BY: labels.MANAGER}
+
+    @kopf.on.event("", "v1", "persistentvolumeclaims", registry=registry, labels=state_labels)
+    async def state_claim_changed(type: str, namespace: str | None, name: str, body: Any, memo: Any, **_: Any) -> None:
+        # A Function's claim bound, grew, was lost or deleted: its StateVolumeReady follows. The
+        # token names the claim's state, so a status write that changes nothing nudges no one twice.
+        if not type or namespace is None:
+            return
+        status = body.get("status") or {}
+        capacity = (status.get("capacity") or {}).get("storage")
+        state = "deleted" if type == "DELETED" else f"{status.get('phase')}/{capacity}"
+        for owner in body.get("metadata", {}).get("ownerReferences") or []:
+            if owner.get("kind") == "Function":
+                await _nudge(memo, namespace, owner["name"], f"pvc/{name}:{state}")
 
 
 COUNT_ATTEMPTS = 4  # a Version's pod count, on an API error: 0.5, 1, 2 s apart

@@ -274,6 +274,34 @@ class Kube:
             raise _fail(f"delete networkpolicy {namespace}/{name}", err) from err
         return True
 
+    # PersistentVolumeClaims (a Function's `state.volume`).
+
+    async def get_persistent_volume_claim(self, namespace: str, name: str) -> Obj | None:
+        """A PersistentVolumeClaim, or None."""
+        try:
+            return self._plain(await self._core.read_namespaced_persistent_volume_claim(name, namespace))
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise _fail(f"get persistentvolumeclaim {namespace}/{name}", err) from err
+
+    async def create_persistent_volume_claim(self, body: Obj) -> None:
+        """Create a PersistentVolumeClaim."""
+        ns = body["metadata"]["namespace"]
+        try:
+            await self._core.create_namespaced_persistent_volume_claim(ns, body)
+        except ApiException as err:
+            raise _fail(f"create persistentvolumeclaim {ns}/{body['metadata']['name']}", err) from err
+
+    async def patch_persistent_volume_claim(self, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
+        """Merge a patch into a PersistentVolumeClaim (its storage request, its owner)."""
+        try:
+            await self._core.patch_namespaced_persistent_volume_claim(
+                name, namespace, dict(patch), _content_type="application/merge-patch+json"
+            )
+        except ApiException as err:
+            raise _fail(f"patch persistentvolumeclaim {namespace}/{name}", err) from err
+
     # RuntimeClasses (sandboxes).
 
     async def runtime_class_exists(self, name: str) -> bool:

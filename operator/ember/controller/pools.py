@@ -27,6 +27,7 @@ from ember.controller.status import Recorder
 from ember.resources import labels
 from ember.resources.network_policy import pool_network_policy
 from ember.resources.pool import PoolSpec, pool_deployment
+from ember.resources.state_volume import state_mount
 from ember.scaling.rightsize import applied_resources, parse_recommendation
 
 
@@ -47,9 +48,15 @@ def version_memory_mib(version: Version, status: Mapping[str, Any] | None) -> in
 def _pools_of(settings: Settings, version: Version, status: Mapping[str, Any] | None = None) -> list[PoolSpec]:
     """The generic pools a Version's pods come from: its runtime and size (right-sized with
     `autoResize`, from its stored `status`), under its frozen policy, and as much for each of its
-    portions under the portion's (`ember.resources.portions`; they keep the spec's size)."""
+    portions under the portion's (`ember.resources.portions`; they keep the spec's size); with
+    `state.volume`, pools of the Function's own that mount its claim."""
     spec = version.spec.function
     sized = version_memory_mib(version, status)
+    volume = state_mount(
+        spec.state.volume if spec.state is not None else None,
+        namespace=version.metadata.namespace,
+        function=version.spec.function_name,
+    )
 
     def pool(policy: SecurityPolicySpec, calls: bool, memory_mib: int) -> PoolSpec:
         return PoolSpec(
@@ -66,6 +73,8 @@ def _pools_of(settings: Settings, version: Version, status: Mapping[str, Any] | 
             activators=settings.activators,
             calls=calls,
             cpu_millicores=spec.resources.cpu_millicores,
+            key_value=spec.state is not None and spec.state.key_value,
+            volume=volume,
         )
 
     portions = version.spec.portion_policies
@@ -188,6 +197,6 @@ async def _ensure_pool_network_policy(
         owner_uid=deployment_uid,
         egress=policy.egress,
         activators=pool.activators,
-        services=bool(policy.services) or pool.calls,
+        services=bool(policy.services) or pool.calls or pool.key_value,
     ).network_policy
     return await ensure_child(network_policies(kube), desired)

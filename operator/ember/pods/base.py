@@ -22,10 +22,15 @@ from typing import Any, NewType, Protocol
 
 from aiohttp import web
 
+from ember.resources.state_volume import StateMount
+
 PodId = NewType("PodId", str)
 # (calling pod, portion name, the request) -> the reply: where the services proxy sends portion
 # calls (`ember.activator.portions.PortionPortal`)
 Portal = Callable[[PodId, str, web.BaseRequest], Awaitable[web.StreamResponse]]
+# Serves one key-value state operation of a pod's code for a Function's scope ("<namespace>/<function>",
+# `ember.state.http.handle` over the activator's store)
+StateHandler = Callable[[str, web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,16 +90,25 @@ class PoolKey:
     # `resources.cpuMillicores`: a CPU bound of its own (None: proportional to memory in a cluster,
     # unbounded in local mode)
     cpu_millicores: int | None = None
+    # `state.keyValue`: its pods' code reaches the Function's key-value state (`ember.state`) through
+    # a channel to Ember, whatever the policy's egress
+    key_value: bool = False
+    # `state.volume`: its pods mount the Function's volume read-write (a cluster: its claim; local
+    # mode: a folder per Function), so they serve that Function alone
+    volume: StateMount | None = None
 
     def __str__(self) -> str:
         calls = "/calls" if self.calls else ""
         cpu = f"/{self.cpu_millicores}m" if self.cpu_millicores is not None else ""
-        return f"{self.runtime}/{self.sandbox}/{self.memory_mib}Mi{cpu}/{self.policy_hash[:12]}{calls}"
+        kv = "/kv" if self.key_value else ""
+        volume = f"/{self.volume}" if self.volume is not None else ""
+        return f"{self.runtime}/{self.sandbox}/{self.memory_mib}Mi{cpu}/{self.policy_hash[:12]}{calls}{kv}{volume}"
 
     @property
     def channel(self) -> bool:
-        """Whether its pods reach Ember's services proxy (auxiliary services, portion calls)."""
-        return self.calls or bool(self.isolation.services)
+        """Whether its pods reach Ember's services proxy (auxiliary services, portion calls,
+        key-value state)."""
+        return self.calls or self.key_value or bool(self.isolation.services)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +123,11 @@ class VersionKey:
     def __str__(self) -> str:
         part = f"/{self.portion}" if self.portion else ""
         return f"{self.namespace}/{self.function}@{self.number}{part}"
+
+    @property
+    def state_scope(self) -> str:
+        """The Function's key-value state, shared by all its Versions and portions (`ember.state`)."""
+        return f"{self.namespace}/{self.function}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,6 +302,10 @@ class PodSource(Protocol):
 
     def route_calls(self, portal: Portal) -> None:
         """Send the portion calls that pods' code makes through its channel to `portal`."""
+        ...
+
+    def route_state(self, handler: StateHandler) -> None:
+        """Send the key-value state operations that pods' code makes through its channel to `handler`."""
         ...
 
     async def report_load_failure(self, version: VersionKey, *, code_hash: str, message: str) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 from ember.api.function import FunctionSpec
 from ember.api.security_policy import DEFAULT_POLICY, SecurityPolicySpec, policy_hash
 from ember.pods.base import AllowedNetwork, Isolation, PoolKey, ServiceRoute, SpecializeRequest, VersionKey
+from ember.resources.state_volume import state_mount
 
 
 class PayloadError(ValueError):
@@ -23,11 +24,23 @@ class PayloadError(ValueError):
 
 
 def pool_key(
-    spec: FunctionSpec, policy: SecurityPolicySpec | None, *, calls: bool = False, memory_mib: int | None = None
+    spec: FunctionSpec,
+    policy: SecurityPolicySpec | None,
+    *,
+    calls: bool = False,
+    memory_mib: int | None = None,
+    namespace: str = "",
+    function: str = "",
 ) -> PoolKey:
     """The generic pool a Function's pods come from (`calls`: their code calls portions; `memory_mib`:
-    the size right-sizing applies instead of `spec.resources.memoryMiB`, `ember.scaling.rightsize`)."""
+    the size right-sizing applies instead of `spec.resources.memoryMiB`, `ember.scaling.rightsize`).
+
+    A spec with `state.volume` has pools of its own Function, named by `namespace` and `function`
+    (`ember.resources.state_volume`); they are needed then."""
     effective = policy or DEFAULT_POLICY
+    volume = spec.state.volume if spec.state is not None else None
+    if volume is not None and not (namespace and function):
+        raise ValueError("the pool key of a spec with state.volume needs its Function's namespace and name")
     return PoolKey(
         runtime=spec.runtime,
         sandbox=effective.sandbox,
@@ -35,6 +48,8 @@ def pool_key(
         policy_hash=policy_hash(effective),
         calls=calls,
         cpu_millicores=spec.resources.cpu_millicores,
+        key_value=spec.state is not None and spec.state.key_value,
+        volume=state_mount(volume, namespace=namespace, function=function),
         isolation=Isolation(
             network=effective.egress.mode != "none",
             allow=tuple(

@@ -22,7 +22,9 @@ What is refused, before anything is sent (a JSON `{"errorType", "errorMessage"}`
 reason): no or a wrong token (401), a service the policy does not list (404), a method it does
 not allow (405 with `Allow`), a path outside its `pathPrefixes`, or with `.`/`..` segments or
 encoded `/` (403), a credential that cannot be read (503). Calls to the pod's portions
-(`<token>/_portions/<name>`) go to the activator's `portal`, which checks them itself. Redirects are passed back to the
+(`<token>/_portions/<name>`) go to the activator's `portal`, which checks them itself; key-value
+state operations (`<token>/_state`, `ember.state`) go to its `state` handler with the scope of the
+pod's Function (404 `StateNotEnabled` when the Function has no `state.keyValue`). Redirects are passed back to the
 code, never followed (a redirect would carry the credential to another host). The credential is
 never logged.
 """
@@ -43,13 +45,14 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from ember.pods.base import PodId, Portal, ServiceRoute
+from ember.pods.base import PodId, Portal, ServiceRoute, StateHandler
 
 log = logging.getLogger(__name__)
 
 # (namespace, Secret name, key) -> the credential; raises CredentialUnavailable
 Credentials = Callable[[str, str, str], Awaitable[str]]
 PORTIONS = "_portions"  # the path segment of portion calls (never a service's name: not a DNS label)
+STATE = "_state"  # the path segment of key-value state operations (`ember.state`)
 
 # Not forwarded either way (RFC 9110 section 7.6.1), and Host (the service's own is sent)
 HOP_BY_HOP = frozenset(
@@ -80,11 +83,13 @@ async def no_credentials(namespace: str, name: str, key: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Grant:
-    """What one specialized pod may call: its Version's namespace and its policy's services."""
+    """What one specialized pod may call: its Version's namespace, its policy's services, and its
+    Function's key-value state (`state_scope`, None without `state.keyValue`)."""
 
     pod: PodId
     namespace: str
     services: dict[str, ServiceRoute]
+    state_scope: str | None = None
 
 
 class ServiceProxy:
@@ -101,6 +106,7 @@ class ServiceProxy:
         self._runners: dict[PodId | None, web.ServerRunner] = {}  # None: the TCP listener
         self._session: aiohttp.ClientSession | None = None
         self.portal: Portal | None = None  # where portion calls go (`ember.activator.portions`)
+        self.state: StateHandler | None = None  # where key-value state operations go (`ember.state`)
 
     async def open_pod(self, pod: PodId, path: Path) -> None:
         """Listen on `path` for `pod`'s calls (refused until `grant`). The socket is world-writable
@@ -125,12 +131,14 @@ class ServiceProxy:
         self._runners[None] = runner
         return int(runner.addresses[0][1])
 
-    def grant(self, pod: PodId, namespace: str, services: Sequence[ServiceRoute]) -> str:
-        """Let `pod` call `services` with the credentials of `namespace`; returns its fresh token
-        (a pod granted again loses its previous one)."""
+    def grant(
+        self, pod: PodId, namespace: str, services: Sequence[ServiceRoute], *, state_scope: str | None = None
+    ) -> str:
+        """Let `pod` call `services` with the credentials of `namespace`, and use the key-value state
+        of `state_scope`; returns its fresh token (a pod granted again loses its previous one)."""
         self.revoke(pod)
         token = secrets.token_urlsafe(24)
-        self._grants[token] = Grant(pod, namespace, {s.name: s for s in services})
+        self._grants[token] = Grant(pod, namespace, {s.name: s for s in services}, state_scope)
         self._tokens[pod] = token
         return token
 
@@ -141,13 +149,18 @@ class ServiceProxy:
             self._grants.pop(token, None)
 
     @staticmethod
-    def announce(base: str, token: str, services: Sequence[ServiceRoute], *, calls: bool = False) -> dict[str, str]:
+    def announce(
+        base: str, token: str, services: Sequence[ServiceRoute], *, calls: bool = False, state: bool = False
+    ) -> dict[str, str]:
         """The environment that tells function code where each service is: `base` (the pod's
         relay on its loopback, or this activator's listener), its token, the service's name;
-        with `calls`, where its portions are (`EMBER_PORTIONS_URL`)."""
+        with `calls`, where its portions are (`EMBER_PORTIONS_URL`); with `state`, where its
+        Function's key-value state is (`EMBER_STATE_URL`)."""
         out = {s.env_name: f"{base}/{token}/{s.name}" for s in services}
         if calls:
             out["EMBER_PORTIONS_URL"] = f"{base}/{token}/{PORTIONS}"
+        if state:
+            out["EMBER_STATE_URL"] = f"{base}/{token}/{STATE}"
         return out
 
     async def close_pod(self, pod: PodId) -> None:
@@ -189,6 +202,14 @@ class ServiceProxy:
             if self.portal is None:
                 return _refuse(pod, 404, "PortionNotFound", "portion calls are not served here")
             return await self.portal(pod, tail, request)
+        if name == STATE and not path:
+            if grant.state_scope is None:
+                return _refuse(
+                    pod, 404, "StateNotEnabled", "this Function has no key-value state (spec.state.keyValue)"
+                )
+            if self.state is None:
+                return _refuse(pod, 503, "StateUnavailable", "key-value state is not served here")
+            return await self.state(grant.state_scope, request)
         service = grant.services.get(name)
         if service is None:
             known = ", ".join(sorted(grant.services)) or "none"

@@ -7,7 +7,9 @@ claim) takes it out of the Deployment and its ReplicaSet starts a replacement.
 
 Pods run with restricted pod security whatever the sandbox: non-root, read-only root, every
 capability dropped, seccomp RuntimeDefault, no service-account token. The only writable places
-are two emptyDirs: /tmp (sized by the policy) and the code directory.
+are two emptyDirs: /tmp (sized by the policy) and the code directory, and, in the pools of a
+Function with `state.volume`, that Function's claim (`ember.resources.state_volume`: the volume is
+part of the key, since a generic pod cannot be given a volume once it runs).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any, Final
 from ember.api.security_policy import SecurityPolicySpec
 from ember.resources import labels
 from ember.resources.meta import managed_labels
+from ember.resources.state_volume import StateMount, pod_volume, volume_mount
 
 CODE_DIR: Final = "/var/ember/code"
 # Lambda gives one vCPU per 1769 MB; a pool's CPU request follows its memory the same way.
@@ -77,6 +80,8 @@ class PoolSpec:
     activators: ActivatorPeer = field(default_factory=ActivatorPeer)  # who may reach its agents
     calls: bool = False  # its pods' code calls portions: they reach the activators' port for it
     cpu_millicores: int | None = None  # `resources.cpuMillicores`: request and limit (None: follows memory)
+    key_value: bool = False  # `state.keyValue`: its pods reach the activators' port for the Function's state
+    volume: StateMount | None = None  # `state.volume`: its pods mount the Function's claim
 
     @property
     def sandbox(self) -> str:
@@ -93,6 +98,8 @@ class PoolSpec:
             policy_hash=self.policy_hash,
             calls=self.calls,
             cpu_millicores=self.cpu_millicores,
+            key_value=self.key_value,
+            volume=self.volume,
         )
 
     @property
@@ -109,13 +116,21 @@ def pool_id(
     policy_hash: str,
     calls: bool = False,
     cpu_millicores: int | None = None,
+    key_value: bool = False,
+    volume: StateMount | None = None,
 ) -> str:
     """16 hex digits identifying a pool key; equal keys give equal ids. Pods whose code calls
     portions (`calls`) have pools of their own: only theirs may reach the activators for it; so do
-    pods with a CPU bound of their own (`cpu_millicores`)."""
+    pods with a CPU bound of their own (`cpu_millicores`), pods whose code uses the Function's
+    key-value state (`key_value`: they reach the activators for it), and the pods of a Function
+    with a volume (`volume`: they mount its claim)."""
     key = f"{runtime}/{sandbox}/{memory_mib}/{policy_hash}" + ("/calls" if calls else "")
     if cpu_millicores is not None:
         key += f"/cpu={cpu_millicores}"
+    if key_value:
+        key += "/kv"
+    if volume is not None:
+        key += f"/volume={volume}"
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -171,6 +186,7 @@ def _container(spec: PoolSpec) -> dict[str, Any]:
         "volumeMounts": [
             {"name": "tmp", "mountPath": "/tmp"},
             {"name": "code", "mountPath": CODE_DIR},
+            *([volume_mount(spec.volume)] if spec.volume is not None else []),
         ],
     }
 
@@ -185,7 +201,8 @@ def pool_deployment(spec: PoolSpec) -> dict[str, Any]:
     annotations = {
         labels.POLICY_HASH_ANNOTATION: spec.policy_hash,
         labels.POOL_KEY_ANNOTATION: f"{spec.runtime}/{spec.sandbox}/{spec.memory_mib}Mi"
-        + (f"/{spec.cpu_millicores}m" if spec.cpu_millicores is not None else ""),
+        + (f"/{spec.cpu_millicores}m" if spec.cpu_millicores is not None else "")
+        + (f"/{spec.volume}" if spec.volume is not None else ""),
     }
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
@@ -202,8 +219,13 @@ def pool_deployment(spec: PoolSpec) -> dict[str, Any]:
         "volumes": [
             {"name": "tmp", "emptyDir": {"sizeLimit": f"{spec.policy.filesystem.tmp_size_mib}Mi"}},
             {"name": "code", "emptyDir": {"sizeLimit": "256Mi"}},
+            *([pod_volume(spec.volume)] if spec.volume is not None else []),
         ],
     }
+    if spec.volume is not None:
+        # fsGroup makes the volume's files the pod user's; checking only its root keeps a large
+        # volume from being walked at every pod start (a cold start of the pool's next pod)
+        pod_spec["securityContext"]["fsGroupChangePolicy"] = "OnRootMismatch"
     runtime_class = spec.policy.runtime_class
     if runtime_class is not None:
         pod_spec["runtimeClassName"] = runtime_class

@@ -25,6 +25,7 @@ from ember.api.function import Function
 from ember.pods.local import LocalPodSource
 from ember.pods.services import Credentials, no_credentials
 from ember.sources.store import EventStore
+from ember.state.store import KeyValueStore
 
 # Small windows so scaling happens within a test's time.
 FAST = ActivatorConfig(
@@ -84,13 +85,15 @@ async def run_activator(
     *,
     credentials: Credentials = no_credentials,
     store: EventStore | None = None,
+    state: KeyValueStore | None = None,
     holder: str = "activator",
 ) -> AsyncIterator[Activator]:
     """Start source + activator on 127.0.0.1:0; always stop both, and every agent by pid.
     `credentials` serves Secrets: auxiliary services' (`ember.pods.services`), routes' JWKS;
-    `store` keeps the asynchronous invocations (a temporary SQLite file when None)."""
+    `store` keeps the asynchronous invocations and `state` the key-value state (temporary SQLite
+    files when None)."""
     source = LocalPodSource(credentials=credentials)
-    app = make_app(source, config, credentials=credentials, store=store, holder=holder)
+    app = make_app(source, config, credentials=credentials, store=store, state=state, holder=holder)
     runner = web.AppRunner(app, access_log=None)
     started: list[int] = []
     try:

@@ -15,6 +15,7 @@ from ember.activator.config import ActivatorConfig
 from ember.activator.metrics import Metrics
 from ember.activator.registry import Registry
 from ember.activator.scaler import Scaler
+from ember.activator.throttler import PodSlots
 from ember.activator.version_state import VersionState
 from ember.activator.wake import Wakeup
 from ember.api.function import Function
@@ -29,6 +30,7 @@ from ember.pods.base import (
     Portal,
     SpecializeFailed,
     SpecializeRequest,
+    StateHandler,
     VersionKey,
 )
 
@@ -94,6 +96,9 @@ class FakePods:
     def route_calls(self, portal: Portal) -> None:
         self.portal = portal
 
+    def route_state(self, handler: StateHandler) -> None:
+        self.state = handler
+
     async def report_load_failure(self, version: VersionKey, *, code_hash: str, message: str) -> None:
         await asyncio.sleep(0)  # as a real API call, it yields to the loop
         self.reports.append(LoadFailureReport(version, code_hash, message))
@@ -113,11 +118,28 @@ class FakePods:
 
 
 class FakeAgents:
+    """Agents that answer every control request (`/v1/freeze`, `/v1/thaw`) with `answers[path]` (200
+    by default; an exception is raised instead), and record them."""
+
+    def __init__(self) -> None:
+        self.controls: list[tuple[str, str]] = []  # (pod address, path)
+        self.answers: dict[str, int | Exception] = {}
+        self.forgotten: list[str] = []
+        self.preconnected: list[str] = []
+
     async def preconnect(self, address: str) -> None:
-        return None
+        self.preconnected.append(address)
 
     def forget(self, address: str) -> None:
-        return None
+        self.forgotten.append(address)
+
+    async def control(self, pod: PodSlots, path: str, *, timeout_s: float, keep: bool = False) -> tuple[int, bytes]:
+        await asyncio.sleep(0)  # as a real request, it yields to the loop
+        self.controls.append((pod.address, path))
+        answer = self.answers.get(path, 200)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer, b"{}"
 
 
 class Clock:
@@ -136,15 +158,16 @@ class World:
         self.clock = Clock()
         self.pods = pods or FakePods()
         config = ActivatorConfig(queue_depth=QUEUE_DEPTH, warm_pool_size=0, load_attempts=load_attempts)
-        metrics = Metrics()
+        metrics = self.metrics = Metrics()
         wakeup = Wakeup()
         self.registry = Registry(config, metrics, clock=self.clock, wake=wakeup, replicas=lambda: self.replicas)
+        self.agents = FakeAgents()
         self.scaler = Scaler(
             self.registry,
             cast(PodSource, self.pods),
             config,
             metrics,
-            cast(AgentClient, FakeAgents()),
+            cast(AgentClient, self.agents),
             clock=self.clock,
             replicas=lambda: self.replicas,
             wakeup=wakeup,

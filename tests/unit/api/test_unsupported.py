@@ -117,6 +117,12 @@ IMPLEMENTED: dict[str, str] = {
     "spec.portions[].handler": BOTH,  # resources/portions.py portion_spec
     "spec.portions[].securityPolicyRef.name": BOTH,  # resources/portions.py resolve_portions
     "spec.portions[].calls[]": BOTH,  # resources/portions.py callees -> activator/portions.py
+    "spec.state.keyValue": BOTH,  # pods/payload.py PoolKey.key_value -> pods/services.py STATE -> ember/state
+    "spec.state.volume.mountPath": BOTH,  # resources/state_volume.py; pods/local/sandbox.py bind mount
+    "spec.state.volume.sizeMiB": NOT_LOCAL,  # resources/state_volume.py claim; a local folder is unbounded
+    "spec.state.volume.storageClassName": NOT_LOCAL,  # same
+    "spec.freeze.enabled": BOTH,  # activator/freezer.py Freezer.due
+    "spec.freeze.idleSeconds": BOTH,  # same
     # SecurityPolicySpec
     "spec.allowUnsandboxed": BOTH,  # api/security_policy.py: the gate on sandbox none (model and CEL)
     "spec.sandbox": NOT_LOCAL,  # resources/pool.py runtimeClassName; local: pods/local/sandbox.py detect_sandbox
@@ -141,8 +147,8 @@ IMPLEMENTED: dict[str, str] = {
 
 # A spec fragment setting exactly the entry's field, per entry.
 FUNCTION_SAMPLES: dict[str, dict[str, Any]] = {
-    "spec.state": {"state": {"keyValue": True}},
-    "spec.freeze": {"freeze": {"enabled": True}},
+    "spec.state.volume.sizeMiB": {"state": {"volume": {"sizeMiB": 2048}}},
+    "spec.state.volume.storageClassName": {"state": {"volume": {"storageClassName": "nfs"}}},
 }
 POLICY_SAMPLES: dict[str, dict[str, Any]] = {
     "spec.limits.pids": {"limits": {"pids": 64}},
@@ -211,8 +217,9 @@ def test_about_forty_leaf_fields_do_nothing_in_a_cluster() -> None:
     # HTTP routes (their CORS, function URL and authorizer fields were added implemented), 23 with
     # durable async invocations (maxEventAgeSeconds and Function destinations; stream ones are not),
     # 12 with event sources (Redis Streams and NATS JetStream), 10 with stream destinations, 9 with
-    # the predictor (scaling.predictive), 7 with right-sizing (resources.autoResize, cpuMillicores)
-    assert len(cluster) == 7
+    # the predictor (scaling.predictive), 7 with right-sizing (resources.autoResize, cpuMillicores), 1
+    # with shared state and freezing (state.*, freeze.*)
+    assert len(cluster) == 1
 
 
 @pytest.mark.parametrize("gap", FUNCTION_GAPS, ids=lambda g: g.path)

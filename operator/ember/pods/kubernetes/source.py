@@ -51,6 +51,7 @@ from ember.pods.base import (
     Portal,
     SpecializeFailed,
     SpecializeRequest,
+    StateHandler,
     VersionKey,
     agent_error,
     bound_by_another,
@@ -85,6 +86,8 @@ def pool_id_of(pool: PoolKey) -> str:
         policy_hash=pool.policy_hash,
         calls=pool.calls,
         cpu_millicores=pool.cpu_millicores,
+        key_value=pool.key_value,
+        volume=pool.volume,
     )
 
 
@@ -293,11 +296,14 @@ class KubernetesPodSource:
                 pod.id,
                 503,
                 "ServicesUnavailable",
-                "the policy lists auxiliary services or the code calls portions, but this activator serves no "
-                "services proxy (EMBER_SERVICES_ADDRESS)",
+                "the policy lists auxiliary services, the code calls portions or uses key-value state, but this "
+                "activator serves no services proxy (EMBER_SERVICES_ADDRESS)",
             )
-        token = self._services.grant(PodId(pod.id), version.namespace, services)
-        announced = ServiceProxy.announce(self._services_base, token, services, calls=pod.pool.calls)
+        scope = version.state_scope if pod.pool.key_value else None
+        token = self._services.grant(PodId(pod.id), version.namespace, services, state_scope=scope)
+        announced = ServiceProxy.announce(
+            self._services_base, token, services, calls=pod.pool.calls, state=pod.pool.key_value
+        )
         return {**payload, "env": {**payload.get("env", {}), **announced}}
 
     def _forget_services(self, pod: str) -> None:
@@ -451,6 +457,10 @@ class KubernetesPodSource:
     def route_calls(self, portal: Portal) -> None:
         if self._services is not None:
             self._services.portal = portal
+
+    def route_state(self, handler: StateHandler) -> None:
+        if self._services is not None:
+            self._services.state = handler
 
     async def report_load_failure(self, version: VersionKey, *, code_hash: str, message: str) -> None:
         """Annotate the Version with its load error (`labels.LOAD_ERROR_ANNOTATION`); the operator reads it.

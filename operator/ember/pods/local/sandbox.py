@@ -55,6 +55,14 @@ first (`EMBER_SANDBOX=runsc|bwrap|none` forces one):
   (probed once); it never runs privileged.
 - **none**: a plain child process, with a loud warning: the function is not isolated. It is
   handed its listening socket as under bwrap.
+
+A Function's volume (`spec.state.volume`, `VolumeBind`) is a folder on the host bound read-write
+at its `mountPath` into every sandbox of the Function, the one host folder besides run/ a
+sandbox may write: under runsc a bind mount of the OCI bundle (as root the folder is uid 65534's,
+the sandbox's user), under bwrap a `--bind` (the user namespace maps the sandbox's uid to the
+folder's owner, this process's user); with no sandbox, as root, a bind in a mount namespace of
+the pod's own over a folder that must exist at `mountPath` (without root none can be made: the
+pod does not start, and says why). Its size is not bounded locally.
 """
 
 from __future__ import annotations
@@ -95,6 +103,16 @@ class Sandbox(enum.Enum):
     RUNSC = "runsc"
     BWRAP = "bwrap"
     NONE = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeBind:
+    """A Function's volume in its sandboxes: the host folder (`make_volume` makes it), in `root`,
+    the folder of every Function's volume, and where the sandbox sees it."""
+
+    root: Path
+    host: Path
+    mount_path: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,15 +192,20 @@ def sandboxed(
     channel: bool = False,
     env: Mapping[str, str] | None = None,
     cpu_millicores: int | None = None,
+    volume: VolumeBind | None = None,
 ) -> list[str]:
     """The command line of one pod: `command` in the chosen sandbox with the agent's minimal
     environment (`agent_environment(settings)`), isolated as `isolation` says; with `channel`
     it sees the services proxy's socket (`PoolKey.channel`: auxiliary services, portion calls);
-    `cpu_millicores` bounds its CPU (as root: runsc and bwrap make cgroups only then).
+    `cpu_millicores` bounds its CPU (as root: runsc and bwrap make cgroups only then); `volume`
+    is bound read-write into it (`VolumeBind`).
 
-    Makes the pod's folders (and, for runsc, writes its OCI bundle there)."""
+    Makes the pod's folders (and, for runsc, writes its OCI bundle there) and the volume's folder."""
     env = os.environ if env is None else env
     environment = agent_environment(settings)
+    if volume is not None:
+        _check_volume(choice, command, volume)
+        make_volume(choice, volume)
     make_place(place)
     if choice.kind is Sandbox.RUNSC:
         assert choice.binary is not None
@@ -190,7 +213,13 @@ def sandboxed(
         place.run_dir.chmod(0o777)
         _small_tmpfs(place.run_dir)
         config = _oci_config(
-            command, environment, place, memory_mib=memory_mib, isolation=isolation, cpu_millicores=cpu_millicores
+            command,
+            environment,
+            place,
+            memory_mib=memory_mib,
+            isolation=isolation,
+            cpu_millicores=cpu_millicores,
+            volume=volume,
         )
         (place.root / "config.json").write_text(json.dumps(config))
         network = "host" if isolation.network else "none"
@@ -208,11 +237,73 @@ def sandboxed(
     if choice.kind is Sandbox.BWRAP:
         assert choice.binary is not None
         services = place.services_socket if channel else None
-        bwrap = _bwrap(choice.binary, command, isolation, services)
+        bwrap = _bwrap(choice.binary, command, isolation, services, volume)
         groups = bwrap_cgroups(place, memory_mib=memory_mib, isolation=isolation, cpu_millicores=cpu_millicores)
         bounded = _in_cgroups(bwrap, groups)
         return _clean_env(_in_allow_list_network(bounded, place, isolation), environment)
-    return _clean_env(list(command), environment)
+    return _clean_env(_in_volume_namespace(list(command), volume), environment)
+
+
+def make_volume(choice: SandboxChoice, volume: VolumeBind) -> None:
+    """A Function's volume folder, writable by the sandbox's user: under runsc as root uid 65534's
+    (gVisor's gofer, as root, gives the files the sandbox writes that owner too); without root the
+    sandbox's uid is not this process's, so the folder is open to all and the volumes' root (mode
+    0700) keeps other users out; bwrap maps the sandbox's uid to this process's user, and a plain
+    process is that user."""
+    volume.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    host = volume.host
+    host.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if choice.kind is not Sandbox.RUNSC:
+        return
+    if os.geteuid() == 0:
+        if host.stat().st_uid != SANDBOX_UID:
+            os.chown(host, SANDBOX_UID, SANDBOX_UID)
+    else:
+        host.chmod(0o777)
+
+
+def _check_volume(choice: SandboxChoice, command: Sequence[str], volume: VolumeBind) -> None:
+    """`PoolUnavailable` when the volume cannot be bound at its mount path in this sandbox: over
+    (or around) a host path the sandbox binds for the agent, or, with no sandbox, anywhere but
+    over an existing folder as root."""
+    target = Path(volume.mount_path)
+    if choice.kind is Sandbox.NONE:
+        if os.geteuid() != 0:
+            raise PoolUnavailable(
+                f"spec.state.volume: with no sandbox a volume needs root to be bound at {target}; "
+                "install runsc or bubblewrap"
+            )
+        if not target.is_dir() or target.is_symlink():
+            raise PoolUnavailable(
+                f"spec.state.volume: with no sandbox a volume is bound over a folder of this machine, and "
+                f"{target} is none; install runsc or bubblewrap"
+            )
+        return
+    for path in _host_paths(command):
+        if path == target or path in target.parents or target in path.parents:
+            raise PoolUnavailable(f"spec.state.volume.mountPath {target} collides with {path}, which the agent needs")
+
+
+def _in_volume_namespace(command: list[str], volume: VolumeBind | None) -> list[str]:
+    """With no sandbox: `command` in a mount namespace of its own where the volume's folder is
+    bound over `mountPath` (`_check_volume` made sure it can be), private so nothing leaks out."""
+    if volume is None:
+        return command
+    bind = 'mount --bind -- "$1" "$2" && shift 2 && exec "$@"'
+    return [
+        _which("unshare"),
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+        _which("sh"),
+        "-c",
+        bind,
+        "sh",
+        str(volume.host),
+        volume.mount_path,
+        *command,
+    ]
 
 
 def _in_allow_list_network(command: list[str], place: PodPlace, isolation: Isolation) -> list[str]:
@@ -479,6 +570,7 @@ def _oci_config(
     memory_mib: int,
     isolation: Isolation,
     cpu_millicores: int | None = None,
+    volume: VolumeBind | None = None,
 ) -> dict[str, Any]:
     """The OCI runtime spec of one runsc pod (see the module docstring)."""
     mounts: list[dict[str, Any]] = [
@@ -494,6 +586,10 @@ def _oci_config(
         if not (path.is_symlink() and path.parent == Path("/")):  # the skeleton has /bin -> usr/bin
             mounts.append({"destination": str(path), "type": "bind", "source": str(path), "options": ["rbind", "ro"]})
     mounts.append({"destination": SANDBOX_RUN_DIR, "type": "bind", "source": str(place.run_dir), "options": ["rbind"]})
+    if volume is not None:
+        mounts.append(
+            {"destination": volume.mount_path, "type": "bind", "source": str(volume.host), "options": ["rbind", "rw"]}
+        )
     namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
     if not isolation.network:
         namespaces.append({"type": "network"})
@@ -548,7 +644,13 @@ def _skeleton() -> Path:
 # -- bwrap
 
 
-def _bwrap(binary: str, command: list[str], isolation: Isolation, services: Path | None = None) -> list[str]:
+def _bwrap(
+    binary: str,
+    command: list[str],
+    isolation: Isolation,
+    services: Path | None = None,
+    volume: VolumeBind | None = None,
+) -> list[str]:
     args = [
         binary,
         "--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
@@ -569,6 +671,8 @@ def _bwrap(binary: str, command: list[str], isolation: Isolation, services: Path
             args += ["--ro-bind", str(path), str(path)]
     if services is not None:  # the services proxy's socket, alone (its folder holds the agent's)
         args += ["--ro-bind", str(services), SANDBOX_SERVICES_SOCKET]
+    if volume is not None:  # read-write: `--remount-ro /` below leaves mounts on the root as they are
+        args += ["--bind", str(volume.host), volume.mount_path]
     args += ["--remount-ro", "/"]  # the root bwrap built the binds on: its /tmp stays writable
     return [*args, "--", *command]
 

@@ -45,6 +45,7 @@ from ember.pods.base import (
     Portal,
     SpecializeFailed,
     SpecializeRequest,
+    StateHandler,
     VersionKey,
     agent_error,
     bound_by_another,
@@ -59,6 +60,7 @@ from ember.pods.local.sandbox import (
     SANDBOX_SOCKET,
     Sandbox,
     SandboxChoice,
+    VolumeBind,
     agent_makes_its_socket,
     detect_sandbox,
     kill_cgroup,
@@ -107,8 +109,13 @@ class LocalPodSource:
         stop_grace_s: float = 3.0,
         max_parallel_starts: int | None = None,
         credentials: Credentials = no_credentials,
+        volumes: Path | None = None,
     ) -> None:
         self.sandbox = sandbox or detect_sandbox()
+        # `state.volume`: each Function's folder is `volumes/<namespace>/<function>`, bound into
+        # every sandbox of its pools (`PoolKey.volume`) and kept when this source closes; without
+        # it, such pools cannot start
+        self._volumes = volumes
         if not self.sandbox.isolated:
             log.warning("local pods are NOT sandboxed: %s", self.sandbox.note)
         self._runtime_images = runtime_images
@@ -197,9 +204,10 @@ class LocalPodSource:
         payload = dict(request.payload)
         if pod.pool.channel and process.services_port is not None:
             services = pod.pool.isolation.services
-            token = self._services.grant(pod.id, request.version.namespace, services)
+            scope = request.version.state_scope if pod.pool.key_value else None
+            token = self._services.grant(pod.id, request.version.namespace, services, state_scope=scope)
             base = f"http://127.0.0.1:{process.services_port}"
-            announced = ServiceProxy.announce(base, token, services, calls=pod.pool.calls)
+            announced = ServiceProxy.announce(base, token, services, calls=pod.pool.calls, state=pod.pool.key_value)
             payload["env"] = {**payload.get("env", {}), **announced}
         try:
             async with session.post(url, json=payload, headers=headers) as response:
@@ -254,6 +262,9 @@ class LocalPodSource:
 
     def route_calls(self, portal: Portal) -> None:
         self._services.portal = portal
+
+    def route_state(self, handler: StateHandler) -> None:
+        self._services.state = handler
 
     async def report_load_failure(self, version: VersionKey, *, code_hash: str, message: str) -> None:
         """Nothing to write: in local mode the activator's own Version state is the only status."""
@@ -398,6 +409,7 @@ class LocalPodSource:
         if self._closed:
             raise PoolUnavailable("the local pod source is closed")
         agent = await self._agent_command(key.runtime)
+        volume = self._volume_bind(key)
         pod_id = PodId(f"local-{os.getpid()}-{next(self._ids)}")
         # runsc names the sandbox's cgroups after its container: a name never used before on this
         # machine (a pod id repeats in every source of a process), so no cgroup is ever shared
@@ -434,6 +446,7 @@ class LocalPodSource:
                 isolation=key.isolation,
                 channel=key.channel,
                 cpu_millicores=key.cpu_millicores,
+                volume=volume,
             )
         )
         try:
@@ -497,6 +510,15 @@ class LocalPodSource:
             (time.monotonic() - process.started_at) * 1000,
         )
         return process
+
+    def _volume_bind(self, key: PoolKey) -> VolumeBind | None:
+        """Where the Function's volume of a pool is on this machine, and where its sandboxes see it."""
+        if key.volume is None:
+            return None
+        if self._volumes is None:
+            raise PoolUnavailable("spec.state.volume: this local pod source was given no folder for volumes")
+        host = self._volumes / key.volume.namespace / key.volume.function
+        return VolumeBind(root=self._volumes, host=host, mount_path=key.volume.mount_path)
 
     async def _warn_if_control_socket_is_shared(self, pod_id: PodId) -> None:
         """Once: say so when this runsc names a sandbox's control socket in the abstract namespace
