@@ -773,9 +773,15 @@ function main() {
       }
       if (urlPath !== '/healthz') authorize(req.headers, urlPath === '/v1/specialize');
       if (urlPath === '/v1/invoke') {
-        const r = await invoke(req.headers, body);
-        replace = r.replace;
-        send(res, r.status, r.body, r.headers);
+        // X-Ember-Thaw: 1 thaws a frozen agent first (CONTRACT.md); a failed thaw answers for it
+        const thaw = req.headers['x-ember-thaw'] === '1' && S.frozen ? await freezeThaw(false) : null;
+        if (thaw && thaw[0] !== 200) {
+          send(res, thaw[0], thaw[1]);
+        } else {
+          const r = await invoke(req.headers, body);
+          replace = r.replace;
+          send(res, r.status, r.body, r.headers);
+        }
       } else if (urlPath === '/healthz') {
         const state = S.frozen ? 'frozen' : S.state;
         // liveness for anyone; what the pod runs only for the client holding its token
@@ -1104,8 +1110,10 @@ function workerMain() {
   const keptAlivePool = () => new (require('node:http').Agent)({ keepAlive: true, maxSockets: 16 });
   function postJSON(pool, url, path, headers, body, deadline, retried = false) {
     return new Promise((resolve, reject) => {
+      // EMBER_CHANNEL_SOCKET (local mode): the proxy's socket itself, one hop shorter than the relay
+      const where = process.env.EMBER_CHANNEL_SOCKET ? { socketPath: process.env.EMBER_CHANNEL_SOCKET } : { host: url.hostname, port: url.port };
       const req = require('node:http').request({
-        host: url.hostname, port: url.port, path, method: 'POST', agent: pool, timeout: Math.max(1, deadline - Date.now()),
+        ...where, path, method: 'POST', agent: pool, timeout: Math.max(1, deadline - Date.now()),
         headers: { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(body), ...headers },
       }, (res) => {
         const chunks = [];

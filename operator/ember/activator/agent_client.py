@@ -189,16 +189,20 @@ class AgentClient:
         log_tail: bool,
         call_token: str | None = None,
         function_timeout_ms: int | None = None,
+        thaw: bool = False,
     ) -> AgentReply:
         """POST the event to the pod's agent and read the whole reply (`call_token`: the
         invocation's portion calls, `ember.activator.portions`; `function_timeout_ms`: shorter than
-        the Version's timeout, for a portion called with less time left)."""
+        the Version's timeout, for a portion called with less time left; `thaw`: the pod is frozen,
+        and the agent thaws it first, `ember.activator.freezer`)."""
         address = pod.address
         extra = b""
         if call_token is not None:
             extra += b"X-Ember-Call-Token: %s\r\n" % call_token.encode()
         if function_timeout_ms is not None:
             extra += b"X-Ember-Timeout-Ms: %d\r\n" % function_timeout_ms
+        if thaw:
+            extra += b"X-Ember-Thaw: 1\r\n"
         # one join: the pod's fixed head (with its token, `PodSlots.invoke_head`), this request's lines, the body
         request = b"%sX-Ember-Request-Id: %s\r\n%s%sContent-Length: %d\r\n\r\n%s" % (
             pod.invoke_head,
@@ -234,7 +238,7 @@ class AgentClient:
     async def control(self, pod: PodSlots, path: str, *, timeout_s: float, keep: bool = False) -> tuple[int, bytes]:
         """POST an empty request to one of the agent's control endpoints (`/v1/freeze`, `/v1/thaw`)
         on a kept connection or a new one; -> (status, body). With `keep` the connection then stays
-        kept (the invocation that follows a thaw takes it), else it is closed."""
+        kept, else it is closed."""
         head = pod.invoke_head.replace(b"POST /v1/invoke ", b"POST %s " % path.encode(), 1)
         close = b"" if keep else b"Connection: close\r\n"
         connection = self._take_idle(pod.address) or await self._connect(pod.address)

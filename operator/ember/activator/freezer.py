@@ -3,22 +3,23 @@
 A specialized pod of a Version whose Function has `freeze.enabled` that has run nothing for
 `freeze.idleSeconds` is frozen (the scaler asks `due` every step): the activator first drops its
 kept-alive connections to the pod, then POSTs `/v1/freeze` (CONTRACT.md) on a connection of its
-own that the agent closes, and opens one new connection for the thaw (the agent process is never
-stopped, so a connection made after the freeze stays sound). The agent runs the code's
+own that the agent closes, and opens one new connection for the invocation that thaws it (the
+agent process is never stopped, so a connection made after the freeze stays sound). The agent runs the code's
 before-freeze callbacks, ends the code's TCP connections (so their peers see them closed now,
 and the code reconnects after the thaw) and stops the code's processes: the pod uses no CPU.
 
 A frozen pod still counts as warm capacity: it stays in routing and in every scaling decision
-(its idle time goes on counting towards keep-alive and scale-down as any pod's). The first
-invocation that takes a slot on it thaws it (`thaw`, POST `/v1/thaw`, whose connection the
-invocation then reuses) and every other one that arrives meanwhile waits for the same thaw.
-A freeze and a thaw of one pod never cross (`PodSlots.gate`): an invocation that arrives while
-its pod is being frozen waits for the freeze to end and thaws it.
+(its idle time goes on counting towards keep-alive and scale-down as any pod's). An invocation
+that takes a slot on it carries `X-Ember-Thaw: 1` (CONTRACT.md): the agent thaws, then runs it,
+in one round trip on the connection made after the freeze (`before_invoke`, `after_invoke`);
+invocations that arrive together all carry it, and the agent thaws once. A freeze and a thaw of
+one pod never cross (`PodSlots.gate`): an invocation that arrives while its pod is being frozen
+waits for the freeze to end, then thaws it.
 
 What goes wrong: an agent that refuses the freeze because an invocation got there first (409)
-leaves the pod as it was; a freeze or thaw that fails otherwise takes the pod out of routing
-(`VersionState.pod_lost`, the invoker's own rule for an unreachable pod) so that the invocation
-goes to another pod and the scaler replaces it.
+leaves the pod as it was; a freeze or thaw that fails otherwise (an after-thaw callback raised)
+takes the pod out of routing (`VersionState.pod_lost`, the invoker's own rule for an unreachable
+pod) so that the invocation goes to another pod and the scaler replaces it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from ember.activator.agent_client import AgentClient, AgentLost, AgentUnreachable
+from ember.activator.agent_client import AgentClient, AgentLost, AgentReply, AgentUnreachable
 from ember.activator.metrics import Metrics
 from ember.activator.throttler import PodSlots
 from ember.activator.version_state import VersionState
@@ -37,10 +38,6 @@ from ember.activator.version_state import VersionState
 log = logging.getLogger(__name__)
 
 CONTROL_TIMEOUT_S = 30.0  # the agent gives before-freeze / after-thaw callbacks 10 s per process
-
-
-class ThawFailed(Exception):
-    """The pod could not be thawed; it left routing."""
 
 
 class Freezer:
@@ -54,7 +51,7 @@ class Freezer:
     @staticmethod
     def due(vs: VersionState, now: float) -> list[PodSlots]:
         """The Version's serving pods to freeze now: idle for `freeze.idleSeconds`, not frozen, no
-        freeze or thaw under way."""
+        freeze under way."""
         freeze = vs.spec.freeze
         if not freeze.enabled:
             return []
@@ -87,8 +84,8 @@ class Freezer:
             pod.frozen = True
             self._metrics.freezes.labels(vs.fs.label, "frozen").inc()
             closed = _connections_closed(body)
-            # one connection made after the freeze, for the thaw: the agent process itself is never
-            # stopped, so it stays sound however long the pod sleeps (a thaw on a new connection
+            # one connection made after the freeze, for the thawing invocation: the agent process is
+            # never stopped, so it stays sound however long the pod sleeps (a new connection then
             # would wait for the agent's accept and a thread: milliseconds under gVisor)
             with contextlib.suppress(AgentUnreachable):
                 await self._client.preconnect(pod.address)
@@ -100,20 +97,27 @@ class Freezer:
                 closed,
             )
 
-    async def thaw(self, vs: VersionState, pod: PodSlots) -> None:
-        """Make sure the pod whose slot the caller holds is not frozen; raises ThawFailed."""
+    async def before_invoke(self, pod: PodSlots) -> bool:
+        """Wait for a freeze of the pod under way (the caller holds a slot on it); -> whether its
+        invocation must thaw it (`X-Ember-Thaw`, CONTRACT.md: the thaw and the invocation in one
+        round trip; the agent thaws once however many invocations ask)."""
         started = time.perf_counter()
-        async with pod.gate:
-            if pod.frozen:
-                try:
-                    status, body = await self._client.control(pod, "/v1/thaw", timeout_s=CONTROL_TIMEOUT_S, keep=True)
-                except (AgentUnreachable, AgentLost, TimeoutError) as err:
-                    raise ThawFailed(self._failed(vs, pod, "thaw", str(err) or "no answer")) from err
-                if status != 200:
-                    raise ThawFailed(self._failed(vs, pod, "thaw", f"answered {status}: {body[:200]!r}"))
-                pod.frozen = False
-                self._metrics.freezes.labels(vs.fs.label, "thawed").inc()
-        self._metrics.thaw_duration.observe(time.perf_counter() - started)
+        if pod.gate.locked():
+            async with pod.gate:
+                pass
+        self._metrics.thaw_wait.observe(time.perf_counter() - started)
+        return pod.frozen
+
+    def after_invoke(self, vs: VersionState, pod: PodSlots, reply: AgentReply) -> bool:
+        """The answer to an invocation that asked for a thaw: True when the thaw failed (the pod
+        left routing, the invocation did not run), else the pod is thawed."""
+        if reply.status == 500 and b"Runtime.AfterThawError" in reply.body[:200]:
+            self._failed(vs, pod, "thaw", f"answered 500: {reply.body[:200]!r}")
+            return True
+        if pod.frozen:
+            pod.frozen = False
+            self._metrics.freezes.labels(vs.fs.label, "thawed").inc()
+        return False
 
     def _failed(self, vs: VersionState, pod: PodSlots, what: str, why: str) -> str:
         message = f"{vs.fs.label}: pod {pod.handle.id}: {what} failed: {why}"
@@ -133,5 +137,5 @@ def _connections_closed(body: bytes) -> int | str:
 
 
 def needs_thaw(pod: PodSlots) -> bool:
-    """The invoker's check on the hot path: frozen, or a freeze or thaw under way."""
+    """The invoker's check on the hot path: frozen, or a freeze under way."""
     return pod.frozen or pod.gate.locked()

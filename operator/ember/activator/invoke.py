@@ -7,7 +7,7 @@ a pod that dies while running it gives an `Unhandled` function error, as in Lamb
 invoker does not know the scaler: it tells the Version (`VersionState.pod_lost`) and pokes the
 injected `Wake` so that the scaling loop replaces the pod without waiting for its tick. Every
 reply's measured memory and CPU go to the Version's right-sizing (`VersionState.record_usage`).
-A frozen pod is thawed before its invocation is sent (`ember.activator.freezer`).
+A frozen pod is thawed by its invocation (`ember.activator.freezer`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from ember.activator.errors import (
     PodFailed,
     Throttled,
 )
-from ember.activator.freezer import Freezer, ThawFailed, needs_thaw
+from ember.activator.freezer import Freezer, needs_thaw
 from ember.activator.registry import Registry
 from ember.activator.throttler import PodSlots
 from ember.activator.version_state import VersionState
@@ -135,13 +135,8 @@ class Invoker:
                         pod = await vs.throttler.acquire()
                 except TimeoutError:
                     raise CapacityTimeout(f"{vs.fs.label}: no pod free before the caller's time was up") from None
-            if needs_thaw(pod):  # a frozen pod (`ember.activator.freezer`): thawed first
-                try:
-                    await self._freezer.thaw(vs, pod)
-                except ThawFailed:
-                    vs.throttler.release(pod)  # it left routing; the invocation goes to another pod
-                    self._wake.poke()
-                    continue
+            # a frozen pod (`ember.activator.freezer`): the invocation thaws it
+            thaw = needs_thaw(pod) and await self._freezer.before_invoke(pod)
             timeout_s, function_s, function_ms = vs.timeout_s, float(vs.spec.timeout_seconds), None
             if by is not None and (within_s := by - time.monotonic()) < function_s:
                 timeout_s, function_s = timeout_s - function_s + within_s, within_s
@@ -156,6 +151,7 @@ class Invoker:
                     log_tail=log_tail,
                     call_token=call,
                     function_timeout_ms=function_ms,
+                    thaw=thaw,
                 )
             except AgentUnreachable as err:
                 log.warning(
@@ -174,6 +170,9 @@ class Invoker:
                 vs.throttler.release(pod)
                 if call is not None:
                     self.tokens.close(call)
+            if thaw and self._freezer.after_invoke(vs, pod, reply):
+                self._wake.poke()
+                continue  # its thaw failed and it left routing; the invocation goes to another pod
             status = reply.status
             if status == 200:
                 vs.record_usage(reply, pod.handle.pool.memory_mib)

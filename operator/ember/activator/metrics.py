@@ -110,9 +110,10 @@ class Metrics:
             ["function", "outcome"],
             registry=self.registry,
         )
-        self.thaw_duration = Histogram(
-            "ember_thaw_duration_seconds",
-            "Time an invocation waited for its frozen pod to thaw (the freeze in progress included).",
+        self.thaw_wait = Histogram(
+            "ember_thaw_wait_seconds",
+            "Time an invocation on a frozen (or freezing) pod waited for a freeze under way to end"
+            " before it was sent with its thaw.",
             buckets=DURATION_BUCKETS,
             registry=self.registry,
         )

@@ -56,11 +56,7 @@ class _Connection:
             reused = sock is not None
             try:
                 if sock is None:
-                    family = _socket.AF_INET6 if ":" in host else _socket.AF_INET
-                    sock = mine.sock = _socket.socket(family, _socket.SOCK_STREAM)
-                    sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
-                    sock.settimeout(timeout)
-                    sock.connect((host, port))
+                    sock = mine.sock = _connect(timeout, host, port)
                 sock.settimeout(timeout)
                 sock.sendall(request)
                 status, head, data, keep = _read_reply(sock)
@@ -73,6 +69,24 @@ class _Connection:
                 _close(mine)
             return status, head, data
         raise ChannelUnreachable("the connection was closed twice")  # not reached
+
+
+def _connect(timeout, host, port):
+    """A connection to Ember: EMBER_CHANNEL_SOCKET when the host announced one (local mode: the
+    services proxy's socket itself, which skips the agent's relay, ~0.4 ms a request under gVisor),
+    else TCP to the URL's host."""
+    path = os.environ.get("EMBER_CHANNEL_SOCKET")
+    if path:
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        sock.connect(path)
+        return sock
+    family = _socket.AF_INET6 if ":" in host else _socket.AF_INET
+    sock = _socket.socket(family, _socket.SOCK_STREAM)
+    sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+    sock.settimeout(timeout)
+    sock.connect((host, port))
+    return sock
 
 
 def _close(mine):

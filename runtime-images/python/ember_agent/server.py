@@ -112,6 +112,15 @@ class _Conn:
                 raise bad_request("malformed chunk: missing CRLF after data")
 
 
+def _thaw_first(headers):
+    """An invocation with `X-Ember-Thaw: 1` thaws a frozen agent first (CONTRACT.md): None when
+    it may run, else the failed thaw's (status, answer)."""
+    if headers.get("x-ember-thaw") != "1" or not _S.frozen:
+        return None
+    status, obj = _freeze_thaw(False)
+    return None if status == 200 else (status, obj)
+
+
 def _respond(sock, status, body, extra=b"", close=False):
     head = b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s%s\r\n" % (
         status,
@@ -203,7 +212,11 @@ def _serve_conn(sock):
                 if path != "/healthz":
                     _authorize(headers, path == "/v1/specialize")
                 if path == "/v1/invoke":
-                    status, out, extra, replace = _invoke(headers, body)
+                    thaw = _thaw_first(headers)
+                    if thaw is None:
+                        status, out, extra, replace = _invoke(headers, body)
+                    else:  # the thaw the invocation asked for failed: it did not run
+                        status, out, extra = thaw[0], jbytes(thaw[1]), b""
                 elif path == "/healthz":
                     status, out, extra = 200, jbytes(_healthz(_authorized(headers))), b""
                 elif path == "/v1/specialize":

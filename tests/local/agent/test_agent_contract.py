@@ -631,6 +631,19 @@ def test_freeze_thaw_hooks(agent, code):
     agent.wait_output("after thaw hook ran")
 
 
+def test_an_invocation_asking_for_the_thaw_thaws_then_runs(agent, code):
+    specialize_main(agent, code)
+    assert agent.invoke({"action": "state"}).json()["thawed"] == 0
+    assert agent.request("POST", "/v1/freeze").status == 200
+    assert agent.invoke({}).status == 503  # without the header: still frozen
+    r = agent.invoke({"action": "state"}, headers={"X-Ember-Thaw": "1"})
+    assert r.status == 200, r
+    assert r.json()["thawed"] == 1  # the after-thaw hooks ran before the invocation
+    assert agent.healthz()["state"] == "specialized"
+    r = agent.invoke({"action": "state"}, headers={"X-Ember-Thaw": "1"})  # not frozen: no thaw, no hook
+    assert r.json()["thawed"] == 1
+
+
 def test_freeze_generic_agent(agent, code):
     bind_generic(agent, code)
     assert agent.request("POST", "/v1/freeze").json() == {"state": "frozen"}

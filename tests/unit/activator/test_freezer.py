@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any, cast
 
-import pytest
-
-from ember.activator.agent_client import AgentClient, AgentUnreachable
-from ember.activator.freezer import Freezer, ThawFailed, needs_thaw
+from ember.activator.agent_client import AgentClient, AgentReply, AgentUnreachable
+from ember.activator.freezer import Freezer, needs_thaw
 from ember.activator.version_state import VersionState
 from ember.api.function import Function
 from tests.unit.activator.fakes import World
@@ -90,7 +88,7 @@ async def test_a_freeze_that_fails_takes_the_pod_out_of_routing() -> None:
     assert len(vs.draining) == 2  # both left routing; the scaler replaces them
 
 
-async def test_a_thaw_waits_for_a_freeze_under_way_and_one_thaw_serves_every_waiter() -> None:
+async def test_an_invocation_waits_for_a_freeze_under_way_and_then_asks_for_the_thaw() -> None:
     world = World()
     vs = _freezing(world, idle_seconds=1)
     await world.step()
@@ -99,13 +97,17 @@ async def test_a_thaw_waits_for_a_freeze_under_way_and_one_thaw_serves_every_wai
     freezing = asyncio.create_task(freezer.freeze(vs, pod))
     await asyncio.sleep(0)  # the freeze holds the gate, its request in flight
     assert needs_thaw(pod)
-    await asyncio.gather(freezer.thaw(vs, pod), freezer.thaw(vs, pod), freezing)
-    assert [path for _, path in world.agents.controls] == ["/v1/freeze", "/v1/thaw"]
+    first, second = await asyncio.gather(freezer.before_invoke(pod), freezer.before_invoke(pod))
+    await freezing
+    assert (first, second) == (True, True)  # both carry X-Ember-Thaw; the agent thaws once
+    assert [path for _, path in world.agents.controls] == ["/v1/freeze"]
+    assert freezer.after_invoke(vs, pod, _reply(200)) is False
     assert not pod.frozen
     assert not needs_thaw(pod)
+    assert await freezer.before_invoke(pod) is False
 
 
-async def test_a_thaw_that_fails_takes_the_pod_out_of_routing_and_says_why() -> None:
+async def test_a_thaw_that_fails_takes_the_pod_out_of_routing() -> None:
     world = World()
     vs = _freezing(world, idle_seconds=1)
     await world.step()
@@ -113,7 +115,17 @@ async def test_a_thaw_that_fails_takes_the_pod_out_of_routing_and_says_why() -> 
     freezer = Freezer(cast(AgentClient, world.agents), world.metrics)
     await freezer.freeze(vs, pod)
     assert pod.frozen
-    world.agents.answers["/v1/thaw"] = 500
-    with pytest.raises(ThawFailed, match="thaw failed: answered 500"):
-        await freezer.thaw(vs, pod)
+    failed = _reply(500, b'{"errorType": "Runtime.AfterThawError", "errorMessage": "hook raised", "state": "x"}')
+    assert freezer.after_invoke(vs, pod, failed) is True
     assert pod in vs.draining
+    # a function's own error after a good thaw is not a failed thaw
+    other = vs.serving[0]
+    other.frozen = True
+    assert freezer.after_invoke(vs, other, _reply(200, b'{"errorType": "Runtime.AfterThawError"}')) is False
+    assert not other.frozen
+
+
+def _reply(status: int, body: bytes = b"{}") -> AgentReply:
+    return AgentReply(
+        status=status, body=body, function_error=None, log_result=None, duration_ms=None, max_rss_kib=None
+    )

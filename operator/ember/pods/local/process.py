@@ -121,6 +121,7 @@ class AgentProcess:
     started_at: float = field(default_factory=time.monotonic)
     refill_due: asyncio.TimerHandle | None = None
     services_port: int | None = None  # where its agent relays to the services proxy, on its loopback
+    services_socket: str | None = None  # the services proxy's socket, where its sandbox sees it
     oom_events: int | None = None  # an eventfd of its memory cgroup's OOM (bwrap, cgroup v1)
     oom_noted: bool = False  # its out-of-memory kill is logged
 

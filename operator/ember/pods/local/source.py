@@ -208,6 +208,9 @@ class LocalPodSource:
             token = self._services.grant(pod.id, request.version.namespace, services, state_scope=scope)
             base = f"http://127.0.0.1:{process.services_port}"
             announced = ServiceProxy.announce(base, token, services, calls=pod.pool.calls, state=pod.pool.key_value)
+            if process.services_socket is not None and (pod.pool.calls or pod.pool.key_value):
+                # Ember's own clients (state, portions) skip the relay (CONTRACT.md, EMBER_CHANNEL_SOCKET)
+                announced["EMBER_CHANNEL_SOCKET"] = process.services_socket
             payload["env"] = {**payload.get("env", {}), **announced}
         try:
             async with session.post(url, json=payload, headers=headers) as response:
@@ -480,6 +483,7 @@ class LocalPodSource:
                 if listener is not None:
                     listener.close()  # the agent holds it now
             process = AgentProcess(pod_id, key, proc)
+            process.services_socket = settings.get("EMBER_AGENT_SERVICES_SOCKET")
             self._processes[pod_id] = process
             if self.sandbox.kind is Sandbox.BWRAP:
                 self._watch_oom(process, place)
