@@ -87,12 +87,13 @@ async def run_activator(
     store: EventStore | None = None,
     state: KeyValueStore | None = None,
     holder: str = "activator",
+    source: LocalPodSource | None = None,
 ) -> AsyncIterator[Activator]:
     """Start source + activator on 127.0.0.1:0; always stop both, and every agent by pid.
     `credentials` serves Secrets: auxiliary services' (`ember.pods.services`), routes' JWKS;
     `store` keeps the asynchronous invocations and `state` the key-value state (temporary SQLite
-    files when None)."""
-    source = LocalPodSource(credentials=credentials)
+    files when None); `source` is the pod source (the best sandbox here when None)."""
+    source = source or LocalPodSource(credentials=credentials)
     app = make_app(source, config, credentials=credentials, store=store, state=state, holder=holder)
     runner = web.AppRunner(app, access_log=None)
     started: list[int] = []

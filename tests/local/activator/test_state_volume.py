@@ -14,7 +14,6 @@ tests/cluster/test_state_volume_cluster.py.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import subprocess
@@ -25,15 +24,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
-from aiohttp import web
 
-from ember.activator.app import make_app
 from ember.pods.local import LocalPodSource
 from ember.pods.local.sandbox import SANDBOX_UID, detect_sandbox
 
-from .helpers import FAST, Activator, _alive, function
+from .helpers import FAST, Activator, function, run_activator
 
 NOTES = """
     import json, os, time, uuid
@@ -58,32 +54,11 @@ VOLUME: dict[str, Any] = {"state": {"volume": {"mountPath": "/mnt/state", "sizeM
 
 @pytest.fixture(params=["runsc", "bwrap"])
 async def activator(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Activator]:
-    """An activator over a local source, in each sandbox this machine has, whose volumes live in
-    `tmp_path/volumes`; every agent is stopped by pid at the end, pass or fail."""
-    try:
-        sandbox = detect_sandbox({**os.environ, "EMBER_SANDBOX": request.param})
-    except ValueError as err:
-        pytest.skip(str(err))
-    source = LocalPodSource(sandbox=sandbox, volumes=tmp_path / "volumes")
-    app = make_app(source, FAST)
-    runner = web.AppRunner(app, access_log=None)
-    started: list[int] = []
-    try:
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        async with aiohttp.ClientSession() as http:
-            yield Activator(f"http://127.0.0.1:{port}", app, source, http)
-    finally:
-        started = source.running_pids()
-        await runner.cleanup()
-        await source.close()
-        leftover = [pid for pid in started if _alive(pid)]
-        for pid in leftover:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, 9)
-        assert not leftover, f"agent processes still running after close: {leftover}"
+    """An activator over a local source in each sandbox (tests/cluster/install-deps.sh installs
+    both: one missing fails here), whose volumes live in `tmp_path/volumes`."""
+    sandbox = detect_sandbox({**os.environ, "EMBER_SANDBOX": request.param})
+    async with run_activator(FAST, source=LocalPodSource(sandbox=sandbox, volumes=tmp_path / "volumes")) as running:
+        yield running
 
 
 async def _invoke(act: Activator, name: str, event: object) -> dict[str, Any]:
