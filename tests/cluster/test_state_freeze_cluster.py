@@ -23,11 +23,8 @@ Functions use the default policy (egress `none`): their only channel is the one 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import shutil
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +38,7 @@ from tests.apiserver.operator_harness import Ember
 from tests.cluster.node import NODE_IP
 from tests.cluster.scenarios import ActivatorProcess
 from tests.cluster.test_agent_restart_cluster import _call, _create_ready, _function
+from tests.local.sources.brokers import redis_server
 
 STATE = {"state": {"keyValue": True}, "timeoutSeconds": 60}
 TOTAL_CALLS, INCRS_EACH = 30, 10
@@ -86,35 +84,15 @@ def handler(event, context):
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def redis_store(tmp_path: Path) -> Iterator[tuple[str, redis.Redis]]:
     """A real redis-server on the host's loopback (stopped by pid): its URL and a client of the test's."""
-    binary = shutil.which("redis-server")
-    assert binary, "redis-server is not installed (tests/cluster/install-deps.sh installs it)"
-    port = _free_port()
-    args = ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path), "--save", "", "--appendonly", "no"]
-    process = subprocess.Popen([binary, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = redis.Redis(host="127.0.0.1", port=port)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            with contextlib.suppress(redis.ConnectionError):
-                if client.ping():
-                    break
-            assert process.poll() is None, "redis-server exited"
-            assert time.monotonic() < deadline, "redis-server did not answer PING"
-            time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0", client
-    finally:
-        client.close()
-        process.kill()
-        process.wait(timeout=10)
+    with redis_server(tmp_path) as server:
+        client = redis.Redis(host=server.host, port=server.port)
+        try:
+            yield server.url, client
+        finally:
+            client.close()
 
 
 @pytest.fixture

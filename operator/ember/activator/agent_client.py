@@ -235,23 +235,15 @@ class AgentClient:
             cpu_ms=_text(headers, b"x-ember-cpu-ms"),
         )
 
-    async def control(self, pod: PodSlots, path: str, *, timeout_s: float, keep: bool = False) -> tuple[int, bytes]:
-        """POST an empty request to one of the agent's control endpoints (`/v1/freeze`, `/v1/thaw`)
-        on a kept connection or a new one; -> (status, body). With `keep` the connection then stays
-        kept, else it is closed."""
+    async def control(self, pod: PodSlots, path: str, *, timeout_s: float) -> tuple[int, bytes]:
+        """POST an empty request to one of the agent's control endpoints (`/v1/freeze`) on a
+        connection of its own, closed after the answer; -> (status, body)."""
         head = pod.invoke_head.replace(b"POST /v1/invoke ", b"POST %s " % path.encode(), 1)
-        close = b"" if keep else b"Connection: close\r\n"
-        connection = self._take_idle(pod.address) or await self._connect(pod.address)
+        connection = await self._connect(pod.address)
         try:
             async with asyncio.timeout(timeout_s):
-                status, _, body = await connection.request(b"%s%sContent-Length: 0\r\n\r\n" % (head, close))
-        except BaseException:
-            connection.close()
-            self._all.discard(connection)
-            raise
-        if keep and not connection.closed and not self._closing:
-            self._idle.setdefault(pod.address, []).append(connection)
-        else:
+                status, _, body = await connection.request(b"%sConnection: close\r\nContent-Length: 0\r\n\r\n" % head)
+        finally:
             connection.close()
             self._all.discard(connection)
         return status, body

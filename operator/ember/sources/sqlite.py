@@ -59,6 +59,23 @@ _FUNCTION = "json_extract(doc, '$.namespace') || '/' || json_extract(doc, '$.fun
 PRUNE_EVERY_S = 300.0
 
 
+def lock_exclusively(path: Path, what: str, hint: str, error: type[Exception]) -> int:
+    """The descriptor of `path`.lock, locked for this process alone (its folder made first): one
+    process owns a SQLite store. Raises `error` naming `what` when it cannot be opened, or when
+    another process holds it (`hint`: who that may be)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as err:
+        raise error(f"cannot open {what}: {err.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise error(f"{what} is in use by another process ({hint})") from None
+    return fd
+
+
 class SqliteStore:
     """`EventStore` in one SQLite file."""
 
@@ -77,20 +94,8 @@ class SqliteStore:
         await self._call(self._open)
 
     def _open(self) -> None:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as err:
-            raise StoreError(f"cannot open the event store {self.path}: {err.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise StoreError(
-                f"the event store {self.path} is in use by another process (another ember dev with the same "
-                "--state-dir, or another activator with the same EMBER_ASYNC_STORE?)"
-            ) from None
-        self._lock_fd = fd
+        hint = "another ember dev with the same --state-dir, or another activator with the same EMBER_ASYNC_STORE?"
+        self._lock_fd = lock_exclusively(self.path, f"the event store {self.path}", hint, StoreError)
         try:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")

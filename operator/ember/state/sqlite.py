@@ -19,13 +19,13 @@ no single operation holds the loop for long.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from ember.sources.sqlite import lock_exclusively
 from ember.state.store import INT64_MAX, INT64_MIN, StateError, StoreUnavailable, as_integer, overflows
 
 _SCHEMA = """
@@ -65,19 +65,8 @@ class SqliteKeyValueStore:
         self._swept_at = float("-inf")
 
     async def start(self) -> None:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as err:
-            raise StateError(f"cannot open the state store {self.path}: {err.strerror}") from err
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise StateError(
-                f"the state store {self.path} is in use by another process (another ember dev with the same "
-                "--state-dir?)"
-            ) from None
+        hint = "another ember dev with the same --state-dir?"
+        fd = lock_exclusively(self.path, f"the state store {self.path}", hint, StateError)
         try:
             db = sqlite3.connect(self.path, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")

@@ -26,7 +26,7 @@ import pytest
 import redis
 import urllib3
 from aiohttp import web
-from tests.local.sources.brokers import free_port
+from tests.local.sources.brokers import redis_server
 
 from ember.api.function import Function
 from ember.api.security_policy import SecurityPolicySpec
@@ -115,30 +115,14 @@ class _HttpServer:
 
 @contextlib.contextmanager
 def _redis(host: str, folder: Path) -> Iterator[tuple[int, redis.Redis]]:
-    port = free_port()
-    binary = shutil.which("redis-server")
-    assert binary, "redis-server is not installed (tests/cluster/install-deps.sh installs it)"
-    args = [binary, "--port", str(port), "--bind", host, "--dir", str(folder), "--save", "", "--appendonly", "no"]
-    process = subprocess.Popen(
-        [*args, "--timeout", str(IDLE_TIMEOUT_S), "--protected-mode", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    client = redis.Redis(host=host, port=port)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            with contextlib.suppress(redis.ConnectionError):
-                if client.ping():
-                    break
-            assert process.poll() is None, "redis-server exited"
-            assert time.monotonic() < deadline, "redis-server did not answer PING"
-            time.sleep(0.05)
-        yield port, client
-    finally:
-        client.close()
-        process.kill()
-        process.wait(timeout=10)
+    """A real redis-server on `host` that closes clients idle for IDLE_TIMEOUT_S, and a client of the test's."""
+    options = ("--timeout", str(IDLE_TIMEOUT_S), "--protected-mode", "no")
+    with redis_server(folder, host=host, options=options) as server:
+        client = redis.Redis(host=host, port=server.port)
+        try:
+            yield server.port, client
+        finally:
+            client.close()
 
 
 def _code_dir(folder: Path, main: str) -> Path:

@@ -25,11 +25,13 @@ class RedisServer:
     folder: Path
     password: str = ""
     process: subprocess.Popen[bytes] | None = None
+    host: str = "127.0.0.1"  # the address it binds (an address the test added to the loopback)
+    options: tuple[str, ...] = ()  # more redis-server arguments (later ones win, e.g. --timeout 6)
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
     def start(self) -> None:
         binary = shutil.which("redis-server")
@@ -41,7 +43,7 @@ class RedisServer:
                 "--port",
                 str(self.port),
                 "--bind",
-                "127.0.0.1",
+                self.host,
                 "--dir",
                 str(self.folder),
                 "--appendonly",
@@ -55,6 +57,7 @@ class RedisServer:
                 "--logfile",
                 str(self.folder / "redis.log"),
                 *(["--requirepass", self.password] if self.password else []),
+                *self.options,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -64,7 +67,7 @@ class RedisServer:
             if self.process.poll() is not None:
                 log = (self.folder / "redis.log").read_text(errors="replace")[-2000:]
                 raise AssertionError(f"redis-server exited with {self.process.returncode}: {log}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+            with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), timeout=1) as s:
                 s.sendall(b"PING\r\n")
                 if s.recv(16).startswith((b"+PONG", b"-NOAUTH")):
                     return
@@ -80,8 +83,8 @@ class RedisServer:
 
 
 @contextlib.contextmanager
-def redis_server(folder: Path) -> Iterator[RedisServer]:
-    server = RedisServer(free_port(), folder)
+def redis_server(folder: Path, host: str = "127.0.0.1", options: tuple[str, ...] = ()) -> Iterator[RedisServer]:
+    server = RedisServer(free_port(), folder, host=host, options=options)
     server.start()
     try:
         yield server

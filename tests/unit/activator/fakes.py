@@ -118,7 +118,7 @@ class FakePods:
 
 
 class FakeAgents:
-    """Agents that answer every control request (`/v1/freeze`, `/v1/thaw`) with `answers[path]` (200
+    """Agents that answer every control request (`/v1/freeze`) with `answers[path]` (200
     by default; an exception is raised instead), and record them."""
 
     def __init__(self) -> None:
@@ -133,7 +133,7 @@ class FakeAgents:
     def forget(self, address: str) -> None:
         self.forgotten.append(address)
 
-    async def control(self, pod: PodSlots, path: str, *, timeout_s: float, keep: bool = False) -> tuple[int, bytes]:
+    async def control(self, pod: PodSlots, path: str, *, timeout_s: float) -> tuple[int, bytes]:
         await asyncio.sleep(0)  # as a real request, it yields to the loop
         self.controls.append((pod.address, path))
         answer = self.answers.get(path, 200)
