@@ -73,6 +73,30 @@ function main() {
 
   const logAgent = (msg) => process.stderr.write(`ember-agent: ${msg}\n`);
 
+  // EMBER_AGENT_PIDS_LIMIT (CONTRACT.md): RLIMIT_NPROC, soft and hard, set before any worker starts. It
+  // bounds the tasks (processes and threads) of the agent's uid, the agent's own included: a pod's
+  // pids limit where the uid's tasks are counted per sandbox (gVisor's kernel, a Kata VM). Node has
+  // no setrlimit, so util-linux's prlimit sets it on this process (prlimit(2) on a pid of one's uid).
+  function limitTasks(limit) {
+    let limits = '';
+    try { limits = fs.readFileSync('/proc/self/limits', 'utf8'); } catch { /* older gVisor has none */ }
+    const current = /^Max processes\s+\S+\s+(\S+)/m.exec(limits);
+    if (current && current[1] !== 'unlimited') limit = Math.min(limit, Number(current[1]));  // a tighter one stays
+    const prlimit = ['/usr/bin/prlimit', '/bin/prlimit'].find((p) => fs.existsSync(p));
+    if (!prlimit) {
+      logAgent('EMBER_AGENT_PIDS_LIMIT is set but prlimit (util-linux) is not in the image');
+      process.exit(2);
+    }
+    const set = require('node:child_process').spawnSync(
+      prlimit, ['--pid', String(process.pid), `--nproc=${limit}:${limit}`], { stdio: ['ignore', 'ignore', 'pipe'] });
+    if (set.status !== 0) {
+      logAgent(`EMBER_AGENT_PIDS_LIMIT=${limit}: prlimit failed: ${String(set.stderr || set.error).trim()}`);
+      process.exit(2);
+    }
+  }
+  const pidsLimit = envInt('EMBER_AGENT_PIDS_LIMIT', 0, 8);
+  if (pidsLimit) limitTasks(pidsLimit);
+
   function prefixLines(rid, text) {
     const lines = text.split('\n');
     if (lines.length && lines[lines.length - 1] === '') lines.pop();

@@ -77,10 +77,12 @@ FUNCTION_GAPS: Final[tuple[Gap[FunctionSpec], ...]] = (
 )
 
 POLICY_GAPS: Final[tuple[Gap[SecurityPolicySpec], ...]] = (
-    # A cluster: nothing limits a pod's processes (the kubelet's podPidsLimit is per node). Local
-    # mode: runsc's pids cgroup is a backstop that follows it (pods/local/sandbox.py runsc_host_tasks);
-    # bwrap's is exactly it as root (bwrap_cgroups); without root none, and `ember dev`'s banner says so.
-    Gap("spec.limits.pids", lambda s: s.limits.pids != _LIMITS.pids, CLUSTER_ONLY),
+    # The agent's RLIMIT_NPROC, where the pod's uid has a kernel of its own: gVisor or Kata pods in
+    # a cluster (resources/pool.py pids_limit) and runsc locally. A cluster's `none` pods share the
+    # node's kernel, where the rlimit would count every container of that uid (and the kubelet's
+    # podPidsLimit is per node). Local bwrap: its pids cgroup as root (bwrap_cgroups); without
+    # root none, and `ember dev`'s banner says so.
+    Gap("spec.limits.pids", lambda s: s.limits.pids != _LIMITS.pids and s.sandbox == "none", CLUSTER_ONLY),
     # Local mode: the sandbox is whatever this machine offers (pods/local/sandbox.py detect_sandbox).
     Gap("spec.sandbox", lambda s: s.sandbox != "gvisor", LOCAL_ONLY),
     Gap("spec.runtimeClassName", lambda s: s.runtime_class_name is not None, LOCAL_ONLY),

@@ -6,7 +6,10 @@ interchangeable only within it. Its pods carry `ember.run/pool=<id>` and
 claim) takes it out of the Deployment and its ReplicaSet starts a replacement.
 
 Pods run with restricted pod security whatever the sandbox: non-root, read-only root, every
-capability dropped, seccomp RuntimeDefault, no service-account token. The only writable places
+capability dropped, seccomp RuntimeDefault, no service-account token. `limits.pids` is the agent's
+RLIMIT_NPROC (`EMBER_AGENT_PIDS_LIMIT`, `pids_limit`): Kubernetes has no per-pod pids limit, but under
+gVisor or Kata the pod's uid has a kernel of its own, so the rlimit counts exactly the pod's tasks.
+The only writable places
 are two emptyDirs: /tmp (sized by the policy) and the code directory, and, in the pools of a
 Function with `state.volume`, that Function's claim (`ember.resources.state_volume`: the volume is
 part of the key, since a generic pod cannot be given a volume once it runs).
@@ -149,6 +152,17 @@ def cpu_millicores(memory_mib: int) -> int:
     return max(MIN_CPU_MILLICORES, memory_mib * 1000 // MIB_PER_CPU)
 
 
+# Sandboxes with a kernel per pod, where RLIMIT_NPROC counts the pod's tasks and no one else's. Under
+# `none` it would count every container of that uid on the node, so it is not set there, and
+# `ember.api.unsupported` says so.
+OWN_KERNEL_SANDBOXES: Final = frozenset({"gvisor", "kata"})
+
+
+def pids_limit(policy: SecurityPolicySpec) -> int | None:
+    """The agent's task bound (`EMBER_AGENT_PIDS_LIMIT`) under `policy`, or None where it cannot be per pod."""
+    return policy.limits.pids if policy.sandbox in OWN_KERNEL_SANDBOXES else None
+
+
 def _container(spec: PoolSpec) -> dict[str, Any]:
     if spec.cpu_millicores is not None:
         request = limit = spec.cpu_millicores
@@ -165,6 +179,7 @@ def _container(spec: PoolSpec) -> dict[str, Any]:
             {"name": "EMBER_AGENT_PORT", "value": str(AGENT_PORT)},
             {"name": "EMBER_AGENT_CODE_DIR", "value": CODE_DIR},
             {"name": "EMBER_RUNTIME", "value": spec.runtime},
+            *_pids_env(spec.policy),
         ],
         "ports": [{"name": "agent", "containerPort": AGENT_PORT, "protocol": "TCP"}],
         "readinessProbe": {
@@ -189,6 +204,11 @@ def _container(spec: PoolSpec) -> dict[str, Any]:
             *([volume_mount(spec.volume)] if spec.volume is not None else []),
         ],
     }
+
+
+def _pids_env(policy: SecurityPolicySpec) -> list[dict[str, str]]:
+    limit = pids_limit(policy)
+    return [] if limit is None else [{"name": "EMBER_AGENT_PIDS_LIMIT", "value": str(limit)}]
 
 
 def pool_deployment(spec: PoolSpec) -> dict[str, Any]:

@@ -24,11 +24,29 @@ from .supervisor import _fork_standby, _rmtree
 from .template import _standby_main
 
 
+def _limit_tasks():
+    """EMBER_AGENT_PIDS_LIMIT: RLIMIT_NPROC, soft and hard, before the agent makes any process or thread.
+
+    It bounds the tasks (processes and threads) of the agent's uid, the agent's own included, which
+    is a pod's pids limit where the uid's tasks are counted per sandbox (gVisor's kernel, a Kata VM):
+    a fork or thread past it fails with EAGAIN in the code, and the code cannot raise it back.
+    """
+    limit = _env_int("EMBER_AGENT_PIDS_LIMIT", 0, 8)
+    if limit:
+        import resource
+
+        hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)  # a tighter bound from outside stays
+        resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit))
+
+
 def main():
     _S.configure()
     if sys.argv[1:2] == ["--standby"]:  # a standby exec'd by _fork_standby: none of the agent's memory
         _exec_standby_main(sys.argv[2:])
     _S.entry = os.path.abspath(sys.argv[0])
+    _limit_tasks()
     _start_trace()
     services = _services_socket()
     sock_path = os.environ.get("EMBER_AGENT_SOCKET") or ""

@@ -11,9 +11,10 @@ no error. What each sandbox enforces is `ember.pods.local.sandbox`'s docstring:
   an interface it makes, nothing else (not the host's loopback, not the activator), and cannot
   lift the rules (`ember.pods.local.egress`);
 - `filesystem.tmpSizeMiB`: /tmp is that big, no bigger;
-- `limits.pids`: runsc's backstop on the sandbox's host tasks follows it (`runsc_host_tasks`):
-  a fork bomb gets the sandbox killed, not the host's process table filled; under bwrap a fork
-  past it fails with EAGAIN inside, as in a pod;
+- `limits.pids`: the sandbox's tasks, the agent's included: a fork or a thread past it fails
+  with EAGAIN inside, as in a cluster's gVisor pod (under runsc the agent's RLIMIT_NPROC, which
+  gVisor counts per sandbox; under bwrap the pod's pids cgroup), the code cannot lift it, and the
+  pod keeps serving;
 - `resources.memoryMiB`: the sandbox as a whole (under runsc gVisor's kernel too) stays within
   it: many processes that together allocate past it get the sandbox killed, the invocation
   fails with the reason, and the function's next invocation gets a fresh pod.
@@ -126,23 +127,66 @@ import os, time
 def handler(event, context):
     if event.get("noop"):
         return {"pid": os.getpid()}
-    forked = 0
+    if event.get("lift"):
+        import resource
+        try:
+            resource.setrlimit(resource.RLIMIT_NPROC, (4096, 4096))
+        except (OSError, ValueError) as e:
+            return {"error": str(e), "limit": resource.getrlimit(resource.RLIMIT_NPROC)}
+        return {"error": None, "limit": resource.getrlimit(resource.RLIMIT_NPROC)}
+    if "threads" in event:
+        import threading
+        started, stop = 0, threading.Event()
+        try:
+            while started < event["threads"]:
+                threading.Thread(target=stop.wait, daemon=True).start()
+                started += 1
+        except RuntimeError as e:
+            return {"started": started, "error": str(e)}
+        finally:
+            stop.set()
+        return {"started": started, "error": None}
+    children, error = [], None
     try:
-        while forked < event["processes"]:
-            if os.fork() == 0:
+        while len(children) < event["processes"]:
+            pid = os.fork()
+            if pid == 0:
                 time.sleep(30)
                 os._exit(0)
-            forked += 1
+            children.append(pid)
     except OSError as e:
-        return {"forked": forked, "error": str(e)}
-    return {"forked": forked, "error": None}
+        error = str(e)
+    for pid in children:  # the bomb's processes end with its invocation
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    return {"forked": len(children), "error": error}
 """
 
 
-def _function(name: str, code: str, *, memory_mib: int = 128) -> Function:
+NODE_FORK_BOMB = """
+const { spawn } = require('node:child_process');
+exports.handler = async (event) => {
+  if (event.noop) return { pid: process.pid };
+  const children = [];
+  let error = null;
+  while (children.length < event.processes) {
+    const child = spawn('/bin/sleep', ['30'], { stdio: 'ignore' });
+    const failed = await new Promise((done) => { child.once('spawn', () => done(null)); child.once('error', done); });
+    if (failed) { error = failed.code; break; }
+    children.push(child);
+  }
+  // the bomb's processes end with its invocation
+  const ended = (child) => new Promise((done) => { child.once('exit', done); child.kill('SIGKILL'); });
+  await Promise.all(children.map(ended));
+  return { forked: children.length, error };
+};
+"""
+
+
+def _function(name: str, code: str, *, memory_mib: int = 128, runtime: str = "python3.11") -> Function:
     spec = {
-        "runtime": "python3.11",
-        "handler": "main.handler",
+        "runtime": runtime,
+        "handler": "index.handler" if runtime.startswith("nodejs") else "main.handler",
         "code": {"inline": code},
         "resources": {"memoryMiB": memory_mib},
         "timeoutSeconds": 60,
@@ -322,25 +366,47 @@ async def test_memory_bounds_the_whole_sandbox_not_one_process(
 
 @pytest.mark.parametrize("choice", ISOLATED)
 async def test_a_fork_bomb_is_bounded(choice: SandboxChoice, monkeypatch: pytest.MonkeyPatch) -> None:
-    """runsc: the sandbox is killed at its host-task backstop, and the next call gets a fresh
-    pod. bwrap: a fork past `limits.pids` fails with EAGAIN inside (as a pod's pids limit
-    does), the code gets the error, and the pod keeps serving."""
+    """A fork past `limits.pids` fails with EAGAIN in the code (the agent and its workers count),
+    after the code tried to lift the bound (runsc: the rlimit's hard limit; bwrap: the cgroup
+    holds whatever the rlimit says); a thread past it fails too, and the pod keeps serving."""
     _use(choice, monkeypatch)
     async with run_activator() as act, background_load(act) as errors:
         act.registry.apply(_function("bomb", FORK_BOMB, memory_mib=1024), policy=_policy(limits={"pids": 64}))
         await _result(act, "bomb", {"noop": True})
         before = _pods_of(act, "bomb")
+        lifted = await _result(act, "bomb", {"lift": True})  # then bomb from that same worker
         status, headers, text = await _call(act, "bomb", {"processes": 5000})
+        threads = await _result(act, "bomb", {"threads": 200})
         again = await _result(act, "bomb", {"noop": True})
         after = _pods_of(act, "bomb")
     assert errors == []
     assert "pid" in again, again
-    if choice.kind is Sandbox.RUNSC:
-        assert (status, headers.get("X-Ember-Function-Error")) == (200, "Unhandled"), (status, headers, text)
-        assert json.loads(text)["errorType"] == "Runtime.ExitError", text
-        assert before - after, (before, after)
-    else:
-        assert (status, headers.get("X-Ember-Function-Error")) == (200, None), (status, headers, text)
-        bombed = json.loads(text)
-        assert bombed["forked"] < 64, bombed
-        assert "Resource temporarily unavailable" in bombed["error"], bombed
+    assert (status, headers.get("X-Ember-Function-Error")) == (200, None), (status, headers, text)
+    bombed = json.loads(text)
+    assert 16 < bombed["forked"] < 64, bombed
+    assert "Resource temporarily unavailable" in bombed["error"], bombed
+    if choice.kind is Sandbox.RUNSC:  # the bound is the agent's rlimit: raising it is refused
+        assert lifted["error"] is not None, lifted
+    assert threads["started"] < 64, threads
+    assert "can't start new thread" in threads["error"], threads
+    assert before <= after  # no pod was lost: the bombed one kept serving
+
+
+@pytest.mark.parametrize("choice", ISOLATED)
+async def test_a_node_fork_bomb_is_bounded(choice: SandboxChoice, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Node agent sets the same bound (through util-linux's prlimit, Node has no setrlimit):
+    a child process past `limits.pids` fails with EAGAIN in the code, the pod keeps serving."""
+    _use(choice, monkeypatch)
+    async with run_activator() as act, background_load(act) as errors:
+        function = _function("nodebomb", NODE_FORK_BOMB, memory_mib=1024, runtime="nodejs20")
+        act.registry.apply(function, policy=_policy(limits={"pids": 64}))
+        await _result(act, "nodebomb", {"noop": True})
+        before = _pods_of(act, "nodebomb")
+        bombed = await _result(act, "nodebomb", {"processes": 5000})
+        again = await _result(act, "nodebomb", {"noop": True})
+        after = _pods_of(act, "nodebomb")
+    assert errors == []
+    assert 8 < bombed["forked"] < 64, bombed
+    assert bombed["error"] == "EAGAIN", bombed
+    assert "pid" in again, again
+    assert before <= after

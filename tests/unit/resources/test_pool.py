@@ -58,6 +58,27 @@ def test_runtime_class_comes_from_policy(policy: SecurityPolicySpec, runtime_cla
     assert pod.get("runtimeClassName") == runtime_class
 
 
+@pytest.mark.parametrize(
+    ("policy", "limit"),
+    [
+        pytest.param(SecurityPolicySpec(), "256", id="gvisor-default"),
+        pytest.param(SecurityPolicySpec.model_validate({"limits": {"pids": 64}}), "64", id="gvisor"),
+        pytest.param(SecurityPolicySpec.model_validate({"sandbox": "kata", "limits": {"pids": 64}}), "64", id="kata"),
+        pytest.param(
+            SecurityPolicySpec.model_validate({"sandbox": "none", "allowUnsandboxed": True, "limits": {"pids": 64}}),
+            None,
+            id="none-shares-the-node-kernel",
+        ),
+    ],
+)
+def test_the_pids_limit_is_the_agents_where_the_pod_has_a_kernel_of_its_own(
+    policy: SecurityPolicySpec, limit: str | None
+) -> None:
+    (container,) = pool_deployment(_pool(policy))["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env.get("EMBER_AGENT_PIDS_LIMIT") == limit
+
+
 def test_selector_labels_generic_pods_of_the_pool() -> None:
     spec = _pool()
     body = pool_deployment(spec)

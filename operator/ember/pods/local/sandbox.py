@@ -20,10 +20,13 @@ first (`EMBER_SANDBOX=runsc|bwrap|none` forces one):
   through the memory cgroup runsc makes (as in a cluster, where the Sentry runs in the pod's
   cgroup): past it the sandbox is killed, and its invocations fail with the reason.
   `resources.cpuMillicores` bounds its CPU the same way (a CFS quota of that many millicores in
-  the cgroup's `cpu` controller, `_cpu_quota`), the Sentry included, as a pod's CPU limit does. The pids
-  cgroup bounds its host tasks by `limits.pids` (`runsc_host_tasks`, a backstop against fork
-  bombs rather than an exact count). runsc makes cgroups only when run as root (the banner says
-  when it cannot). Egress `none` gives the sandbox its own network stack with loopback only
+  the cgroup's `cpu` controller, `_cpu_quota`), the Sentry included, as a pod's CPU limit does.
+  `limits.pids` bounds the sandbox's tasks, the agent's included, exactly as in a cluster's gVisor
+  pods: the agent's RLIMIT_NPROC (`EMBER_AGENT_PIDS_LIMIT`), which gVisor counts for the sandbox's
+  uid 65534 alone (a fork past it fails with EAGAIN, and the code cannot raise it), with or
+  without root; the pids cgroup bounds its host tasks too (`runsc_host_tasks`, a backstop).
+  runsc makes cgroups only when run as root (the banner says when it cannot). Egress `none`
+  gives the sandbox its own network stack with loopback only
   (`--network=none`), and runsc itself a network namespace of its own (`unshare --net`, as
   root): Debian's runsc names each sandbox's control socket in the abstract namespace of the
   network namespace it starts in, where anyone may drive the sandbox. An allow-list gives the
@@ -212,9 +215,11 @@ def sandboxed(
         # uid 65534 in gVisor makes the socket here; the pod folder above keeps others out
         place.run_dir.chmod(0o777)
         _small_tmpfs(place.run_dir)
+        # the agent's RLIMIT_NPROC is the pod's pids limit, as in a cluster's gVisor pods
+        # (`ember.resources.pool.pids_limit`): gVisor counts the sandbox's own uid 65534 alone
         config = _oci_config(
             command,
-            environment,
+            {**environment, "EMBER_AGENT_PIDS_LIMIT": str(isolation.pids)},
             place,
             memory_mib=memory_mib,
             isolation=isolation,
@@ -449,11 +454,13 @@ def _clean_env(command: list[str], environment: Mapping[str, str]) -> list[str]:
 # -- runsc
 
 
-# gVisor's own threads, and the host tasks behind each process in it (under ptrace a stub
+# gVisor's own threads, and the host tasks behind each task in it (under ptrace a stub
 # process and the Sentry's threads that drive it): measured on Debian's runsc, a sandbox needs
-# about 40 host tasks to boot and 4 to 6 more per process forked in it.
+# about 40 host tasks to boot and 4 to 6 more per process forked in it. The exact bound is the
+# agent's RLIMIT_NPROC inside; this one must stay above what `limits.pids` tasks cost: at 8 per
+# task a Node agent (about 20 threads) whose code forked up to a bound of 64 got the sandbox killed.
 RUNSC_OWN_TASKS = 64
-RUNSC_TASKS_PER_PROCESS = 8
+RUNSC_TASKS_PER_PROCESS = 16
 
 
 # -- bwrap's cgroups
