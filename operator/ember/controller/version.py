@@ -1,4 +1,4 @@
-"""Versions: each one's code ConfigMap, its CodeReady/Loaded/Ready conditions, and its pod counts.
+"""Versions: each one's code ConfigMap, its CodeReady/Loaded/Ready (and PortionsLoaded) conditions, and its pod counts.
 
 A Version is Ready when its code is stored *and* a pod has loaded it: the activators specialize
 pods and label them with the Version, kubelets report them Ready, and this module counts them
@@ -141,6 +141,30 @@ async def reconcile_version(
         generation=generation,
         now=now,
     )
+    portions = [portion.name for portion in version.spec.function.portions]
+    if portions:
+        portions_status, portions_reason, portions_message = cond.portions_loaded(
+            code_hash=version.spec.code_hash,
+            portions=portions,
+            loaded_marks=_per_portion(annotations, labels.PORTION_LOADED_PREFIX),
+            load_errors={
+                portion: error
+                for portion, mark in _per_portion(annotations, labels.PORTION_LOAD_ERROR_PREFIX).items()
+                if (error := _load_error(mark)) is not None
+            },
+        )
+        conditions = cond.set_condition(
+            conditions,
+            type_=cond.PORTIONS_LOADED,
+            status=portions_status,
+            reason=portions_reason,
+            message=portions_message,
+            generation=generation,
+            now=now,
+        )
+        portions_changed = status_changed(old_conditions, conditions, cond.PORTIONS_LOADED)
+        if portions_changed is not None and portions_changed.status == "False":
+            record(body, type="Warning", reason=portions_changed.reason, message=portions_changed.message)
     conditions = cond.with_ready(conditions, cond.VERSION_DEPENDENTS, generation=generation, now=now)
     if code_status == "False" and code_reason in cond.PERMANENT_REASONS:
         conditions = cond.mark_false(conditions, cond.READY, code_reason, code_message, generation=generation, now=now)
@@ -222,6 +246,21 @@ def _load_error(raw: str | None) -> dict[str, Any] | None:
     return parsed if isinstance(parsed, dict) else None
 
 
+def _per_portion(annotations: dict[str, str], prefix: str) -> dict[str, str]:
+    """The annotations under `prefix` (`labels.PORTION_LOADED_PREFIX`, `PORTION_LOAD_ERROR_PREFIX`), by portion."""
+    return {key.removeprefix(prefix): value for key, value in annotations.items() if key.startswith(prefix)}
+
+
+async def _ready_portions(kube: Kube, namespace: str, function: str, number: int) -> set[str]:
+    """The portions of a Version with a specialized, ready pod (`labels.PORTION` names the portion)."""
+    selector = (
+        f"{labels.FUNCTION}={function},{labels.VERSION}={number},{labels.STATE}={labels.STATE_SPECIALIZED},"
+        f"{labels.PORTION}"
+    )
+    pods = await kube.list_pods(namespace, label_selector=selector)
+    return {pod["metadata"]["labels"][labels.PORTION] for pod in pods if pod_ready(pod)}
+
+
 async def _count_ready_pods(kube: Kube, namespace: str, function: str, number: int) -> int:
     """A Version's specialized pods that are ready (activators specialize them, kubelets report Ready);
     its portions' pods are not (`labels.PORTION`)."""
@@ -256,4 +295,12 @@ async def report_version_pods(kube: Kube, namespace: str, function: str, version
     if ready > 0 and code_hash_ and annotations.get(labels.LOADED_ANNOTATION) != code_hash_:
         # The lasting evidence that the code loads; the annotation makes kopf reconcile the Version.
         await kube.annotate_custom("versions", namespace, name, {labels.LOADED_ANNOTATION: code_hash_})
+    if code_hash_ and ((version.get("spec") or {}).get("function") or {}).get("portions"):
+        marks = {
+            labels.PORTION_LOADED_PREFIX + portion: code_hash_
+            for portion in await _ready_portions(kube, namespace, function, number)
+            if annotations.get(labels.PORTION_LOADED_PREFIX + portion) != code_hash_
+        }
+        if marks:  # the same evidence per portion (PortionsLoaded)
+            await kube.annotate_custom("versions", namespace, name, marks)
     return ready

@@ -24,6 +24,10 @@ LOADED: Final = "Loaded"
 # Whether the namespace's activator serves all of the Function's HTTP routes (ember.controller.routes);
 # only on Functions with spec.http, and not part of Ready: the Function is still invoked by its API.
 ROUTES_ACCEPTED: Final = "RoutesAccepted"
+# Whether every portion of a Version (spec.portions) has loaded its code (portions_loaded); only on
+# Versions with portions, and not part of Ready: the Version's handler serves without them, and a
+# call to a portion that failed fails with that portion's error.
+PORTIONS_LOADED: Final = "PortionsLoaded"
 # Fields the spec sets that have no effect yet (ember.api.unsupported). Informational: never part of Ready.
 UNSUPPORTED: Final = "Unsupported"
 
@@ -58,6 +62,7 @@ class Reason:
     LOADED: Final = "Loaded"
     NOT_LOADED: Final = "NotLoadedYet"
     LOAD_FAILED: Final = "LoadFailed"
+    PORTION_LOAD_FAILED: Final = "PortionLoadFailed"
     FIELDS_NOT_IMPLEMENTED: Final = "FieldsNotImplemented"
     ALL_SUPPORTED: Final = "AllSupported"
     ROUTES_SERVED: Final = "RoutesServed"
@@ -177,6 +182,31 @@ def version_phase(conditions: Sequence[Condition]) -> Phase:
     if is_true(conditions, CODE_READY):
         return "Loading"
     return "Pending"
+
+
+def portions_loaded(
+    *,
+    code_hash: str,
+    portions: Sequence[str],
+    loaded_marks: Mapping[str, str],
+    load_errors: Mapping[str, Mapping[str, Any]],
+) -> tuple[ConditionStatus, str, str]:
+    """A Version's PortionsLoaded condition (status, reason, message) from the evidence per portion:
+    its `loaded` mark (a pod of it was ready) wins over a reported load error, as in `version_loaded`;
+    either counts only for the Version's code hash. False names every portion that failed and why."""
+    loaded = [p for p in portions if loaded_marks.get(p) == code_hash]
+    failed = {
+        p: str(error.get("message") or "no message")
+        for p in portions
+        if p not in loaded and (error := load_errors.get(p)) is not None and error.get("codeHash") == code_hash
+    }
+    if failed:
+        text = "; ".join(f"portion {p} failed to load: {message}" for p, message in failed.items())
+        return "False", Reason.PORTION_LOAD_FAILED, f"{text}. Calls to it fail with that error."
+    if len(loaded) == len(portions):
+        return "True", Reason.LOADED, f"Every portion has loaded: {', '.join(portions)}."
+    waiting = ", ".join(p for p in portions if p not in loaded)
+    return "Unknown", Reason.NOT_LOADED, f"Not loaded by a pod yet: {waiting}."
 
 
 def version_loaded(

@@ -42,6 +42,13 @@ SIZING_ANNOTATION: Final = f"{PREFIX}/sizing"
 # Written on a Version by the operator once a pod has loaded its code (value: the code hash), so
 # the Version stays Loaded after its pods are gone (scaled to zero).
 LOADED_ANNOTATION: Final = f"{PREFIX}/loaded"
+# A Version's portions (`spec.portions`), one annotation each, keyed by the portion's name (a DNS
+# label, so a valid name part): the same evidence as the two above, per portion. An activator whose
+# portion pod could not load writes `load-error.ember.run/<portion>` (JSON: codeHash, message); the
+# operator writes `loaded.ember.run/<portion>` (the code hash) once a pod of it is ready. The operator
+# folds both into the Version's PortionsLoaded condition.
+PORTION_LOAD_ERROR_PREFIX: Final = "load-error.ember.run/"
+PORTION_LOADED_PREFIX: Final = "loaded.ember.run/"
 # On each activator's Lease: the claims it made per pool over the last minute (JSON, pool id ->
 # count, `ember.scaling.pool_demand`); the operator sizes the pools from the sum.
 POOL_DEMAND_ANNOTATION: Final = f"{PREFIX}/pool-demand"

@@ -60,14 +60,16 @@ class FakeKube:
     async def list_pods(self, namespace: str, *, label_selector: str = "") -> list[Obj]:
         self._check("list_pods")
         parts = [part for part in label_selector.split(",") if part]
-        wanted = dict(part.split("=", 1) for part in parts if not part.startswith("!"))
+        wanted = dict(part.split("=", 1) for part in parts if "=" in part)
         absent = {part[1:] for part in parts if part.startswith("!")}  # `!key`: no such label
+        present = {part for part in parts if "=" not in part and not part.startswith("!")}  # `key`: any value
         return [
             copy.deepcopy(o)
             for (ns, _), o in sorted(self.pods.items())
             if ns == namespace
             and wanted.items() <= o["metadata"].get("labels", {}).items()
             and not absent & set(o["metadata"].get("labels", {}))
+            and present <= set(o["metadata"].get("labels", {}))
         ]
 
     async def get_custom(self, plural: str, namespace: str, name: str) -> Obj | None:

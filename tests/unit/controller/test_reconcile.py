@@ -23,7 +23,7 @@ from ember.controller.function import reconcile_function
 from ember.controller.kube import KubeError
 from ember.controller.policy import reconcile_security_policy
 from ember.controller.settings import Settings
-from ember.controller.version import reconcile_version
+from ember.controller.version import reconcile_version, report_version_pods
 from ember.resources.labels import LOAD_ERROR_ANNOTATION as LOAD_ERROR
 from ember.resources.labels import LOADED_ANNOTATION
 from ember.resources.pool import pool_id, pool_name
@@ -800,7 +800,10 @@ async def test_security_policy_setting_unimplemented_fields_is_told() -> None:
     kube = FakeKube()
     policy = kube.add(
         "securitypolicies",
-        {"metadata": {"name": "p", "namespace": NS}, "spec": {"trustLevel": "trusted", "limits": {"pids": 64}}},
+        {
+            "metadata": {"name": "p", "namespace": NS},
+            "spec": {"trustLevel": "trusted", "limits": {"pids": 64}, "sandbox": "none", "allowUnsandboxed": True},
+        },
     )
     recorder = _Warnings()
     status = await reconcile_security_policy(cast(Any, kube), SETTINGS, policy, now=NOW, record=recorder)
@@ -861,6 +864,61 @@ async def test_portions_calling_up_in_trust_mint_no_version() -> None:
     assert (resolved["status"], resolved["reason"]) == ("False", "PortionPoliciesRefused")
     assert "may not call portion 'charge' (trusted, SecurityPolicy 'payments')" in resolved["message"]
     assert _conditions(status)["Ready"] == ("False", "PortionPoliciesRefused")
+
+
+async def test_a_portion_that_fails_to_load_shows_on_its_version_until_a_pod_of_it_loads() -> None:
+    """PortionsLoaded: an activator's report per portion makes it False with the portion and its error
+    (a Warning Event), the handler's own Loaded/Ready are untouched; the operator's mark of a ready
+    pod of each portion makes it True, and an error for other code is ignored."""
+    kube = FakeKube()
+    _portion_policies(kube)
+    fn = kube.add("functions", _fn_body(securityPolicyRef={"name": "main"}, portions=PORTIONS))
+    await reconcile_function(cast(Any, kube), SETTINGS, fn, now=NOW, record=Events())
+    version = kube.custom[("versions", NS, "hello-v1")]
+    digest = version["spec"]["codeHash"]
+    version["metadata"]["annotations"] = {LOADED_ANNOTATION: digest}
+    status = await reconcile_version(cast(Any, kube), SETTINGS, version, now=NOW, record=Events())
+    assert _conditions(status)["PortionsLoaded"] == ("Unknown", "NotLoadedYet")
+    assert "parse, charge" in _condition(status, "PortionsLoaded")["message"]
+
+    version["status"] = status
+    version["metadata"]["annotations"].update(
+        {
+            "load-error.ember.run/parse": json.dumps({"codeHash": digest, "message": "ImportError: no module lxml"}),
+            "load-error.ember.run/charge": json.dumps({"codeHash": "sha256:older", "message": "old code"}),
+        }
+    )
+    recorder = Events()
+    status = await reconcile_version(cast(Any, kube), SETTINGS, version, now=NOW, record=recorder)
+    failed = _condition(status, "PortionsLoaded")
+    assert (failed["status"], failed["reason"]) == ("False", "PortionLoadFailed")
+    assert "portion parse failed to load: ImportError: no module lxml" in failed["message"]
+    assert "charge" not in failed["message"]  # its error is another code's
+    assert ("hello-v1", "Warning", "PortionLoadFailed") in recorder.seen
+    assert _conditions(status)["Ready"] == ("True", "Ready")  # the handler serves without its portions
+    version["status"] = status
+    again = Events()
+    await reconcile_version(cast(Any, kube), SETTINGS, version, now=NOW, record=again)
+    assert "PortionLoadFailed" not in again.reasons  # one Event per transition
+
+    # a ready pod of each portion: the operator marks them (on the pods' events), then the Version is True
+    for portion in ("parse", "charge"):
+        pod = _specialized_pod(f"{portion}-pod", ready=True)
+        pod["metadata"]["labels"]["ember.run/portion"] = portion
+        kube.pods[(NS, f"{portion}-pod")] = pod
+    await report_version_pods(cast(Any, kube), NS, "hello", "1")
+    marked = kube.custom[("versions", NS, "hello-v1")]["metadata"]["annotations"]
+    assert marked["loaded.ember.run/parse"] == marked["loaded.ember.run/charge"] == digest
+    assert kube.custom[("versions", NS, "hello-v1")]["status"].get("readyPods", 0) == 0  # portions' pods are not
+    version["metadata"]["annotations"].update(marked)
+    status = await reconcile_version(cast(Any, kube), SETTINGS, version, now=NOW, record=Events())
+    assert _conditions(status)["PortionsLoaded"] == ("True", "Loaded")
+
+
+async def test_a_version_without_portions_has_no_portions_condition() -> None:
+    kube = FakeKube()
+    status = await reconcile_version(cast(Any, kube), SETTINGS, _version(kube), now=NOW, record=Events())
+    assert "PortionsLoaded" not in _conditions(status)
 
 
 def _routed(name: str, created: str, *paths: str) -> Obj:

@@ -466,13 +466,12 @@ class KubernetesPodSource:
         """Annotate the Version with its load error (`labels.LOAD_ERROR_ANNOTATION`); the operator reads it.
 
         Best effort: a failed write is logged, and the next failed load of the Version writes again.
-        A portion's failure is not the Version's (its code loads in its other pods): it stays in this
-        activator, which fails the calls to that portion with it."""
-        if version.portion:
-            log.warning("portion failed to load version=%s: %s", version, message[: labels.LOAD_ERROR_MAX_CHARS])
-            return
+        A portion's failure is its own annotation (`labels.PORTION_LOAD_ERROR_PREFIX` + its name), not
+        the Version's Loaded: the operator shows it as PortionsLoaded=False, and this activator fails
+        the calls to that portion with it."""
         mark = json.dumps({"codeHash": code_hash, "message": message[: labels.LOAD_ERROR_MAX_CHARS]})
-        patch = {"metadata": {"annotations": {labels.LOAD_ERROR_ANNOTATION: mark}}}
+        key = labels.PORTION_LOAD_ERROR_PREFIX + version.portion if version.portion else labels.LOAD_ERROR_ANNOTATION
+        patch = {"metadata": {"annotations": {key: mark}}}
         name = version_name(version.function, version.number)
         try:
             await self._custom.patch_namespaced_custom_object(
