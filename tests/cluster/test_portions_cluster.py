@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.apiserver.operator_harness import Ember, eventually
+from tests.apiserver.operator_harness import Ember, condition, eventually
 from tests.cluster.scenarios import ActivatorProcess
 from tests.cluster.test_agent_restart_cluster import _call, _create_ready, _function
 from tests.cluster.test_services_cluster import (  # noqa: F401 (fixtures)
@@ -101,6 +101,11 @@ async def test_portions_run_in_pools_of_their_own_and_call_only_what_they_declar
         timeout_s=30,
         what="the Version counting its own pod only",
     )
+    eventually(
+        lambda: condition(ember.get("versions", "shop-v1"), "PortionsLoaded").get("status") == "True",
+        timeout_s=30,
+        what="PortionsLoaded=True once a pod of each portion loaded",
+    )
 
 
 async def _shop_calls(ember: Ember, activator: ActivatorProcess, port: int) -> tuple[Any, Any]:
@@ -127,3 +132,40 @@ async def _shop_calls(ember: Ember, activator: ActivatorProcess, port: int) -> t
         status, text = await _call(http, activator.url, ember.ns, "shop", {"stale": True})
         assert status == 200, text
         return shop, json.loads(text)
+
+
+BROKEN = r"""
+def handler(event, context):
+    try:
+        return {"ok": context.invoke_portion("parse", {})}
+    except Exception as e:
+        return {"error": getattr(e, "error_type", type(e).__name__), "message": str(e)}
+"""
+
+
+async def test_a_portion_that_cannot_load_shows_on_its_version_and_the_handler_keeps_serving(
+    ember_ns: Ember, activator: ActivatorProcess
+) -> None:
+    """The parser's handler does not exist: calls to it fail with the load error, the Version says
+    `PortionsLoaded=False` naming the portion and why (a Warning Event), and stays Ready."""
+    ember = ember_ns
+    _policy(ember, "shop", {"trustLevel": "trusted"})
+    _policy(ember, "parser", {"trustLevel": "untrusted"})
+    portions = [{"name": "parse", "handler": "main.nothere", "securityPolicyRef": {"name": "parser"}}]
+    _create_ready(ember, _function("broken", BROKEN, securityPolicyRef={"name": "shop"}, portions=portions))
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=180)) as http:
+        status, text = await _call(http, activator.url, ember.ns, "broken", {})
+    assert status == 200, text
+    assert "nothere" in json.loads(text)["message"], text
+    eventually(
+        lambda: condition(ember.get("versions", "broken-v1"), "PortionsLoaded").get("reason") == "PortionLoadFailed",
+        timeout_s=60,
+        what="PortionsLoaded=False on the Version",
+    )
+    failed = condition(ember.get("versions", "broken-v1"), "PortionsLoaded")
+    assert failed["status"] == "False", failed
+    assert "portion parse failed to load" in failed["message"], failed
+    assert "nothere" in failed["message"], failed
+    assert condition(ember.get("versions", "broken-v1"), "Ready")["status"] == "True"
+    events = ember.core.list_namespaced_event(ember.ns, field_selector="involvedObject.name=broken-v1").items
+    assert any(e.reason == "PortionLoadFailed" and e.type == "Warning" for e in events), events

@@ -283,6 +283,7 @@ class Registry:
                 initial_target=1,
                 portion=portion.name,
             )
+            child.version_hash = vs.code_hash
             child.autoscaler.hold(self.clock(), 1)
             child.trust_level = policy.trust_level
             if request is None:

@@ -287,7 +287,7 @@ class Scaler:
 
     async def _report_load_failure(self, vs: VersionState, message: str) -> None:
         try:
-            await self._source.report_load_failure(vs.key, code_hash=vs.code_hash, message=message)
+            await self._source.report_load_failure(vs.key, code_hash=vs.version_hash, message=message)
         except Exception as err:  # the Version failed here either way; the report is best effort
             log.warning("load failure not reported function=%s version=%d error=%s", vs.fs.label, vs.key.number, err)
 

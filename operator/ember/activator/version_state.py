@@ -128,6 +128,9 @@ class VersionState:
         self.key = VersionKey(owner.namespace, owner.name, number, portion)
         self.spec = spec
         self.code_hash = digest
+        # The code hash on the Version object, which its status and annotations are about: this one's,
+        # or for a portion (whose own hash covers its handler and policy) its Version's (the registry's).
+        self.version_hash = digest
         # The spec's pool and specialize body; `pool` and `request` are those of the size in use
         # (`resources`: the spec's, or right-sizing's with autoResize, `resize`).
         self._spec_pool = self._pool = pool
