@@ -152,7 +152,8 @@ async def test_a_portion_that_cannot_load_shows_on_its_version_and_the_handler_k
     _policy(ember, "shop", {"trustLevel": "trusted"})
     _policy(ember, "parser", {"trustLevel": "untrusted"})
     portions = [{"name": "parse", "handler": "main.nothere", "securityPolicyRef": {"name": "parser"}}]
-    _create_ready(ember, _function("broken", BROKEN, securityPolicyRef={"name": "shop"}, portions=portions))
+    more: dict[str, Any] = {"securityPolicyRef": {"name": "shop"}, "portions": portions, "timeoutSeconds": 60}
+    _create_ready(ember, _function("broken", BROKEN, **more))
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=180)) as http:
         status, text = await _call(http, activator.url, ember.ns, "broken", {})
     assert status == 200, text
