@@ -86,6 +86,7 @@ class Throttler:
         self._waiters: deque[asyncio.Future[PodSlots]] = deque()
         self._rr = 0
         self.in_flight = 0
+        self._closed: Exception | None = None  # set by `close`: every acquire raises it
 
     @property
     def queued(self) -> int:
@@ -108,6 +109,8 @@ class Throttler:
 
     async def acquire(self) -> PodSlots:
         """A slot on one of the Version's pods; waits in the queue while capacity is coming."""
+        if self._closed is not None:
+            raise self._closed.with_traceback(None)
         pod = self.try_acquire()
         if pod is not None:
             return pod
@@ -171,8 +174,11 @@ class Throttler:
         with contextlib.suppress(ValueError):
             self.pods.remove(pod)
 
-    def fail_waiters(self, error: Exception) -> None:
-        """Wake every waiter with an error (the Version failed or is gone)."""
+    def close(self, error: Exception) -> None:
+        """Wake every waiter with `error` and refuse every later `acquire` with it (the Version failed
+        or is gone: nothing reopens it; a caller holding the Version, like a portion call, learns why
+        at once instead of waiting out the queue timeout)."""
+        self._closed = error
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():

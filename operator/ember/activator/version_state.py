@@ -431,15 +431,16 @@ class VersionState:
             return False
         self._phase = Phase.FAILED
         self._message = message
-        self.throttler.fail_waiters(NotReady(f"{self.fs.label} Version {self.key.number} failed to load: {message}"))
+        self.throttler.close(NotReady(f"{self.fs.label} Version {self.key.number} failed to load: {message}"))
         self._metrics.version_failures.labels(self.fs.label).inc()
         log.error("version failed function=%s version=%d reason=%s", self.fs.label, self.key.number, message)
         self.fs.phase_changed()
         return True
 
     def fail_waiters(self, error: Exception) -> None:
-        """Wake every queued invocation with `error` (its Function or the Version itself is gone)."""
-        self.throttler.fail_waiters(error)
+        """Wake every queued invocation, and refuse every later one, with `error` (its Function or the
+        Version itself is gone)."""
+        self.throttler.close(error)
 
 
 def _out_of_memory(body: bytes) -> bool:

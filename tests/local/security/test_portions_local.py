@@ -248,3 +248,39 @@ async def test_a_portion_runs_only_for_the_time_its_caller_has_left(
     assert reply["outcome"] == "Sandbox.Timedout", reply
     assert 4.5 < reply["took"] < 5.9, reply
     assert reply["left_ms"] > 100, reply
+
+
+BROKEN = """
+import time
+
+def handler(event, context):
+    started = time.monotonic()
+    try:
+        return {"ok": context.invoke_portion("parse", {})}
+    except Exception as e:
+        return {"error": e.error_type, "message": str(e), "took": time.monotonic() - started}
+"""
+
+
+@pytest.mark.parametrize("choice", ISOLATED[:1])
+async def test_a_portion_that_cannot_load_fails_every_call_at_once(
+    choice: SandboxChoice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parser's handler does not exist. The call made while it loads and every later one (the
+    portion has failed by then) get its load error at once, not the queue timeout (30 s)."""
+    _use(choice, monkeypatch)
+    spec = {
+        "runtime": "python3.11",
+        "handler": "main.handler",
+        "code": {"inline": BROKEN},
+        "timeoutSeconds": 60,
+        "portions": [{"name": "parse", "handler": "main.nothere", "securityPolicyRef": {"name": "untrusted"}}],
+    }
+    fn = Function.model_validate({"metadata": {"name": "broken"}, "spec": spec})
+    async with run_activator() as act:
+        act.registry.apply(fn, policy=_policy(), portion_policies={"parse": _policy()})
+        replies = [await _result(act, "broken", {}) for _ in range(3)]
+    for reply in replies:
+        assert reply["error"] == "ResourceNotReadyException", replies
+        assert "nothere" in reply["message"], replies
+        assert reply["took"] < 10, replies

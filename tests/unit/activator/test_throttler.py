@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ember.activator.balancer import least_in_flight
-from ember.activator.errors import CapacityTimeout, Throttled
+from ember.activator.errors import CapacityTimeout, NotReady, Throttled
 from ember.activator.throttler import PodSlots, Throttler
 from ember.pods.base import ClaimKind, PodHandle, PodId, PoolKey
 
@@ -82,6 +82,20 @@ async def test_new_pod_serves_waiters() -> None:
     t.add_pod(pod)
     assert await task is pod
     assert pod.in_flight == 1
+
+
+async def test_closing_wakes_the_waiters_and_refuses_every_later_caller_at_once() -> None:
+    t = _throttler(timeout=30.0)
+    waiter = asyncio.create_task(t.acquire())
+    await asyncio.sleep(0)
+    t.close(NotReady("f@1 failed to load: handler 'main.nothere' not found"))
+    with pytest.raises(NotReady, match="nothere"):
+        await waiter
+    # a caller that holds the Version (a portion call) must not wait out the 30 s queue timeout
+    async with asyncio.timeout(1):
+        with pytest.raises(NotReady, match="nothere"):
+            await t.acquire()
+    assert t.queued == 0
 
 
 async def test_cancelled_waiter_does_not_leak_a_slot() -> None:
