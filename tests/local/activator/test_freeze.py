@@ -223,7 +223,11 @@ async def _cpu_share(pid: int, seconds: float) -> float:
 
 async def test_a_frozen_pod_uses_no_cpu_and_thaws_on_the_next_invocation() -> None:
     async with run_activator(FAST) as act:
-        act.registry.apply(_function("spinner", {"inline": SPINNER}, freeze={"enabled": True, "idleSeconds": 2}))
+        # one pod (a cold start that queues the first call may otherwise start a second one)
+        one = {"maxScale": 1}
+        act.registry.apply(
+            _function("spinner", {"inline": SPINNER}, freeze={"enabled": True, "idleSeconds": 2}, scaling=one)
+        )
         assert await _result(act, "spinner", {}) == {"ok": True}
         [pod] = [p for vs in act.registry.all_versions() if vs.fs.name == "spinner" for p in vs.serving]
         pid = act.source.pods()[pod.handle.id].pid
