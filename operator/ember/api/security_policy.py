@@ -16,6 +16,13 @@ TrustLevel = Literal["untrusted", "standard", "trusted"]
 RUNTIME_CLASS_BY_SANDBOX: dict[str, str | None] = {"gvisor": "gvisor", "kata": "kata", "none": None}
 
 
+# DNS: a rule whose `ports` list it allows UDP to it as well (the only UDP a rule can allow; a rule
+# without ports allows every protocol). NetworkPolicy and the local iptables rules both match the
+# resolver's real address: in a cluster that is the DNS pods' (or node-local cache's) address, not the
+# DNS Service's ClusterIP, which kube-proxy rewrites before any policy sees the packet.
+DNS_PORT = 53
+
+
 class EgressRule(Model):
     """One destination a function may open connections to."""
 
@@ -38,7 +45,9 @@ class EgressRule(Model):
         description="Destination host name, e.g. api.example.com or *.example.com.",
     )
     ports: list[int] = Field(
-        default_factory=list, max_length=16, description="Destination TCP ports; all ports when empty."
+        default_factory=list,
+        max_length=16,
+        description="Destination TCP ports (53 also allows DNS over UDP); all ports and protocols when empty.",
     )
 
     @model_validator(mode="after")

@@ -55,7 +55,8 @@ class ServiceRoute:
 
 @dataclass(frozen=True, slots=True)
 class AllowedNetwork:
-    """One `cidr` entry of a policy's egress allow-list: all protocols, or TCP to `ports`."""
+    """One `cidr` entry of a policy's egress allow-list: all protocols, or TCP to `ports` (and UDP
+    to 53 when they list it, `ember.api.security_policy.DNS_PORT`)."""
 
     cidr: str
     ports: tuple[int, ...] = ()

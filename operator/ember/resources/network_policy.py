@@ -3,7 +3,8 @@ and a pool's pods take connections only from the activators, on the agent's port
 
 A NetworkPolicy matches addresses, not names, so `host` rules cannot be enforced by it; they
 are denied like everything else and reported back (the controller turns them into an
-`EgressEnforced=False` condition and a Warning event) rather than silently allowed.
+`EgressEnforced=False` condition and a Warning event) rather than silently allowed. Ports are
+TCP, and port 53 UDP too (`DNS_PORT`): DNS is allowed only where a rule lists its resolver.
 
 Ingress (issue #11: only the activator can reach an agent): the pool's NetworkPolicy makes its
 pods ingress-isolated, with one allowed peer, the activator pods (`ActivatorPeer`, from the
@@ -18,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ember.api.security_policy import Egress
+from ember.api.security_policy import DNS_PORT, Egress
 from ember.resources import labels
 from ember.resources.meta import managed_labels, owner_reference
 from ember.resources.pool import ActivatorPeer
@@ -45,6 +46,8 @@ def egress_rules(egress: Egress) -> tuple[list[dict[str, Any]], tuple[str, ...]]
         rule: dict[str, Any] = {"to": [{"ipBlock": {"cidr": allowed.cidr}}]}
         if allowed.ports:
             rule["ports"] = [{"protocol": "TCP", "port": port} for port in allowed.ports]
+            if DNS_PORT in allowed.ports:
+                rule["ports"].append({"protocol": "UDP", "port": DNS_PORT})
         rules.append(rule)
     return rules, tuple(hosts)
 

@@ -304,6 +304,72 @@ async def test_egress_none_reaches_nothing_and_an_allow_list_reaches_only_what_i
     assert "ConnectionRefusedError" in opened["unlisted_port"]["error"], opened
 
 
+UDP = """
+import socket
+
+def attempt(host, port):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(2)
+        try:
+            s.sendto(b"ping", (host, port))
+            return {"ok": True, "got": s.recv(64).decode()}
+        except OSError as e:
+            return {"ok": False, "error": repr(e)}
+
+def handler(event, context):
+    return {name: attempt(*target) for name, target in event.items()}
+"""
+
+
+@contextlib.contextmanager
+def _udp_echo(host: str, port: int = 0) -> Iterator[tuple[int, list[bytes]]]:
+    """A UDP server on the host that answers each datagram with `pong <port>`; its port and what it got."""
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind((host, port))
+    server.settimeout(0.2)
+    bound, got, stop = server.getsockname()[1], [], False
+
+    def serve() -> None:
+        while not stop:
+            try:
+                data, peer = server.recvfrom(64)
+            except TimeoutError:
+                continue
+            got.append(data)
+            server.sendto(f"pong {bound}".encode(), peer)
+
+    loop = asyncio.get_running_loop()
+    thread = loop.run_in_executor(None, serve)
+    try:
+        yield bound, got
+    finally:
+        stop = True
+        del thread
+        server.close()
+
+
+@pytest.mark.parametrize("choice", ISOLATED)
+async def test_listing_port_53_allows_dns_over_udp_and_no_other_udp(
+    choice: SandboxChoice, monkeypatch: pytest.MonkeyPatch, host_addresses: tuple[str, str]
+) -> None:
+    """Ports are TCP, and 53 is UDP too (a resolver): the same as the NetworkPolicy a cluster gets."""
+    _use(choice, monkeypatch)
+    first, _ = host_addresses
+    with _udp_echo(first, 53) as (dns, dns_got), _udp_echo(first) as (other, other_got):
+        targets = {"dns": [first, dns], "other_udp": [first, other]}
+        async with run_activator() as act:
+            act.registry.apply(_function("closed-udp", UDP), policy=_policy())
+            closed = await _result(act, "closed-udp", targets)
+            listed = _policy(egress={"mode": "allowList", "allow": [{"cidr": f"{first}/32", "ports": [53, other + 1]}]})
+            act.registry.apply(_function("resolver", UDP), policy=listed)
+            opened = await _result(act, "resolver", targets)
+    assert closed == {name: {"ok": False, "error": closed[name]["error"]} for name in targets}, closed
+    assert opened["dns"] == {"ok": True, "got": "pong 53"}, opened
+    assert not opened["other_udp"]["ok"], opened
+    assert dns_got == [b"ping"], dns_got  # the resolver's datagram, from `resolver` only
+    assert other_got == [], other_got
+
+
 @pytest.mark.parametrize("choice", ISOLATED)
 async def test_a_sandbox_cannot_lift_its_allow_list(
     choice: SandboxChoice, monkeypatch: pytest.MonkeyPatch, host_addresses: tuple[str, str]

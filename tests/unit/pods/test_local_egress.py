@@ -31,12 +31,15 @@ def test_each_cidr_is_allowed_whole_or_to_its_tcp_ports_and_ipv6_is_left_out() -
             AllowedNetwork("10.1.2.3/32"),
             AllowedNetwork("192.168.7.9/24", (443, 8443)),  # host bits: the network is meant
             AllowedNetwork("2001:db8::/32", (443,)),  # no IPv6 route in the namespace
+            AllowedNetwork("10.0.0.53/32", (53,)),  # DNS: over UDP too
         ]
     )
     assert rules == [
         *OPENING,
         ["-d", "10.1.2.3/32", "-j", "ACCEPT"],
         ["-d", "192.168.7.0/24", "-p", "tcp", "-m", "multiport", "--dports", "443,8443", "-j", "ACCEPT"],
+        ["-d", "10.0.0.53/32", "-p", "tcp", "-m", "multiport", "--dports", "53", "-j", "ACCEPT"],
+        ["-d", "10.0.0.53/32", "-p", "udp", "--dport", "53", "-j", "ACCEPT"],
         *CLOSING,
     ]
 

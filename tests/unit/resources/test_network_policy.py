@@ -28,6 +28,17 @@ from ember.resources.pool import AGENT_PORT, SERVICES_PORT, ActivatorPeer
             id="cidr-with-ports",
         ),
         pytest.param(
+            {"mode": "allowList", "allow": [{"cidr": "10.96.0.10/32", "ports": [53]}]},
+            [
+                {
+                    "to": [{"ipBlock": {"cidr": "10.96.0.10/32"}}],
+                    "ports": [{"protocol": "TCP", "port": 53}, {"protocol": "UDP", "port": 53}],
+                }
+            ],
+            (),
+            id="port-53-is-dns-over-udp-too",
+        ),
+        pytest.param(
             {"mode": "allowList", "allow": [{"cidr": "192.168.1.0/24"}]},
             [{"to": [{"ipBlock": {"cidr": "192.168.1.0/24"}}]}],
             (),

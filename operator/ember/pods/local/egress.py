@@ -3,7 +3,8 @@
 Each such pod gets a network namespace of its own (`ip netns add`), joined to the host by a veth
 pair with a /30 of `SUBNET` (the host's end `.1`, the sandbox's `.2`, the default route through
 the host), and an iptables OUTPUT chain in that namespace that accepts loopback, replies to
-connections already made, and each allowed `cidr` (all protocols, or TCP to its `ports`), and
+connections already made, and each allowed `cidr` (all protocols, or TCP to its `ports`, and UDP
+to port 53 when they list it: DNS, as in a cluster's NetworkPolicy), and
 rejects everything else at once (a refused connection, not a hang). The sandbox runs in it
 (`nsenter --net`, which changes nothing else: `ip netns exec` would remount /sys, where
 runsc finds its cgroups): runsc with `--network=host` (gVisor's netstack is then the namespace's
@@ -36,6 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ember.api.security_policy import DNS_PORT
 from ember.pods.base import AllowedNetwork
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,8 @@ def output_rules(allow: Sequence[AllowedNetwork]) -> list[list[str]]:
         if allowed.ports:
             ports = ",".join(str(p) for p in allowed.ports)
             rules.append(["-d", str(network), "-p", "tcp", "-m", "multiport", "--dports", ports, "-j", "ACCEPT"])
+            if DNS_PORT in allowed.ports:
+                rules.append(["-d", str(network), "-p", "udp", "--dport", str(DNS_PORT), "-j", "ACCEPT"])
         else:
             rules.append(["-d", str(network), "-j", "ACCEPT"])
     rules.append(["-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"])
