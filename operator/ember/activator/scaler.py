@@ -46,7 +46,7 @@ from ember.activator.metrics import Metrics
 from ember.activator.registry import Registry
 from ember.activator.version_state import Phase, VersionState
 from ember.activator.wake import Wakeup
-from ember.pods.base import PodGone, PodHandle, PodSource, PodSourceError, PoolKey, SpecializeFailed
+from ember.pods.base import PodGone, PodHandle, PodSource, PodSourceError, PoolKey, PoolShortage, SpecializeFailed
 from ember.scaling.pool_demand import DEFAULT_WINDOW_S
 from ember.scaling.step import PodLoad, Regime, desired_pods, plan_pods, regime
 
@@ -56,10 +56,11 @@ log = logging.getLogger(__name__)
 class _StartFailed(Exception):
     """A pod start ended without a pod (whatever it had was released)."""
 
-    def __init__(self, message: str, *, code_error: bool) -> None:
+    def __init__(self, message: str, *, code_error: bool, shortage: bool = False) -> None:
         super().__init__(message)
         self.message = message
         self.code_error = code_error
+        self.shortage = shortage  # the pool had no pod to claim (`PoolShortage`)
 
 
 class Scaler:
@@ -227,7 +228,9 @@ class Scaler:
             handle = await self._claim_and_specialize(vs)
         except _StartFailed as failed:
             attempts = self._config.load_attempts
-            failed_now = vs.pod_start_failed(failed.message, code_error=failed.code_error, max_attempts=attempts)
+            failed_now = vs.pod_start_failed(
+                failed.message, code_error=failed.code_error, shortage=failed.shortage, max_attempts=attempts
+            )
             if failed_now and failed.code_error:  # where the Version's status lives, without holding up the loop
                 self._spawn(self._report_load_failure(vs, failed.message))
             return
@@ -276,6 +279,8 @@ class Scaler:
                 if err.is_code_error
                 else _StartFailed(str(err), code_error=False)
             )
+        except PoolShortage as err:
+            failure = _StartFailed(str(err), code_error=False, shortage=True)
         except (PodSourceError, PodGone, OSError) as err:
             failure = _StartFailed(str(err), code_error=False)
         except Exception as err:

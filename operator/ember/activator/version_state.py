@@ -356,15 +356,19 @@ class VersionState:
             self.mark_ready()
         return slot
 
-    def pod_start_failed(self, message: str, *, code_error: bool, max_attempts: int) -> bool:
+    def pod_start_failed(self, message: str, *, code_error: bool, max_attempts: int, shortage: bool = False) -> bool:
         """A pod start ended without a pod; returns True when that failed the Version (this call, not before).
 
-        Bad code (`code_error`) fails it at once; anything else only after `max_attempts` starts in
-        a row failed while it still loads with no pod.
+        Bad code (`code_error`) fails it at once; a `shortage` (the pool had no pod to claim: other
+        activators hold them, or new ones still start) never does, as the next start may find one;
+        anything else only after `max_attempts` starts in a row failed while it still loads with no pod.
         """
         self._starting -= 1
         if code_error:
             return self.mark_failed(message)
+        if shortage:
+            log.warning("no pod to claim function=%s version=%d error=%s", self.fs.label, self.key.number, message)
+            return False
         self._failures += 1
         log.warning(
             "pod start failed function=%s version=%d attempt=%d error=%s",

@@ -225,6 +225,12 @@ class PoolUnavailable(PodSourceError):
     """No pod could be had for a pool (start failed, or the source is closing)."""
 
 
+class PoolShortage(PoolUnavailable):
+    """The pool had no ready pod to claim within the claim timeout: a shortage of capacity (other
+    activators hold its pods, new ones are still starting), not a fault of the Version's. A
+    Version never fails for it; its next pod start tries again."""
+
+
 class SpecializeFailed(PodSourceError):
     """The agent refused the Version's code; the pod stays generic (or is gone)."""
 

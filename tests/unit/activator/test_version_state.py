@@ -116,6 +116,19 @@ def test_start_failures_fail_a_loading_version_only_after_the_attempts(registry:
     assert vs.phase is Phase.FAILED
 
 
+def test_a_pool_shortage_never_fails_a_version(registry: Registry) -> None:
+    """No pod to claim (other activators hold the pool's pods) is capacity, not the Version's fault:
+    a replica started during a shortage must not fail, for good, a Version the others serve."""
+    vs = _version(registry)
+    for _ in range(10):
+        vs.pod_starting()
+        assert not vs.pod_start_failed("no ready generic pod", code_error=False, shortage=True, max_attempts=3)
+    assert vs.phase is Phase.LOADING
+    assert vs.starting == 0
+    vs.pod_starting()  # the count of failures in a row is that of real failures only
+    assert not vs.pod_start_failed("refused", code_error=False, max_attempts=2)
+
+
 def test_bad_code_fails_at_once_and_a_version_without_code_starts_no_pod(registry: Registry) -> None:
     vs = _version(registry)
     vs.pod_starting()

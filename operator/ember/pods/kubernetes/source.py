@@ -47,6 +47,7 @@ from ember.pods.base import (
     PodHandle,
     PodId,
     PoolKey,
+    PoolShortage,
     PoolUnavailable,
     Portal,
     SpecializeFailed,
@@ -238,7 +239,9 @@ class KubernetesPodSource:
             with contextlib.suppress(TimeoutError):
                 async with self._changed:
                     await asyncio.wait_for(self._changed.wait(), timeout=remaining)
-        raise PoolUnavailable(
+        if self._closed:
+            raise PoolUnavailable("the pod source is closed")
+        raise PoolShortage(
             f"no ready generic pod in pool {pool} (ember.run/pool={wanted}) in namespace {self.namespace} "
             f"within {self._claim_timeout_s:.0f}s"
         )
