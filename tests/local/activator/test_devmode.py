@@ -7,6 +7,7 @@ leaves no agent running.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -78,8 +79,15 @@ def _children(pid: int) -> set[int]:
 
 def dev_in(directory: Path) -> Iterator[Dev]:
     """`ember dev DIR --port 0` running until the generator is closed (then Ctrl-C, or killed)."""
+    with running_dev([sys.executable, "-m", "ember.cli", "dev", str(directory), "--port", "0"]) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def running_dev(argv: list[str]) -> Iterator[Dev]:
+    """`argv` (an `ember dev` command line) running for the block (then Ctrl-C, or killed)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ember.cli", "dev", str(directory), "--port", "0"],
+        argv,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -19,8 +19,9 @@ Destinations off this host go through the host's routing: this turns on `net.ipv
 and masquerades `SUBNET` (one iptables nat rule, left in place), as container runtimes do.
 Removing the namespace (`remove`) removes its veth pair and rules with it.
 
-Without root (no `ip netns`), a sandbox under an allow-list shares the host's network and the
-list is not enforced: `problem()` says why, and `ember dev` warns.
+Without root (no `ip netns`) the list cannot be enforced: a sandbox under it gets egress `none`
+instead, a network of its own with loopback only (`ember.pods.local.sandbox.enforceable`: fail
+closed, never the host's network); `problem()` says why, and `ember dev` says so at start.
 """
 
 from __future__ import annotations
@@ -75,10 +76,11 @@ class PodNetwork:
 def problem() -> str:
     """Why allow-lists cannot be enforced here, or ""."""
     if os.geteuid() != 0:
-        return "not root: a sandbox under an egress allow-list shares the host's network, the list is not enforced"
+        return "not root: allow-lists cannot be enforced, so a sandbox under one gets no network (egress none)"
     missing = [tool for tool in ("ip", "iptables", "iptables-restore", "nsenter") if shutil.which(tool) is None]
     if missing:
-        return f"{', '.join(missing)} not installed: egress allow-lists are not enforced"
+        tools = ", ".join(missing)
+        return f"{tools} not installed: allow-lists cannot be enforced, so a sandbox under one gets no network"
     return ""
 
 

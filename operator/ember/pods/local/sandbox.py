@@ -1,50 +1,48 @@
 """Sandboxes for local agent processes: which one this machine has, and the command line in it.
 
-Function code is hostile (DESIGN.md, Trust boundaries). Whatever the sandbox, an agent starts
-with a minimal, explicit environment (`ember.pods.local.process.AGENT_ENV` plus its own
-`EMBER_AGENT_*` settings), never the environment of the process running `ember dev`, and
-listens on a Unix socket in its pod's private folder (`PodPlace`), never on a TCP port: only
-this process reaches it, not other functions (which, without root, share the host's loopback
-when their policy allows egress). Per pod, the pool's `Isolation` (from its SecurityPolicy) decides the network,
-the size of /tmp and the process bound; the root is always read-only (writes go to /tmp). Best
-first (`EMBER_SANDBOX=runsc|bwrap|none` forces one):
+Function code is hostile (DESIGN.md, Trust boundaries). Whatever the sandbox, an agent starts with
+a minimal, explicit environment (`ember.pods.local.process.AGENT_ENV` plus its own `EMBER_AGENT_*`
+settings), never the environment of the process running `ember dev`, and listens on a Unix socket
+in its pod's private folder (`PodPlace`), never on a TCP port: only this process reaches it, not
+other functions. Per pod, the pool's `Isolation` (from its SecurityPolicy) decides the network, the
+size of /tmp and the process bound; the root is always read-only (writes go to /tmp). Best first
+(`EMBER_SANDBOX=runsc|bwrap|none` forces one):
 
 - **runsc** (gVisor; `EMBER_RUNSC` names the binary, else PATH): `runsc run` on an OCI bundle
-  written per pod (`_oci_config`), which every runsc has (Debian's 2022 one included). The
-  sandbox gets gVisor's own kernel (syscalls never reach the host kernel directly) and runs the
-  agent as uid/gid 65534 with no capabilities and no_new_privs. Its root is a minimal skeleton
-  (`_skeleton`: the merged-/usr symlinks) with read-only binds of /usr, a few /etc files and
-  the agent's own interpreter and code only: no project tree, no /root, no /etc/shadow, no
-  other function's files. /tmp is a tmpfs of the policy's `tmpSizeMiB`. The pod's memory
-  (`memoryMiB`) bounds the sandbox as a whole, gVisor's own kernel and every process in it,
-  through the memory cgroup runsc makes (as in a cluster, where the Sentry runs in the pod's
-  cgroup): past it the sandbox is killed, and its invocations fail with the reason.
-  `resources.cpuMillicores` bounds its CPU the same way (a CFS quota of that many millicores in
-  the cgroup's `cpu` controller, `_cpu_quota`), the Sentry included, as a pod's CPU limit does.
-  `limits.pids` bounds the sandbox's tasks, the agent's included, exactly as in a cluster's gVisor
-  pods: the agent's RLIMIT_NPROC (`EMBER_AGENT_PIDS_LIMIT`), which gVisor counts for the sandbox's
-  uid 65534 alone (a fork past it fails with EAGAIN, and the code cannot raise it), with or
-  without root; the pids cgroup bounds its host tasks too (`runsc_host_tasks`, a backstop).
-  runsc makes cgroups only when run as root (the banner says when it cannot). Egress `none`
-  gives the sandbox its own network stack with loopback only
-  (`--network=none`), and runsc itself a network namespace of its own (`unshare --net`, as
-  root): Debian's runsc names each sandbox's control socket in the abstract namespace of the
+  written per pod (`_oci_config`), which every runsc has (Debian's 2022 one included). The sandbox
+  gets gVisor's own kernel (syscalls never reach the host kernel directly) and runs the agent as
+  uid/gid 65534 with no capabilities and no_new_privs. Its root is a minimal skeleton (`_skeleton`:
+  the merged-/usr symlinks) with read-only binds of /usr, a few /etc files and the agent's own
+  interpreter and code only: no project tree, no /root, no /etc/shadow, no other function's files.
+  /tmp is a tmpfs of the policy's `tmpSizeMiB`. The pod's memory (`memoryMiB`) bounds the sandbox
+  as a whole, gVisor's own kernel and every process in it, through the memory cgroup runsc makes
+  (as in a cluster, where the Sentry runs in the pod's cgroup): past it the sandbox is killed, and
+  its invocations fail with the reason. `resources.cpuMillicores` bounds its CPU the same way (a
+  CFS quota of that many millicores in the cgroup's `cpu` controller, `_cpu_quota`), the Sentry
+  included, as a pod's CPU limit does. `limits.pids` bounds the sandbox's tasks, the agent's
+  included, exactly as in a cluster's gVisor pods: the agent's RLIMIT_NPROC
+  (`EMBER_AGENT_PIDS_LIMIT`), which gVisor counts for the sandbox's uid 65534 alone (a fork past it
+  fails with EAGAIN, and the code cannot raise it); the pids cgroup bounds its host tasks too
+  (`runsc_host_tasks`, a backstop). Egress `none` gives the sandbox its own network stack with
+  loopback only (`--network=none`), and runsc itself a network namespace of its own (`unshare
+  --net`): Debian's runsc names each sandbox's control socket in the abstract namespace of the
   network namespace it starts in, where anyone may drive the sandbox. An allow-list gives the
   sandbox gVisor's hostinet (`--network=host`) inside a network namespace of the pod's own whose
-  rules allow only the listed cidrs (`ember.pods.local.egress`, as root; without root it shares
-  the host's network, the list is not enforced and `ember dev` warns, as it does when such a
-  runsc's control socket is then reachable from the host's network namespace). The agent makes its socket itself
-  (`--host-uds=create`) in the pod's run/ folder, the one writable bind, a 1 MiB tmpfs as root
-  (`_small_tmpfs`); code in gVisor cannot replace that socket nor connect to a host socket,
-  except, for a pod with a channel to Ember (auxiliary services, portion calls:
-  `PoolKey.channel`, `--host-uds=all`), the services proxy's
-  socket this process makes in the same folder (`ember.pods.services`); bwrap sees that socket
-  alone, bound read-only at the same path.
-  `EMBER_RUNSC_FLAGS` adds flags (e.g. `--platform=systrap`).
+  rules allow only the listed cidrs (`ember.pods.local.egress`). runsc is used as root only:
+  without root (its `--rootless`) neither Debian's runsc nor a current one starts the agent here
+  (Debian's cannot make the agent's socket, EINVAL; a current one is killed at start), so
+  `detect_sandbox` picks bwrap then, and `EMBER_SANDBOX=runsc` is refused with that reason. The
+  agent makes its socket itself (`--host-uds=create`) in the pod's run/ folder, the one writable
+  bind, a 1 MiB tmpfs as root (`_small_tmpfs`); code in gVisor cannot replace that socket nor
+  connect to a host socket, except, for a pod with a channel to Ember (auxiliary services, portion
+  calls: `PoolKey.channel`, `--host-uds=all`), the services proxy's socket this process makes in
+  the same folder (`ember.pods.services`); bwrap sees that socket alone, bound read-only at the
+  same path. `EMBER_RUNSC_FLAGS` adds flags (e.g. `--platform=systrap`).
 - **bwrap** (bubblewrap), only unprivileged: a new user namespace mapped to uid/gid 65534,
   every capability dropped, no further user namespaces (`--disable-userns`, bubblewrap 0.8+),
   new pid, ipc, uts and cgroup namespaces and a network namespace (loopback only for egress
-  `none`; the pod's own enforcing an allow-list, `ember.pods.local.egress`), its own session,
+  `none`, and for an allow-list without root; as root the pod's own enforcing an allow-list,
+  `ember.pods.local.egress`), its own session,
   killed with its parent. The root is empty but for read-only binds of /usr (and the
   merged-/usr symlinks), a few /etc files and the agent's own interpreter and code; a private
   tmpfs /tmp of `tmpSizeMiB`, /dev and /proc. No host folder is writable: the agent is handed
@@ -83,7 +81,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -142,17 +140,19 @@ def detect_sandbox(env: Mapping[str, str] | None = None) -> SandboxChoice:
     if forced in ("", "runsc") and runsc:
         if not os.access(runsc, os.X_OK):
             raise ValueError(f"EMBER_RUNSC={runsc!r} is not an executable file")
-        # runsc makes the sandbox's memory cgroup only where it may (as root, here)
-        bound = "" if os.geteuid() == 0 else "; not root, so memoryMiB does not bound the sandbox as a whole"
-        return SandboxChoice(Sandbox.RUNSC, runsc, f"gVisor ({runsc}{bound})")
-    if forced == "runsc":
+        if os.geteuid() == 0:
+            return SandboxChoice(Sandbox.RUNSC, runsc, f"gVisor ({runsc})")
+        if forced == "runsc":
+            raise ValueError(f"EMBER_SANDBOX=runsc needs root: {RUNSC_NEEDS_ROOT}")
+    elif forced == "runsc":
         raise ValueError("EMBER_SANDBOX=runsc but runsc is not installed (apt-get install runsc, or set EMBER_RUNSC)")
     refused = ""
     if forced in ("", "bwrap") and bwrap:
         refused = _bwrap_problem(bwrap)
         if not refused:
             bound = "" if os.geteuid() == 0 else "; not root, so no memory or process bound per sandbox"
-            note = f"bubblewrap ({bwrap}{bound}); install runsc for gVisor"
+            gvisor = "run as root for gVisor" if runsc else "install runsc for gVisor"
+            note = f"bubblewrap ({bwrap}{bound}); {gvisor}"
             return SandboxChoice(Sandbox.BWRAP, bwrap, note)
         if forced == "bwrap":
             raise ValueError(f"EMBER_SANDBOX=bwrap but {refused}")
@@ -166,6 +166,10 @@ def detect_sandbox(env: Mapping[str, str] | None = None) -> SandboxChoice:
     )
 
 
+RUNSC_NEEDS_ROOT = (
+    "runsc without root (--rootless) does not start the agent (Debian's cannot make its socket, a current "
+    "one is killed at start); run ember dev as root for gVisor, or use bubblewrap"
+)
 SANDBOX_RUN_DIR = "/run/ember"  # where a sandbox sees its pod's run/ folder
 
 
@@ -206,6 +210,7 @@ def sandboxed(
     Makes the pod's folders (and, for runsc, writes its OCI bundle there) and the volume's folder."""
     env = os.environ if env is None else env
     environment = agent_environment(settings)
+    isolation = enforceable(isolation)
     if volume is not None:
         _check_volume(choice, command, volume)
         make_volume(choice, volume)
@@ -234,7 +239,7 @@ def sandboxed(
         flags = [f"--root={place.root / 'state'}", "--rootless", f"--network={network}", f"--host-uds={uds}"]
         flags += ["--overlay2=none", *env.get("EMBER_RUNSC_FLAGS", "").split()]
         runsc = [choice.binary, *flags, "run", "--bundle", str(place.root), place.name]
-        if not isolation.network and os.geteuid() == 0:
+        if not isolation.network:
             # Debian's runsc names its control socket in the abstract namespace of the network
             # namespace it starts in, where anyone there may drive the sandbox: give it its own
             runsc = [_which("unshare"), "--net", "--", *runsc]
@@ -311,11 +316,20 @@ def _in_volume_namespace(command: list[str], volume: VolumeBind | None) -> list[
     ]
 
 
+def enforceable(isolation: Isolation) -> Isolation:
+    """`isolation`, or, when its egress allow-list cannot be enforced here (`egress.problem()`:
+    not root), egress `none`: an allow-list this process cannot enforce gives the sandbox no
+    network rather than the host's (fail closed; `ember dev` says so at start)."""
+    if isolation.network and egress.problem():
+        return replace(isolation, network=False, allow=())
+    return isolation
+
+
 def _in_allow_list_network(command: list[str], place: PodPlace, isolation: Isolation) -> list[str]:
     """`command` in a network namespace of the pod's own that enforces its egress allow-list
-    (`ember.pods.local.egress`), when the policy allows egress and this process can make one;
-    otherwise as it is (on the host's network: `ember dev` warns that the list is not enforced)."""
-    if not isolation.network or egress.problem():
+    (`ember.pods.local.egress`) when the policy allows egress (`enforceable` made sure this
+    process can make one)."""
+    if not isolation.network:
         return command
     try:
         network = egress.create(place.name, isolation.allow)

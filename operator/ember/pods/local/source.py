@@ -126,7 +126,7 @@ class LocalPodSource:
         # made here with mode 0700 and removed by `close`.
         self._places = Path(tempfile.mkdtemp(prefix="ember-pods-"))
         self._sessions: dict[PodId, aiohttp.ClientSession] = {}
-        self._warned_control_socket = False
+        self._checked_control_socket = False
         self._pod_places: dict[PodId, PodPlace] = {}  # the folders of pods made and not yet released
         self._releasing: set[asyncio.Future[None]] = set()  # releases of pods in flight (`_release_place`)
         self._pools: dict[PoolKey, _Pool] = {}
@@ -503,7 +503,7 @@ class LocalPodSource:
                 raise PoolUnavailable(f"agent {pod_id} ({' '.join(command)}) did not start: {err}") from err
         process.address = f"unix:{place.socket}"
         process.state = ProcessState.GENERIC
-        if self.sandbox.kind is Sandbox.RUNSC and key.isolation.network and not self._warned_control_socket:
+        if self.sandbox.kind is Sandbox.RUNSC and not self._checked_control_socket:
             await self._warn_if_control_socket_is_shared(pod_id)
         process.monitor = asyncio.create_task(self._watch_process(process), name=f"ember-pod-{pod_id}")
         log.debug(
@@ -525,18 +525,18 @@ class LocalPodSource:
         return VolumeBind(root=self._volumes, host=host, mount_path=key.volume.mount_path)
 
     async def _warn_if_control_socket_is_shared(self, pod_id: PodId) -> None:
-        """Once: say so when this runsc names a sandbox's control socket in the abstract namespace
-        of the host's network (Debian's does), where any local process may drive the sandbox. Every
-        pod gets a network namespace of its own for it when this process is root; without root,
-        pods under an allow-list share the host's network (`ember.pods.local.sandbox`)."""
+        """At the first runsc pod: say so if its control socket is in the abstract namespace of the
+        host's network, where any local process may drive the sandbox. Debian's runsc names it in
+        the namespace it starts in, and every runsc starts in a network namespace of its own
+        (`ember.pods.local.sandbox`), so this is a check that it stays so."""
+        self._checked_control_socket = True
         table = await asyncio.to_thread(Path("/proc/net/unix").read_text)
         if f"@runsc-sandbox.{pod_id}" in table:
-            self._warned_control_socket = True
             log.warning(
-                "runsc %s puts the control socket of each sandbox whose policy allows egress in the host's "
-                "network namespace: any local process may drive those sandboxes; use a newer runsc "
-                "(EMBER_RUNSC), which keeps it in a private folder",
+                "runsc %s put the control socket of sandbox %s in the host's network namespace: any local "
+                "process may drive it; use a newer runsc (EMBER_RUNSC), which keeps it in a private folder",
                 self.sandbox.binary,
+                pod_id,
             )
 
     async def _watch_process(self, process: AgentProcess) -> None:
