@@ -8,7 +8,7 @@ import sys
 import time
 
 from . import images, runsc_bench
-from .build import ensure_coredns, ensure_gvisor, ensure_kubernetes
+from .build import ensure_coredns, ensure_gvisor, ensure_kube_router, ensure_kubernetes
 from .cluster import Cluster, build_runtime_images
 from .procs import ClusterError
 
@@ -18,6 +18,7 @@ def _build() -> None:
     ensure_kubernetes()
     ensure_gvisor()
     ensure_coredns()
+    ensure_kube_router()
     images.ensure_pause_image()
     images.ensure_base_image()
     for image in build_runtime_images():

@@ -13,6 +13,10 @@ CoreDNS: a release of `github.com/coredns/coredns`, built the way its documentat
 plugin set: a `main` that imports `coremain` and only the plugins the cluster's Corefile uses (no `forward`,
 so the cluster's DNS cannot send a query off this machine), which also keeps the build small.
 
+kube-router: `cmd/kube-router` of a release of `github.com/cloudnativelabs/kube-router/v2`, unchanged (the
+cluster runs only its network policy controller, see `node`); static, with its version ldflags. One of its
+dependencies is replaced, see `KUBE_ROUTER_REPLACEMENTS`.
+
 Every step is skipped when its output exists, so a warm `build` costs a few `stat` calls; outputs are
 written under a temporary name and renamed, so an interrupted build never leaves a half binary.
 """
@@ -34,12 +38,14 @@ from .paths import (
     COREDNS_VERSION,
     GVISOR_SHIM_VERSION,
     GVISOR_VERSION,
+    KUBE_ROUTER_VERSION,
     KUBERNETES_VERSION,
     build_dir,
     coredns_bin_dir,
     gvisor_bin_dir,
     gvisor_shim_dir,
     kube_bin_dir,
+    kube_router_bin_dir,
 )
 from .procs import ClusterError
 
@@ -214,13 +220,13 @@ def _patch_shim_oom_score(service_go: Path) -> None:
     )
 
 
-def _go_build_static(work: Path, package: str, out: Path) -> None:
+def _go_build_static(work: Path, package: str, out: Path, *, ldflags: str = "-s -w") -> None:
     started = time.monotonic()
     log = work / "build.log"
     _log(f"building {out.name} from {package} (log: {log})")
     tmp = out.with_suffix(".tmp")
     _go(
-        ["build", "-p", GO_BUILD_JOBS, "-trimpath", "-ldflags", "-s -w", "-o", str(tmp), package],
+        ["build", "-p", GO_BUILD_JOBS, "-trimpath", "-ldflags", ldflags, "-o", str(tmp), package],
         cwd=work,
         log=log,
         env={"CGO_ENABLED": "0"},
@@ -282,4 +288,39 @@ def ensure_coredns(plugins: Iterable[str] = COREDNS_PLUGINS) -> Path:
             )
             (work / "go.mod.tmp").rename(work / "go.mod")
         _go_build_static(work, ".", out)
+    return out
+
+
+KUBE_ROUTER_MODULE = "github.com/cloudnativelabs/kube-router/v2"
+# kube-router v2.10.0 requires netlink at an untagged commit (v1.3.2-0.20260505210927-99e979749d3e) whose
+# zip the module proxy refuses; v1.3.1, what kube-router v2.9.x required, builds it. The commit fixed
+# default-route lookups for kube-router's policy routing (its router, not run here); the policy
+# controller uses netlink only to list the node's links and addresses.
+KUBE_ROUTER_REPLACEMENTS = (("github.com/vishvananda/netlink", "v1.3.1"),)
+
+
+def ensure_kube_router() -> Path:
+    """Build kube-router `KUBE_ROUTER_VERSION` into `~/.cache/ember/kube-router-<version>/`."""
+    out = kube_router_bin_dir() / "kube-router"
+    if out.exists():
+        return out
+    with _locked("kube-router"):
+        if out.exists():
+            return out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        work = build_dir() / out.parent.name
+        work.mkdir(parents=True, exist_ok=True)
+        if not (work / "go.mod").exists():
+            (work / "main.go").write_text(_WRAPPER_MAIN)
+            replaces = "".join(f"replace {module} => {module} {ver}\n" for module, ver in KUBE_ROUTER_REPLACEMENTS)
+            (work / "go.mod.tmp").write_text(
+                "module ember.test/kuberouterbuild\n\ngo 1.26.2\n\n"
+                f"require {KUBE_ROUTER_MODULE} {KUBE_ROUTER_VERSION}\n\n{replaces}"
+            )
+            (work / "go.mod.tmp").rename(work / "go.mod")
+        version_pkg = f"{KUBE_ROUTER_MODULE}/pkg/version"
+        ldflags = (
+            f"-s -w -X {version_pkg}.Version={KUBE_ROUTER_VERSION} -X {version_pkg}.BuildDate=1970-01-01T00:00:00Z"
+        )
+        _go_build_static(work, f"{KUBE_ROUTER_MODULE}/cmd/kube-router", out, ldflags=ldflags)
     return out

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import images, procs
-from .build import ensure_gvisor, ensure_kubernetes
+from .build import ensure_gvisor, ensure_kube_router, ensure_kubernetes
 from .controlplane import ControlPlane, Ports, free_port
 from .node import NODE_IP, NODE_NAME, POD_CIDR, Node
 from .paths import REPO_ROOT, StateLayout, cluster_state_dir
@@ -36,6 +36,7 @@ PROCESSES = (
     "kubelet",
     "kube-proxy",
     "coredns",
+    "kube-router",
 )
 RUNTIME_CLASS = {
     "apiVersion": "node.k8s.io/v1",
@@ -50,12 +51,17 @@ class ClusterPorts:
     control_plane: Ports
     kubelet: int
     kubelet_healthz: int
+    kube_router_healthz: int
     services: ServicePorts
 
     @classmethod
     def free(cls) -> ClusterPorts:
         return cls(
-            control_plane=Ports.free(), kubelet=free_port(), kubelet_healthz=free_port(), services=ServicePorts.free()
+            control_plane=Ports.free(),
+            kubelet=free_port(),
+            kubelet_healthz=free_port(),
+            kube_router_healthz=free_port(),
+            services=ServicePorts.free(),
         )
 
     @classmethod
@@ -65,7 +71,9 @@ class ClusterPorts:
             control_plane=Ports(**raw["control_plane"]),
             kubelet=raw["kubelet"],
             kubelet_healthz=raw["kubelet_healthz"],
-            # A record from before kube-proxy and CoreDNS: such a cluster is never healthy, so any ports do.
+            # A record from before kube-proxy and CoreDNS, or kube-router: such a cluster is never healthy (a
+            # process is missing), so any ports do.
+            kube_router_healthz=raw.get("kube_router_healthz") or free_port(),
             services=ServicePorts(**raw["services"]) if "services" in raw else ServicePorts.free(),
         )
 
@@ -96,6 +104,7 @@ class Cluster:
             control_plane=self.control_plane,
             kubelet_port=ports.kubelet,
             kubelet_healthz_port=ports.kubelet_healthz,
+            kube_router_healthz_port=ports.kube_router_healthz,
         )
 
     @property
@@ -147,6 +156,8 @@ class Cluster:
         self.control_plane._prepare_pki()
         if not self.control_plane.apiserver_ready() or not self.services.healthy():
             return False
+        if not self.node.network_policy_enforced():
+            return False
         api = self.api_client()
         try:
             return self._node_ready(api)
@@ -188,6 +199,7 @@ class Cluster:
         self._wire(ClusterPorts.free())  # recorded ports may have been taken since
         ensure_kubernetes()
         ensure_gvisor()
+        ensure_kube_router()
         started = time.monotonic()
         # Every `up` starts from an empty etcd and node state; only certificates and caches are kept.
         for stale in (self.state.etcd_data, self.node.kubelet_dir, self.node.containerd_state, self.node.runsc_root):
@@ -202,6 +214,7 @@ class Cluster:
             api = self.api_client()
             try:
                 procs.wait_for("node ember-node Ready", lambda: self._node_ready(api), timeout_s=120, interval_s=0.5)
+                self.node.start_network_policy()  # reads the Node, so once it is registered
                 procs.wait_for("the default ServiceAccount", lambda: self._default_service_account(api), timeout_s=60)
                 self._ensure_runtime_class(api)
             finally:

@@ -10,6 +10,7 @@ PACKAGES=(
   containerd runc                            # the node's CRI runtime and OCI runtime
   containernetworking-plugins                # CNI bridge, host-local, loopback
   iptables conntrack ethtool socat iproute2  # what the kubelet and kube-proxy (iptables mode) expect
+  ipset                                      # kube-router's network policy controller (per-policy sets)
   buildah debootstrap                        # images without Docker or a registry
   runsc                                      # Debian's gVisor (ptrace only), measured against the built one
   bubblewrap                                 # local mode's second sandbox, tested in the local tier

@@ -1,4 +1,4 @@
-"""The node: containerd (CRI, runc and gVisor), the CNI bridge, and the kubelet.
+"""The node: containerd (CRI, runc and gVisor), the CNI bridge, the kubelet, and NetworkPolicy enforcement.
 
 containerd runs on a private socket with its state under the cluster directory and its root (images,
 snapshots) under the cache, so imported images survive `down`/`up`. Pod networking is the CNI bridge
@@ -13,16 +13,31 @@ gVisor: the RuntimeClass `gvisor` selects containerd's runtime `runsc`, served b
 not work: the sandbox starts, but the runc shim tracks the app container by the sandbox's pid and never
 reports it started.
 
+NetworkPolicy: the bridge plugin enforces none, so kube-router's network policy controller runs beside
+the kubelet as a host process (`--run-firewall` only: no routing, no service proxy, no CNI), as k3s embeds
+it with flannel's bridge. It programs the filter table (`KUBE-ROUTER-INPUT/FORWARD/OUTPUT`, a
+`KUBE-POD-FW-*` chain per pod, a `KUBE-NWPLCY-*` chain and `KUBE-SRC-*`/`KUBE-DST-*` ipsets per policy).
+Bridged traffic passes it (`bridge-nf-call-iptables`, `physdev`), and so do a pod's connections to the node
+address (the API server, CoreDNS, host processes), after kube-proxy's DNAT: a policy sees a Service's
+endpoint, never its ClusterIP. Connections from the node itself to a pod (`--src-type LOCAL`) are always
+admitted: the kubelet's probes, and the tests' host-process activators. Not covered: a pod before the API
+shows its IP and the controller has synced (its first moments, before any code is handed to it).
+`--netpol-default-deny` would close that, but it rejects every address of the node's pod CIDR that is no
+pod's, and the node address is one. Its `--cleanup-config` also flushes every IPVS service on the machine,
+so `stop()` removes kube-router's chains and ipsets itself, by their prefixes.
+
 `stop()` tears down in an order that leaves nothing behind: pods deleted through the API (the kubelet
 stops their sandboxes and CNI), kubelet stopped, leftover tasks killed through containerd, containerd
 stopped, then any process still in the kubelet's pod cgroups or still naming this cluster's directories
-is killed by pid, mounts under the cluster directories are unmounted and the bridge is deleted.
+is killed by pid, mounts under the cluster directories are unmounted, the bridge is deleted and
+kube-router's rules are removed (it is stopped first, so nothing rewrites them meanwhile).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import shutil
 import signal
 import string
@@ -30,9 +45,10 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import images, pki, procs
-from .build import ensure_gvisor
+from .build import ensure_gvisor, ensure_kube_router
 from .controlplane import CLUSTER_DOMAIN, SERVICE_CIDR, ControlPlane, kube_binary
 from .paths import PAUSE_IMAGE, TEMPLATES_DIR, StateLayout, cache_root
 from .services import DNS_SERVICE_IP
@@ -46,6 +62,36 @@ BRIDGE = "ember0"
 NODE_IP = "10.244.0.1"
 CNI_BIN_DIR = Path("/usr/lib/cni")
 KUBELET = pki.ClientIdentity(name="kubelet", user=f"system:node:{NODE_NAME}", groups=("system:nodes",))
+KUBE_ROUTER = pki.ClientIdentity(name="kube-router", user="system:kube-router")
+_KUBE_ROUTER_ROLE = "tests.cluster:kube-router"
+# What the network policy controller reads: its informers list and watch all of these (kube-router's own
+# RBAC for the firewall-only DaemonSet, minus the writes only its router and proxy make).
+KUBE_ROUTER_RBAC: list[dict[str, Any]] = [
+    {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": {"name": _KUBE_ROUTER_ROLE},
+        "rules": [
+            {
+                "apiGroups": [""],
+                "resources": ["pods", "namespaces", "nodes", "services", "endpoints"],
+                "verbs": ["get", "list", "watch"],
+            },
+            {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["get", "list", "watch"]},
+        ],
+    },
+    {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {"name": _KUBE_ROUTER_ROLE},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": _KUBE_ROUTER_ROLE},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": KUBE_ROUTER.user}],
+    },
+]
+# kube-router's filter-table chains and ipsets, by prefix: what `stop()` removes and nothing else.
+KUBE_ROUTER_CHAIN_PREFIXES = ("KUBE-ROUTER-", "KUBE-POD-FW-", "KUBE-NWPLCY-")
+KUBE_ROUTER_IPSET_PREFIXES = ("KUBE-SRC-", "KUBE-DST-", "kube-router-", "inet6:KUBE-SRC-", "inet6:KUBE-DST-")
 
 
 def _render(template: str, **values: object) -> str:
@@ -60,6 +106,7 @@ class Node:
     control_plane: ControlPlane
     kubelet_port: int
     kubelet_healthz_port: int
+    kube_router_healthz_port: int
 
     @property
     def containerd_socket(self) -> Path:
@@ -195,6 +242,75 @@ class Node:
         )
         procs.wait_for("kubelet /healthz", self._kubelet_healthy, timeout_s=60, proc=proc, interval_s=0.2)
 
+    # -- NetworkPolicy ------------------------------------------------------------------------------------
+    def _create_kube_router_rbac(self) -> None:
+        from kubernetes import client, config
+        from kubernetes.client.rest import ApiException
+
+        api = config.new_client_from_config(config_file=str(self.control_plane.kubeconfig))
+        try:
+            rbac = client.RbacAuthorizationV1Api(api)
+            role, binding = KUBE_ROUTER_RBAC
+            for create, body in ((rbac.create_cluster_role, role), (rbac.create_cluster_role_binding, binding)):
+                try:
+                    create(body)
+                except ApiException as err:
+                    if err.status != 409:
+                        raise procs.ClusterError(f"creating {body['metadata']['name']} failed: {err.body}") from err
+        finally:
+            api.close()
+
+    def _kube_router_healthy(self) -> bool:
+        import urllib.error
+        import urllib.request
+
+        try:
+            url = f"http://127.0.0.1:{self.kube_router_healthz_port}/healthz"
+            with urllib.request.urlopen(url, timeout=2) as r:
+                return bool(r.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def network_policy_enforced(self) -> bool:
+        """kube-router runs, answers its health check, and its chains are hooked into the filter table."""
+        if not procs.running(self.state, "kube-router") or not self._kube_router_healthy():
+            return False
+        try:
+            rules = procs.run(["iptables-save", "-t", "filter"], timeout_s=10)
+        except (procs.ClusterError, subprocess.TimeoutExpired):
+            return False
+        hooked = all(f"-A {builtin} " in rules and f"-j KUBE-ROUTER-{builtin}" in rules for builtin in _BUILTINS)
+        return hooked and ":KUBE-NWPLCY-DEFAULT " in rules
+
+    def start_network_policy(self) -> None:
+        """Start kube-router's network policy controller (after the node is registered: it reads the Node)."""
+        binary = ensure_kube_router()
+        self._create_kube_router_rbac()
+        kubeconfig = self.control_plane.write_client_kubeconfig(KUBE_ROUTER, self.state.root / "kube-router.kubeconfig")
+        proc = procs.start(
+            self.state,
+            "kube-router",
+            [
+                binary,
+                "--run-firewall=true",
+                "--run-router=false",
+                "--run-service-proxy=false",
+                "--enable-cni=false",
+                "--enable-ipv6=false",
+                f"--kubeconfig={kubeconfig}",
+                f"--hostname-override={NODE_NAME}",
+                # Traffic to ClusterIPs is left to kube-proxy (a policy sees the endpoint after its DNAT).
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--health-addr=127.0.0.1",
+                f"--health-port={self.kube_router_healthz_port}",
+                "--metrics-port=0",
+                "--v=1",
+            ],
+        )
+        procs.wait_for(
+            "kube-router's network policy chains", self.network_policy_enforced, timeout_s=60, proc=proc, interval_s=0.3
+        )
+
     def ensure_bridge(self) -> None:
         """The bridge with the node IP (the API server listens there, so this comes first) and its routes."""
         links = subprocess.run(["ip", "-o", "link", "show", BRIDGE], capture_output=True, check=False)
@@ -285,6 +401,7 @@ class Node:
                         os.rmdir(dirpath)
 
     def stop(self) -> None:
+        procs.stop(self.state, "kube-router")
         procs.stop(self.state, "kubelet", grace_s=15)
         if procs.running(self.state, "containerd"):
             with contextlib.suppress(procs.ClusterError, subprocess.TimeoutExpired):
@@ -295,3 +412,48 @@ class Node:
         self._remove_pod_cgroups()
         subprocess.run(["ip", "link", "delete", BRIDGE], capture_output=True, check=False)
         shutil.rmtree(self.ipam_dir, ignore_errors=True)
+        remove_kube_router_rules()
+
+
+_BUILTINS = ("INPUT", "FORWARD", "OUTPUT")
+
+
+def _kube_router_chain(name: str) -> bool:
+    return name.startswith(KUBE_ROUTER_CHAIN_PREFIXES)
+
+
+def remove_kube_router_rules() -> None:
+    """Delete kube-router's jumps from the built-in filter chains, then its chains, then its ipsets.
+
+    Rule by rule (`iptables -D` with the saved rule's own arguments), never a table restore, so rules other
+    programs wrote meanwhile are left as they are. A machine without `iptables-save` or `ipset` has nothing
+    of kube-router's to remove.
+    """
+    if shutil.which("iptables-save") is None:
+        return
+    saved = procs.run(["iptables-save", "-t", "filter"], timeout_s=30).splitlines()
+    for line in saved:
+        parts = shlex.split(line)
+        jumps_to_ours = "-j" in parts and _kube_router_chain(parts[parts.index("-j") + 1])
+        if len(parts) >= 2 and parts[0] == "-A" and parts[1] in _BUILTINS and jumps_to_ours:
+            procs.run(["iptables", "-t", "filter", "-D", *parts[1:]], timeout_s=30)
+    chains = [line[1:].split()[0] for line in saved if line.startswith(":") and _kube_router_chain(line[1:])]
+    for flag in ("-F", "-X"):  # all flushed before any is deleted: they jump to one another
+        for chain in chains:
+            procs.run(["iptables", "-t", "filter", flag, chain], timeout_s=30)
+    for name in _kube_router_ipsets():
+        procs.run(["ipset", "destroy", name], timeout_s=30)
+
+
+def _kube_router_ipsets() -> list[str]:
+    if shutil.which("ipset") is None:
+        return []
+    names = procs.run(["ipset", "list", "-n"], timeout_s=30).split()
+    return [name for name in names if name.startswith(KUBE_ROUTER_IPSET_PREFIXES)]
+
+
+def kube_router_leftovers() -> list[str]:
+    """kube-router's chains and ipsets still present (empty after `remove_kube_router_rules`)."""
+    saved = procs.run(["iptables-save", "-t", "filter"], timeout_s=30).splitlines()
+    chains = [line[1:].split()[0] for line in saved if line.startswith(":") and _kube_router_chain(line[1:])]
+    return chains + _kube_router_ipsets()

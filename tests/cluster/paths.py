@@ -14,6 +14,11 @@ GVISOR_VERSION = "v0.0.0-20260905035102-160fafc42237"
 GVISOR_SHIM_VERSION = "v0.0.0-20240916094835-a174eb65023f"
 # CoreDNS, the cluster's DNS (a release of `github.com/coredns/coredns`, built with only the plugins it uses).
 COREDNS_VERSION = "v1.14.7"
+# kube-router, for its network policy controller only (see `node`): the newest release the Go module proxy
+# serves. Of the v2 tags it serves v2.1.0 and v2.10.0 only (v2.11.1 lists, but its .mod and .zip are
+# refused); v2.1.0 has a `--cleanup-config` that cleans nothing and fixed flaws (IPv6 policy, ipsets).
+# What v2.11 adds over v2.10.0 in the policy controller is in its nftables mode, which is not used here.
+KUBE_ROUTER_VERSION = "v2.10.0"
 DEBIAN_SUITE = "bookworm"
 PAUSE_IMAGE = "registry.k8s.io/pause:3.10.1"
 BASE_IMAGE = "localhost/ember-base:bookworm"
@@ -44,6 +49,10 @@ def gvisor_shim_dir() -> Path:
 def coredns_bin_dir(plugin_set: str) -> Path:
     """Where the CoreDNS build with the plugin set named `plugin_set` (a digest of its plugin list) is kept."""
     return cache_root() / f"coredns-{COREDNS_VERSION}-{plugin_set}"
+
+
+def kube_router_bin_dir() -> Path:
+    return cache_root() / f"kube-router-{KUBE_ROUTER_VERSION}"
 
 
 def build_dir() -> Path:

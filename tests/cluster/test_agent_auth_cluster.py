@@ -4,10 +4,11 @@ The operator and the activator run as host processes (as in test_activator_kuber
 Functions in the test's namespace: a victim, and an attacker whose handler is told the victim
 pod's IP and agent port (read from the API) and tries `GET /healthz`, `POST /v1/invoke` and
 `POST /v1/specialize` on it, without a token and with one of its own. Each attempt must be either
-stopped by the network (a NetworkPolicy the CNI enforces: the lead's ingress work) or refused by
-the agent (401), and /healthz may say liveness only; never an answer of the victim's code.
-The local tier's version of the attack (pool poisoning included) is
-tests/local/security/test_hostile_agent_auth.py.
+stopped by the network (the pool's ingress NetworkPolicy) or refused by the agent (401), and
+/healthz may say liveness only; never an answer of the victim's code. The test cluster enforces
+NetworkPolicy (tests/cluster/node.py), so here the network stops them first; the agent's token,
+which holds where no CNI enforces NetworkPolicy, is the local tier's version of the attack (pool
+poisoning included), tests/local/security/test_hostile_agent_auth.py.
 """
 
 from __future__ import annotations

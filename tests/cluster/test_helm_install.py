@@ -37,6 +37,7 @@ from kubernetes import client
 from tests.apiserver.operator_harness import Ember, apply_crds, condition, eventually
 from tests.cluster import images
 from tests.cluster.cluster import Cluster
+from tests.cluster.node import POD_CIDR
 from tests.cluster.scenarios import code, invoke_via_boto3, roll_under_load
 
 REPO = Path(__file__).resolve().parents[2]
@@ -478,7 +479,7 @@ async def test_async_invocations_survive_an_activator_killed_mid_backlog(release
 
 def test_the_async_store_refuses_anyone_without_its_password(release: Helm, api_client: Any) -> None:
     """The chart's Redis holds every queued event: it answers nothing before AUTH with the
-    Secret's password (its NetworkPolicy admits only the activators where the CNI enforces it)."""
+    Secret's password (and its NetworkPolicy admits only the activators: the next test)."""
     import socket
 
     core = client.CoreV1Api(api_client)
@@ -495,6 +496,67 @@ def test_the_async_store_refuses_anyone_without_its_password(release: Helm, api_
     assert ask(b"AUTH guess\r\n").startswith(b"-WRONGPASS")
     password = base64.b64decode(core.read_namespaced_secret(f"{RELEASE}-redis", release.namespace).data["password"])
     assert ask(b"AUTH " + password + b"\r\n", b"PING\r\n") == b"+OK\r\n+PONG\r\n"
+
+
+REDIS_PROBE = r"""
+import socket, time
+
+def attempt(host, port, send):
+    started = time.monotonic()
+    try:
+        with socket.create_connection((host, port), timeout=3) as s:
+            s.settimeout(3)
+            s.sendall(send)
+            return {"open": True, "got": s.recv(64).decode(errors="replace")}
+    except OSError as e:
+        return {"open": False, "error": repr(e), "s": round(time.monotonic() - started, 2)}
+
+def handler(event, context):
+    return {name: attempt(host, port, send.encode()) for name, (host, port, send) in event.items()}
+"""
+
+
+async def test_a_function_pod_cannot_reach_the_async_store(release: Helm, api_client: Any) -> None:
+    """The chart's Redis admits only the activator pods: a function whose policy lets it reach the
+    whole pod network (the activators answer it, the positive control) gets no connection to it."""
+    core = client.CoreV1Api(api_client)
+    ember = Ember(api_client, release.namespace)
+    (redis_pod,) = _pods(core, release.namespace, "redis")
+    activator_ip = _pods(core, release.namespace, "activator")[0].status.pod_ip
+    service = core.read_namespaced_service(f"{RELEASE}-activator", release.namespace)
+    url = f"http://{service.spec.cluster_ip}:{service.spec.ports[0].port}"
+    policy = {"egress": {"mode": "allowList", "allow": [{"cidr": POD_CIDR}]}}
+    ember.create("securitypolicies", {"kind": "SecurityPolicy", "metadata": {"name": "podnet"}, "spec": policy})
+    spec = {
+        "runtime": "python3.12",
+        "handler": "main.handler",
+        "code": {"inline": REDIS_PROBE},
+        "securityPolicyRef": {"name": "podnet"},
+        "timeoutSeconds": 30,
+    }
+    ember.create("functions", {"kind": "Function", "metadata": {"name": "redis-prober"}, "spec": spec})
+    eventually(
+        lambda: condition(ember.get("functions", "redis-prober") or {}, "Ready").get("status") == "True",
+        timeout_s=120,
+        what="Function redis-prober Ready",
+    )
+    event = {
+        "activator": [activator_ip, 8080, "GET /healthz HTTP/1.0\r\n\r\n"],
+        "redis": [redis_pod.status.pod_ip, 6379, "PING\r\n"],
+    }
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http,
+        http.post(f"{url}/v1/namespaces/{release.namespace}/functions/redis-prober/invoke", json=event) as rsp,
+    ):
+        text = await rsp.text()
+    assert rsp.status == 200, text
+    seen = json.loads(text)
+    assert seen["activator"]["open"] is True, seen
+    assert seen["activator"]["got"].startswith("HTTP/1."), seen
+    assert seen["redis"]["open"] is False, seen  # no -NOAUTH either: no connection at all
+    ember.custom.delete_namespaced_custom_object(
+        "ember.run", "v1alpha1", release.namespace, "functions", "redis-prober"
+    )
 
 
 CONSUMER = """

@@ -8,8 +8,9 @@ charge portion, the only part holding the payments service (a real HTTP server o
 loopback), charge it. The parts try what they must not: the parser calls charge, charge calls
 the parser (neither declares calls: they have no call token, no URL), the handler reuses a call
 token after its invocation ended. The Version's pods and its portions' pods stay apart: the operator made
-a pool for each part, and the Version counts only its own pods as ready. The test cluster's CNI
-does not enforce NetworkPolicy (README, Threat model): what holds here is the tokens and gVisor.
+a pool for each part, and the Version counts only its own pods as ready. The test cluster enforces
+NetworkPolicy; the services port of the host-process activator is opened to the pods as in
+test_services_cluster.py.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tests.cluster.test_services_cluster import (  # noqa: F401 (fixtures)
     SECRET,
     Payments,
     activator_env,
+    host_activator_services_port,
     payments_secret,
 )
 

@@ -6,8 +6,9 @@ a pod's own IP in the chart), and a real HTTP service runs on the host's loopbac
 only by the activator. A function in a gVisor pool pod calls the service through
 `EMBER_SERVICE_PAYMENTS_URL`, tries what its policy does not allow, and hunts for the
 credential in its environment and every file it can read; a second function calls with
-another pod's leaked URL after that pod is gone. The test cluster's CNI does not enforce
-NetworkPolicy (README, Threat model): what holds here is the token and gVisor.
+another pod's leaked URL after that pod is gone. The test cluster enforces NetworkPolicy; the
+activator being a host process, `host_activator_services_port` stands in for the pool policy's
+rule to the activator pods' services port.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pytest
 from aiohttp import web
 
 from tests.apiserver.operator_harness import Ember, eventually
+from tests.cluster.controlplane import free_port
 from tests.cluster.node import NODE_IP
 from tests.cluster.scenarios import ActivatorProcess
 from tests.cluster.test_agent_restart_cluster import _call, _create_ready, _function
@@ -96,8 +98,28 @@ class Payments:
 
 
 @pytest.fixture
-def activator_env() -> dict[str, str]:
-    return {"EMBER_SERVICES_ADDRESS": NODE_IP, "EMBER_SERVICES_PORT": "0"}
+def host_activator_services_port(ember_ns: Ember) -> int:
+    """A fixed services port for the host-process activator, and a NetworkPolicy that opens it to the pods.
+
+    A pool whose policy needs the activators' services port (services, portion calls, key-value
+    state) may reach it on the activator pods (`ActivatorPeer.services_egress_rule`); no pod selector
+    matches a host process, and the cluster enforces NetworkPolicy, so this policy stands in for that
+    rule: every pool pod of the test's namespace may reach that one port of the node address.
+    """
+    port = free_port()
+    rule = {"to": [{"ipBlock": {"cidr": f"{NODE_IP}/32"}}], "ports": [{"protocol": "TCP", "port": port}]}
+    selector = {"matchExpressions": [{"key": "ember.run/pool", "operator": "Exists"}]}
+    body = {
+        "metadata": {"name": "tests-host-activator-services"},
+        "spec": {"podSelector": selector, "policyTypes": ["Egress"], "egress": [rule]},
+    }
+    ember_ns.net.create_namespaced_network_policy(ember_ns.ns, body)
+    return port
+
+
+@pytest.fixture
+def activator_env(host_activator_services_port: int) -> dict[str, str]:
+    return {"EMBER_SERVICES_ADDRESS": NODE_IP, "EMBER_SERVICES_PORT": str(host_activator_services_port)}
 
 
 @pytest.fixture

@@ -38,6 +38,7 @@ from tests.apiserver.operator_harness import Ember
 from tests.cluster.node import NODE_IP
 from tests.cluster.scenarios import ActivatorProcess
 from tests.cluster.test_agent_restart_cluster import _call, _create_ready, _function
+from tests.cluster.test_services_cluster import host_activator_services_port  # noqa: F401 (a fixture)
 from tests.local.sources.brokers import redis_server
 
 STATE = {"state": {"keyValue": True}, "timeoutSeconds": 60}
@@ -96,8 +97,12 @@ def redis_store(tmp_path: Path) -> Iterator[tuple[str, redis.Redis]]:
 
 
 @pytest.fixture
-def activator_env(redis_store: tuple[str, redis.Redis]) -> dict[str, str]:
-    return {"EMBER_SERVICES_ADDRESS": NODE_IP, "EMBER_SERVICES_PORT": "0", "EMBER_ASYNC_STORE": redis_store[0]}
+def activator_env(
+    redis_store: tuple[str, redis.Redis],
+    host_activator_services_port: int,  # noqa: F811 (the fixture imported above)
+) -> dict[str, str]:
+    port = str(host_activator_services_port)
+    return {"EMBER_SERVICES_ADDRESS": NODE_IP, "EMBER_SERVICES_PORT": port, "EMBER_ASYNC_STORE": redis_store[0]}
 
 
 async def _result(http: aiohttp.ClientSession, activator: ActivatorProcess, ns: str, name: str, event: object) -> Any:
