@@ -151,8 +151,10 @@ def detect_sandbox(env: Mapping[str, str] | None = None) -> SandboxChoice:
         refused = _bwrap_problem(bwrap)
         if not refused:
             bound = "" if os.geteuid() == 0 else "; not root, so no memory or process bound per sandbox"
-            gvisor = "run as root for gVisor" if runsc else "install runsc for gVisor"
-            note = f"bubblewrap ({bwrap}{bound}); {gvisor}"
+            hint = (
+                "; install runsc for gVisor" if not runsc else "" if os.geteuid() == 0 else "; run as root for gVisor"
+            )
+            note = f"bubblewrap ({bwrap}{bound}){hint}"
             return SandboxChoice(Sandbox.BWRAP, bwrap, note)
         if forced == "bwrap":
             raise ValueError(f"EMBER_SANDBOX=bwrap but {refused}")
