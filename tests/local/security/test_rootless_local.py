@@ -30,6 +30,8 @@ from pathlib import Path
 import pytest
 from tests.local.activator.test_devmode import Dev, running_dev
 
+import ember
+
 UID = 54321
 ADDRESS = "198.18.0.7"  # TEST-NET (RFC 2544), added to lo for the test
 
@@ -106,14 +108,15 @@ def not_root_dir() -> Iterator[Path]:
 def _as_user(directory: Path) -> list[str]:
     """The command prefix running a program as `UID` with this interpreter's prefix bound at
     `directory/python` (it is a mount point the user can reach), in a private mount namespace;
-    its libpython is found there too (its rpath names the prefix the user cannot reach)."""
+    its libpython is found there too (its rpath names the prefix the user cannot reach), and the
+    `ember` package is this test's."""
     mount_point = directory / "python"
     mount_point.mkdir()
     switch = (
         'mount --bind "$1" "$2" && shift 2 && exec setpriv '
         f"--reuid={UID} --regid={UID} --clear-groups --inh-caps=-all --bounding-set=-all "
         f'env -i PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin HOME="{directory}" PYTHONUNBUFFERED=1 '
-        f'LD_LIBRARY_PATH="{mount_point}/lib" '
+        f'LD_LIBRARY_PATH="{mount_point}/lib" PYTHONPATH="{Path(ember.__file__).parents[1]}" '
         f'EMBER_SANDBOX="$EMBER_SANDBOX" "$@"'
     )
     python = mount_point / Path(sys.executable).relative_to(sys.prefix)

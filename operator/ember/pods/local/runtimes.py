@@ -40,6 +40,16 @@ def _python_for(version: str) -> str:
     return os.path.realpath(resolved or candidate)
 
 
+def _bundle_cache(sources: Path) -> list[str]:
+    """Where the agent's one-file build goes (`bundle.py --cached [DIR]`): beside its sources (their
+    `__pycache__`) where this user may write there, as in a checkout; else this user's cache, as
+    when `ember dev` runs as another user than the one who installed Ember."""
+    beside = sources / "__pycache__"
+    if os.access(beside if beside.exists() else sources, os.W_OK):
+        return []
+    return [str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ember" / "agent")]
+
+
 def agent_command(runtime: str, runtime_images: Path = RUNTIME_IMAGES) -> list[str]:
     """The command line of a generic agent for a runtime."""
     if runtime.startswith("python"):
@@ -51,7 +61,11 @@ def agent_command(runtime: str, runtime_images: Path = RUNTIME_IMAGES) -> list[s
         python = _python_for(runtime.removeprefix("python"))
         try:
             built = subprocess.run(
-                [python, "-S", "-E", str(bundle), "--cached"], capture_output=True, text=True, timeout=60, check=True
+                [python, "-S", "-E", str(bundle), "--cached", *_bundle_cache(bundle.parent)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
             )
         except subprocess.CalledProcessError as err:
             raise PoolUnavailable(f"building the Python agent failed: {err.stderr.strip()}") from err
