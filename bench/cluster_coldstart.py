@@ -1,7 +1,7 @@
 """Cold start in the cluster: claim + relabel + specialize + invoke from a warm generic gVisor pod.
 
 Prints p50/p99 next to two baselines measured in the same run: a warm invoke of a specialized
-pod, and the time to start a fresh pod (scale the pool by one until the new pod is Ready). The
+pod, and the time to start a fresh pod (a generic pod deleted, until its replacement is Ready). The
 cold path is the activator's (claim, then specialize while the first connection opens, then
 invoke), in two series: with the pool settled (full, nothing shutting down) and right after the
 previous sample, while the pool's replacement sandbox boots on the same node.
@@ -153,32 +153,36 @@ async def main() -> None:
                 agents.forget(handle.address)
                 await source.release(handle)
         await agents.close()
-        # Fresh pod: scale the pool up by one, time until the new pod is Ready (scheduling, gVisor
-        # sandbox, agent start, readiness probe).
+        # Fresh pod: delete a generic pod and time until its replacement is Ready (scheduling,
+        # gVisor sandbox, agent start, readiness probe). The operator alone sizes the pool, so the
+        # pool is not scaled here: its Deployment replaces the pod.
         fresh = []
-        apps = client.AppsV1Api(api_sync)
-        name = f"ember-pool-{pid}"
+        core = client.CoreV1Api(api_sync)
         for _ in range(5):
             await wait_generic(4)
-            before = {n for n in source.cached_pods}
-            replicas = apps.read_namespaced_deployment(name, ns).spec.replicas
+            before = set(source.cached_pods)
+            victim = next(
+                n
+                for n, p in source.cached_pods.items()
+                if p["metadata"]["labels"].get("ember.run/pool") == pid
+                and p["metadata"]["labels"].get("ember.run/state") == "generic"
+            )
             t0 = time.perf_counter()
-            await source.ensure_pool(key, replicas + 1)
-            while True:
-                new = [
-                    p
-                    for n, p in source.cached_pods.items()
-                    if n not in before
-                    and any(
-                        c.get("type") == "Ready" and c.get("status") == "True"
-                        for c in (p.get("status") or {}).get("conditions") or []
-                    )
-                ]
-                if new:
-                    break
+            core.delete_namespaced_pod(victim, ns, grace_period_seconds=0)
+            deadline = time.monotonic() + 120
+            while not [
+                p
+                for n, p in source.cached_pods.items()
+                if n not in before
+                and any(
+                    c.get("type") == "Ready" and c.get("status") == "True"
+                    for c in (p.get("status") or {}).get("conditions") or []
+                )
+            ]:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no replacement of {victim} Ready within 120 s")
                 await asyncio.sleep(0.02)
             fresh.append((time.perf_counter() - t0) * 1000)
-            await source.ensure_pool(key, replicas)
         print(f"n={N} cold starts from warm generic pods per series, namespace {ns}")
         print(f"{'measure':52s} {'p50 ms':>9s} {'p99 ms':>9s}")
         rows = []
@@ -188,7 +192,7 @@ async def main() -> None:
                 ("  claim (relabel w/ precondition)", claim_ms),
                 ("  specialize (agent; relabel in background)", spec_ms),
             ]
-        rows += [("warm invoke (baseline)", warm), ("fresh pod start (scale +1 to Ready)", fresh)]
+        rows += [("warm invoke (baseline)", warm), ("fresh pod start (a generic pod replaced, to Ready)", fresh)]
         for label, xs in rows:
             print(f"{label:52s} {statistics.median(xs):9.1f} {pct(xs, 99):9.1f}")
     finally:
