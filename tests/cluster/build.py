@@ -269,26 +269,34 @@ def coredns_plugin_set(plugins: Iterable[str] = COREDNS_PLUGINS) -> str:
     return hashlib.sha256(",".join(sorted(plugins)).encode()).hexdigest()[:8]
 
 
-def ensure_coredns(plugins: Iterable[str] = COREDNS_PLUGINS) -> Path:
-    """Build CoreDNS `COREDNS_VERSION` with `plugins` into `~/.cache/ember/coredns-<version>-<plugin set>/`."""
-    plugins = tuple(plugins)
-    out = coredns_bin_dir(coredns_plugin_set(plugins)) / "coredns"
+def _build_module(out: Path, *, main_go: str, go_mod: str, package: str, ldflags: str = "-s -w") -> Path:
+    """`out`, built (once, under a lock) from `package` of a wrapper module of `main_go` and `go_mod`
+    in `~/.cache/ember/build/<out's folder>/`."""
     if out.exists():
         return out
-    with _locked("coredns"):
+    with _locked(out.parent.name):
         if out.exists():
             return out
         out.parent.mkdir(parents=True, exist_ok=True)
         work = build_dir() / out.parent.name
         work.mkdir(parents=True, exist_ok=True)
         if not (work / "go.mod").exists():
-            (work / "main.go").write_text(_coredns_main(plugins))
-            (work / "go.mod.tmp").write_text(
-                f"module ember.test/corednsbuild\n\ngo 1.25.0\n\nrequire github.com/coredns/coredns {COREDNS_VERSION}\n"
-            )
+            (work / "main.go").write_text(main_go)
+            (work / "go.mod.tmp").write_text(go_mod)
             (work / "go.mod.tmp").rename(work / "go.mod")
-        _go_build_static(work, ".", out)
+        _go_build_static(work, package, out, ldflags=ldflags)
     return out
+
+
+def ensure_coredns(plugins: Iterable[str] = COREDNS_PLUGINS) -> Path:
+    """Build CoreDNS `COREDNS_VERSION` with `plugins` into `~/.cache/ember/coredns-<version>-<plugin set>/`."""
+    plugins = tuple(plugins)
+    return _build_module(
+        coredns_bin_dir(coredns_plugin_set(plugins)) / "coredns",
+        main_go=_coredns_main(plugins),
+        go_mod=f"module ember.test/corednsbuild\n\ngo 1.25.0\n\nrequire github.com/coredns/coredns {COREDNS_VERSION}\n",
+        package=".",
+    )
 
 
 KUBE_ROUTER_MODULE = "github.com/cloudnativelabs/kube-router/v2"
@@ -301,26 +309,15 @@ KUBE_ROUTER_REPLACEMENTS = (("github.com/vishvananda/netlink", "v1.3.1"),)
 
 def ensure_kube_router() -> Path:
     """Build kube-router `KUBE_ROUTER_VERSION` into `~/.cache/ember/kube-router-<version>/`."""
-    out = kube_router_bin_dir() / "kube-router"
-    if out.exists():
-        return out
-    with _locked("kube-router"):
-        if out.exists():
-            return out
-        out.parent.mkdir(parents=True, exist_ok=True)
-        work = build_dir() / out.parent.name
-        work.mkdir(parents=True, exist_ok=True)
-        if not (work / "go.mod").exists():
-            (work / "main.go").write_text(_WRAPPER_MAIN)
-            replaces = "".join(f"replace {module} => {module} {ver}\n" for module, ver in KUBE_ROUTER_REPLACEMENTS)
-            (work / "go.mod.tmp").write_text(
-                "module ember.test/kuberouterbuild\n\ngo 1.26.2\n\n"
-                f"require {KUBE_ROUTER_MODULE} {KUBE_ROUTER_VERSION}\n\n{replaces}"
-            )
-            (work / "go.mod.tmp").rename(work / "go.mod")
-        version_pkg = f"{KUBE_ROUTER_MODULE}/pkg/version"
-        ldflags = (
-            f"-s -w -X {version_pkg}.Version={KUBE_ROUTER_VERSION} -X {version_pkg}.BuildDate=1970-01-01T00:00:00Z"
-        )
-        _go_build_static(work, f"{KUBE_ROUTER_MODULE}/cmd/kube-router", out, ldflags=ldflags)
-    return out
+    replaces = "".join(f"replace {module} => {module} {ver}\n" for module, ver in KUBE_ROUTER_REPLACEMENTS)
+    version_pkg = f"{KUBE_ROUTER_MODULE}/pkg/version"
+    return _build_module(
+        kube_router_bin_dir() / "kube-router",
+        main_go=_WRAPPER_MAIN,
+        go_mod=(
+            "module ember.test/kuberouterbuild\n\ngo 1.26.2\n\n"
+            f"require {KUBE_ROUTER_MODULE} {KUBE_ROUTER_VERSION}\n\n{replaces}"
+        ),
+        package=f"{KUBE_ROUTER_MODULE}/cmd/kube-router",
+        ldflags=f"-s -w -X {version_pkg}.Version={KUBE_ROUTER_VERSION} -X {version_pkg}.BuildDate=1970-01-01T00:00:00Z",
+    )

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -81,27 +82,40 @@ async def _call(http: aiohttp.ClientSession, url: str, ns: str, name: str, event
         return (rsp.status if "X-Ember-Function-Error" not in rsp.headers else 599), text
 
 
+@dataclass
+class BystanderLoad:
+    """What a background load on `bystander` saw: the calls it made and the failed ones."""
+
+    calls: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
 @contextlib.asynccontextmanager
-async def _bystander_load(http: aiohttp.ClientSession, url: str, ns: str) -> AsyncIterator[list[str]]:
-    errors: list[str] = []
+async def _bystander_load(
+    http: aiohttp.ClientSession, url: str, ns: str, *, max_calls: int = 3000
+) -> AsyncIterator[BystanderLoad]:
+    """Invoke `bystander` for the block, one call at a time every 0.1 s at most (bounded: at most
+    `max_calls`), checking each answer."""
+    load = BystanderLoad()
     done = asyncio.Event()
 
     async def loop() -> None:
-        n = 0
-        while not done.is_set():
-            n += 1
+        for n in range(1, max_calls + 1):
+            if done.is_set():
+                return
             try:
                 status, text = await _call(http, url, ns, "bystander", {"n": n})
                 if (status, text) != (200, json.dumps({"n": n}, separators=(",", ":"))):
-                    errors.append(f"{n}: {status} {text}")
+                    load.errors.append(f"{n}: {status} {text}")
             except (aiohttp.ClientError, TimeoutError) as err:
-                errors.append(f"{n}: {err!r}")
+                load.errors.append(f"{n}: {err!r}")
+            load.calls = n
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), 0.1)
 
     task = asyncio.create_task(loop())
     try:
-        yield errors
+        yield load
     finally:
         done.set()
         await task
@@ -115,7 +129,7 @@ async def test_a_function_that_kills_its_agent_gets_a_fresh_pod_and_others_keep_
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
         url, ns = activator.url, ember.ns
         assert await _call(http, url, ns, "bystander", {"n": 0}) == (200, '{"n":0}')
-        async with _bystander_load(http, url, ns) as errors:
+        async with _bystander_load(http, url, ns) as load:
             assert await _call(http, url, ns, "suicidal", {}) == (200, '{"alive":true}')
             (pod,) = ember.core.list_namespaced_pod(ns, label_selector="ember.run/function=suicidal").items
             assert await _call(http, url, ns, "suicidal", {"kill": True}) == (200, '{"sent":true}')
@@ -137,7 +151,8 @@ async def test_a_function_that_kills_its_agent_gets_a_fresh_pod_and_others_keep_
                 what=f"restarted pod {pod.metadata.name} deleted",
             )
     assert replies == [(200, '{"alive":true}')] * 5, replies
-    assert errors == []
+    assert load.errors == []
+    assert load.calls > 0, load
 
 
 def _restarted_and_ready_or_gone(ember: Ember, name: str) -> bool:
@@ -160,7 +175,7 @@ async def test_a_function_past_its_memory_in_many_processes_fails_alone_and_gets
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
         url, ns = activator.url, ember.ns
         assert await _call(http, url, ns, "bystander", {"n": 0}) == (200, '{"n":0}')
-        async with _bystander_load(http, url, ns) as errors:
+        async with _bystander_load(http, url, ns) as load:
             assert await _call(http, url, ns, "greedy", {}) == (200, '{"alive":true}')
             (pod,) = ember.core.list_namespaced_pod(ns, label_selector="ember.run/function=greedy").items
             status, text = await _call(http, url, ns, "greedy", {"processes": 4, "mib_each": 100})
@@ -169,4 +184,5 @@ async def test_a_function_past_its_memory_in_many_processes_fails_alone_and_gets
     assert status == 599, (status, text)  # the function's error (X-Ember-Function-Error), not a crash of Ember
     assert "survived" not in text, text
     assert replies == [(200, '{"alive":true}')] * 3, replies
-    assert errors == []
+    assert load.errors == []
+    assert load.calls > 0, load

@@ -52,7 +52,7 @@ from tests.cluster.controlplane import KUBERNETES_SERVICE_IP
 from tests.cluster.node import NODE_IP, POD_CIDR
 from tests.cluster.scenarios import ActivatorProcess
 from tests.cluster.services import DNS_SERVICE_IP
-from tests.cluster.test_agent_restart_cluster import BYSTANDER, _call, _create_ready, _function
+from tests.cluster.test_agent_restart_cluster import BYSTANDER, _bystander_load, _call, _create_ready, _function
 
 PROBE = r"""
 import random, socket, struct, time
@@ -152,36 +152,6 @@ def _host_connects(ip: str, port: int) -> str:
         return sock.recv(200).decode(errors="replace").splitlines()[0]
 
 
-@contextlib.asynccontextmanager
-async def _bounded_load(
-    http: aiohttp.ClientSession, url: str, ns: str, *, max_calls: int = 3000
-) -> AsyncIterator[tuple[list[int], list[str]]]:
-    """Invoke `bystander` back to back (at most `max_calls`) for the block; yields (calls made, errors)."""
-    made, errors = [0], []
-    done = asyncio.Event()
-
-    async def loop() -> None:
-        for n in range(1, max_calls + 1):
-            if done.is_set():
-                return
-            try:
-                status, text = await _call(http, url, ns, "bystander", {"n": n})
-                if (status, text) != (200, json.dumps({"n": n}, separators=(",", ":"))):
-                    errors.append(f"{n}: {status} {text}")
-            except (aiohttp.ClientError, TimeoutError) as err:
-                errors.append(f"{n}: {err!r}")
-            made[0] = n
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), 0.05)
-
-    task = asyncio.create_task(loop())
-    try:
-        yield made, errors
-    finally:
-        done.set()
-        await task
-
-
 async def _probe(http: aiohttp.ClientSession, url: str, ns: str, name: str, probes: list[list[Any]]) -> Any:
     started = time.monotonic()
     status, text = await _call(http, url, ns, name, {"probes": probes})
@@ -250,13 +220,13 @@ async def test_network_policies_hold_against_hostile_functions(
             dns_udp = ["dns-udp", "dns-udp", DNS_SERVICE_IP, 53, ""]
             dns_tcp = ["dns-tcp", "dns-tcp", DNS_SERVICE_IP, 53, ""]
             every = [agent, listed, unlisted, api_service, api_node, metadata, dns_udp, dns_tcp]
-            async with _bounded_load(http, url, ns) as (made, errors):
+            async with _bystander_load(http, url, ns) as load:
                 wide = await _probe(http, url, ns, "wide", [agent, listed, unlisted, metadata, dns_udp, dns_tcp])
                 hostile = await _probe(http, url, ns, "hostile", every)
                 allowed = await _probe(http, url, ns, "listed", every)
                 await asyncio.sleep(1.0)  # the load keeps going a moment after the last attack
             assert await _call(http, url, ns, "bystander", {"n": -1}) == (200, '{"n":-1}')
-    print(f"background load: {made[0]} calls, {len(errors)} errors")
+    print(f"background load: {load.calls} calls, {len(load.errors)} errors")
 
     # `wide` may go anywhere in the pod network: pod-to-node networking and DNS work from a pod, and
     # the probes see a server's banner when they get through ...
@@ -282,5 +252,5 @@ async def test_network_policies_hold_against_hostile_functions(
     assert listed_server.peers == [pods["wide"], pods["listed"]], (listed_server.peers, pods)
     assert unlisted_server.peers == [pods["wide"]], (unlisted_server.peers, pods)
     assert metadata_server.peers == [], metadata_server.peers
-    assert made[0] >= 20, made
-    assert errors == [], errors
+    assert load.calls >= 20, load
+    assert load.errors == [], load.errors
