@@ -2,7 +2,7 @@
 
 containerd runs on a private socket with its state under the cluster directory and its root (images,
 snapshots) under the cache, so imported images survive `down`/`up`. Pod networking is the CNI bridge
-`ember0` with host-local addresses from 10.244.0.0/24: the bridge owns only that subnet (no masquerade,
+`ember0` with host-local addresses from 10.244.0.0/20: the bridge owns only that subnet (no masquerade,
 no default route), so the machine's own networking is untouched. Pods (and the host) route the service
 CIDR into the bridge, where kube-proxy's rules take it (see `services`); pods resolve names through the
 cluster DNS Service (`services.DNS_SERVICE_IP`, domain `cluster.local`).
@@ -55,8 +55,13 @@ from .services import DNS_SERVICE_IP
 
 NODE_NAME = "ember-node"
 POD_CIDR = "10.244.0.0/16"
-POD_SUBNET = "10.244.0.0/24"
+# Room for every pod a whole test run creates (a /24 wrapped around within one), so host-local's
+# round-robin never hands out an address twice in a run: kube-router keeps a pod's firewall chain
+# until the pod is finished or gone (cloudnativelabs/kube-router#1056), so a new pod given the address
+# of a pod still terminating would be held to that pod's policy as well as its own.
+POD_SUBNET = "10.244.0.0/20"
 BRIDGE = "ember0"
+BRIDGE_MAC = "02:65:6d:62:65:72"  # fixed, locally administered ("ember")
 # The kubelet refuses a loopback node IP, so the node's address is the pod bridge's gateway: it exists only
 # on this machine, and the CNI bridge plugin adopts the bridge and address as its own.
 NODE_IP = "10.244.0.1"
@@ -316,9 +321,15 @@ class Node:
         links = subprocess.run(["ip", "-o", "link", "show", BRIDGE], capture_output=True, check=False)
         if links.returncode != 0:
             procs.run(["ip", "link", "add", BRIDGE, "type", "bridge"])
+        address = f"{NODE_IP}/{POD_SUBNET.split('/')[1]}"
         addresses = procs.run(["ip", "-o", "-4", "addr", "show", "dev", BRIDGE])
-        if f" {NODE_IP}/" not in addresses:
-            procs.run(["ip", "addr", "add", f"{NODE_IP}/{POD_SUBNET.split('/')[1]}", "dev", BRIDGE])
+        if f" {address} " not in addresses:
+            procs.run(["ip", "addr", "flush", "dev", BRIDGE])  # a bridge left with an older subnet
+            procs.run(["ip", "addr", "add", address, "dev", BRIDGE])
+        # A bridge takes the lowest MAC of its ports unless its own is set: as pods came and went it changed,
+        # and pods that had cached the node address's old MAC lost every connection to the node (the API
+        # server, CoreDNS, the tests' activators) until their ARP entry expired, about 30 s.
+        procs.run(["ip", "link", "set", BRIDGE, "address", BRIDGE_MAC])
         procs.run(["ip", "link", "set", BRIDGE, "up"])
         # Service IPs the host connects to go into the bridge, never out of the machine's default route,
         # whether or not kube-proxy has rules for them yet (the route goes with the bridge).

@@ -10,8 +10,11 @@ this module proves the tier is real, so that those tests can trust it.
 from __future__ import annotations
 
 import copy
+import http.server
+import ipaddress
 import json
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +27,7 @@ from kubernetes.client.rest import ApiException
 
 from tests.cluster.conftest import Kubectl
 from tests.cluster.kube import apply_crds
+from tests.cluster.node import NODE_IP, POD_SUBNET
 from tests.cluster.paths import REPO_ROOT
 
 HOST_KERNEL = Path("/proc/version").read_text().strip()
@@ -192,13 +196,71 @@ def test_pod_reaches_another_pods_ip(
     server = _running_pod(core, namespace, _pod("server", smoke_image, runtime_class=server_runtime))
     _running_pod(core, namespace, _pod("client", smoke_image, runtime_class=client_runtime))
     url = f"http://{server.status.pod_ip}:8080/"
-    assert server.status.pod_ip.startswith("10.244.0."), server.status.pod_ip
+    assert ipaddress.ip_address(server.status.pod_ip) in ipaddress.ip_network(POD_SUBNET), server.status.pod_ip
     _wait(
         f"client to reach {url}",
         lambda: kubectl("exec", "-n", namespace, "client", "--", "python3", "-c", _FETCH, url).stdout.strip() == "200",
         timeout_s=30,
     )
     assert kubectl("logs", "-n", namespace, "server").stdout.count('"GET / HTTP/1.1" 200') >= 1
+
+
+# A gVisor pod calls the node address (where the API server, CoreDNS and the tests' activators listen)
+# in a loop and prints what it saw: calls, and the first errors.
+_CALL_THE_NODE = """
+import json, sys, time, urllib.request
+url, seconds = sys.argv[1], float(sys.argv[2])
+calls, errors = 0, []
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    calls += 1
+    try:
+        urllib.request.urlopen(url, timeout=2).read()
+    except OSError as e:
+        errors.append(f"{time.strftime('%T')} {e!r}")
+    time.sleep(0.05)
+print(json.dumps({"calls": calls, "errors": errors[:5], "failed": len(errors)}))
+"""
+
+
+class _Ok(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_pods_keep_reaching_the_node_while_other_pods_come_and_go(
+    api_client: Any, smoke_image: str, namespace: str, kubectl: Kubectl
+) -> None:
+    """Every pod's veth joins the bridge; a bridge whose MAC was not set took the lowest of its ports',
+    so it changed as pods came and went, and a pod lost the node for as long as its ARP entry for
+    the node lived (about 30 s of calls timing out, before `ensure_bridge` set the MAC)."""
+    core = client.CoreV1Api(api_client)
+    server = http.server.ThreadingHTTPServer((NODE_IP, 0), _Ok)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://{NODE_IP}:{server.server_address[1]}/"
+        caller = _pod("caller", smoke_image, runtime_class="gvisor")
+        caller["spec"] |= {"restartPolicy": "Never"}
+        caller["spec"]["containers"][0] |= {"command": ["python3", "-c", _CALL_THE_NODE, url, "30"], "ports": []}
+        _running_pod(core, namespace, caller)
+        for i in range(5):  # each a new port on the bridge, gone again
+            _running_pod(core, namespace, _pod(f"passer-by-{i}", smoke_image))
+            core.delete_namespaced_pod(f"passer-by-{i}", namespace, grace_period_seconds=0)
+        _wait(
+            "the caller to finish",
+            lambda: core.read_namespaced_pod("caller", namespace).status.phase in ("Succeeded", "Failed"),
+            timeout_s=90,
+        )
+        seen = json.loads(kubectl("logs", "-n", namespace, "caller").stdout)
+    finally:
+        server.shutdown()
+    assert seen["calls"] > 100, seen
+    assert seen["failed"] == 0, seen
 
 
 def test_cluster_processes_are_ours(cluster: Any) -> None:
