@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+from ember.activator_main import parse_args
 from ember.api import crd
 from ember.controller.settings import from_env
 from ember.resources.pool import SERVICES_PORT
@@ -199,6 +200,33 @@ def test_helm_test_hooks_deploy_and_invoke_a_function(helm: str) -> None:
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     url = next(e["value"] for e in pod["spec"]["containers"][0]["env"] if e["name"] == "URL")
     assert url == "http://t-ember-activator.default.svc:8080/v1/namespaces/default/functions/t-ember-hello-test/invoke"
+
+
+def test_the_activators_tuning_values_reach_its_settings(helm: str) -> None:
+    """Pool demand and right-sizing are set in values, and the activator reads what the chart renders."""
+    sets = ["activator.poolDemandWindowSeconds=120", "activator.sizing.intervalSeconds=30"]
+    docs = _render(helm, "--skip-tests", *[a for pair in sets for a in ("--set", pair)])
+    activator = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "t-ember-activator")
+    (container,) = activator["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    args = parse_args([], env | {"POD_NAME": "t-ember-activator-0", "EMBER_ASYNC_STORE": "redis://r:6379/0"})
+    assert (args.pool_demand_window_s, args.sizing_interval_s, args.sizing_min_samples) == (120, 30, 20)
+
+
+@pytest.mark.parametrize(
+    ("value", "key"),
+    [
+        ("activator.sizing.minSamples=0", "minSamples"),
+        ("activator.sizing.intervalSeconds=-1", "intervalSeconds"),
+        ("activator.poolDemandWindowSeconds=0", "poolDemandWindowSeconds"),
+    ],
+)
+def test_bad_tuning_values_are_refused_by_the_schema(helm: str, value: str, key: str) -> None:
+    out = subprocess.run(
+        [helm, "template", "t", str(CHART), "--kube-version", "1.34.0", "--set", value], capture_output=True, text=True
+    )
+    assert out.returncode != 0
+    assert key in out.stderr
 
 
 def test_node_port_is_rendered_and_checked(helm: str) -> None:
