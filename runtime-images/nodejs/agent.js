@@ -51,6 +51,7 @@ function main() {
   const S = {
     state: 'generic',
     frozen: false,
+    stopped: [], // pids a freeze stopped (what the code started); its thaw continues them
     codeHash: null,
     handler: null,
     spec: null,
@@ -678,6 +679,44 @@ function main() {
   // No worker is started while frozen: invoke and specialize refuse (503 Frozen) from the moment a
   // freeze begins, and the only other path that starts one (prewarmReplacement) runs after an
   // invocation.  A replacement still loading when the freeze begins is waited for and frozen too.
+  // The processes the code started (child_process, in its session or another) are this process's
+  // descendants: a freeze stops them (SIGSTOP) once the workers are parked, its thaw continues the
+  // same ones first.  One detached by a double fork is re-parented to the sandbox's init, out of
+  // reach (Node has no PR_SET_CHILD_SUBREAPER without a native addon).
+
+  function signal(pid, sig) {
+    try { process.kill(pid, sig); } catch { /* gone meanwhile */ }
+  }
+
+  // The pids of every process below `root`, from each one's parent in /proc/<pid>/stat.
+  function below(root) {
+    const children = new Map();
+    let names = [];
+    try { names = fs.readdirSync('/proc'); } catch { return []; }
+    for (const name of names) {
+      if (!/^[0-9]+$/.test(name)) continue;
+      let stat;
+      try { stat = fs.readFileSync(`/proc/${name}/stat`, 'latin1'); } catch { continue; }
+      const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]); // after "pid (comm) state"
+      if (!children.has(ppid)) children.set(ppid, []);
+      children.get(ppid).push(Number(name));
+    }
+    const found = [];
+    const todo = [root];
+    while (todo.length) for (const pid of children.get(todo.pop()) || []) { found.push(pid); todo.push(pid); }
+    return found;
+  }
+
+  // SIGSTOP every process below `root`, scanning again for what one forked before it stopped.
+  function stopBelow(root) {
+    const stopped = new Set();
+    for (let pass = 0; pass < 8; pass++) {
+      const found = below(root).filter((pid) => !stopped.has(pid));
+      if (!found.length) break;
+      for (const pid of found) { signal(pid, 'SIGSTOP'); stopped.add(pid); }
+    }
+    return [...stopped];
+  }
 
   async function freezeThaw(freeze) {
     while (S.busy) await new Promise((r) => setTimeout(r, 2));
@@ -694,8 +733,11 @@ function main() {
         errors = (await Promise.all(S.idle.map((w) => w.hook('beforeFreeze')))).filter(Boolean);
         if (!errors.length) {
           for (const n of await Promise.all(S.idle.map((w) => w.park()))) closed += n;
+          S.stopped = stopBelow(process.pid);
         }
       } else if (specialized) {
+        for (const pid of S.stopped) signal(pid, 'SIGCONT');
+        S.stopped = [];
         for (const w of S.workers) if (w.parked) w.unpark();
         errors = (await Promise.all(S.idle.map((w) => w.hook('afterThaw')))).filter(Boolean);
       }

@@ -1,6 +1,8 @@
 """POST /v1/freeze and /v1/thaw (CONTRACT.md): a freeze runs the before-freeze hooks in the idle
-workers and the template, which then end their TCP connections, and stops those processes
-(SIGSTOP); a thaw starts them again (SIGCONT) and runs the after-thaw hooks."""
+workers and the template, which then end their TCP connections, and stops those processes and
+every process below the agent (SIGSTOP: what the code started, in its own session or detached
+by a double fork, which the agent adopts as the children's subreaper); a thaw starts the same
+processes again (SIGCONT) and runs the after-thaw hooks."""
 
 # contextlib.suppress would cost an import (functools, collections) in the agent:
 # ruff: noqa: SIM105
@@ -10,6 +12,7 @@ import struct
 
 from .config import HOOK_TIMEOUT_S
 from .errors import HTTPError
+from .forksafe import _import
 from .frames import T_FREEZE, T_HOOK, T_LOG, T_THAW, frame
 from .json_codec import json_loads
 from .output import _write_fd, prefix_lines
@@ -54,8 +57,10 @@ _SIGCONT = 18
 
 def _signal_code(sig):
     """Stop (SIGSTOP) or continue (SIGCONT) the template and every worker, each with the processes
-    of its group (what the code forked).  Invocations are refused meanwhile, so no worker is
-    being forked."""
+    of its group, then every other process below the agent: what the code started in a session of
+    its own (`setsid`), or detached (re-parented to the agent, `_adopt_orphans`).  Invocations are
+    refused meanwhile, so no worker is being forked; a process the code forks between two scans is
+    found by the next (a stopped one forks nothing), and a thaw continues exactly those stopped."""
     with _lock:
         pids = [w.pid for w in _S.all_workers if w.pid is not None]
         if _S.template is not None and not _S.template.dead:
@@ -64,10 +69,60 @@ def _signal_code(sig):
         try:
             os.killpg(pid, sig)
         except OSError:
+            _kill(pid, sig)
+    if sig == _SIGCONT:
+        stopped, _S.stopped = _S.stopped, ()
+        for pid in stopped:
+            _kill(pid, sig)
+        return
+    stopped = set()
+    for _ in range(8):
+        found = [pid for pid in _below(os.getpid()) if pid not in stopped]
+        if not found:
+            break
+        for pid in found:
+            _kill(pid, sig)
+        stopped.update(found)
+    _S.stopped = tuple(stopped)
+
+
+def _kill(pid, sig):
+    try:
+        os.kill(pid, sig)
+    except OSError:
+        pass  # gone: the reaper reports it
+
+
+def _below(root):
+    """The pids of every process below `root`, from each process's parent in /proc/<pid>/stat."""
+    children = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
             try:
-                os.kill(pid, sig)
+                with open("/proc/" + name + "/stat", "rb") as f:
+                    stat = f.read()
             except OSError:
-                pass  # gone: the reaper reports it
+                continue  # gone meanwhile
+            ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])  # after "pid (comm) state"
+            children.setdefault(ppid, []).append(int(name))
+    found, todo = [], [root]
+    while todo:
+        for pid in children.get(todo.pop(), ()):
+            found.append(pid)
+            todo.append(pid)
+    return found
+
+
+def _adopt_orphans():
+    """prctl(PR_SET_CHILD_SUBREAPER, 1) for the agent: a process the code detaches by a double fork
+    is re-parented to the agent (which reaps it), not to the sandbox's init, so a freeze finds it
+    below the agent.  Run after start by `lifecycle._agent_prctls`; a failure is ignored (such a
+    process then escapes the freeze)."""
+    try:
+        ctypes = _import("ctypes")
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER = 36
+    except Exception:
+        pass
 
 
 def _hooks(kind):

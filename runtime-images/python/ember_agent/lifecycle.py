@@ -16,6 +16,7 @@ import time
 
 from .auth import _make_undumpable
 from .config import MAX_SOCKET_PATH_BYTES, _env_int
+from .freeze import _adopt_orphans
 from .output import _dump_trace, _start_trace, _write_fd
 from .relay import _services_socket, _start_relay
 from .server import _accept_loop, _start_spare
@@ -70,7 +71,7 @@ def main():
         _warnings._filters_mutated()
     _signal.signal(_signal.SIGPIPE, _signal.SIG_IGN)
     _S.standby = _fork_standby()  # before any thread starts
-    _thread.start_new_thread(_make_undumpable, ())  # the agent only: the standby stays dumpable
+    _thread.start_new_thread(_agent_prctls, ())  # the agent only: the standby stays as it was
     if services:  # after the standby: its relay is the agent's alone
         listening += b" services=%d" % _start_relay(services)
     _start_spare()
@@ -170,6 +171,13 @@ def _exec_standby_main(args):
         _standby_main(ctl, wsock, dest)
     finally:
         os._exit(70)
+
+
+def _agent_prctls():
+    """The agent's prctl settings, off the start path (importing ctypes costs ~ms), in one thread:
+    a second thread importing ctypes meanwhile could find it half-initialized in sys.modules."""
+    _make_undumpable()
+    _adopt_orphans()
 
 
 def _reap():

@@ -14,6 +14,7 @@ class _State:
     def __init__(self):
         self.state = "generic"
         self.frozen = False
+        self.stopped = ()  # pids a freeze stopped beyond the workers' groups; its thaw continues them
         self.thaw_hooks = 0  # after-thaw hooks of the frozen code (freeze.py): 0, and a thaw skips them
         self.code_hash = None
         self.handler = None
